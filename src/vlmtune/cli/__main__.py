@@ -1,0 +1,5 @@
+import sys
+
+from vlmtune.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,66 @@
+"""`vlmtune data check FILE` and `vlmtune data split FILE --val-ratio R --seed S --out DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HELP = "validate a JSONL data set (every line, with line numbers) or split it into train/val"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    c = sub.add_parser("check", help="validate every record before training")
+    c.add_argument("file", type=Path)
+    c.add_argument("--config", help="config file whose model and data settings to check against")
+    c.add_argument("--preset", help="preset whose data settings to check against")
+    c.add_argument("--model", help="model folder or hub id whose processor counts the tokens (image tokens included)")
+    c.add_argument("--max-length", type=int, help="override data.max_length")
+    c.add_argument("--image-size", type=int, help="override data.image_size")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    s = sub.add_parser("split", help="write train.jsonl and val.jsonl")
+    s.add_argument("file", type=Path)
+    s.add_argument("--val-ratio", type=float, default=0.1)
+    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--out", type=Path, default=Path("output/splits"))
+
+
+def _check_config(args: argparse.Namespace):
+    from vlmtune.config.loader import load_config
+    from vlmtune.config.presets import preset_dict
+
+    overrides = []
+    if args.model:
+        overrides.append(f"model.name_or_path={args.model}")
+    if args.max_length:
+        overrides.append(f"data.max_length={args.max_length}")
+    if args.image_size:
+        overrides.append(f"data.image_size={args.image_size}")
+    base = preset_dict(args.preset) if args.preset else {}
+    return load_config(args.config, overrides, base=base)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "split":
+        from vlmtune.data.split import split_file
+
+        train, val = split_file(args.file, args.val_ratio, args.seed, args.out)
+        n_train = sum(1 for _ in train.open(encoding="utf-8"))
+        n_val = sum(1 for _ in val.open(encoding="utf-8"))
+        print(f"wrote {train} ({n_train} records) and {val} ({n_val} records)")
+        return 0
+
+    from vlmtune.data.check import check_file
+    from vlmtune.data.tokens import token_counter_for
+
+    config = _check_config(args)
+    counter, note = token_counter_for(config, explicit=bool(args.model or args.config))
+    report = check_file(args.file, config.data, token_length=counter)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        print(report.format())
+        if note:
+            print(note)
+    return 0 if report.ok else 1

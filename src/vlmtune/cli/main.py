@@ -1,0 +1,59 @@
+"""`vlmtune` command line: one module per subcommand, heavy imports inside each command.
+
+User mistakes (VlmtuneError) print a one-paragraph message and exit non-zero; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vlmtune.cli import data_cmd, demo_cmd, export_cmd, predict_cmd, presets_cmd, tiny_cmd, train_cmd
+from vlmtune.errors import VlmtuneError
+
+COMMANDS = {
+    "train": train_cmd,
+    "data": data_cmd,
+    "presets": presets_cmd,
+    "tiny-model": tiny_cmd,
+    "demo": demo_cmd,
+    "predict": predict_cmd,
+    "export": export_cmd,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmtune", description="Fine-tune vision-language models.")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in COMMANDS.items():
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks")
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Positionals after flags (`train --preset x a.b=1`) land in `extra`; only commands with `items` take them.
+    stray = [e for e in extra if e.startswith("-") or not hasattr(args, "items")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.items = [*args.items, *extra]
+    try:
+        return int(args._run(args) or 0)
+    except VlmtuneError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

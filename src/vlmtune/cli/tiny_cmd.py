@@ -1,0 +1,23 @@
+"""`vlmtune tiny-model --family F --out DIR`: a tiny offline model of a family, loadable like a real one."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "build a tiny model of a family offline (config, trained tokenizer, image processor, chat template)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--family", required=True, help="family name, e.g. qwen2_vl, qwen2_5_vl, llava")
+    p.add_argument("--out", type=Path, required=True, help="folder to write the model into")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vlmtune.families import get_family
+
+    family = get_family(args.family)
+    out = family.build_tiny(args.out, seed=args.seed)
+    print(f"wrote a tiny {family.name} model to {out}")
+    return 0

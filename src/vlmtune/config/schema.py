@@ -1,0 +1,181 @@
+"""The one configuration tree. Help text lives in the field docstrings; the CLI and `presets show` read it.
+
+Every model forbids unknown keys, so a typo is an error that names the field instead of a silent default.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class TrainingMethod(str, Enum):
+    LORA = "lora"
+    QLORA = "qlora"
+    FULL = "full"
+
+
+class ModelConfig(_Strict):
+    name_or_path: str = "Qwen/Qwen2-VL-2B-Instruct"
+    """Hub id or local folder of the base model, loaded through `from_pretrained`."""
+    family: str | None = None
+    """Model family descriptor (qwen2_vl, qwen2_5_vl, llava). Detected from the model's config when unset."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit)."""
+    random_init: bool = False
+    """Build the architecture from its config with random weights (benchmarks; no weights are read)."""
+
+
+class DataConfig(_Strict):
+    train_path: Path | None = None
+    """Training JSONL file (one record per line; see docs/DATA.md)."""
+    val_path: Path | None = None
+    """Validation JSONL file; evaluation is skipped without it."""
+    max_length: int = Field(2048, gt=0)
+    """Maximum tokens per sample, image tokens included."""
+    image_size: int | None = Field(None, gt=0)
+    """Resize images so they fit in image_size x image_size (dynamic-resolution families: max pixels)."""
+    min_pixels: int | None = Field(None, gt=0)
+    """Lower bound on pixels per image for dynamic-resolution families (overrides the processor's)."""
+    max_pixels: int | None = Field(None, gt=0)
+    """Upper bound on pixels per image for dynamic-resolution families (overrides image_size)."""
+    on_overflow: Literal["drop", "error"] = "drop"
+    """What to do with a sample whose max_length cut would fall inside or before an image span:
+    drop it (counted and reported) or stop with an error. Text after the last image is truncated either way."""
+    max_image_megapixels: float = Field(100.0, gt=0)
+    """Images larger than this are rejected before decoding (decompression-bomb guard)."""
+    check_before_training: bool = True
+    """Validate every record (`vlmtune data check`) before loading the model."""
+
+    @model_validator(mode="after")
+    def _pixels_order(self) -> DataConfig:
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})")
+        return self
+
+
+class LoraConfig(_Strict):
+    rank: int = Field(16, gt=0)
+    """LoRA rank r."""
+    alpha: float = Field(32, gt=0)
+    """LoRA scaling alpha (scale = alpha / rank)."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the adapter input."""
+    target_modules: Literal["minimal", "attention", "all"] | list[str] = "all"
+    """minimal = q,v,o; attention = q,k,v,o; all = q,k,v,o,gate,up,down; or an explicit list of module names."""
+    adapt_vision_tower: bool = False
+    """Also put adapters on the vision tower's linear layers."""
+    train_projector: bool = False
+    """Train the vision-language projector fully (saved with the adapter)."""
+
+    @model_validator(mode="after")
+    def _non_empty_targets(self) -> LoraConfig:
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("target_modules is an empty list; name at least one module or use minimal/attention/all")
+        return self
+
+
+class QuantizationConfig(_Strict):
+    bits: Literal[4] = 4
+    """Weight bits of the quantized layers (bitsandbytes)."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (saves ~0.4 bit per weight)."""
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """dtype the 4-bit weights are dequantized to for matmuls."""
+    quantize_vision_tower: bool = False
+    """Also quantize the vision tower's linear layers (off: they stay 16-bit)."""
+    quantize_lm_head: bool = False
+    """Also quantize lm_head (off: it stays 16-bit)."""
+
+
+class MethodConfig(_Strict):
+    name: TrainingMethod = TrainingMethod.LORA
+    """lora, qlora or full."""
+    lora: LoraConfig = LoraConfig()
+    """Adapter settings (lora and qlora)."""
+    quantization: QuantizationConfig = QuantizationConfig()
+    """4-bit settings (qlora only)."""
+    freeze_vision_tower: bool = True
+    """Full fine-tuning: keep the vision tower frozen."""
+
+
+class TrainingConfig(_Strict):
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training set (ignored when max_steps is set)."""
+    max_steps: int | None = Field(None, gt=0)
+    """Stop after this many optimizer steps."""
+    batch_size: int = Field(1, gt=0)
+    """Micro-batch per device."""
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    """Micro-batches per optimizer step."""
+    learning_rate: float = Field(2e-4, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    """Fraction of the steps spent warming up (ignored when warmup_steps > 0)."""
+    warmup_steps: int = Field(0, ge=0)
+    """Warmup steps."""
+    max_grad_norm: float = Field(1.0, ge=0)
+    """Gradient clipping norm (0 disables)."""
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit"] = "adamw_torch"
+    """Optimizer; the 8-bit ones need the qlora extra (bitsandbytes)."""
+    seed: int = 42
+    """Seed for initialisation and data order."""
+    logging_steps: int = Field(10, gt=0)
+    """Log loss, learning rate, grad norm, tokens/s and memory every N steps."""
+    eval_steps: int | None = Field(100, gt=0)
+    """Evaluate on the validation set every N steps (needs data.val_path; None disables)."""
+    save_steps: int = Field(100, gt=0)
+    """Write a checkpoint every N steps."""
+    save_total_limit: int | None = Field(3, gt=0)
+    """Keep only the last K checkpoints (None keeps all)."""
+    report_to: list[Literal["tensorboard", "none"]] = ["tensorboard"]
+    """Where to send logs besides the console and the run folder's log file."""
+
+
+class HardwareConfig(_Strict):
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Training precision (weights and autocast)."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in backward to save memory."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel; flash_attention_2 needs the flash-attn package."""
+    dataloader_workers: int = Field(0, ge=0)
+    """Background processes that prepare batches."""
+    use_cpu: bool = False
+    """Train on the CPU even when a GPU is visible."""
+
+
+class VlmtuneConfig(_Strict):
+    experiment_name: str = "vlmtune-run"
+    """Name of the run (logs, TensorBoard)."""
+    output_dir: Path = Path("output/run")
+    """Run folder: checkpoints, logs, the resolved config and the final adapter or model."""
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    method: MethodConfig = MethodConfig()
+    training: TrainingConfig = TrainingConfig()
+    hardware: HardwareConfig = HardwareConfig()
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> VlmtuneConfig:
+        problems = []
+        if self.method.name == TrainingMethod.QLORA and self.hardware.precision == "fp32":
+            problems.append("method.name=qlora needs hardware.precision bf16 or fp16 (4-bit layers compute in 16-bit)")
+        if self.method.name == TrainingMethod.FULL and self.method.lora.train_projector:
+            problems.append("method.lora.train_projector only applies to lora/qlora; full fine-tuning trains the projector already")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
