@@ -1,11 +1,11 @@
 import yaml
 
-from vlmtune.cli.main import build_parser, main
+from vlmtune.cli.main import main, parse_args
 from vlmtune.cli.train_cmd import resolve_config
 
 
 def _cfg(argv):
-    args = build_parser().parse_args(["train", *argv])
+    args = parse_args(["train", *argv])
     return resolve_config(args)
 
 
