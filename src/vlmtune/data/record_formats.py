@@ -19,7 +19,13 @@ from urllib.parse import unquote, urlparse
 from vlmtune.data.records import ROLES, ImagePart, Message, Part, Problem, Record, TextPart
 
 IMAGE_PLACEHOLDER = "<image>"
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://|^data:")
 
 
@@ -51,7 +57,9 @@ def resolve_image_path(raw: str, base_dir: Path) -> Path:
     if raw.startswith("file://"):
         raw = unquote(urlparse(raw).path)
     elif _URL.match(raw):
-        raise ValueError(f"{raw[:60]!r} is a URL; only local files are supported: download the image and give its path")
+        raise ValueError(
+            f"{raw[:60]!r} is a URL; only local files are supported: download the image and give its path"
+        )
     path = Path(raw).expanduser()
     return Path(os.path.normpath(path if path.is_absolute() else base_dir / path))
 
@@ -69,7 +77,7 @@ def _path(value: Any, where: str, base_dir: Path, out: _Collector) -> Path | Non
 
 def _content_item(item: Any, where: str, base_dir: Path, out: _Collector) -> Part | _Slot | None:
     if not isinstance(item, dict):
-        out.error(where, "a content item must be an object like {\"type\": \"text\", \"text\": \"...\"}")
+        out.error(where, 'a content item must be an object like {"type": "text", "text": "..."}')
         return None
     kind = item.get("type")
     if kind == "text":
@@ -96,13 +104,14 @@ def _content(content: Any, where: str, base_dir: Path, out: _Collector) -> list[
     if isinstance(content, str):
         return [TextPart(content)]
     if not isinstance(content, list):
-        out.error(where, "content must be a string or a list of {\"type\": ...} items")
+        out.error(where, 'content must be a string or a list of {"type": ...} items')
         return []
     items = [_content_item(item, f"{where}[{i}]", base_dir, out) for i, item in enumerate(content)]
     return [item for item in items if item is not None]
 
 
-def _top_images(obj: dict[str, Any], base_dir: Path, out: _Collector) -> tuple[str, list[Path]] | None:
+def _top_images(obj: dict[str, Any], base_dir: Path, out: _Collector) -> tuple[str, list[Path | None]] | None:
+    """The record-level image list (None items: invalid paths, already reported)."""
     keys = [k for k in ("image", "images") if obj.get(k) is not None]
     if len(keys) > 1:
         out.error("images", "give either 'image' or 'images', not both")
@@ -113,8 +122,11 @@ def _top_images(obj: dict[str, Any], base_dir: Path, out: _Collector) -> tuple[s
     if not isinstance(values, list):
         out.error(key, "must be a path or a list of paths")
         return key, []
-    paths = [_path(v, f"{key}[{i}]" if isinstance(value, list) else key, base_dir, out) for i, v in enumerate(values)]
-    return key, [p for p in paths if p is not None]
+    paths = [
+        _path(v, f"{key}[{i}]" if isinstance(value, list) else key, base_dir, out)
+        for i, v in enumerate(values)
+    ]
+    return key, paths
 
 
 def _split_placeholders(parts: list[Part | _Slot]) -> list[Part | _Slot]:
@@ -132,8 +144,12 @@ def _split_placeholders(parts: list[Part | _Slot]) -> list[Part | _Slot]:
     return out
 
 
-def _fill_slots(turns: list[tuple[str, str, list[Any]]], top: tuple[str, list[Path]] | None,
-                placeholders: bool, out: _Collector) -> None:
+def _fill_slots(
+    turns: list[tuple[str, str, list[Any]]],
+    top: tuple[str, list[Path | None]] | None,
+    placeholders: bool,
+    out: _Collector,
+) -> None:
     """Give every slot its image from the top-level list, in order; check the counts match."""
     key, images = top if top else ("images", [])
     if placeholders:
@@ -147,17 +163,22 @@ def _fill_slots(turns: list[tuple[str, str, list[Any]]], top: tuple[str, list[Pa
             slots = len(images)
     if slots != len(images):
         what = f"'{IMAGE_PLACEHOLDER}' placeholder(s)" if placeholders else "path-less image item(s)"
-        out.error(key, f"{len(images)} image(s) listed but {slots} {what} in the conversation; they must match")
+        out.error(
+            key, f"{len(images)} image(s) listed but {slots} {what} in the conversation; they must match"
+        )
         return
     it = iter(images)
     for _, _, parts in turns:
-        parts[:] = [ImagePart(next(it)) if isinstance(p, _Slot) else p for p in parts]
+        filled = [
+            (ImagePart(path) if (path := next(it)) else None) if isinstance(p, _Slot) else p for p in parts
+        ]
+        parts[:] = [p for p in filled if p is not None]
 
 
 def _messages(obj: dict[str, Any], base_dir: Path, out: _Collector) -> list[tuple[str, str, list[Any]]]:
     raw = obj["messages"]
     if not isinstance(raw, list) or not raw:
-        out.error("messages", "must be a non-empty list of {\"role\", \"content\"} objects")
+        out.error("messages", 'must be a non-empty list of {"role", "content"} objects')
         return []
     turns = []
     for i, m in enumerate(raw):
@@ -178,18 +199,24 @@ def _messages(obj: dict[str, Any], base_dir: Path, out: _Collector) -> list[tupl
     else:
         for where, _, parts in turns:
             if any(isinstance(p, _Slot) for p in parts):
-                out.error(f"{where}.content", "image item without a path: give 'image': 'path/to/file', "
-                                              "or list the paths in the record's top-level 'images'")
+                out.error(
+                    f"{where}.content",
+                    "image item without a path: give 'image': 'path/to/file', "
+                    "or list the paths in the record's top-level 'images'",
+                )
             if any(isinstance(p, TextPart) and IMAGE_PLACEHOLDER in p.text for p in parts):
-                out.warn(f"{where}.content", f"'{IMAGE_PLACEHOLDER}' in text is kept as literal text in a record "
-                                             "without top-level 'images'; use an image item instead")
+                out.warn(
+                    f"{where}.content",
+                    f"'{IMAGE_PLACEHOLDER}' in text is kept as literal text in a record "
+                    "without top-level 'images'; use an image item instead",
+                )
     return turns
 
 
 def _conversations(obj: dict[str, Any], base_dir: Path, out: _Collector) -> list[tuple[str, str, list[Any]]]:
     raw = obj["conversations"]
     if not isinstance(raw, list) or not raw:
-        out.error("conversations", "must be a non-empty list of {\"from\", \"value\"} objects")
+        out.error("conversations", 'must be a non-empty list of {"from", "value"} objects')
         return []
     turns = []
     for i, m in enumerate(raw):
@@ -220,12 +247,17 @@ def _check_turns(turns: list[tuple[str, str, list[Any]]], out: _Collector) -> No
     dialogue = [(where, role) for where, role, _ in turns if role != "system"]
     roles = [role for _, role in dialogue]
     if roles and roles[0] == "assistant":
-        out.error(dialogue[0][0], "the conversation starts with an assistant turn; it must start with a user turn")
+        out.error(
+            dialogue[0][0], "the conversation starts with an assistant turn; it must start with a user turn"
+        )
     if "assistant" not in roles:
         out.error("", "no assistant turn: there is nothing to learn from this record")
     elif roles[-1] != "assistant":
-        out.error(turns[-1][0], "the conversation ends on a user turn, which nothing learns from; "
-                                "end with an assistant turn or remove the last turn")
+        out.error(
+            turns[-1][0],
+            "the conversation ends on a user turn, which nothing learns from; "
+            "end with an assistant turn or remove the last turn",
+        )
 
 
 def parse_record(obj: Any, line: int, base_dir: Path) -> tuple[Record | None, list[Problem]]:
@@ -243,44 +275,13 @@ def parse_record(obj: Any, line: int, base_dir: Path) -> tuple[Record | None, li
         turns = _conversations(obj, base_dir, out)
     else:
         keys = ", ".join(sorted(obj)) or "none"
-        out.error("", f"record needs 'messages' (chat style) or 'conversations' (LLaVA/ShareGPT style); keys: {keys}")
+        out.error(
+            "",
+            f"record needs 'messages' (chat style) or 'conversations' (LLaVA/ShareGPT style); keys: {keys}",
+        )
         return None, out.problems
     if not out.failed:
         _check_turns(turns, out)
     if out.failed:
         return None, out.problems
     return Record(line, [Message(role, parts) for _, role, parts in turns]), out.problems
-
-
-def map_image_paths(obj: dict[str, Any], fn: Any) -> dict[str, Any]:
-    """A copy of a raw record with `fn(str) -> str` applied to every image path string (both styles)."""
-    new = dict(obj)
-    for key in ("image", "images"):
-        value = new.get(key)
-        if isinstance(value, str):
-            new[key] = fn(value)
-        elif isinstance(value, list):
-            new[key] = [fn(v) if isinstance(v, str) else v for v in value]
-    if isinstance(new.get("messages"), list):
-        new["messages"] = [_map_message(m, fn) for m in new["messages"]]
-    return new
-
-
-def _map_message(message: Any, fn: Any) -> Any:
-    if not isinstance(message, dict) or not isinstance(message.get("content"), list):
-        return message
-    content = []
-    for item in message["content"]:
-        item = dict(item) if isinstance(item, dict) else item
-        if isinstance(item, dict) and item.get("type") == "image":
-            for k in ("image", "path", "url"):
-                if isinstance(item.get(k), str):
-                    item[k] = fn(item[k])
-        elif isinstance(item, dict) and item.get("type") == "image_url":
-            ref = item.get("image_url")
-            if isinstance(ref, str):
-                item["image_url"] = fn(ref)
-            elif isinstance(ref, dict) and isinstance(ref.get("url"), str):
-                item["image_url"] = {**ref, "url": fn(ref["url"])}
-        content.append(item)
-    return {**message, "content": content}

@@ -70,7 +70,9 @@ class Record:
             content: list[dict[str, Any]] = []
             for p in m.parts:
                 if isinstance(p, ImagePart):
-                    content.append({"type": "image", "path": str(p.path)} if with_paths else {"type": "image"})
+                    content.append(
+                        {"type": "image", "path": str(p.path)} if with_paths else {"type": "image"}
+                    )
                 else:
                     content.append({"type": "text", "text": p.text})
             chat.append({"role": m.role, "content": content})
@@ -119,11 +121,13 @@ def iter_lines(path: Path) -> Iterator[tuple[int, str | Problem]]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                yield number, Problem(number, "", f"line is not valid UTF-8 (byte {exc.start}: {exc.reason}); "
-                                                  "re-save the file as UTF-8")
+                message = (
+                    f"line is not valid UTF-8 (byte {exc.start}: {exc.reason}); re-save the file as UTF-8"
+                )
+                yield number, Problem(number, "", message)
                 continue
             if text.strip():
-                yield number, text
+                yield number, text.rstrip("\r\n")
 
 
 def parse_line(text: str, line: int, base_dir: Path) -> tuple[Record | None, list[Problem]]:
@@ -133,7 +137,6 @@ def parse_line(text: str, line: int, base_dir: Path) -> tuple[Record | None, lis
     except json.JSONDecodeError as exc:
         return None, [Problem(line, "", f"invalid JSON: {exc.msg} at column {exc.colno}")]
     from vlmtune.data.record_formats import parse_record  # imported here: record_formats builds our types
-
 
     return parse_record(obj, line, base_dir)
 
@@ -161,8 +164,10 @@ def scan(path: Path | str) -> Iterator[tuple[int, Record | None, list[Problem]]]
 def _raise(path: Path, problems: list[Problem]) -> None:
     errors = [p for p in problems if p.severity == "error"]
     if errors:
-        raise DataError(f"{len(errors)} problem(s) in {path} (run `vlmtune data check {path}`):\n"
-                        + format_problems(path, errors))
+        raise DataError(
+            f"{len(errors)} problem(s) in {path} (run `vlmtune data check {path}`):\n"
+            + format_problems(path, errors)
+        )
 
 
 def read_records(path: Path | str) -> list[Record]:

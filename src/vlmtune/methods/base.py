@@ -11,6 +11,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -72,6 +73,12 @@ def resolve_precision(config: VlmtuneConfig) -> PrecisionPlan:
     dtype = _DTYPES[requested]
     return PrecisionPlan("cuda", dtype, requested == "bf16", requested == "fp16",
                          f"GPU: {requested} weights with {requested} autocast")
+
+
+def base_reference(config: VlmtuneConfig) -> str:
+    """The base model as later loads should see it: an absolute path for a local folder, else the hub id."""
+    path = Path(config.model.name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else config.model.name_or_path
 
 
 def has_prefix(name: str, prefixes: Iterable[str]) -> bool:

@@ -1,0 +1,50 @@
+"""Batching encoded samples: per-token tensors right-padded to the longest sample, image tensors concatenated.
+
+Image tensors are concatenated on dim 0 (dynamic-resolution processors return pixel_values as patches x features
+with image_grid_thw saying which rows belong to which image; fixed-resolution ones as images x C x H x W), so a
+batch may mix samples with and without images. M-RoPE models in transformers 5.23 need `mm_token_type_ids` next to
+input_ids to build positions when images are passed; it is a per-token tensor here, padded with 0 (text).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from vlmtune.data.processing import IGNORE_INDEX, EncodedSample
+
+
+class Collator:
+    """`Collator(pad_token_id)(samples) -> dict` of tensors ready for the model's forward."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def pad_value(self, key: str) -> int:
+        if key == "input_ids":
+            return self.pad_token_id
+        return IGNORE_INDEX if key == "labels" else 0
+
+    def __call__(self, samples: Sequence[EncodedSample]) -> dict[str, torch.Tensor]:
+        if not samples:
+            raise ValueError("cannot collate an empty batch")
+        keys = list(samples[0].sequence)
+        if any(list(s.sequence) != keys for s in samples):
+            raise ValueError(f"samples carry different per-token tensors: {[list(s.sequence) for s in samples]}")
+        length = max(len(s) for s in samples)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch: dict[str, torch.Tensor] = {}
+        for key in keys:
+            first = samples[0].sequence[key]
+            out = torch.full((len(samples), length), self.pad_value(key), dtype=first.dtype)
+            for row, sample in enumerate(samples):
+                value = sample.sequence[key]
+                out[row, : value.shape[0]] = value
+            batch[key] = out
+        image_keys = list(dict.fromkeys(k for s in samples for k in s.images))
+        for key in image_keys:
+            batch[key] = torch.cat([s.images[key] for s in samples if key in s.images], dim=0)
+        return batch

@@ -1,0 +1,109 @@
+"""Opening training images safely: size checked from the header before decoding, every mode turned into RGB.
+
+Pillow reads only the header in `Image.open`; pixels are decoded by `load()`. So an oversized image (a
+decompression bomb, or a 20k x 20k scan) is rejected after reading a few bytes. Pillow's own global limit
+(`Image.MAX_IMAGE_PIXELS`) is left alone: its warning is silenced locally and its error is reported as ours.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vlmtune.errors import DataError
+
+_READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError)
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+_ORIENTATION = 0x0112
+
+
+def _open_header(path: Path, max_megapixels: float) -> Image.Image:
+    """Open without decoding and enforce the size limit. The caller closes the image."""
+    if not path.is_file():
+        raise DataError(f"image file not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise DataError(
+            f"image {path} rejected before decoding: {exc} (Pillow's hard limit); resize it"
+        ) from exc
+    except UnidentifiedImageError as exc:
+        raise DataError(
+            f"image {path} is not a readable image file (corrupt, or not an image format)"
+        ) from exc
+    except _READ_ERRORS as exc:
+        raise DataError(f"image {path} cannot be read: {exc}") from exc
+    width, height = im.size
+    if width * height > max_megapixels * 1e6:
+        im.close()
+        raise DataError(
+            f"image {path} is {width}x{height} = {width * height / 1e6:.1f} megapixels, over "
+            f"data.max_image_megapixels={max_megapixels}; resize it (rejected before decoding)"
+        )
+    if width == 0 or height == 0:
+        im.close()
+        raise DataError(f"image {path} has zero size ({width}x{height})")
+    return im
+
+
+def image_size(path: Path | str, max_megapixels: float | None = None) -> tuple[int, int]:
+    """(width, height) from the file header only; nothing is decoded.
+
+    Raises DataError for images over Pillow's hard limit (2 x `Image.MAX_IMAGE_PIXELS`, ~179 MP by default).
+    """
+    with _open_header(Path(path), max_megapixels if max_megapixels is not None else float("inf")) as im:
+        return im.size
+
+
+def _greyscale_to_rgb(im: Image.Image) -> Image.Image:
+    """16/32-bit integer and float greyscale, scaled to 8 bits (Pillow's convert would clip, not scale)."""
+    arr = np.asarray(im).astype(np.float64)
+    peak = float(arr.max()) if arr.size else 0.0
+    if im.mode == "F" and peak <= 1.0:
+        arr = arr * 255.0
+    elif peak > 255:
+        arr = arr / 257.0
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB version of a decoded image: transparency is composited on white, 16-bit greyscale scaled."""
+    if im.mode == "P" or (im.mode in ("L", "RGB") and "transparency" in im.info):
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+    if im.mode == "RGB":
+        return im
+    if im.mode in _ALPHA_MODES:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if im.mode.startswith("I") or im.mode == "F":
+        return _greyscale_to_rgb(im)
+    return im.convert("RGB")
+
+
+def load_image(path: Path | str, max_megapixels: float = 100.0) -> tuple[Image.Image, str]:
+    """(RGB image, the file's original mode). The EXIF orientation is applied, as transformers' `load_image` does.
+
+    Raises DataError for a missing, oversized, corrupt or truncated file, or a mode that cannot become RGB.
+    """
+    path = Path(path)
+    with _open_header(path, max_megapixels) as im:
+        mode = im.mode
+        try:
+            im.load()
+            if im.getexif().get(_ORIENTATION, 1) != 1:
+                im = ImageOps.exif_transpose(im)
+            rgb = to_rgb(im)
+        except _READ_ERRORS as exc:
+            raise DataError(f"image {path} is corrupt or truncated ({mode}): {exc}") from exc
+    return rgb, mode
+
+
+def open_image(path: Path | str, max_megapixels: float = 100.0) -> Image.Image:
+    """The image as RGB, decoded only when it is within `max_megapixels` (see `load_image`)."""
+    return load_image(path, max_megapixels)[0]

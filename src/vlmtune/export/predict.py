@@ -1,0 +1,109 @@
+"""Use a trained result: load it, answer questions about images (greedy), and score a JSONL file by exact match.
+
+    loaded = load_for_inference("output/run/final")          # an adapter folder finds its base by itself
+    print(answer(loaded, [Path("cat.png")], "What is this?"))
+    result = predict_file(loaded, Path("val.jsonl"), Path("predictions.jsonl"))
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vlmtune.errors import DataError
+from vlmtune.export.loading import LoadedModel, load_for_inference
+
+if TYPE_CHECKING:
+    from vlmtune.data.records import Message
+
+__all__ = ["LoadedModel", "PredictResult", "answer", "generate_answer", "load_for_inference", "normalize_answer",
+           "predict_file"]
+
+_TRAILING_PUNCT = ".,;:!?\u3002\uff01\uff1f"
+
+
+def normalize_answer(text: str) -> str:
+    """Case, inner whitespace and trailing punctuation do not count: ' Red. ' == 'red'."""
+    return re.sub(r"\s+", " ", text).strip().rstrip(_TRAILING_PUNCT).strip().casefold()
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def generate_answer(model: torch.nn.Module, processor: Any, messages: list[Message],
+                    max_new_tokens: int = 64, max_megapixels: float = 100.0) -> str:
+    """Greedy answer to the conversation `messages` (ending with a user turn), images in conversation order."""
+    from vlmtune.data.images import open_image
+    from vlmtune.data.records import Record
+
+    record = Record(line=0, messages=messages)
+    text = processor.apply_chat_template(record.to_chat(), add_generation_prompt=True, tokenize=False)
+    images = [open_image(path, max_megapixels) for path in record.images]
+    inputs = processor(text=[text], images=images or None, return_tensors="pt")
+    inputs = {k: v.to(_device(model)) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    pad = processor.tokenizer.pad_token_id
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                            pad_token_id=pad if pad is not None else processor.tokenizer.eos_token_id)
+    new_tokens = output[0, inputs["input_ids"].shape[1]:]
+    return processor.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+
+def answer(loaded: LoadedModel, image_paths: list[Path], prompt: str, max_new_tokens: int = 64) -> str:
+    """Greedy answer to one question about `image_paths` (images first, then the question, in one user turn)."""
+    from vlmtune.data.records import ImagePart, Message, TextPart
+
+    parts: list[Any] = [ImagePart(Path(p).absolute()) for p in image_paths] + [TextPart(prompt)]
+    return generate_answer(loaded.model, loaded.processor, [Message("user", parts)], max_new_tokens)
+
+
+@dataclass
+class PredictResult:
+    path: Path
+    """predictions.jsonl: one line per record (line, prediction, reference, correct)."""
+    total: int
+    """Records with a reference answer (scored)."""
+    correct: int
+    unscored: int = 0
+    """Records without an assistant turn (answered, not scored)."""
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+
+def predict_file(loaded: LoadedModel, data_path: Path | str, out_path: Path | str,
+                 max_new_tokens: int = 64) -> PredictResult:
+    """Answer every record of a JSONL file: the prompt is the conversation before its last assistant turn, the
+    reference is that turn's text. Writes `out_path` (JSONL) and returns exact-match accuracy."""
+    from vlmtune.data.records import read_records
+
+    data_path, out_path = Path(data_path), Path(out_path)
+    records = read_records(data_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_suffix(out_path.suffix + ".tmp")
+    total = correct = unscored = 0
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for record in records:
+            last = max((i for i, m in enumerate(record.messages) if m.role == "assistant"), default=None)
+            prompt = record.messages if last is None else record.messages[:last]
+            if not any(m.role == "user" for m in prompt):
+                raise DataError(f"{data_path}:{record.line}: no user turn before the last assistant turn to answer")
+            prediction = generate_answer(loaded.model, loaded.processor, prompt, max_new_tokens)
+            row: dict[str, Any] = {"line": record.line, "prediction": prediction}
+            if last is None:
+                unscored += 1
+            else:
+                reference = record.messages[last].text
+                ok = normalize_answer(prediction) == normalize_answer(reference)
+                total, correct = total + 1, correct + ok
+                row.update(reference=reference, correct=ok)
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(out_path)
+    return PredictResult(out_path, total, correct, unscored)

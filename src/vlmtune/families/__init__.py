@@ -1,0 +1,76 @@
+"""The family registry: one descriptor per supported VLM family. Adding a family = one module + one line here.
+
+Importing this package imports transformers (the descriptors declare processor classes); import it inside
+functions where start-up time matters.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vlmtune.errors import VlmtuneError
+from vlmtune.families import llava, qwen2_5_vl, qwen2_vl
+from vlmtune.families.base import FamilyDescriptor
+
+_FAMILIES: dict[str, FamilyDescriptor] = {
+    d.name: d for d in (qwen2_vl.DESCRIPTOR, qwen2_5_vl.DESCRIPTOR, llava.DESCRIPTOR)
+}
+
+__all__ = ["FamilyDescriptor", "all_families", "family_for_model", "get_family"]
+
+
+def all_families() -> list[FamilyDescriptor]:
+    return list(_FAMILIES.values())
+
+
+def get_family(name: str) -> FamilyDescriptor:
+    try:
+        return _FAMILIES[name]
+    except KeyError:
+        raise VlmtuneError(f"unknown model family '{name}' (model.family); known families: "
+                           f"{', '.join(_FAMILIES)}") from None
+
+
+def _config_json(name_or_path: str) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        config = path / "config.json"
+        if not config.is_file():
+            raise VlmtuneError(
+                f"model folder '{path}' has no config.json, so its family cannot be detected. Point "
+                "model.name_or_path at a folder written by save_pretrained (config.json, weights, tokenizer and "
+                "processor files), or build a test model with `vlmtune tiny-model --family F --out DIR`.")
+        return config
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+        raise VlmtuneError(
+            f"model '{name_or_path}' (model.name_or_path) is not a folder on this machine, nor a Hugging Face Hub "
+            "id of the form owner/name. Check the path for typos, or give a hub id.")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name_or_path, "config.json")
+    if isinstance(cached, str):
+        return Path(cached)
+    hint = next((f" It is the default model of the {d.name} family: set model.family={d.name} to skip detection."
+                 for d in _FAMILIES.values() if d.default_model == name_or_path), "")
+    raise VlmtuneError(
+        f"model '{name_or_path}' is not in the local Hugging Face cache, and vlmtune does not go to the hub to "
+        "detect a family (the hub may be unreachable from this machine). Download it first "
+        f"(`hf download {name_or_path}`), or set model.name_or_path to a local folder.{hint}")
+
+
+def family_for_model(name_or_path: str | Path) -> FamilyDescriptor:
+    """The family of a local model folder or a cached hub id, from config.json's `model_type`."""
+    config = _config_json(str(name_or_path))
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise VlmtuneError(f"cannot read {config}: {exc}; the model folder looks damaged") from exc
+    for family in _FAMILIES.values():
+        if model_type in family.model_types:
+            return family
+    known = ", ".join(f"{d.name} ({'/'.join(d.model_types)})" for d in _FAMILIES.values())
+    raise VlmtuneError(
+        f"{config} has model_type '{model_type}', which vlmtune does not support. Supported families (model_type): "
+        f"{known}. Use a checkpoint of one of them; adding a family means writing a descriptor in "
+        "src/vlmtune/families/.")

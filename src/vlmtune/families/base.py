@@ -1,0 +1,216 @@
+"""The model-family contract: one `FamilyDescriptor` instance per VLM family (see docs/ARCHITECTURE.md).
+
+Generic code (methods, data, train) only reads descriptor attributes; it never names a family. Module prefixes are
+transformers 5 names as instantiated (`model.language_model.layers.N...`), checked by tests on tiny models.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from vlmtune.errors import ConfigError, VlmtuneError
+from vlmtune.families.capabilities import Capability, check_capabilities
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, ProcessorMixin
+
+    from vlmtune.config.schema import DataConfig, VlmtuneConfig
+
+LoraKind = Literal["minimal", "attention", "all"]
+Component = Literal["vision", "projector", "language", "lm_head"]
+
+LORA_TARGET_SETS: dict[str, tuple[str, ...]] = {
+    "minimal": ("q_proj", "v_proj", "o_proj"),
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+
+_PEFT_WRAPPER = "base_model.model."
+
+
+def _fix_processor_class(path: Path, name: str) -> None:
+    if path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if "processor_class" in data:
+            data["processor_class"] = name
+            path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+class UpstreamNamedProcessor:
+    """Mixin for our processor subclasses: saved folders name the upstream class (`processor_class`), so what we
+    write loads with plain transformers elsewhere (e.g. a GPU machine with torchvision, vLLM) like the original."""
+
+    upstream_class: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()  # type: ignore[misc]
+        data["processor_class"] = self.upstream_class
+        return data
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:
+        files = super().save_pretrained(save_directory, *args, **kwargs)  # type: ignore[misc]
+        # ProcessorMixin.save_pretrained stamps the tokenizer config with our class name; put the upstream one back.
+        _fix_processor_class(Path(save_directory) / "tokenizer_config.json", self.upstream_class)
+        return files
+
+
+def _has_prefix(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+class FamilyDescriptor(ABC):
+    """Everything vlmtune knows about one VLM family. Subclasses set the class attributes below."""
+
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    """HF `config.model_type` values of this family."""
+    default_model: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    vision_prefixes: ClassVar[tuple[str, ...]]
+    """Vision tower (the projector may lie inside it: the longest prefix wins, see `component_of`)."""
+    projector_prefixes: ClassVar[tuple[str, ...]]
+    language_prefixes: ClassVar[tuple[str, ...]]
+    lm_head_names: ClassVar[tuple[str, ...]]
+    language_layers_prefix: ClassVar[str]
+    """The decoder-layer list of the language model; LoRA targets are matched only below it."""
+    vision_layers_prefix: ClassVar[str]
+    """The vision tower's block list; vision LoRA targets are matched only below it."""
+    lora_target_sets: ClassVar[Mapping[str, tuple[str, ...]]] = LORA_TARGET_SETS
+    vision_lora_targets: ClassVar[tuple[str, ...]]
+    """Linear-layer leaf names inside the vision blocks (for `method.lora.adapt_vision_tower`)."""
+
+    capabilities: ClassVar[Mapping[str, Capability]]
+    image_placeholder: ClassVar[str]
+    """What the chat template emits per image (the processor expands its image token to the image's tokens)."""
+    end_of_turn: ClassVar[str]
+    """The text that closes an assistant turn in the chat template (labelled, so the model learns to stop)."""
+    chat_template: ClassVar[str]
+    """The Jinja template vlmtune trains and predicts with (set on every processor `load_processor` returns)."""
+    dynamic_resolution: ClassVar[bool]
+    processor_class: ClassVar[type[ProcessorMixin]]
+    architectures: ClassVar[Mapping[str, dict[str, Any]]] = {}
+    """Full-size config numbers by size name (e.g. "2b"), for `build_tiny(out, arch="2b")` (benchmarks)."""
+
+    # ---- tiny models (numbers per family; the generic builder is families/tiny.py) ----
+    tiny_special_tokens: ClassVar[tuple[str, ...]]
+    """Special tokens of the tiny tokenizer, in id order (ids 0..n-1)."""
+    tiny_token_roles: ClassVar[Mapping[str, str]]
+    """Tokenizer roles -> token, e.g. {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}."""
+    tiny_add_bos: ClassVar[bool] = False
+    """Whether the tiny tokenizer prepends bos_token with add_special_tokens=True (as Llama's does)."""
+    tiny_extra_eos: ClassVar[tuple[str, ...]] = ()
+    """Tokens that also stop generation, besides eos_token."""
+
+    def __repr__(self) -> str:
+        return f"<FamilyDescriptor {self.name}>"
+
+    # ---- module layout ----
+    def component_of(self, name: str) -> Component | None:
+        """Which part of the model a parameter or module name belongs to (longest matching prefix wins)."""
+        name = name.removeprefix(_PEFT_WRAPPER)
+        best: tuple[int, Component | None] = (-1, None)
+        groups: tuple[tuple[Component, tuple[str, ...]], ...] = (
+            ("vision", self.vision_prefixes), ("projector", self.projector_prefixes),
+            ("language", self.language_prefixes), ("lm_head", self.lm_head_names))
+        for component, prefixes in groups:
+            for prefix in prefixes:
+                if _has_prefix(name, prefix) and len(prefix) > best[0]:
+                    best = (len(prefix), component)
+        return best[1]
+
+    def lora_targets(self, kind: LoraKind | list[str]) -> list[str]:
+        """Leaf names of the language-model linear layers for a target set; an explicit list passes through."""
+        if isinstance(kind, list):
+            return list(kind)
+        if kind not in self.lora_target_sets:
+            raise ConfigError([f"method.lora.target_modules={kind!r}: use one of "
+                               f"{', '.join(self.lora_target_sets)} or a list of module names"])
+        return list(self.lora_target_sets[kind])
+
+    def lora_target_regex(self, kind: LoraKind | list[str], adapt_vision_tower: bool = False) -> str:
+        """A PEFT `target_modules` regex (PEFT full-matches it against module names) reaching only the language
+        model's decoder layers, plus the vision blocks when `adapt_vision_tower`. Short names alone would also hit
+        vision towers, which reuse the leaf names (`q_proj`, `gate_proj`, ...)."""
+        parts = [_scoped(self.language_layers_prefix, self.lora_targets(kind))]
+        if adapt_vision_tower:
+            parts.append(_scoped(self.vision_layers_prefix, self.vision_lora_targets))
+        return "|".join(f"(?:{p})" for p in parts)
+
+    # ---- capabilities ----
+    def check(self, config: VlmtuneConfig) -> list[str]:
+        """Problems with `config` for this family, each naming the field and saying why."""
+        problems, _ = check_capabilities(self.name, self.capabilities, config)
+        return problems + self._check_extra(config)
+
+    def notes(self, config: VlmtuneConfig) -> list[str]:
+        """Experimental features `config` asks for (to log, not to fail on)."""
+        return check_capabilities(self.name, self.capabilities, config)[1]
+
+    def _check_extra(self, config: VlmtuneConfig) -> list[str]:
+        return []
+
+    # ---- processor ----
+    def load_processor(self, path: str | Path, data_cfg: DataConfig | None = None) -> ProcessorMixin:
+        """The family's processor (image processor + tokenizer, never a bare tokenizer) with vlmtune's chat
+        template and `data_cfg`'s image size settings applied."""
+        try:
+            processor = self.processor_class.from_pretrained(str(path))
+        except (OSError, ValueError) as exc:
+            raise VlmtuneError(
+                f"cannot load the {self.name} processor from '{path}': {exc}. The folder needs the tokenizer files "
+                "and preprocessor_config.json / processor_config.json (what save_pretrained writes); for a hub id, "
+                "the model must be downloaded or the hub reachable.") from exc
+        if not isinstance(processor, self.processor_class) or getattr(processor, "image_processor", None) is None:
+            raise VlmtuneError(f"'{path}' gave a {type(processor).__name__}, not a {self.name} processor with an "
+                               "image processor; check that the folder holds a complete processor.")
+        processor.chat_template = self.chat_template
+        if data_cfg is not None:
+            self._configure_image_processor(processor, data_cfg)
+        return processor
+
+    @abstractmethod
+    def _configure_image_processor(self, processor: ProcessorMixin, data_cfg: DataConfig) -> None:
+        """Apply data.image_size / min_pixels / max_pixels (or reject them, for fixed-resolution families)."""
+
+    @abstractmethod
+    def image_token_count(self, height: int, width: int, processor: ProcessorMixin) -> int:
+        """Tokens the language model sees for one image of `height` x `width` pixels with this processor."""
+
+    # ---- tiny models ----
+    @abstractmethod
+    def tiny_config(self, token_ids: Mapping[str, int], vocab_size: int,
+                    arch: Mapping[str, Any] | None) -> PretrainedConfig:
+        """The model config: tiny numbers, overlaid with `arch`; token ids from the tiny tokenizer."""
+
+    @abstractmethod
+    def tiny_processor(self, tokenizer: Any, config: PretrainedConfig, full_size: bool) -> ProcessorMixin:
+        """A processor matching `config` (patch size, image size) around `tokenizer`; `full_size` gives the real
+        checkpoint's image defaults instead of the tiny ones."""
+
+    def build_tiny(self, out_dir: str | Path, arch: str | Mapping[str, Any] | None = None, *, seed: int = 0,
+                   with_weights: bool | None = None) -> Path:
+        """Write a tiny model of this family (config, random weights, trained tokenizer, image processor, chat
+        template) loadable with `AutoModelForImageTextToText.from_pretrained` and `load_processor`.
+
+        `arch` (a size name from `architectures` or a dict of config numbers, nested `text_config` /
+        `vision_config` allowed) builds that architecture instead; then only config + processor are written unless
+        `with_weights` (use `model.random_init`)."""
+        from vlmtune.families.tiny import build_tiny
+
+        if isinstance(arch, str):
+            if arch not in self.architectures:
+                raise VlmtuneError(f"unknown {self.name} architecture '{arch}'; known: {', '.join(self.architectures)}")
+            arch = self.architectures[arch]
+        return build_tiny(self, Path(out_dir), arch, seed=seed,
+                          with_weights=arch is None if with_weights is None else with_weights)
+
+
+def _scoped(layers_prefix: str, leaves: list[str] | tuple[str, ...]) -> str:
+    names = "|".join(re.escape(leaf) for leaf in leaves)
+    return rf"{re.escape(layers_prefix)}\.\d+\.(?:[\w.]+\.)?(?:{names})"

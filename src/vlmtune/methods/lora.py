@@ -1,0 +1,99 @@
+"""LoRA: adapters on the language model's linear layers; the vision tower stays frozen unless asked otherwise.
+
+Targets are resolved to full module names from the family's prefixes before PEFT sees them, so a short name such as
+`q_proj` can never reach into the vision tower (CLIP's attention layers are also called `q_proj`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from vlmtune.config.schema import VlmtuneConfig
+from vlmtune.errors import ConfigError
+from vlmtune.methods.base import (
+    Method,
+    PrecisionPlan,
+    base_reference,
+    linear_names,
+    load_base_model,
+    log_parameter_counts,
+    resolve_precision,
+)
+
+if TYPE_CHECKING:
+    from vlmtune.families.base import FamilyDescriptor
+
+log = logging.getLogger(__name__)
+
+
+def lora_target_names(model: torch.nn.Module, config: VlmtuneConfig, family: FamilyDescriptor) -> list[str]:
+    """Full names of the linear layers that get adapters: inside the language model's decoder layers, plus the
+    vision tower's blocks with `adapt_vision_tower` (never the projector: it is frozen or trained fully)."""
+    lora = config.method.lora
+    kind = lora.target_modules
+    layers = [family.language_layers_prefix]
+    names = linear_names(model, layers, family.lora_targets(kind))
+    if not names:
+        available = sorted({n.rsplit(".", 1)[-1] for n in linear_names(model, layers)})
+        raise ConfigError([f"method.lora.target_modules={kind!r} matches no linear layer of the language model; "
+                           f"its linear layers are named: {', '.join(available)}"])
+    if lora.adapt_vision_tower:
+        targets = list(family.vision_lora_targets)
+        vision = linear_names(model, [family.vision_layers_prefix], targets, exclude=family.projector_prefixes)
+        if not vision:
+            raise ConfigError([f"method.lora.adapt_vision_tower=true, but no vision-tower linear layer matches {targets}"])
+        names += vision
+    return names
+
+
+def projector_names(model: torch.nn.Module, family: FamilyDescriptor) -> list[str]:
+    """The projector modules present in this model (fully trained with `train_projector`)."""
+    present = {name for name, _ in model.named_modules()}
+    return [p for p in family.projector_prefixes if p in present]
+
+
+def add_adapters(model: torch.nn.Module, config: VlmtuneConfig, family: FamilyDescriptor,
+                 plan: PrecisionPlan) -> torch.nn.Module:
+    """Wrap `model` with PEFT LoRA. The projector, when trained, rides along in `modules_to_save` so it is saved
+    with the adapter and restored by `PeftModel.from_pretrained`."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = config.method.lora
+    targets = lora_target_names(model, config, family)
+    modules_to_save = projector_names(model, family) if lora.train_projector else None
+    if lora.train_projector and not modules_to_save:
+        raise ConfigError([f"method.lora.train_projector=true, but the model has none of {family.projector_prefixes}"])
+    peft_config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        modules_to_save=modules_to_save,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, peft_config)
+    model.peft_config["default"].base_model_name_or_path = base_reference(config)
+    if plan.bf16 or plan.fp16:
+        # Trainable 16-bit copies (the projector) would be updated in 16-bit and cannot be unscaled under fp16.
+        for param in model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+    log.info("LoRA r=%d alpha=%g on %d linear layers%s%s", lora.rank, lora.alpha, len(targets),
+             " (vision tower included)" if lora.adapt_vision_tower else "",
+             f"; projector trained fully: {modules_to_save}" if modules_to_save else "")
+    return model
+
+
+class LoraMethod(Method):
+    name = "lora"
+
+    def load_and_prepare(self, config: VlmtuneConfig, family: FamilyDescriptor) -> torch.nn.Module:
+        plan = resolve_precision(config)
+        model = load_base_model(config, plan.weights_dtype)
+        model = add_adapters(model, config, family, plan)
+        log_parameter_counts(model, self.name)
+        return model

@@ -1,0 +1,67 @@
+"""The typed config mapped onto `transformers.TrainingArguments`: the only place the two vocabularies meet."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from transformers import TrainingArguments
+
+from vlmtune.config.schema import VlmtuneConfig
+from vlmtune.errors import require
+from vlmtune.methods.base import PrecisionPlan
+
+_OPTIMIZERS = {
+    "adamw_torch": "adamw_torch",
+    "adamw_torch_fused": "adamw_torch_fused",
+    "adamw_8bit": "adamw_bnb_8bit",
+    "paged_adamw_8bit": "paged_adamw_8bit",
+}
+
+
+def _checkpointing_args(enabled: bool) -> dict[str, Any]:
+    """transformers 5.23 renamed gradient_checkpointing to activation_checkpointing; 5.17 knows only the old name."""
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    if not enabled:
+        return {name: False}
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
+
+
+def training_arguments(config: VlmtuneConfig, plan: PrecisionPlan, has_eval: bool) -> TrainingArguments:
+    t, hw = config.training, config.hardware
+    if t.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        require("bitsandbytes", "qlora", f"training.optimizer={t.optimizer}")
+    evaluate = has_eval and t.eval_steps is not None
+    return TrainingArguments(
+        output_dir=str(config.output_dir),
+        run_name=config.experiment_name,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps if t.max_steps is not None else -1,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio,
+        max_grad_norm=t.max_grad_norm,
+        optim=_OPTIMIZERS[t.optimizer],
+        seed=t.seed,
+        logging_strategy="steps",
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=t.eval_steps if evaluate else None,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        report_to=[r for r in t.report_to if r != "none"] or "none",
+        bf16=plan.bf16,
+        fp16=plan.fp16,
+        use_cpu=plan.device == "cpu",
+        dataloader_num_workers=hw.dataloader_workers,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
+        **_checkpointing_args(hw.gradient_checkpointing),
+    )

@@ -1,0 +1,155 @@
+"""The one training engine: LoRA, QLoRA and full fine-tuning all run through `train(config)`.
+
+    from vlmtune import ConfigPresets, train
+    result = train(config)            # or: vlmtune train config.yaml [--resume]
+
+Reads top to bottom: run folder and resolved config, family, data check, processor, data sets, model (prepared
+by the method strategy), training arguments, the HF Trainer, and the final save into `output_dir/final`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vlmtune.config.loader import save_config
+from vlmtune.config.schema import VlmtuneConfig
+from vlmtune.errors import ConfigError, VlmtuneError
+from vlmtune.train.result import TrainResult
+from vlmtune.train.saving import find_checkpoints, resolve_resume, save_final
+
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
+
+    from vlmtune.data.dataset import EncodedDataset
+    from vlmtune.families.base import FamilyDescriptor
+
+log = logging.getLogger(__name__)
+
+LOG_FILE = "train_log.jsonl"
+
+
+def resolve_family(config: VlmtuneConfig) -> FamilyDescriptor:
+    from vlmtune.families import family_for_model, get_family
+
+    family = get_family(config.model.family) if config.model.family else family_for_model(config.model.name_or_path)
+    problems = family.check(config)
+    if problems:
+        raise ConfigError(problems)
+    return family
+
+
+def _check_data(config: VlmtuneConfig, processor: Any, family: FamilyDescriptor) -> None:
+    """Every record validated (schema, images, token lengths) before any model weights are read."""
+    from vlmtune.data.check import check_file
+    from vlmtune.data.processing import count_tokens
+
+    def token_length(record: Any) -> Any:
+        return count_tokens(record, processor, family, config.data)
+
+    for path in (config.data.train_path, config.data.val_path):
+        if path is not None:
+            report = check_file(path, config.data, token_length)
+            report.raise_if_errors()
+            log.info("data check: %s", report.format(limit=5).splitlines()[0])
+
+
+def build_dataset(path: Path, processor: Any, family: FamilyDescriptor, config: VlmtuneConfig) -> EncodedDataset:
+    from vlmtune.data.dataset import EncodedDataset
+    from vlmtune.data.processing import encode
+    from vlmtune.data.records import read_records
+
+    def encode_record(record: Any) -> Any:
+        return encode(record, processor, family, config.data)
+
+    return EncodedDataset(read_records(path), encode_record, source=path)
+
+
+def _loss_history(log_history: list[dict[str, Any]]) -> list[float]:
+    return [float(entry["loss"]) for entry in log_history if "loss" in entry]
+
+
+def train(config: VlmtuneConfig, resume: bool | str = False,
+          callbacks: list[TrainerCallback] | None = None) -> TrainResult:
+    """Fine-tune `config.model` on `config.data` with `config.method`; returns where everything was written.
+
+    resume: True continues from the newest checkpoint in output_dir, a path continues from that checkpoint; the
+    data order, optimizer, scheduler and RNG state continue as if the run had never stopped.
+    callbacks: extra `transformers.TrainerCallback`s (for tests and integrations).
+    """
+    from transformers import set_seed
+
+    from vlmtune.data.collate import Collator
+    from vlmtune.methods import get_method
+    from vlmtune.methods.base import resolve_precision
+    from vlmtune.train.args import training_arguments
+    from vlmtune.train.callbacks import JsonlLogCallback, ProgressCallback
+    from vlmtune.train.trainer import VlmTrainer
+
+    started = time.perf_counter()
+    out = Path(config.output_dir)
+    if config.data.train_path is None:
+        raise ConfigError(["data.train_path is not set: give the training JSONL file (see docs/DATA.md)"])
+    checkpoint = resolve_resume(out, resume)
+    if checkpoint is None and find_checkpoints(out):
+        raise VlmtuneError(f"{out} already holds checkpoints of an earlier run ({find_checkpoints(out)[-1].name}). "
+                           "Continue it with --resume (resume=True), or set output_dir to a new folder.")
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = save_config(config, out / "config.yaml")
+
+    family = resolve_family(config)
+    plan = resolve_precision(config)
+    log.info("family %s, method %s; precision: %s", family.name, config.method.name.value, plan.note)
+    processor = family.load_processor(config.model.name_or_path, config.data)
+    if config.data.check_before_training:
+        _check_data(config, processor, family)
+    train_set = build_dataset(Path(config.data.train_path), processor, family, config)
+    val_set = build_dataset(Path(config.data.val_path), processor, family, config) if config.data.val_path else None
+
+    set_seed(config.training.seed)  # adapter / random-weight initialisation is part of the run's seed
+    model = get_method(config.method.name).load_and_prepare(config, family)
+    args = training_arguments(config, plan, has_eval=val_set is not None)
+    trainer = VlmTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=val_set,
+        data_collator=Collator(pad_token_id=processor.tokenizer.pad_token_id),
+        processing_class=processor,
+        callbacks=[JsonlLogCallback(out / LOG_FILE), ProgressCallback(), *(callbacks or [])],
+        device=plan.device,
+    )
+    _drop_default_printers(trainer)
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    final_dir = save_final(trainer, processor, config, family)
+    losses = _loss_history(trainer.state.log_history)
+    evals = [float(e["eval_loss"]) for e in trainer.state.log_history if "eval_loss" in e]
+    return TrainResult(
+        output_dir=out,
+        final_dir=final_dir,
+        config_path=config_path,
+        log_path=out / LOG_FILE,
+        checkpoints=find_checkpoints(out),
+        method=config.method.name.value,
+        family=family.name,
+        steps=int(output.global_step),
+        seconds=round(time.perf_counter() - started, 2),
+        train_loss_first=losses[0] if losses else None,
+        train_loss_last=losses[-1] if losses else None,
+        eval_loss_last=evals[-1] if evals else None,
+        dropped_train=train_set.dropped_count,
+        dropped_val=val_set.dropped_count if val_set is not None else 0,
+        resumed_from=checkpoint,
+    )
+
+
+def _drop_default_printers(trainer: Any) -> None:
+    """Our ProgressCallback prints readable lines; the Trainer's own printers would dump every log dict again."""
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_callback import ProgressCallback as HFProgress
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(HFProgress)

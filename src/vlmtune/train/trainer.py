@@ -1,0 +1,77 @@
+"""The HF Trainer with two changes: checkpoints appear atomically, and every training log carries tokens/s and memory.
+
+transformers 5.23 writes `checkpoint-N` in place (model, then optimizer, scheduler, RNG, trainer_state.json), so a
+run killed mid-save leaves a folder that `get_last_checkpoint` would pick and fail to resume from. Here the whole
+checkpoint is written into `.staging/` inside the run folder and renamed into place in one step (same file system,
+so the rename is atomic); only then are old checkpoints rotated out.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from vlmtune.train.callbacks import ThroughputMeter, memory_stats
+
+STAGING_DIR = ".staging"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class VlmTrainer(Trainer):
+    def __init__(self, *args: Any, device: str = "cpu", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._device = device
+        self._staging: str | None = None
+        self._throughput = ThroughputMeter()
+        self.add_callback(self._throughput)
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._staging if self._staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = run_dir / STAGING_DIR
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # leftovers of a save that was killed
+            staging.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        self._staging = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)  # writes staging/checkpoint-N; nothing there to rotate
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()  # every rank's RNG state / shards are written before the rename
+        if not self.args.should_save:
+            return
+        final = run_dir / name
+        if final.exists():  # a resumed run saving the same step again: replace the old one
+            old = run_dir / STAGING_DIR.replace("staging", "replaced")
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            shutil.rmtree(old)
+        os.replace(staging / name, final)
+        _fsync_dir(run_dir)
+        shutil.rmtree(staging, ignore_errors=True)
+        rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs:
+            rate = self._throughput.rate(self.state.num_input_tokens_seen)
+            if rate is not None:
+                logs["tokens_per_second"] = round(rate, 1)
+            logs.update(memory_stats(self._device))
+        super().log(logs, *args, **kwargs)
