@@ -151,7 +151,8 @@ def test_bad_conversations_fail_loudly(setup, images):
     with pytest.raises(DataError, match="assistant message with an image"):
         encode(Record(2, [Message("user", [TextPart("q")]), Message("assistant", [ImagePart(a)])]),
                processor, family, DataConfig())
-    literal = Record(2, [Message("user", [TextPart("what is <|image_pad|>?")]), Message("assistant", [TextPart("x")])])
+    literal = Record(2, [Message("user", [TextPart("what is <|image_pad|>?")]),
+                         Message("assistant", [TextPart("x")])])
     with pytest.raises(DataError, match="literal"):
         encode(literal, processor, family, DataConfig())
 

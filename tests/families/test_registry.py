@@ -62,7 +62,7 @@ def test_hub_id_read_from_cache_or_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     _fake_hub_cache(tmp_path, "someone/cached-vl", {"model_type": "qwen2_5_vl"})
     assert family_for_model("someone/cached-vl").name == "qwen2_5_vl"
-    with pytest.raises(VlmtuneError, match="not in the local Hugging Face cache") as err:
+    with pytest.raises(VlmtuneError, match="neither a folder here nor in the local Hugging Face cache") as err:
         family_for_model("Qwen/Qwen2-VL-2B-Instruct")
     assert "set model.family=qwen2_vl" in str(err.value)
 

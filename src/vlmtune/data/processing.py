@@ -107,8 +107,9 @@ def segments(record: Record, processor: ProcessorMixin, family: FamilyDescriptor
     out = [Segment(text, labelled, text.count(token)) for text, labelled in pieces if text]
     found, expected = sum(s.images for s in out), len(record.images)
     if found != expected:
-        raise DataError(f"line {record.line}: the rendered conversation has {found} image token(s) {token!r} but "
-                        f"the record has {expected} image(s); remove literal {token!r} from the message text")
+        raise DataError(f"line {record.line}: the {family.name} chat template rendered {found} image token(s) "
+                        f"{token!r} for the record's {expected} image(s): remove literal {token!r} from the message "
+                        "text, and put images in user messages (this template may not render them elsewhere)")
     return out
 
 

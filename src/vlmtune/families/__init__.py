@@ -54,8 +54,8 @@ def _config_json(name_or_path: str) -> Path:
     hint = next((f" It is the default model of the {d.name} family: set model.family={d.name} to skip detection."
                  for d in _FAMILIES.values() if d.default_model == name_or_path), "")
     raise VlmtuneError(
-        f"model '{name_or_path}' is not in the local Hugging Face cache, and vlmtune does not go to the hub to "
-        "detect a family (the hub may be unreachable from this machine). Download it first "
+        f"model '{name_or_path}' is neither a folder here nor in the local Hugging Face cache, and vlmtune does "
+        "not go to the hub to detect a family (the hub may be unreachable from this machine). Download it first "
         f"(`hf download {name_or_path}`), or set model.name_or_path to a local folder.{hint}")
 
 

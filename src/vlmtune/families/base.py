@@ -205,7 +205,8 @@ class FamilyDescriptor(ABC):
 
         if isinstance(arch, str):
             if arch not in self.architectures:
-                raise VlmtuneError(f"unknown {self.name} architecture '{arch}'; known: {', '.join(self.architectures)}")
+                known = ", ".join(self.architectures)
+                raise VlmtuneError(f"unknown {self.name} architecture '{arch}'; known: {known}")
             arch = self.architectures[arch]
         return build_tiny(self, Path(out_dir), arch, seed=seed,
                           with_weights=arch is None if with_weights is None else with_weights)

@@ -48,6 +48,9 @@ VICUNA_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT: {% endif %}"
 )
 
+_UNUSED_LAST_LAYER = ("the last CLIP layer gets no gradient (features come from layer -2); "
+                      "DDP needs find_unused_parameters")
+
 TINY_IMAGE_SIDE = 56
 """Tiny models see 56x56 px images: 4x4 patches of 14 px = 16 image tokens."""
 REAL_IMAGE_SIDE = 336
@@ -69,7 +72,10 @@ class LlavaFamily(FamilyDescriptor):
 
     capabilities = {
         "lora": Supported(), "qlora": Supported(), "full": Supported(),
-        "adapt_vision_tower": Supported(), "train_projector": Supported(), "unfreeze_vision_tower": Supported(),
+        # Features come from CLIP layer -2 (vision_feature_layer), so the last encoder layer and post_layernorm
+        # never get a gradient: multi-GPU DDP training the tower needs find_unused_parameters=True.
+        "adapt_vision_tower": Supported(_UNUSED_LAST_LAYER), "train_projector": Supported(),
+        "unfreeze_vision_tower": Supported(_UNUSED_LAST_LAYER),
         "quantize_vision_tower": Experimental("4-bit CLIP layers are untested for accuracy; keep them 16-bit"),
         "quantize_lm_head": Experimental("a 4-bit lm_head costs accuracy for little memory"),
         "flash_attention_2": Experimental("needs the flash-attn package; sdpa already runs flash kernels"),

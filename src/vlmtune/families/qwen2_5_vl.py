@@ -47,7 +47,9 @@ class Qwen2_5_VLFamily(Qwen2VLFamily):
     tiny_numbers: Mapping[str, Any] = {
         "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
-                        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                        # mrope_section (temporal, height, width) must sum to head_dim / 2 = 16 / 2
+                        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                            "mrope_section": [2, 3, 3]},
                         "tie_word_embeddings": False},
         # window 112 px covers a whole tiny image; block 1 is a full-attention block as in the real layout
         "vision_config": {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 14,

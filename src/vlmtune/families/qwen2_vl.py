@@ -97,7 +97,9 @@ class Qwen2VLFamily(FamilyDescriptor):
     tiny_numbers: Mapping[str, Any] = {
         "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
-                        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                        # mrope_section (temporal, height, width) must sum to head_dim / 2 = 16 / 2
+                        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                            "mrope_section": [2, 3, 3]},
                         "tie_word_embeddings": True},
         "vision_config": {"depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2, "patch_size": 14,
                           "spatial_merge_size": 2, "temporal_patch_size": 2},

@@ -44,6 +44,7 @@ _CHAT_LINES = [  # default system prompts of the chat templates, so they stay sh
     "You are a helpful assistant.",
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+    "USER: What is in the picture? ASSISTANT: A shape.",
 ] * 20
 
 

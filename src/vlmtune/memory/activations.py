@@ -1,0 +1,104 @@
+"""Activation memory of one micro-batch: what the language model and the vision tower keep for backward.
+
+Per decoder layer and token, measured in HF transformers with SDPA (memory_anchors.md §6.2-6.3; h hidden, q query
+width, kv key/value width, i MLP width; bytes):
+- full fine-tuning (bf16): 20h + 4kv + 8i
+- LoRA with PEFT's fp32 adapters on all seven linears: 28h + 8q + 4kv + 10i; the LoRA part (8h + 8q + 2i) is scaled
+  by the share of targeted linear inputs for smaller target sets; lora_dropout > 0 adds 6h + i
+- with gradient checkpointing only the layer input is kept (2h bytes in bf16), plus one layer's activations while it
+  is recomputed in backward.
+Vision tower: with checkpointing HF hooks it into autograd even when frozen, so each block keeps its input
+(2 bytes x patches x width); without checkpointing a frozen tower keeps nothing and a trained one about 53 bytes per
+patch per unit width per block (fitted on one run, approximate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vlmtune.memory.catalogue import ModelSpec
+from vlmtune.memory.image_tokens import image_cost, tile_wrapper_tokens
+from vlmtune.memory.inputs import EstimateInputs
+from vlmtune.memory.params import ParamCounts, target_input_widths
+
+TRAINED_VIT_BYTES = 53
+
+
+@dataclass(frozen=True)
+class ActivationTerms:
+    seq_len: int
+    image_tokens: int
+    """Image tokens (wrappers included) in one sample."""
+    vit_patches: int
+    """Vision-tower patches in the micro-batch."""
+    language_saved: int
+    vision_saved: int
+    layer_working: int
+    """One decoder layer's activations while it is recomputed (gradient checkpointing only)."""
+    dequant: int
+    """QLoRA: 16-bit copies of the largest quantized weight during its matmuls."""
+    pixel_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def saved(self) -> int:
+        return self.language_saved + self.vision_saved
+
+
+def per_token_layer_bytes(inputs: EstimateInputs, counts: ParamCounts, targets: list[str], bf16_adapters: bool) -> int:
+    """Bytes one decoder layer keeps per token without checkpointing (bf16 residual stream)."""
+    d = counts.dims
+    h, q, kv, i = d.hidden, d.q_width, d.kv_width, d.intermediate
+    out = 20 * h + 4 * kv + 8 * i
+    if inputs.method in ("lora", "qlora"):
+        chosen, every = target_input_widths(counts, targets)
+        share = chosen / every
+        if not bf16_adapters:
+            out += int((8 * h + 8 * q + 2 * i) * share)
+        if inputs.lora_dropout > 0:
+            out += int((6 * h + i) * share)
+    if inputs.attn_implementation == "eager":
+        out += 4 * d.heads * inputs.seq_len  # bf16 scores and probabilities, S per token per head (not measured)
+    return out
+
+
+def activation_terms(inputs: EstimateInputs, spec: ModelSpec, counts: ParamCounts, act_bytes: int,
+                     targets: list[str], bf16_adapters: bool) -> ActivationTerms:
+    d = counts.dims
+    notes: list[str] = []
+    rule = spec.image
+    per_image_tokens = per_image_patches = 0
+    if inputs.images_per_sample:
+        h, w = inputs.image_hw
+        cost = image_cost(rule, h, w, inputs.image_size, inputs.min_pixels, inputs.max_pixels)
+        per_image_tokens = cost.llm_tokens + spec.arch.chat.get("tokens_per_image", 0) + tile_wrapper_tokens(rule, cost)
+        per_image_patches = cost.vit_patches
+    image_tokens = per_image_tokens * inputs.images_per_sample
+    b, s = inputs.batch_size, inputs.seq_len
+    if image_tokens >= s:
+        notes.append(f"the images alone take {image_tokens} tokens, more than seq_len {s}: such samples are dropped "
+                     "or cut by the engine; lower max_pixels / image_size or raise data.max_length")
+    patches = inputs.vit_patches_per_batch
+    if patches is None:
+        patches = b * inputs.images_per_sample * per_image_patches
+    scale = act_bytes / 2
+    per_layer = int(per_token_layer_bytes(inputs, counts, targets, bf16_adapters) * scale)
+    trained_vit = (inputs.method == "full" and not inputs.freeze_vision_tower) or inputs.adapt_vision_tower
+    if inputs.gradient_checkpointing:
+        language = d.layers * act_bytes * b * s * d.hidden
+        working = per_layer * b * s + 2 * act_bytes * b * s * d.hidden
+        vision = d.vision_depth * act_bytes * patches * d.vision_width
+    else:
+        language = d.layers * per_layer * b * s
+        working = 0
+        vision = TRAINED_VIT_BYTES * d.vision_width * patches * d.vision_depth if trained_vit else 0
+    dequant = 0
+    if inputs.method == "qlora":
+        largest = max((lin.in_features * lin.out_features for lin in counts.linears if lin.part == "language"),
+                      default=0)
+        dequant = 2 * 2 * largest
+    patch = rule.get("patch_size", 14)
+    pixel_values = patches * 3 * patch * patch * rule.get("temporal_patch_size", 1)
+    return ActivationTerms(seq_len=s, image_tokens=image_tokens, vit_patches=patches, language_saved=language,
+                           vision_saved=vision, layer_working=working, dequant=dequant,
+                           pixel_bytes=pixel_values * 6, notes=notes)

@@ -1,0 +1,116 @@
+"""The estimate's result: every term in bytes per GPU, a readable table and a JSON-ready dict."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from vlmtune.memory.gpus import GIB
+from vlmtune.memory.inputs import EstimateInputs
+
+
+@dataclass(frozen=True)
+class Verdict:
+    gpu: str
+    capacity: int
+    """Bytes a process can use on that GPU."""
+    headroom: int
+    """capacity - peak_total (negative: does not fit)."""
+    status: str
+    """fits / tight / does not fit."""
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    model: str
+    params_source: str
+    inputs: EstimateInputs
+    total_params: int
+    trainable_params: int
+    weights: dict[str, int]
+    """Frozen base weights on this GPU by part (vision, projector, language, embeddings, lm_head)."""
+    weights_quantized: bool
+    adapters: int
+    """Trainable weights as stored on the GPU (LoRA adapters, or the trained parts under full fine-tuning)."""
+    gradients: int
+    optimizer_states: int
+    zero_gathered: int
+    comm_buffers: int
+    activations_vision: int
+    activations_language: int
+    logits_loss: int
+    transient: int
+    """Largest step transient: optimizer temporaries, autocast weight caches or QLoRA dequantization."""
+    runtime: int
+    """cuBLAS workspaces, embeddings of the batch, pixel values."""
+    seq_len: int
+    image_tokens: int
+    vit_patches: int
+    offloaded: int
+    cpu_ram: int
+    peak_phase: str
+    phases: dict[str, int]
+    peak_allocated: int
+    """What torch.cuda.max_memory_allocated() should report."""
+    allocator_overhead: int
+    peak_reserved: int
+    """What torch.cuda.max_memory_reserved() should report."""
+    cuda_context: int
+    peak_total: int
+    """What nvidia-smi should report for the process at the peak."""
+    verdict: Verdict | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["inputs"] = self.inputs.to_dict()
+        out["units"] = "bytes (per GPU unless named cpu_ram)"
+        return out
+
+    def to_table(self) -> str:
+        i = self.inputs
+        quant = " (4-bit NF4 where quantized)" if self.weights_quantized else ""
+        lines = [
+            f"Model      {self.model}  ({self.total_params / 1e9:.2f} B parameters; {self.params_source})",
+            f"Setup      {i.method}" + (f" r={i.lora_rank}" if i.method != "full" else "")
+            + f", micro-batch {i.batch_size} x accumulation {i.gradient_accumulation_steps}, {i.precision}, "
+            f"checkpointing {'on' if i.gradient_checkpointing else 'off'}, ZeRO {i.zero_stage}"
+            + (f" offload {i.offload}" if i.offload != "none" else "") + f", {i.num_gpus} GPU(s)",
+            f"Sequence   {self.seq_len} tokens per sample ({self.image_tokens} image tokens), "
+            f"{self.vit_patches} vision patches per micro-batch",
+            f"Trainable  {self.trainable_params:,} parameters ({100 * self.trainable_params / self.total_params:.2f}%)",
+            "",
+            f"{'per GPU':<38}{'GiB':>9}",
+        ]
+
+        def row(label: str, value: int, indent: int = 2) -> None:
+            lines.append(f"{' ' * indent}{label:<{36 - indent + 2}}{value / GIB:>9.2f}")
+
+        lines.append(f"  weights{quant}")
+        for part, value in self.weights.items():
+            row(part.replace("_", " "), value, 4)
+        row("trainable weights / adapters", self.adapters)
+        row("gradients", self.gradients)
+        row("optimizer states", self.optimizer_states)
+        if self.zero_gathered:
+            row("ZeRO-3 gathered parameters", self.zero_gathered)
+        if self.comm_buffers:
+            row("communication buffers", self.comm_buffers)
+        row("activations: vision tower", self.activations_vision)
+        row("activations: language model", self.activations_language)
+        row("logits and loss", self.logits_loss)
+        row("step transients", self.transient)
+        row("runtime (workspaces, batch)", self.runtime)
+        lines.append(f"  {'peak allocated':<36}{self.peak_allocated / GIB:>9.2f}   at {self.peak_phase}")
+        row("allocator overhead", self.allocator_overhead)
+        row("CUDA context", self.cuda_context)
+        lines.append(f"  {'PEAK (nvidia-smi)':<36}{self.peak_total / GIB:>9.2f}")
+        if self.offloaded:
+            lines.append(f"  offloaded to CPU RAM {self.offloaded / GIB:.2f} GiB per GPU; "
+                         f"the node needs {self.cpu_ram / GIB:.1f} GiB of CPU RAM for it")
+        if self.verdict:
+            v = self.verdict
+            lines += ["", f"Verdict    {v.status.upper()} on {v.gpu} ({v.capacity / GIB:.1f} GiB usable): "
+                          f"headroom {v.headroom / GIB:+.2f} GiB ({100 * v.headroom / v.capacity:+.0f}%)"]
+        lines += [f"Note       {n}" for n in self.notes]
+        return "\n".join(lines)

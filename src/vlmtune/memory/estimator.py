@@ -1,0 +1,159 @@
+"""The VRAM estimate: a pure function from typed inputs to a per-GPU breakdown in bytes.
+
+Modelled on vlmtune's own training path (HF Trainer + PEFT): LoRA adapters fp32 on a 16-bit base; QLoRA keeps the
+non-quantized parts in 16-bit (no fp32 upcast); full fine-tuning in bf16 is pure bf16 AdamW (16-bit states), in
+fp16 it keeps fp32 weights with autocast; gradient checkpointing is HF's per decoder layer, which also hooks the
+vision tower into autograd. Formulas and constants: /work/shared/reference/memory_anchors.md (§0, §6, §7), calibrated
+on 26 measured H100 runs (tests/memory/test_anchors.py reports the error on each).
+
+The peak is the largest of the phases of a step (forward with autocast caches, the cross-entropy backward, the
+recomputed layer's backward, the end of backward, the optimizer step); what the allocator reserves on top and the
+CUDA context make the nvidia-smi figure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vlmtune.memory.activations import activation_terms
+from vlmtune.memory.breakdown import Breakdown, Verdict
+from vlmtune.memory.catalogue import lookup_model
+from vlmtune.memory.gpus import MIB, get_gpu
+from vlmtune.memory.inputs import EstimateInputs
+from vlmtune.memory.params import PARTS, ParamCounts, count_params, lora_params
+from vlmtune.memory.zero import StateSizes, plan
+
+NF4_BYTES = {True: 0.515869140625, False: 0.5625}
+"""Bytes per 4-bit weight: 0.5 + absmax (fp32 per 64, or 8-bit per 64 + fp32 per 256 with double quantization)."""
+CUDA_CONTEXT = 769 * MIB
+"""nvidia-smi minus torch's reserved memory, constant over the 26 H100 runs (torch 2.11, CUDA 13)."""
+NCCL_BUFFERS = 512 * MIB
+"""Per-process NCCL / DeepSpeed communicator memory on multi-GPU runs (not measured; 0.3-1 GiB reported)."""
+RUNTIME_BASE = 96 * MIB
+"""Allocated memory not explained by the terms: cuBLAS workspaces, rotary caches, masks (fitted on the anchors)."""
+FRAG_BASE = 384 * MIB
+FRAG_LOGITS = 0.7
+"""Fragmentation = FRAG_BASE + FRAG_LOGITS x (the 4·B·S·V fp32 cross-entropy blocks) + FRAG_STATES x (16-bit
+param-sized tensors live at the peak) + FRAG_FOREACH x (optimizer-step temporaries); fitted on the anchors."""
+FRAG_STATES = 0.10
+FRAG_FOREACH = 0.5
+TIGHT_MARGIN = 0.10
+"""Below this fraction of the GPU's memory left free, the verdict is `tight` (estimate error + allocator noise)."""
+
+
+@dataclass(frozen=True)
+class _Precision:
+    base: int  # bytes per non-quantized base weight
+    trainable: int  # bytes per trainable parameter as stored
+    state: int  # bytes per optimizer moment element
+    autocast_cache: bool  # 16-bit copies of fp32 weights cached during forward
+    act: int  # bytes per element of the residual stream
+
+
+def _precision(inputs: EstimateInputs) -> _Precision:
+    fp32 = inputs.precision == "fp32"
+    if inputs.method == "full":
+        if fp32 or inputs.precision == "fp16":  # fp16 full fine-tuning keeps fp32 master weights (loss scaling)
+            return _Precision(4, 4, 4, inputs.precision == "fp16", 4)
+        return _Precision(2, 2, 2, False, 2)
+    base = 4 if fp32 and inputs.method == "lora" else 2
+    return _Precision(base, 4, 4, False, base)
+
+
+def _trainable(inputs: EstimateInputs, counts: ParamCounts, targets: list[str]) -> tuple[int, dict[str, int]]:
+    """(trainable parameters, trainable parameters of each part that is trained in place)."""
+    if inputs.method == "full":
+        parts = {p: n for p, n in counts.parts.items() if not (p == "vision" and inputs.freeze_vision_tower)}
+        return sum(parts.values()), parts
+    vision = tuple(lookup_model(inputs.model).arch.vision_lora_targets) if inputs.adapt_vision_tower else ()
+    adapters = lora_params(counts, targets, inputs.lora_rank, vision)
+    projector = counts.parts["projector"] if inputs.train_projector else 0
+    return adapters + projector, {}
+
+
+def _weights(inputs: EstimateInputs, counts: ParamCounts, prec: _Precision, in_place: dict[str, int]) -> dict[str, int]:
+    """Bytes of the frozen base weights on one GPU before ZeRO partitioning, by part."""
+    out = {}
+    quantized = {"language": True, "vision": inputs.quantize_vision_tower,
+                 "lm_head": inputs.quantize_lm_head and not counts.tied}
+    for part in PARTS:
+        n = counts.parts[part] - in_place.get(part, 0)
+        if inputs.method == "qlora" and quantized.get(part):
+            q = counts.linear_weights[part]
+            out[part] = int(q * NF4_BYTES[inputs.double_quant]) + (n - q) * prec.base
+        else:
+            out[part] = n * prec.base
+    return out
+
+
+def estimate(inputs: EstimateInputs) -> Breakdown:
+    """Peak GPU memory of one training step on each GPU, term by term. Pure: reads only the built-in catalogues."""
+    inputs.validate()
+    spec = lookup_model(inputs.model)
+    counts = count_params(spec)
+    dims = counts.dims
+    prec = _precision(inputs)
+    targets = inputs.target_list(spec.arch.lora_targets)
+    trainable, in_place = _trainable(inputs, counts, targets)
+    weights = _weights(inputs, counts, prec, in_place)
+    deepspeed = inputs.zero_stage > 0
+    moment = 1 if inputs.optimizer in ("adamw_8bit", "paged_adamw_8bit") else prec.state
+    sizes = StateSizes(
+        frozen_weight_bytes=sum(weights.values()), trainable=trainable, param_bytes=prec.trainable,
+        grad_bytes=prec.trainable, optimizer_bytes=2 * moment, largest_unit=max(counts.largest_module,
+                                                                               counts.layer_params),
+        bucket_elements=dims.hidden * dims.hidden, ds_param_bytes=4 if inputs.precision == "fp32" else 2,
+        ds_moment_bytes=2 if moment == 1 else 8)
+    zp = plan(sizes, inputs.zero_stage, inputs.offload, inputs.num_gpus)
+    if deepspeed and inputs.zero_stage == 3:
+        weights = {p: b // inputs.num_gpus for p, b in weights.items()}
+    if inputs.offload == "all":
+        weights = dict.fromkeys(weights, 0)
+    adapters = zp.weights - sum(weights.values())
+
+    acts = activation_terms(inputs, spec, counts, prec.act, targets, bf16_adapters=deepspeed)
+    b, s, v = inputs.batch_size, acts.seq_len, dims.vocab
+    logits = 12 * b * s * v
+    runtime = RUNTIME_BASE + 6 * b * s * dims.hidden + acts.pixel_bytes
+    static = zp.weights + zp.gathered + zp.optimizer + zp.buffers + runtime + (NCCL_BUFFERS if inputs.num_gpus > 1 else 0)
+    held = zp.grads if (inputs.gradient_accumulation_steps > 1 or deepspeed) else 0
+    grads_all = zp.grads + zp.grads_transient
+    embeddings_train = inputs.method == "full"
+    step_transient = trainable * prec.trainable if inputs.optimizer == "adamw_torch" and not deepspeed else 0
+    if deepspeed:
+        step_transient = 0
+    autocast = 2 * counts.total // (inputs.num_gpus if inputs.zero_stage == 3 else 1) if prec.autocast_cache else 0
+    phases = {
+        "forward": static + held + acts.saved + autocast + 10 * b * s * v,
+        "loss backward": static + held + acts.saved + logits,
+        "layer backward": static + held + acts.saved + acts.layer_working + acts.dequant,
+        "end of backward": static + grads_all + acts.vision_saved + (4 * v * dims.hidden if embeddings_train else 0),
+        "optimizer step": static + grads_all + step_transient,
+    }
+    phase = max(phases, key=lambda k: phases[k])
+    allocated = phases[phase]
+    live_16bit_states = 0
+    if inputs.method == "full" and prec.trainable == 2 and not deepspeed:
+        live_16bit_states = zp.optimizer + (grads_all if phase in ("end of backward", "optimizer step") else held)
+    frag = int(FRAG_BASE + FRAG_LOGITS * 4 * b * s * v + FRAG_STATES * live_16bit_states
+               + (FRAG_FOREACH * step_transient if phase == "optimizer step" else 0))
+    reserved = allocated + frag
+    context = CUDA_CONTEXT
+    total = reserved + context
+    verdict = None
+    if inputs.gpu:
+        gpu = get_gpu(inputs.gpu)
+        headroom = gpu.usable_bytes - total
+        status = "does not fit" if headroom < 0 else "tight" if headroom < TIGHT_MARGIN * gpu.usable_bytes else "fits"
+        verdict = Verdict(gpu=gpu.name, capacity=gpu.usable_bytes, headroom=headroom, status=status)
+    return Breakdown(
+        model=spec.name, params_source=counts.source, inputs=inputs, total_params=counts.total,
+        trainable_params=trainable, weights=weights, weights_quantized=inputs.method == "qlora",
+        adapters=adapters, gradients=grads_all, optimizer_states=zp.optimizer, zero_gathered=zp.gathered,
+        comm_buffers=zp.buffers + (NCCL_BUFFERS if inputs.num_gpus > 1 else 0),
+        activations_vision=acts.vision_saved, activations_language=acts.language_saved + acts.layer_working,
+        logits_loss=logits, transient=max(step_transient, autocast, acts.dequant), runtime=runtime,
+        seq_len=s, image_tokens=acts.image_tokens, vit_patches=acts.vit_patches,
+        offloaded=zp.offloaded, cpu_ram=zp.cpu_ram, peak_phase=phase, phases=phases,
+        peak_allocated=allocated, allocator_overhead=frag, peak_reserved=reserved, cuda_context=context,
+        peak_total=total, verdict=verdict, notes=tuple(acts.notes))

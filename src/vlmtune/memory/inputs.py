@@ -1,0 +1,123 @@
+"""Typed inputs of the estimate, and their construction from a vlmtune config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+from vlmtune.errors import ConfigError
+from vlmtune.memory.zero import check_plan
+
+if TYPE_CHECKING:
+    from vlmtune.config.schema import VlmtuneConfig
+
+DEFAULT_IMAGE = (448, 448)
+"""Image size assumed without a data set or --image-size (one image per sample)."""
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit")
+
+
+@dataclass(frozen=True)
+class EstimateInputs:
+    """Everything the estimate depends on. Sequence and image numbers describe the worst micro-batch."""
+
+    model: str = "Qwen/Qwen2-VL-2B-Instruct"
+    method: Literal["lora", "qlora", "full"] = "lora"
+    lora_rank: int = 16
+    lora_targets: str | tuple[str, ...] = "all"
+    """minimal / attention / all, or explicit linear-layer names."""
+    lora_dropout: float = 0.05
+    adapt_vision_tower: bool = False
+    train_projector: bool = False
+    freeze_vision_tower: bool = True
+    """Full fine-tuning: keep the vision tower frozen."""
+    quantize_vision_tower: bool = False
+    quantize_lm_head: bool = False
+    double_quant: bool = True
+    batch_size: int = 1
+    """Micro-batch per GPU."""
+    gradient_accumulation_steps: int = 1
+    seq_len: int = 2048
+    """Tokens per sample after padding to the longest in the batch, image tokens included."""
+    images_per_sample: int = 1
+    image_hw: tuple[int, int] = DEFAULT_IMAGE
+    """(height, width) of each image before the processor resizes it."""
+    image_size: int | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    vit_patches_per_batch: int | None = None
+    """Vision-tower patches of the whole micro-batch (from a data scan); derived from the image size when None."""
+    gradient_checkpointing: bool = True
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    optimizer: str = "adamw_torch"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    zero_stage: int = 0
+    offload: Literal["none", "optimizer", "all"] = "none"
+    num_gpus: int = 1
+    gpu: str | None = None
+    """GPU name from the catalogue for the verdict (None: no verdict)."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.method not in ("lora", "qlora", "full"):
+            out.append(f"method must be lora, qlora or full, got {self.method!r}")
+        for name in ("lora_rank", "batch_size", "gradient_accumulation_steps", "seq_len"):
+            if int(getattr(self, name)) < 1:
+                out.append(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.images_per_sample < 0:
+            out.append(f"images_per_sample must be 0 or more, got {self.images_per_sample}")
+        if min(self.image_hw) < 1:
+            out.append(f"image size must be positive, got {self.image_hw[1]}x{self.image_hw[0]}")
+        if not 0 <= self.lora_dropout < 1:
+            out.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            out.append(f"precision must be bf16, fp16 or fp32, got {self.precision!r}")
+        if self.method == "qlora" and self.precision == "fp32":
+            out.append("qlora needs precision bf16 or fp16 (4-bit layers compute in 16-bit)")
+        if self.optimizer not in OPTIMIZERS:
+            out.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            out.append(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})")
+        if self.zero_stage > 0 and self.num_gpus == 1 and self.offload == "none":
+            pass  # legal (DeepSpeed on one GPU), just rarely useful
+        out += check_plan(self.zero_stage, self.offload, self.num_gpus)
+        return out
+
+    def validate(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems, source="memory estimate inputs")
+
+    def target_list(self, kinds: dict[str, list[str]]) -> list[str]:
+        if isinstance(self.lora_targets, str):
+            if self.lora_targets not in kinds:
+                raise ConfigError([f"lora_targets must be one of {', '.join(kinds)} or a list of linear-layer "
+                                   f"names, got {self.lora_targets!r}"])
+            return list(kinds[self.lora_targets])
+        return list(self.lora_targets)
+
+    def with_(self, **changes: Any) -> EstimateInputs:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInputs:
+    """The estimate inputs a vlmtune config implies (sequence = data.max_length, padded worst case)."""
+    m = config.method
+    targets = m.lora.target_modules
+    values: dict[str, Any] = dict(
+        model=config.model.name_or_path, method=m.name.value, lora_rank=m.lora.rank,
+        lora_targets=targets if isinstance(targets, str) else tuple(targets), lora_dropout=m.lora.dropout,
+        adapt_vision_tower=m.lora.adapt_vision_tower, train_projector=m.lora.train_projector,
+        freeze_vision_tower=m.freeze_vision_tower, quantize_vision_tower=m.quantization.quantize_vision_tower,
+        quantize_lm_head=m.quantization.quantize_lm_head, double_quant=m.quantization.double_quant,
+        batch_size=config.training.batch_size, gradient_accumulation_steps=config.training.gradient_accumulation_steps,
+        seq_len=config.data.max_length, image_size=config.data.image_size, min_pixels=config.data.min_pixels,
+        max_pixels=config.data.max_pixels, gradient_checkpointing=config.hardware.gradient_checkpointing,
+        precision=config.hardware.precision, optimizer=config.training.optimizer,
+        attn_implementation=config.hardware.attn_implementation)
+    if config.data.image_size:
+        values["image_hw"] = (config.data.image_size, config.data.image_size)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return EstimateInputs(**values)

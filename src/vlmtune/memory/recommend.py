@@ -1,0 +1,154 @@
+"""The advisor: the highest-throughput configuration that fits a GPU (or several) with a safety margin.
+
+Search order is lexicographic, then by throughput: the first method in the preference list that fits at all wins
+(default LoRA, then QLoRA; full fine-tuning only when asked), then the user's image resolution before any lower
+max_pixels, then the user's LoRA rank before smaller ones; among what is left, the configuration with the highest
+estimated throughput (ZeRO stage and offload, micro-batch with gradient accumulation keeping the effective batch,
+gradient checkpointing). Throughput is a relative model (`relative_throughput`), good for ranking, not a benchmark.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from vlmtune.errors import VlmtuneError
+from vlmtune.memory.breakdown import Breakdown
+from vlmtune.memory.catalogue import lookup_model
+from vlmtune.memory.data_scan import DataProfile
+from vlmtune.memory.estimator import estimate
+from vlmtune.memory.gpus import GpuSpec
+from vlmtune.memory.inputs import EstimateInputs
+from vlmtune.memory.params import count_params
+
+MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+PIXEL_CAPS = (1003520, 602112, 401408, 200704)
+"""max_pixels tried below the user's, for dynamic-resolution models (1280, 768, 512, 256 Qwen2-VL tokens)."""
+MIN_RANK = 8
+LAUNCH_TOKENS = 2048
+"""Micro-batch tokens at which GPU efficiency reaches half its plateau (small batches are launch-bound)."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    inputs: EstimateInputs
+    breakdown: Breakdown
+    throughput: float
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    gpu: GpuSpec
+    num_gpus: int
+    effective_batch: int
+    best: Candidate | None
+    considered: int
+    margin: float
+
+    def describe(self) -> str:
+        if self.best is None:
+            return (f"nothing fits on {self.num_gpus} x {self.gpu.name} with a {self.margin:.0%} margin "
+                    f"({self.considered} configurations tried): use more or larger GPUs, a smaller model, "
+                    "shorter sequences or a lower max_pixels")
+        i, b = self.best.inputs, self.best.breakdown
+        method = f"{i.method}" + (f" r={i.lora_rank}" if i.method != "full" else "")
+        zero = f"ZeRO-{i.zero_stage}" + (f"+offload {i.offload}" if i.offload != "none" else "") if i.zero_stage else (
+            "DDP" if i.num_gpus > 1 else "no ZeRO")
+        pixels = f", max_pixels {i.max_pixels}" if i.max_pixels else ""
+        return (f"{method}, micro-batch {i.batch_size} x accumulation {i.gradient_accumulation_steps}, {zero}, "
+                f"checkpointing {'on' if i.gradient_checkpointing else 'off'}{pixels}: "
+                f"{b.peak_total / 2**30:.1f} of {self.gpu.usable_bytes / 2**30:.1f} GiB per GPU")
+
+
+def relative_throughput(inputs: EstimateInputs, b: Breakdown) -> float:
+    """Samples per unit time over all GPUs, up to a constant (FLOPs per sample / efficiency, with penalties)."""
+    counts = count_params(lookup_model(inputs.model))
+    n_llm = counts.parts["language"] + counts.parts["lm_head"] + (counts.parts["embeddings"] if counts.tied else 0)
+    llm = (6 if inputs.method == "full" else 4) + (2 if inputs.gradient_checkpointing else 0)
+    vit_trained = (inputs.method == "full" and not inputs.freeze_vision_tower) or inputs.adapt_vision_tower
+    vit = 6 if (vit_trained or inputs.gradient_checkpointing) else 2
+    patches = b.vit_patches / inputs.batch_size
+    flops = b.seq_len * n_llm * llm + patches * counts.parts["vision"] * (vit + (2 if vit_trained and
+                                                                                  inputs.gradient_checkpointing else 0))
+    tokens = inputs.batch_size * b.seq_len
+    efficiency = tokens / (tokens + LAUNCH_TOKENS)
+    penalty = 1.4 if inputs.method == "qlora" else 1.0
+    penalty *= {0: 1.0, 1: 1.02, 2: 1.05, 3: 1.2}[inputs.zero_stage] if inputs.num_gpus > 1 or inputs.zero_stage else 1
+    if inputs.offload != "none":
+        penalty *= 1 + 0.5 * b.trainable_params / b.total_params
+    if inputs.offload == "all":
+        penalty *= 2.0
+    scale = inputs.num_gpus * (0.9 if inputs.num_gpus > 1 else 1.0)
+    return scale * efficiency / (flops * penalty)
+
+
+def _zero_options(num_gpus: int) -> list[tuple[int, str]]:
+    if num_gpus == 1:
+        return [(0, "none"), (2, "optimizer"), (3, "optimizer"), (3, "all")]
+    return [(0, "none"), (1, "none"), (2, "none"), (3, "none"), (2, "optimizer"), (3, "optimizer"), (3, "all")]
+
+
+def _pixel_options(base: EstimateInputs) -> list[int | None]:
+    rule = lookup_model(base.model).image
+    if rule["rule"] != "dynamic" or not base.images_per_sample:
+        return [base.max_pixels]
+    current = base.max_pixels or (base.image_size ** 2 if base.image_size else rule["max_pixels"])
+    return [base.max_pixels] + [p for p in PIXEL_CAPS if p < current]
+
+
+def _ranks(base: EstimateInputs) -> list[int]:
+    out = [base.lora_rank]
+    r = base.lora_rank // 2
+    while r >= MIN_RANK:
+        out.append(r)
+        r //= 2
+    return out
+
+
+def _shape(base: EstimateInputs, profile: DataProfile | None, batch: int, max_pixels: int | None) -> dict:
+    if profile is None:
+        return {}
+    shape = profile.batch(lookup_model(base.model), batch, base.seq_len, base.image_size, base.min_pixels, max_pixels)
+    return {"seq_len": shape.seq_len, "vit_patches_per_batch": shape.vit_patches}
+
+
+def _candidates(base: EstimateInputs, method: str, rank: int, max_pixels: int | None, effective: int,
+                num_gpus: int, profile: DataProfile | None) -> Iterator[EstimateInputs]:
+    per_gpu = max(1, effective // num_gpus)
+    for stage, offload in _zero_options(num_gpus):
+        for batch in (b for b in MICRO_BATCHES if b <= per_gpu):
+            accumulation = math.ceil(effective / (batch * num_gpus))
+            for checkpointing in (False, True):
+                yield base.with_(method=method, lora_rank=rank, max_pixels=max_pixels, zero_stage=stage,
+                                 offload=offload, num_gpus=num_gpus, batch_size=batch,
+                                 gradient_accumulation_steps=accumulation, gradient_checkpointing=checkpointing,
+                                 **_shape(base, profile, batch, max_pixels))
+
+
+def recommend(base: EstimateInputs, gpu: GpuSpec, num_gpus: int = 1, effective_batch: int | None = None,
+              methods: tuple[str, ...] = ("lora", "qlora"), margin: float = 0.10,
+              profile: DataProfile | None = None) -> Recommendation:
+    """Search for the best configuration of `base`'s model and data on `num_gpus` x `gpu`."""
+    if not 0 <= margin < 1:
+        raise VlmtuneError(f"the safety margin must be in [0, 1), got {margin}")
+    effective = effective_batch or base.batch_size * base.gradient_accumulation_steps * base.num_gpus
+    if effective < 1:
+        raise VlmtuneError(f"the effective batch must be at least 1, got {effective}")
+    base = base.with_(gpu=gpu.name, precision="fp32" if base.precision == "fp32" else gpu.precision)
+    considered = 0
+    for method in methods:
+        for max_pixels in _pixel_options(base):
+            for rank in (_ranks(base) if method != "full" else [base.lora_rank]):
+                best: Candidate | None = None
+                for inputs in _candidates(base, method, rank, max_pixels, effective, num_gpus, profile):
+                    considered += 1
+                    b = estimate(inputs)
+                    if b.peak_total > gpu.usable_bytes * (1 - margin):
+                        continue
+                    t = relative_throughput(inputs, b)
+                    if best is None or t > best.throughput:
+                        best = Candidate(inputs, b, t)
+                if best is not None:
+                    return Recommendation(gpu, num_gpus, effective, best, considered, margin)
+    return Recommendation(gpu, num_gpus, effective, None, considered, margin)
