@@ -1,4 +1,4 @@
-"""Fixtures for the engine tests: the synthetic shapes data set and a config builder for tiny runs."""
+"""Trained tiny results to predict with and merge, each trained once per session."""
 
 from __future__ import annotations
 
@@ -11,33 +11,34 @@ from vlmtune.config.schema import VlmtuneConfig
 
 
 @pytest.fixture(scope="session")
-def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(train, val) JSONL files of the demo's colour questions: 16 and 4 records, 56 px images."""
+def red_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Eight colour questions whose answer is always "red": a tiny model learns it in a few steps."""
     from vlmtune.data.synthetic import make_shapes_vqa
 
-    root = tmp_path_factory.mktemp("shapes")
-    train = make_shapes_vqa(root, 16, seed=0, file_name="train.jsonl")
-    val = make_shapes_vqa(root / "val", 4, seed=1, file_name="val.jsonl")
-    return train, val
+    return make_shapes_vqa(tmp_path_factory.mktemp("red"), 8, seed=0, colors=["red"])
 
 
-@pytest.fixture
-def run_config(tiny_model_dir, shapes_data, tmp_path) -> Callable[..., VlmtuneConfig]:
-    """run_config(family, method, out=None, val=False, training={...}, **sections) -> a config for a tiny CPU run."""
+@pytest.fixture(scope="session")
+def train_tiny(tiny_model_dir, red_data, tmp_path_factory) -> Callable[..., Path]:
+    """train_tiny(method, steps, lr) -> output_dir/final of a qwen2_vl run on `red_data` (cached per arguments)."""
+    from vlmtune.train.engine import train
 
-    def make(family: str = "qwen2_vl", method: str = "lora", out: Path | None = None, val: bool = False,
-             training: dict | None = None, **sections: dict) -> VlmtuneConfig:
-        train_path, val_path = shapes_data
-        data = {"train_path": str(train_path), "val_path": str(val_path) if val else None}
-        return VlmtuneConfig.model_validate({
-            "output_dir": str(out or tmp_path / f"{family}-{method}"),
-            "model": {"name_or_path": str(tiny_model_dir(family))},
-            "data": {**data, **sections.pop("data", {})},
-            "method": {"name": method, **sections.pop("method", {})},
-            "training": {"max_steps": 6, "batch_size": 2, "learning_rate": 5e-3, "logging_steps": 1,
-                         "save_steps": 100, "report_to": ["none"], **(training or {})},
-            "hardware": {"precision": "bf16", "use_cpu": True, **sections.pop("hardware", {})},
-            **sections,
-        })
+    done: dict[tuple, Path] = {}
 
-    return make
+    def run(method: str, steps: int = 6, lr: float = 5e-3) -> Path:
+        key = (method, steps, lr)
+        if key not in done:
+            config = VlmtuneConfig.model_validate({
+                "output_dir": str(tmp_path_factory.mktemp(f"run-{method}")),
+                "model": {"name_or_path": str(tiny_model_dir("qwen2_vl"))},
+                "data": {"train_path": str(red_data)},
+                "method": {"name": method, "lora": {"dropout": 0.0, "train_projector": method != "full"}},
+                "training": {"max_steps": steps, "batch_size": 4, "learning_rate": lr, "lr_scheduler": "constant",
+                             "warmup_ratio": 0.0, "logging_steps": steps, "save_steps": 1000,
+                             "report_to": ["none"]},
+                "hardware": {"precision": "bf16", "use_cpu": True, "gradient_checkpointing": False},
+            })
+            done[key] = train(config).final_dir
+        return done[key]
+
+    return run

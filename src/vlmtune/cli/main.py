@@ -8,7 +8,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vlmtune.cli import data_cmd, demo_cmd, export_cmd, predict_cmd, presets_cmd, tiny_cmd, train_cmd
+from vlmtune.cli import (
+    data_cmd,
+    demo_cmd,
+    estimate_cmd,
+    export_cmd,
+    predict_cmd,
+    presets_cmd,
+    recommend_cmd,
+    tiny_cmd,
+    train_cmd,
+)
 from vlmtune.errors import VlmtuneError
 
 COMMANDS = {
@@ -19,6 +29,8 @@ COMMANDS = {
     "demo": demo_cmd,
     "predict": predict_cmd,
     "export": export_cmd,
+    "estimate": estimate_cmd,
+    "recommend": recommend_cmd,
 }
 
 

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vlmtune.errors import DataError
 from vlmtune.export.loading import LoadedModel, load_for_inference
 
 if TYPE_CHECKING:
@@ -68,10 +67,7 @@ class PredictResult:
     path: Path
     """predictions.jsonl: one line per record (line, prediction, reference, correct)."""
     total: int
-    """Records with a reference answer (scored)."""
     correct: int
-    unscored: int = 0
-    """Records without an assistant turn (answered, not scored)."""
 
     @property
     def accuracy(self) -> float:
@@ -88,22 +84,15 @@ def predict_file(loaded: LoadedModel, data_path: Path | str, out_path: Path | st
     records = read_records(data_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")
-    total = correct = unscored = 0
+    correct = 0
     with open(tmp, "w", encoding="utf-8") as fh:
-        for record in records:
-            last = max((i for i, m in enumerate(record.messages) if m.role == "assistant"), default=None)
-            prompt = record.messages if last is None else record.messages[:last]
-            if not any(m.role == "user" for m in prompt):
-                raise DataError(f"{data_path}:{record.line}: no user turn before the last assistant turn to answer")
-            prediction = generate_answer(loaded.model, loaded.processor, prompt, max_new_tokens)
-            row: dict[str, Any] = {"line": record.line, "prediction": prediction}
-            if last is None:
-                unscored += 1
-            else:
-                reference = record.messages[last].text
-                ok = normalize_answer(prediction) == normalize_answer(reference)
-                total, correct = total + 1, correct + ok
-                row.update(reference=reference, correct=ok)
+        for record in records:  # read_records guarantees an assistant turn after a user turn
+            last = max(i for i, m in enumerate(record.messages) if m.role == "assistant")
+            prediction = generate_answer(loaded.model, loaded.processor, record.messages[:last], max_new_tokens)
+            reference = record.messages[last].text
+            ok = normalize_answer(prediction) == normalize_answer(reference)
+            correct += ok
+            row = {"line": record.line, "prediction": prediction, "reference": reference, "correct": ok}
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     tmp.replace(out_path)
-    return PredictResult(out_path, total, correct, unscored)
+    return PredictResult(out_path, len(records), correct)

@@ -33,6 +33,7 @@ class Breakdown:
     adapters: int
     """Trainable weights as stored on the GPU (LoRA adapters, or the trained parts under full fine-tuning)."""
     gradients: int
+    """Gradients live at the peak (none for LoRA before its first backward completes, unless accumulating)."""
     optimizer_states: int
     zero_gathered: int
     comm_buffers: int
@@ -50,6 +51,7 @@ class Breakdown:
     cpu_ram: int
     peak_phase: str
     phases: dict[str, int]
+    """Allocated bytes at each phase of a step; the table's rows are those of the peak phase."""
     peak_allocated: int
     """What torch.cuda.max_memory_allocated() should report."""
     allocator_overhead: int
@@ -102,6 +104,7 @@ class Breakdown:
         row("step transients", self.transient)
         row("runtime (workspaces, batch)", self.runtime)
         lines.append(f"  {'peak allocated':<36}{self.peak_allocated / GIB:>9.2f}   at {self.peak_phase}")
+        lines.append("    (phases: " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.phases.items()) + ")")
         row("allocator overhead", self.allocator_overhead)
         row("CUDA context", self.cuda_context)
         lines.append(f"  {'PEAK (nvidia-smi)':<36}{self.peak_total / GIB:>9.2f}")

@@ -53,9 +53,9 @@ class DataProfile:
     def images(self) -> int:
         return sum(len(s.images) for s in self.samples)
 
-    def batch(self, spec: ModelSpec, batch_size: int, max_length: int, image_size: int | None = None,
-              min_pixels: int | None = None, max_pixels: int | None = None) -> BatchShape:
-        """The worst micro-batch this data can produce under the given processor limits."""
+    def costs(self, spec: ModelSpec, image_size: int | None = None, min_pixels: int | None = None,
+              max_pixels: int | None = None) -> tuple[list[int], list[int]]:
+        """Per-sample (token lengths with image tokens, vision patches) under the given processor limits."""
         per_image = spec.arch.chat.get("tokens_per_image", 0)
         lengths, patches = [], []
         for sample in self.samples:
@@ -66,6 +66,14 @@ class DataProfile:
                 vit += cost.vit_patches
             lengths.append(tokens)
             patches.append(vit)
+        return lengths, patches
+
+    def batch(self, spec: ModelSpec, batch_size: int, max_length: int, image_size: int | None = None,
+              min_pixels: int | None = None, max_pixels: int | None = None,
+              costs: tuple[list[int], list[int]] | None = None) -> BatchShape:
+        """The worst micro-batch this data can produce under the given processor limits (`costs` reuses a
+        previous `costs()` result for the same limits)."""
+        lengths, patches = costs or self.costs(spec, image_size, min_pixels, max_pixels)
         ordered = sorted(lengths)
         pct = {f"p{p}" if p < 100 else "max": ordered[min(len(ordered) - 1, math.ceil(p / 100 * len(ordered)) - 1)]
                for p in PERCENTILES}

@@ -50,6 +50,19 @@ class _Precision:
     act: int  # bytes per element of the residual stream
 
 
+@dataclass(frozen=True)
+class _Phase:
+    grads: int
+    vision: int
+    language: int
+    logits: int
+    transient: int
+
+    @property
+    def total(self) -> int:
+        return self.grads + self.vision + self.language + self.logits + self.transient
+
+
 def _precision(inputs: EstimateInputs) -> _Precision:
     fp32 = inputs.precision == "fp32"
     if inputs.method == "full":
@@ -113,30 +126,30 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
 
     acts = activation_terms(inputs, spec, counts, prec.act, targets, bf16_adapters=deepspeed)
     b, s, v = inputs.batch_size, acts.seq_len, dims.vocab
-    logits = 12 * b * s * v
     runtime = RUNTIME_BASE + 6 * b * s * dims.hidden + acts.pixel_bytes
-    static = zp.weights + zp.gathered + zp.optimizer + zp.buffers + runtime + (NCCL_BUFFERS if inputs.num_gpus > 1 else 0)
+    comm = zp.buffers + (NCCL_BUFFERS if inputs.num_gpus > 1 else 0)
+    static = sum(weights.values()) + adapters + zp.optimizer + zp.gathered + comm + runtime
     held = zp.grads if (inputs.gradient_accumulation_steps > 1 or deepspeed) else 0
     grads_all = zp.grads + zp.grads_transient
-    embeddings_train = inputs.method == "full"
-    step_transient = trainable * prec.trainable if inputs.optimizer == "adamw_torch" and not deepspeed else 0
-    if deepspeed:
-        step_transient = 0
+    embed_grad = 4 * v * dims.hidden if inputs.method == "full" else 0
+    step = trainable * prec.trainable if inputs.optimizer == "adamw_torch" and not deepspeed else 0
     autocast = 2 * counts.total // (inputs.num_gpus if inputs.zero_stage == 3 else 1) if prec.autocast_cache else 0
+    # (gradients, vision activations, language activations, logits and loss, transient) at each phase of a step
     phases = {
-        "forward": static + held + acts.saved + autocast + 10 * b * s * v,
-        "loss backward": static + held + acts.saved + logits,
-        "layer backward": static + held + acts.saved + acts.layer_working + acts.dequant,
-        "end of backward": static + grads_all + acts.vision_saved + (4 * v * dims.hidden if embeddings_train else 0),
-        "optimizer step": static + grads_all + step_transient,
+        "forward": _Phase(held, acts.vision_saved, acts.language_saved, 10 * b * s * v, autocast),
+        "loss backward": _Phase(held, acts.vision_saved, acts.language_saved, 12 * b * s * v, 0),
+        "layer backward": _Phase(held, acts.vision_saved, acts.language_saved + acts.layer_working, 0, acts.dequant),
+        "end of backward": _Phase(grads_all, acts.vision_saved, 0, 0, embed_grad),
+        "optimizer step": _Phase(grads_all, 0, 0, 0, step),
     }
-    phase = max(phases, key=lambda k: phases[k])
-    allocated = phases[phase]
+    phase = max(phases, key=lambda k: phases[k].total)
+    at = phases[phase]
+    allocated = static + at.total
     live_16bit_states = 0
     if inputs.method == "full" and prec.trainable == 2 and not deepspeed:
-        live_16bit_states = zp.optimizer + (grads_all if phase in ("end of backward", "optimizer step") else held)
+        live_16bit_states = zp.optimizer + at.grads
     frag = int(FRAG_BASE + FRAG_LOGITS * 4 * b * s * v + FRAG_STATES * live_16bit_states
-               + (FRAG_FOREACH * step_transient if phase == "optimizer step" else 0))
+               + (FRAG_FOREACH * step if phase == "optimizer step" else 0))
     reserved = allocated + frag
     context = CUDA_CONTEXT
     total = reserved + context
@@ -149,11 +162,10 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
     return Breakdown(
         model=spec.name, params_source=counts.source, inputs=inputs, total_params=counts.total,
         trainable_params=trainable, weights=weights, weights_quantized=inputs.method == "qlora",
-        adapters=adapters, gradients=grads_all, optimizer_states=zp.optimizer, zero_gathered=zp.gathered,
-        comm_buffers=zp.buffers + (NCCL_BUFFERS if inputs.num_gpus > 1 else 0),
-        activations_vision=acts.vision_saved, activations_language=acts.language_saved + acts.layer_working,
-        logits_loss=logits, transient=max(step_transient, autocast, acts.dequant), runtime=runtime,
-        seq_len=s, image_tokens=acts.image_tokens, vit_patches=acts.vit_patches,
-        offloaded=zp.offloaded, cpu_ram=zp.cpu_ram, peak_phase=phase, phases=phases,
+        adapters=adapters, gradients=at.grads, optimizer_states=zp.optimizer, zero_gathered=zp.gathered,
+        comm_buffers=comm, activations_vision=at.vision, activations_language=at.language, logits_loss=at.logits,
+        transient=at.transient, runtime=runtime, seq_len=s, image_tokens=acts.image_tokens,
+        vit_patches=acts.vit_patches, offloaded=zp.offloaded, cpu_ram=zp.cpu_ram, peak_phase=phase,
+        phases={k: static + p.total for k, p in phases.items()},
         peak_allocated=allocated, allocator_overhead=frag, peak_reserved=reserved, cuda_context=context,
         peak_total=total, verdict=verdict, notes=tuple(acts.notes))

@@ -1,10 +1,11 @@
 """The advisor: the highest-throughput configuration that fits a GPU (or several) with a safety margin.
 
-Search order is lexicographic, then by throughput: the first method in the preference list that fits at all wins
-(default LoRA, then QLoRA; full fine-tuning only when asked), then the user's image resolution before any lower
-max_pixels, then the user's LoRA rank before smaller ones; among what is left, the configuration with the highest
-estimated throughput (ZeRO stage and offload, micro-batch with gradient accumulation keeping the effective batch,
-gradient checkpointing). Throughput is a relative model (`relative_throughput`), good for ranking, not a benchmark.
+What changes the trained model is decided first: the user's image resolution before any lower max_pixels, then the
+user's LoRA rank before smaller ones (down to 8). Within the first (max_pixels, rank) for which anything fits, the
+configuration with the highest estimated throughput wins, over the allowed methods (LoRA and QLoRA by default; full
+fine-tuning when asked), ZeRO stage and offload, micro-batch with gradient accumulation keeping the effective batch,
+and gradient checkpointing. LoRA beats QLoRA whenever both fit without offloading (no dequantization), so QLoRA is
+what smaller GPUs get. Throughput is a relative model (`relative_throughput`), good for ranking, not a benchmark.
 """
 
 from __future__ import annotations
@@ -56,9 +57,10 @@ class Recommendation:
         zero = f"ZeRO-{i.zero_stage}" + (f"+offload {i.offload}" if i.offload != "none" else "") if i.zero_stage else (
             "DDP" if i.num_gpus > 1 else "no ZeRO")
         pixels = f", max_pixels {i.max_pixels}" if i.max_pixels else ""
+        cpu = f" (+{b.cpu_ram / 2**30:.0f} GiB CPU RAM for offload)" if b.cpu_ram else ""
         return (f"{method}, micro-batch {i.batch_size} x accumulation {i.gradient_accumulation_steps}, {zero}, "
                 f"checkpointing {'on' if i.gradient_checkpointing else 'off'}{pixels}: "
-                f"{b.peak_total / 2**30:.1f} of {self.gpu.usable_bytes / 2**30:.1f} GiB per GPU")
+                f"{b.peak_total / 2**30:.1f} of {self.gpu.usable_bytes / 2**30:.1f} GiB per GPU{cpu}")
 
 
 def relative_throughput(inputs: EstimateInputs, b: Breakdown) -> float:
@@ -75,10 +77,10 @@ def relative_throughput(inputs: EstimateInputs, b: Breakdown) -> float:
     efficiency = tokens / (tokens + LAUNCH_TOKENS)
     penalty = 1.4 if inputs.method == "qlora" else 1.0
     penalty *= {0: 1.0, 1: 1.02, 2: 1.05, 3: 1.2}[inputs.zero_stage] if inputs.num_gpus > 1 or inputs.zero_stage else 1
-    if inputs.offload != "none":
-        penalty *= 1 + 0.5 * b.trainable_params / b.total_params
-    if inputs.offload == "all":
-        penalty *= 2.0
+    if inputs.offload != "none":  # CPU Adam over the trainable parameters
+        penalty *= 1 + b.trainable_params / b.total_params
+    if inputs.offload == "all":  # every weight crosses PCIe in forward, backward (and recompute)
+        penalty *= 4.0
     scale = inputs.num_gpus * (0.9 if inputs.num_gpus > 1 else 1.0)
     return scale * efficiency / (flops * penalty)
 
@@ -106,30 +108,50 @@ def _ranks(base: EstimateInputs) -> list[int]:
     return out
 
 
-def _shape(base: EstimateInputs, profile: DataProfile | None, batch: int, max_pixels: int | None) -> dict:
-    if profile is None:
-        return {}
-    shape = profile.batch(lookup_model(base.model), batch, base.seq_len, base.image_size, base.min_pixels, max_pixels)
-    return {"seq_len": shape.seq_len, "vit_patches_per_batch": shape.vit_patches}
+class _Shapes:
+    """Worst-batch shapes of a data set, computed once per (max_pixels, micro-batch)."""
+
+    def __init__(self, base: EstimateInputs, profile: DataProfile | None):
+        self.base, self.profile = base, profile
+        self.spec = lookup_model(base.model)
+        self._costs: dict[int | None, tuple[list[int], list[int]]] = {}
+
+    def __call__(self, batch: int, max_pixels: int | None) -> dict:
+        if self.profile is None:
+            return {}
+        b = self.base
+        if max_pixels not in self._costs:
+            self._costs[max_pixels] = self.profile.costs(self.spec, b.image_size, b.min_pixels, max_pixels)
+        shape = self.profile.batch(self.spec, batch, b.seq_len, costs=self._costs[max_pixels])
+        return {"seq_len": shape.seq_len, "vit_patches_per_batch": shape.vit_patches,
+                "images_per_sample": shape.images_per_sample}
 
 
 def _candidates(base: EstimateInputs, method: str, rank: int, max_pixels: int | None, effective: int,
-                num_gpus: int, profile: DataProfile | None) -> Iterator[EstimateInputs]:
+                num_gpus: int, shapes: _Shapes) -> Iterator[EstimateInputs]:
     per_gpu = max(1, effective // num_gpus)
     for stage, offload in _zero_options(num_gpus):
+        if method == "qlora" and offload == "all":
+            continue  # 4-bit weights cannot be offloaded by DeepSpeed
         for batch in (b for b in MICRO_BATCHES if b <= per_gpu):
             accumulation = math.ceil(effective / (batch * num_gpus))
             for checkpointing in (False, True):
                 yield base.with_(method=method, lora_rank=rank, max_pixels=max_pixels, zero_stage=stage,
                                  offload=offload, num_gpus=num_gpus, batch_size=batch,
                                  gradient_accumulation_steps=accumulation, gradient_checkpointing=checkpointing,
-                                 **_shape(base, profile, batch, max_pixels))
+                                 **shapes(batch, max_pixels))
 
 
 def recommend(base: EstimateInputs, gpu: GpuSpec, num_gpus: int = 1, effective_batch: int | None = None,
               methods: tuple[str, ...] = ("lora", "qlora"), margin: float = 0.10,
-              profile: DataProfile | None = None) -> Recommendation:
-    """Search for the best configuration of `base`'s model and data on `num_gpus` x `gpu`."""
+              profile: DataProfile | None = None, max_cpu_ram: int | None = None) -> Recommendation:
+    """Search for the best configuration of `base`'s model and data on `num_gpus` x `gpu`.
+
+    `margin` is the fraction of GPU memory left free; `max_cpu_ram` (bytes, None: no limit) bounds what offloading
+    may put in the node's CPU RAM."""
+    unknown = [m for m in methods if m not in ("lora", "qlora", "full")]
+    if unknown or not methods:
+        raise VlmtuneError(f"methods must be among lora, qlora, full; got {', '.join(methods) or 'none'}")
     if not 0 <= margin < 1:
         raise VlmtuneError(f"the safety margin must be in [0, 1), got {margin}")
     effective = effective_batch or base.batch_size * base.gradient_accumulation_steps * base.num_gpus
@@ -137,18 +159,22 @@ def recommend(base: EstimateInputs, gpu: GpuSpec, num_gpus: int = 1, effective_b
         raise VlmtuneError(f"the effective batch must be at least 1, got {effective}")
     base = base.with_(gpu=gpu.name, precision="fp32" if base.precision == "fp32" else gpu.precision)
     considered = 0
-    for method in methods:
-        for max_pixels in _pixel_options(base):
-            for rank in (_ranks(base) if method != "full" else [base.lora_rank]):
-                best: Candidate | None = None
-                for inputs in _candidates(base, method, rank, max_pixels, effective, num_gpus, profile):
+    shapes = _Shapes(base, profile)
+    for max_pixels in _pixel_options(base):
+        for rank_index, rank in enumerate(_ranks(base)):
+            best: Candidate | None = None
+            for method in methods:
+                if method == "full" and rank_index:
+                    continue
+                for inputs in _candidates(base, method, rank, max_pixels, effective, num_gpus, shapes):
                     considered += 1
                     b = estimate(inputs)
-                    if b.peak_total > gpu.usable_bytes * (1 - margin):
+                    if b.peak_total > gpu.usable_bytes * (1 - margin) or (max_cpu_ram is not None
+                                                                             and b.cpu_ram > max_cpu_ram):
                         continue
                     t = relative_throughput(inputs, b)
                     if best is None or t > best.throughput:
                         best = Candidate(inputs, b, t)
-                if best is not None:
-                    return Recommendation(gpu, num_gpus, effective, best, considered, margin)
+            if best is not None:
+                return Recommendation(gpu, num_gpus, effective, best, considered, margin)
     return Recommendation(gpu, num_gpus, effective, None, considered, margin)

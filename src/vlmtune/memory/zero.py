@@ -125,7 +125,8 @@ def plan(sizes: StateSizes, stage: int, offload: Offload, num_gpus: int) -> Zero
         # Offloaded ZeRO-2/3 stream the 16-bit gradients to the CPU through the buckets.
         resident_grads, transient = 0, 0
     else:
-        resident_grads, transient = fp32_grads, grads16
+        # ZeRO-2 keeps a 16-bit gradient partition; ZeRO-3 reduces straight from its buckets into the fp32 one.
+        resident_grads, transient = fp32_grads, (grads16 if stage == 2 else 0)
     return ZeroPlan(weights=weights, gathered=gathered, grads=resident_grads, grads_transient=transient,
                     optimizer=optimizer, buffers=2 * sizes.bucket_elements * half, offloaded=offloaded,
                     cpu_ram=int(offloaded * g * CPU_BUFFER_FACTOR), deepspeed=True)

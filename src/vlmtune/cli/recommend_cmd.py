@@ -1,0 +1,87 @@
+"""`vlmtune recommend --gpu NAME [--num-gpus N] [--model M] [--data FILE]` and `vlmtune recommend --table`.
+
+Searches method, LoRA rank, ZeRO stage and offload, micro-batch and accumulation (keeping the effective batch),
+gradient checkpointing and max pixels for the highest-throughput configuration that fits with a safety margin, and
+writes it as a config file `vlmtune train` accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vlmtune.cli.estimate_cmd import add_config_arguments, data_inputs, resolve
+
+HELP = "find the fastest configuration that fits a GPU and write it as a config file (or print a GPU table)"
+DEFAULT_EFFECTIVE_BATCH = 16
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p)
+    p.add_argument("--gpu", help="GPU name, e.g. 'RTX 4090', A100-80GB, H100 (required unless --table)")
+    p.add_argument("--method", dest="search_method", choices=["auto", "lora", "qlora", "full"], default="auto",
+                   help="auto: LoRA or QLoRA, whichever is faster and fits; full fine-tuning only when asked")
+    p.add_argument("--effective-batch", dest="effective_batch", type=int,
+                   help=f"samples per optimizer step (default: the config's, or {DEFAULT_EFFECTIVE_BATCH})")
+    p.add_argument("--margin", type=float, default=0.10, help="fraction of GPU memory to leave free (default 0.10)")
+    p.add_argument("--cpu-ram", dest="cpu_ram", type=float, help="GiB of CPU RAM offloading may use (default: any)")
+    p.add_argument("--output", "-o", default="vlmtune-recommended.yaml", help="config file to write ('-': stdout)")
+    p.add_argument("--table", action="store_true", help="print the GPU x count table for the model instead")
+    p.add_argument("--gpus", help="comma-separated GPUs for --table (default: the whole catalogue)")
+    p.add_argument("--counts", default="1,2,4,8", help="GPU counts for --table (default 1,2,4,8)")
+
+
+def _methods(choice: str) -> tuple[str, ...]:
+    return ("lora", "qlora") if choice == "auto" else (choice,)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from vlmtune.errors import ConfigError
+    from vlmtune.memory import all_gpus, get_gpu, inputs_from_config
+    from vlmtune.memory.advice import config_yaml, format_table, table
+    from vlmtune.memory.gpus import GIB
+    from vlmtune.memory.recommend import recommend
+
+    if not args.table and not args.gpu:
+        raise ConfigError(["--gpu is required (or use --table); known GPUs: "
+                           + ", ".join(g.name for g in all_gpus())])
+    config = resolve(args)
+    base = inputs_from_config(config, num_gpus=args.num_gpus, images_per_sample=args.images_per_sample)
+    configured = config.training.batch_size * config.training.gradient_accumulation_steps
+    effective = args.effective_batch or (configured if configured > 1 else DEFAULT_EFFECTIVE_BATCH)
+    cpu_ram = int(args.cpu_ram * GIB) if args.cpu_ram is not None else None
+    if args.table:
+        counts = [int(c) for c in args.counts.split(",") if c.strip()]
+        if not counts or min(counts) < 1:
+            raise ConfigError([f"--counts must list positive GPU counts, got {args.counts!r}"])
+        gpus = [get_gpu(g) for g in args.gpus.split(",")] if args.gpus else list(all_gpus())
+        recs = table(base, gpus, counts, effective, _methods(args.search_method), args.margin, cpu_ram)
+        if args.json:
+            print(json.dumps([{"gpu": r.gpu.name, "num_gpus": r.num_gpus, "summary": r.describe(),
+                               "inputs": r.best.inputs.to_dict() if r.best else None,
+                               "peak_total": r.best.breakdown.peak_total if r.best else None} for r in recs],
+                             indent=2, default=str))
+        else:
+            print(f"{base.model}: effective batch {effective}, sequence {base.seq_len}, margin {args.margin:.0%}")
+            print(format_table(recs))
+        return 0
+    base, data = data_inputs(args, base)
+    rec = recommend(base, get_gpu(args.gpu), args.num_gpus, effective, _methods(args.search_method), args.margin,
+                    profile=data[2] if data else None, max_cpu_ram=cpu_ram)
+    if args.json:
+        print(json.dumps({"summary": rec.describe(), "considered": rec.considered,
+                          "estimate": rec.best.breakdown.to_dict() if rec.best else None}, indent=2, default=str))
+    else:
+        print(f"{rec.num_gpus} x {rec.gpu.name}: {rec.describe()}")
+    if rec.best is None:
+        return 1
+    text = config_yaml(rec, config)
+    if args.output == "-":
+        print(text, end="")
+    else:
+        Path(args.output).write_text(text, encoding="utf-8")
+        if not args.json:
+            print(f"wrote {args.output}; train with: vlmtune train {args.output}")
+    return 0

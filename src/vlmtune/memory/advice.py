@@ -1,0 +1,90 @@
+"""What the advisor hands back: a ready vlmtune config file, and the GPU x count table hardware guides print."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from vlmtune.memory.gpus import GIB, GpuSpec
+from vlmtune.memory.inputs import EstimateInputs
+from vlmtune.memory.recommend import Recommendation, recommend
+
+if TYPE_CHECKING:
+    from vlmtune.config.schema import VlmtuneConfig
+
+
+def config_dict(rec: Recommendation, config: VlmtuneConfig) -> dict[str, Any]:
+    """`config` with the recommendation applied, as a plain dict that `vlmtune train` accepts.
+
+    ZeRO stage, offload and GPU count are not fields of the vlmtune config (yet): `config_yaml` writes them in the
+    file's header, where the launch is described."""
+    from vlmtune.config.loader import config_from_dict, config_to_dict
+
+    if rec.best is None:
+        raise ValueError("no recommendation to write")
+    i = rec.best.inputs
+    data = config_to_dict(config)
+    data["model"]["name_or_path"] = i.model
+    data["method"]["name"] = i.method
+    data["method"]["lora"]["rank"] = i.lora_rank
+    data["training"]["batch_size"] = i.batch_size
+    data["training"]["gradient_accumulation_steps"] = i.gradient_accumulation_steps
+    data["hardware"]["gradient_checkpointing"] = i.gradient_checkpointing
+    data["hardware"]["precision"] = i.precision
+    if i.max_pixels:
+        data["data"]["max_pixels"] = i.max_pixels
+    config_from_dict(data, source="vlmtune recommend")  # the file must load; a failure here is a bug
+    return data
+
+
+def config_yaml(rec: Recommendation, config: VlmtuneConfig) -> str:
+    """The recommended config file, with a header saying what it targets, the expected memory and how to launch."""
+    assert rec.best is not None
+    i, b = rec.best.inputs, rec.best.breakdown
+    header = [
+        f"# vlmtune recommend: {i.model} on {rec.num_gpus} x {rec.gpu.name}",
+        f"# {rec.describe()}",
+        f"# Effective batch {rec.effective_batch} = micro-batch {i.batch_size} x accumulation "
+        f"{i.gradient_accumulation_steps} x {rec.num_gpus} GPU(s); safety margin {rec.margin:.0%}; "
+        f"sequence {b.seq_len} tokens, {b.vit_patches} vision patches per micro-batch.",
+    ]
+    if i.zero_stage or rec.num_gpus > 1:
+        header.append(f"# Distributed: {'DeepSpeed ZeRO-' + str(i.zero_stage) if i.zero_stage else 'DDP'}"
+                      f"{', offload ' + i.offload if i.offload != 'none' else ''} on {rec.num_gpus} GPU(s). "
+                      "These are launch settings, not config fields.")
+    if b.cpu_ram:
+        header.append(f"# Offloading needs about {b.cpu_ram / GIB:.0f} GiB of CPU RAM on the node.")
+    header.append("# Launch: vlmtune train THIS_FILE --train-data data/train.jsonl")
+    body = yaml.safe_dump(config_dict(rec, config), sort_keys=False)
+    return "\n".join(header) + "\n" + body
+
+
+def table(base: EstimateInputs, gpus: Iterable[GpuSpec], counts: Iterable[int], effective_batch: int,
+          methods: tuple[str, ...] = ("lora", "qlora"), margin: float = 0.10,
+          max_cpu_ram: int | None = None) -> list[Recommendation]:
+    """One recommendation per (GPU, count): the table hardware guides publish, computed."""
+    counts = list(counts)
+    return [recommend(base, gpu, n, effective_batch, methods, margin, max_cpu_ram=max_cpu_ram)
+            for gpu in gpus for n in counts]
+
+
+def format_table(recs: list[Recommendation]) -> str:
+    head = (f"{'GPU':<20}{'x':>3}  {'method':<10}{'batch':>6}{'accum':>6}  {'ZeRO':<14}{'ckpt':<5}"
+            f"{'max_pixels':>11}{'GiB/GPU':>9}{'of':>7}{'CPU GiB':>9}")
+    lines = [head, "-" * len(head)]
+    for r in recs:
+        left = f"{r.gpu.name:<20}{r.num_gpus:>3}  "
+        if r.best is None:
+            lines.append(left + "does not fit")
+            continue
+        i, b = r.best.inputs, r.best.breakdown
+        method = i.method + (f" r{i.lora_rank}" if i.method != "full" else "")
+        zero = (f"{i.zero_stage}" + (f"+off:{i.offload}" if i.offload != "none" else "")) if i.zero_stage else (
+            "DDP" if i.num_gpus > 1 else "-")
+        lines.append(left + f"{method:<10}{i.batch_size:>6}{i.gradient_accumulation_steps:>6}  {zero:<14}"
+                     f"{'on' if i.gradient_checkpointing else 'off':<5}{i.max_pixels or '-':>11}"
+                     f"{b.peak_total / GIB:>9.1f}{r.gpu.usable_bytes / GIB:>7.1f}"
+                     f"{(f'{b.cpu_ram / GIB:.0f}' if b.cpu_ram else '-'):>9}")
+    return "\n".join(lines)
