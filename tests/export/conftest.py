@@ -28,16 +28,25 @@ def train_tiny(tiny_model_dir, red_data, tmp_path_factory) -> Callable[..., Path
     def run(method: str, steps: int = 6, lr: float = 5e-3) -> Path:
         key = (method, steps, lr)
         if key not in done:
-            config = VlmtuneConfig.model_validate({
-                "output_dir": str(tmp_path_factory.mktemp(f"run-{method}")),
-                "model": {"name_or_path": str(tiny_model_dir("qwen2_vl"))},
-                "data": {"train_path": str(red_data)},
-                "method": {"name": method, "lora": {"dropout": 0.0, "train_projector": method != "full"}},
-                "training": {"max_steps": steps, "batch_size": 4, "learning_rate": lr, "lr_scheduler": "constant",
-                             "warmup_ratio": 0.0, "logging_steps": steps, "save_steps": 1000,
-                             "report_to": ["none"]},
-                "hardware": {"precision": "bf16", "use_cpu": True, "gradient_checkpointing": False},
-            })
+            config = VlmtuneConfig.model_validate(
+                {
+                    "output_dir": str(tmp_path_factory.mktemp(f"run-{method}")),
+                    "model": {"name_or_path": str(tiny_model_dir("qwen2_vl"))},
+                    "data": {"train_path": str(red_data)},
+                    "method": {"name": method, "lora": {"dropout": 0.0, "train_projector": method != "full"}},
+                    "training": {
+                        "max_steps": steps,
+                        "batch_size": 4,
+                        "learning_rate": lr,
+                        "lr_scheduler": "constant",
+                        "warmup_ratio": 0.0,
+                        "logging_steps": steps,
+                        "save_steps": 1000,
+                        "report_to": ["none"],
+                    },
+                    "hardware": {"precision": "bf16", "use_cpu": True, "gradient_checkpointing": False},
+                }
+            )
             done[key] = train(config).final_dir
         return done[key]
 

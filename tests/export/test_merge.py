@@ -36,7 +36,9 @@ def test_merged_lora_equals_the_adapter_model(train_tiny, red_data, tmp_path):
     assert not any("lora" in name for name, _ in merged.named_parameters())
     processor = get_family("qwen2_vl").load_processor(out)  # saved next to the model
     batch = _batch(processor, red_data)
-    torch.testing.assert_close(_logits(merged, batch), _logits(with_adapter.model, batch), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        _logits(merged, batch), _logits(with_adapter.model, batch), atol=1e-5, rtol=1e-5
+    )
 
     image = read_records(red_data)[0].images[0]
     merged_loaded = load_for_inference(out)

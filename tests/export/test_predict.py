@@ -10,8 +10,10 @@ from vlmtune.data.records import read_records
 from vlmtune.export.predict import answer, load_for_inference, normalize_answer, predict_file
 
 
-@pytest.mark.parametrize("text, expected", [(" Red. ", "red"), ("RED!", "red"), ("a  big\nred", "a big red"),
-                                            ("red?!", "red"), ("3.5", "3.5")])
+@pytest.mark.parametrize(
+    "text, expected",
+    [(" Red. ", "red"), ("RED!", "red"), ("a  big\nred", "a big red"), ("red?!", "red"), ("3.5", "3.5")],
+)
 def test_normalize_answer(text, expected):
     assert normalize_answer(text) == expected
 

@@ -11,16 +11,31 @@ QWEN7 = "Qwen/Qwen2.5-VL-7B-Instruct"
 
 
 def _rows(b) -> int:
-    return (sum(b.weights.values()) + b.adapters + b.gradients + b.optimizer_states + b.zero_gathered
-            + b.comm_buffers + b.activations_vision + b.activations_language + b.logits_loss + b.transient + b.runtime)
+    return (
+        sum(b.weights.values())
+        + b.adapters
+        + b.gradients
+        + b.optimizer_states
+        + b.zero_gathered
+        + b.comm_buffers
+        + b.activations_vision
+        + b.activations_language
+        + b.logits_loss
+        + b.transient
+        + b.runtime
+    )
 
 
-@pytest.mark.parametrize("inputs", [
-    EstimateInputs(model=QWEN7), EstimateInputs(model=QWEN7, method="qlora"),
-    EstimateInputs(model=QWEN7, method="full", gradient_checkpointing=False, optimizer="adamw_torch"),
-    EstimateInputs(model=QWEN7, zero_stage=3, num_gpus=4, offload="optimizer"),
-    EstimateInputs(model="llava-hf/llava-1.5-7b-hf", gradient_accumulation_steps=4, batch_size=2),
-])
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        EstimateInputs(model=QWEN7),
+        EstimateInputs(model=QWEN7, method="qlora"),
+        EstimateInputs(model=QWEN7, method="full", gradient_checkpointing=False, optimizer="adamw_torch"),
+        EstimateInputs(model=QWEN7, zero_stage=3, num_gpus=4, offload="optimizer"),
+        EstimateInputs(model="llava-hf/llava-1.5-7b-hf", gradient_accumulation_steps=4, batch_size=2),
+    ],
+)
 def test_table_rows_add_up_to_the_peak(inputs):
     b = estimate(inputs)
     assert _rows(b) == b.peak_allocated == b.phases[b.peak_phase] == max(b.phases.values())
@@ -50,8 +65,11 @@ def test_qlora_keeps_vision_and_lm_head_in_16bit():
 
 
 def test_offload_reports_cpu_ram():
-    b = estimate(EstimateInputs(model=QWEN7, method="full", freeze_vision_tower=False, zero_stage=3, offload="all",
-                                num_gpus=8))
+    b = estimate(
+        EstimateInputs(
+            model=QWEN7, method="full", freeze_vision_tower=False, zero_stage=3, offload="all", num_gpus=8
+        )
+    )
     assert b.offloaded > 0 and b.cpu_ram == pytest.approx(1.5 * 18 * 8292166656, rel=0.01)
     assert sum(b.weights.values()) == 0
 
@@ -88,5 +106,10 @@ def test_inputs_from_a_vlmtune_config():
     config = load_config(None, ["method.name=qlora", "data.image_size=336", "training.batch_size=2"])
     inputs = inputs_from_config(config, num_gpus=2)
     assert (inputs.method, inputs.image_hw, inputs.image_size, inputs.batch_size, inputs.num_gpus) == (
-        "qlora", (336, 336), 336, 2, 2)
+        "qlora",
+        (336, 336),
+        336,
+        2,
+        2,
+    )
     assert estimate(inputs).peak_total > 0

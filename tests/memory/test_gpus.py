@@ -6,9 +6,25 @@ from vlmtune.errors import VlmtuneError
 from vlmtune.memory.gpus import GIB, all_gpus, get_gpu
 
 # Vendor memory sizes (GiB) and bf16 support.
-REQUIRED = {"RTX 3060": 12, "RTX 4060": 8, "RTX 4060 Ti": 16, "RTX 4070": 12, "RTX 4080": 16, "RTX 4090": 24,
-            "RTX 5060 Ti": 16, "RTX 5070": 12, "RTX 5080": 16, "RTX 5090": 32, "T4": 16, "L4": 24, "A10": 24,
-            "A100 40GB": 40, "A100 80GB": 80, "H100": 80, "H200": 141}
+REQUIRED = {
+    "RTX 3060": 12,
+    "RTX 4060": 8,
+    "RTX 4060 Ti": 16,
+    "RTX 4070": 12,
+    "RTX 4080": 16,
+    "RTX 4090": 24,
+    "RTX 5060 Ti": 16,
+    "RTX 5070": 12,
+    "RTX 5080": 16,
+    "RTX 5090": 32,
+    "T4": 16,
+    "L4": 24,
+    "A10": 24,
+    "A100 40GB": 40,
+    "A100 80GB": 80,
+    "H100": 80,
+    "H200": 141,
+}
 
 
 def test_catalogue_loads_and_every_gpu_has_a_memory_size():
@@ -29,15 +45,27 @@ def test_bf16_support():
 
 
 def test_usable_memory_reserves():
-    assert get_gpu("T4").usable_bytes / GIB == pytest.approx(14.77, abs=0.05)  # ECC on: 15 GiB, minus the driver
+    assert get_gpu("T4").usable_bytes / GIB == pytest.approx(
+        14.77, abs=0.05
+    )  # ECC on: 15 GiB, minus the driver
     assert get_gpu("RTX 4090").usable_bytes / GIB == pytest.approx(23.64, abs=0.05)
     assert get_gpu("H100").usable_bytes == 81079 * 2**20  # measured
 
 
-@pytest.mark.parametrize("text,name", [("4090", "RTX 4090 24GB"), ("NVIDIA GeForce RTX 4090", "RTX 4090 24GB"),
-                                       ("rtx-4060-ti-16gb", "RTX 4060 Ti 16GB"), ("4060", "RTX 4060 8GB"),
-                                       ("A100-80GB", "A100 80GB"), ("a100 40", "A100 40GB"), ("a10", "A10 24GB"),
-                                       ("h200", "H200 141GB"), ("Tesla T4", "T4 16GB")])
+@pytest.mark.parametrize(
+    "text,name",
+    [
+        ("4090", "RTX 4090 24GB"),
+        ("NVIDIA GeForce RTX 4090", "RTX 4090 24GB"),
+        ("rtx-4060-ti-16gb", "RTX 4060 Ti 16GB"),
+        ("4060", "RTX 4060 8GB"),
+        ("A100-80GB", "A100 80GB"),
+        ("a100 40", "A100 40GB"),
+        ("a10", "A10 24GB"),
+        ("h200", "H200 141GB"),
+        ("Tesla T4", "T4 16GB"),
+    ],
+)
 def test_forgiving_names(text, name):
     assert get_gpu(text).name == name
 

@@ -24,7 +24,9 @@ def test_qwen2_vl_rule_matches_the_processor(height, width, limits):
     rule = lookup_model("Qwen/Qwen2-VL-2B-Instruct").image
     cost = image_cost(rule, height, width, **limits)
     low = limits.get("min_pixels", rule["min_pixels"])
-    high = limits.get("max_pixels") or (limits["image_size"] ** 2 if "image_size" in limits else rule["max_pixels"])
+    high = limits.get("max_pixels") or (
+        limits["image_size"] ** 2 if "image_size" in limits else rule["max_pixels"]
+    )
     processor = Qwen2VLImageProcessorPil(min_pixels=low, max_pixels=high)
     assert cost.vit_patches == _qwen_patches(processor, height, width)
     assert cost.llm_tokens == cost.vit_patches // 4
@@ -35,8 +37,9 @@ def test_qwen3_vl_rule_matches_the_processor(height, width):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     rule = lookup_model("Qwen/Qwen3-VL-4B-Instruct").image
-    processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2,
-                                         size={"shortest_edge": 65536, "longest_edge": 16777216})
+    processor = Qwen2VLImageProcessorPil(
+        patch_size=16, merge_size=2, size={"shortest_edge": 65536, "longest_edge": 16777216}
+    )
     assert image_cost(rule, height, width).vit_patches == _qwen_patches(processor, height, width)
 
 
@@ -61,13 +64,19 @@ def test_llava_is_576_tokens_whatever_the_size(height, width):
 
 
 @pytest.mark.parametrize("height,width", SIZES)
-@pytest.mark.parametrize("model,longest,tile", [("HuggingFaceTB/SmolVLM-Instruct", 1536, 384),
-                                                ("HuggingFaceTB/SmolVLM-256M-Instruct", 2048, 512)])
+@pytest.mark.parametrize(
+    "model,longest,tile",
+    [("HuggingFaceTB/SmolVLM-Instruct", 1536, 384), ("HuggingFaceTB/SmolVLM-256M-Instruct", 2048, 512)],
+)
 def test_smolvlm_tiles_match_the_processor(height, width, model, longest, tile):
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-    processor = Idefics3ImageProcessorPil(size={"longest_edge": longest}, max_image_size={"longest_edge": tile})
-    frames = processor(images=[[Image.new("RGB", (width, height))]], return_tensors="np")["pixel_values"].shape[1]
+    processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": longest}, max_image_size={"longest_edge": tile}
+    )
+    frames = processor(images=[[Image.new("RGB", (width, height))]], return_tensors="np")[
+        "pixel_values"
+    ].shape[1]
     rule = lookup_model(model).image
     cost = image_cost(rule, height, width)
     assert cost.llm_tokens == frames * rule["tokens_per_tile"]

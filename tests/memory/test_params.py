@@ -26,15 +26,34 @@ ANCHOR_PARTS = {
 
 # LoRA r16 on all seven LLM linears: trainable parameters PEFT reported in the H100 anchor runs.
 ANCHOR_LORA = {
-    "Qwen/Qwen2-VL-2B-Instruct": 18464768, "Qwen/Qwen2-VL-7B-Instruct": 40370176,
-    "Qwen/Qwen2.5-VL-3B-Instruct": 29933568, "Qwen/Qwen3-VL-2B-Instruct": 17432576,
-    "Qwen/Qwen3-VL-4B-Instruct": 33030144, "llava-hf/llava-1.5-7b-hf": 39976960,
+    "Qwen/Qwen2-VL-2B-Instruct": 18464768,
+    "Qwen/Qwen2-VL-7B-Instruct": 40370176,
+    "Qwen/Qwen2.5-VL-3B-Instruct": 29933568,
+    "Qwen/Qwen3-VL-2B-Instruct": 17432576,
+    "Qwen/Qwen3-VL-4B-Instruct": 33030144,
+    "llava-hf/llava-1.5-7b-hf": 39976960,
     "HuggingFaceTB/SmolVLM-Instruct": 18087936,
 }
 
-REQUIRED = ["Qwen2-VL-2B", "Qwen2-VL-7B", "Qwen2-VL-72B", "Qwen2.5-VL-3B", "Qwen2.5-VL-7B", "Qwen2.5-VL-32B",
-            "Qwen2.5-VL-72B", "llava-1.5-7b", "llava-1.5-13b", "instructblip-vicuna-7b", "Qwen-VL-Chat",
-            "Qwen3-VL-2B", "Qwen3-VL-4B", "Qwen3-VL-8B", "SmolVLM-256M", "SmolVLM-500M", "SmolVLM-Instruct"]
+REQUIRED = [
+    "Qwen2-VL-2B",
+    "Qwen2-VL-7B",
+    "Qwen2-VL-72B",
+    "Qwen2.5-VL-3B",
+    "Qwen2.5-VL-7B",
+    "Qwen2.5-VL-32B",
+    "Qwen2.5-VL-72B",
+    "llava-1.5-7b",
+    "llava-1.5-13b",
+    "instructblip-vicuna-7b",
+    "Qwen-VL-Chat",
+    "Qwen3-VL-2B",
+    "Qwen3-VL-4B",
+    "Qwen3-VL-8B",
+    "SmolVLM-256M",
+    "SmolVLM-500M",
+    "SmolVLM-Instruct",
+]
 
 
 def test_catalogue_has_the_models_users_start_from():
@@ -106,3 +125,31 @@ def test_local_folder_with_unsupported_model_type(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(VlmtuneError, match="model_type 'bert'.*Supported model types: .*qwen2_vl"):
         lookup_model(str(tmp_path))
+
+
+def test_catalogue_agrees_with_the_family_descriptors():
+    """Which modules are vision / projector and what LoRA targets: the estimator's data must not drift from the
+    families the training path uses."""
+    from vlmtune.families import all_families
+    from vlmtune.memory.catalogue import architectures
+
+    archs = architectures()
+    checked = 0
+    for family in all_families():
+        for model_type in family.model_types:
+            if model_type not in archs:
+                continue
+            arch = archs[model_type]
+            assert arch.vision == tuple(family.vision_prefixes), model_type
+            assert arch.projector == tuple(family.projector_prefixes), model_type
+            for kind in ("minimal", "attention", "all"):
+                assert arch.lora_targets[kind] == list(family.lora_targets(kind)), (model_type, kind)
+            name = next(n for n in catalogue_names() if lookup_model(n).model_type == model_type)
+            counts = count_params(lookup_model(name))
+            targets = family.vision_lora_targets
+            leaves = tuple(targets() if callable(targets) else targets)
+            assert lora_params(counts, [], 16, leaves) == lora_params(
+                counts, [], 16, arch.vision_lora_targets
+            )
+            checked += 1
+    assert checked >= 3

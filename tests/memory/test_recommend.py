@@ -23,10 +23,22 @@ def data_file(tmp_path):
     lines = []
     for n, (w, h) in enumerate(sizes):
         Image.new("RGB", (w, h)).save(tmp_path / f"img{n}.png")
-        lines.append(json.dumps({"messages": [
-            {"role": "user", "content": [{"type": "image", "image": f"img{n}.png"},
-                                         {"type": "text", "text": "What is shown? " * (n + 1)}]},
-            {"role": "assistant", "content": "A picture. " * 20 * (n + 1)}]}))
+        lines.append(
+            json.dumps(
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "image", "image": f"img{n}.png"},
+                                {"type": "text", "text": "What is shown? " * (n + 1)},
+                            ],
+                        },
+                        {"role": "assistant", "content": "A picture. " * 20 * (n + 1)},
+                    ]
+                }
+            )
+        )
     path = tmp_path / "train.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -47,9 +59,20 @@ def test_data_scan_finds_the_longest_batch(data_file):
 
 def test_data_scan_reports_missing_images(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps({"messages": [
-        {"role": "user", "content": [{"type": "image", "image": "nope.png"}, {"type": "text", "text": "hi"}]},
-        {"role": "assistant", "content": "x"}]}) + "\n")
+    path.write_text(
+        json.dumps(
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image", "image": "nope.png"}, {"type": "text", "text": "hi"}],
+                    },
+                    {"role": "assistant", "content": "x"},
+                ]
+            }
+        )
+        + "\n"
+    )
     with pytest.raises(Exception, match="bad.jsonl"):
         scan_data(path, lookup_model(QWEN2B))
 
@@ -92,11 +115,27 @@ def test_table_covers_every_gpu_and_count():
 
 
 def test_estimate_cli_json(capsys, data_file):
-    assert main(["estimate", "--model", QWEN2B, "--gpu", "4090", "--data", str(data_file), "--json",
-                 "training.batch_size=2"]) == 0
+    assert (
+        main(
+            [
+                "estimate",
+                "--model",
+                QWEN2B,
+                "--gpu",
+                "4090",
+                "--data",
+                str(data_file),
+                "--json",
+                "training.batch_size=2",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["verdict"]["gpu"] == "RTX 4090 24GB" and out["inputs"]["batch_size"] == 2
-    assert out["seq_len"] == 2048 and out["data"]["over_max_length"] == 1  # the 1920x1080 sample: 2691 image tokens
+    assert (
+        out["seq_len"] == 2048 and out["data"]["over_max_length"] == 1
+    )  # the 1920x1080 sample: 2691 image tokens
     assert main(["estimate", "--model", QWEN2B, "--data", str(data_file), "--seq-len", "8192", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["data"]["percentiles"]["max"] == out["seq_len"] > 2691

@@ -8,8 +8,15 @@ from vlmtune.memory.zero import StateSizes, check_plan, plan
 
 PSI = 1_000_000_000  # parameters, all trainable (full fine-tuning in bf16)
 LARGEST = 100_000_000
-FULL = StateSizes(frozen_weight_bytes=0, trainable=PSI, param_bytes=2, grad_bytes=2, optimizer_bytes=4,
-                  largest_unit=LARGEST, bucket_elements=4096 * 4096)
+FULL = StateSizes(
+    frozen_weight_bytes=0,
+    trainable=PSI,
+    param_bytes=2,
+    grad_bytes=2,
+    optimizer_bytes=4,
+    largest_unit=LARGEST,
+    bucket_elements=4096 * 4096,
+)
 BUCKETS = 2 * 4096 * 4096 * 2
 
 
@@ -64,8 +71,15 @@ def test_offload_everything(g):
 @pytest.mark.parametrize("g", [1, 2, 4, 8])
 def test_lora_frozen_weights_replicated_until_stage3(g):
     frozen, adapters = 10 * PSI, 20_000_000
-    lora = StateSizes(frozen_weight_bytes=frozen, trainable=adapters, param_bytes=4, grad_bytes=4,
-                      optimizer_bytes=8, largest_unit=LARGEST, bucket_elements=1024)
+    lora = StateSizes(
+        frozen_weight_bytes=frozen,
+        trainable=adapters,
+        param_bytes=4,
+        grad_bytes=4,
+        optimizer_bytes=8,
+        largest_unit=LARGEST,
+        bucket_elements=1024,
+    )
     assert plan(lora, 0, "none", g).weights == frozen + 4 * adapters  # PEFT's fp32 adapters
     assert plan(lora, 2, "none", g).weights == frozen + 2 * adapters  # DeepSpeed casts the module to bf16
     assert plan(lora, 2, "none", g).optimizer == 12 * adapters // g
@@ -73,8 +87,9 @@ def test_lora_frozen_weights_replicated_until_stage3(g):
 
 
 def test_impossible_combinations_are_explained():
-    assert check_plan(0, "optimizer", 1) == ["offload needs DeepSpeed: use zero_stage 1, 2 or 3 "
-                                             "(offload=optimizer) or 3 (offload=all)"]
+    assert check_plan(0, "optimizer", 1) == [
+        "offload needs DeepSpeed: use zero_stage 1, 2 or 3 (offload=optimizer) or 3 (offload=all)"
+    ]
     assert "needs zero_stage 3" in check_plan(2, "all", 4)[0]
     assert len(check_plan(5, "disk", 0)) == 3
     assert check_plan(3, "all", 8) == []

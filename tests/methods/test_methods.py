@@ -15,11 +15,13 @@ FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava"]
 
 
 def _config(model_dir, method: str, lora: dict | None = None, **extra) -> VlmtuneConfig:
-    return VlmtuneConfig.model_validate({
-        "model": {"name_or_path": str(model_dir)},
-        "method": {"name": method, "lora": lora or {}, **extra},
-        "hardware": {"precision": "bf16" if method == "qlora" else "fp32", "use_cpu": True},
-    })
+    return VlmtuneConfig.model_validate(
+        {
+            "model": {"name_or_path": str(model_dir)},
+            "method": {"name": method, "lora": lora or {}, **extra},
+            "hardware": {"precision": "bf16" if method == "qlora" else "fp32", "use_cpu": True},
+        }
+    )
 
 
 def _prepare(tiny_model_dir, family_name: str, method: str, lora: dict | None = None, **extra):
@@ -49,8 +51,12 @@ def test_lora_trains_only_language_adapters(tiny_model_dir, family_name):
 
 @pytest.mark.parametrize("family_name", FAMILIES)
 def test_lora_vision_adapters_and_trainable_projector(tiny_model_dir, family_name):
-    family, model = _prepare(tiny_model_dir, family_name, "lora",
-                             {"adapt_vision_tower": True, "train_projector": True, "target_modules": "minimal"})
+    family, model = _prepare(
+        tiny_model_dir,
+        family_name,
+        "lora",
+        {"adapt_vision_tower": True, "train_projector": True, "target_modules": "minimal"},
+    )
     trainable = _trainable(model)
     vision = [n for n in trainable if has_prefix(n, [family.vision_layers_prefix])]
     assert vision and all("lora_" in n for n in vision)
@@ -75,7 +81,9 @@ def test_qlora_quantizes_only_the_language_model(tiny_model_dir, family_name):
     assert all(m.support_avx512bf16_for_cpu is False for m in four_bit.values())  # the CPU trap fix
     for name, module in model.named_modules():
         base = _base_name(name)
-        if isinstance(module, torch.nn.Linear) and has_prefix(base, (*family.vision_prefixes, *family.lm_head_names)):
+        if isinstance(module, torch.nn.Linear) and has_prefix(
+            base, (*family.vision_prefixes, *family.lm_head_names)
+        ):
             assert not isinstance(module, bnb.nn.Linear4bit), f"{base} was quantized"
             assert module.weight.dtype == torch.bfloat16, f"{base} is {module.weight.dtype}"
     # No prepare_model_for_kbit_training: frozen floating-point weights stay 16-bit, only adapters are fp32.

@@ -26,19 +26,35 @@ def run_config(tiny_model_dir, shapes_data, tmp_path) -> Callable[..., VlmtuneCo
     """run_config(family, method, out=None, val=False, training={...}, lora={...}, **sections) -> a config for a
     tiny CPU run (6 steps, logging every step, no checkpoints unless training.save_steps is lowered)."""
 
-    def make(family: str = "qwen2_vl", method: str = "lora", out: Path | None = None, val: bool = False,
-             training: dict | None = None, lora: dict | None = None, **sections: dict) -> VlmtuneConfig:
+    def make(
+        family: str = "qwen2_vl",
+        method: str = "lora",
+        out: Path | None = None,
+        val: bool = False,
+        training: dict | None = None,
+        lora: dict | None = None,
+        **sections: dict,
+    ) -> VlmtuneConfig:
         train_path, val_path = shapes_data
         data = {"train_path": str(train_path), "val_path": str(val_path) if val else None}
-        return VlmtuneConfig.model_validate({
-            "output_dir": str(out or tmp_path / f"{family}-{method}"),
-            "model": {"name_or_path": str(tiny_model_dir(family))},
-            "data": {**data, **sections.pop("data", {})},
-            "method": {"name": method, "lora": lora or {}},
-            "training": {"max_steps": 6, "batch_size": 2, "learning_rate": 5e-3, "logging_steps": 1,
-                         "save_steps": 100, "report_to": ["none"], **(training or {})},
-            "hardware": {"precision": "bf16", "use_cpu": True, **sections.pop("hardware", {})},
-            **sections,
-        })
+        return VlmtuneConfig.model_validate(
+            {
+                "output_dir": str(out or tmp_path / f"{family}-{method}"),
+                "model": {"name_or_path": str(tiny_model_dir(family))},
+                "data": {**data, **sections.pop("data", {})},
+                "method": {"name": method, "lora": lora or {}},
+                "training": {
+                    "max_steps": 6,
+                    "batch_size": 2,
+                    "learning_rate": 5e-3,
+                    "logging_steps": 1,
+                    "save_steps": 100,
+                    "report_to": ["none"],
+                    **(training or {}),
+                },
+                "hardware": {"precision": "bf16", "use_cpu": True, **sections.pop("hardware", {})},
+                **sections,
+            }
+        )
 
     return make

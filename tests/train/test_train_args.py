@@ -11,12 +11,14 @@ from vlmtune.train.args import training_arguments
 
 
 def _config(tmp_path, method="lora", precision="bf16", use_cpu=False, **training) -> VlmtuneConfig:
-    return VlmtuneConfig.model_validate({
-        "output_dir": str(tmp_path / "run"),
-        "method": {"name": method},
-        "training": training,
-        "hardware": {"precision": precision, "use_cpu": use_cpu},
-    })
+    return VlmtuneConfig.model_validate(
+        {
+            "output_dir": str(tmp_path / "run"),
+            "method": {"name": method},
+            "training": training,
+            "hardware": {"precision": precision, "use_cpu": use_cpu},
+        }
+    )
 
 
 @pytest.mark.parametrize(
@@ -36,7 +38,12 @@ def _config(tmp_path, method="lora", precision="bf16", use_cpu=False, **training
 def test_precision_plan(tmp_path, monkeypatch, method, precision, cuda, dtype, bf16, fp16):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     plan = resolve_precision(_config(tmp_path, method, precision))
-    assert (plan.device, plan.weights_dtype, plan.bf16, plan.fp16) == ("cuda" if cuda else "cpu", dtype, bf16, fp16)
+    assert (plan.device, plan.weights_dtype, plan.bf16, plan.fp16) == (
+        "cuda" if cuda else "cpu",
+        dtype,
+        bf16,
+        fp16,
+    )
     assert plan.note
 
 
@@ -46,9 +53,22 @@ def test_use_cpu_wins_over_a_visible_gpu(tmp_path, monkeypatch):
 
 
 def test_training_arguments_follow_the_config(tmp_path):
-    config = _config(tmp_path, precision="fp32", use_cpu=True, max_steps=40, batch_size=3,
-                     gradient_accumulation_steps=2, learning_rate=1e-4, lr_scheduler="linear", warmup_ratio=0.1,
-                     eval_steps=5, save_steps=10, save_total_limit=2, logging_steps=4, report_to=["none"])
+    config = _config(
+        tmp_path,
+        precision="fp32",
+        use_cpu=True,
+        max_steps=40,
+        batch_size=3,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-4,
+        lr_scheduler="linear",
+        warmup_ratio=0.1,
+        eval_steps=5,
+        save_steps=10,
+        save_total_limit=2,
+        logging_steps=4,
+        report_to=["none"],
+    )
     args = training_arguments(config, resolve_precision(config), has_eval=True)
     assert args.max_steps == 40 and args.per_device_train_batch_size == 3
     assert args.gradient_accumulation_steps == 2 and args.learning_rate == 1e-4

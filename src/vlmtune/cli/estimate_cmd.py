@@ -36,22 +36,45 @@ def _positive(text: str) -> int:
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
     """The flags shared with `vlmtune recommend`: where the training settings come from."""
-    p.add_argument("items", nargs="*", metavar="CONFIG|KEY=VALUE",
-                   help="a YAML/JSON config file and/or dotted overrides such as method.lora.rank=32")
+    p.add_argument(
+        "items",
+        nargs="*",
+        metavar="CONFIG|KEY=VALUE",
+        help="a YAML/JSON config file and/or dotted overrides such as method.lora.rank=32",
+    )
     p.add_argument("--config", help="YAML or JSON config file")
     p.add_argument("--preset", help="start from a preset (see `vlmtune presets list`)")
     p.add_argument("--model", help="hub id from the built-in catalogue, or a local folder with config.json")
-    p.add_argument("--data", help="JSONL data set: size the longest batch it can produce (image sizes and text)")
-    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=_positive, help="micro-batch per GPU")
-    p.add_argument("--seq-len", "--max-length", dest="seq_len", type=_positive,
-                   help="tokens per sample, image tokens included (data.max_length)")
-    p.add_argument("--image-size", dest="image_size", type=_positive,
-                   help="images fit in SIZE x SIZE (dynamic-resolution models: max pixels SIZE^2)")
+    p.add_argument(
+        "--data", help="JSONL data set: size the longest batch it can produce (image sizes and text)"
+    )
+    p.add_argument(
+        "--batch-size", "--batch_size", dest="batch_size", type=_positive, help="micro-batch per GPU"
+    )
+    p.add_argument(
+        "--seq-len",
+        "--max-length",
+        dest="seq_len",
+        type=_positive,
+        help="tokens per sample, image tokens included (data.max_length)",
+    )
+    p.add_argument(
+        "--image-size",
+        dest="image_size",
+        type=_positive,
+        help="images fit in SIZE x SIZE (dynamic-resolution models: max pixels SIZE^2)",
+    )
     p.add_argument("--min-pixels", dest="min_pixels", type=_positive)
     p.add_argument("--max-pixels", dest="max_pixels", type=_positive)
-    p.add_argument("--images-per-sample", dest="images_per_sample", type=int,
-                   help="images per sample without --data (default 1)")
-    p.add_argument("--num-gpus", dest="num_gpus", type=_positive, default=1, help="data-parallel GPUs (one node)")
+    p.add_argument(
+        "--images-per-sample",
+        dest="images_per_sample",
+        type=int,
+        help="images per sample without --data (default 1)",
+    )
+    p.add_argument(
+        "--num-gpus", dest="num_gpus", type=_positive, default=1, help="data-parallel GPUs (one node)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -62,24 +85,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-accumulation-steps", dest="gradient_accumulation_steps", type=_positive)
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--zero-stage", dest="zero_stage", type=int, choices=[0, 1, 2, 3], default=0,
-                   help="0: no DeepSpeed (DDP on several GPUs); 1-3: DeepSpeed ZeRO stage")
-    p.add_argument("--offload", choices=["none", "optimizer", "all"], default="none",
-                   help="DeepSpeed offload to CPU RAM (all = parameters too; ZeRO-3 only)")
-    p.add_argument("--gpu", help="GPU to judge the fit on, e.g. 'RTX 4090', A100-80GB, H100 (see `recommend --table`)")
+    p.add_argument(
+        "--zero-stage",
+        dest="zero_stage",
+        type=int,
+        choices=[0, 1, 2, 3],
+        default=0,
+        help="0: no DeepSpeed (DDP on several GPUs); 1-3: DeepSpeed ZeRO stage",
+    )
+    p.add_argument(
+        "--offload",
+        choices=["none", "optimizer", "all"],
+        default="none",
+        help="DeepSpeed offload to CPU RAM (all = parameters too; ZeRO-3 only)",
+    )
+    p.add_argument(
+        "--gpu", help="GPU to judge the fit on, e.g. 'RTX 4090', A100-80GB, H100 (see `recommend --table`)"
+    )
 
 
 def resolve(args: argparse.Namespace) -> Any:
     """The validated VlmtuneConfig from preset, file, flags and dotted overrides (as `vlmtune train` does)."""
     from vlmtune.cli.train_cmd import FLAG_FIELDS, resolve_config
 
-    flags = [f"{field}={getattr(args, dest)}" for dest, field in CONFIG_FLAGS.items()
-             if getattr(args, dest, None) is not None]
+    flags = [
+        f"{field}={getattr(args, dest)}"
+        for dest, field in CONFIG_FLAGS.items()
+        if getattr(args, dest, None) is not None
+    ]
     files = [i for i in args.items if "=" not in i]
     dotted = [i for i in args.items if "=" in i]
-    shim = argparse.Namespace(items=files + flags + dotted, config=args.config, preset=args.preset,
-                              target_modules=None, flash_attn=False, use_4bit=False, use_lora=False,
-                              **dict.fromkeys(FLAG_FIELDS))
+    shim = argparse.Namespace(
+        items=files + flags + dotted,
+        config=args.config,
+        preset=args.preset,
+        target_modules=None,
+        flash_attn=False,
+        use_4bit=False,
+        use_lora=False,
+        **dict.fromkeys(FLAG_FIELDS),
+    )
     return resolve_config(shim)
 
 
@@ -92,31 +137,57 @@ def data_inputs(args: argparse.Namespace, inputs: Any) -> tuple[Any, Any]:
 
     spec = lookup_model(inputs.model)
     profile = scan_data(args.data, spec)
-    shape = profile.batch(spec, inputs.batch_size, inputs.seq_len, inputs.image_size, inputs.min_pixels,
-                          inputs.max_pixels)
+    shape = profile.batch(
+        spec, inputs.batch_size, inputs.seq_len, inputs.image_size, inputs.min_pixels, inputs.max_pixels
+    )
     note = "" if profile.exact_text else " (text tokens approximated: no tokenizer for this model offline)"
-    shape_text = (f"Data       {args.data}: {len(profile.samples)} samples, {profile.images} images; tokens per "
-                  "sample " + ", ".join(f"{k} {v}" for k, v in shape.percentiles.items())
-                  + f"; {shape.over_limit} over max_length {inputs.seq_len}{note}")
-    return inputs.with_(seq_len=shape.seq_len, vit_patches_per_batch=shape.vit_patches,
-                        images_per_sample=shape.images_per_sample), (shape, shape_text, profile)
+    shape_text = (
+        f"Data       {args.data}: {len(profile.samples)} samples, {profile.images} images; tokens per "
+        "sample "
+        + ", ".join(f"{k} {v}" for k, v in shape.percentiles.items())
+        + f"; {shape.over_limit} over max_length {inputs.seq_len}{note}"
+    )
+    return inputs.with_(
+        seq_len=shape.seq_len,
+        vit_patches_per_batch=shape.vit_patches,
+        images_per_sample=shape.images_per_sample,
+        image_tokens_per_sample=shape.image_tokens,
+    ), (shape, shape_text, profile)
 
 
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from vlmtune.errors import ConfigError
     from vlmtune.memory import estimate, inputs_from_config
+    from vlmtune.memory.zero import check_plan
 
-    config = resolve(args)
-    inputs = inputs_from_config(config, zero_stage=args.zero_stage, offload=args.offload, num_gpus=args.num_gpus,
-                                gpu=args.gpu, images_per_sample=args.images_per_sample)
+    try:
+        config = resolve(args)
+    except ConfigError as exc:  # report the parallelism problems in the same message
+        raise ConfigError(
+            exc.problems + check_plan(args.zero_stage, args.offload, args.num_gpus), exc.source
+        ) from None
+    inputs = inputs_from_config(
+        config,
+        zero_stage=args.zero_stage,
+        offload=args.offload,
+        num_gpus=args.num_gpus,
+        gpu=args.gpu,
+        images_per_sample=args.images_per_sample,
+    )
     inputs, data = data_inputs(args, inputs)
     breakdown = estimate(inputs)
     if args.json:
         out = breakdown.to_dict()
         if data:
-            out["data"] = {"path": args.data, "samples": len(data[2].samples), "percentiles": data[0].percentiles,
-                           "over_max_length": data[0].over_limit, "exact_text_tokens": data[2].exact_text}
+            out["data"] = {
+                "path": args.data,
+                "samples": len(data[2].samples),
+                "percentiles": data[0].percentiles,
+                "over_max_length": data[0].over_limit,
+                "exact_text_tokens": data[2].exact_text,
+            }
         print(json.dumps(out, indent=2, default=str))
     else:
         print(breakdown.to_table())

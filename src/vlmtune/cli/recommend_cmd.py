@@ -19,13 +19,28 @@ DEFAULT_EFFECTIVE_BATCH = 16
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
     p.add_argument("--gpu", help="GPU name, e.g. 'RTX 4090', A100-80GB, H100 (required unless --table)")
-    p.add_argument("--method", dest="search_method", choices=["auto", "lora", "qlora", "full"], default="auto",
-                   help="auto: LoRA or QLoRA, whichever is faster and fits; full fine-tuning only when asked")
-    p.add_argument("--effective-batch", dest="effective_batch", type=int,
-                   help=f"samples per optimizer step (default: the config's, or {DEFAULT_EFFECTIVE_BATCH})")
-    p.add_argument("--margin", type=float, default=0.10, help="fraction of GPU memory to leave free (default 0.10)")
-    p.add_argument("--cpu-ram", dest="cpu_ram", type=float, help="GiB of CPU RAM offloading may use (default: any)")
-    p.add_argument("--output", "-o", default="vlmtune-recommended.yaml", help="config file to write ('-': stdout)")
+    p.add_argument(
+        "--method",
+        dest="search_method",
+        choices=["auto", "lora", "qlora", "full"],
+        default="auto",
+        help="auto: LoRA or QLoRA, whichever is faster and fits; full fine-tuning only when asked",
+    )
+    p.add_argument(
+        "--effective-batch",
+        dest="effective_batch",
+        type=int,
+        help=f"samples per optimizer step (default: the config's, or {DEFAULT_EFFECTIVE_BATCH})",
+    )
+    p.add_argument(
+        "--margin", type=float, default=0.10, help="fraction of GPU memory to leave free (default 0.10)"
+    )
+    p.add_argument(
+        "--cpu-ram", dest="cpu_ram", type=float, help="GiB of CPU RAM offloading may use (default: any)"
+    )
+    p.add_argument(
+        "--output", "-o", default="vlmtune-recommended.yaml", help="config file to write ('-': stdout)"
+    )
     p.add_argument("--table", action="store_true", help="print the GPU x count table for the model instead")
     p.add_argument("--gpus", help="comma-separated GPUs for --table (default: the whole catalogue)")
     p.add_argument("--counts", default="1,2,4,8", help="GPU counts for --table (default 1,2,4,8)")
@@ -45,8 +60,9 @@ def run(args: argparse.Namespace) -> int:
     from vlmtune.memory.recommend import recommend
 
     if not args.table and not args.gpu:
-        raise ConfigError(["--gpu is required (or use --table); known GPUs: "
-                           + ", ".join(g.name for g in all_gpus())])
+        raise ConfigError(
+            ["--gpu is required (or use --table); known GPUs: " + ", ".join(g.name for g in all_gpus())]
+        )
     config = resolve(args)
     base = inputs_from_config(config, num_gpus=args.num_gpus, images_per_sample=args.images_per_sample)
     configured = config.training.batch_size * config.training.gradient_accumulation_steps
@@ -59,25 +75,59 @@ def run(args: argparse.Namespace) -> int:
         gpus = [get_gpu(g) for g in args.gpus.split(",")] if args.gpus else list(all_gpus())
         recs = table(base, gpus, counts, effective, _methods(args.search_method), args.margin, cpu_ram)
         if args.json:
-            print(json.dumps([{"gpu": r.gpu.name, "num_gpus": r.num_gpus, "summary": r.describe(),
-                               "inputs": r.best.inputs.to_dict() if r.best else None,
-                               "peak_total": r.best.breakdown.peak_total if r.best else None} for r in recs],
-                             indent=2, default=str))
+            print(
+                json.dumps(
+                    [
+                        {
+                            "gpu": r.gpu.name,
+                            "num_gpus": r.num_gpus,
+                            "summary": r.describe(),
+                            "inputs": r.best.inputs.to_dict() if r.best else None,
+                            "peak_total": r.best.breakdown.peak_total if r.best else None,
+                        }
+                        for r in recs
+                    ],
+                    indent=2,
+                    default=str,
+                )
+            )
         else:
-            print(f"{base.model}: effective batch {effective}, sequence {base.seq_len}, margin {args.margin:.0%}")
+            print(
+                f"{base.model}: effective batch {effective}, sequence {base.seq_len}, margin {args.margin:.0%}"
+            )
             print(format_table(recs))
         return 0
     base, data = data_inputs(args, base)
-    rec = recommend(base, get_gpu(args.gpu), args.num_gpus, effective, _methods(args.search_method), args.margin,
-                    profile=data[2] if data else None, max_cpu_ram=cpu_ram)
+    rec = recommend(
+        base,
+        get_gpu(args.gpu),
+        args.num_gpus,
+        effective,
+        _methods(args.search_method),
+        args.margin,
+        profile=data[2] if data else None,
+        max_cpu_ram=cpu_ram,
+    )
     if args.json:
-        print(json.dumps({"summary": rec.describe(), "considered": rec.considered,
-                          "estimate": rec.best.breakdown.to_dict() if rec.best else None}, indent=2, default=str))
+        print(
+            json.dumps(
+                {
+                    "summary": rec.describe(),
+                    "considered": rec.considered,
+                    "estimate": rec.best.breakdown.to_dict() if rec.best else None,
+                },
+                indent=2,
+                default=str,
+            )
+        )
     else:
         print(f"{rec.num_gpus} x {rec.gpu.name}: {rec.describe()}")
+        for note in rec.best.breakdown.notes if rec.best else ():
+            print(f"note: {note}")
     if rec.best is None:
         return 1
-    text = config_yaml(rec, config)
+    name = "THIS_FILE" if args.output == "-" else args.output
+    text = config_yaml(rec, config, name, train_path=args.data)
     if args.output == "-":
         print(text, end="")
     else:

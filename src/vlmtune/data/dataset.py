@@ -31,8 +31,9 @@ EncodeFn = Callable[[Record], Any]
 class EncodedDataset(Dataset):
     """Records encoded for training; `dropped` lists the source lines of the samples that were left out."""
 
-    def __init__(self, records: Sequence[Record], encode: EncodeFn, source: Path | str = "",
-                 eager: bool | None = None):
+    def __init__(
+        self, records: Sequence[Record], encode: EncodeFn, source: Path | str = "", eager: bool | None = None
+    ):
         self.source = str(source)
         self.eager = len(records) <= EAGER_LIMIT if eager is None else eager
         self._encode = encode
@@ -48,13 +49,20 @@ class EncodedDataset(Dataset):
             if self.eager:
                 self._samples.append(sample)
         if not self._records:
-            raise DataError(f"{self.source}: all {len(records)} sample(s) were dropped because they do not fit "
-                            "data.max_length without cutting into an image; raise data.max_length or lower "
-                            "data.image_size / data.max_pixels (run `vlmtune data check` for token lengths).")
+            raise DataError(
+                f"{self.source}: all {len(records)} sample(s) were dropped because they do not fit "
+                "data.max_length without cutting into an image; raise data.max_length or lower "
+                "data.image_size / data.max_pixels (run `vlmtune data check` for token lengths)."
+            )
         if self.dropped:
             shown = ", ".join(str(n) for n in self.dropped[:20]) + (" ..." if len(self.dropped) > 20 else "")
-            log.warning("%s: dropped %d of %d sample(s) longer than data.max_length (lines %s)",
-                        self.source, len(self.dropped), len(records), shown)
+            log.warning(
+                "%s: dropped %d of %d sample(s) longer than data.max_length (lines %s)",
+                self.source,
+                len(self.dropped),
+                len(records),
+                shown,
+            )
 
     @property
     def dropped_count(self) -> int:
@@ -74,6 +82,8 @@ class EncodedDataset(Dataset):
         record = self._records[index]
         sample = self._encode(record)
         if sample is None:
-            raise DataError(f"{self.source}:{record.line}: the sample encoded on the first pass but not on the "
-                            "second; the record or its image changed while training was running.")
+            raise DataError(
+                f"{self.source}:{record.line}: the sample encoded on the first pass but not on the "
+                "second; the record or its image changed while training was running."
+            )
         return sample

@@ -47,8 +47,10 @@ def adapter_base(adapter_dir: Path | str) -> str:
     config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
     base = config.get("base_model_name_or_path")
     if not base:
-        raise VlmtuneError(f"{adapter_dir}/adapter_config.json does not record its base model; pass the base "
-                           "model explicitly (--model / base=...).")
+        raise VlmtuneError(
+            f"{adapter_dir}/adapter_config.json does not record its base model; pass the base "
+            "model explicitly (--model / base=...)."
+        )
     return str(base)
 
 
@@ -75,19 +77,24 @@ def _bnb_config(meta: dict[str, Any]) -> Any:
     )
 
 
-def load_model(path: str, dtype: torch.dtype, device: str, load_in_4bit: bool = False,
-               meta: dict[str, Any] | None = None) -> torch.nn.Module:
+def load_model(
+    path: str, dtype: torch.dtype, device: str, load_in_4bit: bool = False, meta: dict[str, Any] | None = None
+) -> torch.nn.Module:
     from transformers import AutoModelForImageTextToText
 
     kwargs: dict[str, Any] = {"dtype": dtype}
     if load_in_4bit:
         require("bitsandbytes", "qlora", "loading a model in 4-bit")
-        kwargs.update(quantization_config=_bnb_config(meta or {}), device_map={"": device if device == "cpu" else 0})
+        kwargs.update(
+            quantization_config=_bnb_config(meta or {}), device_map={"": device if device == "cpu" else 0}
+        )
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     except OSError as exc:
-        raise VlmtuneError(f"cannot load the model '{path}': {exc}. Give a folder written by save_pretrained "
-                           "(or a hub id reachable from this machine).") from exc
+        raise VlmtuneError(
+            f"cannot load the model '{path}': {exc}. Give a folder written by save_pretrained "
+            "(or a hub id reachable from this machine)."
+        ) from exc
     if load_in_4bit and device == "cpu":
         from vlmtune.methods.qlora import disable_cpu_bf16_repack
 
@@ -97,9 +104,14 @@ def load_model(path: str, dtype: torch.dtype, device: str, load_in_4bit: bool = 
     return model
 
 
-def load_for_inference(model_dir: Path | str, adapter_dir: Path | str | None = None, *,
-                       dtype: str | torch.dtype | None = None, device: str | None = None,
-                       load_in_4bit: bool | None = None) -> LoadedModel:
+def load_for_inference(
+    model_dir: Path | str,
+    adapter_dir: Path | str | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    load_in_4bit: bool | None = None,
+) -> LoadedModel:
     """A model ready for `generate`, in eval mode.
 
     model_dir: a base model, a full fine-tuned or merged model, or an adapter folder (its base is read from
@@ -114,8 +126,10 @@ def load_for_inference(model_dir: Path | str, adapter_dir: Path | str | None = N
         model_dir = adapter_base(model_dir)
     adapter = Path(adapter_dir) if adapter_dir is not None else None
     if adapter is not None and not is_adapter_dir(adapter):
-        raise VlmtuneError(f"{adapter} is not an adapter folder (no adapter_config.json); pass a full model as "
-                           "the model instead.")
+        raise VlmtuneError(
+            f"{adapter} is not an adapter folder (no adapter_config.json); pass a full model as "
+            "the model instead."
+        )
     meta = read_meta(adapter) if adapter is not None else read_meta(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     four_bit = meta.get("method") == "qlora" if load_in_4bit is None else load_in_4bit
@@ -128,6 +142,10 @@ def load_for_inference(model_dir: Path | str, adapter_dir: Path | str | None = N
 
         model = PeftModel.from_pretrained(model, str(adapter))
     model.eval()
-    source = adapter if adapter is not None and any((adapter / f).is_file() for f in _PROCESSOR_FILES) else model_dir
+    source = (
+        adapter
+        if adapter is not None and any((adapter / f).is_file() for f in _PROCESSOR_FILES)
+        else model_dir
+    )
     processor = family.load_processor(source)
     return LoadedModel(model=model, processor=processor, family=family, base=str(model_dir), adapter=adapter)

@@ -20,8 +20,12 @@ log = logging.getLogger(__name__)
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
-def merge_adapter(adapter_dir: Path | str, out_dir: Path | str, base: str | None = None,
-                  dtype: str | torch.dtype = "bfloat16") -> Path:
+def merge_adapter(
+    adapter_dir: Path | str,
+    out_dir: Path | str,
+    base: str | None = None,
+    dtype: str | torch.dtype = "bfloat16",
+) -> Path:
     """Write the merged model and its processor to `out_dir` (appearing there in one rename) and return it.
 
     base: the base model folder or hub id; default: the one recorded in the adapter's adapter_config.json.
@@ -33,12 +37,16 @@ def merge_adapter(adapter_dir: Path | str, out_dir: Path | str, base: str | None
 
     adapter, out = Path(adapter_dir), Path(out_dir)
     if not is_adapter_dir(adapter):
-        raise VlmtuneError(f"{adapter} is not an adapter folder (no adapter_config.json). Full fine-tuning results "
-                           "are standalone models already; nothing to merge.")
+        raise VlmtuneError(
+            f"{adapter} is not an adapter folder (no adapter_config.json). Full fine-tuning results "
+            "are standalone models already; nothing to merge."
+        )
     meta = read_meta(adapter)
     if meta.get("random_init") and base is None:
-        raise VlmtuneError(f"{adapter} was trained on a randomly initialised base (model.random_init), which was "
-                           "never saved; merging it into the weights on disk would give a different model.")
+        raise VlmtuneError(
+            f"{adapter} was trained on a randomly initialised base (model.random_init), which was "
+            "never saved; merging it into the weights on disk would give a different model."
+        )
     base = base or adapter_base(adapter)
     family = family_for_model(base)
     model = load_model(base, to_dtype(dtype, torch.bfloat16), "cpu")
@@ -53,7 +61,9 @@ def merge_adapter(adapter_dir: Path | str, out_dir: Path | str, base: str | None
     if out.exists():
         if any(out.iterdir()) and not (out / "config.json").is_file():
             shutil.rmtree(staging)
-            raise VlmtuneError(f"{out} exists and does not look like a model folder; choose an empty or new folder.")
+            raise VlmtuneError(
+                f"{out} exists and does not look like a model folder; choose an empty or new folder."
+            )
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging.rename(out)

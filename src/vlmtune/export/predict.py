@@ -1,8 +1,8 @@
 """Use a trained result: load it, answer questions about images (greedy), and score a JSONL file by exact match.
 
-    loaded = load_for_inference("output/run/final")          # an adapter folder finds its base by itself
-    print(answer(loaded, [Path("cat.png")], "What is this?"))
-    result = predict_file(loaded, Path("val.jsonl"), Path("predictions.jsonl"))
+loaded = load_for_inference("output/run/final")          # an adapter folder finds its base by itself
+print(answer(loaded, [Path("cat.png")], "What is this?"))
+result = predict_file(loaded, Path("val.jsonl"), Path("predictions.jsonl"))
 """
 
 from __future__ import annotations
@@ -20,8 +20,15 @@ from vlmtune.export.loading import LoadedModel, load_for_inference
 if TYPE_CHECKING:
     from vlmtune.data.records import Message
 
-__all__ = ["LoadedModel", "PredictResult", "answer", "generate_answer", "load_for_inference", "normalize_answer",
-           "predict_file"]
+__all__ = [
+    "LoadedModel",
+    "PredictResult",
+    "answer",
+    "generate_answer",
+    "load_for_inference",
+    "normalize_answer",
+    "predict_file",
+]
 
 _TRAILING_PUNCT = ".,;:!?\u3002\uff01\uff1f"
 
@@ -36,8 +43,13 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def generate_answer(model: torch.nn.Module, processor: Any, messages: list[Message],
-                    max_new_tokens: int = 64, max_megapixels: float = 100.0) -> str:
+def generate_answer(
+    model: torch.nn.Module,
+    processor: Any,
+    messages: list[Message],
+    max_new_tokens: int = 64,
+    max_megapixels: float = 100.0,
+) -> str:
     """Greedy answer to the conversation `messages` (ending with a user turn), images in conversation order."""
     from vlmtune.data.images import open_image
     from vlmtune.data.records import Record
@@ -48,9 +60,14 @@ def generate_answer(model: torch.nn.Module, processor: Any, messages: list[Messa
     inputs = processor(text=[text], images=images or None, return_tensors="pt")
     inputs = {k: v.to(_device(model)) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     pad = processor.tokenizer.pad_token_id
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                            pad_token_id=pad if pad is not None else processor.tokenizer.eos_token_id)
-    new_tokens = output[0, inputs["input_ids"].shape[1]:]
+    output = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad if pad is not None else processor.tokenizer.eos_token_id,
+    )
+    new_tokens = output[0, inputs["input_ids"].shape[1] :]
     return processor.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
 
 
@@ -74,8 +91,9 @@ class PredictResult:
         return self.correct / self.total if self.total else 0.0
 
 
-def predict_file(loaded: LoadedModel, data_path: Path | str, out_path: Path | str,
-                 max_new_tokens: int = 64) -> PredictResult:
+def predict_file(
+    loaded: LoadedModel, data_path: Path | str, out_path: Path | str, max_new_tokens: int = 64
+) -> PredictResult:
     """Answer every record of a JSONL file: the prompt is the conversation before its last assistant turn, the
     reference is that turn's text. Writes `out_path` (JSONL) and returns exact-match accuracy."""
     from vlmtune.data.records import read_records
@@ -88,7 +106,9 @@ def predict_file(loaded: LoadedModel, data_path: Path | str, out_path: Path | st
     with open(tmp, "w", encoding="utf-8") as fh:
         for record in records:  # read_records guarantees an assistant turn after a user turn
             last = max(i for i, m in enumerate(record.messages) if m.role == "assistant")
-            prediction = generate_answer(loaded.model, loaded.processor, record.messages[:last], max_new_tokens)
+            prediction = generate_answer(
+                loaded.model, loaded.processor, record.messages[:last], max_new_tokens
+            )
             reference = record.messages[last].text
             ok = normalize_answer(prediction) == normalize_answer(reference)
             correct += ok

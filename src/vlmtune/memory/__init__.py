@@ -12,6 +12,17 @@ from vlmtune.memory.inputs import EstimateInputs, inputs_from_config
 from vlmtune.memory.params import ParamCounts, count_params
 
 __all__ = [
-    "Breakdown", "EstimateInputs", "GpuSpec", "ModelSpec", "ParamCounts", "Verdict", "all_gpus", "catalogue_names",
-    "count_params", "estimate", "get_gpu", "inputs_from_config", "lookup_model",
+    "Breakdown",
+    "EstimateInputs",
+    "GpuSpec",
+    "ModelSpec",
+    "ParamCounts",
+    "Verdict",
+    "all_gpus",
+    "catalogue_names",
+    "count_params",
+    "estimate",
+    "get_gpu",
+    "inputs_from_config",
+    "lookup_model",
 ]

@@ -45,7 +45,9 @@ class ActivationTerms:
         return self.language_saved + self.vision_saved
 
 
-def per_token_layer_bytes(inputs: EstimateInputs, counts: ParamCounts, targets: list[str], bf16_adapters: bool) -> int:
+def per_token_layer_bytes(
+    inputs: EstimateInputs, counts: ParamCounts, targets: list[str], bf16_adapters: bool
+) -> int:
     """Bytes one decoder layer keeps per token without checkpointing (bf16 residual stream)."""
     d = counts.dims
     h, q, kv, i = d.hidden, d.q_width, d.kv_width, d.intermediate
@@ -58,12 +60,20 @@ def per_token_layer_bytes(inputs: EstimateInputs, counts: ParamCounts, targets: 
         if inputs.lora_dropout > 0:
             out += int((6 * h + i) * share)
     if inputs.attn_implementation == "eager":
-        out += 4 * d.heads * inputs.seq_len  # bf16 scores and probabilities, S per token per head (not measured)
+        out += (
+            4 * d.heads * inputs.seq_len
+        )  # bf16 scores and probabilities, S per token per head (not measured)
     return out
 
 
-def activation_terms(inputs: EstimateInputs, spec: ModelSpec, counts: ParamCounts, act_bytes: int,
-                     targets: list[str], bf16_adapters: bool) -> ActivationTerms:
+def activation_terms(
+    inputs: EstimateInputs,
+    spec: ModelSpec,
+    counts: ParamCounts,
+    act_bytes: int,
+    targets: list[str],
+    bf16_adapters: bool,
+) -> ActivationTerms:
     d = counts.dims
     notes: list[str] = []
     rule = spec.image
@@ -71,13 +81,19 @@ def activation_terms(inputs: EstimateInputs, spec: ModelSpec, counts: ParamCount
     if inputs.images_per_sample:
         h, w = inputs.image_hw
         cost = image_cost(rule, h, w, inputs.image_size, inputs.min_pixels, inputs.max_pixels)
-        per_image_tokens = cost.llm_tokens + spec.arch.chat.get("tokens_per_image", 0) + tile_wrapper_tokens(rule, cost)
+        per_image_tokens = (
+            cost.llm_tokens + spec.arch.chat.get("tokens_per_image", 0) + tile_wrapper_tokens(rule, cost)
+        )
         per_image_patches = cost.vit_patches
-    image_tokens = per_image_tokens * inputs.images_per_sample
+    image_tokens = inputs.image_tokens_per_sample
+    if image_tokens is None:
+        image_tokens = per_image_tokens * inputs.images_per_sample
     b, s = inputs.batch_size, inputs.seq_len
     if image_tokens >= s:
-        notes.append(f"the images alone take {image_tokens} tokens, more than seq_len {s}: such samples are dropped "
-                     "or cut by the engine; lower max_pixels / image_size or raise data.max_length")
+        notes.append(
+            f"the images alone take {image_tokens} tokens, more than seq_len {s}: such samples are dropped "
+            "or cut by the engine; lower max_pixels / image_size or raise data.max_length"
+        )
     patches = inputs.vit_patches_per_batch
     if patches is None:
         patches = b * inputs.images_per_sample * per_image_patches
@@ -94,11 +110,21 @@ def activation_terms(inputs: EstimateInputs, spec: ModelSpec, counts: ParamCount
         vision = TRAINED_VIT_BYTES * d.vision_width * patches * d.vision_depth if trained_vit else 0
     dequant = 0
     if inputs.method == "qlora":
-        largest = max((lin.in_features * lin.out_features for lin in counts.linears if lin.part == "language"),
-                      default=0)
+        largest = max(
+            (lin.in_features * lin.out_features for lin in counts.linears if lin.part == "language"),
+            default=0,
+        )
         dequant = 2 * 2 * largest
     patch = rule.get("patch_size", 14)
     pixel_values = patches * 3 * patch * patch * rule.get("temporal_patch_size", 1)
-    return ActivationTerms(seq_len=s, image_tokens=image_tokens, vit_patches=patches, language_saved=language,
-                           vision_saved=vision, layer_working=working, dequant=dequant,
-                           pixel_bytes=pixel_values * 6, notes=notes)
+    return ActivationTerms(
+        seq_len=s,
+        image_tokens=image_tokens,
+        vit_patches=patches,
+        language_saved=language,
+        vision_saved=vision,
+        layer_working=working,
+        dequant=dequant,
+        pixel_bytes=pixel_values * 6,
+        notes=notes,
+    )

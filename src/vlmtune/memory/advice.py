@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from vlmtune.config.schema import VlmtuneConfig
 
 
-def config_dict(rec: Recommendation, config: VlmtuneConfig) -> dict[str, Any]:
+def config_dict(rec: Recommendation, config: VlmtuneConfig, train_path: str | None = None) -> dict[str, Any]:
     """`config` with the recommendation applied, as a plain dict that `vlmtune train` accepts.
 
     ZeRO stage, offload and GPU count are not fields of the vlmtune config (yet): `config_yaml` writes them in the
@@ -35,11 +35,15 @@ def config_dict(rec: Recommendation, config: VlmtuneConfig) -> dict[str, Any]:
     data["hardware"]["precision"] = i.precision
     if i.max_pixels:
         data["data"]["max_pixels"] = i.max_pixels
+    if train_path:
+        data["data"]["train_path"] = str(train_path)
     config_from_dict(data, source="vlmtune recommend")  # the file must load; a failure here is a bug
     return data
 
 
-def config_yaml(rec: Recommendation, config: VlmtuneConfig) -> str:
+def config_yaml(
+    rec: Recommendation, config: VlmtuneConfig, file_name: str = "THIS_FILE", train_path: str | None = None
+) -> str:
     """The recommended config file, with a header saying what it targets, the expected memory and how to launch."""
     assert rec.best is not None
     i, b = rec.best.inputs, rec.best.breakdown
@@ -51,28 +55,42 @@ def config_yaml(rec: Recommendation, config: VlmtuneConfig) -> str:
         f"sequence {b.seq_len} tokens, {b.vit_patches} vision patches per micro-batch.",
     ]
     if i.zero_stage or rec.num_gpus > 1:
-        header.append(f"# Distributed: {'DeepSpeed ZeRO-' + str(i.zero_stage) if i.zero_stage else 'DDP'}"
-                      f"{', offload ' + i.offload if i.offload != 'none' else ''} on {rec.num_gpus} GPU(s). "
-                      "These are launch settings, not config fields.")
+        header.append(
+            f"# Distributed: {'DeepSpeed ZeRO-' + str(i.zero_stage) if i.zero_stage else 'DDP'}"
+            f"{', offload ' + i.offload if i.offload != 'none' else ''} on {rec.num_gpus} GPU(s). "
+            "These are launch settings, not config fields."
+        )
     if b.cpu_ram:
         header.append(f"# Offloading needs about {b.cpu_ram / GIB:.0f} GiB of CPU RAM on the node.")
-    header.append("# Launch: vlmtune train THIS_FILE --train-data data/train.jsonl")
-    body = yaml.safe_dump(config_dict(rec, config), sort_keys=False)
+    data = "" if train_path or config.data.train_path else " --train-data data/train.jsonl"
+    header.append(f"# Launch: vlmtune train {file_name}{data}")
+    body = yaml.safe_dump(config_dict(rec, config, train_path), sort_keys=False)
     return "\n".join(header) + "\n" + body
 
 
-def table(base: EstimateInputs, gpus: Iterable[GpuSpec], counts: Iterable[int], effective_batch: int,
-          methods: tuple[str, ...] = ("lora", "qlora"), margin: float = 0.10,
-          max_cpu_ram: int | None = None) -> list[Recommendation]:
+def table(
+    base: EstimateInputs,
+    gpus: Iterable[GpuSpec],
+    counts: Iterable[int],
+    effective_batch: int,
+    methods: tuple[str, ...] = ("lora", "qlora"),
+    margin: float = 0.10,
+    max_cpu_ram: int | None = None,
+) -> list[Recommendation]:
     """One recommendation per (GPU, count): the table hardware guides publish, computed."""
     counts = list(counts)
-    return [recommend(base, gpu, n, effective_batch, methods, margin, max_cpu_ram=max_cpu_ram)
-            for gpu in gpus for n in counts]
+    return [
+        recommend(base, gpu, n, effective_batch, methods, margin, max_cpu_ram=max_cpu_ram)
+        for gpu in gpus
+        for n in counts
+    ]
 
 
 def format_table(recs: list[Recommendation]) -> str:
-    head = (f"{'GPU':<20}{'x':>3}  {'method':<10}{'batch':>6}{'accum':>6}  {'ZeRO':<14}{'ckpt':<5}"
-            f"{'max_pixels':>11}{'GiB/GPU':>9}{'of':>7}{'CPU GiB':>9}")
+    head = (
+        f"{'GPU':<20}{'x':>3}  {'method':<10}{'batch':>6}{'accum':>6}  {'parallel':<16}{'ckpt':<5}"
+        f"{'max_pixels':>11}{'GiB/GPU':>9}{'of':>7}{'CPU GiB':>9}"
+    )
     lines = [head, "-" * len(head)]
     for r in recs:
         left = f"{r.gpu.name:<20}{r.num_gpus:>3}  "
@@ -81,10 +99,15 @@ def format_table(recs: list[Recommendation]) -> str:
             continue
         i, b = r.best.inputs, r.best.breakdown
         method = i.method + (f" r{i.lora_rank}" if i.method != "full" else "")
-        zero = (f"{i.zero_stage}" + (f"+off:{i.offload}" if i.offload != "none" else "")) if i.zero_stage else (
-            "DDP" if i.num_gpus > 1 else "-")
-        lines.append(left + f"{method:<10}{i.batch_size:>6}{i.gradient_accumulation_steps:>6}  {zero:<14}"
-                     f"{'on' if i.gradient_checkpointing else 'off':<5}{i.max_pixels or '-':>11}"
-                     f"{b.peak_total / GIB:>9.1f}{r.gpu.usable_bytes / GIB:>7.1f}"
-                     f"{(f'{b.cpu_ram / GIB:.0f}' if b.cpu_ram else '-'):>9}")
+        zero = (
+            (f"ZeRO-{i.zero_stage}" + {"none": "", "optimizer": "+opt-off", "all": "+all-off"}[i.offload])
+            if i.zero_stage
+            else ("DDP" if i.num_gpus > 1 else "-")
+        )
+        lines.append(
+            left + f"{method:<10}{i.batch_size:>6}{i.gradient_accumulation_steps:>6}  {zero:<16}"
+            f"{'on' if i.gradient_checkpointing else 'off':<5}{i.max_pixels or '-':>11}"
+            f"{b.peak_total / GIB:>9.1f}{r.gpu.usable_bytes / GIB:>7.1f}"
+            f"{(f'{b.cpu_ram / GIB:.0f}' if b.cpu_ram else '-'):>9}"
+        )
     return "\n".join(lines)

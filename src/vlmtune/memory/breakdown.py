@@ -74,10 +74,12 @@ class Breakdown:
         quant = " (4-bit NF4 where quantized)" if self.weights_quantized else ""
         lines = [
             f"Model      {self.model}  ({self.total_params / 1e9:.2f} B parameters; {self.params_source})",
-            f"Setup      {i.method}" + (f" r={i.lora_rank}" if i.method != "full" else "")
+            f"Setup      {i.method}"
+            + (f" r={i.lora_rank}" if i.method != "full" else "")
             + f", micro-batch {i.batch_size} x accumulation {i.gradient_accumulation_steps}, {i.precision}, "
             f"checkpointing {'on' if i.gradient_checkpointing else 'off'}, ZeRO {i.zero_stage}"
-            + (f" offload {i.offload}" if i.offload != "none" else "") + f", {i.num_gpus} GPU(s)",
+            + (f" offload {i.offload}" if i.offload != "none" else "")
+            + f", {i.num_gpus} GPU(s)",
             f"Sequence   {self.seq_len} tokens per sample ({self.image_tokens} image tokens), "
             f"{self.vit_patches} vision patches per micro-batch",
             f"Trainable  {self.trainable_params:,} parameters ({100 * self.trainable_params / self.total_params:.2f}%)",
@@ -109,11 +111,16 @@ class Breakdown:
         row("CUDA context", self.cuda_context)
         lines.append(f"  {'PEAK (nvidia-smi)':<36}{self.peak_total / GIB:>9.2f}")
         if self.offloaded:
-            lines.append(f"  offloaded to CPU RAM {self.offloaded / GIB:.2f} GiB per GPU; "
-                         f"the node needs {self.cpu_ram / GIB:.1f} GiB of CPU RAM for it")
+            lines.append(
+                f"  offloaded to CPU RAM {self.offloaded / GIB:.2f} GiB per GPU; "
+                f"the node needs {self.cpu_ram / GIB:.1f} GiB of CPU RAM for it"
+            )
         if self.verdict:
             v = self.verdict
-            lines += ["", f"Verdict    {v.status.upper()} on {v.gpu} ({v.capacity / GIB:.1f} GiB usable): "
-                          f"headroom {v.headroom / GIB:+.2f} GiB ({100 * v.headroom / v.capacity:+.0f}%)"]
+            lines += [
+                "",
+                f"Verdict    {v.status.upper()} on {v.gpu} ({v.capacity / GIB:.1f} GiB usable): "
+                f"headroom {v.headroom / GIB:+.2f} GiB ({100 * v.headroom / v.capacity:+.0f}%)",
+            ]
         lines += [f"Note       {n}" for n in self.notes]
         return "\n".join(lines)

@@ -68,9 +68,17 @@ def compare(runs: list[dict[str, Any]]) -> list[AnchorResult]:
     out = []
     for run in runs:
         b = estimate(run_inputs(run))
-        out.append(AnchorResult(run["case"], run["peak_alloc_MiB"], run["peak_reserved_MiB"],
-                                run["nvml_final_delta_MiB"], b.peak_allocated / MIB, b.peak_reserved / MIB,
-                                b.peak_total / MIB))
+        out.append(
+            AnchorResult(
+                run["case"],
+                run["peak_alloc_MiB"],
+                run["peak_reserved_MiB"],
+                run["nvml_final_delta_MiB"],
+                b.peak_allocated / MIB,
+                b.peak_reserved / MIB,
+                b.peak_total / MIB,
+            )
+        )
     return out
 
 
@@ -80,13 +88,25 @@ def read_runs(path: str | Path) -> list[dict[str, Any]]:
 
 def report(results: list[AnchorResult]) -> str:
     """A Markdown table: measured vs predicted (MiB) at the three levels, with the relative errors."""
-    lines = ["| case | nvidia-smi meas | pred | err | reserved meas | pred | err | allocated meas | pred | err |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| case | nvidia-smi meas | pred | err | reserved meas | pred | err | allocated meas | pred | err |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r.case} | {r.measured_total:.0f} | {r.predicted_total:.0f} | {r.err_total:+.1f}% "
-                     f"| {r.measured_reserved:.0f} | {r.predicted_reserved:.0f} | {r.err_reserved:+.1f}% "
-                     f"| {r.measured_alloc:.0f} | {r.predicted_alloc:.0f} | {r.err_alloc:+.1f}% |")
+        lines.append(
+            f"| {r.case} | {r.measured_total:.0f} | {r.predicted_total:.0f} | {r.err_total:+.1f}% "
+            f"| {r.measured_reserved:.0f} | {r.predicted_reserved:.0f} | {r.err_reserved:+.1f}% "
+            f"| {r.measured_alloc:.0f} | {r.predicted_alloc:.0f} | {r.err_alloc:+.1f}% |"
+        )
     worst = max(results, key=lambda r: abs(r.err_total))
     mean_abs = sum(abs(r.err_total) for r in results) / len(results)
-    lines.append(f"\nnvidia-smi level: mean |error| {mean_abs:.1f}%, worst {worst.err_total:+.1f}% ({worst.case})")
+    lines.append(
+        f"\nnvidia-smi level: mean |error| {mean_abs:.1f}%, worst {worst.err_total:+.1f}% ({worst.case})"
+    )
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m vlmtune.memory.calibration tests/memory/data/h100_anchors.jsonl
+    import sys
+
+    print(report(compare(read_runs(sys.argv[1]))))

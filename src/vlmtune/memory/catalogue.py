@@ -65,9 +65,15 @@ def architectures() -> dict[str, Architecture]:
     out = {}
     for model_type, a in _raw()["architectures"].items():
         out[model_type] = Architecture(
-            model_type=model_type, vision=tuple(a["vision"]), projector=tuple(a["projector"]), dims=dict(a["dims"]),
+            model_type=model_type,
+            vision=tuple(a["vision"]),
+            projector=tuple(a["projector"]),
+            dims=dict(a["dims"]),
             lora_targets={k: list(v) for k, v in a["lora_targets"].items()},
-            vision_lora_targets=tuple(a["vision_lora_targets"]), image=dict(a["image"]), chat=dict(a["chat"]))
+            vision_lora_targets=tuple(a["vision_lora_targets"]),
+            image=dict(a["image"]),
+            chat=dict(a["chat"]),
+        )
     return out
 
 
@@ -78,8 +84,14 @@ def catalogue_names() -> list[str]:
 
 def _spec(name: str, entry: dict[str, Any]) -> ModelSpec:
     arch = architectures()[entry["model_type"]]
-    return ModelSpec(name=name, arch=arch, config=copy.deepcopy(entry.get("config", {})), params=entry.get("params"),
-                     analytic=entry.get("analytic"), image={**arch.image, **entry.get("image", {})})
+    return ModelSpec(
+        name=name,
+        arch=arch,
+        config=copy.deepcopy(entry.get("config", {})),
+        params=entry.get("params"),
+        analytic=entry.get("analytic"),
+        image={**arch.image, **entry.get("image", {})},
+    )
 
 
 def _normalise(name: str) -> str:
@@ -95,47 +107,67 @@ def _catalogue_match(name: str) -> ModelSpec | None:
     return None
 
 
-def _local_config(name: str) -> dict[str, Any] | None:
-    """config.json of a local folder, or of a hub id already in the HF cache (never downloads)."""
-    import json
-
+def _cached_file(name: str, filename: str) -> Path | None:
+    """`filename` of a local folder, or of a hub id already in the HF cache (never downloads)."""
     folder = Path(name).expanduser()
-    if (folder / "config.json").is_file():
-        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if folder.exists() or "/" not in name:
-        return None
+        return folder / filename if (folder / filename).is_file() else None
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    cached = try_to_load_from_cache(name, "config.json")
-    if isinstance(cached, str) and Path(cached).is_file():
-        return json.loads(Path(cached).read_text(encoding="utf-8"))
-    return None
+    cached = try_to_load_from_cache(name, filename)
+    return Path(cached) if isinstance(cached, str) and Path(cached).is_file() else None
+
+
+def _read_json(path: Path | None) -> dict[str, Any] | None:
+    import json
+
+    return json.loads(path.read_text(encoding="utf-8")) if path is not None else None
+
+
+def _processor_image(rule: dict[str, Any], pre: dict[str, Any] | None) -> dict[str, Any]:
+    """The image rule with the limits a preprocessor_config.json sets (Qwen min/max pixels, Idefics3 tiles)."""
+    if not pre:
+        return rule
+    size = pre.get("size") or {}
+    out = dict(rule)
+    if rule["rule"] == "dynamic":
+        out["min_pixels"] = pre.get("min_pixels") or size.get("shortest_edge") or rule["min_pixels"]
+        out["max_pixels"] = pre.get("max_pixels") or size.get("longest_edge") or rule["max_pixels"]
+    elif rule["rule"] == "tiles":
+        out["longest_edge"] = size.get("longest_edge", rule["longest_edge"])
+        out["tile"] = (pre.get("max_image_size") or {}).get("longest_edge", rule["tile"])
+    return out
 
 
 def lookup_model(name: str) -> ModelSpec:
-    """The spec for a catalogue name (case-insensitive, with or without the organisation), a local folder, or a
-    hub id whose config.json is in the Hugging Face cache. Raises VlmtuneError listing what is accepted."""
-    local = _local_config(name)
-    if local is not None:
-        model_type = local.get("model_type")
-        archs = architectures()
-        if model_type not in archs:
-            raise VlmtuneError(
-                f"model '{name}' has model_type '{model_type}', which the memory estimator does not describe. "
-                f"Supported model types: {', '.join(sorted(archs))}.")
-        match = _catalogue_match(name)
-        arch = archs[model_type]
-        return ModelSpec(name=name, arch=arch, path=str(Path(name).expanduser()) if Path(name).expanduser().exists()
-                         else name, params=None, image={**arch.image, **(match.image if match else {})})
+    """The spec for a local folder or a hub id whose config.json is in the Hugging Face cache, else a catalogue
+    name (case-insensitive, with or without the organisation). Raises VlmtuneError listing what is accepted."""
+    config_file = _cached_file(name, "config.json")
+    local = _read_json(config_file)
     match = _catalogue_match(name)
+    archs = architectures()
+    if local is not None and local.get("model_type") in archs:
+        arch = archs[local["model_type"]]
+        base = match.image if match is not None and match.model_type == arch.model_type else arch.image
+        pre = _read_json(_cached_file(name, "preprocessor_config.json"))
+        return ModelSpec(
+            name=name, arch=arch, path=str(config_file.parent), image=_processor_image(base, pre)
+        )
     if match is not None:
         return match
+    if local is not None:
+        raise VlmtuneError(
+            f"model '{name}' has model_type '{local.get('model_type')}', which the memory estimator does not "
+            f"describe. Supported model types: {', '.join(sorted(archs))}."
+        )
     raise VlmtuneError(
         f"unknown model '{name}': it is not in the built-in catalogue, not a local folder with a config.json, and "
-        "not in the Hugging Face cache. Built-in models: " + ", ".join(catalogue_names())
-        + ". Or pass a folder written by save_pretrained (only config.json is read).")
+        "not in the Hugging Face cache. Built-in models: "
+        + ", ".join(catalogue_names())
+        + ". Or pass a folder written by save_pretrained (only config.json is read)."
+    )
 
 
 def hf_config(spec: ModelSpec) -> Any:
@@ -143,7 +175,9 @@ def hf_config(spec: ModelSpec) -> Any:
     from transformers import AutoConfig
 
     if spec.analytic is not None:
-        raise VlmtuneError(f"{spec.name} is remote code: it has no transformers config; its counts are analytic")
+        raise VlmtuneError(
+            f"{spec.name} is remote code: it has no transformers config; its counts are analytic"
+        )
     if spec.path is not None:
         return AutoConfig.from_pretrained(spec.path, local_files_only=True)
     return AutoConfig.for_model(spec.model_type, **copy.deepcopy(spec.config))

@@ -30,12 +30,21 @@ class SampleShape:
 
 
 @dataclass(frozen=True)
+class SampleCosts:
+    lengths: list[int]
+    image_tokens: list[int]
+    patches: list[int]
+
+
+@dataclass(frozen=True)
 class BatchShape:
     seq_len: int
     """Longest sample of the worst batch, capped at max_length (the collator pads to it)."""
     vit_patches: int
     """Vision patches of the worst batch (the batch_size samples with the most)."""
     images_per_sample: int
+    image_tokens: int
+    """Most image tokens in one sample."""
     percentiles: dict[str, int]
     """Token lengths (image tokens included) at p50/p90/p95/p99/max."""
     over_limit: int
@@ -53,33 +62,56 @@ class DataProfile:
     def images(self) -> int:
         return sum(len(s.images) for s in self.samples)
 
-    def costs(self, spec: ModelSpec, image_size: int | None = None, min_pixels: int | None = None,
-              max_pixels: int | None = None) -> tuple[list[int], list[int]]:
-        """Per-sample (token lengths with image tokens, vision patches) under the given processor limits."""
+    def costs(
+        self,
+        spec: ModelSpec,
+        image_size: int | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+    ) -> SampleCosts:
+        """Per-sample token lengths (image tokens included), image tokens and vision patches under the given
+        processor limits."""
         per_image = spec.arch.chat.get("tokens_per_image", 0)
-        lengths, patches = [], []
+        out = SampleCosts([], [], [])
         for sample in self.samples:
-            tokens, vit = sample.text_tokens, 0
+            image_tokens, vit = 0, 0
             for h, w in sample.images:
                 cost = image_cost(spec.image, h, w, image_size, min_pixels, max_pixels)
-                tokens += cost.llm_tokens + per_image + tile_wrapper_tokens(spec.image, cost)
+                image_tokens += cost.llm_tokens + per_image + tile_wrapper_tokens(spec.image, cost)
                 vit += cost.vit_patches
-            lengths.append(tokens)
-            patches.append(vit)
-        return lengths, patches
+            out.lengths.append(sample.text_tokens + image_tokens)
+            out.image_tokens.append(image_tokens)
+            out.patches.append(vit)
+        return out
 
-    def batch(self, spec: ModelSpec, batch_size: int, max_length: int, image_size: int | None = None,
-              min_pixels: int | None = None, max_pixels: int | None = None,
-              costs: tuple[list[int], list[int]] | None = None) -> BatchShape:
+    def batch(
+        self,
+        spec: ModelSpec,
+        batch_size: int,
+        max_length: int,
+        image_size: int | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        costs: SampleCosts | None = None,
+    ) -> BatchShape:
         """The worst micro-batch this data can produce under the given processor limits (`costs` reuses a
         previous `costs()` result for the same limits)."""
-        lengths, patches = costs or self.costs(spec, image_size, min_pixels, max_pixels)
-        ordered = sorted(lengths)
-        pct = {f"p{p}" if p < 100 else "max": ordered[min(len(ordered) - 1, math.ceil(p / 100 * len(ordered)) - 1)]
-               for p in PERCENTILES}
-        return BatchShape(seq_len=min(ordered[-1], max_length), vit_patches=sum(sorted(patches)[-batch_size:]),
-                          images_per_sample=max(len(s.images) for s in self.samples), percentiles=pct,
-                          over_limit=sum(n > max_length for n in lengths))
+        costs = costs or self.costs(spec, image_size, min_pixels, max_pixels)
+        ordered = sorted(costs.lengths)
+        pct = {
+            f"p{p}" if p < 100 else "max": ordered[
+                min(len(ordered) - 1, math.ceil(p / 100 * len(ordered)) - 1)
+            ]
+            for p in PERCENTILES
+        }
+        return BatchShape(
+            seq_len=min(ordered[-1], max_length),
+            vit_patches=sum(sorted(costs.patches)[-batch_size:]),
+            images_per_sample=max(len(s.images) for s in self.samples),
+            image_tokens=max(costs.image_tokens),
+            percentiles=pct,
+            over_limit=sum(n > max_length for n in costs.lengths),
+        )
 
 
 def _text_counter(spec: ModelSpec) -> tuple[Callable[[str], int], bool]:
@@ -122,8 +154,10 @@ def scan_data(path: str | Path, spec: ModelSpec) -> DataProfile:
         samples.append(SampleShape(text, tuple(sizes)))
     if problems or bad_images:
         lines = ([format_problems(path, problems)] if problems else []) + bad_images[:50]
-        raise DataError(f"cannot size the data in {path} ({len(problems) + len(bad_images)} problem(s)):\n"
-                        + "\n".join(lines))
+        raise DataError(
+            f"cannot size the data in {path} ({len(problems) + len(bad_images)} problem(s)):\n"
+            + "\n".join(lines)
+        )
     if not samples:
         raise DataError(f"{path} has no records to size")
     return DataProfile(str(path), tuple(samples), exact)

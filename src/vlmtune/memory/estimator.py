@@ -66,7 +66,9 @@ class _Phase:
 def _precision(inputs: EstimateInputs) -> _Precision:
     fp32 = inputs.precision == "fp32"
     if inputs.method == "full":
-        if fp32 or inputs.precision == "fp16":  # fp16 full fine-tuning keeps fp32 master weights (loss scaling)
+        if (
+            fp32 or inputs.precision == "fp16"
+        ):  # fp16 full fine-tuning keeps fp32 master weights (loss scaling)
             return _Precision(4, 4, 4, inputs.precision == "fp16", 4)
         return _Precision(2, 2, 2, False, 2)
     base = 4 if fp32 and inputs.method == "lora" else 2
@@ -84,11 +86,16 @@ def _trainable(inputs: EstimateInputs, counts: ParamCounts, targets: list[str]) 
     return adapters + projector, {}
 
 
-def _weights(inputs: EstimateInputs, counts: ParamCounts, prec: _Precision, in_place: dict[str, int]) -> dict[str, int]:
+def _weights(
+    inputs: EstimateInputs, counts: ParamCounts, prec: _Precision, in_place: dict[str, int]
+) -> dict[str, int]:
     """Bytes of the frozen base weights on one GPU before ZeRO partitioning, by part."""
     out = {}
-    quantized = {"language": True, "vision": inputs.quantize_vision_tower,
-                 "lm_head": inputs.quantize_lm_head and not counts.tied}
+    quantized = {
+        "language": True,
+        "vision": inputs.quantize_vision_tower,
+        "lm_head": inputs.quantize_lm_head and not counts.tied,
+    }
     for part in PARTS:
         n = counts.parts[part] - in_place.get(part, 0)
         if inputs.method == "qlora" and quantized.get(part):
@@ -112,13 +119,18 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
     deepspeed = inputs.zero_stage > 0
     moment = 1 if inputs.optimizer in ("adamw_8bit", "paged_adamw_8bit") else prec.state
     sizes = StateSizes(
-        frozen_weight_bytes=sum(weights.values()), trainable=trainable, param_bytes=prec.trainable,
-        grad_bytes=prec.trainable, optimizer_bytes=2 * moment, largest_unit=max(counts.largest_module,
-                                                                               counts.layer_params),
-        bucket_elements=dims.hidden * dims.hidden, ds_param_bytes=4 if inputs.precision == "fp32" else 2,
-        ds_moment_bytes=2 if moment == 1 else 8)
+        frozen_weight_bytes=sum(weights.values()),
+        trainable=trainable,
+        param_bytes=prec.trainable,
+        grad_bytes=prec.trainable,
+        optimizer_bytes=2 * moment,
+        largest_unit=max(counts.largest_module, counts.layer_params),
+        bucket_elements=dims.hidden * dims.hidden,
+        ds_param_bytes=4 if inputs.precision == "fp32" else 2,
+        ds_moment_bytes=2 if moment == 1 else 8,
+    )
     zp = plan(sizes, inputs.zero_stage, inputs.offload, inputs.num_gpus)
-    if deepspeed and inputs.zero_stage == 3:
+    if inputs.zero_stage == 3:
         weights = {p: b // inputs.num_gpus for p, b in weights.items()}
     if inputs.offload == "all":
         weights = dict.fromkeys(weights, 0)
@@ -133,12 +145,16 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
     grads_all = zp.grads + zp.grads_transient
     embed_grad = 4 * v * dims.hidden if inputs.method == "full" else 0
     step = trainable * prec.trainable if inputs.optimizer == "adamw_torch" and not deepspeed else 0
-    autocast = 2 * counts.total // (inputs.num_gpus if inputs.zero_stage == 3 else 1) if prec.autocast_cache else 0
+    autocast = (
+        2 * counts.total // (inputs.num_gpus if inputs.zero_stage == 3 else 1) if prec.autocast_cache else 0
+    )
     # (gradients, vision activations, language activations, logits and loss, transient) at each phase of a step
     phases = {
         "forward": _Phase(held, acts.vision_saved, acts.language_saved, 10 * b * s * v, autocast),
         "loss backward": _Phase(held, acts.vision_saved, acts.language_saved, 12 * b * s * v, 0),
-        "layer backward": _Phase(held, acts.vision_saved, acts.language_saved + acts.layer_working, 0, acts.dequant),
+        "layer backward": _Phase(
+            held, acts.vision_saved, acts.language_saved + acts.layer_working, 0, acts.dequant
+        ),
         "end of backward": _Phase(grads_all, acts.vision_saved, 0, 0, embed_grad),
         "optimizer step": _Phase(grads_all, 0, 0, 0, step),
     }
@@ -148,8 +164,12 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
     live_16bit_states = 0
     if inputs.method == "full" and prec.trainable == 2 and not deepspeed:
         live_16bit_states = zp.optimizer + at.grads
-    frag = int(FRAG_BASE + FRAG_LOGITS * 4 * b * s * v + FRAG_STATES * live_16bit_states
-               + (FRAG_FOREACH * step if phase == "optimizer step" else 0))
+    frag = int(
+        FRAG_BASE
+        + FRAG_LOGITS * 4 * b * s * v
+        + FRAG_STATES * live_16bit_states
+        + (FRAG_FOREACH * step if phase == "optimizer step" else 0)
+    )
     reserved = allocated + frag
     context = CUDA_CONTEXT
     total = reserved + context
@@ -157,15 +177,54 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
     if inputs.gpu:
         gpu = get_gpu(inputs.gpu)
         headroom = gpu.usable_bytes - total
-        status = "does not fit" if headroom < 0 else "tight" if headroom < TIGHT_MARGIN * gpu.usable_bytes else "fits"
+        status = (
+            "does not fit"
+            if headroom < 0
+            else "tight"
+            if headroom < TIGHT_MARGIN * gpu.usable_bytes
+            else "fits"
+        )
         verdict = Verdict(gpu=gpu.name, capacity=gpu.usable_bytes, headroom=headroom, status=status)
     return Breakdown(
-        model=spec.name, params_source=counts.source, inputs=inputs, total_params=counts.total,
-        trainable_params=trainable, weights=weights, weights_quantized=inputs.method == "qlora",
-        adapters=adapters, gradients=at.grads, optimizer_states=zp.optimizer, zero_gathered=zp.gathered,
-        comm_buffers=comm, activations_vision=at.vision, activations_language=at.language, logits_loss=at.logits,
-        transient=at.transient, runtime=runtime, seq_len=s, image_tokens=acts.image_tokens,
-        vit_patches=acts.vit_patches, offloaded=zp.offloaded, cpu_ram=zp.cpu_ram, peak_phase=phase,
+        model=spec.name,
+        params_source=counts.source,
+        inputs=inputs,
+        total_params=counts.total,
+        trainable_params=trainable,
+        weights=weights,
+        weights_quantized=inputs.method == "qlora",
+        adapters=adapters,
+        gradients=at.grads,
+        optimizer_states=zp.optimizer,
+        zero_gathered=zp.gathered,
+        comm_buffers=comm,
+        activations_vision=at.vision,
+        activations_language=at.language,
+        logits_loss=at.logits,
+        transient=at.transient,
+        runtime=runtime,
+        seq_len=s,
+        image_tokens=acts.image_tokens,
+        vit_patches=acts.vit_patches,
+        offloaded=zp.offloaded,
+        cpu_ram=zp.cpu_ram,
+        peak_phase=phase,
         phases={k: static + p.total for k, p in phases.items()},
-        peak_allocated=allocated, allocator_overhead=frag, peak_reserved=reserved, cuda_context=context,
-        peak_total=total, verdict=verdict, notes=tuple(acts.notes))
+        peak_allocated=allocated,
+        allocator_overhead=frag,
+        peak_reserved=reserved,
+        cuda_context=context,
+        peak_total=total,
+        verdict=verdict,
+        notes=tuple(acts.notes + _caveats(inputs)),
+    )
+
+
+def _caveats(inputs: EstimateInputs) -> list[str]:
+    """What the 26 measured runs did not cover, said where it matters."""
+    out = []
+    if inputs.zero_stage or inputs.num_gpus > 1:
+        out.append("DeepSpeed / multi-GPU terms follow DeepSpeed's own estimators and docs; not yet measured")
+    if inputs.method == "qlora":
+        out.append("QLoRA terms are arithmetic (NF4 storage, dequantization); not yet measured")
+    return out

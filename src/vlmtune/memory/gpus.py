@@ -46,8 +46,17 @@ def _usable(entry: dict) -> int:
 @lru_cache(maxsize=1)
 def all_gpus() -> tuple[GpuSpec, ...]:
     raw = yaml.safe_load(_DATA.read_text(encoding="utf-8"))["gpus"]
-    return tuple(GpuSpec(name=e["name"], memory_gb=float(e["memory_gb"]), usable_bytes=_usable(e), bf16=bool(e["bf16"]),
-                         arch=e["arch"], aliases=tuple(str(a) for a in e.get("aliases", ()))) for e in raw)
+    return tuple(
+        GpuSpec(
+            name=e["name"],
+            memory_gb=float(e["memory_gb"]),
+            usable_bytes=_usable(e),
+            bf16=bool(e["bf16"]),
+            arch=e["arch"],
+            aliases=tuple(str(a) for a in e.get("aliases", ())),
+        )
+        for e in raw
+    )
 
 
 def _key(text: str) -> str:
@@ -68,5 +77,9 @@ def get_gpu(name: str) -> GpuSpec:
     if len(prefixed) == 1:
         return prefixed[0]
     choices = ", ".join(g.name for g in (prefixed if len(prefixed) > 1 else gpus))
-    what = "is ambiguous; did you mean one of" if len(prefixed) > 1 else "is not in the GPU catalogue; known GPUs are"
+    what = (
+        "is ambiguous; did you mean one of"
+        if len(prefixed) > 1
+        else "is not in the GPU catalogue; known GPUs are"
+    )
     raise VlmtuneError(f"GPU '{name}' {what}: {choices}")

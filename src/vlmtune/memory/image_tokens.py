@@ -36,7 +36,9 @@ class ImageCost:
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """transformers `qwen2_vl.image_processing_qwen2_vl.smart_resize`, line for line."""
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise VlmtuneError(f"image {width}x{height}: aspect ratio above {MAX_ASPECT_RATIO} is rejected by the processor")
+        raise VlmtuneError(
+            f"image {width}x{height}: aspect ratio above {MAX_ASPECT_RATIO} is rejected by the processor"
+        )
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
@@ -50,16 +52,28 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
-def pixel_bounds(rule: dict[str, Any], image_size: int | None = None, min_pixels: int | None = None,
-                 max_pixels: int | None = None) -> tuple[int, int]:
-    """(min_pixels, max_pixels) a dynamic-resolution processor uses under vlmtune's data settings."""
-    low = min_pixels or rule["min_pixels"]
+def pixel_bounds(
+    rule: dict[str, Any],
+    image_size: int | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+) -> tuple[int, int]:
+    """(min_pixels, max_pixels) a dynamic-resolution processor uses under vlmtune's data settings, as the families
+    set them: max = max_pixels, else image_size^2, else the checkpoint's; min = min_pixels, else the checkpoint's
+    lowered to max."""
     high = max_pixels or (image_size * image_size if image_size else rule["max_pixels"])
+    low = min_pixels or min(rule["min_pixels"], high)
     return low, max(high, low)
 
 
-def _dynamic(rule: dict[str, Any], height: int, width: int, image_size: int | None, min_pixels: int | None,
-             max_pixels: int | None) -> ImageCost:
+def _dynamic(
+    rule: dict[str, Any],
+    height: int,
+    width: int,
+    image_size: int | None,
+    min_pixels: int | None,
+    max_pixels: int | None,
+) -> ImageCost:
     patch, merge = rule["patch_size"], rule["merge_size"]
     low, high = pixel_bounds(rule, image_size, min_pixels, max_pixels)
     h, w = smart_resize(height, width, patch * merge, low, high)
@@ -97,8 +111,14 @@ def _tiles(rule: dict[str, Any], height: int, width: int, image_size: int | None
     return ImageCost(frames * rule["tokens_per_tile"], frames * per_tile_patches, (h, w))
 
 
-def image_cost(rule: dict[str, Any], height: int, width: int, image_size: int | None = None,
-               min_pixels: int | None = None, max_pixels: int | None = None) -> ImageCost:
+def image_cost(
+    rule: dict[str, Any],
+    height: int,
+    width: int,
+    image_size: int | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+) -> ImageCost:
     """Tokens and ViT patches for one height x width image under `rule` (an architecture's `image` entry)."""
     if height <= 0 or width <= 0:
         raise VlmtuneError(f"image size must be positive, got {width}x{height}")

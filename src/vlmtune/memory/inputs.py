@@ -46,6 +46,8 @@ class EstimateInputs:
     max_pixels: int | None = None
     vit_patches_per_batch: int | None = None
     """Vision-tower patches of the whole micro-batch (from a data scan); derived from the image size when None."""
+    image_tokens_per_sample: int | None = None
+    """Most image tokens in one sample (from a data scan); derived from the image size when None."""
     gradient_checkpointing: bool = True
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     optimizer: str = "adamw_torch"
@@ -77,8 +79,6 @@ class EstimateInputs:
             out.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             out.append(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})")
-        if self.zero_stage > 0 and self.num_gpus == 1 and self.offload == "none":
-            pass  # legal (DeepSpeed on one GPU), just rarely useful
         out += check_plan(self.zero_stage, self.offload, self.num_gpus)
         return out
 
@@ -90,8 +90,12 @@ class EstimateInputs:
     def target_list(self, kinds: dict[str, list[str]]) -> list[str]:
         if isinstance(self.lora_targets, str):
             if self.lora_targets not in kinds:
-                raise ConfigError([f"lora_targets must be one of {', '.join(kinds)} or a list of linear-layer "
-                                   f"names, got {self.lora_targets!r}"])
+                raise ConfigError(
+                    [
+                        f"lora_targets must be one of {', '.join(kinds)} or a list of linear-layer "
+                        f"names, got {self.lora_targets!r}"
+                    ]
+                )
             return list(kinds[self.lora_targets])
         return list(self.lora_targets)
 
@@ -107,16 +111,28 @@ def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInput
     m = config.method
     targets = m.lora.target_modules
     values: dict[str, Any] = dict(
-        model=config.model.name_or_path, method=m.name.value, lora_rank=m.lora.rank,
-        lora_targets=targets if isinstance(targets, str) else tuple(targets), lora_dropout=m.lora.dropout,
-        adapt_vision_tower=m.lora.adapt_vision_tower, train_projector=m.lora.train_projector,
-        freeze_vision_tower=m.freeze_vision_tower, quantize_vision_tower=m.quantization.quantize_vision_tower,
-        quantize_lm_head=m.quantization.quantize_lm_head, double_quant=m.quantization.double_quant,
-        batch_size=config.training.batch_size, gradient_accumulation_steps=config.training.gradient_accumulation_steps,
-        seq_len=config.data.max_length, image_size=config.data.image_size, min_pixels=config.data.min_pixels,
-        max_pixels=config.data.max_pixels, gradient_checkpointing=config.hardware.gradient_checkpointing,
-        precision=config.hardware.precision, optimizer=config.training.optimizer,
-        attn_implementation=config.hardware.attn_implementation)
+        model=config.model.name_or_path,
+        method=m.name.value,
+        lora_rank=m.lora.rank,
+        lora_targets=targets if isinstance(targets, str) else tuple(targets),
+        lora_dropout=m.lora.dropout,
+        adapt_vision_tower=m.lora.adapt_vision_tower,
+        train_projector=m.lora.train_projector,
+        freeze_vision_tower=m.freeze_vision_tower,
+        quantize_vision_tower=m.quantization.quantize_vision_tower,
+        quantize_lm_head=m.quantization.quantize_lm_head,
+        double_quant=m.quantization.double_quant,
+        batch_size=config.training.batch_size,
+        gradient_accumulation_steps=config.training.gradient_accumulation_steps,
+        seq_len=config.data.max_length,
+        image_size=config.data.image_size,
+        min_pixels=config.data.min_pixels,
+        max_pixels=config.data.max_pixels,
+        gradient_checkpointing=config.hardware.gradient_checkpointing,
+        precision=config.hardware.precision,
+        optimizer=config.training.optimizer,
+        attn_implementation=config.hardware.attn_implementation,
+    )
     if config.data.image_size:
         values["image_hw"] = (config.data.image_size, config.data.image_size)
     values.update({k: v for k, v in overrides.items() if v is not None})

@@ -84,9 +84,17 @@ def _dims(config: Any, paths: dict[str, str]) -> ModelDims:
         return int(value) if value is not None else default
 
     hidden, heads = get("hidden"), get("heads")
-    return ModelDims(hidden=hidden, intermediate=get("intermediate"), layers=get("layers"), heads=heads,
-                     kv_heads=get("kv_heads", heads), head_dim=get("head_dim", hidden // max(heads, 1)),
-                     vocab=get("vocab"), vision_width=get("vision_width"), vision_depth=get("vision_depth"))
+    return ModelDims(
+        hidden=hidden,
+        intermediate=get("intermediate"),
+        layers=get("layers"),
+        heads=heads,
+        kv_heads=get("kv_heads", heads),
+        head_dim=get("head_dim", hidden // max(heads, 1)),
+        vocab=get("vocab"),
+        vision_width=get("vision_width"),
+        vision_depth=get("vision_depth"),
+    )
 
 
 def _module_name(model: Any, module: Any) -> str | None:
@@ -124,18 +132,27 @@ def _from_model(spec: ModelSpec, model: Any, config: Any) -> ParamCounts:
     tied = parts["lm_head"] == 0 and head is not None
     if tied:
         linear_weights["lm_head"] = 0
-    return ParamCounts(model=spec.name, parts=parts, tied=tied, largest_module=largest, layer_params=layer_params,
-                       linear_weights=linear_weights, linears=tuple(linears), dims=_dims(config, spec.arch.dims),
-                       source=f"meta-device build, transformers {transformers.__version__}")
+    return ParamCounts(
+        model=spec.name,
+        parts=parts,
+        tied=tied,
+        largest_module=largest,
+        layer_params=layer_params,
+        linear_weights=linear_weights,
+        linears=tuple(linears),
+        dims=_dims(config, spec.arch.dims),
+        source=f"meta-device build, transformers {transformers.__version__}",
+    )
 
 
 def _analytic(spec: ModelSpec) -> ParamCounts:
     data = spec.analytic or {}
     dims = ModelDims(**data["dims"])
     linears: list[LinearInfo] = []
-    for part, key, depth, stem in (("language", "language_linears", dims.layers, "transformer.h"),
-                                   ("vision", "vision_linears", dims.vision_depth,
-                                    "transformer.visual.transformer.resblocks")):
+    for part, key, depth, stem in (
+        ("language", "language_linears", dims.layers, "transformer.h"),
+        ("vision", "vision_linears", dims.vision_depth, "transformer.visual.transformer.resblocks"),
+    ):
         for layer in range(depth):
             for leaf, (fan_in, fan_out) in data[key].items():
                 linears.append(LinearInfo(f"{stem}.{layer}.{leaf}", part, fan_in, fan_out))
@@ -145,10 +162,17 @@ def _analytic(spec: ModelSpec) -> ParamCounts:
     if not data["tied"]:
         linear_weights["lm_head"] = data["parts"]["lm_head"]
     layer = sum(a * b for a, b in data["language_linears"].values()) + 2 * dims.hidden
-    return ParamCounts(model=spec.name, parts={p: int(data["parts"].get(p, 0)) for p in PARTS}, tied=data["tied"],
-                       largest_module=int(data["largest_module"]), layer_params=layer,
-                       linear_weights=linear_weights, linears=tuple(linears), dims=dims,
-                       source="analytic (remote-code architecture, from the published config)")
+    return ParamCounts(
+        model=spec.name,
+        parts={p: int(data["parts"].get(p, 0)) for p in PARTS},
+        tied=data["tied"],
+        largest_module=int(data["largest_module"]),
+        layer_params=layer,
+        linear_weights=linear_weights,
+        linears=tuple(linears),
+        dims=dims,
+        source="analytic (remote-code architecture, from the published config)",
+    )
 
 
 _CACHE: dict[tuple[str, str | None], ParamCounts] = {}
@@ -175,7 +199,9 @@ def _matches(name: str, leaves: list[str] | tuple[str, ...]) -> bool:
     return any(name == leaf or name.endswith("." + leaf) for leaf in leaves)
 
 
-def lora_params(counts: ParamCounts, targets: list[str], rank: int, vision_targets: tuple[str, ...] = ()) -> int:
+def lora_params(
+    counts: ParamCounts, targets: list[str], rank: int, vision_targets: tuple[str, ...] = ()
+) -> int:
     """Adapter parameters: r * (in + out) for every targeted linear of the language model (and of the vision tower
     when `vision_targets` is given), chosen the way vlmtune.methods.lora does (leaf-name match inside the part)."""
     total = 0

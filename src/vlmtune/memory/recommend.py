@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from vlmtune.errors import VlmtuneError
 from vlmtune.memory.breakdown import Breakdown
 from vlmtune.memory.catalogue import lookup_model
-from vlmtune.memory.data_scan import DataProfile
+from vlmtune.memory.data_scan import DataProfile, SampleCosts
 from vlmtune.memory.estimator import estimate
 from vlmtune.memory.gpus import GpuSpec
 from vlmtune.memory.inputs import EstimateInputs
@@ -49,34 +49,50 @@ class Recommendation:
 
     def describe(self) -> str:
         if self.best is None:
-            return (f"nothing fits on {self.num_gpus} x {self.gpu.name} with a {self.margin:.0%} margin "
-                    f"({self.considered} configurations tried): use more or larger GPUs, a smaller model, "
-                    "shorter sequences or a lower max_pixels")
+            return (
+                f"nothing fits on {self.num_gpus} x {self.gpu.name} with a {self.margin:.0%} margin "
+                f"({self.considered} configurations tried): use more or larger GPUs, a smaller model, "
+                "shorter sequences or a lower max_pixels"
+            )
         i, b = self.best.inputs, self.best.breakdown
         method = f"{i.method}" + (f" r={i.lora_rank}" if i.method != "full" else "")
-        zero = f"ZeRO-{i.zero_stage}" + (f"+offload {i.offload}" if i.offload != "none" else "") if i.zero_stage else (
-            "DDP" if i.num_gpus > 1 else "no ZeRO")
+        zero = (
+            f"ZeRO-{i.zero_stage}" + (f"+offload {i.offload}" if i.offload != "none" else "")
+            if i.zero_stage
+            else ("DDP" if i.num_gpus > 1 else "no ZeRO")
+        )
         pixels = f", max_pixels {i.max_pixels}" if i.max_pixels else ""
         cpu = f" (+{b.cpu_ram / 2**30:.0f} GiB CPU RAM for offload)" if b.cpu_ram else ""
-        return (f"{method}, micro-batch {i.batch_size} x accumulation {i.gradient_accumulation_steps}, {zero}, "
-                f"checkpointing {'on' if i.gradient_checkpointing else 'off'}{pixels}: "
-                f"{b.peak_total / 2**30:.1f} of {self.gpu.usable_bytes / 2**30:.1f} GiB per GPU{cpu}")
+        return (
+            f"{method}, micro-batch {i.batch_size} x accumulation {i.gradient_accumulation_steps}, {zero}, "
+            f"checkpointing {'on' if i.gradient_checkpointing else 'off'}{pixels}: "
+            f"{b.peak_total / 2**30:.1f} of {self.gpu.usable_bytes / 2**30:.1f} GiB per GPU{cpu}"
+        )
 
 
 def relative_throughput(inputs: EstimateInputs, b: Breakdown) -> float:
     """Samples per unit time over all GPUs, up to a constant (FLOPs per sample / efficiency, with penalties)."""
     counts = count_params(lookup_model(inputs.model))
-    n_llm = counts.parts["language"] + counts.parts["lm_head"] + (counts.parts["embeddings"] if counts.tied else 0)
+    n_llm = (
+        counts.parts["language"]
+        + counts.parts["lm_head"]
+        + (counts.parts["embeddings"] if counts.tied else 0)
+    )
     llm = (6 if inputs.method == "full" else 4) + (2 if inputs.gradient_checkpointing else 0)
     vit_trained = (inputs.method == "full" and not inputs.freeze_vision_tower) or inputs.adapt_vision_tower
     vit = 6 if (vit_trained or inputs.gradient_checkpointing) else 2
     patches = b.vit_patches / inputs.batch_size
-    flops = b.seq_len * n_llm * llm + patches * counts.parts["vision"] * (vit + (2 if vit_trained and
-                                                                                  inputs.gradient_checkpointing else 0))
+    flops = b.seq_len * n_llm * llm + patches * counts.parts["vision"] * (
+        vit + (2 if vit_trained and inputs.gradient_checkpointing else 0)
+    )
     tokens = inputs.batch_size * b.seq_len
     efficiency = tokens / (tokens + LAUNCH_TOKENS)
     penalty = 1.4 if inputs.method == "qlora" else 1.0
-    penalty *= {0: 1.0, 1: 1.02, 2: 1.05, 3: 1.2}[inputs.zero_stage] if inputs.num_gpus > 1 or inputs.zero_stage else 1
+    penalty *= (
+        {0: 1.0, 1: 1.02, 2: 1.05, 3: 1.2}[inputs.zero_stage]
+        if inputs.num_gpus > 1 or inputs.zero_stage
+        else 1
+    )
     if inputs.offload != "none":  # CPU Adam over the trainable parameters
         penalty *= 1 + b.trainable_params / b.total_params
     if inputs.offload == "all":  # every weight crosses PCIe in forward, backward (and recompute)
@@ -88,14 +104,22 @@ def relative_throughput(inputs: EstimateInputs, b: Breakdown) -> float:
 def _zero_options(num_gpus: int) -> list[tuple[int, str]]:
     if num_gpus == 1:
         return [(0, "none"), (2, "optimizer"), (3, "optimizer"), (3, "all")]
-    return [(0, "none"), (1, "none"), (2, "none"), (3, "none"), (2, "optimizer"), (3, "optimizer"), (3, "all")]
+    return [
+        (0, "none"),
+        (1, "none"),
+        (2, "none"),
+        (3, "none"),
+        (2, "optimizer"),
+        (3, "optimizer"),
+        (3, "all"),
+    ]
 
 
 def _pixel_options(base: EstimateInputs) -> list[int | None]:
     rule = lookup_model(base.model).image
     if rule["rule"] != "dynamic" or not base.images_per_sample:
         return [base.max_pixels]
-    current = base.max_pixels or (base.image_size ** 2 if base.image_size else rule["max_pixels"])
+    current = base.max_pixels or (base.image_size**2 if base.image_size else rule["max_pixels"])
     return [base.max_pixels] + [p for p in PIXEL_CAPS if p < current]
 
 
@@ -114,7 +138,7 @@ class _Shapes:
     def __init__(self, base: EstimateInputs, profile: DataProfile | None):
         self.base, self.profile = base, profile
         self.spec = lookup_model(base.model)
-        self._costs: dict[int | None, tuple[list[int], list[int]]] = {}
+        self._costs: dict[int | None, SampleCosts] = {}
 
     def __call__(self, batch: int, max_pixels: int | None) -> dict:
         if self.profile is None:
@@ -123,28 +147,54 @@ class _Shapes:
         if max_pixels not in self._costs:
             self._costs[max_pixels] = self.profile.costs(self.spec, b.image_size, b.min_pixels, max_pixels)
         shape = self.profile.batch(self.spec, batch, b.seq_len, costs=self._costs[max_pixels])
-        return {"seq_len": shape.seq_len, "vit_patches_per_batch": shape.vit_patches,
-                "images_per_sample": shape.images_per_sample}
+        return {
+            "seq_len": shape.seq_len,
+            "vit_patches_per_batch": shape.vit_patches,
+            "images_per_sample": shape.images_per_sample,
+            "image_tokens_per_sample": shape.image_tokens,
+        }
 
 
-def _candidates(base: EstimateInputs, method: str, rank: int, max_pixels: int | None, effective: int,
-                num_gpus: int, shapes: _Shapes) -> Iterator[EstimateInputs]:
+def _candidates(
+    base: EstimateInputs,
+    method: str,
+    rank: int,
+    max_pixels: int | None,
+    effective: int,
+    num_gpus: int,
+    shapes: _Shapes,
+) -> Iterator[EstimateInputs]:
     per_gpu = max(1, effective // num_gpus)
     for stage, offload in _zero_options(num_gpus):
-        if method == "qlora" and offload == "all":
-            continue  # 4-bit weights cannot be offloaded by DeepSpeed
+        if method == "qlora" and stage == 3:
+            continue  # partitioning 4-bit weights needs bnb_4bit_quant_storage, which vlmtune's QLoRA does not set
         for batch in (b for b in MICRO_BATCHES if b <= per_gpu):
             accumulation = math.ceil(effective / (batch * num_gpus))
             for checkpointing in (False, True):
-                yield base.with_(method=method, lora_rank=rank, max_pixels=max_pixels, zero_stage=stage,
-                                 offload=offload, num_gpus=num_gpus, batch_size=batch,
-                                 gradient_accumulation_steps=accumulation, gradient_checkpointing=checkpointing,
-                                 **shapes(batch, max_pixels))
+                yield base.with_(
+                    method=method,
+                    lora_rank=rank,
+                    max_pixels=max_pixels,
+                    zero_stage=stage,
+                    offload=offload,
+                    num_gpus=num_gpus,
+                    batch_size=batch,
+                    gradient_accumulation_steps=accumulation,
+                    gradient_checkpointing=checkpointing,
+                    **shapes(batch, max_pixels),
+                )
 
 
-def recommend(base: EstimateInputs, gpu: GpuSpec, num_gpus: int = 1, effective_batch: int | None = None,
-              methods: tuple[str, ...] = ("lora", "qlora"), margin: float = 0.10,
-              profile: DataProfile | None = None, max_cpu_ram: int | None = None) -> Recommendation:
+def recommend(
+    base: EstimateInputs,
+    gpu: GpuSpec,
+    num_gpus: int = 1,
+    effective_batch: int | None = None,
+    methods: tuple[str, ...] = ("lora", "qlora"),
+    margin: float = 0.10,
+    profile: DataProfile | None = None,
+    max_cpu_ram: int | None = None,
+) -> Recommendation:
     """Search for the best configuration of `base`'s model and data on `num_gpus` x `gpu`.
 
     `margin` is the fraction of GPU memory left free; `max_cpu_ram` (bytes, None: no limit) bounds what offloading
@@ -169,8 +219,9 @@ def recommend(base: EstimateInputs, gpu: GpuSpec, num_gpus: int = 1, effective_b
                 for inputs in _candidates(base, method, rank, max_pixels, effective, num_gpus, shapes):
                     considered += 1
                     b = estimate(inputs)
-                    if b.peak_total > gpu.usable_bytes * (1 - margin) or (max_cpu_ram is not None
-                                                                             and b.cpu_ram > max_cpu_ram):
+                    if b.peak_total > gpu.usable_bytes * (1 - margin) or (
+                        max_cpu_ram is not None and b.cpu_ram > max_cpu_ram
+                    ):
                         continue
                     t = relative_throughput(inputs, b)
                     if best is None or t > best.throughput:

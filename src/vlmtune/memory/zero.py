@@ -85,9 +85,13 @@ def check_plan(stage: int, offload: str, num_gpus: int) -> list[str]:
     if num_gpus < 1:
         problems.append(f"num_gpus must be at least 1, got {num_gpus}")
     if offload != "none" and stage == 0:
-        problems.append("offload needs DeepSpeed: use zero_stage 1, 2 or 3 (offload=optimizer) or 3 (offload=all)")
+        problems.append(
+            "offload needs DeepSpeed: use zero_stage 1, 2 or 3 (offload=optimizer) or 3 (offload=all)"
+        )
     if offload == "all" and stage in (1, 2):
-        problems.append("offload=all (parameters too) needs zero_stage 3; ZeRO-1/2 can offload only the optimizer")
+        problems.append(
+            "offload=all (parameters too) needs zero_stage 3; ZeRO-1/2 can offload only the optimizer"
+        )
     return problems
 
 
@@ -97,9 +101,17 @@ def plan(sizes: StateSizes, stage: int, offload: Offload, num_gpus: int) -> Zero
     t = sizes.trainable
     if stage == 0:
         ddp_buckets = t * sizes.grad_bytes if g > 1 else 0
-        return ZeroPlan(weights=sizes.frozen_weight_bytes + t * sizes.param_bytes, gathered=0,
-                        grads=t * sizes.grad_bytes, grads_transient=0, optimizer=t * sizes.optimizer_bytes,
-                        buffers=ddp_buckets, offloaded=0, cpu_ram=0, deepspeed=False)
+        return ZeroPlan(
+            weights=sizes.frozen_weight_bytes + t * sizes.param_bytes,
+            gathered=0,
+            grads=t * sizes.grad_bytes,
+            grads_transient=0,
+            optimizer=t * sizes.optimizer_bytes,
+            buffers=ddp_buckets,
+            offloaded=0,
+            cpu_ram=0,
+            deepspeed=False,
+        )
 
     half = sizes.ds_param_bytes
     master = t * 4 // g if half == 2 else 0
@@ -127,6 +139,14 @@ def plan(sizes: StateSizes, stage: int, offload: Offload, num_gpus: int) -> Zero
     else:
         # ZeRO-2 keeps a 16-bit gradient partition; ZeRO-3 reduces straight from its buckets into the fp32 one.
         resident_grads, transient = fp32_grads, (grads16 if stage == 2 else 0)
-    return ZeroPlan(weights=weights, gathered=gathered, grads=resident_grads, grads_transient=transient,
-                    optimizer=optimizer, buffers=2 * sizes.bucket_elements * half, offloaded=offloaded,
-                    cpu_ram=int(offloaded * g * CPU_BUFFER_FACTOR), deepspeed=True)
+    return ZeroPlan(
+        weights=weights,
+        gathered=gathered,
+        grads=resident_grads,
+        grads_transient=transient,
+        optimizer=optimizer,
+        buffers=2 * sizes.bucket_elements * half,
+        offloaded=offloaded,
+        cpu_ram=int(offloaded * g * CPU_BUFFER_FACTOR),
+        deepspeed=True,
+    )

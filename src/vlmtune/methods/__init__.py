@@ -21,5 +21,13 @@ def get_method(name: TrainingMethod | str) -> Method:
     return _METHODS[TrainingMethod(name)]()
 
 
-__all__ = ["FullMethod", "LoraMethod", "Method", "PrecisionPlan", "QLoraMethod", "count_parameters", "get_method",
-           "resolve_precision"]
+__all__ = [
+    "FullMethod",
+    "LoraMethod",
+    "Method",
+    "PrecisionPlan",
+    "QLoraMethod",
+    "count_parameters",
+    "get_method",
+    "resolve_precision",
+]

@@ -61,18 +61,37 @@ def resolve_precision(config: VlmtuneConfig) -> PrecisionPlan:
     if on_cpu(config):
         if method == "qlora":
             note = "CPU: QLoRA keeps 16-bit parts in bf16 (fp16 is slow on CPUs), no autocast"
-            return PrecisionPlan("cpu", torch.bfloat16, False, False, note if requested == "fp16" else
-                                 "CPU: QLoRA keeps its non-quantized weights in bf16, no autocast")
-        note = "CPU: training in fp32" + (f" (requested {requested}; CPU autocast covers few ops)" if requested != "fp32" else "")
+            return PrecisionPlan(
+                "cpu",
+                torch.bfloat16,
+                False,
+                False,
+                note
+                if requested == "fp16"
+                else "CPU: QLoRA keeps its non-quantized weights in bf16, no autocast",
+            )
+        note = "CPU: training in fp32" + (
+            f" (requested {requested}; CPU autocast covers few ops)" if requested != "fp32" else ""
+        )
         return PrecisionPlan("cpu", torch.float32, False, False, note)
     if requested == "fp32":
         return PrecisionPlan("cuda", torch.float32, False, False, "GPU: fp32 weights, no autocast")
     if requested == "fp16" and method == "full":
-        return PrecisionPlan("cuda", torch.float32, False, True,
-                             "GPU: full fine-tuning in fp16 keeps fp32 master weights with fp16 autocast + loss scaling")
+        return PrecisionPlan(
+            "cuda",
+            torch.float32,
+            False,
+            True,
+            "GPU: full fine-tuning in fp16 keeps fp32 master weights with fp16 autocast + loss scaling",
+        )
     dtype = _DTYPES[requested]
-    return PrecisionPlan("cuda", dtype, requested == "bf16", requested == "fp16",
-                         f"GPU: {requested} weights with {requested} autocast")
+    return PrecisionPlan(
+        "cuda",
+        dtype,
+        requested == "bf16",
+        requested == "fp16",
+        f"GPU: {requested} weights with {requested} autocast",
+    )
 
 
 def base_reference(config: VlmtuneConfig) -> str:
@@ -86,15 +105,23 @@ def has_prefix(name: str, prefixes: Iterable[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def linear_names(model: torch.nn.Module, prefixes: Iterable[str], leaves: Iterable[str] | None = None,
-                 exclude: Iterable[str] = ()) -> list[str]:
+def linear_names(
+    model: torch.nn.Module,
+    prefixes: Iterable[str],
+    leaves: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
+) -> list[str]:
     """Full names of the Linear layers (4-bit ones included: they subclass nn.Linear) under `prefixes`, optionally
     only those whose name ends with one of `leaves` (`q_proj`, or `self_attn.q_proj`)."""
     prefixes, exclude = list(prefixes), list(exclude)
     wanted = None if leaves is None else list(leaves)
     out = []
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or not has_prefix(name, prefixes) or has_prefix(name, exclude):
+        if (
+            not isinstance(module, torch.nn.Linear)
+            or not has_prefix(name, prefixes)
+            or has_prefix(name, exclude)
+        ):
             continue
         if wanted is None or any(name == w or name.endswith("." + w) for w in wanted):
             out.append(name)
@@ -113,8 +140,13 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 def log_parameter_counts(model: torch.nn.Module, method: str) -> tuple[int, int]:
     trainable, total = count_parameters(model)
-    log.info("%s: %s trainable of %s parameters (%.3f%%)", method, f"{trainable:,}", f"{total:,}",
-             100.0 * trainable / max(total, 1))
+    log.info(
+        "%s: %s trainable of %s parameters (%.3f%%)",
+        method,
+        f"{trainable:,}",
+        f"{total:,}",
+        100.0 * trainable / max(total, 1),
+    )
     return trainable, total
 
 
@@ -123,11 +155,15 @@ def check_attention(config: VlmtuneConfig) -> None:
     if impl != "flash_attention_2":
         return
     if on_cpu(config):
-        raise ConfigError(["hardware.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa on the CPU"])
+        raise ConfigError(
+            ["hardware.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa on the CPU"]
+        )
     if importlib.util.find_spec("flash_attn") is None:
-        raise VlmtuneError("hardware.attn_implementation=flash_attention_2 needs the flash-attn package, which is not "
-                           "installed (it compiles from source for hours). Use hardware.attn_implementation=sdpa: "
-                           "PyTorch SDPA runs flash kernels on recent GPUs for bf16/fp16.")
+        raise VlmtuneError(
+            "hardware.attn_implementation=flash_attention_2 needs the flash-attn package, which is not "
+            "installed (it compiles from source for hours). Use hardware.attn_implementation=sdpa: "
+            "PyTorch SDPA runs flash kernels on recent GPUs for bf16/fp16."
+        )
 
 
 def load_base_model(config: VlmtuneConfig, dtype: torch.dtype, **kwargs: Any) -> torch.nn.Module:
@@ -146,10 +182,14 @@ def load_base_model(config: VlmtuneConfig, dtype: torch.dtype, **kwargs: Any) ->
             device = "cpu" if on_cpu(config) else "cuda"
             with torch.device(device):
                 return AutoModelForImageTextToText.from_config(hf_config, **common)
-        return AutoModelForImageTextToText.from_pretrained(path, revision=config.model.revision, **common, **kwargs)
+        return AutoModelForImageTextToText.from_pretrained(
+            path, revision=config.model.revision, **common, **kwargs
+        )
     except OSError as exc:
-        raise VlmtuneError(f"cannot load the model '{path}' (model.name_or_path): {exc}. Give a local folder written "
-                           "by save_pretrained or a Hugging Face Hub id reachable from this machine.") from exc
+        raise VlmtuneError(
+            f"cannot load the model '{path}' (model.name_or_path): {exc}. Give a local folder written "
+            "by save_pretrained or a Hugging Face Hub id reachable from this machine."
+        ) from exc
 
 
 class Method(ABC):

@@ -38,13 +38,21 @@ def lora_target_names(model: torch.nn.Module, config: VlmtuneConfig, family: Fam
     names = linear_names(model, layers, family.lora_targets(kind))
     if not names:
         available = sorted({n.rsplit(".", 1)[-1] for n in linear_names(model, layers)})
-        raise ConfigError([f"method.lora.target_modules={kind!r} matches no linear layer of the language model; "
-                           f"its linear layers are named: {', '.join(available)}"])
+        raise ConfigError(
+            [
+                f"method.lora.target_modules={kind!r} matches no linear layer of the language model; "
+                f"its linear layers are named: {', '.join(available)}"
+            ]
+        )
     if lora.adapt_vision_tower:
         targets = list(family.vision_lora_targets)
-        vision = linear_names(model, [family.vision_layers_prefix], targets, exclude=family.projector_prefixes)
+        vision = linear_names(
+            model, [family.vision_layers_prefix], targets, exclude=family.projector_prefixes
+        )
         if not vision:
-            raise ConfigError([f"method.lora.adapt_vision_tower=true, but no vision-tower linear layer matches {targets}"])
+            raise ConfigError(
+                [f"method.lora.adapt_vision_tower=true, but no vision-tower linear layer matches {targets}"]
+            )
         names += vision
     return names
 
@@ -55,8 +63,9 @@ def projector_names(model: torch.nn.Module, family: FamilyDescriptor) -> list[st
     return [p for p in family.projector_prefixes if p in present]
 
 
-def add_adapters(model: torch.nn.Module, config: VlmtuneConfig, family: FamilyDescriptor,
-                 plan: PrecisionPlan) -> torch.nn.Module:
+def add_adapters(
+    model: torch.nn.Module, config: VlmtuneConfig, family: FamilyDescriptor, plan: PrecisionPlan
+) -> torch.nn.Module:
     """Wrap `model` with PEFT LoRA. The projector, when trained, rides along in `modules_to_save` so it is saved
     with the adapter and restored by `PeftModel.from_pretrained`."""
     from peft import LoraConfig, get_peft_model
@@ -65,7 +74,9 @@ def add_adapters(model: torch.nn.Module, config: VlmtuneConfig, family: FamilyDe
     targets = lora_target_names(model, config, family)
     modules_to_save = projector_names(model, family) if lora.train_projector else None
     if lora.train_projector and not modules_to_save:
-        raise ConfigError([f"method.lora.train_projector=true, but the model has none of {family.projector_prefixes}"])
+        raise ConfigError(
+            [f"method.lora.train_projector=true, but the model has none of {family.projector_prefixes}"]
+        )
     peft_config = LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
@@ -82,9 +93,14 @@ def add_adapters(model: torch.nn.Module, config: VlmtuneConfig, family: FamilyDe
         for param in model.parameters():
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()
-    log.info("LoRA r=%d alpha=%g on %d linear layers%s%s", lora.rank, lora.alpha, len(targets),
-             " (vision tower included)" if lora.adapt_vision_tower else "",
-             f"; projector trained fully: {modules_to_save}" if modules_to_save else "")
+    log.info(
+        "LoRA r=%d alpha=%g on %d linear layers%s%s",
+        lora.rank,
+        lora.alpha,
+        len(targets),
+        " (vision tower included)" if lora.adapt_vision_tower else "",
+        f"; projector trained fully: {modules_to_save}" if modules_to_save else "",
+    )
     return model
 
 

@@ -65,20 +65,30 @@ def disable_cpu_bf16_repack(model: torch.nn.Module) -> int:
     return count
 
 
-def _load_quantized(config: VlmtuneConfig, family: FamilyDescriptor, dtype: torch.dtype, device: str) -> torch.nn.Module:
-    device_map: dict[str, Any] = {"": "cpu"} if device == "cpu" else {"": int(os.environ.get("LOCAL_RANK", "0"))}
+def _load_quantized(
+    config: VlmtuneConfig, family: FamilyDescriptor, dtype: torch.dtype, device: str
+) -> torch.nn.Module:
+    device_map: dict[str, Any] = (
+        {"": "cpu"} if device == "cpu" else {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    )
     kwargs = {"quantization_config": bnb_config(config, family), "device_map": device_map}
     if not config.model.random_init:
         return load_base_model(config, dtype, **kwargs)
     # Quantization happens while weights load, so random weights take a detour through a temporary folder.
-    random_cfg = config.model_copy(update={"model": config.model.model_copy(update={"random_init": True})})
+    # Built on the CPU so the 16-bit detour never shows in the GPU's peak-memory statistics.
+    random_cfg = config.model_copy(update={"model": config.model.model_copy(update={"random_init": True}),
+                                           "hardware": config.hardware.model_copy(update={"use_cpu": True})})
     model = load_base_model(random_cfg, dtype)
     with tempfile.TemporaryDirectory(prefix="vlmtune-random-") as tmp:
         model.save_pretrained(tmp)
         del model
-        path_cfg = config.model_copy(update={"model": config.model.model_copy(update={"name_or_path": tmp,
-                                                                                      "random_init": False,
-                                                                                      "revision": None})})
+        path_cfg = config.model_copy(
+            update={
+                "model": config.model.model_copy(
+                    update={"name_or_path": tmp, "random_init": False, "revision": None}
+                )
+            }
+        )
         return load_base_model(path_cfg, dtype, **kwargs)
 
 
@@ -93,9 +103,13 @@ class QLoraMethod(Method):
         if config.hardware.gradient_checkpointing:
             model.enable_input_require_grads()
         model = add_adapters(model, config, family, plan)
-        log.info("QLoRA: 4-bit %s (double quant %s, compute %s); kept 16-bit: %s%s",
-                 config.method.quantization.quant_type, config.method.quantization.double_quant,
-                 config.method.quantization.compute_dtype, ", ".join(skip_modules(config, family)),
-                 f"; CPU bf16 repack disabled on {quantized} layers" if quantized is not None else "")
+        log.info(
+            "QLoRA: 4-bit %s (double quant %s, compute %s); kept 16-bit: %s%s",
+            config.method.quantization.quant_type,
+            config.method.quantization.double_quant,
+            config.method.quantization.compute_dtype,
+            ", ".join(skip_modules(config, family)),
+            f"; CPU bf16 repack disabled on {quantized} layers" if quantized is not None else "",
+        )
         log_parameter_counts(model, self.name)
         return model

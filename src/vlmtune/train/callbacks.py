@@ -57,16 +57,19 @@ class ThroughputMeter(TrainerCallback):
             return None
         return (tokens_seen - previous) / (now - since)
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self.reset(state.num_input_tokens_seen)
 
-    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    **kwargs: Any) -> None:
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self.reset(state.num_input_tokens_seen)
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                **kwargs: Any) -> None:
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self.reset(state.num_input_tokens_seen)
 
 
@@ -76,8 +79,14 @@ class JsonlLogCallback(TrainerCallback):
     def __init__(self, path: Path):
         self.path = Path(path)
 
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-               logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if not state.is_world_process_zero or not logs:
             return
         record = {"step": state.global_step, "time": round(time.time(), 3), **logs}
@@ -87,10 +96,17 @@ class JsonlLogCallback(TrainerCallback):
 
 def _fmt(logs: dict[str, Any]) -> str:
     parts = []
-    for key, label, spec in (("loss", "loss", ".4f"), ("eval_loss", "eval_loss", ".4f"), ("learning_rate", "lr", ".2e"),
-                             ("grad_norm", "grad_norm", ".3f"), ("tokens_per_second", "tok/s", ".0f"),
-                             ("mem_allocated_gib", "alloc", ".2f"), ("mem_reserved_gib", "reserved", ".2f"),
-                             ("mem_peak_gib", "peak", ".2f"), ("mem_rss_gib", "rss", ".2f")):
+    for key, label, spec in (
+        ("loss", "loss", ".4f"),
+        ("eval_loss", "eval_loss", ".4f"),
+        ("learning_rate", "lr", ".2e"),
+        ("grad_norm", "grad_norm", ".3f"),
+        ("tokens_per_second", "tok/s", ".0f"),
+        ("mem_allocated_gib", "alloc", ".2f"),
+        ("mem_reserved_gib", "reserved", ".2f"),
+        ("mem_peak_gib", "peak", ".2f"),
+        ("mem_rss_gib", "rss", ".2f"),
+    ):
         value = logs.get(key)
         if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
             unit = " GiB" if key.startswith("mem_") else ""
@@ -104,20 +120,28 @@ class ProgressCallback(TrainerCallback):
     def __init__(self) -> None:
         self.bar: Any = None
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if state.is_world_process_zero:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step", dynamic_ncols=True)
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    **kwargs: Any) -> None:
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
 
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-               logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if self.bar is None or not logs:
             return
         line = _fmt(logs)
@@ -126,8 +150,9 @@ class ProgressCallback(TrainerCallback):
         if "loss" in logs:
             self.bar.set_postfix(loss=f"{logs['loss']:.4f}")
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None

@@ -10,6 +10,7 @@ by the method strategy), training arguments, the HF Trainer, and the final save 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,10 +35,16 @@ LOG_FILE = "train_log.jsonl"
 def resolve_family(config: VlmtuneConfig) -> FamilyDescriptor:
     from vlmtune.families import family_for_model, get_family
 
-    family = get_family(config.model.family) if config.model.family else family_for_model(config.model.name_or_path)
+    family = (
+        get_family(config.model.family)
+        if config.model.family
+        else family_for_model(config.model.name_or_path)
+    )
     problems = family.check(config)
     if problems:
         raise ConfigError(problems)
+    for note in family.notes(config):
+        log.warning("experimental: %s", note)
     return family
 
 
@@ -53,10 +60,15 @@ def _check_data(config: VlmtuneConfig, processor: Any, family: FamilyDescriptor)
         if path is not None:
             report = check_file(path, config.data, token_length)
             report.raise_if_errors()
-            log.info("data check: %s", report.format(limit=5).splitlines()[0])
+            if report.warnings:
+                log.warning("data check:\n%s", report.format(limit=10))
+            else:
+                log.info("data check: %s", report.format().splitlines()[0])
 
 
-def build_dataset(path: Path, processor: Any, family: FamilyDescriptor, config: VlmtuneConfig) -> EncodedDataset:
+def build_dataset(
+    path: Path, processor: Any, family: FamilyDescriptor, config: VlmtuneConfig
+) -> EncodedDataset:
     from vlmtune.data.dataset import EncodedDataset
     from vlmtune.data.processing import encode
     from vlmtune.data.records import read_records
@@ -71,14 +83,16 @@ def _loss_history(log_history: list[dict[str, Any]]) -> list[float]:
     return [float(entry["loss"]) for entry in log_history if "loss" in entry]
 
 
-def train(config: VlmtuneConfig, resume: bool | str = False,
-          callbacks: list[TrainerCallback] | None = None) -> TrainResult:
+def train(
+    config: VlmtuneConfig, resume: bool | str = False, callbacks: list[TrainerCallback] | None = None
+) -> TrainResult:
     """Fine-tune `config.model` on `config.data` with `config.method`; returns where everything was written.
 
     resume: True continues from the newest checkpoint in output_dir, a path continues from that checkpoint; the
     data order, optimizer, scheduler and RNG state continue as if the run had never stopped.
     callbacks: extra `transformers.TrainerCallback`s (for tests and integrations).
     """
+    import torch
     from transformers import set_seed
 
     from vlmtune.data.collate import Collator
@@ -94,10 +108,14 @@ def train(config: VlmtuneConfig, resume: bool | str = False,
         raise ConfigError(["data.train_path is not set: give the training JSONL file (see docs/DATA.md)"])
     checkpoint = resolve_resume(out, resume)
     if checkpoint is None and find_checkpoints(out):
-        raise VlmtuneError(f"{out} already holds checkpoints of an earlier run ({find_checkpoints(out)[-1].name}). "
-                           "Continue it with --resume (resume=True), or set output_dir to a new folder.")
+        raise VlmtuneError(
+            f"{out} already holds checkpoints of an earlier run ({find_checkpoints(out)[-1].name}). "
+            "Continue it with --resume (resume=True), or set output_dir to a new folder."
+        )
     out.mkdir(parents=True, exist_ok=True)
-    config_path = save_config(config, out / "config.yaml")
+    config_path = out / "config.yaml"
+    if os.environ.get("RANK", "0") == "0":  # one writer under torchrun
+        save_config(config, config_path)
 
     family = resolve_family(config)
     plan = resolve_precision(config)
@@ -106,7 +124,9 @@ def train(config: VlmtuneConfig, resume: bool | str = False,
     if config.data.check_before_training:
         _check_data(config, processor, family)
     train_set = build_dataset(Path(config.data.train_path), processor, family, config)
-    val_set = build_dataset(Path(config.data.val_path), processor, family, config) if config.data.val_path else None
+    val_set = (
+        build_dataset(Path(config.data.val_path), processor, family, config) if config.data.val_path else None
+    )
 
     set_seed(config.training.seed)  # adapter / random-weight initialisation is part of the run's seed
     model = get_method(config.method.name).load_and_prepare(config, family)
@@ -122,7 +142,15 @@ def train(config: VlmtuneConfig, resume: bool | str = False,
         device=plan.device,
     )
     _drop_default_printers(trainer)
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    try:
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except torch.OutOfMemoryError as exc:
+        raise VlmtuneError(
+            f"out of GPU memory at step {trainer.state.global_step} ({exc}). Lower training.batch_size (raise "
+            "training.gradient_accumulation_steps to keep the effective batch), set hardware.gradient_checkpointing="
+            "true, lower data.max_length or data.image_size, or use method.name=qlora; `vlmtune estimate` shows "
+            "what fits. Checkpoints written so far can be resumed with --resume."
+        ) from exc
 
     final_dir = save_final(trainer, processor, config, family)
     losses = _loss_history(trainer.state.log_history)

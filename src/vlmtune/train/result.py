@@ -40,8 +40,12 @@ class TrainResult:
             + (f", last eval loss {fmt(self.eval_loss_last)}" if self.eval_loss_last is not None else ""),
         ]
         if self.dropped_train or self.dropped_val:
-            lines.append(f"  dropped samples (longer than data.max_length): {self.dropped_train} train, "
-                         f"{self.dropped_val} val")
+            lines.append(
+                f"  dropped samples (longer than data.max_length): {self.dropped_train} train, "
+                f"{self.dropped_val} val"
+            )
         lines.append(f"  result: {self.final_dir}")
-        lines.append(f"  run folder: {self.output_dir} (config.yaml, {self.log_path.name}, checkpoints, runs/)")
+        lines.append(
+            f"  run folder: {self.output_dir} (config.yaml, {self.log_path.name}, checkpoints, runs/)"
+        )
         return "\n".join(lines)

@@ -29,7 +29,9 @@ def find_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints (they hold trainer_state.json), oldest step first."""
     if not output_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
+    found = [
+        (int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))
+    ]
     return [p for _, p in sorted(found) if (p / TRAINER_STATE_NAME).is_file()]
 
 
@@ -40,14 +42,18 @@ def resolve_resume(output_dir: Path, resume: bool | str | Path) -> Path | None:
     if resume is True:
         checkpoints = find_checkpoints(output_dir)
         if not checkpoints:
-            raise VlmtuneError(f"--resume: no checkpoint found in {output_dir} (checkpoints are written every "
-                               "training.save_steps steps as checkpoint-N). Start without --resume, or point "
-                               "output_dir at the run you want to continue.")
+            raise VlmtuneError(
+                f"--resume: no checkpoint found in {output_dir} (checkpoints are written every "
+                "training.save_steps steps as checkpoint-N). Start without --resume, or point "
+                "output_dir at the run you want to continue."
+            )
         return checkpoints[-1]
     path = Path(resume)
     if not (path / TRAINER_STATE_NAME).is_file():
-        raise VlmtuneError(f"--resume {path}: not a checkpoint folder (it has no {TRAINER_STATE_NAME}); give a "
-                           f"checkpoint-N folder from a run's output_dir, or --resume alone for the newest one.")
+        raise VlmtuneError(
+            f"--resume {path}: not a checkpoint folder (it has no {TRAINER_STATE_NAME}); give a "
+            f"checkpoint-N folder from a run's output_dir, or --resume alone for the newest one."
+        )
     return path
 
 
@@ -75,8 +81,12 @@ def save_final(trainer: Any, processor: Any, config: VlmtuneConfig, family: Fami
         from vlmtune.methods.qlora import skip_modules
 
         q = config.method.quantization
-        meta["quantization"] = {"quant_type": q.quant_type, "double_quant": q.double_quant,
-                                "compute_dtype": q.compute_dtype, "skip_modules": skip_modules(config, family)}
+        meta["quantization"] = {
+            "quant_type": q.quant_type,
+            "double_quant": q.double_quant,
+            "compute_dtype": q.compute_dtype,
+            "skip_modules": skip_modules(config, family),
+        }
     (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     if final.exists():
         old = out / f".{FINAL_DIR}.old"
