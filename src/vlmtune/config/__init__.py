@@ -4,6 +4,7 @@ from vlmtune.config.loader import apply_overrides, config_from_dict, load_config
 from vlmtune.config.presets import ConfigPresets, list_presets, load_preset
 from vlmtune.config.schema import (
     DataConfig,
+    DistributedConfig,
     HardwareConfig,
     LoraConfig,
     MethodConfig,
@@ -17,6 +18,7 @@ from vlmtune.config.schema import (
 __all__ = [
     "ConfigPresets",
     "DataConfig",
+    "DistributedConfig",
     "HardwareConfig",
     "LoraConfig",
     "MethodConfig",

@@ -65,8 +65,31 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[dict[st
     return out, problems
 
 
-def _format_error(err: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+_UNION_TAGS = {"int", "str", "float", "bool", "list", "dict", "none"}
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    """Drop pydantic's union-member tags (`int`, `literal['auto']`, `list[str]`) so the path names the field."""
+    parts = [str(p) for p in loc if not (str(p) in _UNION_TAGS or "[" in str(p) or str(p).startswith("function-"))]
+    return ".".join(parts) or "(top level)"
+
+
+def _format_errors(errors: list[dict[str, Any]]) -> list[str]:
+    """One line per field; the alternatives of a union are joined (`should be an integer or 'auto'`)."""
+    by_field: dict[str, list[dict[str, Any]]] = {}
+    for err in errors:
+        by_field.setdefault(_field_path(err["loc"]), []).append(err)
+    lines = []
+    for path, errs in by_field.items():
+        if len(errs) == 1:
+            lines.append(_format_error(errs[0], path))
+            continue
+        msgs = [e["msg"].removeprefix("Value error, ").removeprefix("Input should be ") for e in errs]
+        lines.append(f"{path}: Input should be {' or '.join(dict.fromkeys(msgs))} (got {errs[0].get('input')!r})")
+    return lines
+
+
+def _format_error(err: dict[str, Any], loc: str) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         return f"{loc}: unknown field (check the spelling; `vlmtune presets show` lists every field)"
@@ -80,7 +103,7 @@ def config_from_dict(data: dict[str, Any], source: str | None = None, extra_prob
     try:
         config = VlmtuneConfig.model_validate(data)
     except ValidationError as exc:
-        problems += [_format_error(e) for e in exc.errors()]
+        problems += _format_errors(exc.errors())
         raise ConfigError(problems, source=source) from None
     if problems:
         raise ConfigError(problems, source=source)

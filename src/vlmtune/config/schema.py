@@ -113,8 +113,8 @@ class TrainingConfig(_Strict):
     """Passes over the training set (ignored when max_steps is set)."""
     max_steps: int | None = Field(None, gt=0)
     """Stop after this many optimizer steps."""
-    batch_size: int = Field(1, gt=0)
-    """Micro-batch per device."""
+    batch_size: int | Literal["auto"] = 1
+    """Micro-batch per device; `auto` picks the largest that the memory estimate fits on the visible GPU."""
     gradient_accumulation_steps: int = Field(1, gt=0)
     """Micro-batches per optimizer step."""
     learning_rate: float = Field(2e-4, gt=0)
@@ -158,6 +158,46 @@ class HardwareConfig(_Strict):
     """Train on the CPU even when a GPU is visible."""
 
 
+class DistributedConfig(_Strict):
+    engine: Literal["auto", "none", "deepspeed"] = "auto"
+    """auto: DeepSpeed when more than one process runs, none otherwise."""
+    num_gpus: int = Field(1, gt=0)
+    """Processes (GPUs) per node that `vlmtune train` starts itself."""
+    num_nodes: int = Field(1, gt=0)
+    """Nodes (multi-node needs a hostfile)."""
+    hostfile: Path | None = None
+    """DeepSpeed/MPI-style hostfile for multi-node runs (`host slots=N` per line)."""
+    master_addr: str | None = None
+    """Address of the rank-0 node (multi-node)."""
+    master_port: int | None = Field(None, gt=0, lt=65536)
+    """Port of the rank-0 node."""
+    launcher: Literal["torchrun", "deepspeed"] = "torchrun"
+    """Which launcher `vlmtune train --num-gpus N` uses to start the processes."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage."""
+    offload: Literal["none", "optimizer", "optimizer_and_params"] = "none"
+    """What DeepSpeed offloads to CPU RAM (params offload needs stage 3)."""
+    prefetch_bucket_size: int | Literal["auto"] = "auto"
+    """ZeRO-3 stage3_prefetch_bucket_size."""
+    param_persistence_threshold: int | Literal["auto"] = "auto"
+    """ZeRO-3 stage3_param_persistence_threshold."""
+    max_live_parameters: int = Field(1_000_000_000, gt=0)
+    """ZeRO-3 stage3_max_live_parameters."""
+    max_reuse_distance: int = Field(1_000_000_000, gt=0)
+    """ZeRO-3 stage3_max_reuse_distance."""
+    deepspeed_config: Path | None = None
+    """Use this DeepSpeed JSON instead of rendering one (validated; "auto" values are filled from the config)."""
+
+    @model_validator(mode="after")
+    def _offload_stage(self) -> DistributedConfig:
+        if self.offload == "optimizer_and_params" and self.zero_stage != 3:
+            raise ValueError(f"offload=optimizer_and_params needs zero_stage 3 (got {self.zero_stage}); "
+                             "use offload=optimizer with stages 1-2")
+        if self.offload != "none" and self.zero_stage == 0:
+            raise ValueError("offload needs a ZeRO stage of 1 or more")
+        return self
+
+
 class VlmtuneConfig(_Strict):
     experiment_name: str = "vlmtune-run"
     """Name of the run (logs, TensorBoard)."""
@@ -168,6 +208,7 @@ class VlmtuneConfig(_Strict):
     method: MethodConfig = MethodConfig()
     training: TrainingConfig = TrainingConfig()
     hardware: HardwareConfig = HardwareConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     @model_validator(mode="after")
     def _cross_field(self) -> VlmtuneConfig:
@@ -176,6 +217,8 @@ class VlmtuneConfig(_Strict):
             problems.append("method.name=qlora needs hardware.precision bf16 or fp16 (4-bit layers compute in 16-bit)")
         if self.method.name == TrainingMethod.FULL and self.method.lora.train_projector:
             problems.append("method.lora.train_projector only applies to lora/qlora; full fine-tuning trains the projector already")
+        if self.distributed.offload != "none" and self.distributed.engine == "none":
+            problems.append("distributed.offload needs distributed.engine=deepspeed (or auto with DeepSpeed)")
         if problems:
             raise ValueError("; ".join(problems))
         return self
