@@ -31,7 +31,7 @@ def _logits(model, batch) -> torch.Tensor:
 def test_merged_lora_equals_the_adapter_model(train_tiny, red_data, tmp_path):
     adapter = train_tiny("lora")  # with a fully trained projector saved alongside
     out = merge_adapter(adapter, tmp_path / "merged", dtype="float32")
-    with_adapter = load_for_inference(adapter)
+    with_adapter = load_for_inference(adapter, device="cpu")
     merged = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
     assert not any("lora" in name for name, _ in merged.named_parameters())
     processor = get_family("qwen2_vl").load_processor(out)  # saved next to the model
@@ -41,7 +41,7 @@ def test_merged_lora_equals_the_adapter_model(train_tiny, red_data, tmp_path):
     )
 
     image = read_records(red_data)[0].images[0]
-    merged_loaded = load_for_inference(out)
+    merged_loaded = load_for_inference(out, device="cpu")
     question = "What colour is the shape?"
     assert answer(merged_loaded, [image], question, 5) == answer(with_adapter, [image], question, 5)
 
@@ -57,7 +57,7 @@ def test_qlora_adapter_merges_into_the_16bit_base(train_tiny, tiny_model_dir, re
     # In float32 the merge is exact against the adapter applied to the unquantized base.
     out32 = merge_adapter(adapter, tmp_path / "merged32", dtype="float32")
     merged32 = AutoModelForImageTextToText.from_pretrained(out32, dtype=torch.float32)
-    reference = load_for_inference(adapter, load_in_4bit=False, dtype="float32")
+    reference = load_for_inference(adapter, device="cpu", load_in_4bit=False, dtype="float32")
     batch = _batch(reference.processor, red_data)
     got = _logits(merged32, batch)
     torch.testing.assert_close(got, _logits(reference.model, batch), atol=1e-5, rtol=1e-5)

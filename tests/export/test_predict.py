@@ -20,7 +20,7 @@ def test_normalize_answer(text, expected):
 
 @pytest.mark.slow
 def test_predict_file_scores_exact_match(train_tiny, red_data, tmp_path):
-    loaded = load_for_inference(train_tiny("full", steps=15))
+    loaded = load_for_inference(train_tiny("full", steps=15), device="cpu")
     result = predict_file(loaded, red_data, tmp_path / "predictions.jsonl", max_new_tokens=5)
     assert (result.total, result.correct, result.accuracy) == (8, 8, 1.0)
     rows = [json.loads(line) for line in result.path.read_text().splitlines()]

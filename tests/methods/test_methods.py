@@ -113,3 +113,16 @@ def test_full_freezes_vision_tower_but_not_projector(tiny_model_dir, family_name
         assert param.requires_grad == expected, f"{name} ({component})"
     trainable, total = count_parameters(model)
     assert 0 < trainable <= total and (trainable < total) == freeze
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_random_init_builds_the_architecture_without_reading_weights(tiny_model_dir, method):
+    import bitsandbytes as bnb
+
+    family = get_family("qwen2_vl")
+    config = _config(tiny_model_dir("qwen2_vl"), method)
+    config.model.random_init = True
+    model = get_method(config.method.name).load_and_prepare(config, family)
+    quantized = any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert quantized == (method == "qlora")
+    assert count_parameters(model)[0] > 0

@@ -60,6 +60,15 @@ def test_train_then_reload(run_config, family, method):
     # The run folder: resolved config, log lines with the promised metrics, the result next to its processor.
     assert load_config(result.config_path) == config
     logs = [json.loads(line) for line in result.log_path.read_text().splitlines()]
+    start = logs[0]
+    assert start["event"] == "start" and start["method"] == method and start["precision"].startswith("CPU")
+    assert (
+        0
+        < start["trainable_params"]
+        == result.trainable_params
+        < start["total_params"]
+        == result.total_params
+    )
     steps = [e for e in logs if "loss" in e]
     assert [e["step"] for e in steps] == list(range(1, 7))
     assert {"learning_rate", "grad_norm", "mem_rss_gib"} <= set(steps[0])
@@ -67,11 +76,11 @@ def test_train_then_reload(run_config, family, method):
     expected = "model.safetensors" if method == "full" else "adapter_model.safetensors"
     assert (result.final_dir / expected).is_file() and (result.final_dir / "processor_config.json").is_file()
 
-    loaded = load_for_inference(result.final_dir)
+    loaded = load_for_inference(result.final_dir, device="cpu")
     if method == "qlora":  # reloaded as it was trained: 4-bit language model
         assert any(type(m).__name__ == "Linear4bit" for m in loaded.model.modules())
     batch = _batch(loaded, config)
     trained, reloaded = _logits(keep.model, batch), _logits(loaded.model, batch)
     torch.testing.assert_close(reloaded, trained, atol=1e-5, rtol=1e-5)
-    untrained = _logits(load_for_inference(config.model.name_or_path).model, batch)
+    untrained = _logits(load_for_inference(config.model.name_or_path, device="cpu").model, batch)
     assert (untrained - trained).abs().max() > 1e-3  # training changed the outputs that were compared

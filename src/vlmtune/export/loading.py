@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 META_FILE = "vlmtune.json"
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
 @dataclass
@@ -144,7 +144,7 @@ def load_for_inference(
     model.eval()
     source = (
         adapter
-        if adapter is not None and any((adapter / f).is_file() for f in _PROCESSOR_FILES)
+        if adapter is not None and any((adapter / f).is_file() for f in PROCESSOR_FILES)
         else model_dir
     )
     processor = family.load_processor(source)

@@ -13,11 +13,16 @@ from pathlib import Path
 import torch
 
 from vlmtune.errors import VlmtuneError
-from vlmtune.export.loading import adapter_base, is_adapter_dir, load_model, read_meta, to_dtype
+from vlmtune.export.loading import (
+    PROCESSOR_FILES,
+    adapter_base,
+    is_adapter_dir,
+    load_model,
+    read_meta,
+    to_dtype,
+)
 
 log = logging.getLogger(__name__)
-
-_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
 def merge_adapter(
@@ -51,7 +56,7 @@ def merge_adapter(
     family = family_for_model(base)
     model = load_model(base, to_dtype(dtype, torch.bfloat16), "cpu")
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    source = adapter if any((adapter / f).is_file() for f in _PROCESSOR_FILES) else base
+    source = adapter if any((adapter / f).is_file() for f in PROCESSOR_FILES) else base
     processor = family.load_processor(source)
 
     staging = out.with_name(f".{out.name}.staging")

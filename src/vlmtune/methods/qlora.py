@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -74,22 +73,19 @@ def _load_quantized(
     kwargs = {"quantization_config": bnb_config(config, family), "device_map": device_map}
     if not config.model.random_init:
         return load_base_model(config, dtype, **kwargs)
-    # Quantization happens while weights load, so random weights take a detour through a temporary folder.
-    # Built on the CPU so the 16-bit detour never shows in the GPU's peak-memory statistics.
-    random_cfg = config.model_copy(update={"model": config.model.model_copy(update={"random_init": True}),
-                                           "hardware": config.hardware.model_copy(update={"use_cpu": True})})
-    model = load_base_model(random_cfg, dtype)
-    with tempfile.TemporaryDirectory(prefix="vlmtune-random-") as tmp:
-        model.save_pretrained(tmp)
-        del model
-        path_cfg = config.model_copy(
-            update={
-                "model": config.model.model_copy(
-                    update={"name_or_path": tmp, "random_init": False, "revision": None}
-                )
-            }
-        )
-        return load_base_model(path_cfg, dtype, **kwargs)
+    # Quantization happens while weights load: random weights are built in 16-bit, then loaded from their state dict.
+    model = load_base_model(config, dtype)
+    state_dict = {k: v.to("cpu") for k, v in model.state_dict().items()}
+    model_class, hf_config = type(model), model.config
+    del model
+    return model_class.from_pretrained(
+        None,
+        config=hf_config,
+        state_dict=state_dict,
+        dtype=dtype,
+        attn_implementation=config.hardware.attn_implementation,
+        **kwargs,
+    )
 
 
 class QLoraMethod(Method):

@@ -73,6 +73,13 @@ class ThroughputMeter(TrainerCallback):
         self.reset(state.num_input_tokens_seen)
 
 
+def write_event(path: Path, event: str, **fields: Any) -> None:
+    """Append one non-metric record (run start: what was decided and why) to train_log.jsonl."""
+    record = {"event": event, "time": round(time.time(), 3), **fields}
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, default=str) + "\n")
+
+
 class JsonlLogCallback(TrainerCallback):
     """Appends every log record (training and evaluation) to `train_log.jsonl`; a resumed run appends to it."""
 

@@ -97,9 +97,9 @@ def train(
 
     from vlmtune.data.collate import Collator
     from vlmtune.methods import get_method
-    from vlmtune.methods.base import resolve_precision
+    from vlmtune.methods.base import count_parameters, resolve_precision
     from vlmtune.train.args import training_arguments
-    from vlmtune.train.callbacks import JsonlLogCallback, ProgressCallback
+    from vlmtune.train.callbacks import JsonlLogCallback, ProgressCallback, write_event
     from vlmtune.train.trainer import VlmTrainer
 
     started = time.perf_counter()
@@ -130,6 +130,21 @@ def train(
 
     set_seed(config.training.seed)  # adapter / random-weight initialisation is part of the run's seed
     model = get_method(config.method.name).load_and_prepare(config, family)
+    trainable, total = count_parameters(model)
+    if os.environ.get("RANK", "0") == "0":
+        write_event(
+            out / LOG_FILE,
+            "start",
+            family=family.name,
+            method=config.method.name.value,
+            device=plan.device,
+            precision=plan.note,
+            trainable_params=trainable,
+            total_params=total,
+            train_samples=len(train_set),
+            dropped_train=train_set.dropped_count,
+            resumed_from=checkpoint,
+        )
     args = training_arguments(config, plan, has_eval=val_set is not None)
     trainer = VlmTrainer(
         model=model,
@@ -171,6 +186,8 @@ def train(
         dropped_train=train_set.dropped_count,
         dropped_val=val_set.dropped_count if val_set is not None else 0,
         resumed_from=checkpoint,
+        trainable_params=trainable,
+        total_params=total,
     )
 
 

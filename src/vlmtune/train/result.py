@@ -28,6 +28,8 @@ class TrainResult:
     dropped_val: int = 0
     checkpoints: list[Path] = field(default_factory=list)
     resumed_from: Path | None = None
+    trainable_params: int = 0
+    total_params: int = 0
 
     def summary(self) -> str:
         def fmt(x: float | None) -> str:
@@ -36,6 +38,7 @@ class TrainResult:
         lines = [
             f"{self.method} fine-tuning of a {self.family} model: {self.steps} steps in {self.seconds:.1f} s"
             + (f" (resumed from {self.resumed_from.name})" if self.resumed_from else ""),
+            f"  trainable parameters: {self.trainable_params:,} of {self.total_params:,}",
             f"  train loss {fmt(self.train_loss_first)} -> {fmt(self.train_loss_last)}"
             + (f", last eval loss {fmt(self.eval_loss_last)}" if self.eval_loss_last is not None else ""),
         ]
