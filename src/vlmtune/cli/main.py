@@ -6,6 +6,7 @@ User mistakes (VlmtuneError) print a one-paragraph message and exit non-zero; `-
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from vlmtune.cli import (
@@ -60,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # The engine logs its decisions (precision, parameter counts, data-check summary) through `logging`.
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
     try:
         return int(args._run(args) or 0)
     except VlmtuneError as exc:
