@@ -73,7 +73,7 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
         help="images per sample without --data (default 1)",
     )
     p.add_argument(
-        "--num-gpus", dest="num_gpus", type=_positive, default=1, help="data-parallel GPUs (one node)"
+        "--num-gpus", dest="num_gpus", type=_positive, help="data-parallel GPUs (default: the config's)"
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -90,14 +90,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         dest="zero_stage",
         type=int,
         choices=[0, 1, 2, 3],
-        default=0,
-        help="0: no DeepSpeed (DDP on several GPUs); 1-3: DeepSpeed ZeRO stage",
+        help="0: no DeepSpeed (DDP on several GPUs); 1-3: DeepSpeed ZeRO stage (default: the config's)",
     )
     p.add_argument(
         "--offload",
         choices=["none", "optimizer", "all"],
-        default="none",
-        help="DeepSpeed offload to CPU RAM (all = parameters too; ZeRO-3 only)",
+        help="DeepSpeed offload to CPU RAM (all = parameters too; ZeRO-3 only; default: the config's)",
     )
     p.add_argument(
         "--gpu", help="GPU to judge the fit on, e.g. 'RTX 4090', A100-80GB, H100 (see `recommend --table`)"
@@ -166,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         config = resolve(args)
     except ConfigError as exc:  # report the parallelism problems in the same message
         raise ConfigError(
-            exc.problems + check_plan(args.zero_stage, args.offload, args.num_gpus), exc.source
+            exc.problems + check_plan(args.zero_stage or 0, args.offload or "none", args.num_gpus or 1), exc.source
         ) from None
     inputs = inputs_from_config(
         config,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from vlmtune.cli import (
@@ -56,7 +57,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.items = [*args.items, *extra]
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train` hands it to the processes it launches
     return args
+
+
+def _rank_prefix() -> str:
+    """`[rank N] ` inside a multi-process run, so an error says which process it came from."""
+    world, rank = os.environ.get("WORLD_SIZE"), os.environ.get("RANK")
+    return f"[rank {rank}] " if world and int(world) > 1 and rank is not None else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except VlmtuneError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{_rank_prefix()}error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     rec = recommend(
         base,
         get_gpu(args.gpu),
-        args.num_gpus,
+        base.num_gpus,
         effective,
         _methods(args.search_method),
         args.margin,

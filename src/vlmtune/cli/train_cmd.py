@@ -6,6 +6,9 @@ Precedence, lowest first: preset, config file, compatibility flags, dotted overr
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import sys
 from typing import Any
 
 HELP = "fine-tune a model (LoRA, QLoRA or full) from a config file, a preset, flags and dotted overrides"
@@ -24,6 +27,12 @@ FLAG_FIELDS = {
     "max_steps": "training.max_steps",
     "epochs": "training.epochs",
     "learning_rate": "training.learning_rate",
+    "memory_fraction": "hardware.memory_fraction",
+    "num_gpus": "distributed.num_gpus",
+    "num_nodes": "distributed.num_nodes",
+    "hostfile": "distributed.hostfile",
+    "master_addr": "distributed.master_addr",
+    "master_port": "distributed.master_port",
 }
 
 
@@ -54,6 +63,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", nargs="?", const=True, default=False,
                    help="continue from the latest checkpoint in output_dir (or from the given checkpoint folder)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--force", action="store_true",
+                   help="train even when the memory estimate says the run does not fit the GPU (hardware.force_fit)")
+    p.add_argument("--memory-fraction", "--memory_fraction", dest="memory_fraction", type=float,
+                   help="cap this process at this fraction of the GPU's memory, as if on a smaller card")
+    add_distributed_arguments(p)
+
+
+def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("distributed (DeepSpeed; see docs/DISTRIBUTED.md)")
+    g.add_argument("--num-gpus", "--num_gpus", dest="num_gpus", type=int,
+                   help="processes (GPUs) per node; more than one starts them through torchrun or deepspeed")
+    g.add_argument("--num-nodes", "--num_nodes", dest="num_nodes", type=int, help="nodes (needs --hostfile)")
+    g.add_argument("--hostfile", help="DeepSpeed hostfile for multi-node runs (`host slots=N` per line)")
+    g.add_argument("--master-addr", "--master_addr", dest="master_addr", help="address of the rank-0 node")
+    g.add_argument("--master-port", "--master_port", dest="master_port", type=int, help="port of the rank-0 node")
+    g.add_argument("--deepspeed", metavar="FILE", help="train with DeepSpeed using this JSON config")
+    g.add_argument("--no-deepspeed", "--no_deepspeed", dest="no_deepspeed", action="store_true",
+                   help="no DeepSpeed (several processes then run plain DDP)")
+    g.add_argument("--zero-stage", "--zero_stage", dest="zero_stage", type=int, choices=(0, 1, 2, 3),
+                   help="DeepSpeed ZeRO stage (implies DeepSpeed)")
+    g.add_argument("--offload", choices=("none", "optimizer", "optimizer_and_params"),
+                   help="DeepSpeed offload to CPU RAM (implies DeepSpeed)")
+    # The deepspeed launcher passes --local_rank=N to each process unless told otherwise; LOCAL_RANK is read instead.
+    g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
 
 
 def flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -69,6 +102,23 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
         out.append("method.name=qlora")
     elif args.use_lora:
         out.append("method.name=lora")
+    if getattr(args, "force", False):
+        out.append("hardware.force_fit=true")
+    return out + distributed_overrides(args)
+
+
+def distributed_overrides(args: argparse.Namespace) -> list[str]:
+    out = []
+    if getattr(args, "deepspeed", None):
+        out += ["distributed.engine=deepspeed", f"distributed.deepspeed_config={args.deepspeed}"]
+    if getattr(args, "zero_stage", None) is not None:
+        out += ["distributed.engine=deepspeed", f"distributed.zero_stage={args.zero_stage}"]
+    if getattr(args, "offload", None) is not None:
+        out += [f"distributed.offload={args.offload}"]
+        if args.offload != "none":
+            out += ["distributed.engine=deepspeed"]
+    if getattr(args, "no_deepspeed", False):
+        out += ["distributed.engine=none"]
     return out
 
 
@@ -96,8 +146,23 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
         return 0
+    from vlmtune.train.launch import launch, should_launch
+
+    if should_launch(config):
+        return launch(config, train_arguments(args))
     from vlmtune.train.engine import train
 
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:  # progress and logs come from rank 0; other ranks report only errors
+        logging.getLogger().setLevel(logging.ERROR)
     result = train(config, resume=args.resume)
-    print(result.summary())
+    if rank == 0:
+        print(result.summary())
     return 0
+
+
+def train_arguments(args: argparse.Namespace) -> list[str]:
+    """This command's own arguments (what follows `train`), for the processes the launcher starts."""
+    argv = list(getattr(args, "argv", None) or sys.argv[1:])
+    rest = argv[argv.index("train") + 1:] if "train" in argv else argv
+    return [*rest, "--debug"] if getattr(args, "debug", False) and "--debug" not in rest else rest

@@ -141,6 +141,9 @@ class TrainingConfig(_Strict):
     """Write a checkpoint every N steps."""
     save_total_limit: int | None = Field(3, gt=0)
     """Keep only the last K checkpoints (None keeps all)."""
+    save_checkpoints: bool = True
+    """Write resumable checkpoint-N folders (every save_steps and at the end); false writes only the final result
+    (benchmarks of large full fine-tunes, whose optimizer states would not fit the disk)."""
     report_to: list[Literal["tensorboard", "none"]] = ["tensorboard"]
     """Where to send logs besides the console and the run folder's log file."""
 
@@ -156,11 +159,17 @@ class HardwareConfig(_Strict):
     """Background processes that prepare batches."""
     use_cpu: bool = False
     """Train on the CPU even when a GPU is visible."""
+    memory_fraction: float | None = Field(None, gt=0, le=1)
+    """Cap this process's GPU memory at this fraction of the card (torch.cuda.set_per_process_memory_fraction):
+    trains as if on a smaller GPU; the memory preflight checks the estimate against the cap."""
+    force_fit: bool = False
+    """Start training even when the memory estimate says it does not fit the visible GPU (`vlmtune train --force`)."""
 
 
 class DistributedConfig(_Strict):
     engine: Literal["auto", "none", "deepspeed"] = "auto"
-    """auto: DeepSpeed when more than one process runs, none otherwise."""
+    """auto: DeepSpeed when more than one process runs (or deepspeed_config / offload is set), none otherwise.
+    none: one process, or plain DDP over several."""
     num_gpus: int = Field(1, gt=0)
     """Processes (GPUs) per node that `vlmtune train` starts itself."""
     num_nodes: int = Field(1, gt=0)
@@ -172,7 +181,8 @@ class DistributedConfig(_Strict):
     master_port: int | None = Field(None, gt=0, lt=65536)
     """Port of the rank-0 node."""
     launcher: Literal["torchrun", "deepspeed"] = "torchrun"
-    """Which launcher `vlmtune train --num-gpus N` uses to start the processes."""
+    """Which launcher `vlmtune train --num-gpus N` uses to start the processes (multi-node: deepspeed, which
+    reaches the other nodes through the hostfile; torchrun is started on every node by hand, see docs)."""
     zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage."""
     offload: Literal["none", "optimizer", "optimizer_and_params"] = "none"
@@ -198,6 +208,38 @@ class DistributedConfig(_Strict):
         return self
 
 
+class SpeedConfig(_Strict):
+    chunked_loss: bool = True
+    """Compute the loss from the last hidden states and lm_head's weight, a chunk of labelled tokens at a time:
+    full-vocabulary logits (about 12 bytes x tokens x vocab at the loss) are never materialised."""
+    loss_chunk_tokens: int = Field(1024, gt=0)
+    """Tokens per chunk of the chunked loss (its working memory is about 8 bytes x chunk x vocab)."""
+    frozen_vision_no_grad: bool = True
+    """Run the frozen part of the vision tower under no_grad and without checkpointing: nothing of it is saved
+    for backward nor recomputed (the projector still trains when it is trained)."""
+    packing: bool = False
+    """Padding-free packing: several samples per row up to packing_max_tokens, each attending only to itself,
+    with positions (M-RoPE for Qwen) restarting per sample. training.batch_size then counts packed rows."""
+    packing_max_tokens: int | None = Field(None, gt=0)
+    """Token budget of one packed row (image tokens included); default data.max_length."""
+    packed_attention: Literal["spans", "mask"] = "spans"
+    """How packed samples are kept apart with sdpa attention: spans = causal SDPA over each sample's own tokens
+    (flash kernels, work ~ sum of squared sample lengths); mask = transformers' block-diagonal mask (rows x
+    length^2 booleans, every block computed)."""
+    lora_bf16_compute: bool = True
+    """Under 16-bit autocast, LoRA adapters take the layer's 16-bit input as it is instead of an fp32 copy (the
+    adapters stay fp32 for the optimizer; autocast runs their matmuls in 16-bit either way)."""
+    checkpoint_every_n_layers: int = Field(1, ge=1)
+    """With hardware.gradient_checkpointing: checkpoint only every n-th layer (1 = every layer). Larger values
+    recompute less and keep more activations: faster, more memory."""
+    checkpoint_offload: bool = False
+    """With hardware.gradient_checkpointing: keep the checkpointed layer inputs in pinned CPU memory (frees
+    layers x tokens x hidden x 2 bytes of GPU memory, costs a copy each way)."""
+    compile: bool = False
+    """torch.compile each language-model decoder layer (fused elementwise kernels, fewer launches). The first
+    steps are slower while it compiles; pays on long runs on a GPU."""
+
+
 class VlmtuneConfig(_Strict):
     experiment_name: str = "vlmtune-run"
     """Name of the run (logs, TensorBoard)."""
@@ -209,6 +251,7 @@ class VlmtuneConfig(_Strict):
     training: TrainingConfig = TrainingConfig()
     hardware: HardwareConfig = HardwareConfig()
     distributed: DistributedConfig = DistributedConfig()
+    speed: SpeedConfig = SpeedConfig()
 
     @model_validator(mode="after")
     def _cross_field(self) -> VlmtuneConfig:
@@ -219,6 +262,29 @@ class VlmtuneConfig(_Strict):
             problems.append("method.lora.train_projector only applies to lora/qlora; full fine-tuning trains the projector already")
         if self.distributed.offload != "none" and self.distributed.engine == "none":
             problems.append("distributed.offload needs distributed.engine=deepspeed (or auto with DeepSpeed)")
+        if self.distributed.engine != "none" and self.distributed.deepspeed_config is None:
+            problems += zero_combination_problems(self, self.distributed.zero_stage, self.distributed.offload)
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def zero_combination_problems(config: VlmtuneConfig, stage: int, offload: str) -> list[str]:
+    """Method x ZeRO stage x offload combinations that cannot work, each naming the field and what to do instead.
+    Checked here for the rendered DeepSpeed config and by the engine for a user's JSON (its stage and offload)."""
+    problems = []
+    optimizer = config.training.optimizer
+    eight_bit = optimizer in ("adamw_8bit", "paged_adamw_8bit")
+    if offload != "none" and eight_bit:
+        problems.append(f"training.optimizer={optimizer} cannot be offloaded (DeepSpeed offload runs its own CPU "
+                        "Adam): use adamw_torch, or distributed.offload=none")
+    if stage == 3 and eight_bit:
+        problems.append(f"training.optimizer={optimizer} does not work on ZeRO-3 partitioned parameters: use "
+                        "adamw_torch, or distributed.zero_stage 1-2")
+    if config.method.name == TrainingMethod.QLORA and offload == "optimizer_and_params":
+        problems.append("method.name=qlora with distributed.offload=optimizer_and_params: DeepSpeed cannot move "
+                        "4-bit weights and their quantization state to the CPU; use offload=optimizer")
+    if offload != "none" and config.hardware.use_cpu:
+        problems.append("distributed.offload moves GPU states to CPU RAM, but hardware.use_cpu=true trains on the "
+                        "CPU already; set distributed.offload=none")
+    return problems

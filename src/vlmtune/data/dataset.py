@@ -17,6 +17,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from vlmtune.data.processing import IGNORE_INDEX
 from vlmtune.data.records import Record
 from vlmtune.errors import DataError
 
@@ -26,6 +27,11 @@ EAGER_LIMIT = 1000
 """Data sets with at most this many records are encoded eagerly."""
 
 EncodeFn = Callable[[Record], Any]
+
+
+def _labelled(sample: Any) -> int:
+    labels = getattr(sample, "labels", None)
+    return int((labels != IGNORE_INDEX).sum()) if labels is not None else len(sample)
 
 
 class EncodedDataset(Dataset):
@@ -40,12 +46,18 @@ class EncodedDataset(Dataset):
         self._samples: list[Any] = []
         self._records: list[Record] = []
         self.dropped: list[int] = []
+        self.lengths: list[int] = []
+        """Token length (image tokens included) of each kept sample, in dataset order: sizes the worst batch."""
+        self.labelled: list[int] = []
+        """Tokens with a label (trained on) in each kept sample: sizes the loss."""
         for record in records:
             sample = encode(record)
             if sample is None:
                 self.dropped.append(record.line)
                 continue
             self._records.append(record)
+            self.lengths.append(len(sample))
+            self.labelled.append(_labelled(sample))
             if self.eager:
                 self._samples.append(sample)
         if not self._records:

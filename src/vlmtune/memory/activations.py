@@ -9,7 +9,8 @@ width, kv key/value width, i MLP width; bytes):
   is recomputed in backward.
 Vision tower: with checkpointing HF hooks it into autograd even when frozen, so each block keeps its input
 (2 bytes x patches x width); without checkpointing a frozen tower keeps nothing and a trained one about 53 bytes per
-patch per unit width per block (fitted on one run, approximate).
+patch per unit width per block (fitted on one run, approximate). vlmtune's speed.frozen_vision_no_grad runs a
+frozen tower without grad: it keeps nothing in either case.
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ def activation_terms(
     if inputs.gradient_checkpointing:
         language = d.layers * act_bytes * b * s * d.hidden
         working = per_layer * b * s + 2 * act_bytes * b * s * d.hidden
-        vision = d.vision_depth * act_bytes * patches * d.vision_width
+        vision = 0 if inputs.vision_no_grad and not trained_vit else (
+            d.vision_depth * act_bytes * patches * d.vision_width)
     else:
         language = d.layers * per_layer * b * s
         working = 0

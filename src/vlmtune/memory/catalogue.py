@@ -116,7 +116,10 @@ def _cached_file(name: str, filename: str) -> Path | None:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    cached = try_to_load_from_cache(name, filename)
+    try:
+        cached = try_to_load_from_cache(name, filename)
+    except ValueError:  # not a valid hub id either (e.g. a folder that does not exist)
+        return None
     return Path(cached) if isinstance(cached, str) and Path(cached).is_file() else None
 
 

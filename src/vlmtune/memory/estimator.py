@@ -37,6 +37,9 @@ FRAG_LOGITS = 0.7
 param-sized tensors live at the peak) + FRAG_FOREACH x (optimizer-step temporaries); fitted on the anchors."""
 FRAG_STATES = 0.10
 FRAG_FOREACH = 0.5
+CHUNK_LOGITS = 6
+"""Bytes per (token, vocabulary entry) of one chunk of the chunked loss: 16-bit logits while the fp32 upcast is
+made, then the fp32 softmax in place and its 16-bit gradient."""
 TIGHT_MARGIN = 0.10
 """Below this fraction of the GPU's memory left free, the verdict is `tight` (estimate error + allocator noise)."""
 
@@ -61,6 +64,31 @@ class _Phase:
     @property
     def total(self) -> int:
         return self.grads + self.vision + self.language + self.logits + self.transient
+
+
+@dataclass(frozen=True)
+class _Loss:
+    forward: int
+    """Logits and loss memory at the end of the forward pass."""
+    backward: int
+    """... at the start of backward (HF: the cross-entropy backward)."""
+    fp32_block: int
+    """The largest fp32 logits block: the allocator's fragmentation follows it."""
+
+
+def loss_terms(inputs: EstimateInputs, b: int, s: int, v: int, h: int) -> _Loss:
+    """HF ForCausalLMLoss keeps b·s·v logits (bf16 + fp32 upcast + log-softmax for backward): 10 bytes per
+    element at the end of forward, 12 in its backward. vlmtune's chunked loss projects only labelled tokens, a
+    chunk at a time, and computes the gradients in forward: about CHUNK_LOGITS bytes per chunk element, the
+    labelled rows and their gradient (16-bit), and, when lm_head trains, its fp32 gradient and the per-chunk
+    update (10 bytes per weight) in forward, two 16-bit copies in backward."""
+    if not inputs.chunked_loss:
+        return _Loss(10 * b * s * v, 12 * b * s * v, 4 * b * s * v)
+    labelled = min(inputs.labelled_tokens or b * s, b * s)
+    chunk = min(inputs.loss_chunk_tokens, labelled)
+    head = v * h if inputs.method == "full" else 0
+    rows = 2 * 2 * labelled * h
+    return _Loss(CHUNK_LOGITS * chunk * v + rows + 10 * head, rows + 2 * b * s * h + 4 * head, 4 * chunk * v)
 
 
 def _precision(inputs: EstimateInputs) -> _Precision:
@@ -144,14 +172,15 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
     held = zp.grads if (inputs.gradient_accumulation_steps > 1 or deepspeed) else 0
     grads_all = zp.grads + zp.grads_transient
     embed_grad = 4 * v * dims.hidden if inputs.method == "full" else 0
+    loss = loss_terms(inputs, b, s, v, dims.hidden)
     step = trainable * prec.trainable if inputs.optimizer == "adamw_torch" and not deepspeed else 0
     autocast = (
         2 * counts.total // (inputs.num_gpus if inputs.zero_stage == 3 else 1) if prec.autocast_cache else 0
     )
     # (gradients, vision activations, language activations, logits and loss, transient) at each phase of a step
     phases = {
-        "forward": _Phase(held, acts.vision_saved, acts.language_saved, 10 * b * s * v, autocast),
-        "loss backward": _Phase(held, acts.vision_saved, acts.language_saved, 12 * b * s * v, 0),
+        "forward": _Phase(held, acts.vision_saved, acts.language_saved, loss.forward, autocast),
+        "loss backward": _Phase(held, acts.vision_saved, acts.language_saved, loss.backward, 0),
         "layer backward": _Phase(
             held, acts.vision_saved, acts.language_saved + acts.layer_working, 0, acts.dequant
         ),
@@ -166,7 +195,7 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
         live_16bit_states = zp.optimizer + at.grads
     frag = int(
         FRAG_BASE
-        + FRAG_LOGITS * 4 * b * s * v
+        + FRAG_LOGITS * loss.fp32_block
         + FRAG_STATES * live_16bit_states
         + (FRAG_FOREACH * step if phase == "optimizer step" else 0)
     )

@@ -52,6 +52,14 @@ class EstimateInputs:
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     optimizer: str = "adamw_torch"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    chunked_loss: bool = False
+    """vlmtune's chunked loss (speed.chunked_loss): no full-vocabulary logits, one chunk of labelled tokens at a
+    time. False: HF's ForCausalLMLoss, as in the plain transformers path the anchors measured."""
+    loss_chunk_tokens: int = 1024
+    labelled_tokens: int | None = None
+    """Labelled tokens in the worst micro-batch (from the data); None: every token of batch_size x seq_len."""
+    vision_no_grad: bool = False
+    """speed.frozen_vision_no_grad: a frozen vision tower runs without grad (nothing saved for backward)."""
     zero_stage: int = 0
     offload: Literal["none", "optimizer", "all"] = "none"
     num_gpus: int = 1
@@ -62,7 +70,7 @@ class EstimateInputs:
         out = []
         if self.method not in ("lora", "qlora", "full"):
             out.append(f"method must be lora, qlora or full, got {self.method!r}")
-        for name in ("lora_rank", "batch_size", "gradient_accumulation_steps", "seq_len"):
+        for name in ("lora_rank", "batch_size", "gradient_accumulation_steps", "seq_len", "loss_chunk_tokens"):
             if int(getattr(self, name)) < 1:
                 out.append(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.images_per_sample < 0:
@@ -107,7 +115,13 @@ class EstimateInputs:
 
 
 def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInputs:
-    """The estimate inputs a vlmtune config implies (sequence = data.max_length, padded worst case)."""
+    """The estimate inputs a vlmtune config implies (sequence = data.max_length, padded worst case). ZeRO stage,
+    offload and GPU count are what training renders from `distributed` (a given DeepSpeed JSON's stage and offload
+    included; stage 0 without DeepSpeed), on num_gpus x num_nodes processes."""
+    from vlmtune.config.distributed import effective_zero, world_size
+
+    world = world_size(config.distributed)
+    stage, offload = effective_zero(config, world)
     m = config.method
     targets = m.lora.target_modules
     values: dict[str, Any] = dict(
@@ -132,6 +146,12 @@ def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInput
         precision=config.hardware.precision,
         optimizer=config.training.optimizer,
         attn_implementation=config.hardware.attn_implementation,
+        chunked_loss=config.speed.chunked_loss,
+        loss_chunk_tokens=config.speed.loss_chunk_tokens,
+        vision_no_grad=config.speed.frozen_vision_no_grad,
+        zero_stage=stage,
+        offload="all" if offload == "optimizer_and_params" else offload,
+        num_gpus=world,
     )
     if config.data.image_size:
         values["image_hw"] = (config.data.image_size, config.data.image_size)

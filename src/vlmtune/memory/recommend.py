@@ -19,7 +19,7 @@ from vlmtune.memory.breakdown import Breakdown
 from vlmtune.memory.catalogue import lookup_model
 from vlmtune.memory.data_scan import DataProfile, SampleCosts
 from vlmtune.memory.estimator import estimate
-from vlmtune.memory.gpus import GpuSpec
+from vlmtune.memory.gpus import GpuSpec, all_gpus
 from vlmtune.memory.inputs import EstimateInputs
 from vlmtune.memory.params import count_params
 
@@ -101,7 +101,9 @@ def relative_throughput(inputs: EstimateInputs, b: Breakdown) -> float:
     return scale * efficiency / (flops * penalty)
 
 
-def _zero_options(num_gpus: int) -> list[tuple[int, str]]:
+def _zero_options(num_gpus: int, zero: bool = True) -> list[tuple[int, str]]:
+    if not zero:
+        return [(0, "none")]
     if num_gpus == 1:
         return [(0, "none"), (2, "optimizer"), (3, "optimizer"), (3, "all")]
     return [
@@ -163,9 +165,10 @@ def _candidates(
     effective: int,
     num_gpus: int,
     shapes: _Shapes,
+    zero: bool = True,
 ) -> Iterator[EstimateInputs]:
     per_gpu = max(1, effective // num_gpus)
-    for stage, offload in _zero_options(num_gpus):
+    for stage, offload in _zero_options(num_gpus, zero):
         if method == "qlora" and stage == 3:
             continue  # partitioning 4-bit weights needs bnb_4bit_quant_storage, which vlmtune's QLoRA does not set
         for batch in (b for b in MICRO_BATCHES if b <= per_gpu):
@@ -194,11 +197,12 @@ def recommend(
     margin: float = 0.10,
     profile: DataProfile | None = None,
     max_cpu_ram: int | None = None,
+    zero: bool = True,
 ) -> Recommendation:
     """Search for the best configuration of `base`'s model and data on `num_gpus` x `gpu`.
 
     `margin` is the fraction of GPU memory left free; `max_cpu_ram` (bytes, None: no limit) bounds what offloading
-    may put in the node's CPU RAM."""
+    may put in the node's CPU RAM; `zero=False` leaves DeepSpeed out (not installed)."""
     unknown = [m for m in methods if m not in ("lora", "qlora", "full")]
     if unknown or not methods:
         raise VlmtuneError(f"methods must be among lora, qlora, full; got {', '.join(methods) or 'none'}")
@@ -207,7 +211,8 @@ def recommend(
     effective = effective_batch or base.batch_size * base.gradient_accumulation_steps * base.num_gpus
     if effective < 1:
         raise VlmtuneError(f"the effective batch must be at least 1, got {effective}")
-    base = base.with_(gpu=gpu.name, precision="fp32" if base.precision == "fp32" else gpu.precision)
+    verdict_gpu = gpu.name if gpu in all_gpus() else None  # a GPU measured at run time has no catalogue entry
+    base = base.with_(gpu=verdict_gpu, precision="fp32" if base.precision == "fp32" else gpu.precision)
     considered = 0
     shapes = _Shapes(base, profile)
     for max_pixels in _pixel_options(base):
@@ -216,7 +221,7 @@ def recommend(
             for method in methods:
                 if method == "full" and rank_index:
                     continue
-                for inputs in _candidates(base, method, rank, max_pixels, effective, num_gpus, shapes):
+                for inputs in _candidates(base, method, rank, max_pixels, effective, num_gpus, shapes, zero):
                     considered += 1
                     b = estimate(inputs)
                     if b.peak_total > gpu.usable_bytes * (1 - margin) or (

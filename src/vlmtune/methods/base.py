@@ -129,10 +129,12 @@ def linear_names(
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total). 4-bit weights are packed two per byte, so they count twice their element count."""
+    """(trainable, total). 4-bit weights are packed two per byte (four per element of a 16-bit quant storage), so
+    they count that many times their element count. Under ZeRO-3 a parameter holds only this rank's shard;
+    `ds_numel` is its full size."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel() * (2 if p.dtype == torch.uint8 and hasattr(p, "quant_state") else 1)
+        n = getattr(p, "ds_numel", p.numel()) * (2 * p.element_size() if hasattr(p, "quant_state") else 1)
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total

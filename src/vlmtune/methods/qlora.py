@@ -38,7 +38,9 @@ def skip_modules(config: VlmtuneConfig, family: FamilyDescriptor) -> list[str]:
     return list(dict.fromkeys(skip))
 
 
-def bnb_config(config: VlmtuneConfig, family: FamilyDescriptor) -> Any:
+def bnb_config(config: VlmtuneConfig, family: FamilyDescriptor, quant_storage: torch.dtype | None = None) -> Any:
+    """quant_storage: dtype the packed 4-bit weights are stored in (default uint8). ZeRO-3 needs the dtype of the
+    other weights, so that it can flatten and shard the 4-bit ones with them."""
     from transformers import BitsAndBytesConfig
 
     quant = config.method.quantization
@@ -48,6 +50,7 @@ def bnb_config(config: VlmtuneConfig, family: FamilyDescriptor) -> Any:
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=_COMPUTE[quant.compute_dtype],
         llm_int8_skip_modules=skip_modules(config, family),
+        **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}),
     )
 
 
@@ -67,17 +70,25 @@ def disable_cpu_bf16_repack(model: torch.nn.Module) -> int:
 def _load_quantized(
     config: VlmtuneConfig, family: FamilyDescriptor, dtype: torch.dtype, device: str
 ) -> torch.nn.Module:
-    device_map: dict[str, Any] = (
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    device_map: dict[str, Any] | None = (
         {"": "cpu"} if device == "cpu" else {"": int(os.environ.get("LOCAL_RANK", "0"))}
     )
-    kwargs = {"quantization_config": bnb_config(config, family), "device_map": device_map}
+    zero3 = is_deepspeed_zero3_enabled()
+    if zero3:  # ZeRO-3 places (partitions) the weights itself; a device_map is refused
+        device_map = None
+    kwargs = {"quantization_config": bnb_config(config, family, dtype if zero3 else None), "device_map": device_map}
     if not config.model.random_init:
         return load_base_model(config, dtype, **kwargs)
     # Quantization happens while weights load: random weights are built in 16-bit, then loaded from their state dict.
     model = load_base_model(config, dtype)
-    state_dict = {k: v.to("cpu") for k, v in model.state_dict().items()}
+    state_dict = _full_state_dict(model) if zero3 else {k: v.to("cpu") for k, v in model.state_dict().items()}
     model_class, hf_config = type(model), model.config
     del model
+    if device == "cuda":  # the 16-bit build is not part of training: hand its memory back, restart the peaks
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     return model_class.from_pretrained(
         None,
         config=hf_config,
@@ -86,6 +97,14 @@ def _load_quantized(
         attn_implementation=config.hardware.attn_implementation,
         **kwargs,
     )
+
+
+def _full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict of a model built partitioned under ZeRO-3 (each rank holds a shard of every weight)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 class QLoraMethod(Method):

@@ -19,21 +19,35 @@ _OPTIMIZERS = {
 }
 
 
-def _checkpointing_args(enabled: bool) -> dict[str, Any]:
-    """transformers 5.23 renamed gradient_checkpointing to activation_checkpointing; 5.17 knows only the old name."""
+def _checkpointing_args(enabled: bool, every_n_layers: int = 1, offload: bool = False) -> dict[str, Any]:
+    """transformers 5.23 renamed gradient_checkpointing to activation_checkpointing; 5.17 knows only the old name.
+    Both Trainers take `every_n_layers` / `offload` out of the kwargs for the model's checkpointing_enable."""
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     if not enabled:
         return {name: False}
-    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if every_n_layers > 1:
+        kwargs["every_n_layers"] = every_n_layers
+    if offload:
+        kwargs["offload"] = True
+    return {name: True, f"{name}_kwargs": kwargs}
 
 
-def training_arguments(config: VlmtuneConfig, plan: PrecisionPlan, has_eval: bool) -> TrainingArguments:
+def training_arguments(
+    config: VlmtuneConfig,
+    plan: PrecisionPlan,
+    has_eval: bool,
+    deepspeed: dict[str, Any] | None = None,
+    world: int = 1,
+) -> TrainingArguments:
+    """deepspeed: the run's DeepSpeed config (None: no DeepSpeed). Under ZeRO-3 call this before loading the model:
+    the arguments register the config globally, and `from_pretrained` then builds the model partitioned."""
     t, hw = config.training, config.hardware
     if t.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
         require("bitsandbytes", "qlora", f"training.optimizer={t.optimizer}")
     evaluate = has_eval and t.eval_steps is not None
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(config.output_dir),
         run_name=config.experiment_name,
         num_train_epochs=t.epochs,
@@ -52,7 +66,7 @@ def training_arguments(config: VlmtuneConfig, plan: PrecisionPlan, has_eval: boo
         logging_steps=t.logging_steps,
         eval_strategy="steps" if evaluate else "no",
         eval_steps=t.eval_steps if evaluate else None,
-        save_strategy="steps",
+        save_strategy="steps" if t.save_checkpoints else "no",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         report_to=[r for r in t.report_to if r != "none"] or "none",
@@ -63,5 +77,21 @@ def training_arguments(config: VlmtuneConfig, plan: PrecisionPlan, has_eval: boo
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=True,
-        **_checkpointing_args(hw.gradient_checkpointing),
+        deepspeed=deepspeed,
+        ddp_backend="gloo" if plan.device == "cpu" and world > 1 else None,
+        **_checkpointing_args(hw.gradient_checkpointing, config.speed.checkpoint_every_n_layers,
+                              config.speed.checkpoint_offload),
     )
+    if deepspeed is not None and plan.device == "cpu":
+        _init_deepspeed_comm()
+    return args
+
+
+def _init_deepspeed_comm() -> None:
+    """On the CPU the arguments start torch.distributed (gloo) but not DeepSpeed's communication layer, which
+    ZeRO-3's partitioned model construction reads its world size from; DeepSpeed adopts the running group."""
+    import deepspeed
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())

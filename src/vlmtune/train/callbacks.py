@@ -15,12 +15,14 @@ _GIB = 1024**3
 
 
 def memory_stats(device: str) -> dict[str, float]:
-    """GPU: allocated / reserved / peak allocated (GiB). CPU: the process's resident set now and at its peak."""
+    """GPU: allocated / reserved / peak allocated / peak reserved (GiB). CPU: the process's resident set now and
+    at its peak."""
     if device == "cuda" and torch.cuda.is_available():
         return {
             "mem_allocated_gib": round(torch.cuda.memory_allocated() / _GIB, 3),
             "mem_reserved_gib": round(torch.cuda.memory_reserved() / _GIB, 3),
             "mem_peak_gib": round(torch.cuda.max_memory_allocated() / _GIB, 3),
+            "mem_reserved_peak_gib": round(torch.cuda.max_memory_reserved() / _GIB, 3),
         }
     import resource
 

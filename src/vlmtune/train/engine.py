@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vlmtune.config.distributed import world_size
 from vlmtune.config.loader import save_config
 from vlmtune.config.schema import VlmtuneConfig
 from vlmtune.errors import ConfigError, VlmtuneError
@@ -95,12 +96,15 @@ def train(
     import torch
     from transformers import set_seed
 
-    from vlmtune.data.collate import Collator
     from vlmtune.methods import get_method
     from vlmtune.methods.base import count_parameters, resolve_precision
+    from vlmtune.speed import apply_speed, batching
     from vlmtune.train.args import training_arguments
     from vlmtune.train.callbacks import JsonlLogCallback, ProgressCallback, write_event
+    from vlmtune.train.deepspeed_config import prepare as prepare_deepspeed
+    from vlmtune.train.preflight import oom_message, preflight
     from vlmtune.train.trainer import VlmTrainer
+    from vlmtune.train.vision_keepalive import VisionKeepAlive
 
     started = time.perf_counter()
     out = Path(config.output_dir)
@@ -127,10 +131,19 @@ def train(
     val_set = (
         build_dataset(Path(config.data.val_path), processor, family, config) if config.data.val_path else None
     )
+    # Before any weights load: prints the estimate, resolves batch_size auto, refuses what cannot fit (--force).
+    memory = preflight(config, plan, train_set, out / LOG_FILE)
+    config = memory.config
 
+    world = world_size(config.distributed)
+    ds_config = prepare_deepspeed(config, plan, out, world, writer=os.environ.get("RANK", "0") == "0")
+    # Before the model: under ZeRO-3 the arguments register the DeepSpeed config that from_pretrained partitions by.
+    args = training_arguments(config, plan, has_eval=val_set is not None, deepspeed=ds_config, world=world)
     set_seed(config.training.seed)  # adapter / random-weight initialisation is part of the run's seed
     model = get_method(config.method.name).load_and_prepare(config, family)
     trainable, total = count_parameters(model)
+    speed = apply_speed(model, config, family)
+    collator, train_data, val_data = batching(config, processor.tokenizer.pad_token_id, model, train_set, val_set)
     if os.environ.get("RANK", "0") == "0":
         write_event(
             out / LOG_FILE,
@@ -144,30 +157,29 @@ def train(
             train_samples=len(train_set),
             dropped_train=train_set.dropped_count,
             resumed_from=checkpoint,
+            speed=speed.summary(),
+            processes=world,
+            deepspeed_zero_stage=(ds_config.get("zero_optimization") or {}).get("stage", 0) if ds_config else None,
         )
-    args = training_arguments(config, plan, has_eval=val_set is not None)
     trainer = VlmTrainer(
         model=model,
         args=args,
-        train_dataset=train_set,
-        eval_dataset=val_set,
-        data_collator=Collator(pad_token_id=processor.tokenizer.pad_token_id),
+        train_dataset=train_data,
+        eval_dataset=val_data,
+        data_collator=collator,
         processing_class=processor,
         callbacks=[JsonlLogCallback(out / LOG_FILE), ProgressCallback(), *(callbacks or [])],
         device=plan.device,
+        vision_keepalive=VisionKeepAlive(processor.image_processor, family.language_prefixes) if world > 1 else None,
     )
     _drop_default_printers(trainer)
     try:
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except torch.OutOfMemoryError as exc:
-        raise VlmtuneError(
-            f"out of GPU memory at step {trainer.state.global_step} ({exc}). Lower training.batch_size (raise "
-            "training.gradient_accumulation_steps to keep the effective batch), set hardware.gradient_checkpointing="
-            "true, lower data.max_length or data.image_size, or use method.name=qlora; `vlmtune estimate` shows "
-            "what fits. Checkpoints written so far can be resumed with --resume."
-        ) from exc
+        raise VlmtuneError(oom_message(memory, trainer.state.global_step, exc)) from exc
 
     final_dir = save_final(trainer, processor, config, family)
+    speed.remove()
     losses = _loss_history(trainer.state.log_history)
     evals = [float(e["eval_loss"]) for e in trainer.state.log_history if "eval_loss" in e]
     return TrainResult(

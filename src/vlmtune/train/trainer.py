@@ -1,4 +1,5 @@
-"""The HF Trainer with two changes: checkpoints appear atomically, and every training log carries tokens/s and memory.
+"""The HF Trainer with three changes: checkpoints appear atomically, every training log carries tokens/s and memory,
+and with several processes a batch without images still runs the vision tower (so ZeRO-3 cannot hang on it).
 
 transformers 5.23 writes `checkpoint-N` in place (model, then optimizer, scheduler, RNG, trainer_state.json), so a
 run killed mid-save leaves a folder that `get_last_checkpoint` would pick and fail to resume from. Here the whole
@@ -17,6 +18,7 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from vlmtune.train.callbacks import ThroughputMeter, memory_stats
+from vlmtune.train.vision_keepalive import VisionKeepAlive
 
 STAGING_DIR = ".staging"
 
@@ -30,12 +32,32 @@ def _fsync_dir(path: Path) -> None:
 
 
 class VlmTrainer(Trainer):
-    def __init__(self, *args: Any, device: str = "cpu", **kwargs: Any):
+    def __init__(
+        self, *args: Any, device: str = "cpu", vision_keepalive: VisionKeepAlive | None = None, **kwargs: Any
+    ):
         super().__init__(*args, **kwargs)
         self._device = device
+        self._keepalive = vision_keepalive.attach(self.model) if vision_keepalive is not None else None
         self._staging: str | None = None
         self._throughput = ThroughputMeter()
         self.add_callback(self._throughput)
+
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        """With several processes, a batch without images still runs the vision tower (see vision_keepalive)."""
+        if self._keepalive is not None:
+            self._keepalive.arm(inputs)
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        zero = self._keepalive.take() if self._keepalive is not None else None
+        if zero is None:
+            return result
+        if return_outputs:
+            loss, outputs = result
+            return loss + zero.to(loss.dtype), outputs
+        return result + zero.to(result.dtype)
 
     def _get_output_dir(self, trial: Any) -> str:
         return self._staging if self._staging is not None else super()._get_output_dir(trial)

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# DeepSpeed GPU runs (issue 4) on ONE GPU, through `vlmtune train` (which starts torchrun for DeepSpeed runs):
+#   PART=2b  Qwen2-VL-2B architecture, LoRA r16 (all linear) and full fine-tuning (vision tower frozen):
+#            no DeepSpeed | ZeRO-2 | ZeRO-2 + optimizer offload | ZeRO-3 | ZeRO-3 + optimizer and parameter offload
+#   PART=7b  Qwen2.5-VL-7B architecture, full fine-tuning: no DeepSpeed | ZeRO-3 + optimizer offload
+# Batch 4 (2B) / 1 (7B) x (448 px image = 256 image tokens + ~511 text tokens), gradient checkpointing on, bf16,
+# random weights (model.random_init), speed.chunked_loss=false in every run (see RESULTS.md), no checkpoints.
+# Run on the GPU machine from the repo root with wheels in .whl/ (bitsandbytes, pydantic, deepspeed, hjson):
+#   OUT=/tmp/out PART=2b bash benchmarks/gpu_deepspeed.sh
+# Per run: $OUT/logs.tar.gz holds the console log, train_log.jsonl, nvidia-smi and host-RAM traces;
+# $OUT/summary.jsonl one line per run (tokens/s median, peak allocated/reserved, nvidia-smi peak, host RAM peak).
+set -uo pipefail
+OUT=${OUT:-/tmp/vlmtune-ds}
+PART=${PART:-2b}
+STEPS=${STEPS:-8}
+RUN_TIMEOUT=${RUN_TIMEOUT:-240}
+mkdir -p "$OUT" /tmp/dslogs
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD/src
+else
+  export PYTHONPATH=$PWD/src
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
+python3 -c "import torch, transformers, peft, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'deepspeed', deepspeed.__version__, torch.cuda.get_device_name())" 2>&1 | grep -v WARNING | tee "$OUT/versions.txt"
+nproc | sed 's/^/cpu cores /' | tee -a "$OUT/versions.txt"
+grep MemTotal /proc/meminfo | tee -a "$OUT/versions.txt"
+
+host_used_kib() { awk '/MemTotal/{t=$2} /MemAvailable/{a=$2} END{print t-a}' /proc/meminfo; }
+
+run() {  # run LABEL OVERRIDES...: one `vlmtune train`, with nvidia-smi and host-RAM traces
+  local label=$1; shift
+  local dir=/tmp/dslogs/$label base
+  mkdir -p "$dir"
+  base=$(host_used_kib)
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$dir/smi.csv" &
+  local smi=$!
+  (while sleep 0.5; do host_used_kib; done) > "$dir/ram_kib.txt" &
+  local ram=$!
+  local t0=$SECONDS
+  timeout "$RUN_TIMEOUT" python3 -m vlmtune.cli train "$@" output_dir=/tmp/run_$label > "$dir/console.log" 2>&1
+  local rc=$?
+  kill $smi $ram 2>/dev/null; wait $smi $ram 2>/dev/null
+  cp /tmp/run_$label/train_log.jsonl "$dir/" 2>/dev/null
+  cp /tmp/run_$label/deepspeed_config.json "$dir/" 2>/dev/null
+  python3 benchmarks/summarize_log.py "$dir/train_log.jsonl" "$dir/smi.csv" --label "$label" 2>/dev/null \
+    | python3 -c "import json,sys; d=json.loads(sys.stdin.read() or '{}'); ram=[int(x) for x in open('$dir/ram_kib.txt').read().split()]; d.update(label='$label', rc=$rc, wall_s=$((SECONDS - t0)), host_ram_peak_gib=round((max(ram, default=$base)-$base)/2**20, 2)); print(json.dumps(d))" \
+    | tee -a "$OUT/summary.jsonl"
+  [[ $rc == 0 ]] || { echo "run $label failed (rc $rc):"; grep -v "it/s\]\|Warning\|warn(" "$dir/console.log" | tail -15; }
+  rm -rf /tmp/run_$label
+  tar -czf "$OUT/logs.tar.gz" -C /tmp dslogs  # after every run: a command stopped at its time limit keeps them
+}
+
+common=(model.random_init=true data.image_size=448 data.max_length=1024 training.max_steps=$STEPS
+        training.logging_steps=2 training.save_checkpoints=false "training.report_to=[none]"
+        hardware.gradient_checkpointing=true hardware.dataloader_workers=4 hardware.force_fit=true
+        speed.chunked_loss=false)
+
+if [[ $PART == 2b ]]; then
+  python3 -m vlmtune.cli tiny-model --family qwen2_vl --arch 2b --out /tmp/m2b > /dev/null
+  python3 benchmarks/make_bench_data.py --model /tmp/m2b --n 64 --image-side 448 --text-tokens 512 --out /tmp/bench2b
+  m2b=(model.name_or_path=/tmp/m2b data.train_path=/tmp/bench2b/train.jsonl training.batch_size=4
+       method.lora.rank=16 method.lora.alpha=32 method.lora.target_modules=all)
+  for method in lora full; do
+    run "2b_${method}_plain" "${common[@]}" "${m2b[@]}" method.name=$method
+    run "2b_${method}_z2" "${common[@]}" "${m2b[@]}" method.name=$method --zero-stage 2
+    run "2b_${method}_z2_offopt" "${common[@]}" "${m2b[@]}" method.name=$method --zero-stage 2 --offload optimizer
+    run "2b_${method}_z3" "${common[@]}" "${m2b[@]}" method.name=$method --zero-stage 3
+    run "2b_${method}_z3_offall" "${common[@]}" "${m2b[@]}" method.name=$method --zero-stage 3 \
+        --offload optimizer_and_params
+  done
+else
+  python3 -m vlmtune.cli tiny-model --family qwen2_5_vl --arch 7b --out /tmp/m7b > /dev/null
+  python3 benchmarks/make_bench_data.py --model /tmp/m7b --n 16 --image-side 448 --text-tokens 512 --out /tmp/bench7b
+  m7b=(model.name_or_path=/tmp/m7b data.train_path=/tmp/bench7b/train.jsonl training.batch_size=1 method.name=full)
+  run 7b_full_plain "${common[@]}" "${m7b[@]}"
+  RUN_TIMEOUT=${RUN_TIMEOUT_7B:-420} run 7b_full_z3_offopt "${common[@]}" "${m7b[@]}" --zero-stage 3 --offload optimizer
+fi

@@ -1,0 +1,186 @@
+"""Issue #6 speed harness: the same model on the same batches through the plain reference path, the plain path with
+Liger kernels (when liger-kernel imports) and vlmtune's engine; tokens/s, peak allocated / reserved, nvidia-smi-level
+memory, ratios to the reference, MFU. Run on the GPU machine from the repo root (benchmarks/speed/run.sh does):
+
+    python3 -m benchmarks.speed.bench suite --part 1 --out $OUT     # W1 + the correctness check
+    python3 -m benchmarks.speed.bench suite --part 2 --out $OUT     # W3 + W4
+    python3 -m benchmarks.speed.bench suite --part 3 --out $OUT     # W2 + W5
+    python3 -m benchmarks.speed.bench table $OUT/results.jsonl      # the table again
+
+Every variant runs in its own process (clean peaks, its own CUDA context in the nvidia-smi figure) and appends one
+JSON line to $OUT/results.jsonl; its log goes to $OUT/<workload>-<variant>.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.speed.workloads import MAX_LENGTH, WORKLOADS, Workload
+
+ROOT = Path(os.environ.get("BENCH_ROOT", "/tmp/vlmtune-speed"))
+
+
+def _prepare(work: Workload) -> tuple[Path, Path]:
+    from benchmarks.speed.data import model_dir, write_data
+
+    model = model_dir(ROOT / "models", work.family, work.arch)
+    records = work.records or work.batch * (work.warmup + work.steps) + 8
+    folder = ROOT / "data" / f"{work.family}-{work.image_side}-{work.text_tokens}-{'spread' if work.spread else 'fixed'}"
+    path = write_data(folder, model, work.family, records, work.image_side, work.text_tokens, work.spread,
+                      MAX_LENGTH[work.spread])
+    return model, path
+
+
+def run_one(workload: str, variant_name: str, out: Path) -> dict[str, Any]:
+    """One (workload, variant) in this process; returns and appends its result line."""
+    from benchmarks.speed.measure import device_name
+
+    work = WORKLOADS[workload]
+    variant = next(v for v in work.variants if v.name == variant_name)
+    model, path = _prepare(work)
+    started = time.time()
+    if variant.path == "vlmtune":
+        from benchmarks.speed.engine_run import train
+
+        result = train(work, variant, model, path, ROOT / "runs" / f"{workload}-{variant_name}")
+    else:
+        from benchmarks.speed.data import data_config, encoded_dataset
+        from benchmarks.speed.plain import train as plain_train
+        from vlmtune.data.collate import Collator
+        from vlmtune.families import get_family
+
+        family = get_family(work.family)
+        data_cfg = data_config(MAX_LENGTH[work.spread], work.image_side, work.spread)
+        samples = encoded_dataset(path, model, work.family, data_cfg)
+        pad = family.load_processor(model, data_cfg).tokenizer.pad_token_id
+        result = plain_train(work, variant, str(model), family.lora_target_regex("all"), samples, Collator(pad),
+                             work.warmup + work.steps)
+    result.update(workload=workload, variant=variant_name, path=variant.path, gc=variant.gc,
+                  device=device_name(), seconds=round(time.time() - started, 1),
+                  versions=_versions())
+    if work.mfu and "tokens_per_second" in result:
+        from transformers import AutoConfig
+
+        from benchmarks.speed.measure import mfu
+
+        config = AutoConfig.from_pretrained(model)
+        result["mfu"] = round(mfu(config, work.method, work.image_side, work.text_tokens,
+                                  result["tokens_per_second"]), 4)
+    with open(out / "results.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(result) + "\n")
+    return result
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    found = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+    for name in ("bitsandbytes", "liger_kernel"):
+        if importlib.util.find_spec(name) is not None:
+            module = __import__(name)
+            found[name] = getattr(module, "__version__", "installed")
+    return found
+
+
+def _sampled(cmd: list[str], log_path: Path, smi_path: Path, timeout: float) -> tuple[int | str, float | None]:
+    """Run `cmd` while nvidia-smi samples the GPU's used memory every 100 ms; (exit code, peak GiB)."""
+    with open(smi_path, "w") as smi_out, open(log_path, "w") as log:
+        try:
+            sampler: subprocess.Popen | None = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-lms", "100"],
+                stdout=smi_out, stderr=subprocess.DEVNULL)
+        except OSError:
+            sampler = None
+        try:
+            code: int | str = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+        if sampler is not None:
+            sampler.terminate()
+            sampler.wait()
+    used = [int(x) for x in smi_path.read_text().split() if x.isdigit()]
+    return code, (round(max(used) / 1024, 3) if used else None)
+
+
+def suite(part: int, out: Path, only: list[str] | None, budget_s: float) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    liger = importlib.util.find_spec("liger_kernel") is not None
+    if (part == 1 and not only) or (only and "check" in only):  # first: it decides whether the rest means anything
+        _check(out, min(budget_s, 240.0))
+    for work in WORKLOADS.values():
+        if (only and work.name not in only) or (not only and work.part != part):
+            continue
+        _prepare(work)  # model folder + data once, outside the timed processes
+        for variant in work.variants:
+            if variant.path == "liger" and not liger:
+                print(f"{work.name} {variant.name}: skipped, liger-kernel does not import here", flush=True)
+                continue
+            left = budget_s - (time.time() - started)
+            if left < 45:
+                print(f"{work.name} {variant.name}: skipped, {left:.0f} s of the time budget left", flush=True)
+                continue
+            name = f"{work.name}-{variant.name}"
+            cmd = [sys.executable, "-m", "benchmarks.speed.bench", "one", work.name, variant.name, "--out", str(out)]
+            code, peak = _sampled(cmd, out / f"{name}.log", out / f"{name}.smi", left)
+            print(f"{name}: exit {code}, nvidia-smi peak over the whole process (model build included) {peak} GiB, "
+                  f"{time.time() - started:.0f} s elapsed", flush=True)
+            with open(out / "smi_peaks.jsonl", "a") as fh:
+                fh.write(json.dumps({"workload": work.name, "variant": variant.name, "smi_process_peak_gib": peak,
+                                     "exit": code}) + "\n")
+    table(out / "results.jsonl")
+
+
+def _check(out: Path, timeout: float) -> None:
+    started = time.time()
+    _prepare(WORKLOADS["W1"])
+    cmd = [sys.executable, "-m", "benchmarks.speed.check", "--out", str(out)]
+    with open(out / "check.log", "w") as log:
+        try:
+            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    print(f"correctness check: exit {code}, {time.time() - started:.0f} s", flush=True)
+
+
+def table(path: Path) -> None:
+    from benchmarks.speed.report import print_report
+
+    print_report(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("suite")
+    s.add_argument("--part", type=int, choices=[1, 2, 3], default=1)
+    s.add_argument("--only", default="", help="comma-separated workloads and/or `check` (overrides --part)")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--budget-s", type=float, default=540.0)
+    o = sub.add_parser("one")
+    o.add_argument("workload")
+    o.add_argument("variant")
+    o.add_argument("--out", type=Path, required=True)
+    t = sub.add_parser("table")
+    t.add_argument("results", type=Path)
+    args = ap.parse_args()
+    if args.cmd == "suite":
+        suite(args.part, args.out, [w for w in args.only.split(",") if w] or None, args.budget_s)
+    elif args.cmd == "one":
+        print(json.dumps(run_one(args.workload, args.variant, args.out)))
+    else:
+        table(args.results)
+
+
+if __name__ == "__main__":
+    main()

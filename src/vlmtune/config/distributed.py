@@ -1,0 +1,83 @@
+"""What the `distributed` section resolves to: whether DeepSpeed runs, and with which ZeRO stage and offload.
+
+Pure functions of the config (and of a user's DeepSpeed JSON when `distributed.deepspeed_config` names one), shared
+by the training engine, which renders the DeepSpeed config, and the memory estimator, which must model the same
+stage and offload. DeepSpeed itself is not imported here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from vlmtune.config.schema import DistributedConfig, VlmtuneConfig
+from vlmtune.errors import ConfigError
+
+Offload = Literal["none", "optimizer", "optimizer_and_params"]
+
+
+def launched_world_size() -> int | None:
+    """WORLD_SIZE set by torchrun / the deepspeed launcher, or None in a process nobody launched."""
+    value = os.environ.get("WORLD_SIZE")
+    return int(value) if value else None
+
+
+def world_size(dist: DistributedConfig) -> int:
+    """Processes of the run: the launcher's WORLD_SIZE inside a launched process, else num_gpus x num_nodes."""
+    return launched_world_size() or dist.num_gpus * dist.num_nodes
+
+
+def uses_deepspeed(dist: DistributedConfig, world: int | None = None) -> bool:
+    """engine=auto means DeepSpeed when more than one process runs, when a DeepSpeed JSON is given, or when
+    offloading is asked for (only DeepSpeed offloads); otherwise the plain single-process (or DDP) path."""
+    if dist.engine != "auto":
+        return dist.engine == "deepspeed"
+    world = world_size(dist) if world is None else world
+    return world > 1 or dist.deepspeed_config is not None or dist.offload != "none"
+
+
+def read_deepspeed_json(path: Path) -> dict[str, Any]:
+    """A user's DeepSpeed config file as a dict; parse errors name the file, line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"distributed.deepspeed_config: file not found: {path}"])
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            [f"distributed.deepspeed_config: {path}, line {exc.lineno} column {exc.colno}: {exc.msg}"]
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [f"distributed.deepspeed_config: {path} must hold a JSON object, got {type(data).__name__}"]
+        )
+    return data
+
+
+def zero_of(ds: dict[str, Any]) -> tuple[int, Offload]:
+    """(ZeRO stage, offload) a DeepSpeed config dict asks for."""
+    zero = ds.get("zero_optimization") or {}
+    stage = zero.get("stage", 0)
+
+    def on_cpu(key: str) -> bool:
+        section = zero.get(key) or {}
+        return isinstance(section, dict) and section.get("device", "none") in ("cpu", "nvme")
+
+    offload: Offload = "none"
+    if on_cpu("offload_param"):
+        offload = "optimizer_and_params"
+    elif on_cpu("offload_optimizer"):
+        offload = "optimizer"
+    return (stage if isinstance(stage, int) else -1), offload
+
+
+def effective_zero(config: VlmtuneConfig, world: int | None = None) -> tuple[int, Offload]:
+    """(stage, offload) the run trains with: (0, "none") without DeepSpeed; a given JSON's values win."""
+    dist = config.distributed
+    if not uses_deepspeed(dist, world):
+        return 0, "none"
+    if dist.deepspeed_config is not None:
+        return zero_of(read_deepspeed_json(dist.deepspeed_config))
+    return dist.zero_stage, dist.offload

@@ -1,0 +1,114 @@
+"""Speed and memory work inside the one engine, each switchable in the `speed` config section (see schema.py).
+
+    setup = apply_speed(model, config, family)   # after the method prepared the model, before the Trainer
+    ...                                          # train
+    setup.remove()                               # back to the plain model (tests, in-process reuse)
+
+Model-level pieces live here (chunked loss, frozen vision tower without grad); packing is a data-side collator
+(`vlmtune.data.packing`). Each piece says in the log whether it is on and, when it cannot apply, why.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from vlmtune.config.schema import VlmtuneConfig
+    from vlmtune.families.base import FamilyDescriptor
+
+log = logging.getLogger(__name__)
+
+
+class _Removable(Protocol):
+    def remove(self) -> None: ...
+
+
+@dataclass
+class SpeedSetup:
+    """What `apply_speed` switched on (`active`), what it could not (`skipped`: name -> reason), and the handles."""
+
+    active: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    handles: list[_Removable] = field(default_factory=list)
+
+    def remove(self) -> None:
+        for handle in reversed(self.handles):
+            handle.remove()
+        self.handles = []
+        self.active = []
+
+    def summary(self) -> dict[str, Any]:
+        return {"active": list(self.active), "skipped": dict(self.skipped)}
+
+
+def apply_speed(model: nn.Module, config: VlmtuneConfig, family: FamilyDescriptor) -> SpeedSetup:
+    """Install the model-level optimisations that `config.speed` switches on; `model` is what the Trainer calls."""
+    from vlmtune.methods.base import resolve_precision
+    from vlmtune.speed.compile_layers import compile_layers
+    from vlmtune.speed.frozen_vision import vision_without_grad
+    from vlmtune.speed.lora_compute import lora_compute_in_16bit
+    from vlmtune.speed.loss_hook import install_chunked_loss, unwrap_peft
+    from vlmtune.speed.packed_attention import packed_attention
+
+    speed, setup = config.speed, SpeedSetup()
+    plan = resolve_precision(config)
+    if speed.chunked_loss:
+        hook = install_chunked_loss(model, family.lm_head_names, speed.loss_chunk_tokens)
+        if isinstance(hook, str):
+            setup.skipped["chunked_loss"] = hook
+        else:
+            setup.handles.append(hook)
+            setup.active.append("chunked_loss")
+    if speed.frozen_vision_no_grad:
+        wrapped = vision_without_grad(unwrap_peft(model), family.vision_prefixes)
+        if isinstance(wrapped, str):
+            setup.skipped["frozen_vision_no_grad"] = wrapped
+        else:
+            setup.handles.append(wrapped)
+            setup.active.append("frozen_vision_no_grad")
+            log.debug("without grad: %s", ", ".join(wrapped.names))
+    if speed.lora_bf16_compute and config.method.name.value != "full":
+        casting = lora_compute_in_16bit(model, autocast=plan.bf16 or plan.fp16)
+        if isinstance(casting, str):
+            setup.skipped["lora_bf16_compute"] = casting
+        else:
+            setup.handles.append(casting)
+            setup.active.append("lora_bf16_compute")
+    if speed.compile:
+        compiled = compile_layers(unwrap_peft(model), family.language_layers_prefix)
+        if isinstance(compiled, str):
+            setup.skipped["compile"] = compiled
+        else:
+            setup.handles.append(compiled)
+            setup.active.append("compile")
+    if speed.packing:
+        setup.active.append("packing")
+        if speed.packed_attention == "spans":
+            spans = packed_attention(unwrap_peft(model), family.language_prefixes)
+            if isinstance(spans, str):
+                setup.skipped["packed_attention=spans"] = spans
+            else:
+                setup.handles.append(spans)
+                setup.active.append("packed_attention=spans")
+    skipped = "; ".join(f"{name} does not apply: {reason}" for name, reason in setup.skipped.items())
+    log.info("speed: %s%s", ", ".join(setup.active) or "nothing switched on", f" ({skipped})" if skipped else "")
+    return setup
+
+
+def batching(config: VlmtuneConfig, pad_token_id: int, model: nn.Module, train_set: Any,
+             val_set: Any | None) -> tuple[Any, Any, Any | None]:
+    """(collator, train data, val data) for the Trainer: padded batches, or packed rows with `speed.packing`."""
+    from vlmtune.data.collate import Collator
+    from vlmtune.data.packing import PackedDataset, PackingCollator, rope_index_of
+
+    if not config.speed.packing:
+        return Collator(pad_token_id=pad_token_id), train_set, val_set
+    budget = config.speed.packing_max_tokens or config.data.max_length
+    train = PackedDataset.from_dataset(train_set, budget)
+    val = PackedDataset.from_dataset(val_set, budget) if val_set is not None else None
+    log.info("packing: %d samples in %d rows of at most %d tokens", len(train_set), len(train), budget)
+    return PackingCollator(pad_token_id, rope_index_of(model)), train, val

@@ -1,0 +1,31 @@
+"""torch.compile per language-model decoder layer (`speed.compile`): fused elementwise kernels (RMSNorm, RoPE, SwiGLU,
+the LoRA adds and casts) and fewer kernel launches, the layer by layer recipe of torchtitan. Each layer compiles
+through its checkpointing wrapper; identical layers share one compiled graph. The first steps pay for compilation
+(tens of seconds on a GPU), so it pays on long runs; a new sequence length recompiles once with dynamic shapes.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class CompiledLayers:
+    def __init__(self, layers: list[nn.Module], backend: str):
+        self.layers = layers
+        for layer in layers:
+            layer.compile(backend=backend)
+
+    def remove(self) -> None:
+        for layer in self.layers:
+            layer._compiled_call_impl = None  # what nn.Module.compile set; calls go back to the eager forward
+        self.layers = []
+
+
+def compile_layers(hf_model: nn.Module, layers_prefix: str, backend: str = "inductor") -> CompiledLayers | str:
+    try:
+        layers = hf_model.get_submodule(layers_prefix)
+    except AttributeError:
+        return f"no decoder layers at {layers_prefix}"
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        return f"{layers_prefix} is not a list of decoder layers"
+    return CompiledLayers(list(layers), backend)

@@ -1,0 +1,56 @@
+"""Through the one engine: the speed switches on give the losses of the switches off, step for step, and packing
+trains and says so in the run log."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlmtune.config.schema import VlmtuneConfig
+from vlmtune.train.engine import train
+
+OFF = {"chunked_loss": False, "frozen_vision_no_grad": False, "packing": False}
+
+
+def _config(tiny_model_dir, varied_jsonl, out, speed: dict, family: str = "qwen2_vl") -> VlmtuneConfig:
+    return VlmtuneConfig.model_validate({
+        "output_dir": str(out),
+        "model": {"name_or_path": str(tiny_model_dir(family))},
+        "data": {"train_path": str(varied_jsonl), "check_before_training": False},
+        "method": {"name": "lora", "lora": {"dropout": 0.0}},
+        "training": {"max_steps": 3, "batch_size": 2, "learning_rate": 5e-3, "logging_steps": 1, "save_steps": 100,
+                     "report_to": ["none"], "seed": 3},
+        "hardware": {"precision": "fp32", "use_cpu": True, "gradient_checkpointing": True},
+        "speed": speed,
+    })
+
+
+def _start(result) -> dict:
+    lines = [json.loads(line) for line in result.log_path.read_text().splitlines()]
+    return next(e for e in lines if e.get("event") == "start")
+
+
+def _losses(result) -> list[float]:
+    lines = [json.loads(line) for line in result.log_path.read_text().splitlines()]
+    return [e["loss"] for e in lines if "loss" in e]
+
+
+@pytest.mark.slow
+def test_switches_keep_the_losses(tiny_model_dir, varied_jsonl, tmp_path):
+    plain = train(_config(tiny_model_dir, varied_jsonl, tmp_path / "off", OFF))
+    fast = train(_config(tiny_model_dir, varied_jsonl, tmp_path / "on", {"checkpoint_every_n_layers": 2}))
+    assert _start(fast)["speed"]["active"] == ["chunked_loss", "frozen_vision_no_grad"]
+    assert plain.steps == fast.steps == 3
+    for a, b in zip(_losses(plain), _losses(fast), strict=True):
+        assert abs(a - b) <= 1e-3 * abs(a), (_losses(plain), _losses(fast))
+
+
+@pytest.mark.slow
+def test_packing_trains(tiny_model_dir, varied_jsonl, tmp_path):
+    config = _config(tiny_model_dir, varied_jsonl, tmp_path / "packed",
+                     {"packing": True, "packing_max_tokens": 150}, family="qwen2_5_vl")
+    result = train(config)
+    assert {"packing", "packed_attention=spans"} <= set(_start(result)["speed"]["active"])
+    losses = _losses(result)
+    assert len(losses) == 3 and all(loss == loss and loss > 0 for loss in losses)

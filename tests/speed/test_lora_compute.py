@@ -1,0 +1,72 @@
+"""LoRA on the 16-bit layer input under autocast: the same loss and gradients, less saved for backward; and the
+checkpointing switches reach the Trainer's arguments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from speed_helpers import assert_same, lora_model, loss_and_grads
+
+from vlmtune.data.collate import Collator
+from vlmtune.speed.lora_compute import lora_compute_in_16bit
+from vlmtune.train.args import _checkpointing_args
+
+
+def _run(model, batch) -> tuple[tuple, int]:
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = loss_and_grads(model, batch)
+    return result, sum(storages.values())
+
+
+def test_same_loss_less_saved(tiny_model_dir, encoded):
+    processor, samples = encoded("qwen2_vl")
+    batch = Collator(processor.tokenizer.pad_token_id)(samples)
+    model = lora_model(tiny_model_dir("qwen2_vl"), "qwen2_vl", dtype=torch.bfloat16)
+    reference, saved_before = _run(model, batch)
+    handle = lora_compute_in_16bit(model, autocast=True)
+    assert not isinstance(handle, str) and handle.layers
+    fast, saved_after = _run(model, batch)
+    handle.remove()
+    assert all(layer.cast_input_dtype_enabled for layer in model.modules() if hasattr(layer, "lora_A"))
+    assert saved_after < saved_before
+    assert_same(reference, fast, rel=1e-3, cosine=0.999)
+
+
+def test_not_without_autocast(tiny_model_dir):
+    model = lora_model(tiny_model_dir("qwen2_vl"), "qwen2_vl")
+    assert "autocast" in lora_compute_in_16bit(model, autocast=False)
+
+
+@pytest.mark.parametrize("every, offload", [(1, False), (2, False), (3, True)])
+def test_checkpointing_arguments(every, offload):
+    args = _checkpointing_args(True, every, offload)
+    kwargs = next(v for k, v in args.items() if k.endswith("_kwargs"))
+    assert kwargs["use_reentrant"] is False
+    assert kwargs.get("every_n_layers", 1) == every and kwargs.get("offload", False) == offload
+    assert not any(k.endswith("_kwargs") for k in _checkpointing_args(False, every, offload))
+
+
+def test_compiled_layers_same_loss(tiny_model_dir, encoded):
+    """speed.compile: every decoder layer compiled (the `eager` backend here: dynamo's tracing without inductor's
+    code generation, which takes minutes on this CPU), through checkpointing and LoRA, with the same loss."""
+    from vlmtune.families import get_family
+    from vlmtune.speed.compile_layers import compile_layers
+    from vlmtune.speed.loss_hook import unwrap_peft
+
+    processor, samples = encoded("qwen2_vl")
+    batch = Collator(processor.tokenizer.pad_token_id)(samples)
+    model = lora_model(tiny_model_dir("qwen2_vl"), "qwen2_vl")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    reference = loss_and_grads(model, batch)
+    handle = compile_layers(unwrap_peft(model), get_family("qwen2_vl").language_layers_prefix, backend="eager")
+    assert not isinstance(handle, str) and all(layer._compiled_call_impl is not None for layer in handle.layers)
+    compiled = loss_and_grads(model, batch)
+    handle.remove()
+    assert_same(reference, compiled, rel=1e-5, cosine=0.9999)

@@ -1,0 +1,99 @@
+"""Padding-free packing: the loss (and LoRA gradients) of packed rows equal those of the same samples padded, per
+family; positions restart per sample; the bin packer respects its budget."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from speed_helpers import assert_same, lora_model, loss_and_grads
+from transformers import AttentionInterface
+
+from vlmtune.data.collate import Collator
+from vlmtune.data.packing import PackedDataset, PackingCollator, pack_bins, rope_index_of
+from vlmtune.data.processing import IGNORE_INDEX
+from vlmtune.families import get_family
+from vlmtune.speed.loss_hook import unwrap_peft
+from vlmtune.speed.packed_attention import NAME, packed_attention, packed_sdpa_attention
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava"]
+
+
+def test_pack_bins_budget_and_coverage():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 600) for _ in range(300)] + [900]
+    bins = pack_bins(lengths, 1024)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 1024 for b in bins)
+    assert sum(lengths) / (len(bins) * 1024) > 0.95  # first-fit decreasing wastes little
+    assert pack_bins([2000, 10], 1024) == [[0], [1]]  # an over-long sample gets its own bin
+    assert all(b == sorted(b) for b in bins)
+
+
+@pytest.mark.parametrize("attention", ["mask", "spans"])
+@pytest.mark.parametrize("family_name", FAMILIES)
+def test_packed_equals_padded(tiny_model_dir, encoded, family_name, attention):
+    """mask: transformers' block-diagonal mask; spans: vlmtune's causal SDPA per sample (speed.packed_attention)."""
+    processor, samples = encoded(family_name)
+    pad = processor.tokenizer.pad_token_id
+    model = lora_model(tiny_model_dir(family_name), family_name)
+    padded_batch = Collator(pad)(samples)
+    padded = loss_and_grads(model, padded_batch)
+    collate = PackingCollator(pad, rope_index_of(model))
+    one_row = collate(samples)
+    two_rows = collate([samples[:3], samples[3:]])  # rows of different lengths: the shorter one is padded
+    assert "attention_mask" not in one_row and one_row["input_ids"].shape == (1, sum(len(s) for s in samples))
+    handle, spans = None, []
+    if attention == "spans":
+        handle = packed_attention(unwrap_peft(model), get_family(family_name).language_prefixes)
+        assert not isinstance(handle, str)
+
+        def spy(module, query, key, value, attention_mask, **kwargs):
+            spans.append(attention_mask is None)
+            return packed_sdpa_attention(module, query, key, value, attention_mask, **kwargs)
+
+        AttentionInterface.register(NAME, spy)
+    assert_same(padded, loss_and_grads(model, one_row), rel=1e-4, cosine=0.999)
+    assert_same(padded, loss_and_grads(model, two_rows), rel=1e-4, cosine=0.999)
+    if handle is not None:  # padded batches still work (plain SDPA with their mask), and the spans were used
+        assert_same(padded, loss_and_grads(model, padded_batch), rel=1e-6, cosine=0.9999)
+        handle.remove()
+        AttentionInterface.register(NAME, packed_sdpa_attention)
+        assert any(spans) and not all(spans)
+
+
+@pytest.mark.parametrize("family_name", ["qwen2_vl", "llava"])
+def test_positions_restart_per_sample(tiny_model_dir, encoded, family_name):
+    from transformers import AutoModelForImageTextToText
+
+    processor, samples = encoded(family_name)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir(family_name))
+    rope = rope_index_of(model)
+    assert (rope is None) == (family_name == "llava")
+    batch = PackingCollator(processor.tokenizer.pad_token_id, rope)(samples)
+    positions, labels, start = batch["position_ids"], batch["labels"][0], 0
+    for sample in samples:
+        end = start + len(sample)
+        assert labels[start] == IGNORE_INDEX
+        assert torch.equal(labels[start + 1:end], sample.labels[1:])
+        if rope is None:
+            assert torch.equal(positions[0, start:end], torch.arange(len(sample)))
+        else:  # text row, then the M-RoPE rows exactly as the model computes them for the sample alone
+            inputs = sample.model_inputs()
+            alone, _ = rope(input_ids=inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                            image_grid_thw=inputs.get("image_grid_thw"), attention_mask=None)
+            assert torch.equal(positions[0, 0, start:end], torch.arange(len(sample)))
+            assert torch.equal(positions[1:, 0, start:end], alone[:, 0])
+        start = end
+
+
+def test_packed_dataset_items(encoded):
+    _, samples = encoded("qwen2_vl")
+
+    class Base(list):
+        lengths = [len(s) for s in samples]
+
+    packed = PackedDataset.from_dataset(Base(samples), budget=120)
+    assert sum(len(packed[i]) for i in range(len(packed))) == len(samples)
+    assert all(sum(len(s) for s in packed[i]) <= 120 for i in range(len(packed)))

@@ -1,0 +1,35 @@
+"""Started by test_deepspeed_runs.py under torchrun (one process per rank): trains from a config file through the
+engine, then computes the trained model's logits on a saved batch in the training processes themselves (under
+ZeRO-3 every rank joins the forward, which gathers the sharded weights); rank 0 saves them.
+
+    torchrun --standalone --nproc_per_node 2 tests/train/ds_worker.py CONFIG BATCH_IN LOGITS_OUT
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from transformers import TrainerCallback
+
+from vlmtune.config.loader import load_config
+from vlmtune.train.engine import train
+
+
+class SaveLogits(TrainerCallback):
+    def __init__(self, batch_path: str, out_path: str):
+        self.batch_path, self.out_path = batch_path, out_path
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        batch = torch.load(self.batch_path)
+        model.eval()
+        with torch.no_grad():
+            logits = model(**batch).logits.float()
+        if os.environ.get("RANK", "0") == "0":
+            torch.save(logits, self.out_path)
+
+
+if __name__ == "__main__":
+    config_path, batch_path, out_path = sys.argv[1:4]
+    train(load_config(config_path), callbacks=[SaveLogits(batch_path, out_path)])

@@ -1,0 +1,237 @@
+"""The memory preflight's decisions against a fake GPU: auto micro-batch, refusal with advice, --force, the memory
+cap, the CPU path, and the out-of-memory message. No GPU needed: the functions that read CUDA are replaced."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+import vlmtune.train.preflight as pf
+from vlmtune.config.schema import VlmtuneConfig
+from vlmtune.errors import VlmtuneError
+from vlmtune.memory import estimate
+from vlmtune.memory.gpus import GIB
+from vlmtune.methods.base import PrecisionPlan
+
+CUDA = PrecisionPlan("cuda", torch.bfloat16, True, False, "test: bf16")
+CPU = PrecisionPlan("cpu", torch.float32, False, False, "test: fp32")
+TEXT_TOKENS = 1000
+
+
+@dataclass
+class FakeDataset:
+    """What preflight reads of an EncodedDataset: kept records (their images) and encoded lengths."""
+
+    records: list
+    lengths: list[int]
+    labelled: list[int]
+    source: str = "fake.jsonl"
+    dropped: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> FakeDataset:
+    """16 samples of one 448x448 image (256 Qwen2-VL image tokens) and TEXT_TOKENS text tokens."""
+    path = tmp_path_factory.mktemp("preflight") / "image.png"
+    Image.new("RGB", (448, 448), (10, 20, 30)).save(path)
+    records = [SimpleNamespace(images=[path]) for _ in range(16)]
+    return FakeDataset(records, [TEXT_TOKENS + 256] * 16, [TEXT_TOKENS - 20] * 16)
+
+
+def make_config(tmp_path: Path, **changes: dict) -> VlmtuneConfig:
+    sections = {
+        "model": {"name_or_path": "Qwen/Qwen2-VL-2B-Instruct"},
+        "data": {"train_path": str(tmp_path / "train.jsonl"), "image_size": 448, "max_length": 2048},
+        "training": {"batch_size": "auto", "gradient_accumulation_steps": 2},
+        "hardware": {},
+    }
+    for key, value in changes.items():
+        sections[key] = {**sections[key], **value}
+    return VlmtuneConfig.model_validate({"output_dir": str(tmp_path / "run"), **sections})
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """Set the fake GPU's free/total GiB; records the memory fractions applied."""
+    applied: list[float] = []
+    state = {"gpu": pf.GpuMemory("Fake GPU", 80 * GIB, 79 * GIB, True)}
+    monkeypatch.setattr(pf, "read_gpu_memory", lambda index: state["gpu"])
+    monkeypatch.setattr(pf, "apply_memory_fraction", lambda fraction, index: applied.append(fraction))
+    monkeypatch.setattr(pf, "measured_peaks", lambda: (int(7.5 * GIB), int(7.9 * GIB)))
+
+    def set_gpu(free_gib: float, total_gib: float = 80.0) -> list[float]:
+        state["gpu"] = pf.GpuMemory("Fake GPU", int(total_gib * GIB), int(free_gib * GIB), True)
+        return applied
+
+    return set_gpu
+
+
+def reserved(config: VlmtuneConfig, dataset: FakeDataset, batch: int) -> int:
+    from vlmtune.memory.catalogue import lookup_model
+
+    profile = pf.measured_profile(dataset, lookup_model(config.model.name_or_path), config)
+    sizer = pf._Sizer(config, lookup_model(config.model.name_or_path), profile, dataset.labelled)
+    return estimate(sizer.inputs(batch)).peak_reserved
+
+
+def test_profile_reproduces_the_measured_lengths(tmp_path, dataset):
+    from vlmtune.memory.catalogue import lookup_model
+
+    config = make_config(tmp_path)
+    spec = lookup_model(config.model.name_or_path)
+    profile = pf.measured_profile(dataset, spec, config)
+    shape = profile.batch(spec, 4, config.data.max_length, image_size=448)
+    assert shape.seq_len == TEXT_TOKENS + 256
+    assert shape.vit_patches == 4 * 1024  # 448 px = 32 x 32 patches of 14 px per image
+    assert shape.image_tokens == 258  # 256 image pads + vision start and end
+
+
+def test_auto_picks_the_largest_micro_batch_that_fits(tmp_path, dataset, gpu):
+    gpu(free_gib=9)
+    config = make_config(tmp_path)
+    result = pf.preflight(config, CUDA, dataset)
+    batch = result.config.training.batch_size
+    limit = 9 * GIB * (1 - pf.AUTO_MARGIN)
+    assert isinstance(batch, int) and batch > 1
+    assert reserved(config, dataset, batch) <= limit < reserved(config, dataset, 2 * batch)
+    assert result.breakdown is not None and result.breakdown.inputs.batch_size == batch
+    assert result.breakdown.seq_len == TEXT_TOKENS + 256  # the data's longest sample, not data.max_length
+    assert result.config.training.gradient_accumulation_steps == 2  # accumulation stays as configured
+
+
+def test_auto_is_capped_by_the_data_set_size(tmp_path, dataset, gpu):
+    gpu(free_gib=1000, total_gib=1000)
+    result = pf.preflight(make_config(tmp_path), CUDA, dataset)
+    assert result.config.training.batch_size == 16
+
+
+def test_a_run_that_does_not_fit_is_refused_with_breakdown_and_advice(tmp_path, dataset, gpu, capsys):
+    gpu(free_gib=6.5)
+    config = make_config(tmp_path, training={"batch_size": 8})
+    with pytest.raises(VlmtuneError) as info:
+        pf.preflight(config, CUDA, dataset, tmp_path / "log.jsonl")
+    message = str(info.value)
+    assert "does not fit" in message and "Fake GPU: 6.50 of 80.00 GiB free" in message
+    assert "PEAK (nvidia-smi)" in message and "logits and loss" in message  # the breakdown table
+    assert "as overrides:" in message and "method.name=qlora" in message  # settings that fit
+    assert "--force" in message
+    assert "memory estimate" in capsys.readouterr().out  # printed before the refusal
+    event = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert event["event"] == "memory_preflight" and event["fits"] is False and event["forced"] is False
+
+
+@pytest.mark.parametrize("deepspeed", [False, True])
+def test_the_advice_fits_the_gpu(tmp_path, dataset, gpu, monkeypatch, deepspeed):
+    """Applying the advised overrides gives a run the preflight accepts (ZeRO offload only with DeepSpeed)."""
+    monkeypatch.setattr(pf, "deepspeed_available", lambda: deepspeed)
+    gpu(free_gib=6.5)
+    config = make_config(tmp_path, training={"batch_size": 8})
+    with pytest.raises(VlmtuneError) as info:
+        pf.preflight(config, CUDA, dataset)
+    line = next(x for x in str(info.value).splitlines() if "as overrides:" in x)
+    from vlmtune.config.loader import config_to_dict, load_config
+
+    fixed = load_config(None, line.split("as overrides:")[1].split(), base=config_to_dict(config))
+    assert ("distributed.zero_stage" in line) == deepspeed
+    result = pf.preflight(fixed, CUDA, dataset)
+    assert result.fits and result.breakdown.peak_reserved <= 6.5 * GIB * (1 - pf.AUTO_MARGIN)
+
+
+def test_force_starts_a_run_that_does_not_fit(tmp_path, dataset, gpu, caplog):
+    gpu(free_gib=6.5)
+    config = make_config(tmp_path, training={"batch_size": 8}, hardware={"force_fit": True})
+    result = pf.preflight(config, CUDA, dataset, tmp_path / "log.jsonl")
+    assert result.fits is False and result.config.training.batch_size == 8
+    assert "starting anyway" in caplog.text
+    assert json.loads((tmp_path / "log.jsonl").read_text())["forced"] is True
+
+
+def test_memory_fraction_caps_what_is_available(tmp_path, dataset, gpu):
+    applied = gpu(free_gib=79)
+    config = make_config(tmp_path, training={"batch_size": 4}, hardware={"memory_fraction": 0.07})
+    with pytest.raises(VlmtuneError, match="capped at 5.60 GiB by hardware.memory_fraction"):
+        pf.preflight(config, CUDA, dataset)
+    assert applied == [0.07]
+    auto = pf.preflight(make_config(tmp_path, hardware={"memory_fraction": 0.25}), CUDA, dataset)
+    assert auto.gpu.available == int(0.25 * 80 * GIB)
+    assert auto.breakdown.peak_reserved <= auto.gpu.available * (1 - pf.AUTO_MARGIN)
+
+
+def test_on_the_cpu_auto_is_one_and_nothing_is_estimated(tmp_path, dataset, monkeypatch):
+    monkeypatch.setattr(pf, "read_gpu_memory", lambda index: pytest.fail("no GPU on this path"))
+    result = pf.preflight(make_config(tmp_path), CPU, dataset)
+    assert result.config.training.batch_size == 1 and result.breakdown is None
+
+
+def test_auto_needs_a_model_the_estimator_knows(tmp_path, dataset, gpu):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "not_a_vlm_we_know"}))
+    config = make_config(tmp_path, model={"name_or_path": str(tmp_path / "other")})
+    with pytest.raises(VlmtuneError, match="training.batch_size=auto needs the memory estimate"):
+        pf.preflight(config, CUDA, dataset)
+
+
+def test_oom_message_shows_estimate_measured_peak_and_fitting_settings(tmp_path, dataset, gpu):
+    gpu(free_gib=12)
+    result = pf.preflight(make_config(tmp_path, training={"batch_size": 2}), CUDA, dataset)
+    exc = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore allocator detail")
+    message = pf.oom_message(result, 3, exc)
+    assert message.startswith("out of GPU memory at step 3: CUDA out of memory. Tried to allocate 2.00 GiB.")
+    assert "more allocator detail" not in message
+    assert f"estimate: {result.breakdown.peak_allocated / GIB:.2f} GiB allocated" in message
+    assert "measured so far: 7.50 GiB allocated, 7.90 GiB reserved" in message
+    assert "settings that fit with a 20% margin" in message and "as overrides:" in message
+    assert "--resume" in message
+
+
+def test_oom_message_without_an_estimate_gives_general_advice(gpu):
+    message = pf.oom_message(None, 0, torch.OutOfMemoryError("CUDA out of memory."))
+    assert "measured so far" in message and "gradient_checkpointing=true" in message
+
+
+def test_overrides_name_only_what_changes(tmp_path):
+    config = make_config(tmp_path, training={"batch_size": 4})
+    from vlmtune.memory import EstimateInputs
+
+    target = EstimateInputs(
+        method="qlora", batch_size=2, gradient_accumulation_steps=4, gradient_checkpointing=True, zero_stage=2,
+        offload="optimizer",
+    )
+    assert pf.overrides(config, target) == [
+        "method.name=qlora",
+        "training.batch_size=2",
+        "training.gradient_accumulation_steps=4",
+        "distributed.engine=deepspeed",
+        "distributed.zero_stage=2",
+        "distributed.offload=optimizer",
+    ]
+
+
+@pytest.mark.slow
+def test_engine_resolves_auto_before_loading_and_reports_oom(run_config, monkeypatch):
+    """The hook in the engine: auto -> 1 on the CPU, and an OOM in training becomes the preflight's message."""
+    from vlmtune.train.engine import LOG_FILE, train
+    from vlmtune.train.trainer import VlmTrainer
+
+    def out_of_memory(self, *args, **kwargs):
+        assert self.args.per_device_train_batch_size == 1
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB.")
+
+    monkeypatch.setattr(VlmTrainer, "train", out_of_memory)
+    monkeypatch.setattr(pf, "measured_peaks", lambda: (GIB, 2 * GIB))
+    config = run_config(training={"batch_size": "auto"})
+    with pytest.raises(VlmtuneError) as info:
+        train(config)
+    assert str(info.value).startswith("out of GPU memory at step 0: CUDA out of memory. Tried to allocate 9.00 GiB.")
+    assert "measured so far: 1.00 GiB allocated, 2.00 GiB reserved" in str(info.value)
+    events = [json.loads(x) for x in (config.output_dir / LOG_FILE).read_text().splitlines()]
+    assert [e["event"] for e in events] == ["start"]  # no estimate on the CPU

@@ -1,0 +1,54 @@
+"""The mixed-batch fix in one process, for every family: a batch without images runs the vision tower (before the
+language model, as a batch with images does) and adds an exact zero to the loss; a batch with images is untouched."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoModelForImageTextToText
+
+from vlmtune.config.schema import DataConfig
+from vlmtune.data.collate import Collator
+from vlmtune.data.processing import encode
+from vlmtune.data.records import read_records
+from vlmtune.families import get_family
+from vlmtune.train.vision_keepalive import VisionKeepAlive
+
+
+@pytest.mark.parametrize("family_name", ["qwen2_vl", "qwen2_5_vl", "llava"])
+def test_text_only_batch_runs_the_vision_tower_first(family_name, tiny_model_dir, shapes_data):
+    family = get_family(family_name)
+    path = tiny_model_dir(family_name)
+    processor = family.load_processor(path)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    model.requires_grad_(True)
+    records = read_records(shapes_data[0])[:2]
+    collate = Collator(processor.tokenizer.pad_token_id)
+    with_images = collate([encode(r, processor, family, DataConfig()) for r in records])
+    text_only = {k: v for k, v in with_images.items() if k in ("input_ids", "attention_mask", "labels")}
+    text_only["input_ids"] = text_only["input_ids"].masked_fill(
+        text_only["input_ids"] == model.config.image_token_id, processor.tokenizer.pad_token_id)
+
+    keep = VisionKeepAlive(processor.image_processor, family.language_prefixes).attach(model)
+    order: list[str] = []
+    vision = model.get_submodule(family.vision_prefixes[0])
+    language = model.get_submodule(family.language_prefixes[0])
+    vision.register_forward_pre_hook(lambda *a: order.append("vision"))
+    language.register_forward_pre_hook(lambda *a: order.append("language"))  # runs after keep's own pre-hook
+
+    keep.arm(text_only)
+    loss = model(**text_only).loss
+    zero = keep.take()
+    assert order == ["vision", "language"]  # the order of a batch with images: ZeRO-3 gathers match
+    assert zero is not None and zero.item() == 0.0 and zero.requires_grad
+    (loss + zero).backward()
+    assert any(p.grad is not None for p in vision.parameters())  # gradient reduce runs for the tower too
+
+    order.clear()
+    keep.arm(with_images)
+    model(**with_images)
+    assert keep.take() is None and order == ["vision", "language"]  # its own images, no blank one
+
+    order.clear()
+    model(**text_only)  # not armed (generation, evaluation without compute_loss): no extra work
+    assert order == ["language"] and keep.take() is None
+    keep.remove()
