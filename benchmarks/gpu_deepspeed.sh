@@ -6,14 +6,15 @@
 # Batch 4 (2B) / 1 (7B) x (448 px image = 256 image tokens + ~511 text tokens), gradient checkpointing on, bf16,
 # random weights (model.random_init), speed.chunked_loss=false in every run (see RESULTS.md), no checkpoints.
 # Run on the GPU machine from the repo root with wheels in .whl/ (bitsandbytes, pydantic, deepspeed, hjson):
-#   OUT=/tmp/out PART=2b bash benchmarks/gpu_deepspeed.sh
+#   OUT=/tmp/out PART=2b bash benchmarks/gpu_deepspeed.sh        (PART="2b 7b" DEADLINE=500: both, ending by 500 s)
 # Per run: $OUT/logs.tar.gz holds the console log, train_log.jsonl, nvidia-smi and host-RAM traces;
 # $OUT/summary.jsonl one line per run (tokens/s median, peak allocated/reserved, nvidia-smi peak, host RAM peak).
 set -uo pipefail
 OUT=${OUT:-/tmp/vlmtune-ds}
 PART=${PART:-2b}
-STEPS=${STEPS:-8}
-RUN_TIMEOUT=${RUN_TIMEOUT:-240}
+STEPS=${STEPS:-6}
+RUN_TIMEOUT=${RUN_TIMEOUT:-150}
+DEADLINE=${DEADLINE:-100000}  # seconds after the start: later runs are skipped (and the last one cut) to end by then
 mkdir -p "$OUT" /tmp/dslogs
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -30,6 +31,9 @@ host_used_kib() { awk '/MemTotal/{t=$2} /MemAvailable/{a=$2} END{print t-a}' /pr
 
 run() {  # run LABEL OVERRIDES...: one `vlmtune train`, with nvidia-smi and host-RAM traces
   local label=$1; shift
+  if (( SECONDS + 45 > DEADLINE )); then  # keep the whole script inside the machine's per-command limit
+    echo "{\"label\": \"$label\", \"skipped\": \"deadline\"}" | tee -a "$OUT/summary.jsonl"; return
+  fi
   local dir=/tmp/dslogs/$label base
   mkdir -p "$dir"
   base=$(host_used_kib)
@@ -38,7 +42,8 @@ run() {  # run LABEL OVERRIDES...: one `vlmtune train`, with nvidia-smi and host
   (while sleep 0.5; do host_used_kib; done) > "$dir/ram_kib.txt" &
   local ram=$!
   local t0=$SECONDS
-  timeout "$RUN_TIMEOUT" python3 -m vlmtune.cli train "$@" output_dir=/tmp/run_$label > "$dir/console.log" 2>&1
+  local limit=$(( DEADLINE - SECONDS < RUN_TIMEOUT ? DEADLINE - SECONDS : RUN_TIMEOUT ))
+  timeout "$limit" python3 -m vlmtune.cli train "$@" output_dir=/tmp/run_$label > "$dir/console.log" 2>&1
   local rc=$?
   kill $smi $ram 2>/dev/null; wait $smi $ram 2>/dev/null
   cp /tmp/run_$label/train_log.jsonl "$dir/" 2>/dev/null
@@ -56,23 +61,24 @@ common=(model.random_init=true data.image_size=448 data.max_length=1024 training
         hardware.gradient_checkpointing=true hardware.dataloader_workers=4 hardware.force_fit=true
         speed.chunked_loss=false)
 
-if [[ $PART == 2b ]]; then
+if [[ $PART == *2b* ]]; then
   python3 -m vlmtune.cli tiny-model --family qwen2_vl --arch 2b --out /tmp/m2b > /dev/null
-  python3 benchmarks/make_bench_data.py --model /tmp/m2b --n 64 --image-side 448 --text-tokens 512 --out /tmp/bench2b
+  python3 benchmarks/make_bench_data.py --model /tmp/m2b --n 32 --image-side 448 --text-tokens 512 --out /tmp/bench2b
   m2b=(model.name_or_path=/tmp/m2b data.train_path=/tmp/bench2b/train.jsonl training.batch_size=4
        method.lora.rank=16 method.lora.alpha=32 method.lora.target_modules=all)
   for method in lora full; do
     run "2b_${method}_plain" "${common[@]}" "${m2b[@]}" method.name=$method
     run "2b_${method}_z2" "${common[@]}" "${m2b[@]}" method.name=$method --zero-stage 2
-    run "2b_${method}_z2_offopt" "${common[@]}" "${m2b[@]}" method.name=$method --zero-stage 2 --offload optimizer
     run "2b_${method}_z3" "${common[@]}" "${m2b[@]}" method.name=$method --zero-stage 3
+    run "2b_${method}_z2_offopt" "${common[@]}" "${m2b[@]}" method.name=$method --zero-stage 2 --offload optimizer
     run "2b_${method}_z3_offall" "${common[@]}" "${m2b[@]}" method.name=$method --zero-stage 3 \
         --offload optimizer_and_params
   done
-else
+fi
+if [[ $PART == *7b* ]]; then
   python3 -m vlmtune.cli tiny-model --family qwen2_5_vl --arch 7b --out /tmp/m7b > /dev/null
   python3 benchmarks/make_bench_data.py --model /tmp/m7b --n 16 --image-side 448 --text-tokens 512 --out /tmp/bench7b
   m7b=(model.name_or_path=/tmp/m7b data.train_path=/tmp/bench7b/train.jsonl training.batch_size=1 method.name=full)
-  run 7b_full_plain "${common[@]}" "${m7b[@]}"
   RUN_TIMEOUT=${RUN_TIMEOUT_7B:-420} run 7b_full_z3_offopt "${common[@]}" "${m7b[@]}" --zero-stage 3 --offload optimizer
+  run 7b_full_plain "${common[@]}" "${m7b[@]}"
 fi

@@ -33,9 +33,21 @@ def _prepare(work: Workload) -> tuple[Path, Path]:
 
     model = model_dir(ROOT / "models", work.family, work.arch)
     records = work.records or work.batch * (work.warmup + work.steps) + 8
-    folder = ROOT / "data" / f"{work.family}-{work.image_side}-{work.text_tokens}-{'spread' if work.spread else 'fixed'}"
-    path = write_data(folder, model, work.family, records, work.image_side, work.text_tokens, work.spread,
-                      MAX_LENGTH[work.spread])
+    folder = (
+        ROOT
+        / "data"
+        / f"{work.family}-{work.image_side}-{work.text_tokens}-{'spread' if work.spread else 'fixed'}"
+    )
+    path = write_data(
+        folder,
+        model,
+        work.family,
+        records,
+        work.image_side,
+        work.text_tokens,
+        work.spread,
+        MAX_LENGTH[work.spread],
+    )
     return model, path
 
 
@@ -61,19 +73,33 @@ def run_one(workload: str, variant_name: str, out: Path) -> dict[str, Any]:
         data_cfg = data_config(MAX_LENGTH[work.spread], work.image_side, work.spread)
         samples = encoded_dataset(path, model, work.family, data_cfg)
         pad = family.load_processor(model, data_cfg).tokenizer.pad_token_id
-        result = plain_train(work, variant, str(model), family.lora_target_regex("all"), samples, Collator(pad),
-                             work.warmup + work.steps)
-    result.update(workload=workload, variant=variant_name, path=variant.path, gc=variant.gc,
-                  device=device_name(), seconds=round(time.time() - started, 1),
-                  versions=_versions())
+        result = plain_train(
+            work,
+            variant,
+            str(model),
+            family.lora_target_regex("all"),
+            samples,
+            Collator(pad),
+            work.warmup + work.steps,
+        )
+    result.update(
+        workload=workload,
+        variant=variant_name,
+        path=variant.path,
+        gc=variant.gc,
+        device=device_name(),
+        seconds=round(time.time() - started, 1),
+        versions=_versions(),
+    )
     if work.mfu and "tokens_per_second" in result:
         from transformers import AutoConfig
 
         from benchmarks.speed.measure import mfu
 
         config = AutoConfig.from_pretrained(model)
-        result["mfu"] = round(mfu(config, work.method, work.image_side, work.text_tokens,
-                                  result["tokens_per_second"]), 4)
+        result["mfu"] = round(
+            mfu(config, work.method, work.image_side, work.text_tokens, result["tokens_per_second"]), 4
+        )
     with open(out / "results.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps(result) + "\n")
     return result
@@ -92,17 +118,23 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _sampled(cmd: list[str], log_path: Path, smi_path: Path, timeout: float) -> tuple[int | str, float | None]:
+def _sampled(
+    cmd: list[str], log_path: Path, smi_path: Path, timeout: float
+) -> tuple[int | str, float | None]:
     """Run `cmd` while nvidia-smi samples the GPU's used memory every 100 ms; (exit code, peak GiB)."""
     with open(smi_path, "w") as smi_out, open(log_path, "w") as log:
         try:
             sampler: subprocess.Popen | None = subprocess.Popen(
                 ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-lms", "100"],
-                stdout=smi_out, stderr=subprocess.DEVNULL)
+                stdout=smi_out,
+                stderr=subprocess.DEVNULL,
+            )
         except OSError:
             sampler = None
         try:
-            code: int | str = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            code: int | str = subprocess.run(
+                cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout
+            ).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
         if sampler is not None:
@@ -116,7 +148,9 @@ def suite(part: int, out: Path, only: list[str] | None, budget_s: float) -> None
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     liger = importlib.util.find_spec("liger_kernel") is not None
-    if (part == 1 and not only) or (only and "check" in only):  # first: it decides whether the rest means anything
+    if (part == 1 and not only) or (
+        only and "check" in only
+    ):  # first: it decides whether the rest means anything
         _check(out, min(budget_s, 240.0))
     for work in WORKLOADS.values():
         if (only and work.name not in only) or (not only and work.part != part):
@@ -128,16 +162,39 @@ def suite(part: int, out: Path, only: list[str] | None, budget_s: float) -> None
                 continue
             left = budget_s - (time.time() - started)
             if left < 45:
-                print(f"{work.name} {variant.name}: skipped, {left:.0f} s of the time budget left", flush=True)
+                print(
+                    f"{work.name} {variant.name}: skipped, {left:.0f} s of the time budget left", flush=True
+                )
                 continue
             name = f"{work.name}-{variant.name}"
-            cmd = [sys.executable, "-m", "benchmarks.speed.bench", "one", work.name, variant.name, "--out", str(out)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.speed.bench",
+                "one",
+                work.name,
+                variant.name,
+                "--out",
+                str(out),
+            ]
             code, peak = _sampled(cmd, out / f"{name}.log", out / f"{name}.smi", left)
-            print(f"{name}: exit {code}, nvidia-smi peak over the whole process (model build included) {peak} GiB, "
-                  f"{time.time() - started:.0f} s elapsed", flush=True)
+            print(
+                f"{name}: exit {code}, nvidia-smi peak over the whole process (model build included) {peak} GiB, "
+                f"{time.time() - started:.0f} s elapsed",
+                flush=True,
+            )
             with open(out / "smi_peaks.jsonl", "a") as fh:
-                fh.write(json.dumps({"workload": work.name, "variant": variant.name, "smi_process_peak_gib": peak,
-                                     "exit": code}) + "\n")
+                fh.write(
+                    json.dumps(
+                        {
+                            "workload": work.name,
+                            "variant": variant.name,
+                            "smi_process_peak_gib": peak,
+                            "exit": code,
+                        }
+                    )
+                    + "\n"
+                )
     table(out / "results.jsonl")
 
 

@@ -27,7 +27,9 @@ ROOT_DATA = "check-spread"
 def _samples(model_dir: Path, root: Path) -> tuple[list[Any], int]:
     from benchmarks.speed.data import data_config, encoded_dataset, write_data
 
-    path = write_data(root / ROOT_DATA, model_dir, "qwen2_vl", 3, 672, 300, spread=True, max_length=2048, seed=1)
+    path = write_data(
+        root / ROOT_DATA, model_dir, "qwen2_vl", 3, 672, 300, spread=True, max_length=2048, seed=1
+    )
     cfg = data_config(2048, 672, spread=True)
     from vlmtune.families import get_family
 
@@ -43,9 +45,12 @@ def _model(model_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
 
     torch.manual_seed(0)
     with torch.device(DEVICE):
-        base = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype,
-                                                       attn_implementation="sdpa")
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=get_family("qwen2_vl").lora_target_regex("all"))
+        base = AutoModelForImageTextToText.from_config(
+            AutoConfig.from_pretrained(model_dir), dtype=dtype, attn_implementation="sdpa"
+        )
+    lora = LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.0, target_modules=get_family("qwen2_vl").lora_target_regex("all")
+    )
     model = get_peft_model(base, lora)
     for name, param in model.named_parameters():
         if "lora_B" in name:
@@ -53,32 +58,46 @@ def _model(model_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
     return model.train()
 
 
-def _loss_grads(model: torch.nn.Module, batch: dict[str, Any], autocast: bool) -> tuple[float, dict[str, torch.Tensor]]:
+def _loss_grads(
+    model: torch.nn.Module, batch: dict[str, Any], autocast: bool
+) -> tuple[float, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     cuda = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in batch.items()}
     with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
         loss = model(**cuda).loss
     loss.backward()
-    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None and "lora_" in n}
+    grads = {
+        n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None and "lora_" in n
+    }
     return loss.item(), grads
 
 
 def _compare(name: str, precision: str, ref: tuple, got: tuple) -> dict[str, Any]:
     (loss_a, grads_a), (loss_b, grads_b) = ref, got
-    cos = min(torch.nn.functional.cosine_similarity(g.flatten(), grads_b[n].flatten(), dim=0).item()
-              for n, g in grads_a.items())
+    cos = min(
+        torch.nn.functional.cosine_similarity(g.flatten(), grads_b[n].flatten(), dim=0).item()
+        for n, g in grads_a.items()
+    )
     rel = abs(loss_a - loss_b) / abs(loss_a)
     limit = 1e-3 if precision == "fp32" else 1e-2
-    return {"name": name, "precision": precision, "loss_ref": loss_a, "loss": loss_b, "rel": rel, "cosine": cos,
-            "ok": rel < limit and cos >= 0.999 and grads_a.keys() == grads_b.keys()}
+    return {
+        "name": name,
+        "precision": precision,
+        "loss_ref": loss_a,
+        "loss": loss_b,
+        "rel": rel,
+        "cosine": cos,
+        "ok": rel < limit and cos >= 0.999 and grads_a.keys() == grads_b.keys(),
+    }
 
 
 def _gc(model: torch.nn.Module, every: int | None) -> None:
     if every is None:
         model.gradient_checkpointing_disable()
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False},
-                                            every_n_layers=every)
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=every
+        )
 
 
 def run(model_dir: Path, root: Path, precision: str) -> list[dict[str, Any]]:
@@ -99,8 +118,13 @@ def run(model_dir: Path, root: Path, precision: str) -> list[dict[str, Any]]:
     padded = Collator(pad)(samples)
     packed = PackingCollator(pad, rope_index_of(model))(samples)
 
-    def measure(name: str, install: Callable[[], Any] | None, batch: dict[str, Any] = padded,
-                gc: int | None = None, ref_gc: int | None = None) -> dict[str, Any]:
+    def measure(
+        name: str,
+        install: Callable[[], Any] | None,
+        batch: dict[str, Any] = padded,
+        gc: int | None = None,
+        ref_gc: int | None = None,
+    ) -> dict[str, Any]:
         _gc(model, ref_gc)
         ref = _loss_grads(model, padded, autocast)
         _gc(model, gc)
@@ -113,19 +137,37 @@ def run(model_dir: Path, root: Path, precision: str) -> list[dict[str, Any]]:
     out = [
         measure("noise floor (the reference twice)", None),
         measure("chunked_loss", lambda: install_chunked_loss(model, family.lm_head_names, 1024)),
-        measure("frozen_vision_no_grad (GC on)", lambda: vision_without_grad(unwrap_peft(model), family.vision_prefixes),
-                gc=1, ref_gc=1),
+        measure(
+            "frozen_vision_no_grad (GC on)",
+            lambda: vision_without_grad(unwrap_peft(model), family.vision_prefixes),
+            gc=1,
+            ref_gc=1,
+        ),
         measure("checkpoint_every_n_layers=2 vs every layer", None, gc=2, ref_gc=1),
         measure("packing, block-diagonal mask (one packed row vs padded batch)", None, batch=packed),
-        measure("packing, packed_attention=spans", lambda: packed_attention(unwrap_peft(model), family.language_prefixes),
-                batch=packed),
+        measure(
+            "packing, packed_attention=spans",
+            lambda: packed_attention(unwrap_peft(model), family.language_prefixes),
+            batch=packed,
+        ),
     ]
     if autocast:
         out.append(measure("lora_bf16_compute", lambda: lora_compute_in_16bit(model, autocast=True)))
-    config = VlmtuneConfig.model_validate({"model": {"name_or_path": str(model_dir)}, "speed": {"packing": True},
-                                           "hardware": {"precision": precision}})
-    out.append(measure("all of them (apply_speed) + packing + GC every 2nd layer",
-                       lambda: apply_speed(model, config, family), batch=packed, gc=2))
+    config = VlmtuneConfig.model_validate(
+        {
+            "model": {"name_or_path": str(model_dir)},
+            "speed": {"packing": True},
+            "hardware": {"precision": precision},
+        }
+    )
+    out.append(
+        measure(
+            "all of them (apply_speed) + packing + GC every 2nd layer",
+            lambda: apply_speed(model, config, family),
+            batch=packed,
+            gc=2,
+        )
+    )
     return out
 
 

@@ -23,7 +23,9 @@ from vlmtune.families import get_family
 
 def model_dir(root: Path, family: str, arch: str) -> Path:
     out = root / f"{family}-{arch}"
-    if not (out / "config.json").is_file():  # config + tokenizer + processor ("tiny": with its random weights)
+    if not (
+        out / "config.json"
+    ).is_file():  # config + tokenizer + processor ("tiny": with its random weights)
         get_family(family).build_tiny(out, arch=None if arch == "tiny" else arch)
     return out
 
@@ -42,13 +44,28 @@ def data_config(max_length: int, image_side: int, spread: bool) -> DataConfig:
 
 
 def _record(image: str, answer: str) -> dict[str, Any]:
-    return {"messages": [
-        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Describe."}]},
-        {"role": "assistant", "content": answer}]}
+    return {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": image}, {"type": "text", "text": "Describe."}],
+            },
+            {"role": "assistant", "content": answer},
+        ]
+    }
 
 
-def write_data(out: Path, model: Path, family_name: str, n: int, side: int, text_tokens: int, spread: bool,
-               max_length: int, seed: int = 0) -> Path:
+def write_data(
+    out: Path,
+    model: Path,
+    family_name: str,
+    n: int,
+    side: int,
+    text_tokens: int,
+    spread: bool,
+    max_length: int,
+    seed: int = 0,
+) -> Path:
     """Write `n` records (and their images) under `out`; returns the JSONL path (reused when it exists)."""
     path = out / "train.jsonl"
     if path.is_file():
@@ -64,7 +81,9 @@ def write_data(out: Path, model: Path, family_name: str, n: int, side: int, text
     def text(count: int) -> str:
         ids: list[int] = []
         while len(ids) < count:
-            ids += tok(" " + " ".join(rng.choice(words) for _ in range(64)), add_special_tokens=False).input_ids
+            ids += tok(
+                " " + " ".join(rng.choice(words) for _ in range(64)), add_special_tokens=False
+            ).input_ids
         return tok.decode(ids[:count]).strip() or "x"
 
     def length(image: str, answer: str) -> int:

@@ -3,6 +3,7 @@ that times every optimizer step (the engine's data pipeline runs in dataloader w
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +29,39 @@ class StepTimer(TrainerCallback):
         self._seen = state.num_input_tokens_seen
 
 
-def config_dict(work: Workload, variant: Variant, model_dir: Path, train_path: Path, out: Path) -> dict[str, Any]:
+def config_dict(
+    work: Workload, variant: Variant, model_dir: Path, train_path: Path, out: Path
+) -> dict[str, Any]:
     data = data_config(MAX_LENGTH[work.spread], work.image_side, work.spread).model_dump(exclude_unset=True)
     return {
         "output_dir": str(out),
         "model": {"name_or_path": str(model_dir), "random_init": True},
-        "data": {**{k: v for k, v in data.items() if v is not None}, "train_path": str(train_path),
-                 "check_before_training": False},
-        "method": {"name": work.method,
-                   "lora": {"rank": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all"}},
-        "training": {"batch_size": variant.batch or work.batch, "max_steps": work.warmup + work.steps,
-                     "learning_rate": 1e-4, "optimizer": "adamw_torch_fused", "logging_steps": 5,
-                     "save_steps": 100_000, "eval_steps": None, "report_to": ["none"], "warmup_steps": 0},
-        "hardware": {"precision": "bf16", "gradient_checkpointing": variant.gc, "attn_implementation": "sdpa",
-                     "dataloader_workers": 4},
+        "data": {
+            **{k: v for k, v in data.items() if v is not None},
+            "train_path": str(train_path),
+            "check_before_training": False,
+        },
+        "method": {
+            "name": work.method,
+            "lora": {"rank": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all"},
+        },
+        "training": {
+            "batch_size": variant.batch or work.batch,
+            "max_steps": work.warmup + work.steps,
+            "learning_rate": 1e-4,
+            "optimizer": "adamw_torch_fused",
+            "logging_steps": 5,
+            "save_steps": 100_000,
+            "eval_steps": None,
+            "report_to": ["none"],
+            "warmup_steps": 0,
+        },
+        "hardware": {
+            "precision": "bf16",
+            "gradient_checkpointing": variant.gc,
+            "attn_implementation": "sdpa",
+            "dataloader_workers": 4,
+        },
     }
 
 
@@ -50,8 +70,19 @@ def train(work: Workload, variant: Variant, model_dir: Path, train_path: Path, o
     from vlmtune.train.engine import train as vlmtune_train
 
     overrides = [f"{k}={v}" for k, v in variant.overrides.items()]
-    config = load_config(None, overrides=overrides, base=config_dict(work, variant, model_dir, train_path, out))
+    config = load_config(
+        None, overrides=overrides, base=config_dict(work, variant, model_dir, train_path, out)
+    )
     timer = StepTimer(work.warmup)
-    result = vlmtune_train(config, callbacks=[timer])
-    return {**timer.meter.summary(), "loss_first": result.train_loss_first, "loss_last": result.train_loss_last,
-            "trainable_params": result.trainable_params, "config_overrides": variant.overrides}
+    shutil.rmtree(out, ignore_errors=True)
+    try:
+        result = vlmtune_train(config, callbacks=[timer])
+    finally:  # checkpoints of a full fine-tuning run are tens of GB: the disk would not hold the next ones
+        shutil.rmtree(out, ignore_errors=True)
+    return {
+        **timer.meter.summary(),
+        "loss_first": result.train_loss_first,
+        "loss_last": result.train_loss_last,
+        "trainable_params": result.trainable_params,
+        "config_overrides": variant.overrides,
+    }

@@ -51,8 +51,13 @@ def nvml_used() -> float | None:
         except Exception:  # noqa: BLE001 - NVML missing: fall back to the command line tool
             pass
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
         return int(out.split()[0]) / 1024
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return None
@@ -86,8 +91,11 @@ class StepMeter:
         self._last = time.perf_counter()  # the NVML query is not training time
 
     def summary(self) -> dict[str, Any]:
-        times, tokens = self.times[self.warmup:], self.tokens[self.warmup:]
-        out: dict[str, Any] = {"steps_measured": len(times), "warmup_steps": min(self.warmup, len(self.times))}
+        times, tokens = self.times[self.warmup :], self.tokens[self.warmup :]
+        out: dict[str, Any] = {
+            "steps_measured": len(times),
+            "warmup_steps": min(self.warmup, len(self.times)),
+        }
         if times:
             out["tokens_per_second"] = round(sum(tokens) / sum(times), 1)
             out["step_seconds_median"] = round(statistics.median(times), 4)
@@ -101,6 +109,7 @@ class StepMeter:
 
 
 # ---- model FLOPs ----
+
 
 def _text(config: Any) -> Any:
     return getattr(config, "text_config", config)

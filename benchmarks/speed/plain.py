@@ -25,8 +25,11 @@ from vlmtune.families import get_family
 def apply_liger(family: str) -> str:
     from liger_kernel.transformers import monkey_patch
 
-    name = {"qwen2_vl": "apply_liger_kernel_to_qwen2_vl", "qwen2_5_vl": "apply_liger_kernel_to_qwen2_5_vl",
-            "llava": "apply_liger_kernel_to_llava"}[family]
+    name = {
+        "qwen2_vl": "apply_liger_kernel_to_qwen2_vl",
+        "qwen2_5_vl": "apply_liger_kernel_to_qwen2_5_vl",
+        "llava": "apply_liger_kernel_to_llava",
+    }[family]
     getattr(monkey_patch, name)(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True)
     return name
 
@@ -36,7 +39,9 @@ def _bf16_model(model_dir: str) -> torch.nn.Module:
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device(DEVICE):
-        return AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+        return AutoModelForImageTextToText.from_config(
+            config, dtype=torch.bfloat16, attn_implementation="sdpa"
+        )
 
 
 def _qlora_model(model_dir: str) -> torch.nn.Module:
@@ -49,11 +54,22 @@ def _qlora_model(model_dir: str) -> torch.nn.Module:
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=["model.visual", "lm_head"])
-    return cls.from_pretrained(None, config=config, state_dict=state, dtype=torch.bfloat16,
-                               attn_implementation="sdpa", quantization_config=bnb,
-                               device_map={"": 0 if DEVICE == "cuda" else "cpu"})
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        llm_int8_skip_modules=["model.visual", "lm_head"],
+    )
+    return cls.from_pretrained(
+        None,
+        config=config,
+        state_dict=state,
+        dtype=torch.bfloat16,
+        attn_implementation="sdpa",
+        quantization_config=bnb,
+        device_map={"": 0 if DEVICE == "cuda" else "cpu"},
+    )
 
 
 def build(work: Workload, variant: Variant, model_dir: str, lora_targets: str) -> torch.nn.Module:
@@ -64,8 +80,11 @@ def build(work: Workload, variant: Variant, model_dir: str, lora_targets: str) -
     torch.manual_seed(0)
     gc_kwargs = {"use_reentrant": False}
     if work.method == "qlora":
-        model = prepare_model_for_kbit_training(_qlora_model(model_dir), use_gradient_checkpointing=variant.gc,
-                                                gradient_checkpointing_kwargs=gc_kwargs)
+        model = prepare_model_for_kbit_training(
+            _qlora_model(model_dir),
+            use_gradient_checkpointing=variant.gc,
+            gradient_checkpointing_kwargs=gc_kwargs,
+        )
     else:
         model = _bf16_model(model_dir)
         if variant.gc:
@@ -78,26 +97,45 @@ def build(work: Workload, variant: Variant, model_dir: str, lora_targets: str) -
             if family.component_of(name) == "vision":
                 param.requires_grad_(False)
         return model.train()
-    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=lora_targets, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.05, target_modules=lora_targets, task_type="CAUSAL_LM"
+    )
     return get_peft_model(model, config).train()
 
 
-def train(work: Workload, variant: Variant, model_dir: str, lora_targets: str, samples: list[Any],
-          collate: Any, steps: int) -> dict[str, Any]:
+def train(
+    work: Workload,
+    variant: Variant,
+    model_dir: str,
+    lora_targets: str,
+    samples: list[Any],
+    collate: Any,
+    steps: int,
+) -> dict[str, Any]:
     model = build(work, variant, model_dir, lora_targets)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
     generator = torch.Generator().manual_seed(0)
-    loader = DataLoader(samples, batch_size=variant.batch or work.batch, shuffle=True, generator=generator,
-                        collate_fn=collate, num_workers=min(4, os.cpu_count() or 1), pin_memory=True,
-                        drop_last=True, persistent_workers=True)
+    loader = DataLoader(
+        samples,
+        batch_size=variant.batch or work.batch,
+        shuffle=True,
+        generator=generator,
+        collate_fn=collate,
+        num_workers=min(4, os.cpu_count() or 1),
+        pin_memory=True,
+        drop_last=True,
+        persistent_workers=True,
+    )
     meter, done, losses = StepMeter(work.warmup), 0, []
     reset_peaks()
     meter.start()
     while done < steps:
         for batch in loader:
             tokens = int(batch["attention_mask"].sum())
-            batch = {k: v.to(DEVICE, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = {
+                k: v.to(DEVICE, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+            }
             with torch.autocast(DEVICE, dtype=torch.bfloat16):
                 loss = model(**batch).loss
             loss.backward()
@@ -109,5 +147,9 @@ def train(work: Workload, variant: Variant, model_dir: str, lora_targets: str, s
             done += 1
             if done == steps:
                 break
-    return {**meter.summary(), "loss_first": losses[0], "loss_last": losses[-1],
-            "trainable_params": sum(p.numel() for p in params)}
+    return {
+        **meter.summary(),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "trainable_params": sum(p.numel() for p in params),
+    }

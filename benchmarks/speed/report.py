@@ -21,6 +21,7 @@ def _fmt(value: Any, spec: str = ".2f") -> str:
 
 def _targets(name: str, rows: dict[str, dict[str, Any]]) -> list[str]:
     """The issue's acceptance lines for this workload, as far as the rows allow."""
+
     def tps(v: str) -> float | None:
         return rows.get(v, {}).get("tokens_per_second")
 
@@ -33,51 +34,74 @@ def _targets(name: str, rows: dict[str, dict[str, Any]]) -> list[str]:
         fits = [k for k, r in ours.items() if mem(k) is not None and mem(k) <= (mem("plain_gc") or 0)]
         best = max(fits, key=lambda k: tps(k) or 0, default=None)
         if best:
-            lines.append(f"W1 >= 2x checkpointed reference at <= its peak reserved: {best} "
-                         f"{tps(best) / tps('plain_gc'):.2f}x ({mem(best):.2f} vs {mem('plain_gc'):.2f} GiB)")
+            lines.append(
+                f"W1 >= 2x checkpointed reference at <= its peak reserved: {best} "
+                f"{tps(best) / tps('plain_gc'):.2f}x ({mem(best):.2f} vs {mem('plain_gc'):.2f} GiB)"
+            )
         fastest = max(ours, key=lambda k: tps(k) or 0, default=None)
         if fastest and tps("plain_nogc"):
-            lines.append(f"W1 >= 1.3x non-checkpointed reference, fastest setting: {fastest} "
-                         f"{tps(fastest) / tps('plain_nogc'):.2f}x")
+            lines.append(
+                f"W1 >= 1.3x non-checkpointed reference, fastest setting: {fastest} "
+                f"{tps(fastest) / tps('plain_nogc'):.2f}x"
+            )
     if name == "W2" and tps("plain_gc"):
         for k, r in ours.items():
             smi = r.get("smi_in_process_gib")
-            lines.append(f"W2 {k}: whole process {_fmt(smi)} GiB while training (target <= 7.5), "
-                         f"{(r.get('tokens_per_second') or 0) / tps('plain_gc'):.2f}x reference tokens/s (>= 1)")
+            lines.append(
+                f"W2 {k}: whole process {_fmt(smi)} GiB while training (target <= 7.5), "
+                f"{(r.get('tokens_per_second') or 0) / tps('plain_gc'):.2f}x reference tokens/s (>= 1)"
+            )
     if name in ("W3", "W4") and tps("plain_gc"):
         best = max(ours, key=lambda k: tps(k) or 0, default=None)
         if best:
             lines.append(f"{name} >= 1.5x checkpointed reference: {best} {tps(best) / tps('plain_gc'):.2f}x")
     if name == "W5" and tps("vlmtune_padded") and tps("vlmtune_packed"):
-        lines.append(f"W5 packed vs padded useful tokens/s: {tps('vlmtune_packed') / tps('vlmtune_padded'):.2f}x "
-                     "(target >= 2); equal loss: see the correctness check")
+        lines.append(
+            f"W5 packed vs padded useful tokens/s: {tps('vlmtune_packed') / tps('vlmtune_padded'):.2f}x "
+            "(target >= 2); equal loss: see the correctness check"
+        )
     return lines
 
 
 def print_report(path: Path) -> None:
     results = _load(path)
-    smi = {(r["workload"], r["variant"]): r.get("smi_process_peak_gib") for r in _load(path.parent / "smi_peaks.jsonl")}
-    print("\nmemory: peak allocated / peak reserved (torch), smi train = nvidia-smi level while training (this "
-          "process alone on the GPU), smi all = nvidia-smi peak over the whole process including model build")
+    smi = {
+        (r["workload"], r["variant"]): r.get("smi_process_peak_gib")
+        for r in _load(path.parent / "smi_peaks.jsonl")
+    }
+    print(
+        "\nmemory: peak allocated / peak reserved (torch), smi train = nvidia-smi level while training (this "
+        "process alone on the GPU), smi all = nvidia-smi peak over the whole process including model build"
+    )
     for name, work in WORKLOADS.items():
         rows = {r["variant"]: r for r in results if r.get("workload") == name and "tokens_per_second" in r}
         if not rows:
             continue
         ref = rows.get(work.reference, {})
         print(f"\n## {name}: {work.title}\n")
-        print("| variant | tokens/s | x ref | peak alloc GiB | peak reserved GiB | x ref | smi train GiB | smi all GiB "
-              "| MFU | loss first -> last |")
+        print(
+            "| variant | tokens/s | x ref | peak alloc GiB | peak reserved GiB | x ref | smi train GiB | smi all GiB "
+            "| MFU | loss first -> last |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|")
         for variant in work.variants:
             r = rows.get(variant.name)
             if r is None:
                 continue
-            speed = r["tokens_per_second"] / ref["tokens_per_second"] if ref.get("tokens_per_second") else None
-            memory = (r.get("peak_reserved_gib") or 0) / ref["peak_reserved_gib"] if ref.get("peak_reserved_gib") else None
-            print(f"| {variant.name} | {r['tokens_per_second']:,.0f} | {_fmt(speed)} | {_fmt(r.get('peak_allocated_gib'))} "
-                  f"| {_fmt(r.get('peak_reserved_gib'))} | {_fmt(memory)} | {_fmt(r.get('smi_in_process_gib'))} "
-                  f"| {_fmt(smi.get((name, variant.name)))} | {_fmt(r.get('mfu'), '.1%')} "
-                  f"| {_fmt(r.get('loss_first'), '.3f')} -> {_fmt(r.get('loss_last'), '.3f')} |")
+            speed = (
+                r["tokens_per_second"] / ref["tokens_per_second"] if ref.get("tokens_per_second") else None
+            )
+            memory = (
+                (r.get("peak_reserved_gib") or 0) / ref["peak_reserved_gib"]
+                if ref.get("peak_reserved_gib")
+                else None
+            )
+            print(
+                f"| {variant.name} | {r['tokens_per_second']:,.0f} | {_fmt(speed)} | {_fmt(r.get('peak_allocated_gib'))} "
+                f"| {_fmt(r.get('peak_reserved_gib'))} | {_fmt(memory)} | {_fmt(r.get('smi_in_process_gib'))} "
+                f"| {_fmt(smi.get((name, variant.name)))} | {_fmt(r.get('mfu'), '.1%')} "
+                f"| {_fmt(r.get('loss_first'), '.3f')} -> {_fmt(r.get('loss_last'), '.3f')} |"
+            )
         for line in _targets(name, rows):
             print(f"- {line}")
     checks = _load(path.parent / "check.jsonl")
@@ -86,5 +110,7 @@ def print_report(path: Path) -> None:
         print("| precision | optimisation | loss ref | loss opt | rel diff | min LoRA grad cosine | pass |")
         print("|---|---|---|---|---|---|---|")
         for c in checks:
-            print(f"| {c['precision']} | {c['name']} | {c['loss_ref']:.5f} | {c['loss']:.5f} | {c['rel']:.2e} "
-                  f"| {c['cosine']:.5f} | {'yes' if c['ok'] else 'NO'} |")
+            print(
+                f"| {c['precision']} | {c['name']} | {c['loss_ref']:.5f} | {c['loss']:.5f} | {c['rel']:.2e} "
+                f"| {c['cosine']:.5f} | {'yes' if c['ok'] else 'NO'} |"
+            )

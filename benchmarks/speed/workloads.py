@@ -53,44 +53,132 @@ class Workload:
 
 
 FAST = {"speed.checkpoint_every_n_layers": 2}
-NO_GC: dict[str, Any] = {}
+"""Checkpoint every second layer: half the recomputation, about half the activations of no checkpointing."""
 
-WORKLOADS: dict[str, Workload] = {w.name: w for w in (
-    Workload(
-        "W1", "Qwen2-VL-2B LoRA r16 all linear, batch 4 x (448 px + 512 text)", "qwen2_vl", "2b", "lora", 4, 448, 512,
-        variants=(Variant("plain_gc", "plain", True), Variant("vlmtune_gc", "vlmtune", True),
-                  Variant("vlmtune_gc2", "vlmtune", True, FAST), Variant("vlmtune_nogc", "vlmtune", False),
-                  Variant("plain_nogc", "plain", False),
-                  Variant("vlmtune_gc2_compile", "vlmtune", True, {**FAST, "speed.compile": True}),
-                  Variant("liger_gc", "liger", True), Variant("liger_nogc", "liger", False)),
-        reference="plain_gc", mfu=True, part=1),
-    Workload(
-        "W4", "Qwen2-VL-2B full fine-tuning (vision tower frozen), batch 4 x (448 px + 512 text), GC", "qwen2_vl",
-        "2b", "full", 4, 448, 512,
-        variants=(Variant("plain_gc", "plain", True), Variant("vlmtune_gc", "vlmtune", True),
-                  Variant("vlmtune_gc2", "vlmtune", True, FAST), Variant("liger_gc", "liger", True)),
-        reference="plain_gc", mfu=True, part=2),
-    Workload(
-        "W2", "Qwen2.5-VL-7B QLoRA r16, batch 1 x (336 px + 256 text), GC", "qwen2_5_vl", "7b", "qlora", 1, 336, 256,
-        variants=(Variant("plain_gc", "plain", True), Variant("vlmtune_gc", "vlmtune", True),
-                  Variant("vlmtune_lean", "vlmtune", True, {
-                      "method.quantization.quantize_vision_tower": True, "method.quantization.quantize_lm_head": True,
-                      "training.optimizer": "paged_adamw_8bit"})),
-        reference="plain_gc", warmup=3, steps=12, part=3),
-    Workload(
-        "W3", "Qwen2.5-VL-7B LoRA r16 all linear, batch 4 x (448 px + 512 text), GC", "qwen2_5_vl", "7b", "lora", 4,
-        448, 512,
-        variants=(Variant("plain_gc", "plain", True), Variant("vlmtune_gc", "vlmtune", True),
-                  Variant("vlmtune_gc2", "vlmtune", True, FAST), Variant("liger_gc", "liger", True)),
-        reference="plain_gc", warmup=2, steps=6, mfu=True, part=2),
-    Workload(
-        "W5", "Qwen2-VL-2B LoRA, realistic spread (images 224-1344 px, answers 5-600 tokens), GC: padded vs packed",
-        "qwen2_vl", "2b", "lora", 4, 1344, 600,
-        variants=(Variant("plain_padded", "plain", True), Variant("vlmtune_padded", "vlmtune", True),
-                  Variant("vlmtune_packed", "vlmtune", True,
-                          {"speed.packing": True, "speed.packing_max_tokens": 4 * 3072}, batch=1)),
-        reference="vlmtune_padded", warmup=2, steps=8, spread=True, records=80, part=3),
-)}
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in (
+        Workload(
+            "W1",
+            "Qwen2-VL-2B LoRA r16 all linear, batch 4 x (448 px + 512 text)",
+            "qwen2_vl",
+            "2b",
+            "lora",
+            4,
+            448,
+            512,
+            variants=(
+                Variant("plain_gc", "plain", True),
+                Variant("vlmtune_gc", "vlmtune", True),
+                Variant("vlmtune_gc2", "vlmtune", True, FAST),
+                Variant("vlmtune_nogc", "vlmtune", False),
+                Variant("plain_nogc", "plain", False),
+                Variant("liger_gc", "liger", True),
+                Variant("liger_nogc", "liger", False),
+                Variant("vlmtune_gc2_compile", "vlmtune", True, {**FAST, "speed.compile": True}),
+                Variant("vlmtune_nogc_compile", "vlmtune", False, {"speed.compile": True}),
+            ),
+            reference="plain_gc",
+            mfu=True,
+            part=1,
+        ),
+        Workload(
+            "W4",
+            "Qwen2-VL-2B full fine-tuning (vision tower frozen), batch 4 x (448 px + 512 text), GC",
+            "qwen2_vl",
+            "2b",
+            "full",
+            4,
+            448,
+            512,
+            variants=(
+                Variant("plain_gc", "plain", True),
+                Variant("vlmtune_gc", "vlmtune", True),
+                Variant("vlmtune_gc2", "vlmtune", True, FAST),
+                Variant("liger_gc", "liger", True),
+            ),
+            reference="plain_gc",
+            mfu=True,
+            part=2,
+        ),
+        Workload(
+            "W2",
+            "Qwen2.5-VL-7B QLoRA r16, batch 1 x (336 px + 256 text), GC",
+            "qwen2_5_vl",
+            "7b",
+            "qlora",
+            1,
+            336,
+            256,
+            variants=(
+                Variant("plain_gc", "plain", True),
+                Variant("vlmtune_gc", "vlmtune", True),
+                Variant(
+                    "vlmtune_lean",
+                    "vlmtune",
+                    True,
+                    {
+                        "method.quantization.quantize_vision_tower": True,
+                        "method.quantization.quantize_lm_head": True,
+                        "training.optimizer": "paged_adamw_8bit",
+                    },
+                ),
+            ),
+            reference="plain_gc",
+            warmup=3,
+            steps=12,
+            part=3,
+        ),
+        Workload(
+            "W3",
+            "Qwen2.5-VL-7B LoRA r16 all linear, batch 4 x (448 px + 512 text), GC",
+            "qwen2_5_vl",
+            "7b",
+            "lora",
+            4,
+            448,
+            512,
+            variants=(
+                Variant("plain_gc", "plain", True),
+                Variant("vlmtune_gc", "vlmtune", True),
+                Variant("vlmtune_gc2", "vlmtune", True, FAST),
+                Variant("liger_gc", "liger", True),
+            ),
+            reference="plain_gc",
+            warmup=2,
+            steps=6,
+            mfu=True,
+            part=2,
+        ),
+        Workload(
+            "W5",
+            "Qwen2-VL-2B LoRA, realistic spread (images 224-1344 px, answers 5-600 tokens), GC: padded vs packed",
+            "qwen2_vl",
+            "2b",
+            "lora",
+            4,
+            1344,
+            600,
+            variants=(
+                Variant("plain_padded", "plain", True),
+                Variant("vlmtune_padded", "vlmtune", True),
+                Variant(
+                    "vlmtune_packed",
+                    "vlmtune",
+                    True,
+                    {"speed.packing": True, "speed.packing_max_tokens": 4 * 3072},
+                    batch=1,
+                ),
+            ),
+            reference="vlmtune_padded",
+            warmup=2,
+            steps=8,
+            spread=True,
+            records=80,
+            part=3,
+        ),
+    )
+}
 
 MAX_LENGTH = {False: 1024, True: 3072}
 """data.max_length for fixed shapes / the spread (a 1344 px image is 2304 tokens, plus up to 600 of text)."""
@@ -101,8 +189,16 @@ SMOKE = os.environ.get("BENCH_SMOKE") == "1"
 
 
 def smoke(work: Workload) -> Workload:
-    return replace(work, arch="tiny", image_side=112 if work.spread else 56, text_tokens=48, warmup=1, steps=2,
-                   records=12, batch=min(work.batch, 2))
+    return replace(
+        work,
+        arch="tiny",
+        image_side=112 if work.spread else 56,
+        text_tokens=48,
+        warmup=1,
+        steps=2,
+        records=12,
+        batch=min(work.batch, 2),
+    )
 
 
 if SMOKE:

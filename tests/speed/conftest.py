@@ -23,17 +23,28 @@ def _txt(text: str) -> dict:
 
 
 VARIED = [  # 0, 1 and 2 images, one and two assistant turns, answers of different lengths
-    [{"role": "user", "content": [_img(0), _txt("What colour is the shape?")]},
-     {"role": "assistant", "content": [_txt("blue")]}],
-    [{"role": "user", "content": [_img(1), _txt("Describe it.")]},
-     {"role": "assistant", "content": [_txt("A blue circle at the left of the image, " * 3)]}],
-    [{"role": "user", "content": [_txt("Say hello.")]}, {"role": "assistant", "content": [_txt("hello there")]}],
-    [{"role": "user", "content": [_img(2), _img(3), _txt("Which one is green?")]},
-     {"role": "assistant", "content": [_txt("the first")]},
-     {"role": "user", "content": [_txt("And the other?")]},
-     {"role": "assistant", "content": [_txt("it is red, " * 4)]}],
-    [{"role": "user", "content": [_img(4), _txt("How many objects are there?")]},
-     {"role": "assistant", "content": [_txt("one object")]}],
+    [
+        {"role": "user", "content": [_img(0), _txt("What colour is the shape?")]},
+        {"role": "assistant", "content": [_txt("blue")]},
+    ],
+    [
+        {"role": "user", "content": [_img(1), _txt("Describe it.")]},
+        {"role": "assistant", "content": [_txt("A blue circle at the left of the image, " * 3)]},
+    ],
+    [
+        {"role": "user", "content": [_txt("Say hello.")]},
+        {"role": "assistant", "content": [_txt("hello there")]},
+    ],
+    [
+        {"role": "user", "content": [_img(2), _img(3), _txt("Which one is green?")]},
+        {"role": "assistant", "content": [_txt("the first")]},
+        {"role": "user", "content": [_txt("And the other?")]},
+        {"role": "assistant", "content": [_txt("it is red, " * 4)]},
+    ],
+    [
+        {"role": "user", "content": [_img(4), _txt("How many objects are there?")]},
+        {"role": "assistant", "content": [_txt("one object")]},
+    ],
 ]
 
 

@@ -9,7 +9,9 @@ import torch
 from vlmtune.families import get_family
 
 
-def lora_model(model_dir: Path, family_name: str, dtype: torch.dtype = torch.float32, **lora) -> torch.nn.Module:
+def lora_model(
+    model_dir: Path, family_name: str, dtype: torch.dtype = torch.float32, **lora
+) -> torch.nn.Module:
     """The tiny model in train mode with LoRA on all language linear layers; lora_B is random, so every adapter
     matrix gets a non-zero gradient."""
     from peft import LoraConfig, get_peft_model
@@ -18,9 +20,13 @@ def lora_model(model_dir: Path, family_name: str, dtype: torch.dtype = torch.flo
     family = get_family(family_name)
     torch.manual_seed(0)
     base = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                        target_modules=family.lora_target_regex("all", lora.pop("adapt_vision_tower", False)),
-                        **lora)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=family.lora_target_regex("all", lora.pop("adapt_vision_tower", False)),
+        **lora,
+    )
     model = get_peft_model(base, config)
     for name, param in model.named_parameters():
         if "lora_B" in name:
@@ -42,5 +48,7 @@ def assert_same(reference: tuple, other: tuple, rel: float = 1e-5, cosine: float
     assert abs(loss_a.item() - loss_b.item()) <= rel * abs(loss_a.item()), (loss_a.item(), loss_b.item())
     assert grads_a.keys() == grads_b.keys() and grads_a
     for name, grad in grads_a.items():
-        cos = torch.nn.functional.cosine_similarity(grad.flatten().double(), grads_b[name].flatten().double(), dim=0)
+        cos = torch.nn.functional.cosine_similarity(
+            grad.flatten().double(), grads_b[name].flatten().double(), dim=0
+        )
         assert cos >= cosine, (name, cos.item())

@@ -96,7 +96,9 @@ def test_full_finetuning_tied_head(tiny_model_dir, encoded):
     processor, samples = encoded("qwen2_vl")
     batch = Collator(processor.tokenizer.pad_token_id)(samples)
     torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir("qwen2_vl"), dtype=torch.float32).train()
+    model = AutoModelForImageTextToText.from_pretrained(
+        tiny_model_dir("qwen2_vl"), dtype=torch.float32
+    ).train()
     assert model.lm_head.weight is model.get_input_embeddings().weight
     reference = loss_and_grads(model, batch)
     hook = install_chunked_loss(model, ("lm_head",), chunk_tokens=8)
@@ -113,10 +115,13 @@ def test_quantized_head_takes_the_checkpointed_path(tiny_model_dir, encoded):
     from vlmtune.methods import get_method
 
     family = get_family("qwen2_5_vl")  # its tiny model has an untied lm_head
-    config = VlmtuneConfig.model_validate({
-        "model": {"name_or_path": str(tiny_model_dir("qwen2_5_vl"))},
-        "method": {"name": "qlora", "lora": {"dropout": 0.0}, "quantization": {"quantize_lm_head": True}},
-        "hardware": {"precision": "bf16", "use_cpu": True}})
+    config = VlmtuneConfig.model_validate(
+        {
+            "model": {"name_or_path": str(tiny_model_dir("qwen2_5_vl"))},
+            "method": {"name": "qlora", "lora": {"dropout": 0.0}, "quantization": {"quantize_lm_head": True}},
+            "hardware": {"precision": "bf16", "use_cpu": True},
+        }
+    )
     torch.manual_seed(0)
     model = get_method("qlora").load_and_prepare(config, family).train()
     for name, param in model.named_parameters():
@@ -130,3 +135,11 @@ def test_quantized_head_takes_the_checkpointed_path(tiny_model_dir, encoded):
     chunked = loss_and_grads(model, batch)
     hook.remove()
     assert_same(reference, chunked, rel=1e-3, cosine=0.999)
+
+
+def test_no_gradient_work_under_no_grad():
+    h, w, _, labels = _tensors()
+    with torch.no_grad():
+        loss = chunked_causal_lm_loss(h, w, labels)
+    assert not loss.requires_grad
+    assert torch.allclose(loss, _reference(h, w, None, labels).detach(), rtol=1e-5)

@@ -14,16 +14,25 @@ OFF = {"chunked_loss": False, "frozen_vision_no_grad": False, "packing": False}
 
 
 def _config(tiny_model_dir, varied_jsonl, out, speed: dict, family: str = "qwen2_vl") -> VlmtuneConfig:
-    return VlmtuneConfig.model_validate({
-        "output_dir": str(out),
-        "model": {"name_or_path": str(tiny_model_dir(family))},
-        "data": {"train_path": str(varied_jsonl), "check_before_training": False},
-        "method": {"name": "lora", "lora": {"dropout": 0.0}},
-        "training": {"max_steps": 3, "batch_size": 2, "learning_rate": 5e-3, "logging_steps": 1, "save_steps": 100,
-                     "report_to": ["none"], "seed": 3},
-        "hardware": {"precision": "fp32", "use_cpu": True, "gradient_checkpointing": True},
-        "speed": speed,
-    })
+    return VlmtuneConfig.model_validate(
+        {
+            "output_dir": str(out),
+            "model": {"name_or_path": str(tiny_model_dir(family))},
+            "data": {"train_path": str(varied_jsonl), "check_before_training": False},
+            "method": {"name": "lora", "lora": {"dropout": 0.0}},
+            "training": {
+                "max_steps": 3,
+                "batch_size": 2,
+                "learning_rate": 5e-3,
+                "logging_steps": 1,
+                "save_steps": 100,
+                "report_to": ["none"],
+                "seed": 3,
+            },
+            "hardware": {"precision": "fp32", "use_cpu": True, "gradient_checkpointing": True},
+            "speed": speed,
+        }
+    )
 
 
 def _start(result) -> dict:
@@ -48,8 +57,13 @@ def test_switches_keep_the_losses(tiny_model_dir, varied_jsonl, tmp_path):
 
 @pytest.mark.slow
 def test_packing_trains(tiny_model_dir, varied_jsonl, tmp_path):
-    config = _config(tiny_model_dir, varied_jsonl, tmp_path / "packed",
-                     {"packing": True, "packing_max_tokens": 150}, family="qwen2_5_vl")
+    config = _config(
+        tiny_model_dir,
+        varied_jsonl,
+        tmp_path / "packed",
+        {"packing": True, "packing_max_tokens": 150},
+        family="qwen2_5_vl",
+    )
     result = train(config)
     assert {"packing", "packed_attention=spans"} <= set(_start(result)["speed"]["active"])
     losses = _losses(result)

@@ -52,7 +52,9 @@ def test_frozen_tower_saves_nothing_and_grads_match(tiny_model_dir, encoded, fam
     assert not isinstance(handle, str) and handle.names == list(family.vision_prefixes)
     calls.clear()
     after = loss_and_grads(model, batch)
-    assert calls and not any(calls)  # every block ran once per forward, without grad: no recompute in backward
+    assert calls and not any(
+        calls
+    )  # every block ran once per forward, without grad: no recompute in backward
     assert _saved_bytes(model, batch) < before
     handle.remove()
     assert_same(reference, after, rel=1e-6, cosine=0.9999)

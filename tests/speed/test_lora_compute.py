@@ -20,7 +20,10 @@ def _run(model, batch) -> tuple[tuple, int]:
         storages[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
         result = loss_and_grads(model, batch)
     return result, sum(storages.values())
 
@@ -65,8 +68,12 @@ def test_compiled_layers_same_loss(tiny_model_dir, encoded):
     model = lora_model(tiny_model_dir("qwen2_vl"), "qwen2_vl")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     reference = loss_and_grads(model, batch)
-    handle = compile_layers(unwrap_peft(model), get_family("qwen2_vl").language_layers_prefix, backend="eager")
-    assert not isinstance(handle, str) and all(layer._compiled_call_impl is not None for layer in handle.layers)
+    handle = compile_layers(
+        unwrap_peft(model), get_family("qwen2_vl").language_layers_prefix, backend="eager"
+    )
+    assert not isinstance(handle, str) and all(
+        layer._compiled_call_impl is not None for layer in handle.layers
+    )
     compiled = loss_and_grads(model, batch)
     handle.remove()
     assert_same(reference, compiled, rel=1e-5, cosine=0.9999)

@@ -76,13 +76,17 @@ def test_positions_restart_per_sample(tiny_model_dir, encoded, family_name):
     for sample in samples:
         end = start + len(sample)
         assert labels[start] == IGNORE_INDEX
-        assert torch.equal(labels[start + 1:end], sample.labels[1:])
+        assert torch.equal(labels[start + 1 : end], sample.labels[1:])
         if rope is None:
             assert torch.equal(positions[0, start:end], torch.arange(len(sample)))
         else:  # text row, then the M-RoPE rows exactly as the model computes them for the sample alone
             inputs = sample.model_inputs()
-            alone, _ = rope(input_ids=inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
-                            image_grid_thw=inputs.get("image_grid_thw"), attention_mask=None)
+            alone, _ = rope(
+                input_ids=inputs["input_ids"],
+                mm_token_type_ids=inputs["mm_token_type_ids"],
+                image_grid_thw=inputs.get("image_grid_thw"),
+                attention_mask=None,
+            )
             assert torch.equal(positions[0, 0, start:end], torch.arange(len(sample)))
             assert torch.equal(positions[1:, 0, start:end], alone[:, 0])
         start = end

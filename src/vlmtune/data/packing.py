@@ -94,8 +94,11 @@ class PackingCollator:
             return torch.arange(length)[None]
         grid = sample.images.get("image_grid_thw")
         position_ids, _ = self.rope_index(
-            input_ids=sample.input_ids[None], mm_token_type_ids=sample.sequence["mm_token_type_ids"][None],
-            image_grid_thw=grid, attention_mask=None)
+            input_ids=sample.input_ids[None],
+            mm_token_type_ids=sample.sequence["mm_token_type_ids"][None],
+            image_grid_thw=grid,
+            attention_mask=None,
+        )
         return position_ids[:, 0]
 
     def _row(self, samples: Sequence[EncodedSample]) -> dict[str, torch.Tensor]:
@@ -108,7 +111,9 @@ class PackingCollator:
         if self.rope_index is None:
             row["position_ids"] = text
         else:
-            row["position_ids"] = torch.cat([text[None], torch.cat([self.positions(s) for s in samples], dim=1)])
+            row["position_ids"] = torch.cat(
+                [text[None], torch.cat([self.positions(s) for s in samples], dim=1)]
+            )
         row.pop("attention_mask", None)
         return row
 
@@ -124,7 +129,9 @@ class PackingCollator:
         samples = [s for g in groups for s in g]
         for key in dict.fromkeys(k for s in samples for k in s.images):
             batch[key] = torch.cat([s.images[key] for s in samples if key in s.images], dim=0)
-        batch["use_cache"] = False  # with a cache, transformers ignores the packing, transformers ignores the packing
+        batch["use_cache"] = (
+            False  # with a cache, transformers ignores the packing, transformers ignores the packing
+        )
         return batch
 
     def _pad(self, key: str, value: torch.Tensor, length: int) -> torch.Tensor:

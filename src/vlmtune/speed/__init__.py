@@ -95,12 +95,15 @@ def apply_speed(model: nn.Module, config: VlmtuneConfig, family: FamilyDescripto
                 setup.handles.append(spans)
                 setup.active.append("packed_attention=spans")
     skipped = "; ".join(f"{name} does not apply: {reason}" for name, reason in setup.skipped.items())
-    log.info("speed: %s%s", ", ".join(setup.active) or "nothing switched on", f" ({skipped})" if skipped else "")
+    log.info(
+        "speed: %s%s", ", ".join(setup.active) or "nothing switched on", f" ({skipped})" if skipped else ""
+    )
     return setup
 
 
-def batching(config: VlmtuneConfig, pad_token_id: int, model: nn.Module, train_set: Any,
-             val_set: Any | None) -> tuple[Any, Any, Any | None]:
+def batching(
+    config: VlmtuneConfig, pad_token_id: int, model: nn.Module, train_set: Any, val_set: Any | None
+) -> tuple[Any, Any, Any | None]:
     """(collator, train data, val data) for the Trainer: padded batches, or packed rows with `speed.packing`."""
     from vlmtune.data.collate import Collator
     from vlmtune.data.packing import PackedDataset, PackingCollator, rope_index_of

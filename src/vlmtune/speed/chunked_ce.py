@@ -34,8 +34,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, scale: Tensor,
-        chunk: int, dtype: torch.dtype,
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        targets: Tensor,
+        scale: Tensor,
+        chunk: int,
+        dtype: torch.dtype,
     ) -> Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
@@ -47,7 +53,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, h.shape[0], chunk):
-                hc, tc = h[start:start + chunk], targets[start:start + chunk]
+                hc, tc = h[start : start + chunk], targets[start : start + chunk]
                 logits = (hc @ w.t() if b is None else torch.addmm(b, hc, w.t())).float()
                 lse = torch.logsumexp(logits, dim=-1)
                 total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
@@ -58,13 +64,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 d = probs.mul_(scale).to(dtype)  # d loss / d logits of this chunk
                 del logits, probs
                 if grad_h is not None:
-                    grad_h[start:start + chunk] = (d @ w).to(hidden.dtype)
+                    grad_h[start : start + chunk] = (d @ w).to(hidden.dtype)
                 if grad_w is not None:
                     grad_w += (d.t() @ hc).float()
                 if grad_b is not None:
                     grad_b += d.float().sum(0)
-        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                     None if grad_b is None else grad_b.to(bias.dtype))  # type: ignore[union-attr]
+        ctx.grads = (
+            grad_h,
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+        )  # type: ignore[union-attr]
         return total * scale
 
     @staticmethod
@@ -74,8 +83,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
-def labelled_rows(hidden: Tensor, labels: Tensor | None, shift_labels: Tensor | None = None,
-                  ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
+def labelled_rows(
+    hidden: Tensor,
+    labels: Tensor | None,
+    shift_labels: Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[Tensor, Tensor]:
     """(hidden states at positions that predict a label, those labels): HF's shift (position t predicts t+1)."""
     if shift_labels is None:
         if labels is None:
@@ -108,8 +121,15 @@ def chunked_causal_lm_loss(
     divisor = num_items_in_batch if num_items_in_batch is not None else count
     scale = 1.0 / torch.as_tensor(divisor, dtype=torch.float32, device=hidden.device).clamp_min(1)
     dtype = _compute_dtype(hidden, weight)
-    if count == 0:  # nothing to learn here; a zero that keeps hidden and weight in the graph (DDP expects them)
+    if (
+        count == 0
+    ):  # nothing to learn here; a zero that keeps hidden and weight in the graph (DDP expects them)
         return hidden.sum() * 0.0 + (weight.sum() * 0.0 if weight.requires_grad else 0.0)
+    if (
+        not torch.is_grad_enabled()
+    ):  # evaluation: no gradients to precompute (a full-FT head's would be V x H fp32)
+        rows, weight = rows.detach(), weight.detach()
+        bias = bias.detach() if bias is not None else None
     return _LinearCrossEntropy.apply(rows, weight, bias, targets, scale, chunk_tokens, dtype)
 
 
@@ -138,6 +158,6 @@ def checkpointed_causal_lm_loss(
         return hidden.sum() * 0.0
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, rows.shape[0], chunk_tokens):
-        piece = (rows[start:start + chunk_tokens], targets[start:start + chunk_tokens])
+        piece = (rows[start : start + chunk_tokens], targets[start : start + chunk_tokens])
         total = total + checkpoint(_ce_sum, head, *piece, use_reentrant=False)
     return total * scale

@@ -21,7 +21,9 @@ class CompiledLayers:
         self.layers = []
 
 
-def compile_layers(hf_model: nn.Module, layers_prefix: str, backend: str = "inductor") -> CompiledLayers | str:
+def compile_layers(
+    hf_model: nn.Module, layers_prefix: str, backend: str = "inductor"
+) -> CompiledLayers | str:
     try:
         layers = hf_model.get_submodule(layers_prefix)
     except AttributeError:

@@ -30,7 +30,9 @@ class LoraInputCasting:
 def lora_compute_in_16bit(model: nn.Module, autocast: bool) -> LoraInputCasting | str:
     """Keep LoRA inputs in 16-bit when training runs under autocast; returns the handle or why it does not apply."""
     if not autocast:
-        return "training does not run under 16-bit autocast here (CPU or fp32): adapters need their fp32 input"
+        return (
+            "training does not run under 16-bit autocast here (CPU or fp32): adapters need their fp32 input"
+        )
     layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled") and hasattr(m, "lora_A")]
     if not layers:
         return "the model has no LoRA layers"

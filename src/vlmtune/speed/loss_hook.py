@@ -95,8 +95,11 @@ class ChunkedLossHook:
     # ---- hooks ----
     def _arm(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         labels = kwargs.get("labels")
-        self._call = None if labels is None else _Call(
-            labels, kwargs.get("num_items_in_batch"), kwargs.get("shift_labels"))
+        self._call = (
+            None
+            if labels is None
+            else _Call(labels, kwargs.get("num_items_in_batch"), kwargs.get("shift_labels"))
+        )
 
     def _disarm(self, *args: Any, **kwargs: Any) -> None:
         self._call = None
@@ -108,32 +111,48 @@ class ChunkedLossHook:
         if hidden.shape[:-1] != call.labels.shape and call.shift_labels is None:
             raise VlmtuneError(
                 f"chunked loss: lm_head got hidden states of shape {tuple(hidden.shape)} for labels of shape "
-                f"{tuple(call.labels.shape)} (logits_to_keep set?); set speed.chunked_loss=false")
+                f"{tuple(call.labels.shape)} (logits_to_keep set?); set speed.chunked_loss=false"
+            )
         if self.fused:
             call.loss = chunked_causal_lm_loss(
-                hidden, self.head.weight, call.labels, bias=self.head.bias,  # type: ignore[arg-type]
-                num_items_in_batch=call.num_items_in_batch, shift_labels=call.shift_labels,
-                chunk_tokens=self.chunk_tokens)
+                hidden,
+                self.head.weight,
+                call.labels,
+                bias=self.head.bias,  # type: ignore[arg-type]
+                num_items_in_batch=call.num_items_in_batch,
+                shift_labels=call.shift_labels,
+                chunk_tokens=self.chunk_tokens,
+            )
         else:
             call.loss = checkpointed_causal_lm_loss(
-                hidden, self._original_head_forward, call.labels, num_items_in_batch=call.num_items_in_batch,
-                shift_labels=call.shift_labels, chunk_tokens=self.chunk_tokens)
+                hidden,
+                self._original_head_forward,
+                call.labels,
+                num_items_in_batch=call.num_items_in_batch,
+                shift_labels=call.shift_labels,
+                chunk_tokens=self.chunk_tokens,
+            )
         call.marker = hidden.new_empty((*hidden.shape[:-1], 0))
         return call.marker
 
-    def _loss_function(self, logits: Tensor, labels: Tensor | None = None, *args: Any, **kwargs: Any) -> Tensor:
+    def _loss_function(
+        self, logits: Tensor, labels: Tensor | None = None, *args: Any, **kwargs: Any
+    ) -> Tensor:
         call = self._call
         if call is not None and call.marker is not None:
             if logits is not call.marker:
                 raise VlmtuneError(
                     f"chunked loss: {type(self.hf_model).__name__} changed the lm_head output before its loss "
-                    "(e.g. logit soft-capping); the chunked loss cannot reproduce that. Set speed.chunked_loss=false")
+                    "(e.g. logit soft-capping); the chunked loss cannot reproduce that. Set speed.chunked_loss=false"
+                )
             assert call.loss is not None
             return call.loss
         return self._original_loss(logits, labels, *args, **kwargs)
 
 
-def install_chunked_loss(outer: nn.Module, lm_head_names: tuple[str, ...], chunk_tokens: int) -> ChunkedLossHook | str:
+def install_chunked_loss(
+    outer: nn.Module, lm_head_names: tuple[str, ...], chunk_tokens: int
+) -> ChunkedLossHook | str:
     """Install the chunked loss on `outer`; returns the hook, or the reason it cannot be used on this model."""
     hf_model = unwrap_peft(outer)
     if not hasattr(type(hf_model), "loss_function"):
@@ -143,7 +162,10 @@ def install_chunked_loss(outer: nn.Module, lm_head_names: tuple[str, ...], chunk
         return f"no lm_head among {lm_head_names}"
     name, head = found
     hook = ChunkedLossHook(outer, hf_model, head, chunk_tokens)
-    log.debug("chunked loss on %s (%s), %d tokens per chunk", name,
-              "fused" if hook.fused else f"checkpointed: {head_unsupported(head)}", chunk_tokens)
+    log.debug(
+        "chunked loss on %s (%s), %d tokens per chunk",
+        name,
+        "fused" if hook.fused else f"checkpointed: {head_unsupported(head)}",
+        chunk_tokens,
+    )
     return hook.install()
-

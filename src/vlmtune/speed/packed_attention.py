@@ -34,26 +34,62 @@ def _segments(position_ids: Tensor) -> list[list[tuple[int, int]]]:
     return rows
 
 
-def packed_sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
-                          dropout: float = 0.0, scaling: float | None = None, **kwargs: Any) -> tuple[Tensor, None]:
+def packed_sdpa_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     position_ids = kwargs.get("position_ids")
-    packed = (attention_mask is None and position_ids is not None and query.shape[2] == key.shape[2]
-              and position_ids.shape[-1] == query.shape[2])
+    packed = (
+        attention_mask is None
+        and position_ids is not None
+        and query.shape[2] == key.shape[2]
+        and position_ids.shape[-1] == query.shape[2]
+    )
     if not packed:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     rest = {k: v for k, v in kwargs.items() if k not in ("position_ids", "is_causal")}
     rows = []
     for b, spans in enumerate(_segments(position_ids)):
         if len(spans) == 1:
-            out, _ = sdpa_attention_forward(module, query[b:b + 1], key[b:b + 1], value[b:b + 1], None,
-                                            dropout=dropout, scaling=scaling, is_causal=True, **rest)
+            out, _ = sdpa_attention_forward(
+                module,
+                query[b : b + 1],
+                key[b : b + 1],
+                value[b : b + 1],
+                None,
+                dropout=dropout,
+                scaling=scaling,
+                is_causal=True,
+                **rest,
+            )
         else:
-            out = torch.cat([sdpa_attention_forward(
-                module, query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], None,
-                dropout=dropout, scaling=scaling, is_causal=True, **rest)[0] for s, e in spans], dim=1)
+            out = torch.cat(
+                [
+                    sdpa_attention_forward(
+                        module,
+                        query[b : b + 1, :, s:e],
+                        key[b : b + 1, :, s:e],
+                        value[b : b + 1, :, s:e],
+                        None,
+                        dropout=dropout,
+                        scaling=scaling,
+                        is_causal=True,
+                        **rest,
+                    )[0]
+                    for s, e in spans
+                ],
+                dim=1,
+            )
         rows.append(out)
     return torch.cat(rows, dim=0), None
 

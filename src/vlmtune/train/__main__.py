@@ -18,7 +18,9 @@ from vlmtune.cli.main import main
 @record
 def _main() -> int:
     # DeepSpeed calls torch.distributed collectives that torch 2.13 renamed; the warning repeats every step.
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
+    )
     return main(["train", *sys.argv[1:]])
 
 

@@ -48,16 +48,9 @@ class VlmTrainer(Trainer):
         """With several processes, a batch without images still runs the vision tower (see vision_keepalive)."""
         if self._keepalive is not None:
             self._keepalive.arm(inputs)
-        result = super().compute_loss(
+        return super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
-        zero = self._keepalive.take() if self._keepalive is not None else None
-        if zero is None:
-            return result
-        if return_outputs:
-            loss, outputs = result
-            return loss + zero.to(loss.dtype), outputs
-        return result + zero.to(result.dtype)
 
     def _get_output_dir(self, trial: Any) -> str:
         return self._staging if self._staging is not None else super()._get_output_dir(trial)

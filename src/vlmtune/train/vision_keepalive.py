@@ -8,10 +8,11 @@ gradient reduce the same way.
 
 Here a rank without images runs the tower (projector included) on a tiny blank image at the point where a rank with
 images runs it: a forward pre-hook on the language model, which a VLM's forward calls right after embedding the
-tokens and encoding the images. Its output enters the loss as 0 x its sum, so the backward pass reduces the same
-(zero) gradients on every rank. Family-independent: the blank image goes through the run's own image processor and
-the model's `get_image_features` (the call the model's own forward makes), and the language model is found by the
-family descriptor's `language_prefixes`.
+tokens and encoding the images. Its output enters the model's own loss as 0 x its sum (a forward hook on the model),
+so the tower is part of the forward's output graph (DDP's unused-parameter search sees it) and the backward pass
+reduces the same (zero) gradients on every rank. Family-independent: the blank image goes through the run's own
+image processor and the model's `get_image_features` (the call the model's own forward makes), and the language
+model is found by the family descriptor's `language_prefixes`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ def _float_sum(value: Any) -> torch.Tensor | None:
     """Sum of every floating-point tensor inside a model output (tensors, tuples, lists, dicts, ModelOutput)."""
     if isinstance(value, torch.Tensor):
         return value.float().sum() if value.is_floating_point() else None
-    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) else ()
+    items = (
+        value.values() if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) else ()
+    )
     total = None
     for item in items:
         part = _float_sum(item)
@@ -44,7 +47,7 @@ def _unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class VisionKeepAlive:
-    """Per step: `arm(batch)` before the forward, `take()` after it (a zero tensor to add to the loss, or None)."""
+    """`attach(model)` once; then `arm(batch)` before each forward whose batch may lack images."""
 
     def __init__(self, image_processor: Any, language_prefixes: Sequence[str]):
         from PIL import Image
@@ -54,12 +57,12 @@ class VisionKeepAlive:
         self.image_keys = frozenset(self.inputs)
         self.language_prefixes = tuple(language_prefixes)
         self._model: torch.nn.Module | None = None
-        self._handle: Any = None
+        self._handles: list[Any] = []
         self._device: torch.device | None = None
         self._zero: torch.Tensor | None = None
 
     def attach(self, model: torch.nn.Module) -> VisionKeepAlive:
-        """Hook the language model of `model` (a transformers VLM, possibly inside PEFT)."""
+        """Hook `model` (a transformers VLM, possibly inside PEFT) and its language model."""
         hf_model = _unwrap_peft(model)
         for prefix in self.language_prefixes:
             try:
@@ -67,26 +70,25 @@ class VisionKeepAlive:
             except AttributeError:
                 continue
             self._model = hf_model
-            self._handle = language.register_forward_pre_hook(self._run_tower)
+            self._handles = [
+                language.register_forward_pre_hook(self._run_tower),
+                hf_model.register_forward_hook(self._add_to_loss, always_call=True),
+            ]
             return self
         raise RuntimeError(f"no language model among {self.language_prefixes} in {type(hf_model).__name__}")
 
     def remove(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     def has_images(self, batch: Mapping[str, Any]) -> bool:
         return any(key in batch for key in self.image_keys)
 
     def arm(self, batch: Mapping[str, Any]) -> None:
-        """The next language-model call runs the tower first when `batch` has no image."""
+        """The next forward runs the tower on the blank image when `batch` has no image."""
         self._zero = None
         self._device = None if self.has_images(batch) else batch["input_ids"].device
-
-    def take(self) -> torch.Tensor | None:
-        zero, self._zero, self._device = self._zero, None, None
-        return zero
 
     def _run_tower(self, module: torch.nn.Module, args: Any) -> None:
         if self._device is None or self._model is None:
@@ -97,3 +99,10 @@ class VisionKeepAlive:
         if total is None:
             raise RuntimeError("get_image_features returned no floating-point tensor to keep the vision tower alive")
         self._zero = total * 0.0
+
+    def _add_to_loss(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
+        zero, self._zero, self._device = self._zero, None, None
+        loss = getattr(output, "loss", None)
+        if zero is not None and loss is not None:
+            output.loss = loss + zero.to(loss.dtype)
+        return output
