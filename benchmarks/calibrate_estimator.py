@@ -9,7 +9,9 @@ Every point is its own `vlmtune train` process (clean memory statistics) on an a
 - the estimate the engine printed before loading the model (its `memory_preflight` event in train_log.jsonl: sized
   from the encoded data's real lengths, with the inputs, so the point can be re-estimated offline);
 - the measured peaks: max_memory_allocated, max_memory_reserved (the engine logs both every step), and the process's
-  memory as nvidia-smi shows it (NVML, per process, sampled every 100 ms; else reserved + the anchors' 769 MiB).
+  memory as nvidia-smi shows it (NVML, per process, sampled every 100 ms). The table's nvidia-smi level is the
+  reserved peak + the median measured CUDA context (QLoRA's NVML peak is its random 16-bit build, not training).
+Each run's saved model is deleted as soon as it ends (a full 2B model is 4.4 GB; the first run filled the disk).
 Points run side by side while the sum of their estimates fits the GPU: the numbers are per process, and the
 engine's fit check is bypassed with hardware.force_fit because other points hold memory.
 `--part cards` runs, for each seed hardware class, the config `vlmtune recommend` writes for it, capped with
@@ -418,6 +420,7 @@ def reestimate(row: dict) -> dict:
 
     i = dict(row["inputs"])
     i.update(model=row["catalogue_model"], image_hw=tuple(i["image_hw"]), gpu=None)
+    i.setdefault("autocast", i["precision"] != "fp32")  # rows recorded before the field: the Trainer autocasts
     if not isinstance(i["lora_targets"], str):
         i["lora_targets"] = tuple(i["lora_targets"])
     b = estimate(EstimateInputs(**i))
@@ -436,9 +439,17 @@ def with_context(rows: list[dict]) -> tuple[list[dict], int]:
     for r in rows:
         if r.get("meas_reserved_mib") is not None:
             r = {**r, "meas_total_mib": r["meas_reserved_mib"] + context}
-            r["err_total_pct"] = pct(r.get("est_total_mib"), r["meas_total_mib"])
+        elif r.get("nvml_only"):  # an earlier run's record: its NVML per-process peak is the nvidia-smi level
+            r = {**r, "meas_total_mib": r["meas_smi_process_mib"]}
+        r["err_total_pct"] = pct(r.get("est_total_mib"), r.get("meas_total_mib"))
         out.append(r)
     return out, context
+
+
+def _cell(r: dict, level: str) -> str:
+    err = r.get(f"err_{level}_pct")
+    return (f"{r[f'est_{level}_mib']} | {r.get(f'meas_{level}_mib') or '-'} | "
+            + (f"{err:+.1f}%" if err is not None else "-"))
 
 
 def table(rows: list[dict], again: bool) -> str:
@@ -447,21 +458,19 @@ def table(rows: list[dict], again: bool) -> str:
              "| est alloc | meas alloc | err |", "|" + "---|" * 15]
     ok5 = ok10 = n = 0
     for r in rows:
-        if r.get("meas_total_mib") is None or not r.get("inputs"):
+        if r.get("meas_total_mib") is None or not r.get("inputs") or (not again and not r.get("est_total_mib")):
             lines.append(f"| {r['id']} | {r['method']} | | | | | | | failed (rc {r.get('rc')}) | | | | | | |")
             continue
         if again:
             r = {**r, **reestimate(r)}
             for level in ("alloc", "reserved", "total"):
-                r[f"err_{level}_pct"] = pct(r[f"est_{level}_mib"], r[f"meas_{level}_mib"])
+                r[f"err_{level}_pct"] = pct(r[f"est_{level}_mib"], r.get(f"meas_{level}_mib"))
         n += 1
         ok5 += abs(r["err_total_pct"]) <= 5
         ok10 += abs(r["err_total_pct"]) <= 10
         lines.append(
             f"| {r['id']} | {r['method']} | {'on' if r['gc'] else 'off'} | {r['batch']} | {r['seq_len']} "
-            f"| {r['vit_patches']} | {r['est_total_mib']} | {r['meas_total_mib']} | {r['err_total_pct']:+.1f}% "
-            f"| {r['est_reserved_mib']} | {r['meas_reserved_mib']} | {r['err_reserved_pct']:+.1f}% "
-            f"| {r['est_alloc_mib']} | {r['meas_alloc_mib']} | {r['err_alloc_pct']:+.1f}% |")
+            f"| {r['vit_patches']} | {_cell(r, 'total')} | {_cell(r, 'reserved')} | {_cell(r, 'alloc')} |")
     lines.append(f"\n{n} measured points: {ok5} within ±5% at the nvidia-smi level, {ok10} within ±10%.")
     return "\n".join(lines)
 
@@ -476,11 +485,12 @@ def main() -> None:
     ap.add_argument("--cards", default=",".join(CARDS), help="card classes for --part cards")
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("--deadline", type=float, default=480, help="seconds after which no new point starts")
-    ap.add_argument("--table", type=Path, help="print the table of a calibration.jsonl, re-estimated, and exit")
+    ap.add_argument("--table", type=Path, nargs="+", help="print the table of calibration JSONL files, re-estimated "
+                    "with the current estimator, and exit")
     ap.add_argument("--tiny", action="store_true", help="toy models: a smoke test of this script without a GPU")
     args = ap.parse_args()
     if args.table:
-        rows = [json.loads(x) for x in args.table.read_text().splitlines() if x.strip()]
+        rows = [json.loads(x) for path in args.table for x in path.read_text().splitlines() if x.strip()]
         print(table(rows, again=True))
         return
     args.out.mkdir(parents=True, exist_ok=True)

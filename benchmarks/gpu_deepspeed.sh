@@ -6,7 +6,8 @@
 # Batch 4 (2B) / 1 (7B) x (448 px image = 256 image tokens + ~511 text tokens), gradient checkpointing on, bf16,
 # random weights (model.random_init), speed.chunked_loss=false in every run (see RESULTS.md), no checkpoints.
 # Run on the GPU machine from the repo root with wheels in .whl/ (bitsandbytes, pydantic, deepspeed, hjson):
-#   OUT=/tmp/out PART=2b bash benchmarks/gpu_deepspeed.sh        (PART="2b 7b" DEADLINE=500: both, ending by 500 s)
+#   OUT=/tmp/out PART=2b bash benchmarks/gpu_deepspeed.sh        (PART="2b 7b" DEADLINE=500: both, ending by 500 s;
+#   ONLY="2b_full_z3 7b_full_z3_offopt": only the runs with these labels)
 # Per run: $OUT/logs.tar.gz holds the console log, train_log.jsonl, nvidia-smi and host-RAM traces;
 # $OUT/summary.jsonl one line per run (tokens/s median, peak allocated/reserved, nvidia-smi peak, host RAM peak).
 set -uo pipefail
@@ -31,6 +32,7 @@ host_used_kib() { awk '/MemTotal/{t=$2} /MemAvailable/{a=$2} END{print t-a}' /pr
 
 run() {  # run LABEL OVERRIDES...: one `vlmtune train`, with nvidia-smi and host-RAM traces
   local label=$1; shift
+  [[ -z ${ONLY:-} || " $ONLY " == *" $label "* ]] || return 0  # ONLY="label ...": just these runs
   if (( SECONDS + 45 > DEADLINE )); then  # keep the whole script inside the machine's per-command limit
     echo "{\"label\": \"$label\", \"skipped\": \"deadline\"}" | tee -a "$OUT/summary.jsonl"; return
   fi

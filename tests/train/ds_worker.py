@@ -2,7 +2,10 @@
 engine, then computes the trained model's logits on a saved batch in the training processes themselves (under
 ZeRO-3 every rank joins the forward, which gathers the sharded weights); rank 0 saves them.
 
-    torchrun --standalone --nproc_per_node 2 tests/train/ds_worker.py CONFIG BATCH_IN LOGITS_OUT
+    torchrun --standalone --nproc_per_node 2 tests/train/ds_worker.py CONFIG BATCH_IN LOGITS_OUT [--gpu-bf16]
+
+--gpu-bf16 trains with the precision plan of a bf16 GPU run (16-bit weights, bf16 in DeepSpeed) on the CPU, which
+the engine would otherwise run in fp32: the dtype paths DeepSpeed takes on a GPU, without one.
 """
 
 from __future__ import annotations
@@ -30,6 +33,17 @@ class SaveLogits(TrainerCallback):
             torch.save(logits, self.out_path)
 
 
+def _gpu_bf16_plan() -> None:
+    import vlmtune.methods.base as base
+    from vlmtune.methods import full, lora, qlora
+
+    plan = base.PrecisionPlan("cpu", torch.bfloat16, True, False, "bf16 as on a GPU (test)")
+    for module in (base, full, lora, qlora):
+        module.resolve_precision = lambda config: plan
+
+
 if __name__ == "__main__":
     config_path, batch_path, out_path = sys.argv[1:4]
+    if "--gpu-bf16" in sys.argv:
+        _gpu_bf16_plan()
     train(load_config(config_path), callbacks=[SaveLogits(batch_path, out_path)])

@@ -10,7 +10,8 @@ width, kv key/value width, i MLP width; bytes):
 Vision tower: with checkpointing HF hooks it into autograd even when frozen, so each block keeps its input
 (2 bytes x patches x width); without checkpointing a frozen tower keeps nothing and a trained one about 53 bytes per
 patch per unit width per block (fitted on one run, approximate). vlmtune's speed.frozen_vision_no_grad runs a
-frozen tower without grad: it keeps nothing in either case.
+frozen tower without grad: it keeps nothing in either case. speed.checkpoint_every_n_layers keeps the other
+layers' activations in full; speed.checkpoint_offload moves the checkpointed inputs to CPU memory (not measured).
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from vlmtune.memory.inputs import EstimateInputs
 from vlmtune.memory.params import ParamCounts, target_input_widths
 
 TRAINED_VIT_BYTES = 53
+LORA_AUTOCAST = 0.55
+"""Under 16-bit autocast (vlmtune's Trainer) the LoRA-specific activations (fp32 input copies, dropout) are this
+fraction of what the plain path without autocast keeps: fitted on 7 no-checkpointing runs (Qwen2-VL-2B,
+Qwen2.5-VL-7B, LLaVA-1.5-7B; LoRA and QLoRA; benchmarks/RESULTS.md, calibration)."""
 
 
 @dataclass(frozen=True)
@@ -56,10 +61,10 @@ def per_token_layer_bytes(
     if inputs.method in ("lora", "qlora"):
         chosen, every = target_input_widths(counts, targets)
         share = chosen / every
-        if not bf16_adapters:
-            out += int((8 * h + 8 * q + 2 * i) * share)
-        if inputs.lora_dropout > 0:
-            out += int((6 * h + i) * share)
+        adapter = 0 if bf16_adapters or inputs.lora_16bit_inputs else 8 * h + 8 * q + 2 * i
+        dropout = 6 * h + i if inputs.lora_dropout > 0 else 0
+        factor = LORA_AUTOCAST if inputs.autocast else 1.0
+        out += int((adapter + dropout) * share * factor)
     if inputs.attn_implementation == "eager":
         out += (
             4 * d.heads * inputs.seq_len
@@ -102,7 +107,10 @@ def activation_terms(
     per_layer = int(per_token_layer_bytes(inputs, counts, targets, bf16_adapters) * scale)
     trained_vit = (inputs.method == "full" and not inputs.freeze_vision_tower) or inputs.adapt_vision_tower
     if inputs.gradient_checkpointing:
-        language = d.layers * act_bytes * b * s * d.hidden
+        every = max(1, inputs.checkpoint_every)
+        checkpointed = -(-d.layers // every)
+        kept = 0 if inputs.checkpoint_offload else checkpointed * act_bytes * b * s * d.hidden
+        language = kept + (d.layers - checkpointed) * per_layer * b * s
         working = per_layer * b * s + 2 * act_bytes * b * s * d.hidden
         vision = 0 if inputs.vision_no_grad and not trained_vit else (
             d.vision_depth * act_bytes * patches * d.vision_width)

@@ -4,7 +4,10 @@ Modelled on vlmtune's own training path (HF Trainer + PEFT): LoRA adapters fp32 
 non-quantized parts in 16-bit (no fp32 upcast); full fine-tuning in bf16 is pure bf16 AdamW (16-bit states), in
 fp16 it keeps fp32 weights with autocast; gradient checkpointing is HF's per decoder layer, which also hooks the
 vision tower into autograd. Formulas and constants: /work/shared/reference/memory_anchors.md (§0, §6, §7), calibrated
-on 26 measured H100 runs (tests/memory/test_anchors.py reports the error on each).
+on 26 measured H100 runs of the plain transformers + PEFT path (tests/memory/test_anchors.py), and on 34 runs of
+`vlmtune train` itself, whose speed options change the picture: the chunked loss never holds full logits, a frozen
+vision tower runs without grad, LoRA activations are smaller under autocast (benchmarks/RESULTS.md, calibration;
+tests/memory/test_calibration_grid.py).
 
 The peak is the largest of the phases of a step (forward with autocast caches, the cross-entropy backward, the
 recomputed layer's backward, the end of backward, the optimizer step); what the allocator reserves on top and the
@@ -36,6 +39,9 @@ FRAG_LOGITS = 0.7
 """Fragmentation = FRAG_BASE + FRAG_LOGITS x (the 4·B·S·V fp32 cross-entropy blocks) + FRAG_STATES x (16-bit
 param-sized tensors live at the peak) + FRAG_FOREACH x (optimizer-step temporaries); fitted on the anchors."""
 FRAG_STATES = 0.10
+FRAG_VISION = 88
+"""A vision tower run without grad leaves its transient blocks in the allocator's cache: bytes per patch per unit of
+tower width, fitted on 14 checkpointed runs of vlmtune's calibration (1k-16k patches per micro-batch)."""
 FRAG_FOREACH = 0.5
 CHUNK_LOGITS = 6
 """Bytes per (token, vocabulary entry) of one chunk of the chunked loss: 16-bit logits while the fp32 upcast is
@@ -193,9 +199,13 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
     live_16bit_states = 0
     if inputs.method == "full" and prec.trainable == 2 and not deepspeed:
         live_16bit_states = zp.optimizer + at.grads
+    frozen_vision = inputs.vision_no_grad and not (
+        (inputs.method == "full" and not inputs.freeze_vision_tower) or inputs.adapt_vision_tower
+    )
     frag = int(
         FRAG_BASE
-        + FRAG_LOGITS * loss.fp32_block
+        + (FRAG_LOGITS * loss.fp32_block if not inputs.chunked_loss else 0)
+        + (FRAG_VISION * acts.vit_patches * dims.vision_width if frozen_vision else 0)
         + FRAG_STATES * live_16bit_states
         + (FRAG_FOREACH * step if phase == "optimizer step" else 0)
     )
@@ -250,10 +260,13 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
 
 
 def _caveats(inputs: EstimateInputs) -> list[str]:
-    """What the 26 measured runs did not cover, said where it matters."""
+    """What the measured runs did not cover, said where it matters."""
     out = []
     if inputs.zero_stage or inputs.num_gpus > 1:
-        out.append("DeepSpeed / multi-GPU terms follow DeepSpeed's own estimators and docs; not yet measured")
-    if inputs.method == "qlora":
-        out.append("QLoRA terms are arithmetic (NF4 storage, dequantization); not yet measured")
+        out.append("DeepSpeed / multi-GPU terms follow DeepSpeed's own estimators and docs; ZeRO-2 on one GPU "
+                   "measured up to 24% above this estimate (benchmarks/RESULTS.md)")
+    if inputs.lora_16bit_inputs and inputs.method != "full":
+        out.append("speed.lora_bf16_compute (16-bit LoRA inputs) is modelled, not yet measured")
+    if inputs.gradient_checkpointing and (inputs.checkpoint_every > 1 or inputs.checkpoint_offload):
+        out.append("speed.checkpoint_every_n_layers / checkpoint_offload are modelled, not yet measured")
     return out

@@ -60,6 +60,15 @@ class EstimateInputs:
     """Labelled tokens in the worst micro-batch (from the data); None: every token of batch_size x seq_len."""
     vision_no_grad: bool = False
     """speed.frozen_vision_no_grad: a frozen vision tower runs without grad (nothing saved for backward)."""
+    autocast: bool = False
+    """16-bit autocast around fp32 LoRA adapters (vlmtune's Trainer, bf16/fp16); the anchors' plain path ran the
+    16-bit model without autocast."""
+    lora_16bit_inputs: bool = False
+    """speed.lora_bf16_compute: adapters take the layer's 16-bit input instead of an fp32 copy."""
+    checkpoint_every: int = 1
+    """speed.checkpoint_every_n_layers: with checkpointing, only every n-th decoder layer is checkpointed."""
+    checkpoint_offload: bool = False
+    """speed.checkpoint_offload: the checkpointed layer inputs live in CPU memory."""
     zero_stage: int = 0
     offload: Literal["none", "optimizer", "all"] = "none"
     num_gpus: int = 1
@@ -70,7 +79,8 @@ class EstimateInputs:
         out = []
         if self.method not in ("lora", "qlora", "full"):
             out.append(f"method must be lora, qlora or full, got {self.method!r}")
-        for name in ("lora_rank", "batch_size", "gradient_accumulation_steps", "seq_len", "loss_chunk_tokens"):
+        for name in ("lora_rank", "batch_size", "gradient_accumulation_steps", "seq_len", "loss_chunk_tokens",
+                     "checkpoint_every"):
             if int(getattr(self, name)) < 1:
                 out.append(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.images_per_sample < 0:
@@ -149,6 +159,10 @@ def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInput
         chunked_loss=config.speed.chunked_loss,
         loss_chunk_tokens=config.speed.loss_chunk_tokens,
         vision_no_grad=config.speed.frozen_vision_no_grad,
+        autocast=config.hardware.precision != "fp32",
+        lora_16bit_inputs=config.speed.lora_bf16_compute and config.hardware.precision != "fp32",
+        checkpoint_every=config.speed.checkpoint_every_n_layers,
+        checkpoint_offload=config.speed.checkpoint_offload,
         zero_stage=stage,
         offload="all" if offload == "optimizer_and_params" else offload,
         num_gpus=world,

@@ -63,6 +63,13 @@ def projector_names(model: torch.nn.Module, family: FamilyDescriptor) -> list[st
     return [p for p in family.projector_prefixes if p in present]
 
 
+def _deepspeed_enabled() -> bool:
+    """A DeepSpeed config is registered (the training arguments are built before the model for this)."""
+    from transformers.integrations.deepspeed import deepspeed_config
+
+    return deepspeed_config() is not None
+
+
 def add_adapters(
     model: torch.nn.Module, config: VlmtuneConfig, family: FamilyDescriptor, plan: PrecisionPlan
 ) -> torch.nn.Module:
@@ -88,7 +95,14 @@ def add_adapters(
     )
     model = get_peft_model(model, peft_config)
     model.peft_config["default"].base_model_name_or_path = base_reference(config)
-    if plan.bf16 or plan.fp16:
+    if (plan.bf16 or plan.fp16) and _deepspeed_enabled():
+        # DeepSpeed computes in 16-bit and keeps fp32 master weights itself. ZeRO-1/2 cast the whole module to
+        # 16-bit; ZeRO-3 casts nothing it did not build partitioned, so the adapters are cast here to match.
+        half = torch.bfloat16 if plan.bf16 else torch.float16
+        for param in model.parameters():
+            if param.requires_grad and param.dtype != half:
+                param.data = param.data.to(half)
+    elif plan.bf16 or plan.fp16:
         # Trainable 16-bit copies (the projector) would be updated in 16-bit and cannot be unscaled under fp16.
         for param in model.parameters():
             if param.requires_grad and param.dtype != torch.float32:

@@ -82,7 +82,12 @@ def _load_quantized(
     if not config.model.random_init:
         return load_base_model(config, dtype, **kwargs)
     # Quantization happens while weights load: random weights are built in 16-bit, then loaded from their state dict.
-    model = load_base_model(config, dtype)
+    # Under hardware.memory_fraction the 16-bit build goes to the CPU: a real QLoRA load never holds the whole 16-bit
+    # model on the GPU, and a run capped to a small card's memory must not fail on it.
+    build = config
+    if config.hardware.memory_fraction is not None and not zero3:
+        build = config.model_copy(update={"hardware": config.hardware.model_copy(update={"use_cpu": True})})
+    model = load_base_model(build, dtype)
     state_dict = _full_state_dict(model) if zero3 else {k: v.to("cpu") for k, v in model.state_dict().items()}
     model_class, hf_config = type(model), model.config
     del model

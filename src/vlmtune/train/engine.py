@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vlmtune.config.distributed import world_size
+from vlmtune.config.distributed import world_size, zero_of
 from vlmtune.config.loader import save_config
 from vlmtune.config.schema import VlmtuneConfig
 from vlmtune.errors import ConfigError, VlmtuneError
@@ -159,7 +159,7 @@ def train(
             resumed_from=checkpoint,
             speed=speed.summary(),
             processes=world,
-            deepspeed_zero_stage=(ds_config.get("zero_optimization") or {}).get("stage", 0) if ds_config else None,
+            deepspeed_zero_stage=zero_of(ds_config)[0] if ds_config else None,
         )
     trainer = VlmTrainer(
         model=model,
@@ -170,7 +170,9 @@ def train(
         processing_class=processor,
         callbacks=[JsonlLogCallback(out / LOG_FILE), ProgressCallback(), *(callbacks or [])],
         device=plan.device,
-        vision_keepalive=VisionKeepAlive(processor.image_processor, family.language_prefixes) if world > 1 else None,
+        vision_keepalive=(  # with several processes a batch without images still runs the vision tower
+            VisionKeepAlive(processor.image_processor, family.language_prefixes) if world > 1 else None
+        ),
     )
     _drop_default_printers(trainer)
     try:
