@@ -159,3 +159,12 @@ def test_recommend_cli_writes_a_config(tmp_path, capsys):
     assert "H200 141GB" in capsys.readouterr().out
     assert main(["recommend", "--model", QWEN2B]) == 2
     assert "--gpu is required" in capsys.readouterr().err
+
+
+def test_estimate_and_recommend_accept_batch_size_auto(capsys):
+    from vlmtune.cli.main import main
+
+    assert main(["estimate", "--preset", "balanced", "training.batch_size=auto"]) == 0
+    assert "batch_size=auto" in capsys.readouterr().out
+    assert main(["recommend", "--gpu", "RTX 4090", "--preset", "balanced", "training.batch_size=auto",
+                 "--out", "/dev/null"]) in (0, 1)

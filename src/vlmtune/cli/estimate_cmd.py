@@ -191,4 +191,7 @@ def run(args: argparse.Namespace) -> int:
         print(breakdown.to_table())
         if data:
             print(data[1])
+        if config.training.batch_size == "auto":
+            print("training.batch_size=auto: estimated at micro-batch 1; `vlmtune train` picks the largest that fits "
+                  "the visible GPU, and `vlmtune recommend --gpu NAME` shows it for a named card.")
     return 0

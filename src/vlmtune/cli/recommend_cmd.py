@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         )
     config = resolve(args)
     base = inputs_from_config(config, num_gpus=args.num_gpus, images_per_sample=args.images_per_sample)
-    configured = config.training.batch_size * config.training.gradient_accumulation_steps
+    configured = base.batch_size * config.training.gradient_accumulation_steps
     effective = args.effective_batch or (configured if configured > 1 else DEFAULT_EFFECTIVE_BATCH)
     cpu_ram = int(args.cpu_ram * GIB) if args.cpu_ram is not None else None
     if args.table:

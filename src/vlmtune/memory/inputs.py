@@ -146,7 +146,8 @@ def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInput
         quantize_vision_tower=m.quantization.quantize_vision_tower,
         quantize_lm_head=m.quantization.quantize_lm_head,
         double_quant=m.quantization.double_quant,
-        batch_size=config.training.batch_size,
+        # `auto` is sized by `vlmtune train` against the visible GPU (train/preflight.py); estimate one sample here.
+        batch_size=1 if config.training.batch_size == "auto" else config.training.batch_size,
         gradient_accumulation_steps=config.training.gradient_accumulation_steps,
         seq_len=config.data.max_length,
         image_size=config.data.image_size,
