@@ -25,7 +25,8 @@ class SaveLogits(TrainerCallback):
         self.batch_path, self.out_path = batch_path, out_path
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        batch = torch.load(self.batch_path)
+        # Without labels: with them, speed.chunked_loss computes the loss instead of full-vocabulary logits.
+        batch = {k: v for k, v in torch.load(self.batch_path).items() if k != "labels"}
         model.eval()
         with torch.no_grad():
             logits = model(**batch).logits.float()

@@ -86,10 +86,6 @@ def write_config(folder: Path, model: Path, data: Path, method: str, stage: int 
         "hardware": {"precision": "bf16", "use_cpu": True},
         "distributed": {"zero_stage": stage},
     }
-    if stage == 3:
-        # speed.chunked_loss recognises its marker tensor by identity, and ZeRO-3's module hooks hand lm_head's
-        # output on as a new tensor; off here until vlmtune.speed.loss_hook checks the marker's shape instead.
-        config["speed"] = {"chunked_loss": False}
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -140,7 +140,9 @@ class ChunkedLossHook:
     ) -> Tensor:
         call = self._call
         if call is not None and call.marker is not None:
-            if logits is not call.marker:
+            # ZeRO-3's module hooks hand lm_head's output on as a new tensor, so the marker is recognised by its
+            # empty vocabulary axis, not by identity (models that soft-cap logits are refused at install).
+            if logits.shape != call.marker.shape:
                 raise VlmtuneError(
                     f"chunked loss: {type(self.hf_model).__name__} changed the lm_head output before its loss "
                     "(e.g. logit soft-capping); the chunked loss cannot reproduce that. Set speed.chunked_loss=false"
@@ -157,6 +159,9 @@ def install_chunked_loss(
     hf_model = unwrap_peft(outer)
     if not hasattr(type(hf_model), "loss_function"):
         return f"{type(hf_model).__name__} has no loss_function to route"
+    text_config = getattr(hf_model.config, "get_text_config", lambda: hf_model.config)()
+    if getattr(text_config, "final_logit_softcapping", None):
+        return f"{type(hf_model).__name__} soft-caps its logits, which the chunked loss does not reproduce"
     found = find_head(hf_model, lm_head_names)
     if found is None:
         return f"no lm_head among {lm_head_names}"
