@@ -71,6 +71,7 @@ def run_demo(out: Path, seed: int = 0, n_records: int = 400, overrides: dict[str
         "seconds": round(time.perf_counter() - start, 1),
         "model_dir": str(model_dir),
         "final_dir": str(result.final_dir),
+        "loss_curve": str(result.output_dir / "loss_curve.png"),
     }
     summary["passed"] = summary["accuracy_after"] >= 0.9 and summary["accuracy_after"] - summary["accuracy_before"] >= 0.3
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -81,5 +82,6 @@ def run_demo(out: Path, seed: int = 0, n_records: int = 400, overrides: dict[str
     table.add_row("before fine-tuning", f"{before.accuracy:.2f}", f"{result.train_loss_first:.3f} (first step)")
     table.add_row("after fine-tuning", f"{after.accuracy:.2f}", f"{result.train_loss_last:.3f} (last step)")
     console.print(table)
-    console.print(f"{summary['seconds']:.0f} s in all; summary in {out / 'summary.json'}")
+    console.print(f"{summary['seconds']:.0f} s in all; summary in {out / 'summary.json'}, "
+                  f"loss curve in {summary['loss_curve']}")
     return summary

@@ -182,6 +182,12 @@ def train(
 
     final_dir = save_final(trainer, processor, config, family)
     speed.remove()
+    if os.environ.get("RANK", "0") == "0":
+        from vlmtune.train.plot import render_loss_curve
+
+        curve = render_loss_curve(out / LOG_FILE, out / "loss_curve.png", title=f"{config.experiment_name}: loss")
+        if curve:
+            log.info("loss curve: %s", curve)
     losses = _loss_history(trainer.state.log_history)
     evals = [float(e["eval_loss"]) for e in trainer.state.log_history if "eval_loss" in e]
     return TrainResult(

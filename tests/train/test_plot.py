@@ -1,0 +1,24 @@
+import json
+
+from PIL import Image
+
+from vlmtune.train.plot import read_curves, render_loss_curve
+
+
+def test_loss_curve_png(tmp_path):
+    log = tmp_path / "train_log.jsonl"
+    rows = [{"event": "start"}] + [{"step": s, "loss": 5.0 / s} for s in range(1, 11)] + [{"step": 10, "eval_loss": 0.7}]
+    log.write_text("\n".join(json.dumps(r) for r in rows))
+    curves = read_curves(log)
+    assert curves["loss"][0] == (1, 5.0) and curves["eval_loss"] == [(10, 0.7)]
+    out = render_loss_curve(log, tmp_path / "loss_curve.png")
+    image = Image.open(out)
+    assert image.size == (720, 420)
+    colours = {c for _, c in image.getcolors(maxcolors=100_000)}
+    assert (31, 119, 180) in colours and (255, 127, 14) in colours  # both curves drawn
+
+
+def test_no_curve_from_one_point(tmp_path):
+    log = tmp_path / "train_log.jsonl"
+    log.write_text(json.dumps({"step": 1, "loss": 1.0}))
+    assert render_loss_curve(log, tmp_path / "x.png") is None
