@@ -4,7 +4,8 @@
 #            no DeepSpeed | ZeRO-2 | ZeRO-2 + optimizer offload | ZeRO-3 | ZeRO-3 + optimizer and parameter offload
 #   PART=7b  Qwen2.5-VL-7B architecture, full fine-tuning: no DeepSpeed | ZeRO-3 + optimizer offload
 # Batch 4 (2B) / 1 (7B) x (448 px image = 256 image tokens + ~511 text tokens), gradient checkpointing on, bf16,
-# random weights (model.random_init), speed.chunked_loss=false in every run (see RESULTS.md), no checkpoints.
+# random weights (model.random_init), no checkpoints; CHUNKED=false turns speed.chunked_loss off (the first run's
+# setting, see RESULTS.md; it failed under ZeRO-3 then), default true (vlmtune's default).
 # Run on the GPU machine from the repo root with wheels in .whl/ (bitsandbytes, pydantic, deepspeed, hjson):
 #   OUT=/tmp/out PART=2b bash benchmarks/gpu_deepspeed.sh        (PART="2b 7b" DEADLINE=500: both, ending by 500 s;
 #   ONLY="2b_full_z3 7b_full_z3_offopt": only the runs with these labels)
@@ -61,7 +62,7 @@ run() {  # run LABEL OVERRIDES...: one `vlmtune train`, with nvidia-smi and host
 common=(model.random_init=true data.image_size=448 data.max_length=1024 training.max_steps=$STEPS
         training.logging_steps=2 training.save_checkpoints=false "training.report_to=[none]"
         hardware.gradient_checkpointing=true hardware.dataloader_workers=4 hardware.force_fit=true
-        speed.chunked_loss=false)
+        speed.chunked_loss=${CHUNKED:-true})
 
 if [[ $PART == *2b* ]]; then
   python3 -m vlmtune.cli tiny-model --family qwen2_vl --arch 2b --out /tmp/m2b > /dev/null
