@@ -41,6 +41,15 @@ class SpeedSetup:
         self.handles = []
         self.active = []
 
+    def add(self, name: str, installed: Any) -> Any:
+        """Record one optimisation: the installers return a removable handle, or a string saying why not."""
+        if isinstance(installed, str):
+            self.skipped[name] = installed
+            return None
+        self.handles.append(installed)
+        self.active.append(name)
+        return installed
+
     def summary(self) -> dict[str, Any]:
         return {"active": list(self.active), "skipped": dict(self.skipped)}
 
@@ -57,43 +66,19 @@ def apply_speed(model: nn.Module, config: VlmtuneConfig, family: FamilyDescripto
     speed, setup = config.speed, SpeedSetup()
     plan = resolve_precision(config)
     if speed.chunked_loss:
-        hook = install_chunked_loss(model, family.lm_head_names, speed.loss_chunk_tokens)
-        if isinstance(hook, str):
-            setup.skipped["chunked_loss"] = hook
-        else:
-            setup.handles.append(hook)
-            setup.active.append("chunked_loss")
+        setup.add("chunked_loss", install_chunked_loss(model, family.lm_head_names, speed.loss_chunk_tokens))
     if speed.frozen_vision_no_grad:
-        wrapped = vision_without_grad(unwrap_peft(model), family.vision_prefixes)
-        if isinstance(wrapped, str):
-            setup.skipped["frozen_vision_no_grad"] = wrapped
-        else:
-            setup.handles.append(wrapped)
-            setup.active.append("frozen_vision_no_grad")
+        wrapped = setup.add("frozen_vision_no_grad", vision_without_grad(unwrap_peft(model), family.vision_prefixes))
+        if wrapped is not None:
             log.debug("without grad: %s", ", ".join(wrapped.names))
     if speed.lora_bf16_compute and config.method.name.value != "full":
-        casting = lora_compute_in_16bit(model, autocast=plan.bf16 or plan.fp16)
-        if isinstance(casting, str):
-            setup.skipped["lora_bf16_compute"] = casting
-        else:
-            setup.handles.append(casting)
-            setup.active.append("lora_bf16_compute")
+        setup.add("lora_bf16_compute", lora_compute_in_16bit(model, autocast=plan.bf16 or plan.fp16))
     if speed.compile:
-        compiled = compile_layers(unwrap_peft(model), family.language_layers_prefix)
-        if isinstance(compiled, str):
-            setup.skipped["compile"] = compiled
-        else:
-            setup.handles.append(compiled)
-            setup.active.append("compile")
+        setup.add("compile", compile_layers(unwrap_peft(model), family.language_layers_prefix))
     if speed.packing:
         setup.active.append("packing")
         if speed.packed_attention == "spans":
-            spans = packed_attention(unwrap_peft(model), family.language_prefixes)
-            if isinstance(spans, str):
-                setup.skipped["packed_attention=spans"] = spans
-            else:
-                setup.handles.append(spans)
-                setup.active.append("packed_attention=spans")
+            setup.add("packed_attention=spans", packed_attention(unwrap_peft(model), family.language_prefixes))
     skipped = "; ".join(f"{name} does not apply: {reason}" for name, reason in setup.skipped.items())
     log.info(
         "speed: %s%s", ", ".join(setup.active) or "nothing switched on", f" ({skipped})" if skipped else ""

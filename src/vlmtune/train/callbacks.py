@@ -77,9 +77,12 @@ class ThroughputMeter(TrainerCallback):
 
 def write_event(path: Path, event: str, **fields: Any) -> None:
     """Append one non-metric record (run start: what was decided and why) to train_log.jsonl."""
-    record = {"event": event, "time": round(time.time(), 3), **fields}
+    _append(path, {"event": event, "time": round(time.time(), 3), **fields}, default=str)
+
+
+def _append(path: Path, record: dict[str, Any], default: Any) -> None:
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, default=str) + "\n")
+        fh.write(json.dumps(record, default=default) + "\n")
 
 
 class JsonlLogCallback(TrainerCallback):
@@ -98,9 +101,7 @@ class JsonlLogCallback(TrainerCallback):
     ) -> None:
         if not state.is_world_process_zero or not logs:
             return
-        record = {"step": state.global_step, "time": round(time.time(), 3), **logs}
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, default=float) + "\n")
+        _append(self.path, {"step": state.global_step, "time": round(time.time(), 3), **logs}, default=float)
 
 
 def _fmt(logs: dict[str, Any]) -> str:
