@@ -9,13 +9,7 @@
 set -euo pipefail
 OUT=${OUT:-/tmp/vlmtune-calibration}
 mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD/src
-else
-  export PYTHONPATH=$PWD/src
-fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+source benchmarks/gpu_env.sh
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" | tee "$OUT/versions.txt"
 python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" | tee -a "$OUT/versions.txt" || true
 python3 benchmarks/calibrate_estimator.py --out "$OUT" "$@" 2>&1 | tee "$OUT/driver.log"

@@ -15,49 +15,11 @@ set -uo pipefail
 OUT=${OUT:-/tmp/vlmtune-ds}
 PART=${PART:-2b}
 STEPS=${STEPS:-6}
-RUN_TIMEOUT=${RUN_TIMEOUT:-150}
-DEADLINE=${DEADLINE:-100000}  # seconds after the start: later runs are skipped (and the last one cut) to end by then
-mkdir -p "$OUT" /tmp/dslogs
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD/src
-else
-  export PYTHONPATH=$PWD/src
-fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
-python3 -c "import torch, transformers, peft, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'deepspeed', deepspeed.__version__, torch.cuda.get_device_name())" 2>&1 | grep -v WARNING | tee "$OUT/versions.txt"
-nproc | sed 's/^/cpu cores /' | tee -a "$OUT/versions.txt"
-grep MemTotal /proc/meminfo | tee -a "$OUT/versions.txt"
-
-host_used_kib() { awk '/MemTotal/{t=$2} /MemAvailable/{a=$2} END{print t-a}' /proc/meminfo; }
-
-run() {  # run LABEL OVERRIDES...: one `vlmtune train`, with nvidia-smi and host-RAM traces
-  local label=$1; shift
-  [[ -z ${ONLY:-} || " $ONLY " == *" $label "* ]] || return 0  # ONLY="label ...": just these runs
-  if (( SECONDS + 45 > DEADLINE )); then  # keep the whole script inside the machine's per-command limit
-    echo "{\"label\": \"$label\", \"skipped\": \"deadline\"}" | tee -a "$OUT/summary.jsonl"; return
-  fi
-  local dir=/tmp/dslogs/$label base
-  mkdir -p "$dir"
-  base=$(host_used_kib)
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$dir/smi.csv" &
-  local smi=$!
-  (while sleep 0.5; do host_used_kib; done) > "$dir/ram_kib.txt" &
-  local ram=$!
-  local t0=$SECONDS
-  local limit=$(( DEADLINE - SECONDS < RUN_TIMEOUT ? DEADLINE - SECONDS : RUN_TIMEOUT ))
-  timeout "$limit" python3 -m vlmtune.cli train "$@" output_dir=/tmp/run_$label > "$dir/console.log" 2>&1
-  local rc=$?
-  kill $smi $ram 2>/dev/null; wait $smi $ram 2>/dev/null
-  cp /tmp/run_$label/train_log.jsonl "$dir/" 2>/dev/null
-  cp /tmp/run_$label/deepspeed_config.json "$dir/" 2>/dev/null
-  python3 benchmarks/summarize_log.py "$dir/train_log.jsonl" "$dir/smi.csv" --label "$label" 2>/dev/null \
-    | python3 -c "import json,sys; d=json.loads(sys.stdin.read() or '{}'); ram=[int(x) for x in open('$dir/ram_kib.txt').read().split()]; d.update(label='$label', rc=$rc, wall_s=$((SECONDS - t0)), host_ram_peak_gib=round((max(ram, default=$base)-$base)/2**20, 2)); print(json.dumps(d))" \
-    | tee -a "$OUT/summary.jsonl"
-  [[ $rc == 0 ]] || { echo "run $label failed (rc $rc):"; grep -v "it/s\]\|Warning\|warn(" "$dir/console.log" | tail -15; }
-  rm -rf /tmp/run_$label
-  tar -czf "$OUT/logs.tar.gz" -C /tmp dslogs  # after every run: a command stopped at its time limit keeps them
-}
+mkdir -p "$OUT"
+source benchmarks/gpu_env.sh
+source benchmarks/gpu_train_run.sh
+gpu_versions "$OUT/versions.txt"
+run() { train_run "$@"; }
 
 common=(model.random_init=true data.image_size=448 data.max_length=1024 training.max_steps=$STEPS
         training.logging_steps=2 training.save_checkpoints=false "training.report_to=[none]"

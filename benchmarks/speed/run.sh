@@ -13,13 +13,8 @@
 set -euo pipefail
 OUT=${OUT:-/tmp/vlmtune-speed-out}
 mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD/src:$PWD
-else
-  export PYTHONPATH=$PWD/src:$PWD
-fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false BENCH_ROOT=${BENCH_ROOT:-/tmp/vlmtune-speed}
+source benchmarks/gpu_env.sh
+export BENCH_ROOT=${BENCH_ROOT:-/tmp/vlmtune-speed}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 args=(--out "$OUT" --budget-s "${BUDGET_S:-540}")
 if [[ -n ${ONLY:-} ]]; then args+=(--only "$ONLY"); else args+=(--part "${PART:-1}"); fi
