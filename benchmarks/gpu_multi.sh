@@ -47,14 +47,6 @@ for label, r in sorted(rows.items(), key=lambda kv: int(kv[0].rsplit("g", 1)[1])
 PY
 fi
 
-if [[ $PART == *7b* ]]; then
-  "${V[@]}" tiny-model --family qwen2_5_vl --arch 7b --out /tmp/m7b > /dev/null
-  python3 benchmarks/make_bench_data.py --model /tmp/m7b --n 64 --image-side 448 --text-tokens 512 --out /tmp/bench7b
-  RUN_TIMEOUT=${RUN_TIMEOUT_7B:-360} train_run "7b_full_z3_g$NGPUS" "${common[@]}" model.name_or_path=/tmp/m7b \
-    model.random_init=true data.train_path=/tmp/bench7b/train.jsonl training.batch_size=1 method.name=full \
-    training.max_steps=${STEPS_7B:-8} --num-gpus "$NGPUS" --zero-stage 3
-fi
-
 if [[ $PART == *mixed* ]] && (( SECONDS + 120 < DEADLINE )); then
   "${V[@]}" tiny-model --family qwen2_vl --arch 2b --with-weights --out /tmp/m2bw > /dev/null
   python3 benchmarks/make_bench_data.py --model /tmp/m2bw --n 64 --image-side 448 --text-tokens 256 --out /tmp/mix
@@ -87,4 +79,12 @@ YAML
     | tee -a "$OUT/checks.jsonl"
   tar -czf "$OUT/logs.tar.gz" -C /tmp dslogs
 fi
+if [[ $PART == *7b* ]]; then
+  "${V[@]}" tiny-model --family qwen2_5_vl --arch 7b --out /tmp/m7b > /dev/null
+  python3 benchmarks/make_bench_data.py --model /tmp/m7b --n 64 --image-side 448 --text-tokens 512 --out /tmp/bench7b
+  RUN_TIMEOUT=${RUN_TIMEOUT_7B:-360} train_run "7b_full_z3_g$NGPUS" "${common[@]}" model.name_or_path=/tmp/m7b \
+    model.random_init=true data.train_path=/tmp/bench7b/train.jsonl training.batch_size=1 method.name=full \
+    training.max_steps=${STEPS_7B:-8} --num-gpus "$NGPUS" --zero-stage 3
+fi
+
 echo "done in $SECONDS s"
