@@ -12,12 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
+import vlmtune.train.fit_advice as fit_advice
+import vlmtune.train.out_of_memory as oom
 import vlmtune.train.preflight as pf
 from vlmtune.config.schema import VlmtuneConfig
 from vlmtune.errors import VlmtuneError
 from vlmtune.memory import estimate
 from vlmtune.memory.gpus import GIB
 from vlmtune.methods.base import PrecisionPlan
+from vlmtune.train.batch_sizing import AUTO_MARGIN, Sizer, measured_profile
+from vlmtune.train.gpu_memory import GpuMemory
 
 CUDA = PrecisionPlan("cuda", torch.bfloat16, True, False, "test: bf16")
 CPU = PrecisionPlan("cpu", torch.float32, False, False, "test: fp32")
@@ -61,15 +65,16 @@ def make_config(tmp_path: Path, **changes: dict) -> VlmtuneConfig:
 
 @pytest.fixture
 def gpu(monkeypatch):
-    """Set the fake GPU's free/total GiB; records the memory fractions applied."""
+    """Set the fake GPU's free/total GiB; records the memory fractions applied. Each CUDA reader is replaced in the
+    module that calls it (preflight reads the GPU, out_of_memory the measured peaks)."""
     applied: list[float] = []
-    state = {"gpu": pf.GpuMemory("Fake GPU", 80 * GIB, 79 * GIB, True)}
+    state = {"gpu": GpuMemory("Fake GPU", 80 * GIB, 79 * GIB, True)}
     monkeypatch.setattr(pf, "read_gpu_memory", lambda index: state["gpu"])
     monkeypatch.setattr(pf, "apply_memory_fraction", lambda fraction, index: applied.append(fraction))
-    monkeypatch.setattr(pf, "measured_peaks", lambda: (int(7.5 * GIB), int(7.9 * GIB)))
+    monkeypatch.setattr(oom, "measured_peaks", lambda: (int(7.5 * GIB), int(7.9 * GIB)))
 
     def set_gpu(free_gib: float, total_gib: float = 80.0) -> list[float]:
-        state["gpu"] = pf.GpuMemory("Fake GPU", int(total_gib * GIB), int(free_gib * GIB), True)
+        state["gpu"] = GpuMemory("Fake GPU", int(total_gib * GIB), int(free_gib * GIB), True)
         return applied
 
     return set_gpu
@@ -78,8 +83,8 @@ def gpu(monkeypatch):
 def reserved(config: VlmtuneConfig, dataset: FakeDataset, batch: int) -> int:
     from vlmtune.memory.catalogue import lookup_model
 
-    profile = pf.measured_profile(dataset, lookup_model(config.model.name_or_path), config)
-    sizer = pf._Sizer(config, lookup_model(config.model.name_or_path), profile, dataset.labelled)
+    profile = measured_profile(dataset, lookup_model(config.model.name_or_path), config)
+    sizer = Sizer(config, lookup_model(config.model.name_or_path), profile, dataset.labelled)
     return estimate(sizer.inputs(batch)).peak_reserved
 
 
@@ -88,7 +93,7 @@ def test_profile_reproduces_the_measured_lengths(tmp_path, dataset):
 
     config = make_config(tmp_path)
     spec = lookup_model(config.model.name_or_path)
-    profile = pf.measured_profile(dataset, spec, config)
+    profile = measured_profile(dataset, spec, config)
     shape = profile.batch(spec, 4, config.data.max_length, image_size=448)
     assert shape.seq_len == TEXT_TOKENS + 256
     assert shape.vit_patches == 4 * 1024  # 448 px = 32 x 32 patches of 14 px per image
@@ -100,7 +105,7 @@ def test_auto_picks_the_largest_micro_batch_that_fits(tmp_path, dataset, gpu):
     config = make_config(tmp_path)
     result = pf.preflight(config, CUDA, dataset)
     batch = result.config.training.batch_size
-    limit = 9 * GIB * (1 - pf.AUTO_MARGIN)
+    limit = 9 * GIB * (1 - AUTO_MARGIN)
     assert isinstance(batch, int) and batch > 1
     assert reserved(config, dataset, batch) <= limit < reserved(config, dataset, 2 * batch)
     assert result.breakdown is not None and result.breakdown.inputs.batch_size == batch
@@ -132,7 +137,7 @@ def test_a_run_that_does_not_fit_is_refused_with_breakdown_and_advice(tmp_path, 
 @pytest.mark.parametrize("deepspeed", [False, True])
 def test_the_advice_fits_the_gpu(tmp_path, dataset, gpu, monkeypatch, deepspeed):
     """Applying the advised overrides gives a run the preflight accepts (ZeRO offload only with DeepSpeed)."""
-    monkeypatch.setattr(pf, "deepspeed_available", lambda: deepspeed)
+    monkeypatch.setattr(fit_advice, "deepspeed_available", lambda: deepspeed)
     gpu(free_gib=6.5)
     config = make_config(tmp_path, training={"batch_size": 8})
     with pytest.raises(VlmtuneError) as info:
@@ -144,7 +149,7 @@ def test_the_advice_fits_the_gpu(tmp_path, dataset, gpu, monkeypatch, deepspeed)
     if not deepspeed:
         assert "distributed." not in line  # no DeepSpeed advice where DeepSpeed is not installed
     result = pf.preflight(fixed, CUDA, dataset)
-    assert result.fits and result.breakdown.peak_reserved <= 6.5 * GIB * (1 - pf.AUTO_MARGIN)
+    assert result.fits and result.breakdown.peak_reserved <= 6.5 * GIB * (1 - AUTO_MARGIN)
 
 
 def test_force_starts_a_run_that_does_not_fit(tmp_path, dataset, gpu, caplog):
@@ -164,7 +169,7 @@ def test_memory_fraction_caps_what_is_available(tmp_path, dataset, gpu):
     assert applied == [0.07]
     auto = pf.preflight(make_config(tmp_path, hardware={"memory_fraction": 0.25}), CUDA, dataset)
     assert auto.gpu.available == int(0.25 * 80 * GIB)
-    assert auto.breakdown.peak_reserved <= auto.gpu.available * (1 - pf.AUTO_MARGIN)
+    assert auto.breakdown.peak_reserved <= auto.gpu.available * (1 - AUTO_MARGIN)
 
 
 def test_on_the_cpu_auto_is_one_and_nothing_is_estimated(tmp_path, dataset, monkeypatch):
@@ -185,7 +190,7 @@ def test_oom_message_shows_estimate_measured_peak_and_fitting_settings(tmp_path,
     gpu(free_gib=12)
     result = pf.preflight(make_config(tmp_path, training={"batch_size": 2}), CUDA, dataset)
     exc = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore allocator detail")
-    message = pf.oom_message(result, 3, exc)
+    message = oom.oom_message(result, 3, exc)
     assert message.startswith("out of GPU memory at step 3: CUDA out of memory. Tried to allocate 2.00 GiB.")
     assert "more allocator detail" not in message
     assert f"estimate: {result.breakdown.peak_allocated / GIB:.2f} GiB allocated" in message
@@ -195,7 +200,7 @@ def test_oom_message_shows_estimate_measured_peak_and_fitting_settings(tmp_path,
 
 
 def test_oom_message_without_an_estimate_gives_general_advice(gpu):
-    message = pf.oom_message(None, 0, torch.OutOfMemoryError("CUDA out of memory."))
+    message = oom.oom_message(None, 0, torch.OutOfMemoryError("CUDA out of memory."))
     assert "measured so far" in message and "gradient_checkpointing=true" in message
 
 
@@ -207,7 +212,7 @@ def test_overrides_name_only_what_changes(tmp_path):
         method="qlora", batch_size=2, gradient_accumulation_steps=4, gradient_checkpointing=True, zero_stage=2,
         offload="optimizer",
     )
-    assert pf.overrides(config, target) == [
+    assert fit_advice.overrides(config, target) == [
         "method.name=qlora",
         "training.batch_size=2",
         "training.gradient_accumulation_steps=4",
@@ -228,7 +233,7 @@ def test_engine_resolves_auto_before_loading_and_reports_oom(run_config, monkeyp
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB.")
 
     monkeypatch.setattr(VlmTrainer, "train", out_of_memory)
-    monkeypatch.setattr(pf, "measured_peaks", lambda: (GIB, 2 * GIB))
+    monkeypatch.setattr(oom, "measured_peaks", lambda: (GIB, 2 * GIB))
     config = run_config(training={"batch_size": "auto"})
     with pytest.raises(VlmtuneError) as info:
         train(config)

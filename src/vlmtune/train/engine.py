@@ -102,7 +102,8 @@ def train(
     from vlmtune.train.args import training_arguments
     from vlmtune.train.callbacks import JsonlLogCallback, ProgressCallback, write_event
     from vlmtune.train.deepspeed_config import prepare as prepare_deepspeed
-    from vlmtune.train.preflight import oom_message, preflight
+    from vlmtune.train.out_of_memory import oom_message
+    from vlmtune.train.preflight import preflight
     from vlmtune.train.trainer import VlmTrainer
     from vlmtune.train.vision_keepalive import VisionKeepAlive
 

@@ -1,0 +1,70 @@
+"""Settings that would fit the visible GPU: `vlmtune recommend`'s search, written as dotted config overrides."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from vlmtune.memory.gpus import GIB, GpuSpec
+from vlmtune.train.batch_sizing import AUTO_MARGIN
+
+if TYPE_CHECKING:
+    from vlmtune.config.schema import VlmtuneConfig
+    from vlmtune.memory.inputs import EstimateInputs
+    from vlmtune.train.preflight import PreflightResult
+
+_OFFLOAD_FIELD = {"none": "none", "optimizer": "optimizer", "all": "optimizer_and_params"}
+
+
+def _yaml(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def overrides(config: VlmtuneConfig, target: EstimateInputs) -> list[str]:
+    """Dotted overrides that turn `config` into the configuration `target` describes (only what differs)."""
+    m, t, h = config.method, config.training, config.hardware
+    pairs = [
+        ("method.name", m.name.value, target.method),
+        ("method.lora.rank", m.lora.rank, target.lora_rank if target.method != "full" else m.lora.rank),
+        ("training.batch_size", t.batch_size, target.batch_size),
+        ("training.gradient_accumulation_steps", t.gradient_accumulation_steps, target.gradient_accumulation_steps),
+        ("hardware.gradient_checkpointing", h.gradient_checkpointing, target.gradient_checkpointing),
+        ("data.max_pixels", config.data.max_pixels, target.max_pixels),
+    ]
+    out = [f"{key}={_yaml(new)}" for key, old, new in pairs if new is not None and new != old]
+    if target.zero_stage:
+        out += [
+            "distributed.engine=deepspeed",
+            f"distributed.zero_stage={target.zero_stage}",
+            f"distributed.offload={_OFFLOAD_FIELD[target.offload]}",
+        ]
+    return out
+
+
+def deepspeed_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def advice(result: PreflightResult, margin: float = AUTO_MARGIN) -> str:
+    """What would fit the GPU, from `vlmtune recommend`'s search over the same model and data."""
+    from vlmtune.memory.estimator import CUDA_CONTEXT
+    from vlmtune.memory.recommend import recommend
+
+    b, gpu, config = result.breakdown, result.gpu, result.config
+    if b is None or gpu is None or result.profile is None:
+        return ""
+    spec = GpuSpec(
+        name=gpu.name,
+        memory_gb=gpu.total / GIB,
+        usable_bytes=gpu.available + CUDA_CONTEXT,
+        bf16=gpu.bf16,
+        arch="visible GPU",
+    )
+    methods = ("lora", "qlora") + (("full",) if config.method.name.value == "full" else ())
+    rec = recommend(b.inputs, spec, b.inputs.num_gpus, methods=methods, margin=margin, profile=result.profile,
+                    zero=deepspeed_available())
+    if rec.best is None:
+        return rec.describe()
+    changes = overrides(config, rec.best.inputs)
+    return f"{rec.describe()}\n  as overrides: {' '.join(changes) if changes else '(the same settings)'}"

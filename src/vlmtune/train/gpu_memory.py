@@ -1,0 +1,60 @@
+"""The GPU this process trains on, as PyTorch sees it: free and total memory, the allocator cap, measured peaks.
+
+The only part of the memory preflight that touches CUDA; tests replace these functions with a fake GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from vlmtune.memory.gpus import GIB
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """The GPU this process trains on, as PyTorch sees it before the model loads (bytes)."""
+
+    name: str
+    total: int
+    free: int
+    """Free now: other processes and this process's CUDA context are already taken off."""
+    bf16: bool
+    limit: int | None = None
+    """The allocator's cap from hardware.memory_fraction (None: no cap)."""
+
+    @property
+    def available(self) -> int:
+        """What PyTorch's allocator can reserve: compared with the estimate's peak_reserved."""
+        return self.free if self.limit is None else min(self.free, self.limit)
+
+    def describe(self) -> str:
+        cap = f", capped at {self.limit / GIB:.2f} GiB by hardware.memory_fraction" if self.limit else ""
+        return f"{self.name}: {self.free / GIB:.2f} of {self.total / GIB:.2f} GiB free{cap}"
+
+
+def device_index() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def read_gpu_memory(index: int) -> GpuMemory:
+    """Free and total memory of CUDA device `index` (creates this process's CUDA context on it)."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(index)
+    with torch.cuda.device(index):
+        bf16 = torch.cuda.is_bf16_supported()
+    return GpuMemory(torch.cuda.get_device_name(index), int(total), int(free), bf16)
+
+
+def apply_memory_fraction(fraction: float, index: int) -> None:
+    import torch
+
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
+
+
+def measured_peaks() -> tuple[int, int]:
+    """(max_memory_allocated, max_memory_reserved) of this process so far, bytes."""
+    import torch
+
+    return int(torch.cuda.max_memory_allocated()), int(torch.cuda.max_memory_reserved())
