@@ -24,7 +24,7 @@ from vlmtune.memory.catalogue import lookup_model
 from vlmtune.memory.gpus import MIB, get_gpu
 from vlmtune.memory.inputs import EstimateInputs
 from vlmtune.memory.params import PARTS, ParamCounts, count_params, lora_params
-from vlmtune.memory.zero import StateSizes, plan
+from vlmtune.memory.zero import DeepSpeedBuffers, StateSizes, plan
 
 NF4_BYTES = {True: 0.515869140625, False: 0.5625}
 """Bytes per 4-bit weight: 0.5 + absmax (fp32 per 64, or 8-bit per 64 + fp32 per 256 with double quantization)."""
@@ -32,6 +32,10 @@ CUDA_CONTEXT = 769 * MIB
 """nvidia-smi minus torch's reserved memory, constant over the 26 H100 runs (torch 2.11, CUDA 13)."""
 NCCL_BUFFERS = 512 * MIB
 """Per-process NCCL / DeepSpeed communicator memory on multi-GPU runs (not measured; 0.3-1 GiB reported)."""
+DEEPSPEED_CONTEXT = {1: 955 * MIB, 2: 955 * MIB, 3: 570 * MIB}
+"""nvidia-smi minus max_memory_reserved minus CUDA_CONTEXT of a DeepSpeed process on one H100 (DeepSpeed 0.19.8:
+its communicator and kernels live outside PyTorch's allocator): 952-956 MiB on three ZeRO-2 runs, 570-574 MiB on
+two ZeRO-3 runs (benchmarks/results/2026-11-24-deepspeed*). ZeRO-1 is assumed to match ZeRO-2 (same optimizer)."""
 RUNTIME_BASE = 96 * MIB
 """Allocated memory not explained by the terms: cuBLAS workspaces, rotary caches, masks (fitted on the anchors)."""
 FRAG_BASE = 384 * MIB
@@ -152,6 +156,8 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
     weights = _weights(inputs, counts, prec, in_place)
     deepspeed = inputs.zero_stage > 0
     moment = 1 if inputs.optimizer in ("adamw_8bit", "paged_adamw_8bit") else prec.state
+    # ZeRO-3 never partitions modules under param_persistence_threshold (10 h): the norms and biases of a layer.
+    persistent = dims.layers * (2 * dims.hidden + dims.q_width + 2 * dims.kv_width) + dims.hidden
     sizes = StateSizes(
         frozen_weight_bytes=sum(weights.values()),
         trainable=trainable,
@@ -159,9 +165,11 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
         grad_bytes=prec.trainable,
         optimizer_bytes=2 * moment,
         largest_unit=max(counts.largest_module, counts.layer_params),
-        bucket_elements=dims.hidden * dims.hidden,
+        buffers=DeepSpeedBuffers.auto(dims.hidden),
         ds_param_bytes=4 if inputs.precision == "fp32" else 2,
         ds_moment_bytes=2 if moment == 1 else 8,
+        ds_step_temp_bytes=4 if inputs.optimizer == "adamw_torch" else 0,  # foreach AdamW's fp32 temporary
+        persistent_params=persistent,
     )
     zp = plan(sizes, inputs.zero_stage, inputs.offload, inputs.num_gpus)
     if inputs.zero_stage == 3:
@@ -175,8 +183,8 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
     runtime = RUNTIME_BASE + 6 * b * s * dims.hidden + acts.pixel_bytes
     comm = zp.buffers + (NCCL_BUFFERS if inputs.num_gpus > 1 else 0)
     static = sum(weights.values()) + adapters + zp.optimizer + zp.gathered + comm + runtime
-    held = zp.grads if (inputs.gradient_accumulation_steps > 1 or deepspeed) else 0
-    grads_all = zp.grads + zp.grads_transient
+    held = zp.grads + (zp.grads_backward if inputs.gradient_accumulation_steps > 1 else 0)
+    grads_all = zp.grads + zp.grads_backward
     embed_grad = 4 * v * dims.hidden if inputs.method == "full" else 0
     loss = loss_terms(inputs, b, s, v, dims.hidden)
     step = trainable * prec.trainable if inputs.optimizer == "adamw_torch" and not deepspeed else 0
@@ -191,7 +199,7 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
             held, acts.vision_saved, acts.language_saved + acts.layer_working, 0, acts.dequant
         ),
         "end of backward": _Phase(grads_all, acts.vision_saved, 0, 0, embed_grad),
-        "optimizer step": _Phase(grads_all, 0, 0, 0, step),
+        "optimizer step": _Phase(zp.grads, 0, 0, 0, zp.step) if deepspeed else _Phase(grads_all, 0, 0, 0, step),
     }
     phase = max(phases, key=lambda k: phases[k].total)
     at = phases[phase]
@@ -209,8 +217,10 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
         + FRAG_STATES * live_16bit_states
         + (FRAG_FOREACH * step if phase == "optimizer step" else 0)
     )
+    if deepspeed:
+        frag = max(frag, _deepspeed_step_reserve(phases, zp.step_cached) - at.total)
     reserved = allocated + frag
-    context = CUDA_CONTEXT
+    context = CUDA_CONTEXT + DEEPSPEED_CONTEXT.get(inputs.zero_stage, 0)
     total = reserved + context
     verdict = None
     if inputs.gpu:
@@ -257,6 +267,15 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
         verdict=verdict,
         notes=tuple(acts.notes + _caveats(inputs)),
     )
+
+
+def _deepspeed_step_reserve(phases: dict[str, _Phase], step_cached: int) -> int:
+    """Reserved bytes above the static states at DeepSpeed's optimizer step. Its blocks (partition-sized) are
+    larger than anything forward and backward allocate, so the allocator cannot put them in the blocks those
+    phases left cached: the step adds its own on top of the largest forward/backward working set."""
+    working = max(phases[k].total - phases[k].grads for k in ("forward", "loss backward", "layer backward"))
+    step = phases["optimizer step"]
+    return FRAG_BASE + working + step.total + step_cached
 
 
 def _caveats(inputs: EstimateInputs) -> list[str]:

@@ -1,27 +1,63 @@
 """Per-GPU model-state memory under data parallelism: plain DDP (stage 0) or DeepSpeed ZeRO 1-3, with offload.
 
-Model states only (weights, gradients, optimizer states, communication buffers); activations are not partitioned
-by ZeRO and are added by the estimator. Conventions follow DeepSpeed's own estimators
-(`estimate_zero2_model_states_mem_needs`, `estimate_zero3_model_states_mem_needs`) and the ZeRO paper:
-under DeepSpeed bf16/fp16 the module (LoRA adapters included) is cast to 16-bit on the GPU; the optimizer owns an
-fp32 master copy, fp32 gradients and Adam's two fp32 moments of the *trainable* parameters, partitioned over the GPUs.
-ZeRO-1 partitions those states, ZeRO-2 also the 16-bit gradients, ZeRO-3 also the 16-bit parameters (frozen ones
-included), which are gathered layer by layer. Offloading moves the partitioned fp32 states (`optimizer`) and, with
-ZeRO-3, the 16-bit parameters too (`all`) to CPU RAM.
+Model states only (weights, gradients, optimizer states, communication buffers, the optimizer step's working
+memory); activations are not partitioned by ZeRO and are added by the estimator. Modelled on what DeepSpeed 0.19
+allocates (deepspeed/runtime/zero/stage_1_and_2.py, stage3.py), sized by the rendered config
+(vlmtune/train/deepspeed_config.py), and checked against 1-GPU H100 runs (benchmarks/RESULTS.md, estimator):
+
+- Under bf16/fp16 the module (LoRA adapters included) is cast to 16-bit; the optimizer owns an fp32 master copy
+  and the Adam moments of the *trainable* parameters, partitioned over the G GPUs (`single_partition_of_fp32_groups`).
+- ZeRO-1/2 gradients: backward copies each 16-bit gradient into an ipg bucket of `reduce_bucket_size` elements,
+  reduces it, and keeps this rank's share in one contiguous 16-bit buffer (`grads_in_partition`: ZeRO-2 holds only
+  the 1/G partition, ZeRO-1 also keeps the other ranks' gradients until the step). The step flattens that partition
+  (a second 16-bit copy), converts it to an fp32 gradient, and runs the optimizer, whose foreach AdamW allocates one
+  more fp32 tensor per element (`torch._foreach_sqrt`); the 16-bit partition is still held while it runs.
+- ZeRO-3 keeps a persistent 16-bit gradient partition (`grad_partitions_flat_buffer`) and a persistent ipg bucket;
+  the step works one `sub_group_size` sub-group at a time (fp32 gradient + the optimizer's temporary); parameters
+  are gathered per module (on one GPU the partition is the parameter, nothing is copied), with up to
+  `stage3_prefetch_bucket_size` elements prefetched; parameters under `stage3_param_persistence_threshold` stay
+  gathered.
+- Offload moves the fp32 master, moments and fp32 gradients (`optimizer`) and, with ZeRO-3, the 16-bit parameters
+  (`all`) to CPU RAM; DeepSpeed's CPU Adam then runs the step there.
+
+Blocks freed inside the step (the flat 16-bit copy; ZeRO-3's init-time fp32 gradient buffer of its dummy step) are
+smaller than the fp32 blocks allocated after them, so PyTorch's caching allocator keeps them reserved: `step_cached`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 Offload = Literal["none", "optimizer", "all"]
 
 CPU_BUFFER_FACTOR = 1.5
 """DeepSpeed's `additional_buffer_factor` for CPU RAM (pinned staging buffers)."""
-GATHER_FACTOR = 4
-"""Bytes per parameter of the ZeRO-3 working set (16-bit params + 16-bit grads of the largest gathered unit),
-as in DeepSpeed's `largest_layer_memory = 4 * largest_layer_params`."""
+
+
+@dataclass(frozen=True)
+class DeepSpeedBuffers:
+    """The rendered DeepSpeed config values that size buffers (vlmtune/train/deepspeed_config.py)."""
+
+    reduce_bucket_size: int
+    allgather_bucket_size: int
+    prefetch_bucket_size: int
+    param_persistence_threshold: int
+    max_live_parameters: int = 1_000_000_000
+    sub_group_size: int = 1_000_000_000
+    overlap_comm: bool = False
+
+    @classmethod
+    def auto(cls, hidden: int, max_live_parameters: int = 1_000_000_000) -> DeepSpeedBuffers:
+        """What vlmtune renders for a language model of hidden size h (HF's "auto"): buckets h^2, prefetch
+        0.9 h^2, persistence 10 h, sub-groups of 1e9 elements, overlap_comm off."""
+        return cls(
+            reduce_bucket_size=hidden * hidden,
+            allgather_bucket_size=hidden * hidden,
+            prefetch_bucket_size=int(0.9 * hidden * hidden),
+            param_persistence_threshold=10 * hidden,
+            max_live_parameters=max_live_parameters,
+        )
 
 
 @dataclass(frozen=True)
@@ -40,12 +76,17 @@ class StateSizes:
     """Optimizer-state bytes per trainable parameter without DeepSpeed (AdamW: 2 x param_bytes; 8-bit: 2)."""
     largest_unit: int
     """Parameters of the largest unit ZeRO-3 gathers at once (max of the largest module and one decoder layer)."""
-    bucket_elements: int
-    """Gradient reduce / prefetch bucket size in elements (HF "auto": hidden_size^2)."""
+    buffers: DeepSpeedBuffers
+    """Bucket and ZeRO-3 sizes of the rendered DeepSpeed config."""
     ds_param_bytes: int = 2
     """Bytes per parameter element on the GPU under DeepSpeed (2 for bf16/fp16 training, 4 for fp32)."""
     ds_moment_bytes: int = 8
     """Optimizer-moment bytes per trainable parameter under DeepSpeed (fp32 Adam: 8; 8-bit Adam: 2)."""
+    ds_step_temp_bytes: int = 4
+    """Bytes per fp32 partition element the GPU optimizer allocates inside its step (torch's foreach AdamW: one
+    fp32 temporary; fused or 8-bit: 0). Offloaded runs step on the CPU."""
+    persistent_params: int = 0
+    """ZeRO-3: parameters of modules under param_persistence_threshold (norms, biases), never partitioned."""
 
 
 @dataclass(frozen=True)
@@ -55,24 +96,37 @@ class ZeroPlan:
     weights: int
     """Frozen and trainable 16-bit (or quantized) weights resident on this GPU."""
     gathered: int
-    """ZeRO-3 working set: parameters gathered for the current and prefetched layers."""
+    """ZeRO-3 working set: parameters gathered for the current and prefetched modules (none on one GPU)."""
     grads: int
-    """Gradient bytes resident between micro-batches (fp32 partitions, unpartitioned 16-bit grads)."""
-    grads_transient: int
-    """Gradient bytes that exist only during backward (16-bit grads reduced away at once)."""
+    """Gradient bytes resident through the whole step (ZeRO-3's 16-bit partition; fp32/16-bit gradients held
+    between micro-batches under stage 0 and ZeRO-1/2 only when accumulating, see `grads_backward`)."""
+    grads_backward: int
+    """Gradient bytes at the end of backward on top of `grads` (stage 0: the gradients; ZeRO-1: every 16-bit
+    gradient; ZeRO-2: the 16-bit partition)."""
     optimizer: int
     """Optimizer states and fp32 master weights on this GPU."""
     buffers: int
     """Communication buckets (DDP gradient buckets, DeepSpeed reduce / all-gather buckets)."""
+    step: int
+    """DeepSpeed: bytes allocated inside the optimizer step on top of the resident states (16-bit gradient
+    partition, its fp32 copy, the optimizer's temporary); 0 for stage 0 (the estimator models its own step)."""
+    step_cached: int
+    """DeepSpeed: blocks freed inside the step that the allocator keeps reserved (see the module docstring)."""
     offloaded: int
     """Bytes this GPU's process keeps in CPU RAM (before the staging-buffer factor)."""
     cpu_ram: int
     """CPU RAM the node needs for every process's offloaded states, with DeepSpeed's buffer factor."""
     deepspeed: bool
+    notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def resident(self) -> int:
         return self.weights + self.gathered + self.grads + self.optimizer + self.buffers
+
+    @property
+    def peak(self) -> int:
+        """Model states at their own peak: the end of backward or the optimizer step."""
+        return self.resident + max(self.grads_backward, self.step)
 
 
 def check_plan(stage: int, offload: str, num_gpus: int) -> list[str]:
@@ -100,53 +154,85 @@ def plan(sizes: StateSizes, stage: int, offload: Offload, num_gpus: int) -> Zero
     g = num_gpus
     t = sizes.trainable
     if stage == 0:
-        ddp_buckets = t * sizes.grad_bytes if g > 1 else 0
         return ZeroPlan(
             weights=sizes.frozen_weight_bytes + t * sizes.param_bytes,
             gathered=0,
-            grads=t * sizes.grad_bytes,
-            grads_transient=0,
+            grads=0,
+            grads_backward=t * sizes.grad_bytes,
             optimizer=t * sizes.optimizer_bytes,
-            buffers=ddp_buckets,
+            buffers=t * sizes.grad_bytes if g > 1 else 0,  # DDP's gradient buckets: a second copy
+            step=0,
+            step_cached=0,
             offloaded=0,
             cpu_ram=0,
             deepspeed=False,
         )
+    return _deepspeed(sizes, stage, offload, g)
 
+
+def _deepspeed(sizes: StateSizes, stage: int, offload: Offload, g: int) -> ZeroPlan:
+    t, b = sizes.trainable, sizes.buffers
     half = sizes.ds_param_bytes
-    master = t * 4 // g if half == 2 else 0
-    moments = t * sizes.ds_moment_bytes // g
-    fp32_grads = t * 4 // g if half == 2 else 0
-    grads16 = t * half if stage == 1 else t * half // g
+    part = -(-t // g)  # this rank's partition of the trainable elements (DeepSpeed pads the last one)
+    fp32_copy = 4 if half != 4 else 0  # master weights and fp32 gradients exist only beside 16-bit ones
+    master = part * fp32_copy
+    moments = part * sizes.ds_moment_bytes
+    on_gpu_step = offload == "none"
+    temp = sizes.ds_step_temp_bytes if on_gpu_step else 0
     weights = sizes.frozen_weight_bytes + t * half
     gathered = 0
-    if stage == 3:
-        weights //= g
-        gathered = GATHER_FACTOR * sizes.largest_unit
+    persistent = 0
+    notes: list[str] = []
+    if stage in (1, 2):
+        grads = 0
+        grads_backward = (t if stage == 1 else part) * half
+        buffers = b.reduce_bucket_size * half * (2 if b.overlap_comm else 1)
+        # stage_1_and_2.step: flat copy of the 16-bit partition -> fp32 gradient -> optimizer.step(), with the
+        # 16-bit partition still referenced; offloaded, gradients stream to pinned CPU memory through a
+        # largest-parameter-sized GPU buffer and CPU Adam steps there.
+        step = part * (half + fp32_copy + temp) if on_gpu_step else 0
+        step_cached = part * half if on_gpu_step else 0
+    else:
+        weights = -(-weights // g)
+        persistent = sizes.persistent_params * half if g > 1 else 0
+        sub = min(b.sub_group_size, part)
+        grads = part * half  # grad_partitions_flat_buffer, allocated once at init
+        grads_backward = 0
+        buffers = b.reduce_bucket_size * half  # the persistent ipg bucket
+        if g > 1:
+            # the gathered module and its 16-bit gradient, plus the prefetched bucket, capped by max_live
+            live = min(b.max_live_parameters, 2 * sizes.largest_unit + b.prefetch_bucket_size)
+            gathered = live * half
+        # one sub-group at a time: its fp32 gradient and the optimizer's temporary; the flat 16-bit copy made
+        # before the fp32 cast and the fp32 gradient buffer of the dummy step at init stay cached.
+        step = sub * (fp32_copy + temp) if on_gpu_step else 0
+        step_cached = sub * (half + fp32_copy) if on_gpu_step else 0
+        if offload == "all":
+            notes.append("ZeRO-3 parameter offload: the 16-bit weights are fetched from CPU RAM module by module")
     offloaded = 0
     optimizer = master + moments
     if offload != "none":
-        offloaded += optimizer + fp32_grads
-        optimizer = fp32_grads = 0
+        offloaded += optimizer + part * fp32_copy  # master, moments and the fp32 gradient partition
+        optimizer = 0
+        if stage == 3:
+            # The 16-bit gradient partition becomes pinned CPU memory too (2 bytes per element); left out of
+            # `offloaded`, as DeepSpeed's own estimator does (18 bytes per parameter with everything offloaded).
+            grads = 0
     if offload == "all":
         offloaded += weights
         weights = 0
-    if stage == 1:
-        resident_grads, transient = grads16 + fp32_grads, 0
-    elif offload != "none":
-        # Offloaded ZeRO-2/3 stream the 16-bit gradients to the CPU through the buckets.
-        resident_grads, transient = 0, 0
-    else:
-        # ZeRO-2 keeps a 16-bit gradient partition; ZeRO-3 reduces straight from its buckets into the fp32 one.
-        resident_grads, transient = fp32_grads, (grads16 if stage == 2 else 0)
+        gathered = max(gathered, 2 * sizes.largest_unit * half)  # fetched from the CPU, module by module
     return ZeroPlan(
-        weights=weights,
+        weights=weights + persistent,
         gathered=gathered,
-        grads=resident_grads,
-        grads_transient=transient,
+        grads=grads,
+        grads_backward=grads_backward,
         optimizer=optimizer,
-        buffers=2 * sizes.bucket_elements * half,
+        buffers=buffers,
+        step=step,
+        step_cached=step_cached,
         offloaded=offloaded,
         cpu_ram=int(offloaded * g * CPU_BUFFER_FACTOR),
         deepspeed=True,
+        notes=tuple(notes),
     )
