@@ -2,8 +2,9 @@
 points re-estimated with the current estimator, at the nvidia-smi level (max_memory_reserved + the measured CUDA
 context, or the per-process NVML peak for the points only that run recorded).
 
-`pytest tests/memory/test_calibration_grid.py -s` prints the errors. The ZeRO points are DeepSpeed's (see
-RESULTS.md for why they miss) and are reported, not held to the bounds.
+`pytest tests/memory/test_calibration_grid.py -s` prints the errors. The ZeRO points are DeepSpeed's: their
+process also holds DeepSpeed's memory outside PyTorch's allocator, which reserved + the plain CUDA context does not
+see, so they are held to the reserved level (RESULTS.md, estimator: DeepSpeed).
 """
 
 from __future__ import annotations
@@ -68,3 +69,14 @@ def test_most_points_within_5_percent(errors):
     plain = [v for k, v in errors.items() if "-z" not in k]
     assert sum(abs(v) <= 5 for v in plain) >= 27
     assert sum(abs(v) for v in plain) / len(plain) < 3.0
+
+
+def test_zero2_full_fine_tuning_within_5_percent_at_the_reserved_level():
+    """ZeRO-2 full fine-tuning on one GPU: the optimizer step's fp32 gradient, foreach temporary and 16-bit
+    partition (DeepSpeed's 2 + 18/G estimator was 24.6% short)."""
+    (row,) = [r for r in _rows() if r["id"] == "q2vl2b-full-gc1-b1-A-z2"]
+    i = dict(row["inputs"], model=row["catalogue_model"], gpu=None, image_hw=tuple(row["inputs"]["image_hw"]))
+    i.setdefault("autocast", True)
+    b = estimate(EstimateInputs(**i))
+    assert abs(b.peak_allocated / MIB - row["meas_alloc_mib"]) / row["meas_alloc_mib"] < 0.05
+    assert abs(b.peak_reserved / MIB - row["meas_reserved_mib"]) / row["meas_reserved_mib"] < 0.05
