@@ -282,8 +282,9 @@ def _caveats(inputs: EstimateInputs) -> list[str]:
     """What the measured runs did not cover, said where it matters."""
     out = []
     if inputs.zero_stage or inputs.num_gpus > 1:
-        out.append("DeepSpeed / multi-GPU terms follow DeepSpeed's own estimators and docs; ZeRO-2 on one GPU "
-                   "measured up to 24% above this estimate (benchmarks/RESULTS.md)")
+        out.append("DeepSpeed terms follow DeepSpeed 0.19's allocations, measured on one GPU only (full fine-tuning "
+                   "within 3%, LoRA as the plain LoRA estimate); multi-GPU gathering and NCCL buffers are not "
+                   "measured (benchmarks/RESULTS.md)")
     if inputs.lora_16bit_inputs and inputs.method != "full":
         out.append("speed.lora_bf16_compute (16-bit LoRA inputs) is modelled, not yet measured")
     if inputs.gradient_checkpointing and (inputs.checkpoint_every > 1 or inputs.checkpoint_offload):
