@@ -6,12 +6,17 @@ and therefore resuming mid-epoch are all deterministic:
 - eager: every record is encoded once up front and kept in memory (small data sets; the default below 1,000).
 - lazy: a first pass encodes every record to learn which survive, then throws the tensors away; `__getitem__`
   encodes again on demand, so memory stays flat for large image sets at the price of encoding twice.
+
+Training's data check can be that first pass (`EncodeOnce`): it encodes each record to count its tokens, and the
+dataset built from the same file afterwards takes the samples, lengths and drops it learned instead of encoding
+again.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +39,73 @@ def _labelled(sample: Any) -> int:
     return int((labels != IGNORE_INDEX).sum()) if labels is not None else len(sample)
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """What a first pass learned of one record."""
+
+    record: Record
+    sample: Any | None
+    """The encoded sample; None when dropped, or when not kept (a data set too large to hold, see EncodeOnce)."""
+    kept: bool
+    length: int = 0
+    labelled: int = 0
+
+
+def _survey(record: Record, sample: Any | None) -> Encoded:
+    if sample is None:
+        return Encoded(record, None, kept=False)
+    return Encoded(record, sample, kept=True, length=len(sample), labelled=_labelled(sample))
+
+
+class EncodeOnce:
+    """One encoding pass shared by training's data check and the dataset built after it from the same file.
+
+    `count(record)` is the check's token-length function: it encodes the record and remembers the result, and
+    `EncodedDataset(records, encode, first_pass=this)` takes it instead of encoding again. The count is the
+    untruncated length the check reports: the encoded length when nothing was cut, else `count_tokens(record)`
+    (a cut or dropped sample no longer shows its full length, so only those are tokenized a second time).
+    Samples are held for at most EAGER_LIMIT records, what an eager dataset holds; past that only lengths and drops
+    are, and the (lazy) dataset encodes on demand as usual."""
+
+    def __init__(self, encode: EncodeFn, count_tokens: Callable[[Record], int], max_length: int):
+        self._encode, self._count_tokens, self._max_length = encode, count_tokens, max_length
+        self._seen: dict[int, Encoded] = {}
+        self._hold_samples = True
+
+    def count(self, record: Record) -> int:
+        try:
+            sample = self._encode(record)
+        except DataError:  # e.g. data.on_overflow=error: the dataset encodes it again and raises there, as before
+            return self._count_tokens(record)
+        self._remember(_survey(record, sample))
+        if sample is not None and len(sample) < self._max_length:
+            return len(sample)
+        return self._count_tokens(record)
+
+    def _remember(self, seen: Encoded) -> None:
+        if self._hold_samples and len(self._seen) >= EAGER_LIMIT:
+            self._hold_samples = False
+            self._seen = {line: replace(e, sample=None) for line, e in self._seen.items()}
+        self._seen[seen.record.line] = seen if self._hold_samples else replace(seen, sample=None)
+
+    def take(self, record: Record) -> Encoded | None:
+        """What the pass learned of `record` (once), or None if it did not see this very record."""
+        seen = self._seen.pop(record.line, None)
+        return seen if seen is not None and seen.record == record else None
+
+
 class EncodedDataset(Dataset):
-    """Records encoded for training; `dropped` lists the source lines of the samples that were left out."""
+    """Records encoded for training; `dropped` lists the source lines of the samples that were left out.
+
+    `first_pass`: an EncodeOnce that has already encoded these records with the same `encode`."""
 
     def __init__(
-        self, records: Sequence[Record], encode: EncodeFn, source: Path | str = "", eager: bool | None = None
+        self,
+        records: Sequence[Record],
+        encode: EncodeFn,
+        source: Path | str = "",
+        eager: bool | None = None,
+        first_pass: EncodeOnce | None = None,
     ):
         self.source = str(source)
         self.eager = len(records) <= EAGER_LIMIT if eager is None else eager
@@ -51,15 +118,17 @@ class EncodedDataset(Dataset):
         self.labelled: list[int] = []
         """Tokens with a label (trained on) in each kept sample: sizes the loss."""
         for record in records:
-            sample = encode(record)
-            if sample is None:
+            seen = first_pass.take(record) if first_pass is not None else None
+            if seen is None or (self.eager and seen.kept and seen.sample is None):
+                seen = _survey(record, encode(record))
+            if not seen.kept:
                 self.dropped.append(record.line)
                 continue
             self._records.append(record)
-            self.lengths.append(len(sample))
-            self.labelled.append(_labelled(sample))
+            self.lengths.append(seen.length)
+            self.labelled.append(seen.labelled)
             if self.eager:
-                self._samples.append(sample)
+                self._samples.append(seen.sample)
         if not self._records:
             raise DataError(
                 f"{self.source}: all {len(records)} sample(s) were dropped because they do not fit "

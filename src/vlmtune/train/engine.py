@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,7 @@ from vlmtune.train.saving import find_checkpoints, resolve_resume, save_final
 if TYPE_CHECKING:
     from transformers import TrainerCallback
 
-    from vlmtune.data.dataset import EncodedDataset
+    from vlmtune.data.dataset import EncodedDataset, EncodeOnce
     from vlmtune.families.base import FamilyDescriptor
 
 log = logging.getLogger(__name__)
@@ -49,35 +50,49 @@ def resolve_family(config: VlmtuneConfig) -> FamilyDescriptor:
     return family
 
 
-def _check_data(config: VlmtuneConfig, processor: Any, family: FamilyDescriptor) -> None:
-    """Every record validated (schema, images, token lengths) before any model weights are read."""
+def _encoder(processor: Any, family: FamilyDescriptor, config: VlmtuneConfig) -> Callable[[Any], Any]:
+    from vlmtune.data.processing import encode
+
+    return lambda record: encode(record, processor, family, config.data)
+
+
+def _check_data(config: VlmtuneConfig, processor: Any, family: FamilyDescriptor) -> dict[Path, EncodeOnce]:
+    """Every record validated (schema, images, token lengths) before any model weights are read.
+
+    Counting tokens encodes each record; the returned passes (per file) hand those encodings to `build_dataset`."""
     from vlmtune.data.check import check_file
+    from vlmtune.data.dataset import EncodeOnce
     from vlmtune.data.processing import count_tokens
 
     def token_length(record: Any) -> Any:
         return count_tokens(record, processor, family, config.data)
 
+    passes = {}
     for path in (config.data.train_path, config.data.val_path):
         if path is not None:
-            report = check_file(path, config.data, token_length)
+            first_pass = EncodeOnce(_encoder(processor, family, config), token_length, config.data.max_length)
+            report = check_file(path, config.data, first_pass.count)
             report.raise_if_errors()
             if report.warnings:
                 log.warning("data check:\n%s", report.format(limit=10))
             else:
                 log.info("data check: %s", report.format().splitlines()[0])
+            passes[Path(path)] = first_pass
+    return passes
 
 
 def build_dataset(
-    path: Path, processor: Any, family: FamilyDescriptor, config: VlmtuneConfig
+    path: Path,
+    processor: Any,
+    family: FamilyDescriptor,
+    config: VlmtuneConfig,
+    first_pass: EncodeOnce | None = None,
 ) -> EncodedDataset:
     from vlmtune.data.dataset import EncodedDataset
-    from vlmtune.data.processing import encode
     from vlmtune.data.records import read_records
 
-    def encode_record(record: Any) -> Any:
-        return encode(record, processor, family, config.data)
-
-    return EncodedDataset(read_records(path), encode_record, source=path)
+    encode = _encoder(processor, family, config)
+    return EncodedDataset(read_records(path), encode, source=path, first_pass=first_pass)
 
 
 def _loss_history(log_history: list[dict[str, Any]]) -> list[float]:
@@ -126,12 +141,12 @@ def train(
     plan = resolve_precision(config)
     log.info("family %s, method %s; precision: %s", family.name, config.method.name.value, plan.note)
     processor = family.load_processor(config.model.name_or_path, config.data)
-    if config.data.check_before_training:
-        _check_data(config, processor, family)
-    train_set = build_dataset(Path(config.data.train_path), processor, family, config)
-    val_set = (
-        build_dataset(Path(config.data.val_path), processor, family, config) if config.data.val_path else None
-    )
+    passes = _check_data(config, processor, family) if config.data.check_before_training else {}
+    train_path = Path(config.data.train_path)
+    train_set = build_dataset(train_path, processor, family, config, passes.get(train_path))
+    val_path = Path(config.data.val_path) if config.data.val_path else None
+    val_set = build_dataset(val_path, processor, family, config, passes.get(val_path)) if val_path else None
+    del passes  # anything the datasets did not take is let go before the model loads
     # Before any weights load: prints the estimate, resolves batch_size auto, refuses what cannot fit (--force).
     memory = preflight(config, plan, train_set, out / LOG_FILE)
     config = memory.config
