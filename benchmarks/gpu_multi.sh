@@ -84,7 +84,7 @@ if [[ $PART == *7b* ]]; then
   python3 benchmarks/make_bench_data.py --model /tmp/m7b --n 64 --image-side 448 --text-tokens 512 --out /tmp/bench7b
   RUN_TIMEOUT=${RUN_TIMEOUT_7B:-360} train_run "7b_full_z3_g$NGPUS" "${common[@]}" model.name_or_path=/tmp/m7b \
     model.random_init=true data.train_path=/tmp/bench7b/train.jsonl training.batch_size=1 method.name=full \
-    training.max_steps=${STEPS_7B:-8} --num-gpus "$NGPUS" --zero-stage 3
+    training.max_steps=${STEPS_7B:-8} --num-gpus "$NGPUS" --zero-stage 3 ${EXTRA_7B:-}
 fi
 
 echo "done in $SECONDS s"

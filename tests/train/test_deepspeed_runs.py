@@ -196,3 +196,20 @@ def test_zero3_lora_in_bf16_as_on_a_gpu(tiny_model_dir, mixed_data, batch_file, 
     zero3_worker_run(tmp_path, tiny_model_dir("qwen2_vl"), mixed_data, "lora", batch_file[0], "--gpu-bf16")
     check_run(tmp_path / "run", stage=3, method="lora")
     assert json.loads((tmp_path / "run" / "deepspeed_config.json").read_text())["bf16"]["enabled"] == "auto"
+
+
+@pytest.mark.slow
+def test_zero3_chunked_loss_trains_an_untied_head_as_the_plain_loss(tiny_model_dir, shapes_data, tmp_path):
+    # Qwen2.5-VL's lm_head is its own weight (not tied to the embeddings), and full fine-tuning trains it. Under
+    # ZeRO-3 on two processes its gradient reached a released (0-element) weight when the chunked loss bypassed
+    # lm_head's output hooks (the H200 x2 run of 2026-11-24: "size of tensor a (0) must match ... (3584)").
+    model = tiny_model_dir("qwen2_5_vl")
+    losses = {}
+    for chunked in (True, False):
+        folder = tmp_path / f"chunked-{chunked}"
+        folder.mkdir()
+        config = write_config(folder, model, shapes_data[0], "full", stage=3)
+        run([sys.executable, "-m", "vlmtune.cli", "train", str(config), "--num-gpus", "2",
+             f"speed.chunked_loss={str(chunked).lower()}"], timeout=300)
+        losses[chunked] = check_run(folder / "run", stage=3, method="full")
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)

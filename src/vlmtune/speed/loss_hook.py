@@ -6,8 +6,10 @@ the model keeps calling `self.lm_head(hidden)` and `self.loss_function(logits, l
   such as generation, changes nothing);
 - lm_head's forward, during such a call, computes the chunked loss from its input and its own weight (inside the
   module's forward, so ZeRO-3's gather hooks have the weight in place) and returns an empty `(batch, seq, 0)` tensor
-  instead of the logits;
-- the model's `loss_function` (transformers' documented setter) returns that loss when handed that empty tensor.
+  computed from the loss instead of the logits;
+- the model's `loss_function` (transformers' documented setter) returns that loss, plus the empty tensor's sum (0),
+  when handed that empty tensor: the loss's backward runs after lm_head's output hooks (ZeRO-3 gathers the weight
+  there again), as for a plain lm_head.
 Everything is removed by `remove()`; nothing is patched at import time.
 """
 
@@ -132,7 +134,12 @@ class ChunkedLossHook:
                 shift_labels=call.shift_labels,
                 chunk_tokens=self.chunk_tokens,
             )
-        call.marker = hidden.new_empty((*hidden.shape[:-1], 0))
+        # The empty `(batch, seq, 0)` stand-in for the logits is computed from the loss, and the loss handed back
+        # is computed from the stand-in as it comes out of lm_head's forward (`_loss_function`): backward then
+        # passes through whatever hooks lm_head's output carries before it reaches the loss's own backward.
+        # ZeRO-3 re-gathers lm_head's weight in such a hook; without it, a trainable head's gradient arrives at
+        # a released (0-element) weight on more than one GPU.
+        call.marker = call.loss.reshape(1, 1, 1) * hidden.new_zeros((*hidden.shape[:-1], 0), dtype=call.loss.dtype)
         return call.marker
 
     def _loss_function(
@@ -148,7 +155,7 @@ class ChunkedLossHook:
                     "(e.g. logit soft-capping); the chunked loss cannot reproduce that. Set speed.chunked_loss=false"
                 )
             assert call.loss is not None
-            return call.loss
+            return call.loss + logits.sum()  # + 0: through lm_head's output and its hooks (see _head_forward)
         return self._original_loss(logits, labels, *args, **kwargs)
 
 
