@@ -235,6 +235,9 @@ class SpeedConfig(_Strict):
     checkpoint_offload: bool = False
     """With hardware.gradient_checkpointing: keep the checkpointed layer inputs in pinned CPU memory (frees
     layers x tokens x hidden x 2 bytes of GPU memory, costs a copy each way)."""
+    embeddings_on_cpu: bool = False
+    """QLoRA: keep the frozen input-embedding table (vocab x hidden, 16-bit: 1.0 GiB for Qwen2.5-VL-7B) in CPU
+    memory and look tokens up there; only the looked-up rows go to the GPU. Not with a lm_head tied to it."""
     compile: bool = False
     """torch.compile each language-model decoder layer (fused elementwise kernels, fewer launches). The first
     steps are slower while it compiles; pays on long runs on a GPU."""

@@ -144,6 +144,13 @@ def _weights(
     return out
 
 
+def _cpu_embeddings(inputs: EstimateInputs, counts: ParamCounts, weights: dict[str, int]) -> int:
+    """Bytes of the input-embedding table that speed.embeddings_on_cpu keeps in CPU memory (as the engine applies
+    it: QLoRA, embeddings not tied to lm_head, no ZeRO-3 partitioning of them)."""
+    applies = inputs.embeddings_on_cpu and inputs.method == "qlora" and not counts.tied and inputs.zero_stage < 3
+    return weights["embeddings"] if applies else 0
+
+
 def estimate(inputs: EstimateInputs) -> Breakdown:
     """Peak GPU memory of one training step on each GPU, term by term. Pure: reads only the built-in catalogues."""
     inputs.validate()
@@ -154,6 +161,8 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
     targets = inputs.target_list(spec.arch.lora_targets)
     trainable, in_place = _trainable(inputs, counts, targets)
     weights = _weights(inputs, counts, prec, in_place)
+    cpu_embeddings = _cpu_embeddings(inputs, counts, weights)
+    weights["embeddings"] -= cpu_embeddings
     deepspeed = inputs.zero_stage > 0
     moment = 1 if inputs.optimizer in ("adamw_8bit", "paged_adamw_8bit") else prec.state
     # ZeRO-3 never partitions modules under param_persistence_threshold (10 h): the norms and biases of a layer.
@@ -256,7 +265,7 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
         image_tokens=acts.image_tokens,
         vit_patches=acts.vit_patches,
         offloaded=zp.offloaded,
-        cpu_ram=zp.cpu_ram,
+        cpu_ram=zp.cpu_ram + cpu_embeddings,
         peak_phase=phase,
         phases={k: static + p.total for k, p in phases.items()},
         peak_allocated=allocated,

@@ -65,6 +65,8 @@ class EstimateInputs:
     16-bit model without autocast."""
     lora_16bit_inputs: bool = False
     """speed.lora_bf16_compute: adapters take the layer's 16-bit input instead of an fp32 copy."""
+    embeddings_on_cpu: bool = False
+    """speed.embeddings_on_cpu (QLoRA, untied): the input-embedding table lives in CPU memory."""
     checkpoint_every: int = 1
     """speed.checkpoint_every_n_layers: with checkpointing, only every n-th decoder layer is checkpointed."""
     checkpoint_offload: bool = False
@@ -162,6 +164,7 @@ def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInput
         vision_no_grad=config.speed.frozen_vision_no_grad,
         autocast=config.hardware.precision != "fp32",
         lora_16bit_inputs=config.speed.lora_bf16_compute and config.hardware.precision != "fp32",
+        embeddings_on_cpu=config.speed.embeddings_on_cpu,
         checkpoint_every=config.speed.checkpoint_every_n_layers,
         checkpoint_offload=config.speed.checkpoint_offload,
         zero_stage=stage,
