@@ -8,7 +8,10 @@ memory, ratios to the reference, MFU. Run on the GPU machine from the repo root 
     python3 -m benchmarks.speed.bench table $OUT/results.jsonl      # the table again
 
 Every variant runs in its own process (clean peaks, its own CUDA context in the nvidia-smi figure) and appends one
-JSON line to $OUT/results.jsonl; its log goes to $OUT/<workload>-<variant>.log.
+JSON line to $OUT/results.jsonl; its log and nvidia-smi trace go to $OUT/logs/<workload>-<variant>.{log,smi}.
+
+    python3 -m benchmarks.speed.bench suite --only W1x --out $OUT   # ablation of W1's no-GC gap (not in a part)
+    python3 -m benchmarks.speed.bench profile W1 vlmtune_nogc --out $OUT   # where the step time goes (profiling.py)
 """
 
 from __future__ import annotations
@@ -64,24 +67,7 @@ def run_one(workload: str, variant_name: str, out: Path) -> dict[str, Any]:
 
         result = train(work, variant, model, path, ROOT / "runs" / f"{workload}-{variant_name}")
     else:
-        from benchmarks.speed.data import data_config, encoded_dataset
-        from benchmarks.speed.plain import train as plain_train
-        from vlmtune.data.collate import Collator
-        from vlmtune.families import get_family
-
-        family = get_family(work.family)
-        data_cfg = data_config(MAX_LENGTH[work.spread], work.image_side, work.spread)
-        samples = encoded_dataset(path, model, work.family, data_cfg)
-        pad = family.load_processor(model, data_cfg).tokenizer.pad_token_id
-        result = plain_train(
-            work,
-            variant,
-            str(model),
-            family.lora_target_regex("all"),
-            samples,
-            Collator(pad),
-            work.warmup + work.steps,
-        )
+        result = run_plain(work, variant, model, path)
     result.update(
         workload=workload,
         variant=variant_name,
@@ -103,6 +89,29 @@ def run_one(workload: str, variant_name: str, out: Path) -> dict[str, Any]:
     with open(out / "results.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps(result) + "\n")
     return result
+
+
+def run_plain(work: Workload, variant: Any, model: Path, path: Path, tracer: Any = None) -> dict[str, Any]:
+    """The plain (or Liger) path on the workload's encoded batches; `tracer`: the profiler's phase marker."""
+    from benchmarks.speed.data import data_config, encoded_dataset
+    from benchmarks.speed.plain import train as plain_train
+    from vlmtune.data.collate import Collator
+    from vlmtune.families import get_family
+
+    family = get_family(work.family)
+    data_cfg = data_config(MAX_LENGTH[work.spread], work.image_side, work.spread)
+    samples = encoded_dataset(path, model, work.family, data_cfg)
+    pad = family.load_processor(model, data_cfg).tokenizer.pad_token_id
+    return plain_train(
+        work,
+        variant,
+        str(model),
+        family.lora_target_regex("all"),
+        samples,
+        Collator(pad),
+        work.warmup + work.steps,
+        tracer=tracer,
+    )
 
 
 def _versions() -> dict[str, str]:
@@ -145,7 +154,8 @@ def _sampled(
 
 
 def suite(part: int, out: Path, only: list[str] | None, budget_s: float) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
     started = time.time()
     liger = importlib.util.find_spec("liger_kernel") is not None
     if (part == 1 and not only) or (
@@ -177,7 +187,7 @@ def suite(part: int, out: Path, only: list[str] | None, budget_s: float) -> None
                 "--out",
                 str(out),
             ]
-            code, peak = _sampled(cmd, out / f"{name}.log", out / f"{name}.smi", left)
+            code, peak = _sampled(cmd, logs / f"{name}.log", logs / f"{name}.smi", left)
             print(
                 f"{name}: exit {code}, nvidia-smi peak over the whole process (model build included) {peak} GiB, "
                 f"{time.time() - started:.0f} s elapsed",
@@ -202,7 +212,8 @@ def _check(out: Path, timeout: float) -> None:
     started = time.time()
     _prepare(WORKLOADS["W1"])
     cmd = [sys.executable, "-m", "benchmarks.speed.check", "--out", str(out)]
-    with open(out / "check.log", "w") as log:
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    with open(out / "logs" / "check.log", "w") as log:
         try:
             code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
@@ -228,11 +239,20 @@ def main() -> None:
     o.add_argument("workload")
     o.add_argument("variant")
     o.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("profile", help="torch.profiler over a few steps of one variant; a text report")
+    p.add_argument("workload")
+    p.add_argument("variant")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--trace", action="store_true", help="also write the Chrome trace (large)")
     t = sub.add_parser("table")
     t.add_argument("results", type=Path)
     args = ap.parse_args()
     if args.cmd == "suite":
         suite(args.part, args.out, [w for w in args.only.split(",") if w] or None, args.budget_s)
+    elif args.cmd == "profile":
+        from benchmarks.speed.profiling import profile_one
+
+        print(profile_one(args.workload, args.variant, args.out, args.trace).read_text())
     elif args.cmd == "one":
         print(json.dumps(run_one(args.workload, args.variant, args.out)))
     else:

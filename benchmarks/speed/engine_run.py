@@ -65,7 +65,15 @@ def config_dict(
     }
 
 
-def train(work: Workload, variant: Variant, model_dir: Path, train_path: Path, out: Path) -> dict[str, Any]:
+def train(
+    work: Workload,
+    variant: Variant,
+    model_dir: Path,
+    train_path: Path,
+    out: Path,
+    callbacks: list[TrainerCallback] | None = None,
+) -> dict[str, Any]:
+    """callbacks: extra ones, called before the step timer (the profiler's, so the timer's sync is inside a step)."""
     from vlmtune.config.loader import load_config
     from vlmtune.train.engine import train as vlmtune_train
 
@@ -76,7 +84,7 @@ def train(work: Workload, variant: Variant, model_dir: Path, train_path: Path, o
     timer = StepTimer(work.warmup)
     shutil.rmtree(out, ignore_errors=True)
     try:
-        result = vlmtune_train(config, callbacks=[timer])
+        result = vlmtune_train(config, callbacks=[*(callbacks or []), timer])
     finally:  # checkpoints of a full fine-tuning run are tens of GB: the disk would not hold the next ones
         shutil.rmtree(out, ignore_errors=True)
     return {

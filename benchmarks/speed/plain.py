@@ -111,7 +111,10 @@ def train(
     samples: list[Any],
     collate: Any,
     steps: int,
+    tracer: Any = None,
 ) -> dict[str, Any]:
+    """tracer: the profiler's phase marker (`phase(name)` at each boundary, `step()` after each step), or None."""
+    phase = tracer.phase if tracer is not None else (lambda name: None)
     model = build(work, variant, model_dir, lora_targets)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
@@ -130,23 +133,35 @@ def train(
     meter, done, losses = StepMeter(work.warmup), 0, []
     reset_peaks()
     meter.start()
+    phase("next batch")
     while done < steps:
         for batch in loader:
+            phase("to device")
             tokens = int(batch["attention_mask"].sum())
             batch = {
                 k: v.to(DEVICE, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
             }
+            phase("forward")
             with torch.autocast(DEVICE, dtype=torch.bfloat16):
                 loss = model(**batch).loss
+            phase("backward")
             loss.backward()
+            phase("clip")
             torch.nn.utils.clip_grad_norm_(params, 1.0)
+            phase("optimizer")
             optimizer.step()
+            phase("zero_grad + loss.item (sync)")
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
+            phase("step meter (sync)")
             meter.step(tokens)
             done += 1
+            if tracer is not None:
+                tracer.step()
+            phase("next batch")
             if done == steps:
                 break
+    phase(None)
     return {
         **meter.summary(),
         "loss_first": losses[0],

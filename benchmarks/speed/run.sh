@@ -6,16 +6,43 @@
 #   OUT=$OUT PART=2 bash benchmarks/speed/run.sh    # W3 Qwen2.5-VL-7B LoRA, W4 Qwen2-VL-2B full fine-tuning
 #   OUT=$OUT PART=3 bash benchmarks/speed/run.sh    # W2 Qwen2.5-VL-7B QLoRA, W5 packing vs padding
 # One workload (or the check) alone: ONLY=W3 (ONLY=check) OUT=$OUT bash benchmarks/speed/run.sh. The table again: python3 -m
-# benchmarks.speed.bench table $OUT/results.jsonl. Results: $OUT/results.jsonl (one line per variant),
-# $OUT/check.jsonl, $OUT/smi_peaks.jsonl, a log per variant, and $OUT/report.md (the printed table).
+# benchmarks.speed.bench table $OUT/results.jsonl.
+# Why vlmtune is slower than the plain loop without GC (W1): the W1x ablation (each switch off in turn, ~4 min) and
+# torch.profiler reports of chosen variants (~1 min each), in one call:
+#   ONLY=W1x PROFILE="W1:vlmtune_nogc W1:plain_nogc" BUDGET_S=300 OUT=$OUT bash benchmarks/speed/run.sh
+# PROFILE alone (no ONLY / PART) runs only the profiles. TRACE=1 adds Chrome traces to the logs archive (large).
+# $OUT keeps at most 8 files (what the device returns): results.jsonl (one line per variant), smi_peaks.jsonl,
+# check.jsonl, report.md (the printed table), profile.md (every profile report), logs.tar.gz (gpu.txt, a log and an
+# nvidia-smi trace per variant, the check's and the profiles' logs).
 # Wheels (bitsandbytes, pydantic + its deps, liger-kernel) are carried in .whl/ (see ../shared/device/wheels.sh):
 #   ../shared/device/wheels.sh -- bitsandbytes==0.50.2 liger-kernel==0.8.5 pydantic==2.14.3 ...
 set -euo pipefail
 OUT=${OUT:-/tmp/vlmtune-speed-out}
-mkdir -p "$OUT"
+mkdir -p "$OUT/logs"
 source benchmarks/gpu_env.sh
 export BENCH_ROOT=${BENCH_ROOT:-/tmp/vlmtune-speed}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-args=(--out "$OUT" --budget-s "${BUDGET_S:-540}")
-if [[ -n ${ONLY:-} ]]; then args+=(--only "$ONLY"); else args+=(--part "${PART:-1}"); fi
-python3 -m benchmarks.speed.bench suite "${args[@]}" 2>&1 | tee -a "$OUT/report.md"
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/logs/gpu.txt"
+fi
+pack() {  # everything but the top-level summaries goes into one archive
+  tar czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$OUT/logs"
+}
+trap pack EXIT
+if [[ -n ${ONLY:-} || -n ${PART:-} || -z ${PROFILE:-} ]]; then
+  args=(--out "$OUT" --budget-s "${BUDGET_S:-540}")
+  if [[ -n ${ONLY:-} ]]; then args+=(--only "$ONLY"); else args+=(--part "${PART:-1}"); fi
+  python3 -m benchmarks.speed.bench suite "${args[@]}" 2>&1 | tee -a "$OUT/report.md"
+fi
+for item in ${PROFILE:-}; do
+  work=${item%%:*} variant=${item#*:}
+  started=$SECONDS
+  code=0
+  timeout "${PROFILE_TIMEOUT_S:-150}" python3 -m benchmarks.speed.bench profile "$work" "$variant" \
+    --out "$OUT/logs" ${TRACE:+--trace} >"$OUT/logs/profile-$work-$variant.log" 2>&1 || code=$?
+  echo "profile $work $variant: exit $code, $((SECONDS - started)) s" | tee -a "$OUT/report.md"
+  report="$OUT/logs/profile-$work-$variant.txt"
+  if [[ -f $report ]]; then cat "$report" >>"$OUT/profile.md"; else
+    { echo "# profile: $work $variant failed (exit $code); the log's tail:"; echo '```';
+      tail -n 40 "$OUT/logs/profile-$work-$variant.log"; echo '```'; } >>"$OUT/profile.md"; fi
+  echo >>"$OUT/profile.md"
+done

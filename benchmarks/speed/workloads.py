@@ -49,11 +49,14 @@ class Workload:
     """Records to write (0: batch x (warmup + steps) + a few)."""
     mfu: bool = False
     part: int = 1
-    """Which of the three GPU calls runs it (each call must stay under ~9.5 minutes)."""
+    """Which of the three GPU calls runs it (each call must stay under ~9.5 minutes); 0: only with --only."""
 
 
 FAST = {"speed.checkpoint_every_n_layers": 2}
 """Checkpoint every second layer: half the recomputation, about half the activations of no checkpointing."""
+
+NONE = {"speed.chunked_loss": False, "speed.frozen_vision_no_grad": False, "speed.lora_bf16_compute": False}
+"""vlmtune's engine with its three default model-level switches off: the HF Trainer around the plain model."""
 
 WORKLOADS: dict[str, Workload] = {
     w.name: w
@@ -81,6 +84,29 @@ WORKLOADS: dict[str, Workload] = {
             reference="plain_gc",
             mfu=True,
             part=1,
+        ),
+        Workload(
+            "W1x",
+            "W1 ablation, no GC: which of vlmtune's switches (or the Trainer itself) costs time vs the plain loop",
+            "qwen2_vl",
+            "2b",
+            "lora",
+            4,
+            448,
+            512,
+            variants=(
+                Variant("plain_nogc", "plain", False),
+                Variant("vlmtune_nogc", "vlmtune", False),
+                Variant("vlmtune_nogc_no_chunked", "vlmtune", False, {"speed.chunked_loss": False}),
+                Variant("vlmtune_nogc_no_vision_nograd", "vlmtune", False, {"speed.frozen_vision_no_grad": False}),
+                Variant("vlmtune_nogc_no_lora16", "vlmtune", False, {"speed.lora_bf16_compute": False}),
+                Variant("vlmtune_nogc_none", "vlmtune", False, NONE),
+            ),
+            reference="plain_nogc",
+            warmup=3,
+            steps=8,
+            mfu=True,
+            part=0,
         ),
         Workload(
             "W4",
