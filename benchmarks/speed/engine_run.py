@@ -85,6 +85,7 @@ def train(
     shutil.rmtree(out, ignore_errors=True)
     try:
         result = vlmtune_train(config, callbacks=[*(callbacks or []), timer])
+        speed = _speed_event(result.log_path)
     finally:  # checkpoints of a full fine-tuning run are tens of GB: the disk would not hold the next ones
         shutil.rmtree(out, ignore_errors=True)
     return {
@@ -93,4 +94,16 @@ def train(
         "loss_last": result.train_loss_last,
         "trainable_params": result.trainable_params,
         "config_overrides": variant.overrides,
+        "speed": speed,
     }
+
+
+def _speed_event(log_path: Path) -> Any:
+    """What apply_speed switched on / skipped, from the run's start event (the run folder is deleted after)."""
+    import json
+
+    for line in Path(log_path).read_text().splitlines():
+        record = json.loads(line)
+        if record.get("event") == "start":
+            return record.get("speed")
+    return None

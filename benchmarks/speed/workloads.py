@@ -98,7 +98,9 @@ WORKLOADS: dict[str, Workload] = {
                 Variant("plain_nogc", "plain", False),
                 Variant("vlmtune_nogc", "vlmtune", False),
                 Variant("vlmtune_nogc_no_chunked", "vlmtune", False, {"speed.chunked_loss": False}),
-                Variant("vlmtune_nogc_no_vision_nograd", "vlmtune", False, {"speed.frozen_vision_no_grad": False}),
+                Variant(
+                    "vlmtune_nogc_no_vision_nograd", "vlmtune", False, {"speed.frozen_vision_no_grad": False}
+                ),
                 Variant("vlmtune_nogc_no_lora16", "vlmtune", False, {"speed.lora_bf16_compute": False}),
                 Variant("vlmtune_nogc_none", "vlmtune", False, NONE),
             ),
