@@ -158,6 +158,7 @@ def suite(part: int, out: Path, only: list[str] | None, budget_s: float) -> None
     logs.mkdir(parents=True, exist_ok=True)
     started = time.time()
     liger = importlib.util.find_spec("liger_kernel") is not None
+    chosen = set(filter(None, os.environ.get("BENCH_VARIANTS", "").split(",")))  # e.g. plain_gc,vlmtune_lean
     if (part == 1 and not only) or (
         only and "check" in only
     ):  # first: it decides whether the rest means anything
@@ -167,6 +168,8 @@ def suite(part: int, out: Path, only: list[str] | None, budget_s: float) -> None
             continue
         _prepare(work)  # model folder + data once, outside the timed processes
         for variant in work.variants:
+            if chosen and variant.name not in chosen:
+                continue
             if variant.path == "liger" and not liger:
                 print(f"{work.name} {variant.name}: skipped, liger-kernel does not import here", flush=True)
                 continue

@@ -149,6 +149,7 @@ WORKLOADS: dict[str, Workload] = {
                         "method.quantization.quantize_vision_tower": True,
                         "method.quantization.quantize_lm_head": True,
                         "training.optimizer": "paged_adamw_8bit",
+                        "speed.embeddings_on_cpu": True,
                     },
                 ),
             ),
