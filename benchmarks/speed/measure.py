@@ -100,6 +100,12 @@ class StepMeter:
             out["tokens_per_second"] = round(sum(tokens) / sum(times), 1)
             out["step_seconds_median"] = round(statistics.median(times), 4)
             out["tokens_per_step"] = round(sum(tokens) / len(tokens), 1)
+            # A stall (an epoch boundary restarting the loader's workers, an allocator retry) moves the mean but
+            # not the median: both are reported, and the steps slower than twice the median are counted.
+            median = statistics.median(times)
+            out["tokens_per_second_median_step"] = round(out["tokens_per_step"] / median, 1)
+            out["slow_steps"] = sum(t > 2 * median for t in times)
+            out["step_seconds_max"] = round(max(times), 4)
         if torch.cuda.is_available():
             out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3)
             out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 3)

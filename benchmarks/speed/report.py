@@ -80,10 +80,10 @@ def print_report(path: Path) -> None:
         ref = rows.get(work.reference, {})
         print(f"\n## {name}: {work.title}\n")
         print(
-            "| variant | tokens/s | x ref | peak alloc GiB | peak reserved GiB | x ref | smi train GiB | smi all GiB "
-            "| MFU | loss first -> last |"
+            "| variant | tokens/s | x ref | tokens/s at median step (slow steps) | peak alloc GiB | peak reserved GiB "
+            "| x ref | smi train GiB | smi all GiB | MFU | loss first -> last |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for variant in work.variants:
             r = rows.get(variant.name)
             if r is None:
@@ -97,7 +97,9 @@ def print_report(path: Path) -> None:
                 else None
             )
             print(
-                f"| {variant.name} | {r['tokens_per_second']:,.0f} | {_fmt(speed)} | {_fmt(r.get('peak_allocated_gib'))} "
+                f"| {variant.name} | {r['tokens_per_second']:,.0f} | {_fmt(speed)} "
+                f"| {_fmt(r.get('tokens_per_second_median_step'), ',.0f')} ({r.get('slow_steps', '-')}) "
+                f"| {_fmt(r.get('peak_allocated_gib'))} "
                 f"| {_fmt(r.get('peak_reserved_gib'))} | {_fmt(memory)} | {_fmt(r.get('smi_in_process_gib'))} "
                 f"| {_fmt(smi.get((name, variant.name)))} | {_fmt(r.get('mfu'), '.1%')} "
                 f"| {_fmt(r.get('loss_first'), '.3f')} -> {_fmt(r.get('loss_last'), '.3f')} |"

@@ -22,6 +22,8 @@ class CpuEmbeddings:
     def __init__(self, embedding: nn.Embedding, device: torch.device):
         self.embedding, self.device = embedding, device
         self.bytes = embedding.weight.numel() * embedding.weight.element_size()
+        self.moved_back = 0
+        """Times the table was found off the CPU at a forward and moved back."""
         embedding.to("cpu")
         self._handles = [
             embedding.register_forward_pre_hook(self._inputs_to_cpu),
@@ -31,6 +33,13 @@ class CpuEmbeddings:
         ]
 
     def _inputs_to_cpu(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        if self.embedding.weight.device.type != "cpu":
+            # Something moved the whole model to the GPU after install (the H100 run of 2026-11-24: the Trainer
+            # did, QLoRA or not): move the table back once and return its GPU blocks to the driver.
+            self.embedding.to("cpu")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.moved_back += 1
         return tuple(a.to("cpu") if torch.is_tensor(a) else a for a in args)
 
     def _output_to_device(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
