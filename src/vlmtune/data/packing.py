@@ -129,9 +129,7 @@ class PackingCollator:
         samples = [s for g in groups for s in g]
         for key in dict.fromkeys(k for s in samples for k in s.images):
             batch[key] = torch.cat([s.images[key] for s in samples if key in s.images], dim=0)
-        batch["use_cache"] = (
-            False  # with a cache, transformers ignores the packing, transformers ignores the packing
-        )
+        batch["use_cache"] = False  # with a cache, transformers ignores the packing
         return batch
 
     def _pad(self, key: str, value: torch.Tensor, length: int) -> torch.Tensor:

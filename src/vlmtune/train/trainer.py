@@ -52,6 +52,14 @@ class VlmTrainer(Trainer):
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
 
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        """Packed rows (speed.packing) carry no attention mask and the processor has no pad_token_id, so the
+        Trainer would warn on every step and count the rows' padding as tokens: count what is not padding."""
+        pad = getattr(getattr(self.processing_class, "tokenizer", None), "pad_token_id", None)
+        if "attention_mask" not in inputs and pad is not None and "input_ids" in inputs:
+            inputs = {**inputs, "attention_mask": inputs["input_ids"] != pad}
+        super()._track_num_input_tokens(inputs)
+
     def _get_output_dir(self, trial: Any) -> str:
         return self._staging if self._staging is not None else super()._get_output_dir(trial)
 
