@@ -4,7 +4,8 @@ Per decoder layer and token, measured in HF transformers with SDPA (memory_ancho
 width, kv key/value width, i MLP width; bytes):
 - full fine-tuning (bf16): 20h + 4kv + 8i
 - LoRA with PEFT's fp32 adapters on all seven linears: 28h + 8q + 4kv + 10i; the LoRA part (8h + 8q + 2i) is scaled
-  by the share of targeted linear inputs for smaller target sets; lora_dropout > 0 adds 6h + i
+  by the share of targeted linear inputs for smaller target sets; lora_dropout > 0 adds 6h + i (plain path, no
+  autocast); under vlmtune's 16-bit autocast: 20h + 4kv + 8i + 2 bytes per adapted linear's input (LORA_AUTOCAST_BYTES)
 - with gradient checkpointing only the layer input is kept (2h bytes in bf16), plus one layer's activations while it
   is recomputed in backward.
 Vision tower: with checkpointing HF hooks it into autograd even when frozen, so each block keeps its input
@@ -24,10 +25,16 @@ from vlmtune.memory.inputs import EstimateInputs
 from vlmtune.memory.params import ParamCounts, target_input_widths
 
 TRAINED_VIT_BYTES = 53
-LORA_AUTOCAST = 0.55
-"""Under 16-bit autocast (vlmtune's Trainer) the LoRA-specific activations (fp32 input copies, dropout) are this
-fraction of what the plain path without autocast keeps: fitted on 7 no-checkpointing runs (Qwen2-VL-2B,
-Qwen2.5-VL-7B, LLaVA-1.5-7B; LoRA and QLoRA; benchmarks/RESULTS.md, calibration)."""
+LORA_AUTOCAST_BYTES = 2
+"""Under 16-bit autocast (vlmtune's Trainer) each adapted linear keeps one 16-bit copy of its input for lora_A's
+weight gradient: the dropout output (or, without dropout, autocast's re-cast of PEFT's fp32 input copy). Whether
+PEFT hands the adapter an fp32 copy (speed.lora_bf16_compute off) or the 16-bit input does not change what is saved:
+autocast casts it back to 16-bit before lora_A, and the fp32 copy is never saved (W1x: 16.69 GiB allocated either
+way, within 10 MiB). Counted on top of the full fine-tuning layer: the frozen base linears save no input of their own
+(autograd keeps an input only for a gradient it computes), the dropout masks (1 byte per element) are saved; the two
+nearly cancel, and 2 bytes per adapted input element on top of 20h + 4kv + 8i matches the no-checkpointing LoRA
+runs of Qwen2-VL-2B and Qwen2.5-VL-7B within 1% per layer (counting masks and base inputs separately gives 30h + 4kv
++ 9i for Qwen2-VL, 7% under them: something of about 2h + i per token per layer is kept that this count misses)."""
 
 
 @dataclass(frozen=True)
@@ -60,11 +67,13 @@ def per_token_layer_bytes(
     out = 20 * h + 4 * kv + 8 * i
     if inputs.method in ("lora", "qlora"):
         chosen, every = target_input_widths(counts, targets)
-        share = chosen / every
-        adapter = 0 if bf16_adapters or inputs.lora_16bit_inputs else 8 * h + 8 * q + 2 * i
-        dropout = 6 * h + i if inputs.lora_dropout > 0 else 0
-        factor = LORA_AUTOCAST if inputs.autocast else 1.0
-        out += int((adapter + dropout) * share * factor)
+        if inputs.autocast:
+            keeps_copy = inputs.lora_dropout > 0 or not (bf16_adapters or inputs.lora_16bit_inputs)
+            out += LORA_AUTOCAST_BYTES * chosen if keeps_copy else 0
+        else:  # the plain path: the 16-bit model run without autocast, fp32 adapters (memory_anchors.md §6.2)
+            adapter = 0 if bf16_adapters or inputs.lora_16bit_inputs else 8 * h + 8 * q + 2 * i
+            dropout = 6 * h + i if inputs.lora_dropout > 0 else 0
+            out += int((adapter + dropout) * chosen / every)
     if inputs.attn_implementation == "eager":
         out += (
             4 * d.heads * inputs.seq_len
@@ -111,7 +120,9 @@ def activation_terms(
         checkpointed = -(-d.layers // every)
         kept = 0 if inputs.checkpoint_offload else checkpointed * act_bytes * b * s * d.hidden
         language = kept + (d.layers - checkpointed) * per_layer * b * s
-        working = per_layer * b * s + 2 * act_bytes * b * s * d.hidden
+        # the recomputed layer's activations, plus the gradients alive in its backward: the residual stream's
+        # (in and out) and, in the MLP, the gradient of one intermediate-width tensor beside its saved inputs
+        working = per_layer * b * s + act_bytes * b * s * (2 * d.hidden + d.intermediate)
         vision = 0 if inputs.vision_no_grad and not trained_vit else (
             d.vision_depth * act_bytes * patches * d.vision_width)
     else:
@@ -125,6 +136,8 @@ def activation_terms(
             default=0,
         )
         dequant = 2 * 2 * largest
+        if inputs.quantize_lm_head and not counts.tied:  # the chunked loss calls the 4-bit head: one 16-bit copy
+            dequant = max(dequant, 2 * d.vocab * d.hidden)
     patch = rule.get("patch_size", 14)
     pixel_values = patches * 3 * patch * patch * rule.get("temporal_patch_size", 1)
     return ActivationTerms(

@@ -47,9 +47,18 @@ FRAG_VISION = 88
 """A vision tower run without grad leaves its transient blocks in the allocator's cache: bytes per patch per unit of
 tower width, fitted on 14 checkpointed runs of vlmtune's calibration (1k-16k patches per micro-batch)."""
 FRAG_FOREACH = 0.5
-CHUNK_LOGITS = 6
-"""Bytes per (token, vocabulary entry) of one chunk of the chunked loss: 16-bit logits while the fp32 upcast is
-made, then the fp32 softmax in place and its 16-bit gradient."""
+LOSS_RESHAPE_SETS = 3
+"""HF's loss on micro-batches of several samples (vlmtune's engine pads each batch to its longest sample, so the
+padded length changes from step to step by more than the allocator's 2 MiB rounding of these blocks): a step whose
+logits blocks do not fit the cached ones of the last step allocates a new set, and the old set stays cached. The set
+is the loss's 16-bit logits, fp32 upcast, log-softmax and 16-bit gradient, 12·B·S·V bytes = 3 x the fp32 block.
+Measured: reserved - allocated 7.0-7.2 GiB at B = 4, S = 770 (W1x with speed.chunked_loss=false; 16·B·S·V =
+7.0 GiB); the fixed-shape plain-path anchors (no autocast, identical samples) do not show it."""
+CHUNK_LOGITS = 8
+"""Bytes per (token, vocabulary entry) of one chunk of the chunked loss at its peak: the fp32 logits and
+torch.logsumexp's fp32 temporary `(logits - max).exp_()` (the 16-bit matmul output is freed by then; later the
+softmax is made in place and its 16-bit gradient needs 6). Measured: the checkpointed LoRA runs were short by
+2 bytes x chunk x vocabulary (140 MiB at a 484-token chunk, 300 MiB at 1,024, Qwen2-VL-2B)."""
 TIGHT_MARGIN = 0.10
 """Below this fraction of the GPU's memory left free, the verdict is `tight` (estimate error + allocator noise)."""
 
@@ -222,6 +231,7 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
     frag = int(
         FRAG_BASE
         + (FRAG_LOGITS * loss.fp32_block if not inputs.chunked_loss else 0)
+        + (LOSS_RESHAPE_SETS * loss.fp32_block if _loss_blocks_reshape(inputs) else 0)
         + (FRAG_VISION * acts.vit_patches * dims.vision_width if frozen_vision else 0)
         + FRAG_STATES * live_16bit_states
         + (FRAG_FOREACH * step if phase == "optimizer step" else 0)
@@ -276,6 +286,11 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
         verdict=verdict,
         notes=tuple(acts.notes + _caveats(inputs)),
     )
+
+
+def _loss_blocks_reshape(inputs: EstimateInputs) -> bool:
+    """HF's loss on padded batches of several samples through vlmtune's engine (autocast): see LOSS_RESHAPE_SETS."""
+    return not inputs.chunked_loss and inputs.autocast and inputs.batch_size > 1
 
 
 def _deepspeed_step_reserve(phases: dict[str, _Phase], step_cached: int) -> int:
