@@ -58,58 +58,56 @@ FAST = {"speed.checkpoint_every_n_layers": 2}
 NONE = {"speed.chunked_loss": False, "speed.frozen_vision_no_grad": False, "speed.lora_bf16_compute": False}
 """vlmtune's engine with its three default model-level switches off: the HF Trainer around the plain model."""
 
+W1 = Workload(
+    "W1",
+    "Qwen2-VL-2B LoRA r16 all linear, batch 4 x (448 px + 512 text)",
+    "qwen2_vl",
+    "2b",
+    "lora",
+    4,
+    448,
+    512,
+    variants=(
+        Variant("plain_gc", "plain", True),
+        Variant("vlmtune_gc", "vlmtune", True),
+        Variant("vlmtune_gc2", "vlmtune", True, FAST),
+        Variant("vlmtune_nogc", "vlmtune", False),
+        Variant("plain_nogc", "plain", False),
+        Variant("liger_gc", "liger", True),
+        Variant("liger_nogc", "liger", False),
+        Variant("vlmtune_gc2_compile", "vlmtune", True, {**FAST, "speed.compile": True}),
+        Variant("vlmtune_nogc_compile", "vlmtune", False, {"speed.compile": True}),
+    ),
+    reference="plain_gc",
+    mfu=True,
+    part=1,
+)
+
+W1X = replace(
+    W1,
+    name="W1x",
+    title="W1 ablation, no GC: which of vlmtune's switches (or the Trainer itself) costs time vs the plain loop",
+    variants=(
+        Variant("plain_nogc", "plain", False),
+        Variant("vlmtune_nogc", "vlmtune", False),
+        Variant("vlmtune_nogc_no_chunked", "vlmtune", False, {"speed.chunked_loss": False}),
+        Variant("vlmtune_nogc_no_vision_nograd", "vlmtune", False, {"speed.frozen_vision_no_grad": False}),
+        Variant("vlmtune_nogc_no_lora16", "vlmtune", False, {"speed.lora_bf16_compute": False}),
+        Variant("vlmtune_nogc_none", "vlmtune", False, NONE),
+    ),
+    reference="plain_nogc",
+    warmup=3,
+    steps=8,
+    part=0,
+)
+"""W1's shapes without checkpointing, each of vlmtune's switches off in turn (only run with --only W1x)."""
+
+
 WORKLOADS: dict[str, Workload] = {
     w.name: w
     for w in (
-        Workload(
-            "W1",
-            "Qwen2-VL-2B LoRA r16 all linear, batch 4 x (448 px + 512 text)",
-            "qwen2_vl",
-            "2b",
-            "lora",
-            4,
-            448,
-            512,
-            variants=(
-                Variant("plain_gc", "plain", True),
-                Variant("vlmtune_gc", "vlmtune", True),
-                Variant("vlmtune_gc2", "vlmtune", True, FAST),
-                Variant("vlmtune_nogc", "vlmtune", False),
-                Variant("plain_nogc", "plain", False),
-                Variant("liger_gc", "liger", True),
-                Variant("liger_nogc", "liger", False),
-                Variant("vlmtune_gc2_compile", "vlmtune", True, {**FAST, "speed.compile": True}),
-                Variant("vlmtune_nogc_compile", "vlmtune", False, {"speed.compile": True}),
-            ),
-            reference="plain_gc",
-            mfu=True,
-            part=1,
-        ),
-        Workload(
-            "W1x",
-            "W1 ablation, no GC: which of vlmtune's switches (or the Trainer itself) costs time vs the plain loop",
-            "qwen2_vl",
-            "2b",
-            "lora",
-            4,
-            448,
-            512,
-            variants=(
-                Variant("plain_nogc", "plain", False),
-                Variant("vlmtune_nogc", "vlmtune", False),
-                Variant("vlmtune_nogc_no_chunked", "vlmtune", False, {"speed.chunked_loss": False}),
-                Variant(
-                    "vlmtune_nogc_no_vision_nograd", "vlmtune", False, {"speed.frozen_vision_no_grad": False}
-                ),
-                Variant("vlmtune_nogc_no_lora16", "vlmtune", False, {"speed.lora_bf16_compute": False}),
-                Variant("vlmtune_nogc_none", "vlmtune", False, NONE),
-            ),
-            reference="plain_nogc",
-            warmup=3,
-            steps=8,
-            mfu=True,
-            part=0,
-        ),
+        W1,
+        W1X,
         Workload(
             "W4",
             "Qwen2-VL-2B full fine-tuning (vision tower frozen), batch 4 x (448 px + 512 text), GC",
