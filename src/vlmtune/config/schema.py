@@ -240,7 +240,9 @@ class SpeedConfig(_Strict):
     memory and look tokens up there; only the looked-up rows go to the GPU. Not with a lm_head tied to it."""
     compile: bool = False
     """torch.compile each language-model decoder layer (fused elementwise kernels, fewer launches). The first
-    steps are slower while it compiles; pays on long runs on a GPU."""
+    steps are slower while it compiles. Measured on an H100 (benchmarks/RESULTS.md, W1): +5% without gradient
+    checkpointing; with checkpointing every 2nd layer 3.7x slower over the first 13 steps (layers checkpointed and
+    not compile to separate graphs, and the recomputation runs through the compiled checkpoint)."""
 
 
 class VlmtuneConfig(_Strict):
