@@ -128,6 +128,7 @@ def test_a_run_that_does_not_fit_is_refused_with_breakdown_and_advice(tmp_path, 
     assert "does not fit" in message and "Fake GPU: 6.50 of 80.00 GiB free" in message
     assert "PEAK (nvidia-smi)" in message and "logits and loss" in message  # the breakdown table
     assert "as overrides:" in message and "method.name=qlora" in message  # settings that fit
+    assert (tmp_path / "memory_estimate.png").is_file()  # the picture of what does not fit, beside the log
     assert "--force" in message
     assert "memory estimate" in capsys.readouterr().out  # printed before the refusal
     event = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
@@ -159,6 +160,12 @@ def test_force_starts_a_run_that_does_not_fit(tmp_path, dataset, gpu, caplog):
     assert result.fits is False and result.config.training.batch_size == 8
     assert "starting anyway" in caplog.text
     assert json.loads((tmp_path / "log.jsonl").read_text())["forced"] is True
+    from PIL import Image
+
+    from vlmtune.memory.picture import STATUS_COLOUR
+
+    picture = Image.open(tmp_path / "memory_estimate.png").convert("RGB")
+    assert STATUS_COLOUR["does not fit"] in {picture.getpixel((x, 100)) for x in range(picture.width)}  # its line
 
 
 def test_memory_fraction_caps_what_is_available(tmp_path, dataset, gpu):

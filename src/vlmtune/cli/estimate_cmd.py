@@ -7,6 +7,7 @@ the estimate-only flags say how it runs (ZeRO stage, offload, GPUs) and on which
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 HELP = "estimate the peak GPU memory of a training run (per GPU, term by term) and whether it fits a GPU"
@@ -76,6 +77,7 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
         "--num-gpus", dest="num_gpus", type=_positive, help="data-parallel GPUs (default: the config's)"
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--plot", type=Path, metavar="FILE.png", help="also draw the breakdown as a picture")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -176,6 +178,10 @@ def run(args: argparse.Namespace) -> int:
     )
     inputs, data = data_inputs(args, inputs)
     breakdown = estimate(inputs)
+    if args.plot is not None:
+        from vlmtune.memory.picture import render_breakdown
+
+        render_breakdown(breakdown, args.plot)
     if args.json:
         out = breakdown.to_dict()
         if data:
@@ -194,4 +200,6 @@ def run(args: argparse.Namespace) -> int:
         if config.training.batch_size == "auto":
             print("training.batch_size=auto: estimated at micro-batch 1; `vlmtune train` picks the largest that fits "
                   "the visible GPU, and `vlmtune recommend --gpu NAME` shows it for a named card.")
+        if args.plot is not None:
+            print(f"picture: {args.plot}")
     return 0

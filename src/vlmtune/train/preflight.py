@@ -87,6 +87,22 @@ def _event(log_path: Path | None, result: PreflightResult, forced: bool) -> None
     write_event(log_path, "memory_preflight", **fields)
 
 
+def _picture(b: Breakdown, gpu: GpuMemory, status: str, out_png: Path) -> None:
+    """memory_estimate.png in the run folder: the breakdown against what this GPU has (its free memory plus the
+    CUDA context the estimate counts, so the bar and the line compare as the fit check does)."""
+    from dataclasses import replace
+
+    from vlmtune.memory.breakdown import Verdict
+    from vlmtune.memory.picture import render_breakdown
+
+    capacity = gpu.available + b.cuda_context
+    verdict = Verdict(gpu=gpu.name, capacity=capacity, headroom=capacity - b.peak_total, status=status)
+    try:
+        render_breakdown(replace(b, verdict=verdict), out_png)
+    except OSError as exc:  # a picture is not worth stopping a run for
+        log.warning("could not write %s: %s", out_png, exc)
+
+
 def _resolved(config: VlmtuneConfig, batch: int) -> VlmtuneConfig:
     return config.model_copy(update={"training": config.training.model_copy(update={"batch_size": batch})})
 
@@ -143,6 +159,9 @@ def preflight(
     if main:
         _show(breakdown, _summary(breakdown, gpu, verdict))
     _event(log_path, result, forced)
+    if log_path is not None:
+        _picture(breakdown, gpu, "does not fit" if not fits else "tight" if tight else "fits",
+                 log_path.parent / "memory_estimate.png")
     if not fits and not forced:
         raise VlmtuneError(
             f"this run does not fit the GPU according to the memory estimate: it needs about "

@@ -1,0 +1,91 @@
+"""A picture of a memory estimate (`vlmtune estimate --plot FILE.png`, `memory_estimate.png` in a GPU run's folder):
+one bar per GPU cut into the breakdown's terms, in the order the table lists them, with the card's usable memory as
+a line when a GPU was named. Drawn with Pillow, like the loss curve, so it needs no plotting library."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from vlmtune.memory.breakdown import Breakdown
+
+GIB = 1 << 30
+WIDTH, HEIGHT = 900, 420
+LEFT, RIGHT, BAR_TOP, BAR_BOTTOM = 30, 870, 70, 130
+PALETTE = (
+    (31, 119, 180), (174, 199, 232), (255, 127, 14), (255, 187, 120), (44, 160, 44), (152, 223, 138),
+    (214, 39, 40), (255, 152, 150), (148, 103, 189), (197, 176, 213), (140, 86, 75), (196, 156, 148),
+    (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+)
+STATUS_COLOUR = {"fits": (0, 120, 0), "tight": (235, 120, 0), "does not fit": (190, 0, 0)}  # none in PALETTE
+
+
+def segments(b: Breakdown) -> list[tuple[str, int]]:
+    """(label, bytes) of every non-zero term, in table order; they add up to `peak_total` (what nvidia-smi shows)."""
+    quant = " (4-bit)" if b.weights_quantized else ""
+    rows = [(f"weights: {part.replace('_', ' ')}{quant if part == 'language' else ''}", v)
+            for part, v in b.weights.items()]
+    rows += [
+        ("trainable weights / adapters", b.adapters),
+        ("gradients", b.gradients),
+        ("optimizer states", b.optimizer_states),
+        ("ZeRO-3 gathered parameters", b.zero_gathered),
+        ("communication buffers", b.comm_buffers),
+        ("activations: vision tower", b.activations_vision),
+        ("activations: language model", b.activations_language),
+        ("logits and loss", b.logits_loss),
+        ("step transients", b.transient),
+        ("runtime (workspaces, batch)", b.runtime),
+        ("allocator overhead", b.allocator_overhead),
+        ("CUDA context", b.cuda_context),
+    ]
+    return [(label, value) for label, value in rows if value > 0]
+
+
+def render_breakdown(b: Breakdown, out_png: Path) -> Path:
+    parts = segments(b)
+    capacity = b.verdict.capacity if b.verdict else 0
+    scale_max = max(b.peak_total, capacity) * 1.05 or 1
+    image = Image.new("RGB", (WIDTH, HEIGHT), "white")
+    draw = ImageDraw.Draw(image)
+    i = b.inputs
+    setup = (f"{i.method}" + (f" r={i.lora_rank}" if i.method != "full" else "") + f", batch {i.batch_size}, "
+             f"{b.seq_len} tokens/sample, checkpointing {'on' if i.gradient_checkpointing else 'off'}, "
+             f"ZeRO {i.zero_stage}" + (f" offload {i.offload}" if i.offload != "none" else "")
+             + f", {i.num_gpus} GPU(s)")
+    draw.text((LEFT, 12), f"memory estimate per GPU: {b.model}", fill="black")
+    draw.text((LEFT, 30), setup, fill="black")
+
+    def x(value: float) -> float:
+        return LEFT + value / scale_max * (RIGHT - LEFT)
+
+    start = 0
+    for n, (_, value) in enumerate(parts):
+        draw.rectangle((x(start), BAR_TOP, x(start + value), BAR_BOTTOM), fill=PALETTE[n % len(PALETTE)])
+        start += value
+    draw.rectangle((LEFT, BAR_TOP, x(b.peak_total), BAR_BOTTOM), outline="black")
+    for k in range(5):  # GiB ticks
+        value = scale_max * k / 5
+        draw.line((x(value), BAR_BOTTOM, x(value), BAR_BOTTOM + 5), fill="black")
+        draw.text((x(value) - 10, BAR_BOTTOM + 8), f"{value / GIB:.1f}", fill="black")
+    draw.text(((LEFT + RIGHT) // 2 - 30, BAR_BOTTOM + 22), "GiB per GPU", fill="black")
+    peak = f"peak {b.peak_total / GIB:.2f} GiB (nvidia-smi)"
+    draw.text((x(b.peak_total) - draw.textlength(peak), BAR_TOP - 30), peak, fill="black")
+    if b.verdict:
+        v = b.verdict
+        colour = STATUS_COLOUR.get(v.status, (0, 0, 0))
+        draw.line((x(capacity), BAR_TOP - 18, x(capacity), BAR_BOTTOM + 4), fill=colour, width=3)
+        draw.text((LEFT, BAR_TOP - 14), f"{v.status.upper()} on {v.gpu}: {capacity / GIB:.1f} GiB usable, "
+                  f"headroom {v.headroom / GIB:+.2f} GiB", fill=colour)
+    for n, (label, value) in enumerate(parts):  # legend, two columns
+        col, line = divmod(n, 8)
+        lx, ly = LEFT + col * 430, 170 + line * 26
+        draw.rectangle((lx, ly, lx + 14, ly + 14), fill=PALETTE[n % len(PALETTE)])
+        draw.text((lx + 22, ly + 1), f"{label}  {value / GIB:.2f} GiB", fill="black")
+    if b.offloaded:
+        draw.text((LEFT, HEIGHT - 22), f"offloaded to CPU RAM: {b.offloaded / GIB:.2f} GiB per GPU; the node needs "
+                  f"{b.cpu_ram / GIB:.1f} GiB of CPU RAM", fill="black")
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out_png)
+    return out_png
