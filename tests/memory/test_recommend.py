@@ -9,7 +9,7 @@ from PIL import Image
 
 from vlmtune.cli.main import main
 from vlmtune.config.loader import load_config
-from vlmtune.memory import EstimateInputs, get_gpu, lookup_model
+from vlmtune.memory import EstimateInputs, estimate, get_gpu, lookup_model
 from vlmtune.memory.advice import config_yaml, format_table, table
 from vlmtune.memory.data_scan import scan_data
 from vlmtune.memory.recommend import recommend
@@ -168,3 +168,22 @@ def test_estimate_and_recommend_accept_batch_size_auto(capsys):
     assert "batch_size=auto" in capsys.readouterr().out
     assert main(["recommend", "--gpu", "RTX 4090", "--preset", "balanced", "training.batch_size=auto",
                  "--out", "/dev/null"]) in (0, 1)
+
+
+@pytest.mark.parametrize(
+    "change, measured",
+    [  # tokens/s ratios measured on one H100 (benchmarks/RESULTS.md), Qwen2-VL-2B, batch 4 x 767 tokens, GC
+        ({"method": "qlora"}, 4383 / 3674),
+        ({"zero_stage": 2}, 4795 / 4310),
+        ({"zero_stage": 3}, 4795 / 1180),
+        ({"method": "full", "zero_stage": 2}, 9611 / 6684),
+    ],
+)
+def test_throughput_ranking_follows_the_measured_slowdowns(change, measured):
+    from vlmtune.memory.recommend import relative_throughput
+
+    base = {"model": QWEN2B, "batch_size": 4, "seq_len": 767, "gradient_checkpointing": True}
+    reference = {**base, "method": "full" if change.get("method") == "full" else "lora"}
+    a, b = EstimateInputs(**reference), EstimateInputs(**{**base, **change})
+    slowdown = relative_throughput(a, estimate(a)) / relative_throughput(b, estimate(b))
+    assert slowdown == pytest.approx(measured, rel=0.1)

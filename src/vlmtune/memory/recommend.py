@@ -28,6 +28,15 @@ PIXEL_CAPS = (1003520, 602112, 401408, 200704)
 """max_pixels tried below the user's, for dynamic-resolution models (1280, 768, 512, 256 Qwen2-VL tokens)."""
 MIN_RANK = 8
 LAUNCH_TOKENS = 2048
+# Measured on the GPU machine (benchmarks/RESULTS.md, 2026-11-23/24; Qwen2-VL-2B, batch 4 x 767 tokens, GC, 1 GPU
+# unless named): QLoRA 3,674 vs LoRA 4,383 tokens/s (1.19x); ZeRO-2 LoRA 4,310 vs 4,795 without (1.11x), ZeRO-2 full
+# 6,684 vs 9,611 (1.44x); ZeRO-3 LoRA 1,180 and full 2,254 tokens/s (4.1x and 4.3x at 3,068 tokens per step: the
+# per-step weight gathers, amortised over more tokens per step); ZeRO-2 LoRA on 2 H200s 99.6% of linear.
+QLORA_PENALTY = 1.2
+ZERO12_BASE = 1.1
+ZERO12_PER_TRAINED = 0.35
+ZERO3_GATHER_TOKENS = 9_500
+MULTI_GPU_EFFICIENCY = 0.95  # measured 0.996 on 2 GPUs; more GPUs not measured
 """Micro-batch tokens at which GPU efficiency reaches half its plateau (small batches are launch-bound)."""
 
 
@@ -87,17 +96,17 @@ def relative_throughput(inputs: EstimateInputs, b: Breakdown) -> float:
     )
     tokens = inputs.batch_size * b.seq_len
     efficiency = tokens / (tokens + LAUNCH_TOKENS)
-    penalty = 1.4 if inputs.method == "qlora" else 1.0
-    penalty *= (
-        {0: 1.0, 1: 1.02, 2: 1.05, 3: 1.2}[inputs.zero_stage]
-        if inputs.num_gpus > 1 or inputs.zero_stage
-        else 1
-    )
+    penalty = QLORA_PENALTY if inputs.method == "qlora" else 1.0
+    trained = b.trainable_params / b.total_params
+    if inputs.zero_stage in (1, 2):  # gradient partitions and the flat optimizer step scale with what trains
+        penalty *= ZERO12_BASE + ZERO12_PER_TRAINED * trained
+    elif inputs.zero_stage == 3:  # every layer's weights gathered in forward, backward and recompute, per step
+        penalty *= 1 + ZERO3_GATHER_TOKENS / tokens
     if inputs.offload != "none":  # CPU Adam over the trainable parameters
-        penalty *= 1 + b.trainable_params / b.total_params
+        penalty *= 1 + trained
     if inputs.offload == "all":  # every weight crosses PCIe in forward, backward (and recompute)
         penalty *= 4.0
-    scale = inputs.num_gpus * (0.9 if inputs.num_gpus > 1 else 1.0)
+    scale = inputs.num_gpus * (MULTI_GPU_EFFICIENCY if inputs.num_gpus > 1 else 1.0)
     return scale * efficiency / (flops * penalty)
 
 
