@@ -5,7 +5,8 @@ user's LoRA rank before smaller ones (down to 8). Within the first (max_pixels, 
 configuration with the highest estimated throughput wins, over the allowed methods (LoRA and QLoRA by default; full
 fine-tuning when asked), ZeRO stage and offload, micro-batch with gradient accumulation keeping the effective batch,
 and gradient checkpointing. LoRA beats QLoRA whenever both fit without offloading (no dequantization), so QLoRA is
-what smaller GPUs get. Throughput is a relative model (`relative_throughput`), good for ranking, not a benchmark.
+what smaller GPUs get. Throughput is a relative model (`relative_throughput`), good for ranking, not a benchmark;
+its method and ZeRO slowdowns are the ones measured on the GPU machine (constants below).
 """
 
 from __future__ import annotations
