@@ -59,7 +59,7 @@ def make_config(tmp_path: Path, **changes: dict) -> VlmtuneConfig:
         "hardware": {},
     }
     for key, value in changes.items():
-        sections[key] = {**sections[key], **value}
+        sections[key] = {**sections.get(key, {}), **value}
     return VlmtuneConfig.model_validate({"output_dir": str(tmp_path / "run"), **sections})
 
 
@@ -248,3 +248,19 @@ def test_engine_resolves_auto_before_loading_and_reports_oom(run_config, monkeyp
     assert "measured so far: 1.00 GiB allocated, 2.00 GiB reserved" in str(info.value)
     events = [json.loads(x) for x in (config.output_dir / LOG_FILE).read_text().splitlines()]
     assert [e["event"] for e in events] == ["start"]  # no estimate on the CPU
+
+
+def test_a_slow_zero_setting_that_need_not_be_gets_a_faster_one(tmp_path, dataset, gpu, caplog):
+    # ZeRO-3 + offload for a 2B LoRA on an 80 GB card: plain training fits and measured ~4x faster at this size
+    gpu(free_gib=79)
+    slow = make_config(tmp_path, training={"batch_size": 4},
+                       distributed={"engine": "deepspeed", "zero_stage": 3, "offload": "optimizer"})
+    pf.preflight(slow, CUDA, dataset)
+    assert "this run uses ZeRO-3 with offload optimizer, but --no-deepspeed also fits" in caplog.text
+    caplog.clear()
+    pf.preflight(make_config(tmp_path, training={"batch_size": 4}), CUDA, dataset)  # no DeepSpeed: nothing to say
+    gpu(free_gib=7)  # ... and when only the slow setting fits, nothing either
+    tight = make_config(tmp_path, training={"batch_size": 1}, method={"name": "full"},
+                        distributed={"engine": "deepspeed", "zero_stage": 3, "offload": "optimizer_and_params"})
+    pf.preflight(tight, CUDA, dataset)
+    assert "also fits" not in caplog.text

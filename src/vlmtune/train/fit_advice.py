@@ -68,3 +68,43 @@ def advice(result: PreflightResult, margin: float = AUTO_MARGIN) -> str:
         return rec.describe()
     changes = overrides(config, rec.best.inputs)
     return f"{rec.describe()}\n  as overrides: {' '.join(changes) if changes else '(the same settings)'}"
+
+
+FASTER_BY = 1.2
+"""Suggest another DeepSpeed setting only when the throughput model puts it at least this much faster."""
+
+
+def faster_zero(config: VlmtuneConfig, current: EstimateInputs, current_throughput: float, available: int) -> str | None:
+    """When a run uses ZeRO-3 or offload although a cheaper setting also fits the GPU (with the auto-batch margin),
+    the flags for the fastest such setting and the measured slowdown behind it; None otherwise (or when the user's
+    own DeepSpeed JSON decides)."""
+    from dataclasses import replace
+
+    from vlmtune.memory.estimator import estimate
+    from vlmtune.memory.recommend import relative_throughput
+
+    if config.distributed.deepspeed_config is not None or (current.zero_stage < 3 and current.offload == "none"):
+        return None
+    best: tuple[float, EstimateInputs, int] | None = None
+    for stage, offload in ((0, "none"), (2, "none"), (2, "optimizer"), (3, "none"), (3, "optimizer")):
+        if (stage, offload) == (current.zero_stage, current.offload):
+            continue
+        candidate = replace(current, zero_stage=stage, offload=offload)
+        b = estimate(candidate)
+        speed = relative_throughput(candidate, b)
+        if b.peak_reserved <= available * (1 - AUTO_MARGIN) and speed >= FASTER_BY * current_throughput:
+            if best is None or speed > best[0]:
+                best = (speed, candidate, b.peak_reserved)
+    if best is None:
+        return None
+    speed, target, reserved = best
+    if target.zero_stage == 0:
+        flags = "--no-deepspeed" if current.num_gpus == 1 else "--zero-stage 0 (DDP)"
+    else:
+        flags = f"--zero-stage {target.zero_stage} --offload {_OFFLOAD_FIELD[target.offload]}"
+    now = f"ZeRO-{current.zero_stage}" + (f" with offload {current.offload}" if current.offload != "none" else "")
+    return (
+        f"this run uses {now}, but {flags} also fits this GPU ({reserved / GIB:.1f} GiB reserved by the estimate) "
+        f"and should train about {speed / current_throughput:.1f}x faster (slowdowns measured on an H100, "
+        "benchmarks/RESULTS.md)"
+    )

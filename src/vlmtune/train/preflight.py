@@ -20,7 +20,7 @@ from vlmtune.errors import VlmtuneError
 from vlmtune.memory.data_scan import DataProfile
 from vlmtune.memory.gpus import GIB
 from vlmtune.train.batch_sizing import AUTO_MARGIN, Sizer, choose_batch, measured_profile
-from vlmtune.train.fit_advice import advice
+from vlmtune.train.fit_advice import advice, faster_zero
 from vlmtune.train.gpu_memory import GpuMemory, apply_memory_fraction, device_index, read_gpu_memory
 
 if TYPE_CHECKING:
@@ -173,4 +173,12 @@ def preflight(
         )
     if forced:
         log.warning("the estimate says this run does not fit; starting anyway (hardware.force_fit)")
+    elif main:
+        from vlmtune.memory.recommend import relative_throughput
+
+        batch = int(config.training.batch_size)
+        hint = faster_zero(config, sizer.inputs(batch), relative_throughput(sizer.inputs(batch), breakdown),
+                           gpu.available)
+        if hint:
+            log.warning("%s", hint)
     return result
