@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vlmtune.memory.activations import activation_terms
+from vlmtune.memory.allocator import Phase, allocator_overhead
 from vlmtune.memory.breakdown import Breakdown, Verdict
 from vlmtune.memory.catalogue import lookup_model
 from vlmtune.memory.gpus import MIB, get_gpu
@@ -38,22 +39,6 @@ its communicator and kernels live outside PyTorch's allocator): 952-956 MiB on t
 two ZeRO-3 runs (benchmarks/results/2026-11-24-deepspeed*). ZeRO-1 is assumed to match ZeRO-2 (same optimizer)."""
 RUNTIME_BASE = 96 * MIB
 """Allocated memory not explained by the terms: cuBLAS workspaces, rotary caches, masks (fitted on the anchors)."""
-FRAG_BASE = 384 * MIB
-FRAG_LOGITS = 0.7
-"""Fragmentation = FRAG_BASE + FRAG_LOGITS x (the 4·B·S·V fp32 cross-entropy blocks) + FRAG_STATES x (16-bit
-param-sized tensors live at the peak) + FRAG_FOREACH x (optimizer-step temporaries); fitted on the anchors."""
-FRAG_STATES = 0.10
-FRAG_VISION = 88
-"""A vision tower run without grad leaves its transient blocks in the allocator's cache: bytes per patch per unit of
-tower width, fitted on 14 checkpointed runs of vlmtune's calibration (1k-16k patches per micro-batch)."""
-FRAG_FOREACH = 0.5
-LOSS_RESHAPE_SETS = 3
-"""HF's loss on micro-batches of several samples (vlmtune's engine pads each batch to its longest sample, so the
-padded length changes from step to step by more than the allocator's 2 MiB rounding of these blocks): a step whose
-logits blocks do not fit the cached ones of the last step allocates a new set, and the old set stays cached. The set
-is the loss's 16-bit logits, fp32 upcast, log-softmax and 16-bit gradient, 12·B·S·V bytes = 3 x the fp32 block.
-Measured: reserved - allocated 7.0-7.2 GiB at B = 4, S = 770 (W1x with speed.chunked_loss=false; 16·B·S·V =
-7.0 GiB); the fixed-shape plain-path anchors (no autocast, identical samples) do not show it."""
 CHUNK_LOGITS = 8
 """Bytes per (token, vocabulary entry) of one chunk of the chunked loss at its peak: the fp32 logits and
 torch.logsumexp's fp32 temporary `(logits - max).exp_()` (the 16-bit matmul output is freed by then; later the
@@ -70,19 +55,6 @@ class _Precision:
     state: int  # bytes per optimizer moment element
     autocast_cache: bool  # 16-bit copies of fp32 weights cached during forward
     act: int  # bytes per element of the residual stream
-
-
-@dataclass(frozen=True)
-class _Phase:
-    grads: int
-    vision: int
-    language: int
-    logits: int
-    transient: int
-
-    @property
-    def total(self) -> int:
-        return self.grads + self.vision + self.language + self.logits + self.transient
 
 
 @dataclass(frozen=True)
@@ -211,35 +183,28 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
     )
     # (gradients, vision activations, language activations, logits and loss, transient) at each phase of a step
     phases = {
-        "forward": _Phase(held, acts.vision_saved, acts.language_saved, loss.forward, autocast),
-        "loss backward": _Phase(held, acts.vision_saved, acts.language_saved, loss.backward, 0),
-        "layer backward": _Phase(
+        "forward": Phase(held, acts.vision_saved, acts.language_saved, loss.forward, autocast),
+        "loss backward": Phase(held, acts.vision_saved, acts.language_saved, loss.backward, 0),
+        "layer backward": Phase(
             held, acts.vision_saved, acts.language_saved + acts.layer_working, 0, acts.dequant
         ),
-        "end of backward": _Phase(grads_all, acts.vision_saved, 0, 0, embed_grad),
-        "optimizer step": _Phase(zp.grads, 0, 0, 0, zp.step) if deepspeed else _Phase(grads_all, 0, 0, 0, step),
+        "end of backward": Phase(grads_all, acts.vision_saved, 0, 0, embed_grad),
+        "optimizer step": Phase(zp.grads, 0, 0, 0, zp.step) if deepspeed else Phase(grads_all, 0, 0, 0, step),
     }
     phase = max(phases, key=lambda k: phases[k].total)
     at = phases[phase]
     allocated = static + at.total
-    live_16bit_states = 0
-    if inputs.method == "full" and prec.trainable == 2 and not deepspeed:
-        live_16bit_states = zp.optimizer + at.grads
-    frozen_vision = inputs.vision_no_grad and not (
-        (inputs.method == "full" and not inputs.freeze_vision_tower) or inputs.adapt_vision_tower
+    live_16bit_states = zp.optimizer + at.grads if inputs.method == "full" and prec.trainable == 2 else 0
+    frag = allocator_overhead(
+        inputs,
+        phases,
+        phase,
+        loss_fp32_block=loss.fp32_block,
+        vision_cache=acts.vit_patches * dims.vision_width,
+        live_16bit_states=0 if deepspeed else live_16bit_states,
+        step_temporaries=step,
+        deepspeed_step_cached=zp.step_cached if deepspeed else None,
     )
-    frag = int(
-        FRAG_BASE
-        + (FRAG_LOGITS * loss.fp32_block if not inputs.chunked_loss else 0)
-        + (LOSS_RESHAPE_SETS * loss.fp32_block if _loss_blocks_reshape(inputs) else 0)
-        + (FRAG_VISION * acts.vit_patches * dims.vision_width if frozen_vision else 0)
-        + FRAG_STATES * live_16bit_states
-        + (FRAG_FOREACH * step if phase == "optimizer step" else 0)
-    )
-    if deepspeed:
-        frag = max(frag, _deepspeed_step_reserve(phases, zp.step_cached) - at.total)
-    elif _states_take_the_working_blocks(inputs):
-        frag = _full_checkpointed_reserve(phases) - at.total
     reserved = allocated + frag
     context = CUDA_CONTEXT + DEEPSPEED_CONTEXT.get(inputs.zero_stage, 0)
     total = reserved + context
@@ -290,58 +255,14 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
     )
 
 
-def _loss_blocks_reshape(inputs: EstimateInputs) -> bool:
-    """HF's loss on padded batches of several samples through vlmtune's engine (autocast): see LOSS_RESHAPE_SETS."""
-    return not inputs.chunked_loss and inputs.autocast and inputs.batch_size > 1
-
-
-def _states_take_the_working_blocks(inputs: EstimateInputs) -> bool:
-    """Full fine-tuning with every decoder layer checkpointed, plain PyTorch optimizer: see _full_checkpointed_reserve."""
-    return inputs.method == "full" and inputs.gradient_checkpointing and inputs.checkpoint_every == 1
-
-
-def _full_checkpointed_reserve(phases: dict[str, _Phase]) -> int:
-    """Reserved bytes above the static states of checkpointed full fine-tuning from the second step on.
-
-    The caching allocator never returns a segment, and it serves a request only from one free block at least as
-    large. Step 1: forward and backward cache the blocks of their working set (the loss chunk's logits, a trained
-    head's fp32 gradient and its per-chunk copies, the vision tower's and the recomputed layer's transients); the
-    grads are allocated in backward; then the optimizer creates its two moments (param-shaped, lazily, at the first
-    step) and carves them out of those cached working-set blocks, where they stay. From step 2 the working set needs
-    new segments, while the grads and the optimizer's temporaries come back to the param-shaped blocks they had in
-    step 1 (best fit: same sizes). So the working set and grads + step temporaries hold disjoint segments: reserved
-    = static + (grads + step temporaries) + the largest forward/backward working set. Measured (per-step logs of
-    the calibration grid): reserved grows from step 1 to step 2 by 0.9-2.9 GiB and stays; with fused AdamW (no
-    temporaries) the same working set sits on top of the grads alone (W4: 16.77 GiB vs 19.90 with foreach AdamW's
-    param-sized temporary at the same shape, a difference of 3.1 GiB = that temporary's 2.9 GiB).
-    Without checkpointing the saved activations are freed layer by layer in backward, where the grads of the same
-    layers are allocated, so the two sets share blocks and the fitted terms stay (FRAG_STATES, FRAG_FOREACH)."""
-    forward = phases["forward"]  # fp16's autocast weight copies are param-shaped: later grads reuse their blocks
-    working = max(
-        forward.total - forward.grads - forward.transient,
-        *(phases[k].total - phases[k].grads for k in ("loss backward", "layer backward")),
-    )
-    return phases["optimizer step"].total + working
-
-
-def _deepspeed_step_reserve(phases: dict[str, _Phase], step_cached: int) -> int:
-    """Reserved bytes above the static states at DeepSpeed's optimizer step. Its blocks (partition-sized) are
-    larger than anything forward and backward allocate, so the allocator cannot put them in the blocks those
-    phases left cached: the step adds its own on top of the largest forward/backward working set."""
-    working = max(phases[k].total - phases[k].grads for k in ("forward", "loss backward", "layer backward"))
-    step = phases["optimizer step"]
-    return FRAG_BASE + working + step.total + step_cached
-
-
 def _caveats(inputs: EstimateInputs) -> list[str]:
     """What the measured runs did not cover, said where it matters."""
     out = []
-    if inputs.zero_stage or inputs.num_gpus > 1:
-        out.append("DeepSpeed terms follow DeepSpeed 0.19's allocations, measured on one GPU only (full fine-tuning "
-                   "within 3%, LoRA as the plain LoRA estimate); multi-GPU gathering and NCCL buffers are not "
-                   "measured (benchmarks/RESULTS.md)")
-    if inputs.lora_16bit_inputs and inputs.method != "full":
-        out.append("speed.lora_bf16_compute (16-bit LoRA inputs) is modelled, not yet measured")
-    if inputs.gradient_checkpointing and (inputs.checkpoint_every > 1 or inputs.checkpoint_offload):
-        out.append("speed.checkpoint_every_n_layers / checkpoint_offload are modelled, not yet measured")
+    if inputs.num_gpus > 2:
+        out.append("DeepSpeed/DDP terms are measured on one H100 and two H200s (within 5% there); NCCL buffers and "
+                   "ZeRO-3 gathers on more GPUs are modelled, not measured (benchmarks/RESULTS.md)")
+    if inputs.gradient_checkpointing and inputs.checkpoint_offload:
+        out.append("speed.checkpoint_offload is modelled, not yet measured")
+    if inputs.embeddings_on_cpu:
+        out.append("speed.embeddings_on_cpu is modelled, not yet measured on a GPU")
     return out
