@@ -1,0 +1,1 @@
+"""The estimator calibration (`benchmarks/calibrate_estimator.py`): the points, running them, the table."""
