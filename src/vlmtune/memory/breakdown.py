@@ -8,6 +8,9 @@ from typing import Any
 from vlmtune.memory.gpus import GIB
 from vlmtune.memory.inputs import EstimateInputs
 
+WEIGHTS = "weights: "
+"""Label prefix of the weight parts in `Breakdown.allocated_terms`."""
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -69,17 +72,43 @@ class Breakdown:
         out["units"] = "bytes (per GPU unless named cpu_ram)"
         return out
 
-    def to_table(self) -> str:
+    def setup(self) -> str:
+        """The configuration in one line: method, micro-batch, precision, checkpointing, ZeRO, GPUs."""
         i = self.inputs
-        quant = " (4-bit NF4 where quantized)" if self.weights_quantized else ""
-        lines = [
-            f"Model      {self.model}  ({self.total_params / 1e9:.2f} B parameters; {self.params_source})",
-            f"Setup      {i.method}"
+        return (
+            f"{i.method}"
             + (f" r={i.lora_rank}" if i.method != "full" else "")
             + f", micro-batch {i.batch_size} x accumulation {i.gradient_accumulation_steps}, {i.precision}, "
             f"checkpointing {'on' if i.gradient_checkpointing else 'off'}, ZeRO {i.zero_stage}"
             + (f" offload {i.offload}" if i.offload != "none" else "")
-            + f", {i.num_gpus} GPU(s)",
+            + f", {i.num_gpus} GPU(s)"
+        )
+
+    def allocated_terms(self) -> list[tuple[str, int]]:
+        """(label, bytes) of the allocated terms at the peak phase, in table order: each weight part (labelled
+        `weights: PART`), then the rest; ZeRO-3 gathers and communication buffers only when present. They add up to
+        `peak_allocated`."""
+        rows = [(f"{WEIGHTS}{part.replace('_', ' ')}", value) for part, value in self.weights.items()]
+        rows += [
+            ("trainable weights / adapters", self.adapters),
+            ("gradients", self.gradients),
+            ("optimizer states", self.optimizer_states),
+        ]
+        rows += [(label, value) for label, value in (("ZeRO-3 gathered parameters", self.zero_gathered),
+                                                    ("communication buffers", self.comm_buffers)) if value]
+        return rows + [
+            ("activations: vision tower", self.activations_vision),
+            ("activations: language model", self.activations_language),
+            ("logits and loss", self.logits_loss),
+            ("step transients", self.transient),
+            ("runtime (workspaces, batch)", self.runtime),
+        ]
+
+    def to_table(self) -> str:
+        quant = " (4-bit NF4 where quantized)" if self.weights_quantized else ""
+        lines = [
+            f"Model      {self.model}  ({self.total_params / 1e9:.2f} B parameters; {self.params_source})",
+            f"Setup      {self.setup()}",
             f"Sequence   {self.seq_len} tokens per sample ({self.image_tokens} image tokens), "
             f"{self.vit_patches} vision patches per micro-batch",
             f"Trainable  {self.trainable_params:,} parameters ({100 * self.trainable_params / self.total_params:.2f}%)",
@@ -91,20 +120,11 @@ class Breakdown:
             lines.append(f"{' ' * indent}{label:<{36 - indent + 2}}{value / GIB:>9.2f}")
 
         lines.append(f"  weights{quant}")
-        for part, value in self.weights.items():
-            row(part.replace("_", " "), value, 4)
-        row("trainable weights / adapters", self.adapters)
-        row("gradients", self.gradients)
-        row("optimizer states", self.optimizer_states)
-        if self.zero_gathered:
-            row("ZeRO-3 gathered parameters", self.zero_gathered)
-        if self.comm_buffers:
-            row("communication buffers", self.comm_buffers)
-        row("activations: vision tower", self.activations_vision)
-        row("activations: language model", self.activations_language)
-        row("logits and loss", self.logits_loss)
-        row("step transients", self.transient)
-        row("runtime (workspaces, batch)", self.runtime)
+        for label, value in self.allocated_terms():
+            if label.startswith(WEIGHTS):
+                row(label[len(WEIGHTS) :], value, 4)
+            else:
+                row(label, value)
         lines.append(f"  {'peak allocated':<36}{self.peak_allocated / GIB:>9.2f}   at {self.peak_phase}")
         lines.append("    (phases: " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.phases.items()) + ")")
         row("allocator overhead", self.allocator_overhead)

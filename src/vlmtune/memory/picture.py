@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from vlmtune.memory.breakdown import Breakdown
+from vlmtune.memory.breakdown import WEIGHTS, Breakdown
 
 GIB = 1 << 30
 WIDTH, HEIGHT = 900, 420
@@ -24,22 +24,8 @@ STATUS_COLOUR = {"fits": (0, 120, 0), "tight": (235, 120, 0), "does not fit": (1
 def segments(b: Breakdown) -> list[tuple[str, int]]:
     """(label, bytes) of every non-zero term, in table order; they add up to `peak_total` (what nvidia-smi shows)."""
     quant = " (4-bit)" if b.weights_quantized else ""
-    rows = [(f"weights: {part.replace('_', ' ')}{quant if part == 'language' else ''}", v)
-            for part, v in b.weights.items()]
-    rows += [
-        ("trainable weights / adapters", b.adapters),
-        ("gradients", b.gradients),
-        ("optimizer states", b.optimizer_states),
-        ("ZeRO-3 gathered parameters", b.zero_gathered),
-        ("communication buffers", b.comm_buffers),
-        ("activations: vision tower", b.activations_vision),
-        ("activations: language model", b.activations_language),
-        ("logits and loss", b.logits_loss),
-        ("step transients", b.transient),
-        ("runtime (workspaces, batch)", b.runtime),
-        ("allocator overhead", b.allocator_overhead),
-        ("CUDA context", b.cuda_context),
-    ]
+    rows = [(label + (quant if label == f"{WEIGHTS}language" else ""), value) for label, value in b.allocated_terms()]
+    rows += [("allocator overhead", b.allocator_overhead), ("CUDA context", b.cuda_context)]
     return [(label, value) for label, value in rows if value > 0]
 
 
@@ -49,13 +35,8 @@ def render_breakdown(b: Breakdown, out_png: Path) -> Path:
     scale_max = max(b.peak_total, capacity) * 1.05 or 1
     image = Image.new("RGB", (WIDTH, HEIGHT), "white")
     draw = ImageDraw.Draw(image)
-    i = b.inputs
-    setup = (f"{i.method}" + (f" r={i.lora_rank}" if i.method != "full" else "") + f", batch {i.batch_size}, "
-             f"{b.seq_len} tokens/sample, checkpointing {'on' if i.gradient_checkpointing else 'off'}, "
-             f"ZeRO {i.zero_stage}" + (f" offload {i.offload}" if i.offload != "none" else "")
-             + f", {i.num_gpus} GPU(s)")
     draw.text((LEFT, 12), f"memory estimate per GPU: {b.model}", fill="black")
-    draw.text((LEFT, 30), setup, fill="black")
+    draw.text((LEFT, 30), f"{b.setup()}, {b.seq_len} tokens per sample", fill="black")
 
     def x(value: float) -> float:
         return LEFT + value / scale_max * (RIGHT - LEFT)

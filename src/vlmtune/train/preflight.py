@@ -176,9 +176,7 @@ def preflight(
     elif main:
         from vlmtune.memory.recommend import relative_throughput
 
-        batch = int(config.training.batch_size)
-        hint = faster_zero(config, sizer.inputs(batch), relative_throughput(sizer.inputs(batch), breakdown),
-                           gpu.available)
+        hint = faster_zero(config, breakdown.inputs, relative_throughput(breakdown.inputs, breakdown), gpu.available)
         if hint:
             log.warning("%s", hint)
     return result
