@@ -31,7 +31,7 @@ from benchmarks.speed.workloads import MAX_LENGTH, WORKLOADS, Workload
 ROOT = Path(os.environ.get("BENCH_ROOT", "/tmp/vlmtune-speed"))
 
 
-def _prepare(work: Workload) -> tuple[Path, Path]:
+def prepare(work: Workload) -> tuple[Path, Path]:
     from benchmarks.speed.data import model_dir, write_data
 
     model = model_dir(ROOT / "models", work.family, work.arch)
@@ -60,7 +60,7 @@ def run_one(workload: str, variant_name: str, out: Path) -> dict[str, Any]:
 
     work = WORKLOADS[workload]
     variant = next(v for v in work.variants if v.name == variant_name)
-    model, path = _prepare(work)
+    model, path = prepare(work)
     started = time.time()
     if variant.path == "vlmtune":
         from benchmarks.speed.engine_run import train
@@ -166,7 +166,7 @@ def suite(part: int, out: Path, only: list[str] | None, budget_s: float) -> None
     for work in WORKLOADS.values():
         if (only and work.name not in only) or (not only and work.part != part):
             continue
-        _prepare(work)  # model folder + data once, outside the timed processes
+        prepare(work)  # model folder + data once, outside the timed processes
         for variant in work.variants:
             if chosen and variant.name not in chosen:
                 continue
@@ -213,7 +213,7 @@ def suite(part: int, out: Path, only: list[str] | None, budget_s: float) -> None
 
 def _check(out: Path, timeout: float) -> None:
     started = time.time()
-    _prepare(WORKLOADS["W1"])
+    prepare(WORKLOADS["W1"])
     cmd = [sys.executable, "-m", "benchmarks.speed.check", "--out", str(out)]
     (out / "logs").mkdir(parents=True, exist_ok=True)
     with open(out / "logs" / "check.log", "w") as log:

@@ -172,9 +172,9 @@ def run(model_dir: Path, root: Path, precision: str) -> list[dict[str, Any]]:
 
 
 def main(out: Path) -> None:
-    from benchmarks.speed.bench import ROOT, WORKLOADS, _prepare
+    from benchmarks.speed.bench import ROOT, WORKLOADS, prepare
 
-    model_dir, _ = _prepare(WORKLOADS["W1"])
+    model_dir, _ = prepare(WORKLOADS["W1"])
     with open(out / "check.jsonl", "a", encoding="utf-8") as fh:
         for precision in ("fp32", "bf16"):
             for line in run(model_dir, ROOT, precision):

@@ -15,8 +15,8 @@ import math
 import random
 import statistics
 
-from benchmarks.speed.bench import ROOT
-from benchmarks.speed.data import data_config, model_dir, write_data
+from benchmarks.speed.bench import prepare
+from benchmarks.speed.data import data_config
 from benchmarks.speed.measure import llm_flops_per_sample, vision_flops_per_image
 from benchmarks.speed.workloads import MAX_LENGTH, WORKLOADS
 
@@ -36,11 +36,7 @@ def main() -> None:
 
     work = WORKLOADS[args.workload]
     batch = args.batch or work.batch
-    model = model_dir(ROOT / "models", work.family, work.arch)
-    records = work.records or work.batch * (work.warmup + work.steps) + 8
-    folder = ROOT / "data" / f"{work.family}-{work.image_side}-{work.text_tokens}-{'spread' if work.spread else 'fixed'}"
-    path = write_data(folder, model, work.family, records, work.image_side, work.text_tokens, work.spread,
-                      MAX_LENGTH[work.spread])
+    model, path = prepare(work)  # the harness's own model folder and data
     family = get_family(work.family)
     cfg = data_config(MAX_LENGTH[work.spread], work.image_side, work.spread)
     processor = family.load_processor(model, cfg)

@@ -225,7 +225,7 @@ def profile_one(workload: str, variant_name: str, out: Path, trace: bool = False
     work = WORKLOADS[workload]
     work = replace(work, steps=ACTIVE + 2)
     variant = next(v for v in work.variants if v.name == variant_name)
-    model, path = bench._prepare(work)
+    model, path = bench.prepare(work)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     walls: list[float] = []
     title = f"{workload} {variant_name} ({work.title}; overrides {variant.overrides or 'none'})"
