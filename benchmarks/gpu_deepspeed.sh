@@ -2,7 +2,10 @@
 # DeepSpeed GPU runs (issue 4) on ONE GPU, through `vlmtune train` (which starts torchrun for DeepSpeed runs):
 #   PART=2b  Qwen2-VL-2B architecture, LoRA r16 (all linear) and full fine-tuning (vision tower frozen):
 #            no DeepSpeed | ZeRO-2 | ZeRO-2 + optimizer offload | ZeRO-3 | ZeRO-3 + optimizer and parameter offload
-#   PART=7b  Qwen2.5-VL-7B architecture, full fine-tuning: no DeepSpeed | ZeRO-3 + optimizer offload
+#   PART=3b  Qwen2.5-VL-3B architecture, full fine-tuning: no DeepSpeed | ZeRO-2 / ZeRO-3 + optimizer offload (the
+#            offload points that fit the ~126 GiB of host RAM of a one-GPU machine: about 70 GiB by the estimate)
+#   PART=7b  Qwen2.5-VL-7B architecture, full fine-tuning: no DeepSpeed | ZeRO-3 + optimizer offload (~170 GiB of
+#            host RAM by the estimate: a machine with 256 GiB)
 # Batch 4 (2B) / 1 (7B) x (448 px image = 256 image tokens + ~511 text tokens), gradient checkpointing on, bf16,
 # random weights (model.random_init), no checkpoints; CHUNKED=false turns speed.chunked_loss off (the first run's
 # setting, see RESULTS.md; it failed under ZeRO-3 then), default true (vlmtune's default).
@@ -39,6 +42,14 @@ if [[ $PART == *2b* ]]; then
     run "2b_${method}_z3_offall" "${common[@]}" "${m2b[@]}" method.name=$method --zero-stage 3 \
         --offload optimizer_and_params
   done
+fi
+if [[ $PART == *3b* ]]; then
+  python3 -m vlmtune.cli tiny-model --family qwen2_5_vl --arch 3b --out /tmp/m3b > /dev/null
+  python3 benchmarks/make_bench_data.py --model /tmp/m3b --n 16 --image-side 448 --text-tokens 512 --out /tmp/bench3b
+  m3b=(model.name_or_path=/tmp/m3b data.train_path=/tmp/bench3b/train.jsonl training.batch_size=1 method.name=full)
+  run 3b_full_plain "${common[@]}" "${m3b[@]}"
+  RUN_TIMEOUT=${RUN_TIMEOUT_3B:-240} run 3b_full_z2_offopt "${common[@]}" "${m3b[@]}" --zero-stage 2 --offload optimizer
+  RUN_TIMEOUT=${RUN_TIMEOUT_3B:-240} run 3b_full_z3_offopt "${common[@]}" "${m3b[@]}" --zero-stage 3 --offload optimizer
 fi
 if [[ $PART == *7b* ]]; then
   python3 -m vlmtune.cli tiny-model --family qwen2_5_vl --arch 7b --out /tmp/m7b > /dev/null

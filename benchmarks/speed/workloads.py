@@ -97,7 +97,7 @@ W1X = replace(
     ),
     reference="plain_nogc",
     warmup=3,
-    steps=8,
+    steps=16,
     part=0,
 )
 """W1's shapes without checkpointing, each of vlmtune's switches off in turn (only run with --only W1x)."""
