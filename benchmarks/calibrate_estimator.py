@@ -2,6 +2,7 @@
 
     OUT=/tmp/out bash benchmarks/calibrate_estimator.sh --part grid      # the grid (section "grid" below)
     OUT=/tmp/out bash benchmarks/calibrate_estimator.sh --part cards     # recommended configs, capped to a card
+    OUT=/tmp/out bash benchmarks/calibrate_estimator.sh --part heldout   # new shapes: a test of the fitted terms
     python benchmarks/calibrate_estimator.py --table RESULTS.jsonl       # re-estimate recorded points (no GPU)
 
 Every point is its own `vlmtune train` process (clean memory statistics) on an architecture with random weights
@@ -34,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/calibrate_estimator.py` from anywhere
 
 from benchmarks.calibration.cards import run_cards  # noqa: E402
-from benchmarks.calibration.points import CARDS, GIB, grid  # noqa: E402
+from benchmarks.calibration.points import CARDS, GIB, grid, heldout  # noqa: E402
 from benchmarks.calibration.runs import Sampler, prepare, run_grid  # noqa: E402
 from benchmarks.calibration.table import table  # noqa: E402
 
@@ -43,7 +44,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/vlmtune-calibration")))
     ap.add_argument("--work", type=Path, default=Path("/tmp/calib"))
-    ap.add_argument("--part", choices=["grid", "cards", "all"], default="all")
+    ap.add_argument("--part", choices=["grid", "heldout", "cards", "all"], default="all")
     ap.add_argument("--only", help="comma-separated point ids or model names to run (default: all)")
     ap.add_argument("--skip", help="comma-separated point ids already measured")
     ap.add_argument("--cards", default=",".join(CARDS), help="card classes for --part cards")
@@ -66,7 +67,7 @@ def main() -> None:
     except ImportError:
         with_zero = False
         print("deepspeed is not installed: the ZeRO points are left out", flush=True)
-    points = grid(with_zero) if args.part in ("grid", "all") else []
+    points = grid(with_zero) if args.part in ("grid", "all") else heldout() if args.part == "heldout" else []
     if args.only:
         keep = set(args.only.split(","))
         points = [p for p in points if p.id in keep or p.model in keep]

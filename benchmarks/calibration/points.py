@@ -16,9 +16,11 @@ MODELS = {
     "q2vl2b": ("qwen2_vl", "2b", "Qwen/Qwen2-VL-2B-Instruct"),
     "q25vl7b": ("qwen2_5_vl", "7b", "Qwen/Qwen2.5-VL-7B-Instruct"),
     "llava7b": ("llava", "7b", "llava-hf/llava-1.5-7b-hf"),
+    "q25vl3b": ("qwen2_5_vl", "3b", "Qwen/Qwen2.5-VL-3B-Instruct"),  # held-out points only
 }
 # data name -> (image side px, text tokens): A/B for the dynamic-resolution Qwen models, L for LLaVA (fixed 336)
-DATA = {"A": (448, 512), "B": (896, 1536), "L": (336, 512)}
+DATA = {"A": (448, 512), "B": (896, 1536), "L": (336, 512),
+        "C": (672, 1024), "M": (336, 1024)}  # C, M: held-out shapes (never used to derive the estimator's terms)
 # card class -> (catalogue GPU, model, data)
 CARDS = {
     "8GB": ("RTX 4060 8GB", "q2vl2b", "A"),
@@ -73,3 +75,14 @@ def grid(with_zero: bool) -> list[Point]:
     return p
 
 
+
+
+def heldout() -> list[Point]:
+    """Points the estimator's terms were not derived from: a third image size and text length (672 px + 1024 text),
+    micro-batch 2 (the grid has 1 and 4), LLaVA with 1024 text tokens, and the Qwen2.5-VL-3B architecture (tied
+    embeddings, not in the grid)."""
+    p = [Point("q2vl2b", m, bool(gc), 2, "C") for m in ("lora", "qlora", "full") for gc in (1, 0)]
+    p += [Point("q25vl7b", m, bool(gc), 2, "C") for m in ("lora", "qlora") for gc in (1, 0)]
+    p += [Point("llava7b", "lora", True, 2, "M"), Point("llava7b", "qlora", False, 2, "M")]
+    p += [Point("q25vl3b", "lora", True, 2, "C"), Point("q25vl3b", "full", True, 1, "C")]
+    return p
