@@ -55,8 +55,9 @@ class Workload:
 FAST = {"speed.checkpoint_every_n_layers": 2}
 """Checkpoint every second layer: half the recomputation, about half the activations of no checkpointing."""
 
-NONE = {"speed.chunked_loss": False, "speed.frozen_vision_no_grad": False, "speed.lora_bf16_compute": False}
-"""vlmtune's engine with its three default model-level switches off: the HF Trainer around the plain model."""
+NONE = {"speed.chunked_loss": False, "speed.frozen_vision_no_grad": False, "speed.lora_bf16_compute": False,
+        "speed.sdpa_cudnn": True}
+"""vlmtune's engine with its four default model-level switches off: the HF Trainer around the plain model."""
 
 W1 = Workload(
     "W1",
@@ -93,6 +94,7 @@ W1X = replace(
         Variant("vlmtune_nogc_no_chunked", "vlmtune", False, {"speed.chunked_loss": False}),
         Variant("vlmtune_nogc_no_vision_nograd", "vlmtune", False, {"speed.frozen_vision_no_grad": False}),
         Variant("vlmtune_nogc_no_lora16", "vlmtune", False, {"speed.lora_bf16_compute": False}),
+        Variant("vlmtune_nogc_cudnn", "vlmtune", False, {"speed.sdpa_cudnn": True}),
         Variant("vlmtune_nogc_none", "vlmtune", False, NONE),
     ),
     reference="plain_nogc",
@@ -194,6 +196,13 @@ WORKLOADS: dict[str, Workload] = {
                     "vlmtune",
                     True,
                     {"speed.packing": True, "speed.packing_max_tokens": 4 * 3072},
+                    batch=1,
+                ),
+                Variant(
+                    "vlmtune_packed_cudnn",
+                    "vlmtune",
+                    True,
+                    {"speed.packing": True, "speed.packing_max_tokens": 4 * 3072, "speed.sdpa_cudnn": True},
                     batch=1,
                 ),
             ),

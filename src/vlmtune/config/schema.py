@@ -226,6 +226,10 @@ class SpeedConfig(_Strict):
     """How packed samples are kept apart with sdpa attention: spans = causal SDPA over each sample's own tokens
     (flash kernels, work ~ sum of squared sample lengths); mask = transformers' block-diagonal mask (rows x
     length^2 booleans, every block computed)."""
+    sdpa_cudnn: bool = False
+    """Let SDPA attention use cuDNN's kernels. Off by default: cuDNN plans each new sequence length anew (about 2 ms
+    of CPU per call on an H100), which made steps with varying image sizes or packed rows CPU-bound; the flash and
+    memory-efficient kernels do not plan (benchmarks/RESULTS.md, W5 profile)."""
     lora_bf16_compute: bool = True
     """Under 16-bit autocast, LoRA adapters take the layer's 16-bit input as it is instead of an fp32 copy (the
     adapters stay fp32 for the optimizer; autocast runs their matmuls in 16-bit either way)."""

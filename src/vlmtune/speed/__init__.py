@@ -57,6 +57,7 @@ class SpeedSetup:
 def apply_speed(model: nn.Module, config: VlmtuneConfig, family: FamilyDescriptor) -> SpeedSetup:
     """Install the model-level optimisations that `config.speed` switches on; `model` is what the Trainer calls."""
     from vlmtune.methods.base import resolve_precision
+    from vlmtune.speed.attention_backend import cudnn_attention_off
     from vlmtune.speed.compile_layers import compile_layers
     from vlmtune.speed.cpu_embeddings import embeddings_on_cpu
     from vlmtune.speed.frozen_vision import vision_without_grad
@@ -66,6 +67,8 @@ def apply_speed(model: nn.Module, config: VlmtuneConfig, family: FamilyDescripto
 
     speed, setup = config.speed, SpeedSetup()
     plan = resolve_precision(config)
+    if not speed.sdpa_cudnn:
+        setup.add("sdpa_without_cudnn", cudnn_attention_off(config.hardware.attn_implementation, plan.device))
     if speed.chunked_loss:
         setup.add("chunked_loss", install_chunked_loss(model, family.lm_head_names, speed.loss_chunk_tokens))
     if speed.frozen_vision_no_grad:
