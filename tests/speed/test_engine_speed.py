@@ -52,6 +52,7 @@ def test_switches_keep_the_losses(tiny_model_dir, varied_jsonl, tmp_path):
     plain = train(_config(tiny_model_dir, varied_jsonl, tmp_path / "off", OFF))
     fast = train(_config(tiny_model_dir, varied_jsonl, tmp_path / "on", {"checkpoint_every_n_layers": 2}))
     assert _start(fast)["speed"]["active"] == ["chunked_loss", "frozen_vision_no_grad"]
+    assert "runs on the CPU" in _start(fast)["speed"]["skipped"]["sdpa_without_cudnn"]
     assert plain.steps == fast.steps == 3
     for a, b in zip(_losses(plain), _losses(fast), strict=True):
         assert abs(a - b) <= 1e-3 * abs(a), (_losses(plain), _losses(fast))
