@@ -72,6 +72,7 @@ def gpu(monkeypatch):
     monkeypatch.setattr(pf, "read_gpu_memory", lambda index: state["gpu"])
     monkeypatch.setattr(pf, "apply_memory_fraction", lambda fraction, index: applied.append(fraction))
     monkeypatch.setattr(oom, "measured_peaks", lambda: (int(7.5 * GIB), int(7.9 * GIB)))
+    monkeypatch.setattr(pf, "available_host_ram", lambda: 1024 * GIB)  # the fake machine's CPU RAM: plenty
 
     def set_gpu(free_gib: float, total_gib: float = 80.0) -> list[float]:
         state["gpu"] = GpuMemory("Fake GPU", int(total_gib * GIB), int(free_gib * GIB), True)
@@ -80,12 +81,20 @@ def gpu(monkeypatch):
     return set_gpu
 
 
-def reserved(config: VlmtuneConfig, dataset: FakeDataset, batch: int) -> int:
+def _estimate(config: VlmtuneConfig, dataset: FakeDataset, batch: int):
     from vlmtune.memory.catalogue import lookup_model
 
     profile = measured_profile(dataset, lookup_model(config.model.name_or_path), config)
     sizer = Sizer(config, lookup_model(config.model.name_or_path), profile, dataset.labelled)
-    return estimate(sizer.inputs(batch)).peak_reserved
+    return estimate(sizer.inputs(batch))
+
+
+def reserved(config: VlmtuneConfig, dataset: FakeDataset, batch: int) -> int:
+    return _estimate(config, dataset, batch).peak_reserved
+
+
+def cpu_ram(config: VlmtuneConfig, dataset: FakeDataset, batch: int) -> int:
+    return _estimate(config, dataset, batch).cpu_ram
 
 
 def test_profile_reproduces_the_measured_lengths(tmp_path, dataset):
@@ -264,3 +273,66 @@ def test_a_slow_zero_setting_that_need_not_be_gets_a_faster_one(tmp_path, datase
                         distributed={"engine": "deepspeed", "zero_stage": 3, "offload": "optimizer_and_params"})
     pf.preflight(tight, CUDA, dataset)
     assert "also fits" not in caplog.text
+
+
+@pytest.fixture
+def host_ram(monkeypatch):
+    """Set the fake machine's available CPU RAM (GiB) that preflight reads."""
+
+    def set_ram(gib: float | None) -> None:
+        monkeypatch.setattr(pf, "available_host_ram", lambda: None if gib is None else int(gib * GIB))
+
+    return set_ram
+
+
+def _full_offload(tmp_path: Path) -> VlmtuneConfig:
+    return make_config(tmp_path, training={"batch_size": 1}, method={"name": "full"},
+                       distributed={"engine": "deepspeed", "zero_stage": 3, "offload": "optimizer"})
+
+
+def test_an_offload_the_machine_cannot_hold_is_refused_naming_the_field(tmp_path, dataset, gpu, host_ram):
+    gpu(free_gib=79)
+    config = _full_offload(tmp_path)
+    need = cpu_ram(config, dataset, 1)
+    assert need > 10 * GIB  # 2B full fine-tuning: fp32 master and moments of 1.6 B trained parameters
+    host_ram(need / GIB * 0.8)
+    with pytest.raises(VlmtuneError) as err:
+        pf.preflight(config, CUDA, dataset)
+    text = str(err.value)
+    assert "distributed.offload=optimizer" in text and f"{need / GIB:.1f} GiB" in text and "--force" in text
+    host_ram(need / GIB * 1.05)  # fits, with less than the process's own few GiB to spare
+    pf.preflight(config, CUDA, dataset)
+    host_ram(need / GIB * 2)
+    pf.preflight(config, CUDA, dataset)
+
+
+def test_tight_or_forced_offload_is_a_warning(tmp_path, dataset, gpu, host_ram, caplog):
+    gpu(free_gib=79)
+    config = _full_offload(tmp_path)
+    host_ram(1)
+    forced = config.model_copy(update={"hardware": config.hardware.model_copy(update={"force_fit": True})})
+    pf.preflight(forced, CUDA, dataset)
+    assert "starting anyway (hardware.force_fit)" in caplog.text
+    caplog.clear()
+    host_ram(None)  # not Linux: nothing to check against
+    pf.preflight(config, CUDA, dataset)
+    assert "CPU RAM" not in caplog.text
+
+
+def test_no_offload_needs_no_ram_check(tmp_path, dataset, gpu, host_ram):
+    gpu(free_gib=79)
+    host_ram(0.001)
+    pf.preflight(make_config(tmp_path, training={"batch_size": 1}), CUDA, dataset)
+
+
+def test_meminfo_and_the_node_share(tmp_path, monkeypatch):
+    from vlmtune.train.host_memory import available_host_ram, node_share
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       131981020 kB\nMemFree:  1000 kB\nMemAvailable:   120000000 kB\n")
+    assert available_host_ram(meminfo) == 120000000 * 1024
+    assert available_host_ram(tmp_path / "missing") is None
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert node_share(80 * GIB, 8) == 80 * GIB  # one node holds all 8 GPUs' share
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert node_share(80 * GIB, 8) == 40 * GIB  # two nodes of 4

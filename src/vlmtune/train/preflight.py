@@ -3,7 +3,8 @@
 On a CUDA device it caps the process at `hardware.memory_fraction` when set, sizes the worst micro-batch the
 encoded data can produce (`batch_sizing`), prints the estimate, resolves `training.batch_size: auto` to the largest
 micro-batch that fits with a margin, and refuses a run that cannot fit (showing the breakdown and settings that
-would fit, `fit_advice`) unless `hardware.force_fit` / `--force`.
+would fit, `fit_advice`) unless `hardware.force_fit` / `--force`; likewise a DeepSpeed offload that needs more CPU
+RAM than the machine has available (`host_memory`).
 On the CPU the GPU estimate means nothing: `auto` becomes 1 and nothing is checked.
 After training starts, `out_of_memory.oom_message` explains a CUDA out-of-memory error from this module's result.
 """
@@ -22,6 +23,7 @@ from vlmtune.memory.gpus import GIB
 from vlmtune.train.batch_sizing import AUTO_MARGIN, Sizer, choose_batch, measured_profile
 from vlmtune.train.fit_advice import advice, faster_zero
 from vlmtune.train.gpu_memory import GpuMemory, apply_memory_fraction, device_index, read_gpu_memory
+from vlmtune.train.host_memory import available_host_ram, check_host_ram
 
 if TYPE_CHECKING:
     from vlmtune.config.schema import VlmtuneConfig
@@ -171,6 +173,9 @@ def preflight(
             f"{advice(result)}\n\nStart anyway with --force (hardware.force_fit=true) if you know the estimate "
             "is pessimistic for this run."
         )
+    host = check_host_ram(config, breakdown, available_host_ram())
+    if host and main:
+        log.warning("%s", host)
     if forced:
         log.warning("the estimate says this run does not fit; starting anyway (hardware.force_fit)")
     elif main:
