@@ -56,9 +56,13 @@ def allocator_overhead(
     live_16bit_states: int,
     step_temporaries: int,
     deepspeed_step_cached: int | None,
+    deepspeed_init_cached: int = 0,
 ) -> int:
     """Reserved minus allocated bytes at the peak phase. vision_cache: vision patches x tower width of the
-    micro-batch; deepspeed_step_cached: DeepSpeed's cached step blocks (None without DeepSpeed)."""
+    micro-batch; deepspeed_step_cached: DeepSpeed's cached step blocks (None without DeepSpeed);
+    deepspeed_init_cached: the blocks ZeRO-1/2's init leaves cached (vlmtune.memory.zero): reserved from init on,
+    above the resident states, whatever training allocates later (its working set fits in them or adds to them:
+    the larger of the two counts)."""
     frozen_vision = inputs.vision_no_grad and not (
         (inputs.method == "full" and not inputs.freeze_vision_tower) or inputs.adapt_vision_tower
     )
@@ -72,7 +76,8 @@ def allocator_overhead(
     )
     at = phases[peak_phase].total
     if deepspeed_step_cached is not None:
-        return max(frag, _deepspeed_step_reserve(phases, deepspeed_step_cached) - at)
+        init = FRAG_BASE + deepspeed_init_cached
+        return max(frag, _deepspeed_step_reserve(phases, deepspeed_step_cached) - at, init - at)
     if _states_take_the_working_blocks(inputs):
         return _full_checkpointed_reserve(phases) - at
     return frag

@@ -125,6 +125,11 @@ def _weights(
     return out
 
 
+def _largest_adapter(inputs: EstimateInputs, dims) -> int:
+    """Elements of the largest LoRA matrix: rank x the widest projection (the MLP's intermediate size)."""
+    return inputs.lora_rank * max(dims.intermediate, dims.hidden)
+
+
 def _cpu_embeddings(inputs: EstimateInputs, counts: ParamCounts, weights: dict[str, int]) -> int:
     """Bytes of the input-embedding table that speed.embeddings_on_cpu keeps in CPU memory (as the engine applies
     it: QLoRA, embeddings not tied to lm_head, no ZeRO-3 partitioning of them)."""
@@ -160,6 +165,7 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
         ds_moment_bytes=2 if moment == 1 else 8,
         ds_step_temp_bytes=4 if inputs.optimizer == "adamw_torch" else 0,  # foreach AdamW's fp32 temporary
         persistent_params=persistent,
+        largest_trainable=counts.largest_module if inputs.method == "full" else _largest_adapter(inputs, dims),
     )
     zp = plan(sizes, inputs.zero_stage, inputs.offload, inputs.num_gpus)
     if inputs.zero_stage == 3:
@@ -191,6 +197,8 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
         "end of backward": Phase(grads_all, acts.vision_saved, 0, 0, embed_grad),
         "optimizer step": Phase(zp.grads, 0, 0, 0, zp.step) if deepspeed else Phase(grads_all, 0, 0, 0, step),
     }
+    if zp.init_transient:
+        phases["DeepSpeed init"] = Phase(0, 0, 0, 0, zp.init_transient)
     phase = max(phases, key=lambda k: phases[k].total)
     at = phases[phase]
     allocated = static + at.total
@@ -204,6 +212,7 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
         live_16bit_states=0 if deepspeed else live_16bit_states,
         step_temporaries=step,
         deepspeed_step_cached=zp.step_cached if deepspeed else None,
+        deepspeed_init_cached=zp.init_cached,
     )
     reserved = allocated + frag
     context = CUDA_CONTEXT + DEEPSPEED_CONTEXT.get(inputs.zero_stage, 0)
