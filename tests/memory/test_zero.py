@@ -162,3 +162,20 @@ def test_recorded_lora_under_zero_allocates_like_plain_lora():
     for point in ("2b_lora_z2", "2b_lora_z2_offopt"):
         row, b = points[point]
         assert abs(_err(b.peak_allocated, row["meas_alloc_mib"])) < 2
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero12_init_leaves_the_originals_and_the_partition_clone_cached(stage):
+    # flatten beside the model's own 16-bit tensors, then clone the partition on the GPU before the fp32 copy
+    p = plan(FULL, stage, "none", 2)
+    assert p.init_transient == 2 * PSI and p.init_cached == 2 * PSI + 2 * PSI // 2
+
+
+def test_zero12_offload_streams_gradients_through_one_largest_parameter_buffer():
+    sizes = StateSizes(**{**FULL.__dict__, "largest_trainable": LARGEST})
+    p = plan(sizes, 2, "optimizer", 1)
+    assert p.buffers == BUCKET + 2 * LARGEST  # temp_grad_buffer_for_gpu_offload
+    assert p.grads_backward == 6 * LARGEST  # one 16-bit gradient and its fp32 cast, not the partition
+    # the buffer takes the cached block of its parameter's original tensor
+    assert (p.init_transient, p.init_cached) == (2 * PSI - 2 * LARGEST, 4 * PSI - 2 * LARGEST)
+    assert plan(sizes, 3, "optimizer", 1).init_cached == 0

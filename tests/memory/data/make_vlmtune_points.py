@@ -1,7 +1,10 @@
 # ruff: noqa: E731, E702  (a one-off data builder, kept as run)
-"""Builds tests/memory/data/vlmtune_points.jsonl from the 2026-11-24 speed and multi-GPU results (derivation in each
-row's `derived`). Needs the multi-GPU logs unpacked first: mkdir -p /tmp/mg && tar xzf
-benchmarks/results/2026-11-24-multi-gpu/logs_7b.tar.gz -C /tmp/mg (their memory_preflight inputs)."""
+"""Builds tests/memory/data/vlmtune_points.jsonl from the 2026-11-24 speed and multi-GPU results and the session-3
+DeepSpeed offload and held-out points (derivation in each row's `derived`). Needs the logs unpacked first (their
+memory_preflight inputs): mkdir -p /tmp/mg /tmp/ds1 /tmp/ds2 && tar xzf
+benchmarks/results/2026-11-24-multi-gpu/logs_7b.tar.gz -C /tmp/mg && tar xzf
+benchmarks/results/2026-11-24b-session3/deepspeed/logs.tar.gz -C /tmp/ds1 && tar xzf
+benchmarks/results/2026-11-24b-session3/deepspeed2/logs.tar.gz -C /tmp/ds2"""
 import json
 from pathlib import Path
 
@@ -99,6 +102,44 @@ def mg_rows():
                     "inputs": inputs})
     return out
 
-rows = speed_rows() + mg_rows()
+S3 = R / "2026-11-24b-session3"
+MODELS = {"/tmp/m2b": Q2, "/tmp/m3b": "Qwen/Qwen2.5-VL-3B-Instruct"}
+
+def session3_rows():
+    """The 1-GPU DeepSpeed offload runs (and 3B without DeepSpeed) at the nvidia-smi level; the deepspeed/ run of
+    2b_lora_z3_offall was cut at 2 steps by a timeout: deepspeed2/'s (6 steps) is used. Then the held-out points."""
+    out = []
+    for part, unpacked, labels in (
+        ("deepspeed", "/tmp/ds1", ("2b_full_z2_offopt", "2b_full_z3_offall", "3b_full_plain", "3b_full_z2_offopt")),
+        ("deepspeed2", "/tmp/ds2", ("2b_lora_z3_offall", "3b_full_z3_offopt")),
+    ):
+        for line in (S3 / part / "summary.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            if r["label"] not in labels or "skipped" in r:
+                continue
+            log = Path(f"{unpacked}/dslogs/{r['label']}/train_log.jsonl").read_text().splitlines()
+            pre = [json.loads(x) for x in log if '"memory_preflight"' in x][0]
+            inputs = dict(pre["inputs"], model=MODELS[pre["inputs"]["model"]])
+            out.append({"id": r["label"], "source": f"benchmarks/results/2026-11-24b-session3/{part}/summary.jsonl",
+                        "meas_alloc_mib": round(r["peak_allocated_gib"] * GIB),
+                        "meas_reserved_mib": round(r["peak_reserved_gib"] * GIB),
+                        "meas_smi_device_mib": round(r["nvidia_smi_peak_gib"] * GIB), "level": "nvidia-smi",
+                        "derived": f"the run's own memory_preflight inputs ({part}/logs.tar.gz train_log.jsonl), one "
+                                   "H100, DeepSpeed 0.19.8; nvidia-smi peak of the GPU (200 ms trace, one process: "
+                                   "DeepSpeed's memory outside the allocator included)",
+                        "inputs": inputs})
+    for line in (S3 / "heldout" / "calibration.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r.get("meas_reserved_mib") is None:
+            continue
+        out.append({"id": r["id"], "source": "benchmarks/results/2026-11-24b-session3/heldout/calibration.jsonl",
+                    "meas_alloc_mib": r["meas_alloc_mib"], "meas_reserved_mib": r["meas_reserved_mib"],
+                    "meas_smi_device_mib": r["meas_smi_process_mib"], "level": "reserved+context",
+                    "derived": "held-out calibration point (shapes the estimator's terms were not derived from): the "
+                               "run's memory_preflight inputs as recorded, model = catalogue_model",
+                    "inputs": dict(r["inputs"], model=r["catalogue_model"], gpu=None)})
+    return out
+
+rows = speed_rows() + mg_rows() + session3_rows()
 Path("/work/main/tests/memory/data/vlmtune_points.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 print(len(rows))
