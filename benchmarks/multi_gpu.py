@@ -31,14 +31,9 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def mixed(src: str, dst: str) -> None:
-    lines = []
-    for i, line in enumerate(Path(src).read_text().splitlines()):
-        record = json.loads(line)
-        if i % 2:
-            user = record["messages"][0]
-            user["content"] = [c for c in user["content"] if c["type"] != "image"]
-        lines.append(json.dumps(record))
-    Path(dst).write_text("\n".join(lines) + "\n")
+    from vlmtune.data.synthetic import text_only_every_second
+
+    text_only_every_second(src, dst, answer=None)
 
 
 def batch(model: str, data: str, out: str) -> None:

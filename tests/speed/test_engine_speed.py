@@ -3,9 +3,8 @@ trains and says so in the run log."""
 
 from __future__ import annotations
 
-import logging
-
 import json
+import logging
 
 import pytest
 

@@ -26,6 +26,7 @@ from vlmtune.config.schema import DataConfig
 from vlmtune.data.collate import Collator
 from vlmtune.data.processing import encode
 from vlmtune.data.records import read_records
+from vlmtune.data.synthetic import text_only_every_second
 from vlmtune.export.predict import load_for_inference
 from vlmtune.families import get_family
 
@@ -62,17 +63,7 @@ def run(args: list[str], timeout: float) -> str:
 def mixed_data(shapes_data) -> Path:
     """The shapes records with every second one text-only (no image, a text answer)."""
     train = shapes_data[0]
-    lines = []
-    for i, line in enumerate(train.read_text().splitlines()):
-        record = json.loads(line)
-        if i % 2:
-            user = record["messages"][0]
-            user["content"] = [c for c in user["content"] if c["type"] != "image"]
-            record["messages"][1]["content"] = [{"type": "text", "text": "there is no picture"}]
-        lines.append(json.dumps(record))
-    path = train.with_name("mixed.jsonl")  # beside train.jsonl: image paths stay valid
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return text_only_every_second(train, train.with_name("mixed.jsonl"))  # beside train.jsonl: images stay valid
 
 
 def write_config(folder: Path, model: Path, data: Path, method: str, stage: int = 2, **training: object) -> Path:

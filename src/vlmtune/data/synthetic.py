@@ -106,3 +106,20 @@ def make_shapes_vqa(
             }
             fh.write(json.dumps(record) + "\n")
     return jsonl
+
+
+def text_only_every_second(src: str | Path, dst: str | Path, answer: str | None = "there is no picture") -> Path:
+    """A copy of a chat-format data set whose every second record has its images removed (and, with `answer`, that
+    answer): mixed image / text-only batches, the case that hangs ZeRO-3 elsewhere. Write `dst` beside `src` so
+    relative image paths stay valid."""
+    lines = []
+    for i, line in enumerate(Path(src).read_text(encoding="utf-8").splitlines()):
+        record = json.loads(line)
+        if i % 2:
+            user = record["messages"][0]
+            user["content"] = [c for c in user["content"] if c["type"] != "image"]
+            if answer is not None:
+                record["messages"][1]["content"] = [{"type": "text", "text": answer}]
+        lines.append(json.dumps(record))
+    Path(dst).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return Path(dst)
