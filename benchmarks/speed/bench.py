@@ -12,6 +12,7 @@ JSON line to $OUT/results.jsonl; its log and nvidia-smi trace go to $OUT/logs/<w
 
     python3 -m benchmarks.speed.bench suite --only W1x --out $OUT   # ablation of W1's no-GC gap (not in a part)
     python3 -m benchmarks.speed.bench profile W1 vlmtune_nogc --out $OUT   # where the step time goes (profiling.py)
+    python3 -m benchmarks.speed.bench syncs W1 vlmtune_nogc --out $OUT     # which lines sync (sync_sources.py)
 """
 
 from __future__ import annotations
@@ -247,6 +248,10 @@ def main() -> None:
     p.add_argument("variant")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--trace", action="store_true", help="also write the Chrome trace (large)")
+    y = sub.add_parser("syncs", help="where one step's host-device syncs come from (CUDA sync debug mode)")
+    y.add_argument("workload")
+    y.add_argument("variant")
+    y.add_argument("--out", type=Path, required=True)
     t = sub.add_parser("table")
     t.add_argument("results", type=Path)
     args = ap.parse_args()
@@ -256,6 +261,10 @@ def main() -> None:
         from benchmarks.speed.profiling import profile_one
 
         print(profile_one(args.workload, args.variant, args.out, args.trace).read_text())
+    elif args.cmd == "syncs":
+        from benchmarks.speed.sync_sources import syncs_one
+
+        print(syncs_one(args.workload, args.variant, args.out).read_text())
     elif args.cmd == "one":
         print(json.dumps(run_one(args.workload, args.variant, args.out)))
     else:

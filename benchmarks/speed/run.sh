@@ -11,6 +11,8 @@
 # torch.profiler reports of chosen variants (~1 min each), in one call:
 #   ONLY=W1x PROFILE="W1:vlmtune_nogc W1:plain_nogc" BUDGET_S=300 OUT=$OUT bash benchmarks/speed/run.sh
 # PROFILE alone (no ONLY / PART) runs only the profiles. TRACE=1 adds Chrome traces to the logs archive (large).
+# Which lines make the host-device syncs of one step (CUDA sync debug mode, ~1 min each; appended to profile.md):
+#   SYNCS="W1:vlmtune_nogc W1:plain_nogc" OUT=$OUT bash benchmarks/speed/run.sh
 # $OUT keeps at most 8 files (what the device returns): results.jsonl (one line per variant), smi_peaks.jsonl,
 # check.jsonl, report.md (the printed table), profile.md (every profile report), logs.tar.gz (gpu.txt, a log and an
 # nvidia-smi trace per variant, the check's and the profiles' logs).
@@ -28,7 +30,7 @@ pack() {  # everything but the top-level summaries goes into one archive
   tar czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$OUT/logs"
 }
 trap pack EXIT
-if [[ -n ${ONLY:-} || -n ${PART:-} || -z ${PROFILE:-} ]]; then
+if [[ -n ${ONLY:-} || -n ${PART:-} || ( -z ${PROFILE:-} && -z ${SYNCS:-} ) ]]; then
   args=(--out "$OUT" --budget-s "${BUDGET_S:-540}")
   if [[ -n ${ONLY:-} ]]; then args+=(--only "$ONLY"); else args+=(--part "${PART:-1}"); fi
   python3 -m benchmarks.speed.bench suite "${args[@]}" 2>&1 | tee -a "$OUT/report.md"
@@ -44,5 +46,17 @@ for item in ${PROFILE:-}; do
   if [[ -f $report ]]; then cat "$report" >>"$OUT/profile.md"; else
     { echo "# profile: $work $variant failed (exit $code); the log's tail:"; echo '```';
       tail -n 40 "$OUT/logs/profile-$work-$variant.log"; echo '```'; } >>"$OUT/profile.md"; fi
+  echo >>"$OUT/profile.md"
+done
+for item in ${SYNCS:-}; do
+  work=${item%%:*} variant=${item#*:}
+  code=0
+  timeout "${PROFILE_TIMEOUT_S:-150}" python3 -m benchmarks.speed.bench syncs "$work" "$variant" \
+    --out "$OUT/logs" >"$OUT/logs/syncs-$work-$variant.log" 2>&1 || code=$?
+  echo "syncs $work $variant: exit $code" | tee -a "$OUT/report.md"
+  report="$OUT/logs/syncs-$work-$variant.txt"
+  if [[ -f $report ]]; then cat "$report" >>"$OUT/profile.md"; else
+    { echo "# syncs: $work $variant failed (exit $code); the log's tail:"; echo '```';
+      tail -n 40 "$OUT/logs/syncs-$work-$variant.log"; echo '```'; } >>"$OUT/profile.md"; fi
   echo >>"$OUT/profile.md"
 done
