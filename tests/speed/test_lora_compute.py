@@ -77,3 +77,21 @@ def test_compiled_layers_same_loss(tiny_model_dir, encoded):
     compiled = loss_and_grads(model, batch)
     handle.remove()
     assert_same(reference, compiled, rel=1e-5, cosine=0.9999)
+
+
+def test_compile_mode_reaches_every_layer(monkeypatch, tiny_model_dir):
+    """speed.compile_mode is handed to torch.compile for each decoder layer ("default" as torch's own default)."""
+    from vlmtune.config.schema import VlmtuneConfig
+    from vlmtune.families import get_family
+    from vlmtune.speed.compile_layers import compile_layers
+    from vlmtune.speed.loss_hook import unwrap_peft
+
+    seen: list[dict] = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: seen.append(kwargs))
+    model = lora_model(tiny_model_dir("qwen2_vl"), "qwen2_vl")
+    prefix = get_family("qwen2_vl").language_layers_prefix
+    handle = compile_layers(unwrap_peft(model), prefix, mode="reduce-overhead")
+    assert not isinstance(handle, str)
+    assert seen and all(k == {"backend": "inductor", "mode": "reduce-overhead"} for k in seen)
+    assert len(seen) == len(unwrap_peft(model).get_submodule(prefix))
+    assert VlmtuneConfig().speed.compile_mode == "default"

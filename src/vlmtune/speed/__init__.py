@@ -80,7 +80,8 @@ def apply_speed(model: nn.Module, config: VlmtuneConfig, family: FamilyDescripto
     if speed.embeddings_on_cpu:
         setup.add("embeddings_on_cpu", embeddings_on_cpu(unwrap_peft(model), config.method.name.value))
     if speed.compile:
-        setup.add("compile", compile_layers(unwrap_peft(model), family.language_layers_prefix))
+        mode = None if speed.compile_mode == "default" else speed.compile_mode
+        setup.add("compile", compile_layers(unwrap_peft(model), family.language_layers_prefix, mode=mode))
     if speed.packing:
         setup.active.append("packing")
         if speed.packed_attention == "spans":
