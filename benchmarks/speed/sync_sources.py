@@ -44,25 +44,27 @@ class SyncRecorder:
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
         self.on = False
-        self._show: Any = None
+        self._saved: Any = None
 
     def __enter__(self) -> SyncRecorder:
-        self._show = warnings.showwarning
+        self._saved = warnings.catch_warnings()  # filters and showwarning come back on exit
+        self._saved.__enter__()
         warnings.simplefilter("always")
+        show_other = warnings.showwarning
 
         def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None):
             if self.on and "synchroniz" in str(message):
                 self.counts[caller(traceback.extract_stack()[:-1])] += 1
             else:
-                self._show(message, category, filename, lineno, file, line)
+                show_other(message, category, filename, lineno, file, line)
 
         warnings.showwarning = show
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        warnings.showwarning = self._show
         if torch.cuda.is_available():
             torch.cuda.set_sync_debug_mode(0)
+        self._saved.__exit__(*exc)
 
     def record(self, on: bool) -> None:
         self.on = on
