@@ -73,3 +73,23 @@ def test_packing_trains(tiny_model_dir, varied_jsonl, tmp_path, caplog):
     assert len(losses) == 3 and all(loss == loss and loss > 0 for loss in losses)
     # packed rows have no attention mask: the token count still leaves their padding out, without a warning
     assert not [r for r in caplog.records if "count non-padding tokens" in r.getMessage()]
+
+
+@pytest.mark.slow
+def test_switches_come_off_when_training_fails(tiny_model_dir, varied_jsonl, tmp_path, monkeypatch):
+    """Some switches are process-wide (SDPA's backends): a run that fails must still take them off."""
+    from transformers import TrainerCallback
+
+    import vlmtune.speed as speed_module
+
+    removed: list[int] = []
+    original = speed_module.SpeedSetup.remove
+    monkeypatch.setattr(speed_module.SpeedSetup, "remove", lambda self: (removed.append(1), original(self)))
+
+    class Boom(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            raise RuntimeError("boom at the first step")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        train(_config(tiny_model_dir, varied_jsonl, tmp_path / "fails", {}), callbacks=[Boom()])
+    assert removed == [1]

@@ -177,27 +177,28 @@ def train(
             processes=world,
             deepspeed_zero_stage=zero_of(ds_config)[0] if ds_config else None,
         )
-    trainer = VlmTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_data,
-        eval_dataset=val_data,
-        data_collator=collator,
-        processing_class=processor,
-        callbacks=[JsonlLogCallback(out / LOG_FILE), ProgressCallback(), *(callbacks or [])],
-        device=plan.device,
-        vision_keepalive=(  # with several processes a batch without images still runs the vision tower
-            VisionKeepAlive(processor.image_processor, family.language_prefixes) if world > 1 else None
-        ),
-    )
-    _drop_default_printers(trainer)
-    try:
-        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except torch.OutOfMemoryError as exc:
-        raise VlmtuneError(oom_message(memory, trainer.state.global_step, exc)) from exc
-
-    final_dir = save_final(trainer, processor, config, family)
-    speed.remove()
+    try:  # the speed switches come off however the run ends (some are process-wide, e.g. SDPA's backends)
+        trainer = VlmTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_data,
+            eval_dataset=val_data,
+            data_collator=collator,
+            processing_class=processor,
+            callbacks=[JsonlLogCallback(out / LOG_FILE), ProgressCallback(), *(callbacks or [])],
+            device=plan.device,
+            vision_keepalive=(  # with several processes a batch without images still runs the vision tower
+                VisionKeepAlive(processor.image_processor, family.language_prefixes) if world > 1 else None
+            ),
+        )
+        _drop_default_printers(trainer)
+        try:
+            output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except torch.OutOfMemoryError as exc:
+            raise VlmtuneError(oom_message(memory, trainer.state.global_step, exc)) from exc
+        final_dir = save_final(trainer, processor, config, family)
+    finally:
+        speed.remove()
     if os.environ.get("RANK", "0") == "0":
         from vlmtune.train.plot import render_loss_curve
 
