@@ -50,3 +50,22 @@ def test_estimator_moves_the_table_to_cpu_ram():
     tied = EstimateInputs(model="Qwen/Qwen2-VL-2B-Instruct", method="qlora", embeddings_on_cpu=True)
     assert estimate(tied).peak_allocated == estimate(EstimateInputs(model="Qwen/Qwen2-VL-2B-Instruct",
                                                                     method="qlora")).peak_allocated
+
+
+def test_the_gpu_block_goes_back_to_the_driver(monkeypatch):
+    """Moving the table off the GPU frees its block to PyTorch's cache; empty_cache hands it to the driver, at install
+    and when something moved the table back. (The move itself is faked: no GPU here.)"""
+    emptied: list[int] = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    embedding = torch.nn.Embedding(10, 4)
+    where = {"device": "cuda"}
+    monkeypatch.setattr(type(embedding.weight), "device", property(lambda self: torch.device(where["device"])),
+                        raising=False)
+    monkeypatch.setattr(torch.nn.Embedding, "to", lambda self, device: where.update(device=str(device)) or self)
+    handle = CpuEmbeddings(embedding, torch.device("cuda"))
+    assert where["device"] == "cpu" and emptied == [1]
+    where["device"] = "cuda"  # the Trainer moved the model after install
+    handle._inputs_to_cpu(embedding, (torch.tensor([1, 2]),))
+    assert where["device"] == "cpu" and emptied == [1, 1] and handle.moved_back == 1
+    handle._inputs_to_cpu(embedding, (torch.tensor([1, 2]),))  # on the CPU already: nothing to hand back
+    assert emptied == [1, 1]
