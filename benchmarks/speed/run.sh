@@ -35,28 +35,20 @@ if [[ -n ${ONLY:-} || -n ${PART:-} || ( -z ${PROFILE:-} && -z ${SYNCS:-} ) ]]; t
   if [[ -n ${ONLY:-} ]]; then args+=(--only "$ONLY"); else args+=(--part "${PART:-1}"); fi
   python3 -m benchmarks.speed.bench suite "${args[@]}" 2>&1 | tee -a "$OUT/report.md"
 fi
-for item in ${PROFILE:-}; do
-  work=${item%%:*} variant=${item#*:}
-  started=$SECONDS
-  code=0
-  timeout "${PROFILE_TIMEOUT_S:-150}" python3 -m benchmarks.speed.bench profile "$work" "$variant" \
-    --out "$OUT/logs" ${TRACE:+--trace} >"$OUT/logs/profile-$work-$variant.log" 2>&1 || code=$?
-  echo "profile $work $variant: exit $code, $((SECONDS - started)) s" | tee -a "$OUT/report.md"
-  report="$OUT/logs/profile-$work-$variant.txt"
-  if [[ -f $report ]]; then cat "$report" >>"$OUT/profile.md"; else
-    { echo "# profile: $work $variant failed (exit $code); the log's tail:"; echo '```';
-      tail -n 40 "$OUT/logs/profile-$work-$variant.log"; echo '```'; } >>"$OUT/profile.md"; fi
-  echo >>"$OUT/profile.md"
-done
-for item in ${SYNCS:-}; do
-  work=${item%%:*} variant=${item#*:}
-  code=0
-  timeout "${PROFILE_TIMEOUT_S:-150}" python3 -m benchmarks.speed.bench syncs "$work" "$variant" \
-    --out "$OUT/logs" >"$OUT/logs/syncs-$work-$variant.log" 2>&1 || code=$?
-  echo "syncs $work $variant: exit $code" | tee -a "$OUT/report.md"
-  report="$OUT/logs/syncs-$work-$variant.txt"
-  if [[ -f $report ]]; then cat "$report" >>"$OUT/profile.md"; else
-    { echo "# syncs: $work $variant failed (exit $code); the log's tail:"; echo '```';
-      tail -n 40 "$OUT/logs/syncs-$work-$variant.log"; echo '```'; } >>"$OUT/profile.md"; fi
-  echo >>"$OUT/profile.md"
-done
+report_each() {  # report_each KIND ITEMS...: `bench KIND WORK VARIANT` for each WORK:VARIANT, its report into profile.md
+  local kind=$1 item work variant started code report; shift
+  for item in "$@"; do
+    work=${item%%:*} variant=${item#*:} started=$SECONDS code=0
+    timeout "${PROFILE_TIMEOUT_S:-150}" python3 -m benchmarks.speed.bench "$kind" "$work" "$variant" \
+      --out "$OUT/logs" ${TRACE:+$([[ $kind == profile ]] && echo --trace)} \
+      >"$OUT/logs/$kind-$work-$variant.log" 2>&1 || code=$?
+    echo "$kind $work $variant: exit $code, $((SECONDS - started)) s" | tee -a "$OUT/report.md"
+    report="$OUT/logs/$kind-$work-$variant.txt"
+    if [[ -f $report ]]; then cat "$report" >>"$OUT/profile.md"; else
+      { echo "# $kind: $work $variant failed (exit $code); the log's tail:"; echo '```';
+        tail -n 40 "$OUT/logs/$kind-$work-$variant.log"; echo '```'; } >>"$OUT/profile.md"; fi
+    echo >>"$OUT/profile.md"
+  done
+}
+report_each profile ${PROFILE:-}
+report_each syncs ${SYNCS:-}
