@@ -75,8 +75,6 @@ def grid(with_zero: bool) -> list[Point]:
     return p
 
 
-
-
 def heldout() -> list[Point]:
     """Points the estimator's terms were not derived from: a third image size and text length (672 px + 1024 text),
     micro-batch 2 (the grid has 1 and 4), LLaVA with 1024 text tokens, and the Qwen2.5-VL-3B architecture (tied

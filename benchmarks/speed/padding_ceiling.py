@@ -6,8 +6,9 @@ Encodes the workload's records with its architecture's processor (the harness's 
 batches (as the Trainer's shuffled sampler draws them) compares the tokens a padded batch processes with the useful
 ones, and the model FLOPs (measure.py's convention) of the vision tower, which packing does not change, with those of
 the language model padded and unpadded. The ratio is what packing gains if a step's time follows its matmul FLOPs.
-Measured, it is exceeded (W5: 1.36x here, 1.62x on an H100, benchmarks/RESULTS.md); likely, not profiled: padded batches also pay for masked
-attention and per-token elementwise work that the FLOP count leaves out. The module keeps its first name.
+Measured, it is exceeded (W5: 1.36x here, 1.62x on an H100, benchmarks/RESULTS.md); likely, not profiled: padded
+batches also pay for masked attention and per-token elementwise work that the FLOP count leaves out. The module keeps
+its first name.
 """
 
 from __future__ import annotations

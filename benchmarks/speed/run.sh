@@ -36,12 +36,12 @@ if [[ -n ${ONLY:-} || -n ${PART:-} || ( -z ${PROFILE:-} && -z ${SYNCS:-} ) ]]; t
   python3 -m benchmarks.speed.bench suite "${args[@]}" 2>&1 | tee -a "$OUT/report.md"
 fi
 report_each() {  # report_each KIND ITEMS...: `bench KIND WORK VARIANT` for each WORK:VARIANT, its report into profile.md
-  local kind=$1 item work variant started code report; shift
+  local kind=$1 item work variant started code report extra=(); shift
+  [[ $kind == profile && -n ${TRACE:-} ]] && extra=(--trace)
   for item in "$@"; do
     work=${item%%:*} variant=${item#*:} started=$SECONDS code=0
     timeout "${PROFILE_TIMEOUT_S:-150}" python3 -m benchmarks.speed.bench "$kind" "$work" "$variant" \
-      --out "$OUT/logs" ${TRACE:+$([[ $kind == profile ]] && echo --trace)} \
-      >"$OUT/logs/$kind-$work-$variant.log" 2>&1 || code=$?
+      --out "$OUT/logs" "${extra[@]}" >"$OUT/logs/$kind-$work-$variant.log" 2>&1 || code=$?
     echo "$kind $work $variant: exit $code, $((SECONDS - started)) s" | tee -a "$OUT/report.md"
     report="$OUT/logs/$kind-$work-$variant.txt"
     if [[ -f $report ]]; then cat "$report" >>"$OUT/profile.md"; else

@@ -89,7 +89,9 @@ W1 = Workload(
         Variant("vlmtune_gc2_compile", "vlmtune", True, {**FAST, "speed.compile": True}),
         Variant("vlmtune_nogc_compile", "vlmtune", False, {"speed.compile": True}),
         # each compiled layer replayed as a CUDA graph: the no-GC step is launch-bound (RESULTS.md, correction)
-        Variant("vlmtune_nogc_graphs", "vlmtune", False, {"speed.compile": True, "speed.compile_mode": "reduce-overhead"}),
+        Variant(
+            "vlmtune_nogc_graphs", "vlmtune", False, {"speed.compile": True, "speed.compile_mode": "reduce-overhead"}
+        ),
     ),
     reference="plain_gc",
     mfu=True,

@@ -245,8 +245,9 @@ class SpeedConfig(_Strict):
     compile: bool = False
     """torch.compile each language-model decoder layer (fused elementwise kernels, fewer launches). The first
     steps are slower while it compiles. Measured on an H100 (benchmarks/RESULTS.md, W1): without gradient
-    checkpointing +5% in one run, -4% (-7% at the median step) in another; with checkpointing every 2nd layer 3.7x slower over the first 13 steps (layers checkpointed and
-    not compile to separate graphs, and the recomputation runs through the compiled checkpoint)."""
+    checkpointing +5% in one run, -4% (-7% at the median step) in another; with checkpointing every 2nd layer 3.7x
+    slower over the first 13 steps (layers checkpointed and not compile to separate graphs, and the recomputation
+    runs through the compiled checkpoint)."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     """With speed.compile: torch.compile's mode. reduce-overhead replays each compiled layer as a CUDA graph (one
     launch instead of its kernels; the W1 no-checkpointing step is launch-bound, benchmarks/RESULTS.md), re-recorded

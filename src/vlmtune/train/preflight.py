@@ -173,7 +173,7 @@ def preflight(
             f"{advice(result)}\n\nStart anyway with --force (hardware.force_fit=true) if you know the estimate "
             "is pessimistic for this run."
         )
-    host = check_host_ram(config, breakdown, available_host_ram())
+    host = check_host_ram(config, breakdown, available_host_ram()) if breakdown.cpu_ram else None
     if host and main:
         log.warning("%s", host)
     if forced:
