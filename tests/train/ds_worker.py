@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 
 from vlmtune.config.loader import load_config
 from vlmtune.train.engine import train
+from vlmtune.train.launch import close_process_group
 
 
 class SaveLogits(TrainerCallback):
@@ -47,4 +48,7 @@ if __name__ == "__main__":
     config_path, batch_path, out_path = sys.argv[1:4]
     if "--gpu-bf16" in sys.argv:
         _gpu_bf16_plan()
-    train(load_config(config_path), callbacks=[SaveLogits(batch_path, out_path)])
+    try:
+        train(load_config(config_path), callbacks=[SaveLogits(batch_path, out_path)])
+    finally:
+        close_process_group()  # as `python -m vlmtune.train` does

@@ -13,6 +13,7 @@ import warnings
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from vlmtune.cli.main import main
+from vlmtune.train.launch import close_process_group
 
 
 @record
@@ -24,17 +25,7 @@ def _main() -> int:
     try:
         return main(["train", *sys.argv[1:]])
     finally:
-        _close_process_group()
-
-
-def _close_process_group() -> None:
-    """Tear the process group down before the interpreter does: left to interpreter exit, gloo's threads can be
-    destroyed while still joinable and abort the process after a finished run ("terminate called without an active
-    exception", seen once in CI on the 2-process ZeRO-3 test)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        close_process_group()
 
 
 sys.exit(_main())
