@@ -179,3 +179,31 @@ def test_zero12_offload_streams_gradients_through_one_largest_parameter_buffer()
     # the buffer takes the cached block of its parameter's original tensor
     assert (p.init_transient, p.init_cached) == (2 * PSI - 2 * LARGEST, 4 * PSI - 2 * LARGEST)
     assert plan(sizes, 3, "optimizer", 1).init_cached == 0
+
+
+def test_partial_offload_keeps_whole_sub_groups_on_the_gpu():
+    from vlmtune.memory.zero import gpu_sub_group_elements
+
+    # 10 sub-groups of 1e8: DeepSpeed keeps sub-group i on the GPU when i < int((1 - ratio) * 10)
+    assert gpu_sub_group_elements(PSI, 10**8, 1.0) == 0
+    assert gpu_sub_group_elements(PSI, 10**8, 0.65) == 3 * 10**8  # int(3.5) = 3 sub-groups
+    assert gpu_sub_group_elements(PSI, 10**8, 0.05) == 9 * 10**8
+    small = StateSizes(**{**FULL.__dict__, "buffers": DeepSpeedBuffers(**{**AUTO.__dict__, "sub_group_size": 10**8})})
+    whole, part = plan(small, 3, "optimizer", 1), plan(small, 3, "optimizer", 1, offload_ratio=0.65)
+    assert whole.optimizer == 0 and whole.offloaded == 16 * PSI
+    assert part.optimizer == 16 * 3 * 10**8  # master, Adam moments and fp32 gradient of 3 sub-groups on the GPU
+    assert part.offloaded == 16 * 7 * 10**8 and part.cpu_ram == int(1.5 * part.offloaded)
+    assert part.step == 4 * 10**8  # torch AdamW's fp32 temporary for one GPU sub-group
+    assert any("partial optimizer offload: 30%" in n for n in part.notes)
+    assert plan(small, 2, "optimizer", 1, offload_ratio=0.5).offloaded == 16 * PSI  # ZeRO-1/2: no split
+    assert "needs zero_stage 3" in " ".join(check_plan(2, "optimizer", 1, 0.5))
+    assert check_plan(3, "optimizer", 1, 0.5) == [] and check_plan(3, "optimizer", 1, 0.0)
+
+
+def test_partial_offload_estimate_moves_memory_between_gpu_and_cpu():
+    base = EstimateInputs(model="Qwen/Qwen2.5-VL-7B-Instruct", method="full", batch_size=1, seq_len=768,
+                          zero_stage=3, offload="optimizer", sub_group_size=500_000_000)
+    whole, part = estimate(base), estimate(base.with_(offload_ratio=0.65))
+    moved = whole.offloaded - part.offloaded
+    assert moved > 0 and part.peak_allocated - whole.peak_allocated >= moved
+    assert "offload optimizer (ratio 0.65)" in part.setup()

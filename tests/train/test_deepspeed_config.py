@@ -171,3 +171,22 @@ def test_missing_deepspeed_is_one_line(monkeypatch, tmp_path):
     message = str(err.value)
     assert "\n" not in message and "pip install 'vlmtune[deepspeed]'" in message
     assert dsc.prepare(cfg(), GPU_BF16, tmp_path, world=1, writer=True) is None  # not asked for: not imported
+
+
+def test_partial_optimizer_offload_renders_validates_and_reaches_the_estimator(tmp_path):
+    config = cfg(zero_stage=3, offload="optimizer", offload_ratio=0.65, sub_group_size=500_000_000)
+    zero = dsc.render(config, hidden_size=64)["zero_optimization"]
+    assert zero["offload_optimizer"]["ratio"] == 0.65 and zero["sub_group_size"] == 500_000_000
+    assert "ratio" not in dsc.render(cfg(zero_stage=3, offload="optimizer"), 64)["zero_optimization"][
+        "offload_optimizer"]  # the default (everything offloaded) is DeepSpeed's own default
+    inputs = inputs_from_config(config)
+    assert (inputs.offload_ratio, inputs.sub_group_size) == (0.65, 500_000_000)
+    for bad in ({"zero_stage": 2, "offload": "optimizer"}, {"zero_stage": 3}):
+        with pytest.raises(ValueError, match="offload_ratio=0.5 .*needs zero_stage 3"):
+            cfg(offload_ratio=0.5, **bad)
+    user = tmp_path / "ds.json"  # a user's JSON: its ratio and sub-group size are what the estimate uses
+    user.write_text(json.dumps({"zero_optimization": {"stage": 3, "sub_group_size": 2e8,
+                                                      "offload_optimizer": {"device": "cpu", "ratio": 0.3}}}))
+    inputs = inputs_from_config(cfg(deepspeed_config=str(user)))
+    assert (inputs.zero_stage, inputs.offload, inputs.offload_ratio, inputs.sub_group_size) == (
+        3, "optimizer", 0.3, 200_000_000)

@@ -100,6 +100,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="DeepSpeed offload to CPU RAM (all = parameters too; ZeRO-3 only; default: the config's)",
     )
     p.add_argument(
+        "--offload-ratio",
+        dest="offload_ratio",
+        type=float,
+        help="ZeRO-3 partial optimizer offload: share of the optimizer in CPU RAM, (0, 1] (default: the config's)",
+    )
+    p.add_argument(
         "--gpu", help="GPU to judge the fit on, e.g. 'RTX 4090', A100-80GB, H100 (see `recommend --table`)"
     )
 
@@ -166,12 +172,15 @@ def run(args: argparse.Namespace) -> int:
         config = resolve(args)
     except ConfigError as exc:  # report the parallelism problems in the same message
         raise ConfigError(
-            exc.problems + check_plan(args.zero_stage or 0, args.offload or "none", args.num_gpus or 1), exc.source
+            exc.problems
+            + check_plan(args.zero_stage or 0, args.offload or "none", args.num_gpus or 1, args.offload_ratio or 1.0),
+            exc.source,
         ) from None
     inputs = inputs_from_config(
         config,
         zero_stage=args.zero_stage,
         offload=args.offload,
+        offload_ratio=args.offload_ratio,
         num_gpus=args.num_gpus,
         gpu=args.gpu,
         images_per_sample=args.images_per_sample,

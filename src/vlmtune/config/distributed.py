@@ -81,3 +81,18 @@ def effective_zero(config: VlmtuneConfig, world: int | None = None) -> tuple[int
     if dist.deepspeed_config is not None:
         return zero_of(read_deepspeed_json(dist.deepspeed_config))
     return dist.zero_stage, dist.offload
+
+
+def optimizer_split(config: VlmtuneConfig, world: int | None = None) -> tuple[float, int]:
+    """(offload_ratio, sub_group_size) the run trains with: ZeRO-3's share of optimizer sub-groups in CPU RAM and
+    the sub-group size (a given JSON's values win; 1.0 without optimizer offload)."""
+    dist = config.distributed
+    if not uses_deepspeed(dist, world):
+        return 1.0, dist.sub_group_size
+    if dist.deepspeed_config is None:
+        return (dist.offload_ratio if dist.offload != "none" else 1.0), dist.sub_group_size
+    zero = read_deepspeed_json(dist.deepspeed_config).get("zero_optimization") or {}
+    section = zero.get("offload_optimizer") or {}
+    ratio = section.get("ratio", 1.0) if isinstance(section, dict) else 1.0
+    sub = zero.get("sub_group_size", dist.sub_group_size)
+    return (float(ratio) if isinstance(ratio, (int, float)) else 1.0), (int(sub) if isinstance(sub, (int, float)) else dist.sub_group_size)

@@ -187,6 +187,14 @@ class DistributedConfig(_Strict):
     """DeepSpeed ZeRO stage."""
     offload: Literal["none", "optimizer", "optimizer_and_params"] = "none"
     """What DeepSpeed offloads to CPU RAM (params offload needs stage 3)."""
+    offload_ratio: float = Field(1.0, gt=0, le=1)
+    """ZeRO-3 with offload: the share of the optimizer's sub-groups (fp32 master weights, Adam moments, fp32
+    gradients) kept in CPU RAM and stepped there by CPU Adam; the rest stays on the GPU and steps there (DeepSpeed's
+    ZeRO-Offload++ `offload_optimizer.ratio`). Below 1 it trades GPU memory for CPU RAM and speed: for a model whose
+    optimizer does not fit the machine's RAM, or to step part of it on the GPU."""
+    sub_group_size: int = Field(1_000_000_000, gt=0)
+    """ZeRO-3 sub_group_size: elements of the optimizer's sub-groups, stepped one at a time (the GPU step's fp32
+    temporaries are this large; offload_ratio moves whole sub-groups)."""
     prefetch_bucket_size: int | Literal["auto"] = "auto"
     """ZeRO-3 stage3_prefetch_bucket_size."""
     param_persistence_threshold: int | Literal["auto"] = "auto"
@@ -205,6 +213,10 @@ class DistributedConfig(_Strict):
                              "use offload=optimizer with stages 1-2")
         if self.offload != "none" and self.zero_stage == 0:
             raise ValueError("offload needs a ZeRO stage of 1 or more")
+        if self.offload_ratio < 1 and (self.offload == "none" or self.zero_stage != 3):
+            raise ValueError(f"offload_ratio={self.offload_ratio} (partial optimizer offload) needs zero_stage 3 and "
+                             f"offload=optimizer or optimizer_and_params (got zero_stage {self.zero_stage}, "
+                             f"offload {self.offload}); DeepSpeed splits the optimizer only under ZeRO-3")
         return self
 
 

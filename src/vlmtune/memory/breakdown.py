@@ -81,6 +81,7 @@ class Breakdown:
             + f", micro-batch {i.batch_size} x accumulation {i.gradient_accumulation_steps}, {i.precision}, "
             f"checkpointing {'on' if i.gradient_checkpointing else 'off'}, ZeRO {i.zero_stage}"
             + (f" offload {i.offload}" if i.offload != "none" else "")
+            + (f" (ratio {i.offload_ratio:g})" if i.offload != "none" and i.offload_ratio < 1 else "")
             + f", {i.num_gpus} GPU(s)"
         )
 

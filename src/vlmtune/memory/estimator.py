@@ -16,7 +16,7 @@ CUDA context make the nvidia-smi figure.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vlmtune.memory.activations import activation_terms
 from vlmtune.memory.allocator import Phase, allocator_overhead
@@ -160,14 +160,14 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
         grad_bytes=prec.trainable,
         optimizer_bytes=2 * moment,
         largest_unit=max(counts.largest_module, counts.layer_params),
-        buffers=DeepSpeedBuffers.auto(dims.hidden),
+        buffers=replace(DeepSpeedBuffers.auto(dims.hidden), sub_group_size=inputs.sub_group_size),
         ds_param_bytes=4 if inputs.precision == "fp32" else 2,
         ds_moment_bytes=2 if moment == 1 else 8,
         ds_step_temp_bytes=4 if inputs.optimizer == "adamw_torch" else 0,  # foreach AdamW's fp32 temporary
         persistent_params=persistent,
         largest_trainable=counts.largest_module if inputs.method == "full" else _largest_adapter(inputs, dims),
     )
-    zp = plan(sizes, inputs.zero_stage, inputs.offload, inputs.num_gpus)
+    zp = plan(sizes, inputs.zero_stage, inputs.offload, inputs.num_gpus, inputs.offload_ratio)
     if inputs.zero_stage == 3:
         weights = {p: b // inputs.num_gpus for p, b in weights.items()}
     if inputs.offload == "all":

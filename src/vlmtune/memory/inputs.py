@@ -73,6 +73,10 @@ class EstimateInputs:
     """speed.checkpoint_offload: the checkpointed layer inputs live in CPU memory."""
     zero_stage: int = 0
     offload: Literal["none", "optimizer", "all"] = "none"
+    offload_ratio: float = 1.0
+    """ZeRO-3 with offload: share of the optimizer's sub-groups in CPU RAM (distributed.offload_ratio)."""
+    sub_group_size: int = 1_000_000_000
+    """ZeRO-3 sub_group_size (distributed.sub_group_size)."""
     num_gpus: int = 1
     gpu: str | None = None
     """GPU name from the catalogue for the verdict (None: no verdict)."""
@@ -99,7 +103,9 @@ class EstimateInputs:
             out.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             out.append(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})")
-        out += check_plan(self.zero_stage, self.offload, self.num_gpus)
+        out += check_plan(self.zero_stage, self.offload, self.num_gpus, self.offload_ratio)
+        if self.sub_group_size < 1:
+            out.append(f"sub_group_size must be a positive integer, got {self.sub_group_size}")
         return out
 
     def validate(self) -> None:
@@ -130,10 +136,11 @@ def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInput
     """The estimate inputs a vlmtune config implies (sequence = data.max_length, padded worst case). ZeRO stage,
     offload and GPU count are what training renders from `distributed` (a given DeepSpeed JSON's stage and offload
     included; stage 0 without DeepSpeed), on num_gpus x num_nodes processes."""
-    from vlmtune.config.distributed import effective_zero, world_size
+    from vlmtune.config.distributed import effective_zero, optimizer_split, world_size
 
     world = world_size(config.distributed)
     stage, offload = effective_zero(config, world)
+    ratio, sub_group = optimizer_split(config, world)
     m = config.method
     targets = m.lora.target_modules
     values: dict[str, Any] = dict(
@@ -169,6 +176,8 @@ def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInput
         checkpoint_offload=config.speed.checkpoint_offload,
         zero_stage=stage,
         offload="all" if offload == "optimizer_and_params" else offload,
+        offload_ratio=ratio,
+        sub_group_size=sub_group,
         num_gpus=world,
     )
     if config.data.image_size:

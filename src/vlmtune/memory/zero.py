@@ -146,9 +146,16 @@ class ZeroPlan:
         return self.resident + max(self.grads_backward, self.step)
 
 
-def check_plan(stage: int, offload: str, num_gpus: int) -> list[str]:
+def check_plan(stage: int, offload: str, num_gpus: int, offload_ratio: float = 1.0) -> list[str]:
     """Problems with a ZeRO stage / offload / GPU-count combination (empty when valid)."""
     problems = []
+    if not 0 < offload_ratio <= 1:
+        problems.append(f"offload_ratio must be in (0, 1], got {offload_ratio}")
+    elif offload_ratio < 1 and (offload == "none" or stage != 3):
+        problems.append(
+            f"offload_ratio {offload_ratio} (partial optimizer offload) needs zero_stage 3 with offload=optimizer "
+            "or all; DeepSpeed splits the optimizer only under ZeRO-3"
+        )
     if stage not in (0, 1, 2, 3):
         problems.append(f"zero_stage must be 0, 1, 2 or 3, got {stage}")
     if offload not in ("none", "optimizer", "all"):
@@ -166,8 +173,9 @@ def check_plan(stage: int, offload: str, num_gpus: int) -> list[str]:
     return problems
 
 
-def plan(sizes: StateSizes, stage: int, offload: Offload, num_gpus: int) -> ZeroPlan:
-    """Model-state bytes per GPU. Stage 0 is vlmtune's own path: single GPU, or DDP on several."""
+def plan(sizes: StateSizes, stage: int, offload: Offload, num_gpus: int, offload_ratio: float = 1.0) -> ZeroPlan:
+    """Model-state bytes per GPU. Stage 0 is vlmtune's own path: single GPU, or DDP on several. offload_ratio:
+    ZeRO-3's share of optimizer sub-groups offloaded (1: all)."""
     g = num_gpus
     t = sizes.trainable
     if stage == 0:
@@ -184,10 +192,20 @@ def plan(sizes: StateSizes, stage: int, offload: Offload, num_gpus: int) -> Zero
             cpu_ram=0,
             deepspeed=False,
         )
-    return _deepspeed(sizes, stage, offload, g)
+    return _deepspeed(sizes, stage, offload, g, offload_ratio if stage == 3 else 1.0)
 
 
-def _deepspeed(sizes: StateSizes, stage: int, offload: Offload, g: int) -> ZeroPlan:
+def gpu_sub_group_elements(part: int, sub_group_size: int, offload_ratio: float) -> int:
+    """Elements of a partition whose optimizer sub-groups stay on the GPU under partial offload: DeepSpeed keeps
+    sub-group i there when i < int((1 - ratio) x number of sub-groups) (stage3._create_fp32_partitions). Sub-groups
+    are taken as full sub_group_size blocks (DeepSpeed closes a group at the parameter that crosses the size)."""
+    if offload_ratio >= 1 or part <= 0:
+        return 0
+    groups = -(-part // sub_group_size)
+    return min(part, int((1 - offload_ratio) * groups) * sub_group_size)
+
+
+def _deepspeed(sizes: StateSizes, stage: int, offload: Offload, g: int, offload_ratio: float = 1.0) -> ZeroPlan:
     t, b = sizes.trainable, sizes.buffers
     half = sizes.ds_param_bytes
     part = -(-t // g)  # this rank's partition of the trainable elements (DeepSpeed pads the last one)
@@ -240,8 +258,21 @@ def _deepspeed(sizes: StateSizes, stage: int, offload: Offload, g: int) -> ZeroP
     offloaded = 0
     optimizer = master + moments
     if offload != "none":
-        offloaded += optimizer + part * fp32_copy  # master, moments and the fp32 gradient partition
-        optimizer = 0
+        # Partial offload (ZeRO-3): the first sub-groups keep master, moments and an fp32 gradient on the GPU and
+        # step there with torch's AdamW (foreach: one fp32 temporary of a sub-group); the fp32 copy made at init
+        # (`.to(fp32)` then `.clone()`) leaves one sub-group-sized block cached.
+        on_gpu = gpu_sub_group_elements(part, min(b.sub_group_size, part), offload_ratio) if stage == 3 else 0
+        per_element = fp32_copy + sizes.ds_moment_bytes + fp32_copy
+        offloaded += (part - on_gpu) * per_element  # master, moments and the fp32 gradient partition
+        optimizer = on_gpu * per_element
+        if on_gpu:
+            sub = min(b.sub_group_size, part)
+            step = sub * 4
+            step_cached = sub * 4
+            notes.append(
+                f"partial optimizer offload: {on_gpu / part:.0%} of the optimizer stays on the GPU, "
+                f"{(part - on_gpu) / part:.0%} in CPU RAM"
+            )
         if stage == 3:
             # The 16-bit gradient partition becomes pinned CPU memory too (2 bytes per element); left out of
             # `offloaded`, as DeepSpeed's own estimator does (18 bytes per parameter with everything offloaded).

@@ -58,10 +58,12 @@ def zero_section(config: VlmtuneConfig, hidden_size: int | None) -> dict[str, An
             stage3_max_live_parameters=dist.max_live_parameters,
             stage3_max_reuse_distance=dist.max_reuse_distance,
             stage3_gather_16bit_weights_on_model_save=True,
-            sub_group_size=int(1e9),
+            sub_group_size=dist.sub_group_size,
         )
     if dist.offload != "none":
         zero["offload_optimizer"] = _offload()
+        if dist.offload_ratio < 1:
+            zero["offload_optimizer"]["ratio"] = dist.offload_ratio
     if dist.offload == "optimizer_and_params":
         zero["offload_param"] = _offload()
     return zero
