@@ -196,8 +196,9 @@ def test_partial_offload_keeps_whole_sub_groups_on_the_gpu():
     assert part.step == 4 * 10**8  # torch AdamW's fp32 temporary for one GPU sub-group
     assert any("partial optimizer offload: 30%" in n for n in part.notes)
     assert plan(small, 2, "optimizer", 1, offload_ratio=0.5).offloaded == 16 * PSI  # ZeRO-1/2: no split
-    assert "needs zero_stage 3" in " ".join(check_plan(2, "optimizer", 1, 0.5))
-    assert check_plan(3, "optimizer", 1, 0.5) == [] and check_plan(3, "optimizer", 1, 0.0)
+    # The config refuses a ratio outside ZeRO-3 offload; the estimate ignores it there, so the fit advice can try
+    # other stages of the same inputs.
+    assert check_plan(2, "optimizer", 1, 0.5) == [] and check_plan(3, "optimizer", 1, 0.0)
 
 
 def test_partial_offload_estimate_moves_memory_between_gpu_and_cpu():

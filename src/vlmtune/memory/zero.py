@@ -149,13 +149,8 @@ class ZeroPlan:
 def check_plan(stage: int, offload: str, num_gpus: int, offload_ratio: float = 1.0) -> list[str]:
     """Problems with a ZeRO stage / offload / GPU-count combination (empty when valid)."""
     problems = []
-    if not 0 < offload_ratio <= 1:
+    if not 0 < offload_ratio <= 1:  # (it applies to ZeRO-3 with offload only; elsewhere it is ignored)
         problems.append(f"offload_ratio must be in (0, 1], got {offload_ratio}")
-    elif offload_ratio < 1 and (offload == "none" or stage != 3):
-        problems.append(
-            f"offload_ratio {offload_ratio} (partial optimizer offload) needs zero_stage 3 with offload=optimizer "
-            "or all; DeepSpeed splits the optimizer only under ZeRO-3"
-        )
     if stage not in (0, 1, 2, 3):
         problems.append(f"zero_stage must be 0, 1, 2 or 3, got {stage}")
     if offload not in ("none", "optimizer", "all"):

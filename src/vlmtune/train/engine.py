@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -156,6 +156,7 @@ def train(
     # Before the model: under ZeRO-3 the arguments register the DeepSpeed config that from_pretrained partitions by.
     args = training_arguments(config, plan, has_eval=val_set is not None, deepspeed=ds_config, world=world)
     set_seed(config.training.seed)  # adapter / random-weight initialisation is part of the run's seed
+    debug = _debug_callbacks(os.environ)  # before the model loads: its allocations get traced too
     model = get_method(config.method.name).load_and_prepare(config, family)
     trainable, total = count_parameters(model)
     speed = apply_speed(model, config, family)
@@ -185,7 +186,7 @@ def train(
             eval_dataset=val_data,
             data_collator=collator,
             processing_class=processor,
-            callbacks=[JsonlLogCallback(out / LOG_FILE), ProgressCallback(), *(callbacks or [])],
+            callbacks=[JsonlLogCallback(out / LOG_FILE), ProgressCallback(), *debug, *(callbacks or [])],
             device=plan.device,
             vision_keepalive=(  # with several processes a batch without images still runs the vision tower
                 VisionKeepAlive(processor.image_processor, family.language_prefixes) if world > 1 else None
@@ -226,6 +227,15 @@ def train(
         trainable_params=trainable,
         total_params=total,
     )
+
+
+def _debug_callbacks(env: Mapping[str, str]) -> list[TrainerCallback]:
+    """Developer diagnostics that environment variables switch on (VLMTUNE_MEMORY_SNAPSHOT: memory_snapshot.py)."""
+    if not env.get("VLMTUNE_MEMORY_SNAPSHOT"):
+        return []
+    from vlmtune.train.memory_snapshot import from_env
+
+    return [from_env(env)]
 
 
 def _drop_default_printers(trainer: Any) -> None:

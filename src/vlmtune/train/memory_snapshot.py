@@ -1,0 +1,242 @@
+"""Developer diagnostic: what occupies GPU memory during a run, allocated and cached-but-free, by call site.
+
+The memory estimator misses DeepSpeed ZeRO-3 offload points by 8-25%, mostly in the reserved-minus-allocated
+gap. `torch.cuda.max_memory_reserved()` says how big the gap is; this says which allocations make it up, from
+the caching allocator's own snapshot (`torch.cuda.memory._snapshot()`) with the Python stack of each allocation.
+
+Switched on by environment variables, read by the engine (`train/engine.py: _debug_callbacks`):
+    VLMTUNE_MEMORY_SNAPSHOT=/path/snapshot.jsonl    one JSON line per snapshot step (summary only, small)
+    VLMTUNE_MEMORY_SNAPSHOT_STEPS=1,2               global steps whose end is snapshotted (default 1,2)
+    VLMTUNE_MEMORY_SNAPSHOT_RAW=1                   also pickle the raw snapshot of the last of those steps next to
+                                                    the .jsonl (large; open it in https://pytorch.org/memory_viz)
+Read the lines with `python3 benchmarks/memory_snapshot.py snapshot.jsonl` (benchmarks/gpu_train_run.sh: SNAPSHOT=1).
+
+History recording starts when the callback is built, which the engine does before the model loads, so the
+weights, the ZeRO-3 partitions and DeepSpeed's buffers get call sites too. Allocations without Python frames
+show as "unknown": made before recording started, or by autograd's backward thread (gradients of ops that have no
+Python backward). Only rank 0 records; on a machine without CUDA the callback does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from vlmtune.errors import VlmtuneError
+
+_GIB = 1024**3
+_PACKAGE_ROOTS = ("site-packages/", "dist-packages/")
+UNKNOWN = "unknown"
+
+
+def from_env(env: Mapping[str, str]) -> MemorySnapshotCallback:
+    """The callback that VLMTUNE_MEMORY_SNAPSHOT (path) and VLMTUNE_MEMORY_SNAPSHOT_STEPS ("1,2") ask for."""
+    text = env.get("VLMTUNE_MEMORY_SNAPSHOT_STEPS", "1,2")
+    try:
+        steps = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise VlmtuneError(
+            f"VLMTUNE_MEMORY_SNAPSHOT_STEPS={text!r}: give comma-separated global steps, e.g. 1,2"
+        ) from None
+    raw = env.get("VLMTUNE_MEMORY_SNAPSHOT_RAW") == "1"
+    return MemorySnapshotCallback(Path(env["VLMTUNE_MEMORY_SNAPSHOT"]), steps or (1, 2), raw=raw)
+
+
+def _rank_zero() -> bool:
+    """torchrun sets RANK before the process group exists; once it does, the group is the authority."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
+class MemorySnapshotCallback(TrainerCallback):
+    """Appends allocator snapshots, summarised by call site, to a .jsonl at the end of the given global steps.
+
+    raw: also pickle the whole snapshot of the last step to `path.with_suffix(".pickle")` (tens of MB and more).
+    """
+
+    def __init__(self, path: Path, steps: tuple[int, ...] = (1, 2), raw: bool = False) -> None:
+        import torch
+
+        self.path, self.steps, self.raw = Path(path), tuple(steps), raw
+        record = getattr(torch.cuda.memory, "_record_memory_history", None)
+        self.recording = torch.cuda.is_available() and record is not None and _rank_zero()
+        if self.recording:
+            # Python stacks only: C++ frames would have to be symbolised at every snapshot (minutes).
+            record(enabled="all", context="all", stacks="python", max_entries=200_000)
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if not self.recording or state.global_step not in self.steps:
+            return
+        import torch
+
+        snapshot = torch.cuda.memory._snapshot()
+        line = {
+            "step": state.global_step,
+            "allocated": torch.cuda.memory_allocated(),
+            "reserved": torch.cuda.memory_reserved(),
+            "peak_allocated": torch.cuda.max_memory_allocated(),
+            "peak_reserved": torch.cuda.max_memory_reserved(),
+            "summary": summarise(snapshot),
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+        if self.raw and state.global_step == max(self.steps):
+            with self.path.with_suffix(".pickle").open("wb") as f:
+                pickle.dump(snapshot, f)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.recording:
+            import torch
+
+            torch.cuda.memory._record_memory_history(enabled=None)
+            self.recording = False
+
+
+def _is_site(filename: str) -> bool:
+    """A frame that names who asked for the memory: not torch's own machinery (its optimizers do count), and a
+    Python file (C++ frames, present when history records them, end in .cpp / .h or are '??')."""
+    if not filename or filename == "??" or not filename.endswith(".py"):
+        return False
+    return "/torch/" not in filename or "/torch/optim/" in filename
+
+
+def _short(filename: str) -> str:
+    """Path from the package on: 'deepspeed/runtime/zero/stage3.py', 'vlmtune/train/trainer.py'."""
+    for roots in (_PACKAGE_ROOTS, ("/src/",)):
+        cut = max((filename.rfind(r) + len(r) for r in roots if r in filename), default=-1)
+        if cut >= 0:
+            return filename[cut:]
+    return filename.removeprefix("src/")
+
+
+def site(frames: Iterable[Mapping[str, Any]] | None) -> str:
+    """The innermost frame outside torch (frames are innermost first), as 'pkg/file.py:LINE name'."""
+    for frame in frames or ():
+        if _is_site(frame.get("filename", "")):
+            return f"{_short(frame['filename'])}:{frame.get('line', '?')} {frame.get('name', '?')}"
+    return UNKNOWN
+
+
+def _segment_site(segment: Mapping[str, Any]) -> str:
+    """Who made the segment: its own frames where torch records them, else its first block that has frames (the
+    allocation that created it, approximately: a split segment's first block may be a later tenant)."""
+    if segment.get("frames"):
+        return site(segment["frames"])
+    return next((site(b["frames"]) for b in segment.get("blocks", ()) if b.get("frames")), UNKNOWN)
+
+
+def _top(groups: Mapping[str, list[int]], n: int, count_key: str) -> list[dict[str, Any]]:
+    ranked = sorted(groups.items(), key=lambda kv: (-kv[1][0], kv[0]))[:n]
+    return [{"site": name, "bytes": total, count_key: count} for name, (total, count) in ranked]
+
+
+def summarise(snapshot: Mapping[str, Any]) -> dict[str, Any]:
+    """Totals, allocated bytes by call site, cached-but-free bytes by the site that made their segment, and the
+    largest segments. Sums agree with the snapshot: totals.allocated is the sum of by_site over all sites."""
+    segments = snapshot.get("segments", [])
+    by_site: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    cached: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    totals = {
+        "segments": len(segments),
+        "reserved": 0,
+        "allocated": 0,
+        "requested": 0,
+        "inactive": 0,
+        "pending_free": 0,
+    }
+    largest = []
+    for segment in segments:
+        totals["reserved"] += segment["total_size"]
+        inactive = 0
+        for block in segment.get("blocks", ()):
+            state, size = block["state"], block["size"]
+            if state == "active_allocated":
+                totals["allocated"] += size
+                totals["requested"] += block.get("requested_size", size)
+                entry = by_site[site(block.get("frames"))]
+                entry[0] += size
+                entry[1] += 1
+            elif state == "inactive":
+                inactive += size
+            else:  # active_awaiting_free (torch's name; some docs say active_pending_free)
+                totals["pending_free"] += size
+        totals["inactive"] += inactive
+        made_by = _segment_site(segment)
+        if inactive:
+            cached[made_by][0] += inactive
+            cached[made_by][1] += 1
+        largest.append(
+            {
+                "total_size": segment["total_size"],
+                "allocated_size": segment.get("allocated_size", 0),
+                "inactive": inactive,
+                "site": made_by,
+            }
+        )
+    largest.sort(key=lambda s: -s["total_size"])
+    return {
+        "totals": totals,
+        "by_site": _top(by_site, 25, "blocks"),
+        "cached_by_segment_site": _top(cached, 15, "segments"),
+        "largest_segments": largest[:15],
+    }
+
+
+def _gib(n: int) -> str:
+    return f"{n / _GIB:.2f}"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def format_markdown(records: list[dict[str, Any]]) -> str:
+    """Readable tables (GiB) for the lines `MemorySnapshotCallback` wrote, one section per snapshot."""
+    out = []
+    for record in records:
+        s = record["summary"]
+        t = s["totals"]
+        out += [
+            f"### step {record['step']}",
+            "",
+            f"allocated {_gib(record['allocated'])} GiB, reserved {_gib(record['reserved'])} GiB; peak allocated "
+            f"{_gib(record['peak_allocated'])} GiB, peak reserved {_gib(record['peak_reserved'])} GiB",
+            f"snapshot: {t['segments']} segments, reserved {_gib(t['reserved'])}, allocated {_gib(t['allocated'])} "
+            f"(requested {_gib(t.get('requested', t['allocated']))}), cached free {_gib(t['inactive'])}, "
+            f"pending free {_gib(t.get('pending_free', 0))} GiB",
+            "",
+            "| allocated by site | GiB | blocks |",
+            "|---|---:|---:|",
+            *(f"| {_cell(r['site'])} | {_gib(r['bytes'])} | {r['blocks']} |" for r in s["by_site"]),
+            "",
+            "| cached free, by the site that made the segment | GiB | segments |",
+            "|---|---:|---:|",
+            *(
+                f"| {_cell(r['site'])} | {_gib(r['bytes'])} | {r['segments']} |"
+                for r in s["cached_by_segment_site"]
+            ),
+            "",
+            "| largest segments: GiB | allocated | free | made by |",
+            "|---:|---:|---:|---|",
+            *(
+                f"| {_gib(r['total_size'])} | {_gib(r['allocated_size'])} | {_gib(r['inactive'])} | {_cell(r['site'])} |"
+                for r in s["largest_segments"]
+            ),
+            "",
+        ]
+    return "\n".join(out)
