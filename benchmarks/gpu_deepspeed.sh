@@ -6,7 +6,7 @@
 #            offload points that fit the ~126 GiB of host RAM of a one-GPU machine: about 70 GiB by the estimate)
 #   PART=7b  Qwen2.5-VL-7B architecture, full fine-tuning: no DeepSpeed | ZeRO-3 + optimizer offload (~170 GiB of
 #            host RAM by the estimate: a machine with 256 GiB) | ZeRO-3 + 65% of the optimizer offloaded
-#            (7b_full_z3_offopt_r065: distributed.offload_ratio=0.65, for one GPU with ~126 GiB of host RAM)
+#            (7b_full_z3_offopt_r4: distributed.offload_ratio=0.4, RATIOS_7B="0.4 0.65" for more, labels r4 r65)
 # Batch 4 (2B) / 1 (7B) x (448 px image = 256 image tokens + ~511 text tokens), gradient checkpointing on, bf16,
 # random weights (model.random_init), no checkpoints; CHUNKED=false turns speed.chunked_loss off (the first run's
 # setting, see RESULTS.md; it failed under ZeRO-3 then), default true (vlmtune's default).
@@ -58,8 +58,11 @@ if [[ $PART == *7b* ]]; then
   python3 benchmarks/make_bench_data.py --model /tmp/m7b --n 16 --image-side 448 --text-tokens 512 --out /tmp/bench7b
   m7b=(model.name_or_path=/tmp/m7b data.train_path=/tmp/bench7b/train.jsonl training.batch_size=1 method.name=full)
   RUN_TIMEOUT=${RUN_TIMEOUT_7B:-420} run 7b_full_z3_offopt "${common[@]}" "${m7b[@]}" --zero-stage 3 --offload optimizer
-  # One GPU with ~126 GiB of host RAM: 35% of the optimizer stays on the GPU (DeepSpeed's partial offload)
-  RUN_TIMEOUT=${RUN_TIMEOUT_7B:-420} run 7b_full_z3_offopt_r065 "${common[@]}" "${m7b[@]}" --zero-stage 3 \
-      --offload optimizer distributed.offload_ratio=0.65 distributed.sub_group_size=500000000
+  # One GPU with ~126 GiB of host RAM: part of the optimizer stays on the GPU (DeepSpeed's partial offload). 65%
+  # offloaded was killed by the OS at 126 GiB on an H100 machine (RESULTS.md, session 4); 40% fits an H200.
+  for r in ${RATIOS_7B:-0.4}; do
+    RUN_TIMEOUT=${RUN_TIMEOUT_7B:-420} run "7b_full_z3_offopt_r${r#0.}" "${common[@]}" "${m7b[@]}" --zero-stage 3 \
+        --offload optimizer distributed.offload_ratio=$r distributed.sub_group_size=500000000
+  done
   run 7b_full_plain "${common[@]}" "${m7b[@]}"
 fi

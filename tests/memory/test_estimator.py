@@ -70,7 +70,8 @@ def test_offload_reports_cpu_ram():
             model=QWEN7, method="full", freeze_vision_tower=False, zero_stage=3, offload="all", num_gpus=8
         )
     )
-    assert b.offloaded > 0 and b.cpu_ram == pytest.approx(1.5 * 18 * 8292166656, rel=0.01)
+    # 16-bit weights, fp32 master + moments + gradients and the 16-bit gradients of every parameter, x ZeRO-3's 1.3
+    assert b.offloaded > 0 and b.cpu_ram == pytest.approx(1.3 * 20 * 8292166656, rel=0.01)
     assert sum(b.weights.values()) == 0
 
 

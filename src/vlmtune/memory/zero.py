@@ -43,7 +43,12 @@ from typing import Literal
 Offload = Literal["none", "optimizer", "all"]
 
 CPU_BUFFER_FACTOR = 1.5
-"""DeepSpeed's `additional_buffer_factor` for CPU RAM (pinned staging buffers)."""
+"""DeepSpeed's `additional_buffer_factor` for CPU RAM (pinned staging buffers), used for ZeRO-1/2 offload."""
+ZERO3_CPU_FACTOR = 1.3
+"""ZeRO-3 offload's CPU RAM over the offloaded states plus the pinned 16-bit gradient partition (which stays in CPU
+RAM whatever offload_ratio is). Fitted on one H100 machine (benchmarks/RESULTS.md, session 4): Qwen2.5-VL-3B full
+offload 72.4 GiB measured (this factor + the process itself: 75.3), Qwen2-VL-2B full offload of everything 48.8
+(46.9), and Qwen2.5-VL-7B with 65% of the optimizer offloaded killed by the OS at 126 GiB (126.5)."""
 
 
 @dataclass(frozen=True)
@@ -276,6 +281,10 @@ def _deepspeed(sizes: StateSizes, stage: int, offload: Offload, g: int, offload_
         offloaded += weights
         weights = 0
         gathered = max(gathered, 2 * sizes.largest_unit * half)  # fetched from the CPU, module by module
+    if stage == 3 and offload != "none":
+        cpu_ram = int((offloaded + part * half) * g * ZERO3_CPU_FACTOR)
+    else:
+        cpu_ram = int(offloaded * g * CPU_BUFFER_FACTOR)
     return ZeroPlan(
         weights=weights + persistent,
         gathered=gathered,
@@ -288,7 +297,7 @@ def _deepspeed(sizes: StateSizes, stage: int, offload: Offload, g: int, offload_
         init_transient=init_transient,
         init_cached=init_cached,
         offloaded=offloaded,
-        cpu_ram=int(offloaded * g * CPU_BUFFER_FACTOR),
+        cpu_ram=cpu_ram,
         deepspeed=True,
         notes=tuple(notes),
     )

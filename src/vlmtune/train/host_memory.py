@@ -23,7 +23,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TIGHT = 0.85
+PROCESS_RAM = 8 * GIB
+"""CPU RAM of one training process itself, on top of what it offloads (libraries, the model's CPU-side buffers,
+dataloader workers): 8.9 GiB measured for a 2B-3B run without offload on an H100 machine."""
+TIGHT = 0.9
 """Above this share of the available RAM a run is told it is tight (the process itself needs a few GiB more)."""
 
 
@@ -49,9 +52,11 @@ def check_host_ram(config: VlmtuneConfig, breakdown: Breakdown, available: int |
     to log when it is tight or forced, None otherwise."""
     if not breakdown.cpu_ram or available is None:
         return None
-    need = node_share(breakdown.cpu_ram, breakdown.inputs.num_gpus)
+    processes = min(int(os.environ.get("LOCAL_WORLD_SIZE", breakdown.inputs.num_gpus) or 1), breakdown.inputs.num_gpus)
+    need = node_share(breakdown.cpu_ram, breakdown.inputs.num_gpus) + PROCESS_RAM * max(processes, 1)
     offload = config.distributed.offload
-    said = (f"distributed.offload={offload} keeps about {need / GIB:.1f} GiB in CPU RAM on this node (the estimate) "
+    said = (f"distributed.offload={offload} needs about {need / GIB:.1f} GiB of CPU RAM on this node (the estimate's "
+            f"offloaded states and buffers, plus {PROCESS_RAM // GIB} GiB per training process) "
             f"and {available / GIB:.1f} GiB is available (MemAvailable)")
     if need > available:
         if config.hardware.force_fit:
@@ -63,5 +68,5 @@ def check_host_ram(config: VlmtuneConfig, breakdown: Breakdown, available: int |
             "fine-tuning, or a machine with more RAM. Start anyway with --force (hardware.force_fit=true)."
         )
     if need > TIGHT * available:
-        return f"{said}: tight, the training process itself needs a few GiB more"
+        return f"{said}: tight"
     return None
