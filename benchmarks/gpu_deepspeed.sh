@@ -44,6 +44,11 @@ if [[ $PART == *2b* ]]; then
     run "2b_${method}_z3_offall" "${common[@]}" "${m2b[@]}" method.name=$method --zero-stage 3 \
         --offload optimizer_and_params
   done
+  # Partial optimizer offload against the whole of it: the same losses expected
+  run 2b_full_z3_offopt "${common[@]}" "${m2b[@]}" method.name=full --zero-stage 3 --offload optimizer \
+      distributed.sub_group_size=500000000
+  run 2b_full_z3_offopt_r5 "${common[@]}" "${m2b[@]}" method.name=full --zero-stage 3 --offload optimizer \
+      distributed.sub_group_size=500000000 distributed.offload_ratio=0.5
 fi
 if [[ $PART == *3b* ]]; then
   python3 -m vlmtune.cli tiny-model --family qwen2_5_vl --arch 3b --out /tmp/m3b > /dev/null

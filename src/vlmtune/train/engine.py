@@ -186,7 +186,8 @@ def train(
             eval_dataset=val_data,
             data_collator=collator,
             processing_class=processor,
-            callbacks=[JsonlLogCallback(out / LOG_FILE), ProgressCallback(), *debug, *(callbacks or [])],
+            callbacks=[JsonlLogCallback(out / LOG_FILE), ProgressCallback(), *_deepspeed_callbacks(config, ds_config, world),
+                       *debug, *(callbacks or [])],
             device=plan.device,
             vision_keepalive=(  # with several processes a batch without images still runs the vision tower
                 VisionKeepAlive(processor.image_processor, family.language_prefixes) if world > 1 else None
@@ -227,6 +228,17 @@ def train(
         trainable_params=trainable,
         total_params=total,
     )
+
+
+def _deepspeed_callbacks(config: VlmtuneConfig, ds_config: dict[str, Any] | None, world: int) -> list[TrainerCallback]:
+    """Fixes for DeepSpeed itself: partial optimizer offload keeps its GPU optimizer on the schedule."""
+    from vlmtune.config.distributed import optimizer_split
+
+    if ds_config is None or optimizer_split(config, world)[0] >= 1:
+        return []
+    from vlmtune.train.partial_offload import PartialOffloadSchedule
+
+    return [PartialOffloadSchedule()]
 
 
 def _debug_callbacks(env: Mapping[str, str]) -> list[TrainerCallback]:
