@@ -1,7 +1,9 @@
 """The estimate against today's `vlmtune train` / engine runs with exact configurations (data/vlmtune_points.jsonl,
-built by data/make_vlmtune_points.py from benchmarks/results/2026-11-24-speed, -multi-gpu and 2026-11-24b-session3;
-RESULTS.md, estimator calibration): the speed harness's vlmtune variants on an H100 (W1-W4), the multi-GPU runs on
-H200s, the 1-GPU DeepSpeed offload runs on an H100 (nvidia-smi level) and the 14 held-out calibration points.
+built by data/make_vlmtune_points.py from benchmarks/results/2026-11-24-speed, -multi-gpu, 2026-11-24b-session3 and
+2026-11-24c-session4; RESULTS.md, estimator calibration): the speed harness's vlmtune variants on an H100 (W1-W4), the
+multi-GPU runs on H200s, the 1-GPU DeepSpeed offload runs on an H100 (nvidia-smi level), the 14 held-out calibration
+points, and session 4's 1-GPU runs (7B full fine-tuning without DeepSpeed on an H100; ZeRO-3 + whole or partial
+optimizer offload, offload_ratio / sub_group_size, on an H200; nvidia-smi level).
 
 Levels: `reserved+context` = max_memory_reserved + the calibration's measured CUDA context (762 MiB), as the grid's
 points (the speed harness read the whole device, about 490 MiB more than its process: kept as meas_smi_device_mib);
@@ -36,6 +38,14 @@ BAND: dict[str, tuple[float, float]] = {
     # recomputed layers and the chunked loss's repeated lm_head calls in the trace) are the suspected mechanism;
     # not modelled.
     "2b_lora_z3_offall": (-28.0, -20.0),
+    # ZeRO-3 + optimizer offload of the 2B (session 4, one H200; whole and half offloaded): allocated is over by
+    # 0.85 / 0.81 GiB while reserved is 2.74 / 6.48 GiB above allocated (0.80 / 4.10 estimated). ZeRO-3 without
+    # parameter offload copies the 16-bit partitions into one flat buffer (stage3 `defragment`) and frees the
+    # originals into the cache (trainable x 2 bytes = 2.87 GiB here); how much of that the later working set reuses
+    # is not derived. Modelled as cached from init it fixed 3b_full_z3_offopt (+3.5%) but moved
+    # 7b_full_z3_offopt_r4 from 0.0% to +5.1%: not adopted.
+    "2b_full_z3_offopt": (-13.0, -7.0),
+    "2b_full_z3_offopt_r5": (-8.0, -3.0),
     # Checkpointed full fine-tuning of the Qwen2.5-VL-3B architecture (tied embeddings, micro-batch 1): measured
     # reserved is only 0.7 GiB above allocated, so the forward working set (mostly the chunked loss's lm_head
     # gradient blocks, 2.9 GiB) is not kept in segments of its own beside grads + foreach temporaries as in the 2B
@@ -71,8 +81,8 @@ def errors() -> dict[str, float]:
 
 def test_the_points_are_there():
     rows = _points()
-    assert len(rows) == 36
-    assert sum(r["level"] != "bound" for r in rows) == 34
+    assert len(rows) == 40
+    assert sum(r["level"] != "bound" for r in rows) == 38
 
 
 @pytest.mark.parametrize("row", [r for r in _points() if r["level"] != "bound"], ids=lambda r: r["id"])

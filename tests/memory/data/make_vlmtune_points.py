@@ -4,7 +4,7 @@ DeepSpeed offload and held-out points (derivation in each row's `derived`). Need
 memory_preflight inputs): mkdir -p /tmp/mg /tmp/ds1 /tmp/ds2 && tar xzf
 benchmarks/results/2026-11-24-multi-gpu/logs_7b.tar.gz -C /tmp/mg && tar xzf
 benchmarks/results/2026-11-24b-session3/deepspeed/logs.tar.gz -C /tmp/ds1 && tar xzf
-benchmarks/results/2026-11-24b-session3/deepspeed2/logs.tar.gz -C /tmp/ds2"""
+benchmarks/results/2026-11-24b-session3/deepspeed2/logs.tar.gz -C /tmp/ds2 (and session4_rows()'s)"""
 import json
 from pathlib import Path
 
@@ -140,6 +140,46 @@ def session3_rows():
                     "inputs": dict(r["inputs"], model=r["catalogue_model"], gpu=None)})
     return out
 
-rows = speed_rows() + mg_rows() + session3_rows()
+S4 = R / "2026-11-24c-session4"
+
+def session4_rows():
+    """The session-4 1-GPU runs (benchmarks/gpu_deepspeed.sh: 7B full fine-tuning without DeepSpeed on an H100, ZeRO-3
+    + optimizer offload with sub_group_size 5e8, whole and partial (distributed.offload_ratio), on an H200) at the
+    nvidia-smi level, as session3_rows(); the failed labels of these parts are left out. Unpack first:
+    mkdir -p /tmp/s4_7b /tmp/s4_7bh /tmp/s4_2bh &&
+    tar xzf benchmarks/results/2026-11-24c-session4/deepspeed-7b/logs.tar.gz -C /tmp/s4_7b &&
+    tar xzf benchmarks/results/2026-11-24c-session4/deepspeed-7b-h200/logs.tar.gz -C /tmp/s4_7bh &&
+    tar xzf benchmarks/results/2026-11-24c-session4/deepspeed-2b-h200/logs.tar.gz -C /tmp/s4_2bh"""
+    out = []
+    models = {"/tmp/m2b": Q2, "/tmp/m7b": Q7}
+    for part, unpacked, gpu, labels in (
+        ("deepspeed-7b", "/tmp/s4_7b", "H100", ("7b_full_plain",)),
+        ("deepspeed-7b-h200", "/tmp/s4_7bh", "H200", ("7b_full_z3_offopt_r4",)),
+        ("deepspeed-2b-h200", "/tmp/s4_2bh", "H200", ("2b_full_z3_offopt", "2b_full_z3_offopt_r5")),
+    ):
+        for line in (S4 / part / "summary.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            if r["label"] not in labels or r["rc"] != 0:
+                continue
+            log = Path(f"{unpacked}/dslogs/{r['label']}/train_log.jsonl").read_text().splitlines()
+            pre = [json.loads(x) for x in log if '"memory_preflight"' in x][0]
+            inputs = dict(pre["inputs"], model=models[pre["inputs"]["model"]])
+            out.append({"id": r["label"], "source": f"benchmarks/results/2026-11-24c-session4/{part}/summary.jsonl",
+                        "meas_alloc_mib": round(r["peak_allocated_gib"] * GIB),
+                        "meas_reserved_mib": round(r["peak_reserved_gib"] * GIB),
+                        "meas_smi_device_mib": round(r["nvidia_smi_peak_gib"] * GIB), "level": "nvidia-smi",
+                        "derived": f"the run's own memory_preflight inputs ({part}/logs.tar.gz train_log.jsonl"
+                                   + ("; no DeepSpeed: offload_ratio / sub_group_size at their defaults, unused), one "
+                                      "H100 (nvidia-smi peak 78.15 of 79.18 GiB: 1 GiB short of the card)"
+                                      if inputs["zero_stage"] == 0 else
+                                      "; offload_ratio and sub_group_size as in its deepspeed_config.json), one "
+                                      f"{gpu}{' (not an H100)' if gpu == 'H200' else ''}, DeepSpeed 0.19.8")
+                                   + "; nvidia-smi peak of the GPU (200 ms trace, one process"
+                                   + (": DeepSpeed's memory outside the allocator included)" if inputs["zero_stage"]
+                                      else ")"),
+                        "inputs": inputs})
+    return out
+
+rows = speed_rows() + mg_rows() + session3_rows() + session4_rows()
 Path("/work/main/tests/memory/data/vlmtune_points.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 print(len(rows))
