@@ -265,11 +265,6 @@ class SpeedConfig(_Strict):
     launch instead of its kernels; the W1 no-checkpointing step is launch-bound, benchmarks/RESULTS.md), re-recorded
     for each new sequence length. Measured on an H100 (W1 without checkpointing): no faster (9,538 vs 9,577 tokens/s
     at the median step) and 2.4 GiB more reserved for the graph pools."""
-    grid_on_cpu: bool = False
-    """Leave image_grid_thw / video_grid_thw (a few integers per image) in CPU memory instead of moving them to the
-    GPU with the batch. transformers' Qwen vision tower and M-RoPE code read them element by element (`.tolist()`,
-    `.item()`): on the GPU each read is a host-device sync, about 100 per W1 step (benchmarks/RESULTS.md, syncs),
-    and every sync stops the CPU from queueing kernels ahead of the GPU. Experimental: off until measured."""
 
 
 class VlmtuneConfig(_Strict):

@@ -189,7 +189,6 @@ def train(
             callbacks=[JsonlLogCallback(out / LOG_FILE), ProgressCallback(), *_deepspeed_callbacks(config, ds_config, world),
                        *debug, *(callbacks or [])],
             device=plan.device,
-            keep_on_cpu=GRID_KEYS if config.speed.grid_on_cpu else (),
             vision_keepalive=(  # with several processes a batch without images still runs the vision tower
                 VisionKeepAlive(processor.image_processor, family.language_prefixes) if world > 1 else None
             ),
@@ -229,10 +228,6 @@ def train(
         trainable_params=trainable,
         total_params=total,
     )
-
-
-GRID_KEYS = ("image_grid_thw", "video_grid_thw")
-"""Batch keys speed.grid_on_cpu leaves in CPU memory."""
 
 
 def _deepspeed_callbacks(config: VlmtuneConfig, ds_config: dict[str, Any] | None, world: int) -> list[TrainerCallback]:

@@ -33,16 +33,10 @@ def _fsync_dir(path: Path) -> None:
 
 class VlmTrainer(Trainer):
     def __init__(
-        self,
-        *args: Any,
-        device: str = "cpu",
-        vision_keepalive: VisionKeepAlive | None = None,
-        keep_on_cpu: tuple[str, ...] = (),
-        **kwargs: Any,
+        self, *args: Any, device: str = "cpu", vision_keepalive: VisionKeepAlive | None = None, **kwargs: Any
     ):
         super().__init__(*args, **kwargs)
         self._device = device
-        self._keep_on_cpu = keep_on_cpu
         self._keepalive = vision_keepalive.attach(self.model) if vision_keepalive is not None else None
         self._staging: str | None = None
         self._throughput = ThroughputMeter()
@@ -57,15 +51,6 @@ class VlmTrainer(Trainer):
         return super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
-
-    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """Moves the batch to the device, except the keys in `keep_on_cpu` (speed.grid_on_cpu: the image grids,
-        which the model reads element by element; on the GPU each read would be a host-device sync)."""
-        kept = {k: inputs[k] for k in self._keep_on_cpu if k in inputs}
-        if not kept:
-            return super()._prepare_inputs(inputs)
-        moved = super()._prepare_inputs({k: v for k, v in inputs.items() if k not in kept})
-        return {**moved, **kept}
 
     def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
         """Packed rows (speed.packing) carry no attention mask and the processor has no pad_token_id, so the
