@@ -105,6 +105,17 @@ def mg_rows():
 S3 = R / "2026-11-24b-session3"
 MODELS = {"/tmp/m2b": Q2, "/tmp/m3b": "Qwen/Qwen2.5-VL-3B-Instruct"}
 
+def _preflight_row(r, unpacked, source, models, derived):
+    """One nvidia-smi-level point from a gpu_deepspeed.sh summary line and its run's memory_preflight inputs;
+    `derived` maps the inputs to the row's derivation text."""
+    log = Path(f"{unpacked}/dslogs/{r['label']}/train_log.jsonl").read_text().splitlines()
+    pre = [json.loads(x) for x in log if '"memory_preflight"' in x][0]
+    inputs = dict(pre["inputs"], model=models[pre["inputs"]["model"]])
+    return {"id": r["label"], "source": source, "meas_alloc_mib": round(r["peak_allocated_gib"] * GIB),
+            "meas_reserved_mib": round(r["peak_reserved_gib"] * GIB),
+            "meas_smi_device_mib": round(r["nvidia_smi_peak_gib"] * GIB), "level": "nvidia-smi",
+            "derived": derived(inputs), "inputs": inputs}
+
 def session3_rows():
     """The 1-GPU DeepSpeed offload runs (and 3B without DeepSpeed) at the nvidia-smi level; the deepspeed/ run of
     2b_lora_z3_offall was cut at 2 steps by a timeout: deepspeed2/'s (6 steps) is used. Then the held-out points."""
@@ -117,17 +128,11 @@ def session3_rows():
             r = json.loads(line)
             if r["label"] not in labels or "skipped" in r:
                 continue
-            log = Path(f"{unpacked}/dslogs/{r['label']}/train_log.jsonl").read_text().splitlines()
-            pre = [json.loads(x) for x in log if '"memory_preflight"' in x][0]
-            inputs = dict(pre["inputs"], model=MODELS[pre["inputs"]["model"]])
-            out.append({"id": r["label"], "source": f"benchmarks/results/2026-11-24b-session3/{part}/summary.jsonl",
-                        "meas_alloc_mib": round(r["peak_allocated_gib"] * GIB),
-                        "meas_reserved_mib": round(r["peak_reserved_gib"] * GIB),
-                        "meas_smi_device_mib": round(r["nvidia_smi_peak_gib"] * GIB), "level": "nvidia-smi",
-                        "derived": f"the run's own memory_preflight inputs ({part}/logs.tar.gz train_log.jsonl), one "
-                                   "H100, DeepSpeed 0.19.8; nvidia-smi peak of the GPU (200 ms trace, one process: "
-                                   "DeepSpeed's memory outside the allocator included)",
-                        "inputs": inputs})
+            out.append(_preflight_row(
+                r, unpacked, f"benchmarks/results/2026-11-24b-session3/{part}/summary.jsonl", MODELS,
+                lambda inputs: f"the run's own memory_preflight inputs ({part}/logs.tar.gz train_log.jsonl), one "
+                               "H100, DeepSpeed 0.19.8; nvidia-smi peak of the GPU (200 ms trace, one process: "
+                               "DeepSpeed's memory outside the allocator included)"))
     for line in (S3 / "heldout" / "calibration.jsonl").read_text().splitlines():
         r = json.loads(line)
         if r.get("meas_reserved_mib") is None:
@@ -161,23 +166,17 @@ def session4_rows():
             r = json.loads(line)
             if r["label"] not in labels or r["rc"] != 0:
                 continue
-            log = Path(f"{unpacked}/dslogs/{r['label']}/train_log.jsonl").read_text().splitlines()
-            pre = [json.loads(x) for x in log if '"memory_preflight"' in x][0]
-            inputs = dict(pre["inputs"], model=models[pre["inputs"]["model"]])
-            out.append({"id": r["label"], "source": f"benchmarks/results/2026-11-24c-session4/{part}/summary.jsonl",
-                        "meas_alloc_mib": round(r["peak_allocated_gib"] * GIB),
-                        "meas_reserved_mib": round(r["peak_reserved_gib"] * GIB),
-                        "meas_smi_device_mib": round(r["nvidia_smi_peak_gib"] * GIB), "level": "nvidia-smi",
-                        "derived": f"the run's own memory_preflight inputs ({part}/logs.tar.gz train_log.jsonl"
-                                   + ("; no DeepSpeed: offload_ratio / sub_group_size at their defaults, unused), one "
-                                      "H100 (nvidia-smi peak 78.15 of 79.18 GiB: 1 GiB short of the card)"
-                                      if inputs["zero_stage"] == 0 else
-                                      "; offload_ratio and sub_group_size as in its deepspeed_config.json), one "
-                                      f"{gpu}{' (not an H100)' if gpu == 'H200' else ''}, DeepSpeed 0.19.8")
-                                   + "; nvidia-smi peak of the GPU (200 ms trace, one process"
-                                   + (": DeepSpeed's memory outside the allocator included)" if inputs["zero_stage"]
-                                      else ")"),
-                        "inputs": inputs})
+            out.append(_preflight_row(
+                r, unpacked, f"benchmarks/results/2026-11-24c-session4/{part}/summary.jsonl", models,
+                lambda inputs: f"the run's own memory_preflight inputs ({part}/logs.tar.gz train_log.jsonl"
+                               + ("; no DeepSpeed: offload_ratio / sub_group_size at their defaults, unused), one "
+                                  "H100 (nvidia-smi peak 78.15 of 79.18 GiB: 1 GiB short of the card)"
+                                  if inputs["zero_stage"] == 0 else
+                                  "; offload_ratio and sub_group_size as in its deepspeed_config.json), one "
+                                  f"{gpu}{' (not an H100)' if gpu == 'H200' else ''}, DeepSpeed 0.19.8")
+                               + "; nvidia-smi peak of the GPU (200 ms trace, one process"
+                               + (": DeepSpeed's memory outside the allocator included)" if inputs["zero_stage"]
+                                  else ")")))
     return out
 
 rows = speed_rows() + mg_rows() + session3_rows() + session4_rows()
