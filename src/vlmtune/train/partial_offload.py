@@ -35,7 +35,7 @@ def sync_backup_optimizer(zero_optimizer: Any) -> int:
     if backup is None or main is None:
         return 0
     updated = 0
-    for source, target in zip(main.param_groups, backup.param_groups):
+    for source, target in zip(main.param_groups, backup.param_groups, strict=False):
         if source is target:
             continue  # DeepSpeed adds groups after the first by reference: already in step
         for key in _HYPER:

@@ -130,7 +130,7 @@ def session3_rows():
                 continue
             out.append(_preflight_row(
                 r, unpacked, f"benchmarks/results/2026-11-24b-session3/{part}/summary.jsonl", MODELS,
-                lambda inputs: f"the run's own memory_preflight inputs ({part}/logs.tar.gz train_log.jsonl), one "
+                lambda inputs, part=part: f"the run's own memory_preflight inputs ({part}/logs.tar.gz train_log.jsonl), one "
                                "H100, DeepSpeed 0.19.8; nvidia-smi peak of the GPU (200 ms trace, one process: "
                                "DeepSpeed's memory outside the allocator included)"))
     for line in (S3 / "heldout" / "calibration.jsonl").read_text().splitlines():
@@ -168,7 +168,7 @@ def session4_rows():
                 continue
             out.append(_preflight_row(
                 r, unpacked, f"benchmarks/results/2026-11-24c-session4/{part}/summary.jsonl", models,
-                lambda inputs: f"the run's own memory_preflight inputs ({part}/logs.tar.gz train_log.jsonl"
+                lambda inputs, part=part, gpu=gpu: f"the run's own memory_preflight inputs ({part}/logs.tar.gz train_log.jsonl"
                                + ("; no DeepSpeed: offload_ratio / sub_group_size at their defaults, unused), one "
                                   "H100 (nvidia-smi peak 78.15 of 79.18 GiB: 1 GiB short of the card)"
                                   if inputs["zero_stage"] == 0 else
