@@ -275,6 +275,22 @@ def test_a_slow_zero_setting_that_need_not_be_gets_a_faster_one(tmp_path, datase
     assert "also fits" not in caplog.text
 
 
+def test_no_faster_zero_setting_the_machine_cannot_hold(tmp_path, dataset, gpu, host_ram, caplog):
+    # 2B full fine-tuning with everything offloaded on a 12 GiB card: without DeepSpeed (19 GiB) it does not fit,
+    # ZeRO-2 + optimizer offload does and is faster, but it needs the CPU RAM of every optimizer state
+    gpu(free_gib=12)
+    config = make_config(tmp_path, training={"batch_size": 1}, method={"name": "full"},
+                         distributed={"engine": "deepspeed", "zero_stage": 3, "offload": "optimizer_and_params"},
+                         hardware={"force_fit": True})
+    host_ram(4000)
+    pf.preflight(config, CUDA, dataset)
+    assert "but --zero-stage 2 --offload optimizer also fits this GPU" in caplog.text
+    caplog.clear()
+    host_ram(20)  # forced past the host check; the offloading alternatives need more than this
+    pf.preflight(config, CUDA, dataset)
+    assert "starting anyway (hardware.force_fit)" in caplog.text and "also fits" not in caplog.text
+
+
 @pytest.fixture
 def host_ram(monkeypatch):
     """Set the fake machine's available CPU RAM (GiB) that preflight reads."""

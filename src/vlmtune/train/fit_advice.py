@@ -74,14 +74,22 @@ FASTER_BY = 1.2
 """Suggest another DeepSpeed setting only when the throughput model puts it at least this much faster."""
 
 
-def faster_zero(config: VlmtuneConfig, current: EstimateInputs, current_throughput: float, available: int) -> str | None:
-    """When a run uses ZeRO-3 or offload although a cheaper setting also fits the GPU (with the auto-batch margin),
-    the flags for the fastest such setting and the measured slowdown behind it; None otherwise (or when the user's
-    own DeepSpeed JSON decides)."""
+def faster_zero(
+    config: VlmtuneConfig,
+    current: EstimateInputs,
+    current_throughput: float,
+    available: int,
+    host_available: int | None = None,
+) -> str | None:
+    """When a run uses ZeRO-3 or offload although a cheaper setting also fits the GPU (with the auto-batch margin)
+    and, offloading, this node's CPU RAM (host_available: MemAvailable; None: not checked), the flags for the
+    fastest such setting and the measured slowdown behind it; None otherwise (or when the user's own DeepSpeed JSON
+    decides)."""
     from dataclasses import replace
 
     from vlmtune.memory.estimator import estimate
     from vlmtune.memory.recommend import relative_throughput
+    from vlmtune.train.host_memory import PROCESS_RAM, node_share
 
     if config.distributed.deepspeed_config is not None or (current.zero_stage < 3 and current.offload == "none"):
         return None
@@ -91,6 +99,10 @@ def faster_zero(config: VlmtuneConfig, current: EstimateInputs, current_throughp
             continue
         candidate = replace(current, zero_stage=stage, offload=offload)
         b = estimate(candidate)
+        if b.cpu_ram and host_available is not None and (
+            node_share(b.cpu_ram, candidate.num_gpus) + PROCESS_RAM > host_available
+        ):
+            continue  # the operating system would kill it (train/host_memory.py)
         speed = relative_throughput(candidate, b)
         if b.peak_reserved <= available * (1 - AUTO_MARGIN) and speed >= FASTER_BY * current_throughput:
             if best is None or speed > best[0]:

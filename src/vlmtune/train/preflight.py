@@ -173,7 +173,8 @@ def preflight(
             f"{advice(result)}\n\nStart anyway with --force (hardware.force_fit=true) if you know the estimate "
             "is pessimistic for this run."
         )
-    host = check_host_ram(config, breakdown, available_host_ram()) if breakdown.cpu_ram else None
+    host_available = available_host_ram()
+    host = check_host_ram(config, breakdown, host_available) if breakdown.cpu_ram else None
     if host and main:
         log.warning("%s", host)
     if forced:
@@ -181,7 +182,9 @@ def preflight(
     elif main:
         from vlmtune.memory.recommend import relative_throughput
 
-        hint = faster_zero(config, breakdown.inputs, relative_throughput(breakdown.inputs, breakdown), gpu.available)
+        hint = faster_zero(
+            config, breakdown.inputs, relative_throughput(breakdown.inputs, breakdown), gpu.available, host_available
+        )
         if hint:
             log.warning("%s", hint)
     return result
