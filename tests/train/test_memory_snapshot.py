@@ -189,3 +189,34 @@ def test_engine_adds_the_callback_only_when_asked(tmp_path, monkeypatch):
     assert (callback.path, callback.steps, callback.raw) == (path, (3, 5), False)
     with pytest.raises(VlmtuneError, match="VLMTUNE_MEMORY_SNAPSHOT_STEPS"):
         _debug_callbacks({"VLMTUNE_MEMORY_SNAPSHOT": str(path), "VLMTUNE_MEMORY_SNAPSHOT_STEPS": "one"})
+
+
+def test_blocks_are_grouped_by_size_for_runs_without_history():
+    mib = 2**20
+    snap = {"segments": [segment("large", block("inactive", 3 * mib), block("inactive", 3 * mib),
+                                 block("active_allocated", mib), block("inactive", 5 * mib))]}
+    s = summarise(snap)
+    assert s["inactive_by_size"] == [{"site": "3.0 MiB", "bytes": 6 * mib, "blocks": 2},
+                                     {"site": "5.0 MiB", "bytes": 5 * mib, "blocks": 1}]
+    assert s["allocated_by_size"] == [{"site": "1.0 MiB", "bytes": mib, "blocks": 1}]
+    assert "| 3.0 MiB | 0.01 | 2 |" in format_markdown([{"step": 0, "allocated": 0, "reserved": 0,
+                                                         "peak_allocated": 0, "peak_reserved": 0, "summary": s}])
+
+
+def test_without_history_nothing_is_recorded_and_step_0_is_the_start(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(torch.cuda.memory, "_snapshot", lambda: SNAPSHOT)
+    for name in ("memory_allocated", "memory_reserved", "max_memory_allocated", "max_memory_reserved"):
+        monkeypatch.setattr(torch.cuda, name, lambda: 1)
+    monkeypatch.setattr(memory_snapshot, "_rank_zero", lambda: True)
+    path = tmp_path / "s.jsonl"
+    callback = memory_snapshot.from_env({"VLMTUNE_MEMORY_SNAPSHOT": str(path), "VLMTUNE_MEMORY_SNAPSHOT_STEPS": "0,2",
+                                         "VLMTUNE_MEMORY_SNAPSHOT_HISTORY": "0"})
+    callback.on_train_begin(None, _state(0), None)
+    for step in (1, 2):
+        callback.on_step_end(None, _state(step), None)
+    callback.on_train_end(None, _state(2), None)
+    assert calls == []  # no history: ZeRO-3's autograd functions fail while torch records stacks
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [0, 2]

@@ -6,7 +6,12 @@ the caching allocator's own snapshot (`torch.cuda.memory._snapshot()`) with the 
 
 Switched on by environment variables, read by the engine (`train/engine.py: _debug_callbacks`):
     VLMTUNE_MEMORY_SNAPSHOT=/path/snapshot.jsonl    one JSON line per snapshot step (summary only, small)
-    VLMTUNE_MEMORY_SNAPSHOT_STEPS=1,2               global steps whose end is snapshotted (default 1,2)
+    VLMTUNE_MEMORY_SNAPSHOT_STEPS=1,2               global steps whose end is snapshotted (default 1,2; 0 = when
+                                                    training begins, after DeepSpeed's initialisation)
+    VLMTUNE_MEMORY_SNAPSHOT_HISTORY=0               do not record allocation history: no call sites, blocks are
+                                                    grouped by size only. Needed under DeepSpeed ZeRO-3, whose
+                                                    autograd functions fail while torch records Python stacks
+                                                    (`SystemError: ... returned NULL`, benchmarks/RESULTS.md session 4)
     VLMTUNE_MEMORY_SNAPSHOT_RAW=1                   also pickle the raw snapshot of the last of those steps next to
                                                     the .jsonl (large; open it in https://pytorch.org/memory_viz)
 Read the lines with `python3 benchmarks/memory_snapshot.py snapshot.jsonl` (benchmarks/gpu_train_run.sh: SNAPSHOT=1).
@@ -46,7 +51,8 @@ def from_env(env: Mapping[str, str]) -> MemorySnapshotCallback:
             f"VLMTUNE_MEMORY_SNAPSHOT_STEPS={text!r}: give comma-separated global steps, e.g. 1,2"
         ) from None
     raw = env.get("VLMTUNE_MEMORY_SNAPSHOT_RAW") == "1"
-    return MemorySnapshotCallback(Path(env["VLMTUNE_MEMORY_SNAPSHOT"]), steps or (1, 2), raw=raw)
+    history = env.get("VLMTUNE_MEMORY_SNAPSHOT_HISTORY", "1") != "0"
+    return MemorySnapshotCallback(Path(env["VLMTUNE_MEMORY_SNAPSHOT"]), steps or (1, 2), raw=raw, history=history)
 
 
 def _rank_zero() -> bool:
@@ -64,26 +70,38 @@ class MemorySnapshotCallback(TrainerCallback):
     raw: also pickle the whole snapshot of the last step to `path.with_suffix(".pickle")` (tens of MB and more).
     """
 
-    def __init__(self, path: Path, steps: tuple[int, ...] = (1, 2), raw: bool = False) -> None:
+    def __init__(
+        self, path: Path, steps: tuple[int, ...] = (1, 2), raw: bool = False, history: bool = True
+    ) -> None:
         import torch
 
         self.path, self.steps, self.raw = Path(path), tuple(steps), raw
         record = getattr(torch.cuda.memory, "_record_memory_history", None)
         self.recording = torch.cuda.is_available() and record is not None and _rank_zero()
-        if self.recording:
+        self.history = history and self.recording
+        if self.history:
             # Python stacks only: C++ frames would have to be symbolised at every snapshot (minutes).
             record(enabled="all", context="all", stacks="python", max_entries=200_000)
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if 0 in self.steps:
+            self._snapshot(0)
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if not self.recording or state.global_step not in self.steps:
+        self._snapshot(state.global_step)
+
+    def _snapshot(self, step: int) -> None:
+        if not self.recording or step not in self.steps:
             return
         import torch
 
         snapshot = torch.cuda.memory._snapshot()
         line = {
-            "step": state.global_step,
+            "step": step,
             "allocated": torch.cuda.memory_allocated(),
             "reserved": torch.cuda.memory_reserved(),
             "peak_allocated": torch.cuda.max_memory_allocated(),
@@ -93,18 +111,18 @@ class MemorySnapshotCallback(TrainerCallback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(line) + "\n")
-        if self.raw and state.global_step == max(self.steps):
+        if self.raw and step == max(self.steps):
             with self.path.with_suffix(".pickle").open("wb") as f:
                 pickle.dump(snapshot, f)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self.recording:
+        if self.history:
             import torch
 
             torch.cuda.memory._record_memory_history(enabled=None)
-            self.recording = False
+        self.recording = self.history = False
 
 
 def _is_site(filename: str) -> bool:
@@ -160,11 +178,18 @@ def summarise(snapshot: Mapping[str, Any]) -> dict[str, Any]:
         "pending_free": 0,
     }
     largest = []
+    inactive_sizes: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    allocated_sizes: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for segment in segments:
         totals["reserved"] += segment["total_size"]
         inactive = 0
         for block in segment.get("blocks", ()):
             state, size = block["state"], block["size"]
+            if state in ("active_allocated", "inactive"):
+                sizes = allocated_sizes if state == "active_allocated" else inactive_sizes
+                entry = sizes[_size_key(size)]
+                entry[0] += size
+                entry[1] += 1
             if state == "active_allocated":
                 totals["allocated"] += size
                 totals["requested"] += block.get("requested_size", size)
@@ -194,7 +219,15 @@ def summarise(snapshot: Mapping[str, Any]) -> dict[str, Any]:
         "by_site": _top(by_site, 25, "blocks"),
         "cached_by_segment_site": _top(cached, 15, "segments"),
         "largest_segments": largest[:15],
+        "inactive_by_size": _top(inactive_sizes, 15, "blocks"),
+        "allocated_by_size": _top(allocated_sizes, 15, "blocks"),
     }
+
+
+def _size_key(size: int) -> str:
+    """Blocks grouped by size, to 0.1 MiB: without history, sizes are what tells a parameter-shaped block (and so
+    its likely owner) from an activation's."""
+    return f"{size / 2**20:.1f} MiB"
 
 
 def _gib(n: int) -> str:
@@ -230,6 +263,14 @@ def format_markdown(records: list[dict[str, Any]]) -> str:
                 f"| {_cell(r['site'])} | {_gib(r['bytes'])} | {r['segments']} |"
                 for r in s["cached_by_segment_site"]
             ),
+            "",
+            "| cached free blocks of size | GiB | blocks |",
+            "|---|---:|---:|",
+            *(f"| {r['site']} | {_gib(r['bytes'])} | {r['blocks']} |" for r in s.get("inactive_by_size", ())),
+            "",
+            "| allocated blocks of size | GiB | blocks |",
+            "|---|---:|---:|",
+            *(f"| {r['site']} | {_gib(r['bytes'])} | {r['blocks']} |" for r in s.get("allocated_by_size", ())),
             "",
             "| largest segments: GiB | allocated | free | made by |",
             "|---:|---:|---:|---|",
