@@ -92,9 +92,6 @@ W1 = Workload(
         Variant(
             "vlmtune_nogc_graphs", "vlmtune", False, {"speed.compile": True, "speed.compile_mode": "reduce-overhead"}
         ),
-        # the image grids handed to the model in CPU memory: ~100 host-device syncs per step fewer
-        Variant("vlmtune_nogc_gridcpu", "vlmtune", False, {"speed.grids_on_cpu": True}),
-        Variant("vlmtune_gc4_gridcpu", "vlmtune", True, {"speed.checkpoint_every_n_layers": 4, "speed.grids_on_cpu": True}),
     ),
     reference="plain_gc",
     mfu=True,
@@ -213,7 +210,6 @@ WORKLOADS: dict[str, Workload] = {
                 # padded 8.11 on the H100)
                 _packed("vlmtune_packed_3row", rows=3),
                 _packed("vlmtune_packed_cudnn", rows=4, **{"speed.sdpa_cudnn": True}),
-                _packed("vlmtune_packed_gridcpu", rows=4, **{"speed.grids_on_cpu": True}),
             ),
             reference="vlmtune_padded",
             warmup=2,

@@ -265,10 +265,6 @@ class SpeedConfig(_Strict):
     launch instead of its kernels; the W1 no-checkpointing step is launch-bound, benchmarks/RESULTS.md), re-recorded
     for each new sequence length. Measured on an H100 (W1 without checkpointing): no faster (9,538 vs 9,577 tokens/s
     at the median step) and 2.4 GiB more reserved for the graph pools."""
-    grids_on_cpu: bool = False
-    """Hand the model image_grid_thw / video_grid_thw in CPU memory (copied back once per forward): transformers'
-    Qwen vision tower and M-RoPE code read them element by element, each read a host-device sync on the GPU
-    (~100 per W1 step). Not with flash-attention 2. Experimental: off until measured on a GPU."""
 
 
 class VlmtuneConfig(_Strict):

@@ -60,7 +60,6 @@ def apply_speed(model: nn.Module, config: VlmtuneConfig, family: FamilyDescripto
     from vlmtune.speed.attention_backend import cudnn_attention_off
     from vlmtune.speed.compile_layers import compile_layers
     from vlmtune.speed.cpu_embeddings import embeddings_on_cpu
-    from vlmtune.speed.cpu_grids import grids_on_cpu
     from vlmtune.speed.frozen_vision import vision_without_grad
     from vlmtune.speed.lora_compute import lora_compute_in_16bit
     from vlmtune.speed.loss_hook import install_chunked_loss, unwrap_peft
@@ -78,8 +77,6 @@ def apply_speed(model: nn.Module, config: VlmtuneConfig, family: FamilyDescripto
             log.debug("without grad: %s", ", ".join(wrapped.names))
     if speed.lora_bf16_compute and config.method.name.value != "full":
         setup.add("lora_bf16_compute", lora_compute_in_16bit(model, autocast=plan.bf16 or plan.fp16))
-    if speed.grids_on_cpu:
-        setup.add("grids_on_cpu", grids_on_cpu(unwrap_peft(model), config.hardware.attn_implementation, plan.device))
     if speed.embeddings_on_cpu:
         setup.add("embeddings_on_cpu", embeddings_on_cpu(unwrap_peft(model), config.method.name.value))
     if speed.compile:
