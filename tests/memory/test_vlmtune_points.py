@@ -26,26 +26,23 @@ MIB = 1 << 20
 CONTEXT_MIB = 762
 BAND: dict[str, tuple[float, float]] = {
     # point -> (low, high) % allowed where a point cannot be held to ±5%; each says why (RESULTS.md, estimator).
-    # ZeRO-3 on one GPU, offloaded: allocated is close for full fine-tuning (4.61 vs 4.77, 10.67 vs 10.25 GiB) but
-    # the allocator reserves 1.2-2.5 GiB above the allocated peak, growing over the first three steps (nvidia-smi
-    # trace: +1.4, +1.8, +1.9 GiB for the 3B), which the modelled ZeRO-3 buffers (bucket, gathered modules, step
-    # sub-group) do not explain: fragmentation by per-parameter gradient casts to fp32 and the partitioned
-    # parameters' fetch/release order is suspected, not derived.
+    # ZeRO-3 with optimizer offload on one GPU, full fine-tuning. Allocated is close (4.61 vs 4.77, 10.67 vs 10.25 GiB;
+    # the 2B offopt points over by 0.8 GiB), but reserved is 1.2-6.5 GiB above allocated.
+    # Allocator snapshots (RESULTS.md session 4, section 6) show what makes the reserve: fresh 16-byte-per-element
+    # blocks shaped like the largest parameter (the tied embedding: 1,782 MiB fp64 + 2 x 892 MiB fp32 for the 2B).
+    # DeepSpeed's gradient boundary under offload makes them per parameter (stage3
+    # `_finalize_offload_gradient_accumulation`: a GPU copy of the CPU gradient partition, its norm in fp64, an
+    # fp32 cast). The working set reuses them only in part: added on top of it, they overshoot by 13-28%.
+    # Not the init `defragment`: the cache holds at most 0.64 GiB after DeepSpeed's init.
     "2b_full_z3_offall": (-11.0, -5.0),
     "3b_full_z3_offopt": (-15.0, -8.0),
-    # ZeRO-3 LoRA with parameters offloaded: allocated is short by 1.17 GiB (3.61 measured vs 2.44), on top of the
-    # reserve above: parameters kept gathered between uses (stage3_max_reuse_distance = 1e9 elements, with the
-    # recomputed layers and the chunked loss's repeated lm_head calls in the trace) are the suspected mechanism;
-    # not modelled.
-    "2b_lora_z3_offall": (-28.0, -20.0),
-    # ZeRO-3 + optimizer offload of the 2B (session 4, one H200; whole and half offloaded): allocated is over by
-    # 0.85 / 0.81 GiB while reserved is 2.74 / 6.48 GiB above allocated (0.80 / 4.10 estimated). ZeRO-3 without
-    # parameter offload copies the 16-bit partitions into one flat buffer (stage3 `defragment`) and frees the
-    # originals into the cache (trainable x 2 bytes = 2.87 GiB here); how much of that the later working set reuses
-    # is not derived. Modelled as cached from init it fixed 3b_full_z3_offopt (+3.5%) but moved
-    # 7b_full_z3_offopt_r4 from 0.0% to +5.1%: not adopted.
     "2b_full_z3_offopt": (-13.0, -7.0),
     "2b_full_z3_offopt_r5": (-8.0, -3.0),
+    # ZeRO-3 LoRA with parameters offloaded: allocated is short by 1.17 GiB (3.61 measured vs 2.44), on top of the
+    # reserve above. The snapshot holds four fp32 chunk-sized blocks of the chunked loss (594 MiB each) where the
+    # estimate counts two: 1.16 GiB. Suspected: the loop keeps the first chunk's tensors until the second chunk's
+    # replace them. Not modelled: the non-ZeRO chunked-loss points (same two chunks) are within ±3%.
+    "2b_lora_z3_offall": (-28.0, -20.0),
     # Checkpointed full fine-tuning of the Qwen2.5-VL-3B architecture (tied embeddings, micro-batch 1): measured
     # reserved is only 0.7 GiB above allocated, so the forward working set (mostly the chunked loss's lm_head
     # gradient blocks, 2.9 GiB) is not kept in segments of its own beside grads + foreach temporaries as in the 2B
