@@ -26,22 +26,10 @@ MIB = 1 << 20
 CONTEXT_MIB = 762
 BAND: dict[str, tuple[float, float]] = {
     # point -> (low, high) % allowed where a point cannot be held to ±5%; each says why (RESULTS.md, estimator).
-    # ZeRO-3 with optimizer offload on one GPU, full fine-tuning. Allocated is close (4.61 vs 4.77, 10.67 vs 10.25 GiB;
-    # the 2B offopt points over by 0.8 GiB), but reserved is 1.2-6.5 GiB above allocated.
-    # Allocator snapshots (RESULTS.md session 4, section 6) show what makes the reserve: fresh 16-byte-per-element
-    # blocks shaped like the largest parameter (the tied embedding: 1,782 MiB fp64 + 2 x 892 MiB fp32 for the 2B).
-    # DeepSpeed's gradient boundary under offload makes them per parameter (stage3
-    # `_finalize_offload_gradient_accumulation`: a GPU copy of the CPU gradient partition, its norm in fp64, an
-    # fp32 cast). The working set reuses them only in part: added on top of it, they overshoot by 13-28%.
-    # Not the init `defragment`: the cache holds at most 0.64 GiB after DeepSpeed's init.
-    "2b_full_z3_offall": (-11.0, -5.0),
-    "3b_full_z3_offopt": (-15.0, -8.0),
-    "2b_full_z3_offopt": (-13.0, -7.0),
-    "2b_full_z3_offopt_r5": (-8.0, -3.0),
-    # ZeRO-3 LoRA with parameters offloaded: allocated is short by 1.17 GiB (3.61 measured vs 2.44), on top of the
-    # reserve above. The snapshot holds four fp32 chunk-sized blocks of the chunked loss (594 MiB each) where the
-    # estimate counts two: 1.16 GiB. Suspected: the loop keeps the first chunk's tensors until the second chunk's
-    # replace them. Not modelled: the non-ZeRO chunked-loss points (same two chunks) are within ±3%.
+    # ZeRO-3 LoRA with parameters offloaded: allocated is short by 1.17 GiB (3.61 measured vs 2.44). The allocator
+    # snapshot (RESULTS.md session 4 §6) holds four fp32 chunk-sized blocks of the chunked loss (594 MiB each) where
+    # the estimate counts two: 1.16 GiB. Why four only here is not derived (the non-ZeRO chunked-loss points, with the
+    # same two chunks, are within ±3%).
     "2b_lora_z3_offall": (-28.0, -20.0),
     # Checkpointed full fine-tuning of the Qwen2.5-VL-3B architecture (tied embeddings, micro-batch 1): measured
     # reserved is only 0.7 GiB above allocated, so the forward working set (mostly the chunked loss's lm_head

@@ -212,3 +212,17 @@ def test_partial_offload_estimate_moves_memory_between_gpu_and_cpu():
     moved = whole.offloaded - part.offloaded
     assert moved > 0 and part.peak_allocated - whole.peak_allocated >= moved
     assert "offload optimizer (ratio 0.65)" in part.setup()
+
+
+def test_zero3_offload_caches_the_fp64_norm_block_of_the_largest_parameter():
+    """DeepSpeed's gradient boundary under offload takes each gradient's norm in fp64, in parts of 250 M elements:
+    the largest parameter's part stays cached (2B: 1,782 MiB, allocator snapshot); with parameter offload the
+    fetched modules reuse it up to the gathered working set."""
+    embedding = 233_373_696  # Qwen2-VL-2B's tied embedding: 151,936 x 1,536
+    sizes = StateSizes(**{**FULL.__dict__, "largest_trainable": embedding})
+    assert plan(sizes, 3, "optimizer", 1).step_cached == 8 * embedding
+    everything = plan(sizes, 3, "all", 1)
+    assert everything.step_cached == 8 * embedding - everything.gathered
+    huge = StateSizes(**{**FULL.__dict__, "largest_trainable": 600_000_000})
+    assert plan(huge, 3, "optimizer", 1).step_cached == 8 * 250_000_000  # one part at a time
+    assert plan(sizes, 3, "none", 1).step_cached == plan(FULL, 3, "none", 1).step_cached  # no offload: no boundary copy

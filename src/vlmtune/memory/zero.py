@@ -44,6 +44,8 @@ Offload = Literal["none", "optimizer", "all"]
 
 CPU_BUFFER_FACTOR = 1.5
 """DeepSpeed's `additional_buffer_factor` for CPU RAM (pinned staging buffers), used for ZeRO-1/2 offload."""
+NORM_PART = 250_000_000
+"""Elements per fp64 part of DeepSpeed ZeRO-3's gradient-norm computation (`_constant_buffered_norm2`)."""
 ZERO3_CPU_FACTOR = 1.3
 """ZeRO-3 offload's CPU RAM over the offloaded states plus the pinned 16-bit gradient partition (which stays in CPU
 RAM whatever offload_ratio is). Fitted on one H100 machine (benchmarks/RESULTS.md, session 4): Qwen2.5-VL-3B full
@@ -282,6 +284,14 @@ def _deepspeed(sizes: StateSizes, stage: int, offload: Offload, g: int, offload_
         weights = 0
         gathered = max(gathered, 2 * sizes.largest_unit * half)  # fetched from the CPU, module by module
     if stage == 3 and offload != "none":
+        # At the gradient boundary DeepSpeed copies each parameter's CPU gradient partition back to the GPU and takes
+        # its norm in fp64, in parts of up to 250 M elements (stage3 `_finalize_offload_gradient_accumulation`,
+        # `_constant_buffered_norm2`). The largest trainable parameter's fp64 part is larger than any block backward
+        # freed, so it takes a segment of its own that stays cached (allocator snapshots, RESULTS.md session 4 §6:
+        # 1,782 MiB for Qwen2-VL-2B's embedding). With parameters offloaded too, the modules fetched from the CPU
+        # later fill part of that segment: only what exceeds the gathered working set adds to the reserve.
+        norm_block = min(sizes.largest_trainable or t, part, NORM_PART) * 8
+        step_cached += norm_block if offload == "optimizer" else max(0, norm_block - gathered)
         cpu_ram = int((offloaded + part * half) * g * ZERO3_CPU_FACTOR)
     else:
         cpu_ram = int(offloaded * g * CPU_BUFFER_FACTOR)
