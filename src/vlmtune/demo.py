@@ -10,6 +10,7 @@ accuracy on the held-out split, fine-tunes through the same engine as a real run
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,11 @@ def run_demo(out: Path, seed: int = 0, n_records: int = 400, overrides: dict[str
     before = predict_file(load_for_inference(model_dir), val_file, out / "predictions_before.jsonl", max_new_tokens=4)
 
     console.print("4/5 fine-tuning")
-    data = {"experiment_name": "demo", "output_dir": str(out / "run"),
+    run_dir = out / "run"
+    if run_dir.exists():  # the demo's own folder from an earlier demo: start over (a real run would be refused)
+        console.print(f"    (removing the earlier demo run in {run_dir})")
+        shutil.rmtree(run_dir)
+    data = {"experiment_name": "demo", "output_dir": str(run_dir),
             "model": {"name_or_path": str(model_dir)},
             "data": {"train_path": str(train_file), "val_path": str(val_file)},
             "training": {"seed": seed}}

@@ -17,3 +17,6 @@ def test_demo_learns_the_task(tmp_path):
     assert summary["accuracy_after"] - summary["accuracy_before"] >= 0.3
     assert summary["train_loss_last"] < summary["train_loss_first"] / 5
     assert (tmp_path / "predictions_after.jsonl").is_file()
+    # Again in the same folder (the README's command run twice): the demo starts over instead of refusing
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["accuracy_after"] >= 0.9
