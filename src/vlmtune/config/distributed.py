@@ -92,7 +92,8 @@ def optimizer_split(config: VlmtuneConfig, world: int | None = None) -> tuple[fl
     if dist.deepspeed_config is None:
         return (dist.offload_ratio if dist.offload != "none" else 1.0), dist.sub_group_size
     zero = read_deepspeed_json(dist.deepspeed_config).get("zero_optimization") or {}
-    section = zero.get("offload_optimizer") or {}
-    ratio = section.get("ratio", 1.0) if isinstance(section, dict) else 1.0
-    sub = zero.get("sub_group_size", dist.sub_group_size)
-    return (float(ratio) if isinstance(ratio, (int, float)) else 1.0), (int(sub) if isinstance(sub, (int, float)) else dist.sub_group_size)
+    section = zero.get("offload_optimizer")
+    ratio = section.get("ratio") if isinstance(section, dict) else None
+    sub = zero.get("sub_group_size")
+    number = (int, float)
+    return (float(ratio) if isinstance(ratio, number) else 1.0), (int(sub) if isinstance(sub, number) else dist.sub_group_size)

@@ -211,6 +211,7 @@ def _deepspeed(sizes: StateSizes, stage: int, offload: Offload, g: int, offload_
     t, b = sizes.trainable, sizes.buffers
     half = sizes.ds_param_bytes
     part = -(-t // g)  # this rank's partition of the trainable elements (DeepSpeed pads the last one)
+    sub = min(b.sub_group_size, part)  # ZeRO-3's optimizer sub-group
     fp32_copy = 4 if half != 4 else 0  # master weights and fp32 gradients exist only beside 16-bit ones
     master = part * fp32_copy
     moments = part * sizes.ds_moment_bytes
@@ -243,7 +244,6 @@ def _deepspeed(sizes: StateSizes, stage: int, offload: Offload, g: int, offload_
     else:
         weights = -(-weights // g)
         persistent = sizes.persistent_params * half if g > 1 else 0
-        sub = min(b.sub_group_size, part)
         grads = part * half  # grad_partitions_flat_buffer, allocated once at init
         grads_backward = 0
         buffers = b.reduce_bucket_size * half  # the persistent ipg bucket
@@ -263,14 +263,12 @@ def _deepspeed(sizes: StateSizes, stage: int, offload: Offload, g: int, offload_
         # Partial offload (ZeRO-3): the first sub-groups keep master, moments and an fp32 gradient on the GPU and
         # step there with torch's AdamW (foreach: one fp32 temporary of a sub-group); the fp32 copy made at init
         # (`.to(fp32)` then `.clone()`) leaves one sub-group-sized block cached.
-        on_gpu = gpu_sub_group_elements(part, min(b.sub_group_size, part), offload_ratio) if stage == 3 else 0
+        on_gpu = gpu_sub_group_elements(part, sub, offload_ratio) if stage == 3 else 0
         per_element = fp32_copy + sizes.ds_moment_bytes + fp32_copy
         offloaded += (part - on_gpu) * per_element  # master, moments and the fp32 gradient partition
         optimizer = on_gpu * per_element
         if on_gpu:
-            sub = min(b.sub_group_size, part)
-            step = sub * 4
-            step_cached = sub * 4
+            step = step_cached = sub * 4
             notes.append(
                 f"partial optimizer offload: {on_gpu / part:.0%} of the optimizer stays on the GPU, "
                 f"{(part - on_gpu) / part:.0%} in CPU RAM"

@@ -89,7 +89,7 @@ def faster_zero(
 
     from vlmtune.memory.estimator import estimate
     from vlmtune.memory.recommend import relative_throughput
-    from vlmtune.train.host_memory import PROCESS_RAM, node_share
+    from vlmtune.train.host_memory import node_need
 
     if config.distributed.deepspeed_config is not None or (current.zero_stage < 3 and current.offload == "none"):
         return None
@@ -99,9 +99,7 @@ def faster_zero(
             continue
         candidate = replace(current, zero_stage=stage, offload=offload)
         b = estimate(candidate)
-        if b.cpu_ram and host_available is not None and (
-            node_share(b.cpu_ram, candidate.num_gpus) + PROCESS_RAM > host_available
-        ):
+        if b.cpu_ram and host_available is not None and node_need(b.cpu_ram, candidate.num_gpus) > host_available:
             continue  # the operating system would kill it (train/host_memory.py)
         speed = relative_throughput(candidate, b)
         if b.peak_reserved <= available * (1 - AUTO_MARGIN) and speed >= FASTER_BY * current_throughput:

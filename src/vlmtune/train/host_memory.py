@@ -27,7 +27,7 @@ PROCESS_RAM = 8 * GIB
 """CPU RAM of one training process itself, on top of what it offloads (libraries, the model's CPU-side buffers,
 dataloader workers): 8.9 GiB measured for a 2B-3B run without offload on an H100 machine."""
 TIGHT = 0.9
-"""Above this share of the available RAM a run is told it is tight (the process itself needs a few GiB more)."""
+"""Above this share of the available RAM (process RAM included) a run is told it is tight."""
 
 
 def available_host_ram(meminfo: Path = Path("/proc/meminfo")) -> int | None:
@@ -41,10 +41,19 @@ def available_host_ram(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     return None
 
 
+def _local_processes(num_gpus: int) -> int:
+    """Training processes on this node (all of them on one node)."""
+    return max(min(int(os.environ.get("LOCAL_WORLD_SIZE", num_gpus) or num_gpus), num_gpus), 1)
+
+
 def node_share(cpu_ram: int, num_gpus: int) -> int:
     """This node's part of the run's offload RAM: its local processes' share (all of it on one node)."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", num_gpus) or num_gpus)
-    return cpu_ram * min(local, num_gpus) // max(num_gpus, 1)
+    return cpu_ram * _local_processes(num_gpus) // max(num_gpus, 1)
+
+
+def node_need(cpu_ram: int, num_gpus: int) -> int:
+    """CPU RAM this node needs: its share of the offload plus PROCESS_RAM per local training process."""
+    return node_share(cpu_ram, num_gpus) + PROCESS_RAM * _local_processes(num_gpus)
 
 
 def check_host_ram(config: VlmtuneConfig, breakdown: Breakdown, available: int | None) -> str | None:
@@ -52,8 +61,7 @@ def check_host_ram(config: VlmtuneConfig, breakdown: Breakdown, available: int |
     to log when it is tight or forced, None otherwise."""
     if not breakdown.cpu_ram or available is None:
         return None
-    processes = min(int(os.environ.get("LOCAL_WORLD_SIZE", breakdown.inputs.num_gpus) or 1), breakdown.inputs.num_gpus)
-    need = node_share(breakdown.cpu_ram, breakdown.inputs.num_gpus) + PROCESS_RAM * max(processes, 1)
+    need = node_need(breakdown.cpu_ram, breakdown.inputs.num_gpus)
     offload = config.distributed.offload
     said = (f"distributed.offload={offload} needs about {need / GIB:.1f} GiB of CPU RAM on this node (the estimate's "
             f"offloaded states and buffers, plus {PROCESS_RAM // GIB} GiB per training process) "

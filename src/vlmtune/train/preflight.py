@@ -174,7 +174,7 @@ def preflight(
             "is pessimistic for this run."
         )
     host_available = available_host_ram()
-    host = check_host_ram(config, breakdown, host_available) if breakdown.cpu_ram else None
+    host = check_host_ram(config, breakdown, host_available)
     if host and main:
         log.warning("%s", host)
     if forced:
