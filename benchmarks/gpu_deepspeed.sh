@@ -15,7 +15,8 @@
 #   ONLY="2b_full_z3 7b_full_z3_offopt": only the runs with these labels)
 # Per run: $OUT/logs.tar.gz holds the console log, train_log.jsonl, nvidia-smi and host-RAM traces;
 # $OUT/summary.jsonl one line per run (tokens/s median, peak allocated/reserved, nvidia-smi peak, host RAM peak).
-# SNAPSHOT=1: also what occupies GPU memory, by call site, after steps 1 and 2 ($OUT/snapshots.md; gpu_train_run.sh).
+# SNAPSHOT=1: also what occupies GPU memory, by call site, after steps 1 and 2 ($OUT/snapshots.md; gpu_train_run.sh);
+# with VLMTUNE_MEMORY_TIMELINE=2 exported, allocated memory through step 2, block by block, and a snapshot at its peak.
 set -uo pipefail
 OUT=${OUT:-/tmp/vlmtune-ds}
 PART=${PART:-2b}
@@ -44,6 +45,11 @@ if [[ $PART == *2b* ]]; then
     run "2b_${method}_z3_offall" "${common[@]}" "${m2b[@]}" method.name=$method --zero-stage 3 \
         --offload optimizer_and_params
   done
+  # ZeRO-3 parameter offload keeps a module gathered when its next use lies within stage3_max_reuse_distance
+  # elements of the module order (partitioned_param_coordinator.__params_to_release): with reuse off, only the
+  # module in use and the prefetch are on the GPU. Only with ONLY=2b_lora_z3_offall_reuse1 (estimator, issue 3).
+  [[ " ${ONLY:-} " == *" 2b_lora_z3_offall_reuse1 "* ]] && run 2b_lora_z3_offall_reuse1 "${common[@]}" "${m2b[@]}" \
+      method.name=lora --zero-stage 3 --offload optimizer_and_params distributed.max_reuse_distance=1
   # Partial optimizer offload against the whole of it: the same losses expected
   run 2b_full_z3_offopt "${common[@]}" "${m2b[@]}" method.name=full --zero-stage 3 --offload optimizer \
       distributed.sub_group_size=500000000

@@ -110,6 +110,7 @@ def run(model_dir: Path, root: Path, precision: str) -> list[dict[str, Any]]:
     from vlmtune.speed.lora_compute import lora_compute_in_16bit
     from vlmtune.speed.loss_hook import install_chunked_loss, unwrap_peft
     from vlmtune.speed.packed_attention import packed_attention
+    from vlmtune.speed.varlen_attention import varlen_attention
 
     family = get_family("qwen2_vl")
     samples, pad = _samples(model_dir, root)
@@ -130,7 +131,9 @@ def run(model_dir: Path, root: Path, precision: str) -> list[dict[str, Any]]:
         _gc(model, gc)
         handle = install() if install else None
         got = _loss_grads(model, batch, autocast)
-        if handle is not None and not isinstance(handle, str):
+        if isinstance(handle, str):  # the optimisation did not install: say so, and do not count it as passed
+            return {**_compare(name, precision, ref, got), "ok": False, "not_applied": handle}
+        if handle is not None:
             handle.remove()
         return _compare(name, precision, ref, got)
 
@@ -151,8 +154,21 @@ def run(model_dir: Path, root: Path, precision: str) -> list[dict[str, Any]]:
             batch=packed,
         ),
     ]
-    if autocast:
+    if autocast:  # the varlen kernel takes 16-bit tensors only
         out.append(measure("lora_bf16_compute", lambda: lora_compute_in_16bit(model, autocast=True)))
+        out.append(
+            measure(
+                "varlen_attention (vision tower: all images in one call)",
+                lambda: varlen_attention(unwrap_peft(model), family, DEVICE, packed=False),
+            )
+        )
+        out.append(
+            measure(
+                "varlen_attention, packed rows (one call per layer) vs padded batch",
+                lambda: varlen_attention(unwrap_peft(model), family, DEVICE, packed=True),
+                batch=packed,
+            )
+        )
     config = VlmtuneConfig.model_validate(
         {
             "model": {"name_or_path": str(model_dir)},

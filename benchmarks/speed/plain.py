@@ -116,6 +116,8 @@ def train(
     """tracer: the profiler's phase marker (`phase(name)` at each boundary, `step()` after each step), or None."""
     phase = tracer.phase if tracer is not None else (lambda name: None)
     model = build(work, variant, model_dir, lora_targets)
+    if tracer is not None:
+        tracer.watch(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
     generator = torch.Generator().manual_seed(0)

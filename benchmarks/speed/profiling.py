@@ -60,6 +60,22 @@ class PhaseTracer:
         self.prof.step()
         self.steps += 1
 
+    def watch(self, model: Any) -> list[Any]:
+        """Cut the forward into sub-phases with hooks on the vision tower and the language model (the shortest
+        module names ending in `visual` / `vision_tower` and `language_model`); returns the hook handles."""
+        named = sorted(model.named_modules(), key=lambda kv: len(kv[0]))
+        vision = next((m for n, m in named if n.endswith(("visual", "vision_tower"))), None)
+        language = next((m for n, m in named if n.endswith("language_model")), None)
+        handles = []
+        for module, before, after in (
+            (vision, "forward: vision tower", "forward: image features merge, M-RoPE position index"),
+            (language, "forward: language model (decoder layers)", "forward: lm_head + loss"),
+        ):
+            if module is not None:
+                handles.append(module.register_forward_pre_hook(lambda *a, name=before: self.phase(name)))
+                handles.append(module.register_forward_hook(lambda *a, name=after: self.phase(name)))
+        return handles
+
 
 class ProfilerCallback(TrainerCallback):
     """The phases of one HF Trainer step, from the callback events and hooks on the model the Trainer calls."""
@@ -78,6 +94,7 @@ class ProfilerCallback(TrainerCallback):
                         "count / flos, clip_grad_norm"
                     )
                 ),
+                *self.tracer.watch(model),
             ]
         self.tracer.phase("first batch")
 

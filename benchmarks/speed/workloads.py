@@ -83,6 +83,8 @@ W1 = Workload(
         # measured, with a quarter of the recomputation (the candidate for ">= 2x at <= its memory")
         Variant("vlmtune_gc4", "vlmtune", True, {"speed.checkpoint_every_n_layers": 4}),
         Variant("vlmtune_nogc", "vlmtune", False),
+        # the vision tower's images attended per image with SDPA, as before speed.varlen_attention
+        Variant("vlmtune_nogc_novarlen", "vlmtune", False, {"speed.varlen_attention": False}),
         Variant("plain_nogc", "plain", False),
         Variant("liger_gc", "liger", True),
         Variant("liger_nogc", "liger", False),
@@ -210,6 +212,9 @@ WORKLOADS: dict[str, Workload] = {
                 # padded 8.11 on the H100)
                 _packed("vlmtune_packed_3row", rows=3),
                 _packed("vlmtune_packed_cudnn", rows=4, **{"speed.sdpa_cudnn": True}),
+                # before speed.varlen_attention: per-image vision attention and per-sample spans in the LM
+                Variant("vlmtune_padded_novarlen", "vlmtune", True, {"speed.varlen_attention": False}),
+                _packed("vlmtune_packed_novarlen", rows=4, **{"speed.varlen_attention": False}),
             ),
             reference="vlmtune_padded",
             warmup=2,

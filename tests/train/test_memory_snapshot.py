@@ -220,3 +220,53 @@ def test_without_history_nothing_is_recorded_and_step_0_is_the_start(tmp_path, m
     callback.on_train_end(None, _state(2), None)
     assert calls == []  # no history: ZeRO-3's autograd functions fail while torch records stacks
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [0, 2]
+
+
+def test_timeline_finds_where_the_step_peaks_and_snapshots_there_next_step(tmp_path, monkeypatch):
+    """A model of two blocks and a head, run for three steps with a fake allocator whose allocated memory grows
+    inside block 1 of every step: step 2's timeline has its peak at block 1's exit, and step 3's snapshot is taken
+    at that same event."""
+    allocated = {"now": 0}
+    taken = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda.memory, "_snapshot", lambda: taken.append(allocated["now"]) or SNAPSHOT)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: allocated["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 99)
+    for name in ("memory_reserved", "max_memory_reserved"):
+        monkeypatch.setattr(torch.cuda, name, lambda: 1)
+    monkeypatch.setattr(memory_snapshot, "_rank_zero", lambda: True)
+
+    class Grow(torch.nn.Module):
+        def __init__(self, by):
+            super().__init__()
+            self.by = by
+
+        def forward(self, x):
+            allocated["now"] += self.by
+            return x
+
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([Grow(0), Grow(5 * 2**30)])
+    model.lm_head = Grow(-5 * 2**30)
+    path = tmp_path / "s.jsonl"
+    callback = memory_snapshot.from_env({"VLMTUNE_MEMORY_SNAPSHOT": str(path), "VLMTUNE_MEMORY_SNAPSHOT_STEPS": "9",
+                                         "VLMTUNE_MEMORY_SNAPSHOT_HISTORY": "0", "VLMTUNE_MEMORY_TIMELINE": "2"})
+    callback.on_train_begin(None, _state(0), None, model=model)
+    for step in (1, 2, 3):
+        callback.on_step_begin(None, _state(step - 1), None)
+        for layer in (*model.layers, model.lm_head):
+            layer(torch.zeros(1))
+        callback.on_pre_optimizer_step(None, _state(step - 1), None)
+        callback.on_step_end(None, _state(step), None)
+    callback.on_train_end(None, _state(3), None)
+    timeline, at_peak = (json.loads(x) for x in path.read_text().splitlines())
+    events = [r["event"] for r in timeline["timeline"]]
+    assert timeline["step"] == 2 and events[:3] == ["step begin", "layers.0 in", "layers.0 out"]
+    assert events[-2:] == ["before optimizer step", "step end"] and "lm_head in" in events
+    assert at_peak["step"] == 3 and at_peak["at_peak"]["event"] == "layers.1 out"
+    assert taken == [5 * 2**30] and at_peak["at_peak"]["summary"] == summarise(SNAPSHOT)
+    text = format_markdown([timeline, at_peak])
+    assert "| layers.1 out **peak** | 5.00 | +5.00 |" in text and "at `layers.1 out` (where step 2 peaked)" in text
+    assert not model.layers[0]._forward_hooks  # detached at the end
+    with pytest.raises(VlmtuneError, match="VLMTUNE_MEMORY_TIMELINE"):
+        memory_snapshot.from_env({"VLMTUNE_MEMORY_SNAPSHOT": str(path), "VLMTUNE_MEMORY_TIMELINE": "yes"})

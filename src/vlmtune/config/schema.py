@@ -238,6 +238,11 @@ class SpeedConfig(_Strict):
     """How packed samples are kept apart with sdpa attention: spans = causal SDPA over each sample's own tokens
     (flash kernels, work ~ sum of squared sample lengths); mask = transformers' block-diagonal mask (rows x
     length^2 booleans, every block computed)."""
+    varlen_attention: bool = True
+    """Where several independent sequences share one attention call (the Qwen vision towers' images, packed rows
+    with packed_attention=spans), attend with PyTorch's variable-length flash kernel (torch.nn.attention.varlen,
+    CUDA, 16-bit): one kernel per block or layer instead of one SDPA call per image or sample, and no host sync per
+    block. Falls back to SDPA per sequence where the kernel cannot run (CPU, fp32, older PyTorch)."""
     sdpa_cudnn: bool = False
     """Let SDPA attention use cuDNN's kernels. Off by default: cuDNN plans each new sequence length anew (about 2 ms
     of CPU per call on an H100), which made steps with varying image sizes or packed rows CPU-bound; the flash and

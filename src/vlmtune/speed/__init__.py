@@ -64,6 +64,7 @@ def apply_speed(model: nn.Module, config: VlmtuneConfig, family: FamilyDescripto
     from vlmtune.speed.lora_compute import lora_compute_in_16bit
     from vlmtune.speed.loss_hook import install_chunked_loss, unwrap_peft
     from vlmtune.speed.packed_attention import packed_attention
+    from vlmtune.speed.varlen_attention import PACKED_NAME, varlen_attention
 
     speed, setup = config.speed, SpeedSetup()
     plan = resolve_precision(config)
@@ -82,10 +83,14 @@ def apply_speed(model: nn.Module, config: VlmtuneConfig, family: FamilyDescripto
     if speed.compile:
         mode = None if speed.compile_mode == "default" else speed.compile_mode
         setup.add("compile", compile_layers(unwrap_peft(model), family.language_layers_prefix, mode=mode))
+    spans = speed.packing and speed.packed_attention == "spans"
     if speed.packing:
         setup.active.append("packing")
-        if speed.packed_attention == "spans":
-            setup.add("packed_attention=spans", packed_attention(unwrap_peft(model), family.language_prefixes))
+    varlen = None
+    if speed.varlen_attention:
+        varlen = setup.add("varlen_attention", varlen_attention(unwrap_peft(model), family, plan.device, spans))
+    if spans and not (varlen is not None and PACKED_NAME in varlen.names):
+        setup.add("packed_attention=spans", packed_attention(unwrap_peft(model), family.language_prefixes))
     skipped = "; ".join(f"{name} does not apply: {reason}" for name, reason in setup.skipped.items())
     log.info(
         "speed: %s%s", ", ".join(setup.active) or "nothing switched on", f" ({skipped})" if skipped else ""

@@ -14,6 +14,11 @@ Switched on by environment variables, read by the engine (`train/engine.py: _deb
                                                     (`SystemError: ... returned NULL`, benchmarks/RESULTS.md session 4)
     VLMTUNE_MEMORY_SNAPSHOT_RAW=1                   also pickle the raw snapshot of the last of those steps next to
                                                     the .jsonl (large; open it in https://pytorch.org/memory_viz)
+    VLMTUNE_MEMORY_TIMELINE=2                       also record allocated memory at every block's forward entry and
+                                                    exit (vision blocks, decoder layers, lm_head; under checkpointing
+                                                    the recomputation in backward too) during step 2, and snapshot
+                                                    the allocator in step 3 at the point where step 2 peaked: where
+                                                    in the step the allocated peak is, and which blocks make it up
 Read the lines with `python3 benchmarks/memory_snapshot.py snapshot.jsonl` (benchmarks/gpu_train_run.sh: SNAPSHOT=1).
 
 History recording starts when the callback is built, which the engine does before the model loads, so the
@@ -52,7 +57,16 @@ def from_env(env: Mapping[str, str]) -> MemorySnapshotCallback:
         ) from None
     raw = env.get("VLMTUNE_MEMORY_SNAPSHOT_RAW") == "1"
     history = env.get("VLMTUNE_MEMORY_SNAPSHOT_HISTORY", "1") != "0"
-    return MemorySnapshotCallback(Path(env["VLMTUNE_MEMORY_SNAPSHOT"]), steps or (1, 2), raw=raw, history=history)
+    timeline = env.get("VLMTUNE_MEMORY_TIMELINE", "")
+    if timeline and not timeline.isdigit():
+        raise VlmtuneError(f"VLMTUNE_MEMORY_TIMELINE={timeline!r}: give the global step to trace, e.g. 2")
+    return MemorySnapshotCallback(
+        Path(env["VLMTUNE_MEMORY_SNAPSHOT"]),
+        steps or (1, 2),
+        raw=raw,
+        history=history,
+        timeline_step=int(timeline) if timeline else None,
+    )
 
 
 def _rank_zero() -> bool:
@@ -71,11 +85,17 @@ class MemorySnapshotCallback(TrainerCallback):
     """
 
     def __init__(
-        self, path: Path, steps: tuple[int, ...] = (1, 2), raw: bool = False, history: bool = True
+        self,
+        path: Path,
+        steps: tuple[int, ...] = (1, 2),
+        raw: bool = False,
+        history: bool = True,
+        timeline_step: int | None = None,
     ) -> None:
         import torch
 
         self.path, self.steps, self.raw = Path(path), tuple(steps), raw
+        self.timeline = Timeline(timeline_step) if timeline_step else None
         record = getattr(torch.cuda.memory, "_record_memory_history", None)
         self.recording = torch.cuda.is_available() and record is not None and _rank_zero()
         self.history = history and self.recording
@@ -86,12 +106,33 @@ class MemorySnapshotCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        if self.timeline is not None and self.recording and kwargs.get("model") is not None:
+            self.timeline.attach(kwargs["model"])
         if 0 in self.steps:
             self._snapshot(0)
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.timeline is not None:
+            self.timeline.begin(state.global_step + 1)
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.timeline is not None:
+            self.timeline.mark("before optimizer step")
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        if self.timeline is not None and self.recording:
+            self.timeline.mark("step end")
+            line = self.timeline.end(state.global_step)
+            if line is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with self.path.open("a") as f:
+                    f.write(json.dumps(line) + "\n")
         self._snapshot(state.global_step)
 
     def _snapshot(self, step: int) -> None:
@@ -122,7 +163,78 @@ class MemorySnapshotCallback(TrainerCallback):
             import torch
 
             torch.cuda.memory._record_memory_history(enabled=None)
+        if self.timeline is not None:
+            self.timeline.detach()
         self.recording = self.history = False
+
+
+class Timeline:
+    """Allocated memory at each block's forward entry and exit during one step (`step`), then, during the next
+    step, an allocator snapshot at the event where that step's allocated memory was highest (the steps repeat)."""
+
+    def __init__(self, step: int):
+        self.step = step
+        self.rows: list[dict[str, Any]] = []
+        self._handles: list[Any] = []
+        self._current = self._index = 0
+        self._peak_event = -1
+        self._at_peak: dict[str, Any] | None = None
+
+    def attach(self, model: Any) -> None:
+        """Hooks on every member of a module list (vision blocks, decoder layers) and on lm_head."""
+        from torch import nn
+
+        for name, module in model.named_modules():
+            members = isinstance(module, nn.ModuleList)
+            for child_name, child in module.named_children() if members else ():
+                self._hook(child, f"{name}.{child_name}")
+            if name.endswith("lm_head"):
+                self._hook(module, name)
+
+    def _hook(self, module: Any, name: str) -> None:
+        short = name.removeprefix("base_model.model.")
+        self._handles += [
+            module.register_forward_pre_hook(lambda *a, n=short: self.mark(f"{n} in")),
+            module.register_forward_hook(lambda *a, n=short: self.mark(f"{n} out")),
+        ]
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def begin(self, step: int) -> None:
+        self._current, self._index = step, 0
+        if step == self.step:
+            self.rows = []
+        self.mark("step begin")
+
+    def mark(self, event: str) -> None:
+        if self._current not in (self.step, self.step + 1):
+            return
+        import torch
+
+        if self._current == self.step:
+            self.rows.append(
+                {
+                    "event": event,
+                    "allocated": torch.cuda.memory_allocated(),
+                    "max_allocated": torch.cuda.max_memory_allocated(),
+                }
+            )
+        elif self._index == self._peak_event and self._at_peak is None:
+            self._at_peak = {"event": event, "allocated": torch.cuda.memory_allocated(),
+                             "summary": summarise(torch.cuda.memory._snapshot())}
+        self._index += 1
+
+    def end(self, step: int) -> dict[str, Any] | None:
+        """The line to write at the end of `step` (the timeline, then the snapshot at its peak), or None."""
+        if step == self.step and self.rows:
+            self._peak_event = max(range(len(self.rows)), key=lambda i: self.rows[i]["allocated"])
+            return {"step": step, "timeline": self.rows}
+        if step == self.step + 1 and self._at_peak is not None:
+            return {"step": step, "at_peak": self._at_peak}
+        return None
 
 
 def _is_site(filename: str) -> bool:
@@ -242,13 +354,55 @@ def format_markdown(records: list[dict[str, Any]]) -> str:
     """Readable tables (GiB) for the lines `MemorySnapshotCallback` wrote, one section per snapshot."""
     out = []
     for record in records:
+        if "timeline" in record:
+            out += _timeline_table(record["step"], record["timeline"])
+            continue
+        if "at_peak" in record:
+            peak = record["at_peak"]
+            out += [
+                f"### step {record['step']}, at `{peak['event']}` (where step {record['step'] - 1} peaked): "
+                f"allocated {_gib(peak['allocated'])} GiB",
+                "",
+                *_summary_tables(peak["summary"]),
+            ]
+            continue
         s = record["summary"]
-        t = s["totals"]
         out += [
             f"### step {record['step']}",
             "",
             f"allocated {_gib(record['allocated'])} GiB, reserved {_gib(record['reserved'])} GiB; peak allocated "
             f"{_gib(record['peak_allocated'])} GiB, peak reserved {_gib(record['peak_reserved'])} GiB",
+            *_summary_tables(s),
+        ]
+    return "\n".join(out)
+
+
+def _timeline_table(step: int, rows: list[dict[str, Any]], min_change: int = 64 * 2**20) -> list[str]:
+    """The events where allocated memory moved by at least `min_change` since the last row shown (and the peak)."""
+    peak = max(range(len(rows)), key=lambda i: rows[i]["allocated"])
+    out = [
+        f"### step {step}: allocated memory through the step ({len(rows)} events; rows where it moved by 64 MiB "
+        f"or more, and the peak)",
+        "",
+        "| # | event | allocated GiB | change | peak so far GiB |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    shown = None
+    for i, row in enumerate(rows):
+        change = row["allocated"] - (shown if shown is not None else 0)
+        if shown is None or abs(change) >= min_change or i == peak:
+            mark = " **peak**" if i == peak else ""
+            out.append(
+                f"| {i} | {_cell(row['event'])}{mark} | {_gib(row['allocated'])} | {change / _GIB:+.2f} | "
+                f"{_gib(row['max_allocated'])} |"
+            )
+            shown = row["allocated"]
+    return out + [""]
+
+
+def _summary_tables(s: dict[str, Any]) -> list[str]:
+    t = s["totals"]
+    return [
             f"snapshot: {t['segments']} segments, reserved {_gib(t['reserved'])}, allocated {_gib(t['allocated'])} "
             f"(requested {_gib(t.get('requested', t['allocated']))}), cached free {_gib(t['inactive'])}, "
             f"pending free {_gib(t.get('pending_free', 0))} GiB",
@@ -279,5 +433,4 @@ def format_markdown(records: list[dict[str, Any]]) -> str:
                 for r in s["largest_segments"]
             ),
             "",
-        ]
-    return "\n".join(out)
+    ]
