@@ -94,6 +94,10 @@ W1 = Workload(
         Variant(
             "vlmtune_nogc_graphs", "vlmtune", False, {"speed.compile": True, "speed.compile_mode": "reduce-overhead"}
         ),
+        # cuDNN's attention for the language model (fixed shapes here: its plans are cached), varlen for the vision
+        Variant("vlmtune_nogc_cudnn", "vlmtune", False, {"speed.sdpa_cudnn": True}),
+        # vlmtune_nogc again, run last: how far the machine drifts within one call
+        Variant("vlmtune_nogc_repeat", "vlmtune", False),
     ),
     reference="plain_gc",
     mfu=True,

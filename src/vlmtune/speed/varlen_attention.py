@@ -18,6 +18,7 @@ kernel cannot take (CPU, fp32, dropout, padded batches with a mask) goes through
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from typing import Any
@@ -33,12 +34,18 @@ PACKED_NAME = "vlmtune_packed_varlen"
 """No "flash": the language model keeps SDPA's mask logic for padded batches."""
 
 
+@functools.cache
 def _varlen_fn() -> Any | None:
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
     return varlen_attn
+
+
+@functools.cache
+def _parameters(fn: Any) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
 
 
 def varlen_unavailable(device: str) -> str | None:
@@ -65,7 +72,7 @@ def _call_varlen(
 ) -> Tensor:
     """q/k/v: (tokens, heads, dim); grouped-query k/v (fewer heads) are repeated when the kernel cannot group."""
     fn = _varlen_fn()
-    params = inspect.signature(fn).parameters
+    params = _parameters(fn)
     kwargs: dict[str, Any] = {"scale": scaling if scaling is not None else 1.0 / math.sqrt(q.shape[-1])}
     if k.shape[1] != q.shape[1]:
         if "enable_gqa" in params:
