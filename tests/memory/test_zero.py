@@ -226,3 +226,23 @@ def test_zero3_offload_caches_the_fp64_norm_block_of_the_largest_parameter():
     huge = StateSizes(**{**FULL.__dict__, "largest_trainable": 600_000_000})
     assert plan(huge, 3, "optimizer", 1).step_cached == 8 * 250_000_000  # one part at a time
     assert plan(sizes, 3, "none", 1).step_cached == plan(FULL, 3, "none", 1).step_cached  # no offload: no boundary copy
+
+
+@pytest.mark.parametrize("g,offload", [(1, "all"), (2, "none"), (8, "all")])
+def test_zero3_prefetch_runs_ahead_with_lora_until_max_live(g, offload):
+    """Per decoder layer the prefetcher fetches one bucket per module call and the layer consumes its parameters:
+    2B-like numbers, 28 layers of 46.8 M parameters, a bucket of 0.9 x 1536^2 = 2,123,366 elements. Full fine-tuning
+    (14 calls: 29.7 M < 46.8 M) never runs ahead; LoRA on all seven linears (14 + 28 = 42 calls: 89.2 M) runs 42.4 M
+    ahead per layer, 1.19 G over 28 layers, capped by stage3_max_live_parameters (1e9)."""
+    layer, bucket = 46_800_000, 2_123_366
+    buffers = DeepSpeedBuffers(**{**DeepSpeedBuffers.auto(1536).__dict__})
+    assert buffers.prefetch_bucket_size == bucket
+    base = {**FULL.__dict__, "buffers": buffers, "largest_unit": 233_000_000, "layers": 28, "layer_params": layer}
+    floor = 2 * (2 * 233_000_000 + bucket)
+    full = plan(StateSizes(**base), 3, offload, g)
+    assert full.gathered == floor
+    lora = plan(StateSizes(**{**base, "adapted_per_layer": 7}), 3, offload, g)
+    assert 28 * (42 * bucket - layer) > 10**9 and lora.gathered == 2 * 10**9
+    few = plan(StateSizes(**{**base, "adapted_per_layer": 7, "layers": 12}), 3, offload, g)
+    assert floor < few.gathered == 2 * 12 * (42 * bucket - layer) < 2 * 10**9  # too few layers for the cap
+    assert plan(StateSizes(**{**base, "adapted_per_layer": 7}), 3, "none", 1).gathered == 0  # one GPU, on the GPU

@@ -166,6 +166,9 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
         ds_step_temp_bytes=4 if inputs.optimizer == "adamw_torch" else 0,  # foreach AdamW's fp32 temporary
         persistent_params=persistent,
         largest_trainable=counts.largest_module if inputs.method == "full" else _largest_adapter(inputs, dims),
+        layers=dims.layers,
+        layer_params=counts.layer_params,
+        adapted_per_layer=0 if inputs.method == "full" else len(targets),
     )
     zp = plan(sizes, inputs.zero_stage, inputs.offload, inputs.num_gpus, inputs.offload_ratio)
     if inputs.zero_stage == 3:
