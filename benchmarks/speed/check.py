@@ -147,6 +147,11 @@ def run(model_dir: Path, root: Path, precision: str) -> list[dict[str, Any]]:
             ref_gc=1,
         ),
         measure("checkpoint_every_n_layers=2 vs every layer", None, gc=2, ref_gc=1),
+        measure(
+            "positions_in_collator (M-RoPE ids from the collator)",
+            None,
+            batch=Collator(pad, rope_index=rope_index_of(model))(samples),
+        ),
         measure("packing, block-diagonal mask (one packed row vs padded batch)", None, batch=packed),
         measure(
             "packing, packed_attention=spans",

@@ -96,6 +96,8 @@ W1 = Workload(
         ),
         # cuDNN's attention for the language model (fixed shapes here: its plans are cached), varlen for the vision
         Variant("vlmtune_nogc_cudnn", "vlmtune", False, {"speed.sdpa_cudnn": True}),
+        # M-RoPE positions computed in the forward (transformers' loops, ~80 syncs per step) instead of the collator
+        Variant("vlmtune_nogc_nopos", "vlmtune", False, {"speed.positions_in_collator": False}),
         # vlmtune_nogc again, run last: how far the machine drifts within one call
         Variant("vlmtune_nogc_repeat", "vlmtune", False),
     ),

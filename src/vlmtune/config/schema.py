@@ -238,6 +238,9 @@ class SpeedConfig(_Strict):
     """How packed samples are kept apart with sdpa attention: spans = causal SDPA over each sample's own tokens
     (flash kernels, work ~ sum of squared sample lengths); mask = transformers' block-diagonal mask (rows x
     length^2 booleans, every block computed)."""
+    positions_in_collator: bool = True
+    """M-RoPE families (Qwen): the data loader's workers compute each padded batch's 3-D position ids with the model's
+    own get_rope_index, instead of the forward on the GPU's timeline (about 80 host-device syncs per step there)."""
     varlen_attention: bool = True
     """Where several independent sequences share one attention call (the Qwen vision towers' images, packed rows
     with packed_attention=spans), attend with PyTorch's variable-length flash kernel (torch.nn.attention.varlen,

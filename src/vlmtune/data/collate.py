@@ -9,6 +9,7 @@ input_ids to build positions when images are passed; it is a per-token tensor he
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -16,11 +17,17 @@ from vlmtune.data.processing import IGNORE_INDEX, EncodedSample
 
 
 class Collator:
-    """`Collator(pad_token_id)(samples) -> dict` of tensors ready for the model's forward."""
+    """`Collator(pad_token_id)(samples) -> dict` of tensors ready for the model's forward.
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+    rope_index: the model's `get_rope_index` (M-RoPE families, `vlmtune.data.packing.rope_index_of`): the batch then
+    carries the model's own 3-D position ids, computed here, in the data loader's worker processes, instead of in
+    the forward on the GPU, where transformers' per-sample loops cost about 80 host-device syncs per step
+    (W1 profile, benchmarks/RESULTS.md session 5) while the GPU waits (`speed.positions_in_collator`)."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, rope_index: Any = None):
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.rope_index = rope_index
 
     def pad_value(self, key: str) -> int:
         if key == "input_ids":
@@ -47,4 +54,11 @@ class Collator:
         image_keys = list(dict.fromkeys(k for s in samples for k in s.images))
         for key in image_keys:
             batch[key] = torch.cat([s.images[key] for s in samples if key in s.images], dim=0)
+        if self.rope_index is not None and "mm_token_type_ids" in batch:
+            batch["position_ids"], _ = self.rope_index(
+                input_ids=batch["input_ids"],
+                mm_token_type_ids=batch["mm_token_type_ids"],
+                image_grid_thw=batch.get("image_grid_thw"),
+                attention_mask=batch.get("attention_mask"),
+            )
         return batch

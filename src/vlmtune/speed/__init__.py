@@ -106,7 +106,8 @@ def batching(
     from vlmtune.data.packing import PackedDataset, PackingCollator, rope_index_of
 
     if not config.speed.packing:
-        return Collator(pad_token_id=pad_token_id), train_set, val_set
+        rope = rope_index_of(model) if config.speed.positions_in_collator else None
+        return Collator(pad_token_id=pad_token_id, rope_index=rope), train_set, val_set
     budget = config.speed.packing_max_tokens or config.data.max_length
     train = PackedDataset.from_dataset(train_set, budget)
     val = PackedDataset.from_dataset(val_set, budget) if val_set is not None else None
