@@ -100,6 +100,7 @@ W1 = Workload(
         Variant("vlmtune_nogc_nopos", "vlmtune", False, {"speed.positions_in_collator": False}),
         # vlmtune_nogc again, run last: how far the machine drifts within one call
         Variant("vlmtune_nogc_repeat", "vlmtune", False),
+        Variant("plain_nogc_repeat", "plain", False),
     ),
     reference="plain_gc",
     mfu=True,
@@ -220,6 +221,9 @@ WORKLOADS: dict[str, Workload] = {
                 _packed("vlmtune_packed_cudnn", rows=4, **{"speed.sdpa_cudnn": True}),
                 # before speed.varlen_attention: per-image vision attention and per-sample spans in the LM
                 Variant("vlmtune_padded_novarlen", "vlmtune", True, {"speed.varlen_attention": False}),
+                # the same two again, run last: the spread between identical runs of one call
+                Variant("vlmtune_padded_repeat", "vlmtune", True),
+                _packed("vlmtune_packed_repeat", rows=4),
                 _packed("vlmtune_packed_novarlen", rows=4, **{"speed.varlen_attention": False}),
             ),
             reference="vlmtune_padded",
