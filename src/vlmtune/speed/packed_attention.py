@@ -34,6 +34,16 @@ def _segments(position_ids: Tensor) -> list[list[tuple[int, int]]]:
     return rows
 
 
+def is_packed(query: Tensor, key: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None) -> bool:
+    """A packed row: no mask, no KV cache, and position ids for every query (they restart at 0 per sample)."""
+    return (
+        attention_mask is None
+        and position_ids is not None
+        and query.shape[2] == key.shape[2]
+        and position_ids.shape[-1] == query.shape[2]
+    )
+
+
 def packed_sdpa_attention(
     module: nn.Module,
     query: Tensor,
@@ -47,13 +57,7 @@ def packed_sdpa_attention(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     position_ids = kwargs.get("position_ids")
-    packed = (
-        attention_mask is None
-        and position_ids is not None
-        and query.shape[2] == key.shape[2]
-        and position_ids.shape[-1] == query.shape[2]
-    )
-    if not packed:
+    if not is_packed(query, key, attention_mask, position_ids):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )

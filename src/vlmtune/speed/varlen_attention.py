@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vlmtune.speed.packed_attention import _segments, packed_mask, packed_sdpa_attention
+from vlmtune.speed.packed_attention import _segments, is_packed, packed_mask, packed_sdpa_attention
 
 VISION_NAME = "vlmtune_flash_varlen"
 """Contains "flash": transformers' vision attention then passes cu_seqlens / max_seqlen (is_flash_attention_requested)."""
@@ -158,13 +158,7 @@ def packed_varlen_attention(
     """Causal attention of packed rows (no mask; positions restart at 0 per sample) in one varlen call; anything
     else (padding with a mask, a KV cache, CPU, fp32) goes to the per-span SDPA of `packed_sdpa_attention`."""
     position_ids = kwargs.get("position_ids")
-    packed = (
-        attention_mask is None
-        and position_ids is not None
-        and query.shape[2] == key.shape[2]
-        and position_ids.shape[-1] == query.shape[2]
-    )
-    if not (packed and _usable(query, dropout)):
+    if not (is_packed(query, key, attention_mask, position_ids) and _usable(query, dropout)):
         return packed_sdpa_attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
