@@ -246,3 +246,20 @@ def test_zero3_prefetch_runs_ahead_with_lora_until_max_live(g, offload):
     few = plan(StateSizes(**{**base, "adapted_per_layer": 7, "layers": 12}), 3, offload, g)
     assert floor < few.gathered == 2 * 12 * (42 * bucket - layer) < 2 * 10**9  # too few layers for the cap
     assert plan(StateSizes(**{**base, "adapted_per_layer": 7}), 3, "none", 1).gathered == 0  # one GPU, on the GPU
+
+
+def test_max_live_parameters_from_the_config_caps_the_gathered_weights():
+    from vlmtune.config.schema import VlmtuneConfig
+    from vlmtune.memory.inputs import inputs_from_config
+
+    base = {
+        "model": {"name_or_path": "Qwen/Qwen2-VL-2B-Instruct"},
+        "method": {"name": "lora"},
+        "distributed": {"engine": "deepspeed", "zero_stage": 3, "offload": "optimizer_and_params"},
+    }
+    default = estimate(inputs_from_config(VlmtuneConfig.model_validate(base)))
+    lower = {**base, "distributed": {**base["distributed"], "max_live_parameters": 300_000_000}}
+    capped = estimate(inputs_from_config(VlmtuneConfig.model_validate(lower)))
+    assert default.zero_gathered == 2 * 10**9  # LoRA runs ahead to the default cap
+    assert capped.zero_gathered == 2 * 300_000_000  # the floor (embedding twice + a bucket) is capped as well
+    assert capped.peak_total == default.peak_total - (default.zero_gathered - capped.zero_gathered)

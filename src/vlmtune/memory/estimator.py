@@ -160,7 +160,9 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
         grad_bytes=prec.trainable,
         optimizer_bytes=2 * moment,
         largest_unit=max(counts.largest_module, counts.layer_params),
-        buffers=replace(DeepSpeedBuffers.auto(dims.hidden), sub_group_size=inputs.sub_group_size),
+        buffers=replace(
+            DeepSpeedBuffers.auto(dims.hidden, inputs.max_live_parameters), sub_group_size=inputs.sub_group_size
+        ),
         ds_param_bytes=4 if inputs.precision == "fp32" else 2,
         ds_moment_bytes=2 if moment == 1 else 8,
         ds_step_temp_bytes=4 if inputs.optimizer == "adamw_torch" else 0,  # foreach AdamW's fp32 temporary

@@ -77,6 +77,8 @@ class EstimateInputs:
     """ZeRO-3 with offload: share of the optimizer's sub-groups in CPU RAM (distributed.offload_ratio)."""
     sub_group_size: int = 1_000_000_000
     """ZeRO-3 sub_group_size (distributed.sub_group_size)."""
+    max_live_parameters: int = 1_000_000_000
+    """ZeRO-3 stage3_max_live_parameters (distributed.max_live_parameters): caps the prefetcher's run-ahead."""
     num_gpus: int = 1
     gpu: str | None = None
     """GPU name from the catalogue for the verdict (None: no verdict)."""
@@ -106,6 +108,8 @@ class EstimateInputs:
         out += check_plan(self.zero_stage, self.offload, self.num_gpus, self.offload_ratio)
         if self.sub_group_size < 1:
             out.append(f"sub_group_size must be a positive integer, got {self.sub_group_size}")
+        if self.max_live_parameters < 1:
+            out.append(f"max_live_parameters must be a positive integer, got {self.max_live_parameters}")
         return out
 
     def validate(self) -> None:
@@ -178,6 +182,7 @@ def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInput
         offload="all" if offload == "optimizer_and_params" else offload,
         offload_ratio=ratio,
         sub_group_size=sub_group,
+        max_live_parameters=config.distributed.max_live_parameters,  # the rendered value (a user's JSON: not read)
         num_gpus=world,
     )
     if config.data.image_size:
