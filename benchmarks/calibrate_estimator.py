@@ -96,8 +96,19 @@ def main() -> None:
             tar.add(path, arcname=path.name)
         for sub in ("runs", "cards"):
             for path in sorted((args.work / sub).glob("*/*")):
-                if path.name in ("stdout.log", "train_log.jsonl", "config.yaml"):
+                if path.name in ("stdout.log", "train_log.jsonl", "config.yaml", "snapshot.jsonl"):
                     tar.add(path, arcname=str(path.relative_to(args.work)))
+    snapshots = sorted((args.work / "runs").glob("*/snapshot.jsonl"))
+    if snapshots:  # CALIB_SNAPSHOT=1: the timelines and snapshots as tables
+        from vlmtune.train.memory_snapshot import format_markdown
+
+        text = "".join(
+            f"## {path.parent.name}\n\n"
+            + format_markdown([json.loads(x) for x in path.read_text().splitlines() if x.strip()])
+            + "\n"
+            for path in snapshots
+        )
+        (args.out / "snapshots.md").write_text(text)
     print(f"device peak {sampler.device_peak / GIB:.1f} GiB; wrote {args.out}", flush=True)
 
 

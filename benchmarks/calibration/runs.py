@@ -17,9 +17,19 @@ from benchmarks.calibration.table import pct
 
 # ----------------------------------------------------------------------------------------------------------- setup
 
-def run(cmd: list[str], log: Path | None = None) -> subprocess.Popen:
+def run(cmd: list[str], log: Path | None = None, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (closed with the process)
-    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=child_env())
+    env = {**child_env(), **(extra_env or {})}
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+
+
+def snapshot_env(log_dir: Path) -> dict[str, str]:
+    """CALIB_SNAPSHOT=1: each grid run also writes its memory timeline of step 2 and the allocator snapshot (with
+    call sites) at that step's peak, in step 3, to its log folder (src/vlmtune/train/memory_snapshot.py)."""
+    if os.environ.get("CALIB_SNAPSHOT") != "1":
+        return {}
+    return {"VLMTUNE_MEMORY_SNAPSHOT": str(log_dir / "snapshot.jsonl"), "VLMTUNE_MEMORY_TIMELINE": "2",
+            "VLMTUNE_MEMORY_SNAPSHOT_STEPS": "3"}
 
 
 def child_env() -> dict[str, str]:
@@ -242,7 +252,7 @@ def run_grid(points: list[Point], work: Path, out: Path, sampler: Sampler, paral
             log_dir = work / "runs" / point.id
             log_dir.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "vlmtune.cli", "train", *overrides(point, work, log_dir)]
-            running[point] = (run(cmd, log_dir / "stdout.log"), time.time(), log_dir)
+            running[point] = (run(cmd, log_dir / "stdout.log", snapshot_env(log_dir)), time.time(), log_dir)
             used += need[point]
             queue.remove(point)
             print(f"start {point.id} (needs <= {need[point] / GIB:.1f} GiB; {used / GIB:.1f} GiB scheduled)",
