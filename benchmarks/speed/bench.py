@@ -72,6 +72,7 @@ def run_one(workload: str, variant_name: str, out: Path) -> dict[str, Any]:
     result.update(
         workload=workload,
         variant=variant_name,
+        round=int(os.environ.get("BENCH_ROUND", "0")),
         path=variant.path,
         gc=variant.gc,
         device=device_name(),
@@ -168,7 +169,8 @@ def suite(part: int, out: Path, only: list[str] | None, budget_s: float) -> None
         if (only and work.name not in only) or (not only and work.part != part):
             continue
         prepare(work)  # model folder + data once, outside the timed processes
-        for variant in work.variants:
+        rounds = int(os.environ.get("BENCH_REPEATS", "1"))  # every variant again, in the same order, per round
+        for round_, variant in ((r, v) for r in range(rounds) for v in work.variants):
             if chosen and variant.name not in chosen:
                 continue
             if variant.path == "liger" and not liger:
@@ -191,6 +193,9 @@ def suite(part: int, out: Path, only: list[str] | None, budget_s: float) -> None
                 "--out",
                 str(out),
             ]
+            if rounds > 1:
+                name += f"-r{round_}"
+            os.environ["BENCH_ROUND"] = str(round_)  # the child records it in its result line
             code, peak = _sampled(cmd, logs / f"{name}.log", logs / f"{name}.smi", left)
             print(
                 f"{name}: exit {code}, nvidia-smi peak over the whole process (model build included) {peak} GiB, "

@@ -63,6 +63,31 @@ def _targets(name: str, rows: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def paired_ratios(results: list[dict[str, Any]], workload: str, reference: str) -> dict[str, list[float]]:
+    """Per variant, its median-step tokens/s over the reference's in the same round (BENCH_REPEATS): pairing runs
+    of one round cancels part of the machine's drift, which moved identical runs by up to 24% in one call
+    (benchmarks/RESULTS.md, session 5)."""
+    by_round: dict[int, dict[str, float]] = {}
+    for r in results:
+        speed = r.get("tokens_per_second_median_step") or r.get("tokens_per_second")
+        if r.get("workload") == workload and speed:
+            by_round.setdefault(int(r.get("round", 0)), {})[r["variant"]] = speed
+    out: dict[str, list[float]] = {}
+    for row in by_round.values():
+        if reference not in row:
+            continue
+        for variant, speed in row.items():
+            if variant != reference:
+                out.setdefault(variant, []).append(speed / row[reference])
+    return out
+
+
+def _spread(values: list[float]) -> str:
+    ordered = sorted(values)
+    middle = ordered[len(ordered) // 2] if len(ordered) % 2 else sum(ordered[len(ordered) // 2 - 1 :][:2]) / 2
+    return f"median {middle:.2f}x, range {ordered[0]:.2f}-{ordered[-1]:.2f}x over {len(ordered)} rounds"
+
+
 def print_report(path: Path) -> None:
     results = _load(path)
     smi = {
@@ -106,6 +131,13 @@ def print_report(path: Path) -> None:
             )
         for line in _targets(name, rows):
             print(f"- {line}")
+        references = {work.reference, "plain_nogc"} if name == "W1" else {work.reference}
+        for reference in sorted(references):
+            ratios = paired_ratios(results, name, reference)
+            if any(len(v) > 1 for v in ratios.values()):
+                print(f"\nrepeated rounds, median-step tokens/s over {reference} of the same round:")
+                for variant, values in sorted(ratios.items()):
+                    print(f"- {variant}: {_spread(values)}")
     checks = _load(path.parent / "check.jsonl")
     if checks:
         print("\n## correctness: each optimisation vs the plain path on one batch (2B architecture)\n")

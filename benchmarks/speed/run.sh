@@ -5,8 +5,11 @@
 #   OUT=$OUT PART=1 bash benchmarks/speed/run.sh    # W1 Qwen2-VL-2B LoRA (7 variants) + correctness check
 #   OUT=$OUT PART=2 bash benchmarks/speed/run.sh    # W3 Qwen2.5-VL-7B LoRA, W4 Qwen2-VL-2B full fine-tuning
 #   OUT=$OUT PART=3 bash benchmarks/speed/run.sh    # W2 Qwen2.5-VL-7B QLoRA, W5 packing vs padding
-# Only some variants: BENCH_VARIANTS=plain_gc,vlmtune_lean. One workload (or the check) alone: ONLY=W3 (ONLY=check) OUT=$OUT bash benchmarks/speed/run.sh. The table again: python3 -m
-# benchmarks.speed.bench table $OUT/results.jsonl.
+# Only some variants: BENCH_VARIANTS=plain_gc,vlmtune_lean. Each chosen variant R times, round by round, and the
+# report adds each variant's ratio to the reference of its own round (median, range): BENCH_REPEATS=R (identical runs
+# moved by up to 24% within one call in session 5, so single runs cannot settle a ratio near its target).
+# One workload (or the check) alone: ONLY=W3 (ONLY=check) OUT=$OUT bash benchmarks/speed/run.sh. The table again:
+# python3 -m benchmarks.speed.bench table $OUT/results.jsonl.
 # Why vlmtune is slower than the plain loop without GC (W1): the W1x ablation (each switch off in turn, ~4 min) and
 # torch.profiler reports of chosen variants (~1 min each), in one call:
 #   ONLY=W1x PROFILE="W1:vlmtune_nogc W1:plain_nogc" BUDGET_S=300 OUT=$OUT bash benchmarks/speed/run.sh
