@@ -263,3 +263,26 @@ def test_max_live_parameters_from_the_config_caps_the_gathered_weights():
     assert default.zero_gathered == 2 * 10**9  # LoRA runs ahead to the default cap
     assert capped.zero_gathered == 2 * 300_000_000  # the floor (embedding twice + a bucket) is capped as well
     assert capped.peak_total == default.peak_total - (default.zero_gathered - capped.zero_gathered)
+
+
+def test_max_live_parameters_from_a_users_deepspeed_json(tmp_path):
+    from vlmtune.config.distributed import zero3_settings
+    from vlmtune.config.schema import VlmtuneConfig
+    from vlmtune.memory.inputs import inputs_from_config
+
+    ds = tmp_path / "ds.json"
+    zero = {"stage": 3, "offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"},
+            "stage3_max_live_parameters": 300_000_000, "stage3_gather_16bit_weights_on_model_save": True}
+    ds.write_text(json.dumps({"zero_optimization": zero, "optimizer": {"type": "AdamW", "params": {}}}))
+    config = VlmtuneConfig.model_validate({
+        "model": {"name_or_path": "Qwen/Qwen2-VL-2B-Instruct"},
+        "method": {"name": "lora"},
+        "distributed": {"engine": "deepspeed", "deepspeed_config": str(ds)},
+    })
+    assert zero3_settings(config).max_live_parameters == 300_000_000
+    assert estimate(inputs_from_config(config)).zero_gathered == 2 * 300_000_000
+    ds.write_text(json.dumps({"zero_optimization": {**zero, "stage3_max_live_parameters": 10**9}}))
+    import os
+
+    os.utime(ds, ns=(ds.stat().st_atime_ns, ds.stat().st_mtime_ns + 10**9))  # an edited file is read again
+    assert zero3_settings(config).max_live_parameters == 10**9

@@ -7,8 +7,11 @@ stage and offload. DeepSpeed itself is not imported here.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,12 +42,18 @@ def uses_deepspeed(dist: DistributedConfig, world: int | None = None) -> bool:
 
 
 def read_deepspeed_json(path: Path) -> dict[str, Any]:
-    """A user's DeepSpeed config file as a dict; parse errors name the file, line and column."""
+    """A user's DeepSpeed config file as a dict; parse errors name the file, line and column. Parsed once per file
+    version: the engine, the estimator and the renderer all ask for it at start (each gets its own copy)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"distributed.deepspeed_config: file not found: {path}"])
+    return copy.deepcopy(_parsed(str(path.resolve()), path.stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed(path: str, mtime_ns: int) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ConfigError(
             [f"distributed.deepspeed_config: {path}, line {exc.lineno} column {exc.colno}: {exc.msg}"]
@@ -83,17 +92,37 @@ def effective_zero(config: VlmtuneConfig, world: int | None = None) -> tuple[int
     return dist.zero_stage, dist.offload
 
 
-def optimizer_split(config: VlmtuneConfig, world: int | None = None) -> tuple[float, int]:
-    """(offload_ratio, sub_group_size) the run trains with: ZeRO-3's share of optimizer sub-groups in CPU RAM and
-    the sub-group size (a given JSON's values win; 1.0 without optimizer offload)."""
+@dataclass(frozen=True)
+class Zero3Settings:
+    """ZeRO-3 numbers the memory model needs, as the run trains with them (a given JSON's values win)."""
+
+    offload_ratio: float
+    """Share of the optimizer's sub-groups in CPU RAM (1.0 without optimizer offload)."""
+    sub_group_size: int
+    max_live_parameters: int
+    """stage3_max_live_parameters: caps how far the parameter prefetcher runs ahead."""
+
+
+def zero3_settings(config: VlmtuneConfig, world: int | None = None) -> Zero3Settings:
+    """The ZeRO-3 settings the run trains with: from `distributed`, or from the user's DeepSpeed JSON where it names
+    them (offload_optimizer.ratio, sub_group_size, stage3_max_live_parameters)."""
     dist = config.distributed
+    rendered = Zero3Settings(
+        dist.offload_ratio if dist.offload != "none" else 1.0, dist.sub_group_size, dist.max_live_parameters
+    )
     if not uses_deepspeed(dist, world):
-        return 1.0, dist.sub_group_size
+        return replace(rendered, offload_ratio=1.0)
     if dist.deepspeed_config is None:
-        return (dist.offload_ratio if dist.offload != "none" else 1.0), dist.sub_group_size
+        return rendered
     zero = read_deepspeed_json(dist.deepspeed_config).get("zero_optimization") or {}
     section = zero.get("offload_optimizer")
     ratio = section.get("ratio") if isinstance(section, dict) else None
-    sub = zero.get("sub_group_size")
-    number = (int, float)
-    return (float(ratio) if isinstance(ratio, number) else 1.0), (int(sub) if isinstance(sub, number) else dist.sub_group_size)
+
+    def number(value: Any, default: int) -> int:
+        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+    return Zero3Settings(
+        float(ratio) if isinstance(ratio, (int, float)) else 1.0,
+        number(zero.get("sub_group_size"), dist.sub_group_size),
+        number(zero.get("stage3_max_live_parameters"), dist.max_live_parameters),
+    )

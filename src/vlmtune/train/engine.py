@@ -232,9 +232,9 @@ def train(
 
 def _deepspeed_callbacks(config: VlmtuneConfig, ds_config: dict[str, Any] | None, world: int) -> list[TrainerCallback]:
     """Fixes for DeepSpeed itself: partial optimizer offload keeps its GPU optimizer on the schedule."""
-    from vlmtune.config.distributed import optimizer_split
+    from vlmtune.config.distributed import zero3_settings
 
-    if ds_config is None or optimizer_split(config, world)[0] >= 1:
+    if ds_config is None or zero3_settings(config, world).offload_ratio >= 1:
         return []
     from vlmtune.train.partial_offload import PartialOffloadSchedule
 
