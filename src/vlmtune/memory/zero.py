@@ -275,13 +275,14 @@ def _deepspeed(sizes: StateSizes, stage: int, offload: Offload, g: int, offload_
             init_cached -= offload_buffer
             grads_backward = offload_buffer * (half + 4) // half  # one gradient and its fp32 cast for the CPU copy
     else:
+        model_elements = weights // half  # every parameter, before ZeRO-3 partitions them
         weights = -(-weights // g)
         persistent = sizes.persistent_params * half if g > 1 else 0
         grads = part * half  # grad_partitions_flat_buffer, allocated once at init
         grads_backward = 0
         buffers = b.reduce_bucket_size * half  # the persistent ipg bucket
-        if g > 1:
-            gathered = _prefetched(sizes, weights * g // half) * half
+        if g > 1 or offload == "all":  # gathered from the other GPUs, or fetched from CPU RAM
+            gathered = _prefetched(sizes, model_elements) * half
         # one sub-group at a time: its fp32 gradient and the optimizer's temporary; the flat 16-bit copy made
         # before the fp32 cast and the fp32 gradient buffer of the dummy step at init stay cached.
         step = sub * (fp32_copy + temp) if on_gpu_step else 0
@@ -310,7 +311,6 @@ def _deepspeed(sizes: StateSizes, stage: int, offload: Offload, g: int, offload_
             grads = 0
     if offload == "all":
         offloaded += weights
-        gathered = max(gathered, _prefetched(sizes, weights * g // half) * half)  # fetched from CPU RAM
         weights = 0
     if stage == 3 and offload != "none":
         # At the gradient boundary DeepSpeed copies each parameter's CPU gradient partition back to the GPU and takes

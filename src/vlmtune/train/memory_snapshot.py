@@ -95,9 +95,9 @@ class MemorySnapshotCallback(TrainerCallback):
         import torch
 
         self.path, self.steps, self.raw = Path(path), tuple(steps), raw
-        self.timeline = Timeline(timeline_step) if timeline_step else None
         record = getattr(torch.cuda.memory, "_record_memory_history", None)
         self.recording = torch.cuda.is_available() and record is not None and _rank_zero()
+        self.timeline = Timeline(timeline_step) if timeline_step and self.recording else None
         self.history = history and self.recording
         if self.history:
             # Python stacks only: C++ frames would have to be symbolised at every snapshot (minutes).
@@ -106,7 +106,7 @@ class MemorySnapshotCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self.timeline is not None and self.recording and kwargs.get("model") is not None:
+        if self.timeline is not None and kwargs.get("model") is not None:
             self.timeline.attach(kwargs["model"])
         if 0 in self.steps:
             self._snapshot(0)
@@ -126,14 +126,17 @@ class MemorySnapshotCallback(TrainerCallback):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self.timeline is not None and self.recording:
+        if self.timeline is not None:
             self.timeline.mark("step end")
             line = self.timeline.end(state.global_step)
             if line is not None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                with self.path.open("a") as f:
-                    f.write(json.dumps(line) + "\n")
+                self._append(line)
         self._snapshot(state.global_step)
+
+    def _append(self, line: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
 
     def _snapshot(self, step: int) -> None:
         if not self.recording or step not in self.steps:
@@ -149,9 +152,7 @@ class MemorySnapshotCallback(TrainerCallback):
             "peak_reserved": torch.cuda.max_memory_reserved(),
             "summary": summarise(snapshot),
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps(line) + "\n")
+        self._append(line)
         if self.raw and step == max(self.steps):
             with self.path.with_suffix(".pickle").open("wb") as f:
                 pickle.dump(snapshot, f)
@@ -166,6 +167,7 @@ class MemorySnapshotCallback(TrainerCallback):
         if self.timeline is not None:
             self.timeline.detach()
         self.recording = self.history = False
+        self.timeline = None
 
 
 class Timeline:
