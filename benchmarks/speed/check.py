@@ -107,6 +107,7 @@ def run(model_dir: Path, root: Path, precision: str) -> list[dict[str, Any]]:
     from vlmtune.families import get_family
     from vlmtune.speed import apply_speed
     from vlmtune.speed.frozen_vision import vision_without_grad
+    from vlmtune.speed.fused_lora import fuse_lora
     from vlmtune.speed.lora_compute import lora_compute_in_16bit
     from vlmtune.speed.loss_hook import install_chunked_loss, unwrap_peft
     from vlmtune.speed.packed_attention import packed_attention
@@ -147,6 +148,8 @@ def run(model_dir: Path, root: Path, precision: str) -> list[dict[str, Any]]:
             ref_gc=1,
         ),
         measure("checkpoint_every_n_layers=2 vs every layer", None, gc=2, ref_gc=1),
+        measure("fused_lora (one autograd function per adapted layer)", lambda: fuse_lora(unwrap_peft(model), 0)),
+        measure("fused_lora, GC on", lambda: fuse_lora(unwrap_peft(model), 0), gc=1, ref_gc=1),
         measure(
             "positions_in_collator (M-RoPE ids from the collator)",
             None,

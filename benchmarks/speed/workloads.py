@@ -56,8 +56,9 @@ FAST = {"speed.checkpoint_every_n_layers": 2}
 """Checkpoint every second layer: half the recomputation, about half the activations of no checkpointing."""
 
 NONE = {"speed.chunked_loss": False, "speed.frozen_vision_no_grad": False, "speed.lora_bf16_compute": False,
-        "speed.sdpa_cudnn": True}
-"""vlmtune's engine with its four default model-level switches off: the HF Trainer around the plain model."""
+        "speed.sdpa_cudnn": True, "speed.fused_lora": False, "speed.varlen_attention": False,
+        "speed.positions_in_collator": False}
+"""vlmtune's engine with its default model-level switches off: the HF Trainer around the plain model."""
 
 def _packed(name: str, rows: int, **overrides: Any) -> Variant:
     """W5's packed variant: one row per step holding up to `rows` x 3072 tokens (the longest sample's budget)."""
@@ -83,6 +84,9 @@ W1 = Workload(
         # measured, with a quarter of the recomputation (the candidate for ">= 2x at <= its memory")
         Variant("vlmtune_gc4", "vlmtune", True, {"speed.checkpoint_every_n_layers": 4}),
         Variant("vlmtune_nogc", "vlmtune", False),
+        # PEFT's own LoRA forward (module calls, casts, small ops) instead of one autograd function per layer
+        Variant("vlmtune_nogc_nofuse", "vlmtune", False, {"speed.fused_lora": False}),
+        Variant("vlmtune_gc4_nofuse", "vlmtune", True, {"speed.checkpoint_every_n_layers": 4, "speed.fused_lora": False}),
         # the vision tower's images attended per image with SDPA, as before speed.varlen_attention
         Variant("vlmtune_nogc_novarlen", "vlmtune", False, {"speed.varlen_attention": False}),
         Variant("plain_nogc", "plain", False),
@@ -221,6 +225,8 @@ WORKLOADS: dict[str, Workload] = {
                 _packed("vlmtune_packed_cudnn", rows=4, **{"speed.sdpa_cudnn": True}),
                 # before speed.varlen_attention: per-image vision attention and per-sample spans in the LM
                 Variant("vlmtune_padded_novarlen", "vlmtune", True, {"speed.varlen_attention": False}),
+                Variant("vlmtune_padded_nofuse", "vlmtune", True, {"speed.fused_lora": False}),
+                _packed("vlmtune_packed_nofuse", rows=4, **{"speed.fused_lora": False}),
                 # the same two again, run last: the spread between identical runs of one call
                 Variant("vlmtune_padded_repeat", "vlmtune", True),
                 _packed("vlmtune_packed_repeat", rows=4),

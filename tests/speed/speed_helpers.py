@@ -23,7 +23,7 @@ def lora_model(
     config = LoraConfig(
         r=4,
         lora_alpha=8,
-        lora_dropout=0.0,
+        lora_dropout=lora.pop("lora_dropout", 0.0),
         target_modules=family.lora_target_regex("all", lora.pop("adapt_vision_tower", False)),
         **lora,
     )

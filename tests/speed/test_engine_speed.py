@@ -11,7 +11,7 @@ import pytest
 from vlmtune.config.schema import VlmtuneConfig
 from vlmtune.train.engine import train
 
-OFF = {"chunked_loss": False, "frozen_vision_no_grad": False, "packing": False}
+OFF = {"chunked_loss": False, "frozen_vision_no_grad": False, "packing": False, "fused_lora": False}
 
 
 def _config(tiny_model_dir, varied_jsonl, out, speed: dict, family: str = "qwen2_vl") -> VlmtuneConfig:
@@ -50,7 +50,7 @@ def _losses(result) -> list[float]:
 def test_switches_keep_the_losses(tiny_model_dir, varied_jsonl, tmp_path):
     plain = train(_config(tiny_model_dir, varied_jsonl, tmp_path / "off", OFF))
     fast = train(_config(tiny_model_dir, varied_jsonl, tmp_path / "on", {"checkpoint_every_n_layers": 2}))
-    assert _start(fast)["speed"]["active"] == ["chunked_loss", "frozen_vision_no_grad"]
+    assert _start(fast)["speed"]["active"] == ["chunked_loss", "frozen_vision_no_grad", "fused_lora"]
     assert "runs on the CPU" in _start(fast)["speed"]["skipped"]["sdpa_without_cudnn"]
     assert plain.steps == fast.steps == 3
     for a, b in zip(_losses(plain), _losses(fast), strict=True):

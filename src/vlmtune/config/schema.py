@@ -253,6 +253,10 @@ class SpeedConfig(_Strict):
     lora_bf16_compute: bool = True
     """Under 16-bit autocast, LoRA adapters take the layer's 16-bit input as it is instead of an fp32 copy (the
     adapters stay fp32 for the optimizer; autocast runs their matmuls in 16-bit either way)."""
+    fused_lora: bool = True
+    """LoRA / QLoRA: each adapted linear layer runs as one autograd function (base matmul, adapter matmuls, dropout,
+    backward in 3-4 matmuls) instead of PEFT's chain of module calls, casts and small ops, with the adapters' 16-bit
+    copies refreshed once per model call. Same saved tensors, same PEFT modules and files. Not under ZeRO-3."""
     checkpoint_every_n_layers: int = Field(1, ge=1)
     """With hardware.gradient_checkpointing: checkpoint only every n-th layer (1 = every layer). Larger values
     recompute less and keep more activations: faster, more memory."""

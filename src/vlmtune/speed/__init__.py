@@ -78,6 +78,11 @@ def apply_speed(model: nn.Module, config: VlmtuneConfig, family: FamilyDescripto
             log.debug("without grad: %s", ", ".join(wrapped.names))
     if speed.lora_bf16_compute and config.method.name.value != "full":
         setup.add("lora_bf16_compute", lora_compute_in_16bit(model, autocast=plan.bf16 or plan.fp16))
+    if speed.fused_lora and config.method.name.value != "full":
+        from vlmtune.config.distributed import effective_zero
+        from vlmtune.speed.fused_lora import fuse_lora
+
+        setup.add("fused_lora", fuse_lora(unwrap_peft(model), effective_zero(config)[0]))
     if speed.embeddings_on_cpu:
         setup.add("embeddings_on_cpu", embeddings_on_cpu(unwrap_peft(model), config.method.name.value))
     if speed.compile:

@@ -1,0 +1,232 @@
+"""Each LoRA-adapted linear layer as one autograd function, instead of PEFT's chain of modules and small ops.
+
+PEFT computes an adapted layer as `base(x) + lora_B(lora_A(dropout(x))) * scale`: four module calls, and under
+16-bit autocast two casts of the fp32 adapters per call, a scale multiply and an add. That is about 8 kernels and 8
+autograd nodes in the forward and 10 kernels in the backward per layer; Qwen2-VL-2B with all linear layers adapted
+has 196 of them, and its step without checkpointing is bound by host work and kernel launches, not by the GPU
+(benchmarks/RESULTS.md). Here one `torch.autograd.Function` per layer call does
+
+    forward   y = x W^T + b;  h = drop(x) A^T;  y += scale * h B^T                       (dropout + 3 matmuls)
+    backward  gh = g B;  dx = g W + scale * gh A (through dropout's mask);  dA = scale * gh^T drop(x);  dB = scale * g^T h
+
+with the 16-bit copies of all adapters refreshed together (one foreach copy) at the first adapted layer of each
+model call, not cast per layer. It saves the same tensors PEFT saves (the input, the dropped input and its mask, the
+rank-r intermediate), so memory is unchanged. PEFT's modules, parameters and state dict stay as they are: saving,
+loading and merging work as before, and any call the function does not cover (adapters disabled or merged, several
+or non-default adapters, DoRA and other variants, extra arguments) runs PEFT's own forward. A base layer other than
+a plain 16-bit `nn.Linear` (a 4-bit QLoRA layer) runs as it is and only the adapter part is fused.
+
+Not under DeepSpeed ZeRO-3: its hooks gather each module's parameters when that module is called, and the function
+does not call `lora_A` / `lora_B`.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+ADAPTER = "default"
+
+
+class _Copies:
+    """Compute-dtype copies of the adapter weights of all fused layers, refreshed together.
+
+    `stale` is set by a forward pre-hook on the model (each model call) and by an optimizer step seen through the
+    first weight's version counter; the first adapted layer that runs afterwards refreshes every copy at once. A
+    weight already in the compute dtype is used as it is."""
+
+    def __init__(self, layers: list[nn.Module]):
+        self.masters = [w for layer in layers for w in (_a(layer).weight, _b(layer).weight)]
+        self.slot = {id(layer): 2 * i for i, layer in enumerate(layers)}
+        self.copies: list[torch.Tensor] = []
+        self.dtype: torch.dtype | None = None
+        self.version = -1
+        self.stale = True
+        self.refreshes = 0
+
+    def mark_stale(self, *_: Any) -> None:
+        self.stale = True
+
+    def pair(self, layer: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.stale or dtype != self.dtype or self.masters[0]._version != self.version:
+            self._refresh(dtype)
+        i = self.slot[id(layer)]
+        return self.copies[i], self.copies[i + 1]
+
+    @torch.no_grad()
+    def _refresh(self, dtype: torch.dtype) -> None:
+        if dtype != self.dtype or len(self.copies) != len(self.masters):
+            self.copies = [m if m.dtype == dtype else torch.empty_like(m, dtype=dtype) for m in self.masters]
+            self.dtype = dtype
+        pairs = [(c, m) for c, m in zip(self.copies, self.masters) if c is not m]
+        if pairs:
+            torch._foreach_copy_([c for c, _ in pairs], [m for _, m in pairs])
+        self.version = self.masters[0]._version
+        self.stale = False
+        self.refreshes += 1
+
+
+def _a(layer: nn.Module) -> nn.Module:
+    return layer.lora_A[ADAPTER]
+
+
+def _b(layer: nn.Module) -> nn.Module:
+    return layer.lora_B[ADAPTER]
+
+
+_MM_OUT_DTYPE = [True]
+"""Whether torch.mm takes out_dtype here (CUDA, PyTorch >= 2.8); set to False at the first call that says no."""
+
+
+def _grad_f32(m1: torch.Tensor, m2: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """scale * m1 @ m2 in `dtype` (the adapter weight's): on CUDA one cuBLAS call writing fp32 from 16-bit inputs."""
+    out = None
+    if dtype != m1.dtype and m1.is_cuda and _MM_OUT_DTYPE[0]:
+        try:
+            out = torch.mm(m1, m2, out_dtype=dtype)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE[0] = False
+    if out is None:
+        out = torch.mm(m1, m2).to(dtype)
+    return out.mul_(scale) if scale != 1 else out
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """y = base + scale * drop(x) A^T B^T, base = x W^T + b (W frozen) or the base layer's own output."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        base_out: torch.Tensor | None,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        a_master: torch.Tensor,
+        b_master: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scale: float,
+        p: float,
+    ) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if p > 0:
+            dropped, mask = torch.native_dropout(x2, p, True)
+        else:
+            dropped, mask = x2, None
+        h = torch.mm(dropped, a.t())
+        if base_out is None:
+            y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+            y.addmm_(h, b.t(), alpha=scale)
+        else:
+            y = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h, b.t(), alpha=scale)
+        ctx.save_for_backward(dropped, mask, h, weight, a, b)
+        ctx.scale, ctx.p, ctx.shape = scale, p, x.shape
+        ctx.dtypes = (a_master.dtype, b_master.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        dropped, mask, h, weight, a, b = ctx.saved_tensors
+        scale, p = ctx.scale, ctx.p
+        g = grad.reshape(-1, grad.shape[-1])
+        if g.dtype != a.dtype:
+            g = g.to(a.dtype)
+        gh = torch.mm(g, b)
+        dx = d_base = da = db = None
+        if ctx.needs_input_grad[0]:
+            if mask is not None:
+                lora_dx = torch.ops.aten.native_dropout_backward(torch.mm(gh, a), mask, scale / (1.0 - p))
+                dx = torch.mm(g, weight).add_(lora_dx) if weight is not None else lora_dx
+            elif weight is not None:
+                dx = torch.mm(g, weight).addmm_(gh, a, alpha=scale)
+            else:
+                dx = torch.mm(gh, a)
+                dx = dx.mul_(scale) if scale != 1 else dx
+            dx = dx.view(ctx.shape)
+        if ctx.needs_input_grad[1]:
+            d_base = grad
+        if ctx.needs_input_grad[4]:
+            da = _grad_f32(gh.t(), dropped, scale, ctx.dtypes[0])
+        if ctx.needs_input_grad[5]:
+            db = _grad_f32(g.t(), h, scale, ctx.dtypes[1])
+        return dx, d_base, None, None, da, db, None, None, None, None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
+def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """The patched forward of one PEFT LoRA Linear: the fused function when it covers the call, PEFT's otherwise."""
+    copies: _Copies = self._vlmtune_copies
+    if (
+        args
+        or kwargs
+        or self.disable_adapters
+        or self.merged
+        or self.active_adapters != [ADAPTER]
+        or ADAPTER in getattr(self, "lora_variant", {})
+    ):
+        return self._vlmtune_peft_forward(x, *args, **kwargs)
+    dtype = _compute_dtype(x)
+    if x.dtype != dtype:
+        return self._vlmtune_peft_forward(x)
+    dropout = self.lora_dropout[ADAPTER]
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    a, b = copies.pair(self, dtype)
+    base = self.base_layer
+    a_master, b_master = _a(self).weight, _b(self).weight
+    scale = float(self.scaling[ADAPTER])
+    if type(base) is nn.Linear and base.weight.dtype == dtype and not base.weight.requires_grad and not (
+        base._forward_hooks or base._forward_pre_hooks
+    ):
+        bias = base.bias
+        if bias is not None and (bias.requires_grad or bias.dtype != dtype):
+            return self._vlmtune_peft_forward(x)
+        return LoraLinearFunction.apply(x, None, base.weight, bias, a_master, b_master, a, b, scale, p)
+    base_out = base(x)
+    if base_out.dtype != dtype:
+        return self._vlmtune_peft_forward(x)
+    return LoraLinearFunction.apply(x, base_out, None, None, a_master, b_master, a, b, scale, p)
+
+
+class FusedLora:
+    """Handle of the patched layers; `remove()` gives each its PEFT forward back."""
+
+    def __init__(self, layers: list[nn.Module], hook: Any, copies: _Copies):
+        self.layers, self.hook, self.copies = layers, hook, copies
+
+    def remove(self) -> None:
+        for layer in self.layers:
+            for attr in ("forward", "_vlmtune_peft_forward", "_vlmtune_copies"):
+                layer.__dict__.pop(attr, None)
+        self.hook.remove()
+        self.layers = []
+
+
+def fuse_lora(model: nn.Module, zero_stage: int) -> FusedLora | str:
+    """Patch every PEFT LoRA Linear of `model` (the inner model the PEFT wrapper holds); the handle or why not."""
+    if zero_stage >= 3:
+        return "DeepSpeed ZeRO-3 gathers each module's parameters when it is called; the fused layer calls none"
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:  # pragma: no cover - peft is a core dependency
+        return "peft is not installed"
+    layers = [
+        m for m in model.modules() if isinstance(m, LoraLinear) and ADAPTER in getattr(m, "lora_A", {})
+    ]
+    if not layers:
+        return "the model has no LoRA linear layers"
+    copies = _Copies(layers)
+    for layer in layers:
+        layer._vlmtune_peft_forward = layer.forward
+        layer._vlmtune_copies = copies
+        layer.forward = types.MethodType(_fused_forward, layer)
+    hook = model.register_forward_pre_hook(copies.mark_stale)
+    return FusedLora(layers, hook, copies)

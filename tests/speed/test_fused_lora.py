@@ -1,0 +1,151 @@
+"""speed.fused_lora: each PEFT LoRA Linear as one autograd function gives PEFT's loss and gradients (fp32 exactly,
+bf16 under autocast within bf16 noise, dropout with the same random mask), follows the optimizer's updates, falls back
+to PEFT wherever it does not cover a call, and leaves the PEFT modules and saved files as they were."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from speed_helpers import assert_same, lora_model, loss_and_grads
+
+from vlmtune.data.collate import Collator
+from vlmtune.speed.fused_lora import LoraLinearFunction, fuse_lora
+from vlmtune.speed.loss_hook import unwrap_peft
+
+
+@pytest.fixture()
+def batch(encoded):
+    processor, samples = encoded("qwen2_vl")
+    return Collator(processor.tokenizer.pad_token_id)(samples)
+
+
+def _count_adapter_calls(model: torch.nn.Module) -> tuple[list[int], list]:
+    """How often PEFT's lora_A modules are called: zero when every adapted layer ran fused."""
+    calls = [0]
+    handles = [
+        m.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+        for name, m in model.named_modules()
+        if name.endswith("lora_A.default")
+    ]
+    return calls, handles
+
+
+def test_fp32_same_loss_and_gradients(tiny_model_dir, batch):
+    model = lora_model(tiny_model_dir("qwen2_vl"), "qwen2_vl")
+    reference = loss_and_grads(model, batch)
+    handle = fuse_lora(unwrap_peft(model), zero_stage=0)
+    assert not isinstance(handle, str) and handle.layers
+    calls, hooks = _count_adapter_calls(model)
+    fused = loss_and_grads(model, batch)
+    assert calls[0] == 0, "some adapted layer still ran PEFT's modules"
+    for h in hooks:
+        h.remove()
+    assert_same(reference, fused, rel=1e-6, cosine=0.99999)
+    for name, grad in reference[1].items():
+        torch.testing.assert_close(fused[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    handle.remove()
+    assert all("forward" not in layer.__dict__ for layer in model.modules())
+    assert_same(reference, loss_and_grads(model, batch), rel=1e-6, cosine=0.99999)
+
+
+def test_dropout_uses_the_same_mask_as_peft(tiny_model_dir, batch):
+    """With lora_dropout > 0 both paths draw their masks in the same order from the same generator."""
+    model = lora_model(tiny_model_dir("qwen2_vl"), "qwen2_vl", lora_dropout=0.3)
+    torch.manual_seed(7)
+    reference = loss_and_grads(model, batch)
+    handle = fuse_lora(unwrap_peft(model), zero_stage=0)
+    torch.manual_seed(7)
+    fused = loss_and_grads(model, batch)
+    torch.manual_seed(8)
+    other_mask = loss_and_grads(model, batch)
+    handle.remove()
+    assert_same(reference, fused, rel=1e-5, cosine=0.9999)
+    assert abs(other_mask[0].item() - reference[0].item()) > 1e-6, "dropout did not act: the test cannot tell"
+
+
+def test_function_gradients_in_double():
+    """The hand-written backward against autograd's numerical gradients, with and without a base output given."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, dtype=torch.double, requires_grad=True)
+    weight, bias = torch.randn(5, 6, dtype=torch.double), torch.randn(5, dtype=torch.double)
+    a = torch.randn(2, 6, dtype=torch.double, requires_grad=True)
+    b = torch.randn(5, 2, dtype=torch.double, requires_grad=True)
+    base_out = torch.randn(2, 3, 5, dtype=torch.double, requires_grad=True)
+
+    def fused(x, a, b):
+        return LoraLinearFunction.apply(x, None, weight, bias, a, b, a, b, 1.5, 0.0)
+
+    def delta(x, base_out, a, b):
+        return LoraLinearFunction.apply(x, base_out, None, None, a, b, a, b, 0.5, 0.0)
+
+    assert torch.autograd.gradcheck(fused, (x, a, b))
+    assert torch.autograd.gradcheck(delta, (x, base_out, a, b))
+    expected = torch.nn.functional.linear(x, weight, bias) + 1.5 * (x @ a.T) @ b.T
+    torch.testing.assert_close(fused(x, a, b), expected)
+
+
+def test_bf16_autocast_copies_follow_the_optimizer(tiny_model_dir, batch):
+    """fp32 adapters, bf16 compute: one refresh of the 16-bit copies per model call, and after an optimizer step the
+    fused model gives what PEFT gives with the updated adapters."""
+    reference_model = lora_model(tiny_model_dir("qwen2_vl"), "qwen2_vl", dtype=torch.bfloat16)
+    model = lora_model(tiny_model_dir("qwen2_vl"), "qwen2_vl", dtype=torch.bfloat16)
+    for param in [*model.parameters(), *reference_model.parameters()]:
+        if param.requires_grad:
+            param.data = param.data.float()
+    handle = fuse_lora(unwrap_peft(model), zero_stage=0)
+    assert not isinstance(handle, str)
+    results = []
+    for m in (reference_model, model):
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # one context per step, as the Trainer does: autocast
+            first = loss_and_grads(m, batch)  # caches its casts of the fp32 adapters until the context exits
+        opt.step()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            second = loss_and_grads(m, batch)
+        results.append((first, second))
+    assert handle.copies.refreshes == 2 and handle.copies.dtype == torch.bfloat16
+    assert all(c.dtype == torch.bfloat16 for c in handle.copies.copies)
+    (ref_first, ref_second), (first, second) = results
+    assert_same(ref_first, first, rel=1e-2, cosine=0.999)
+    assert_same(ref_second, second, rel=1e-2, cosine=0.999)
+    assert abs(ref_second[0].item() - ref_first[0].item()) > 1e-3, "the step changed nothing: the test cannot tell"
+
+
+def test_falls_back_where_it_does_not_apply(tiny_model_dir, batch):
+    model = lora_model(tiny_model_dir("qwen2_vl"), "qwen2_vl")
+    with torch.no_grad():
+        plain_loss = model.get_base_model()(**batch).loss
+        with model.disable_adapter():
+            base_loss = model(**batch).loss
+    handle = fuse_lora(unwrap_peft(model), zero_stage=0)
+    calls, hooks = _count_adapter_calls(model)
+    with torch.no_grad(), model.disable_adapter():
+        assert torch.equal(model(**batch).loss, base_loss)
+    assert calls[0] == 0
+    # a hook on the base layer: the base layer is called as it is and only the adapter part is fused
+    layer = handle.layers[0]
+    seen = []
+    hook = layer.base_layer.register_forward_hook(lambda *a: seen.append(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).loss, plain_loss)
+    assert seen and calls[0] == 0
+    hook.remove()
+    for h in hooks:
+        h.remove()
+    handle.remove()
+
+
+def test_files_unchanged_and_not_under_zero3(tiny_model_dir, tmp_path):
+    model = lora_model(tiny_model_dir("qwen2_vl"), "qwen2_vl")
+    keys = set(model.state_dict())
+    handle = fuse_lora(unwrap_peft(model), zero_stage=2)
+    assert not isinstance(handle, str)
+    assert set(model.state_dict()) == keys
+    model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    handle.remove()
+    assert "ZeRO-3" in fuse_lora(unwrap_peft(model), zero_stage=3)
+    from transformers import AutoModelForImageTextToText
+
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir("qwen2_vl"))
+    assert "no LoRA" in fuse_lora(base, zero_stage=0)
