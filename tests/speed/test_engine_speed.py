@@ -93,3 +93,21 @@ def test_switches_come_off_when_training_fails(tiny_model_dir, varied_jsonl, tmp
     with pytest.raises(RuntimeError, match="boom"):
         train(_config(tiny_model_dir, varied_jsonl, tmp_path / "fails", {}), callbacks=[Boom()])
     assert removed == [1]
+
+
+@pytest.mark.slow
+def test_training_forward_builds_no_kv_cache(tiny_model_dir, varied_jsonl, tmp_path):
+    """The Trainer's forward gets use_cache=False (transformers would otherwise build and update a KV cache in every
+    training forward)."""
+    from transformers import TrainerCallback
+
+    from vlmtune.speed.loss_hook import unwrap_peft
+
+    seen: list = []
+
+    class Spy(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            unwrap_peft(model).register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("use_cache")), with_kwargs=True)
+
+    train(_config(tiny_model_dir, varied_jsonl, tmp_path / "run", {}), callbacks=[Spy()])
+    assert seen and all(value is False for value in seen), seen

@@ -149,3 +149,21 @@ def test_files_unchanged_and_not_under_zero3(tiny_model_dir, tmp_path):
 
     base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir("qwen2_vl"))
     assert "no LoRA" in fuse_lora(base, zero_stage=0)
+
+
+def test_apply_speed_switch(tiny_model_dir):
+    """On by default for LoRA; off with speed.compile (which fuses the ops itself), saying why."""
+    from vlmtune.config.schema import VlmtuneConfig
+    from vlmtune.families import get_family
+    from vlmtune.speed import apply_speed
+
+    model = lora_model(tiny_model_dir("qwen2_vl"), "qwen2_vl")
+    family = get_family("qwen2_vl")
+    base = {"model": {"name_or_path": str(tiny_model_dir("qwen2_vl"))}, "hardware": {"precision": "fp32"}}
+    setup = apply_speed(model, VlmtuneConfig.model_validate(base), family)
+    assert "fused_lora" in setup.active
+    setup.remove()
+    assert all("forward" not in m.__dict__ for m in model.modules() if hasattr(m, "lora_A"))
+    setup = apply_speed(model, VlmtuneConfig.model_validate({**base, "speed": {"compile": True}}), family)
+    assert "torch.compile" in setup.skipped["fused_lora"]
+    setup.remove()

@@ -82,7 +82,13 @@ def apply_speed(model: nn.Module, config: VlmtuneConfig, family: FamilyDescripto
         from vlmtune.config.distributed import effective_zero
         from vlmtune.speed.fused_lora import fuse_lora
 
-        setup.add("fused_lora", fuse_lora(unwrap_peft(model), effective_zero(config)[0]))
+        fused = (
+            "speed.compile is on: torch.compile fuses the adapters' ops itself (and cannot trace the fused function's "
+            "shared copies)"
+            if speed.compile
+            else fuse_lora(unwrap_peft(model), effective_zero(config)[0])
+        )
+        setup.add("fused_lora", fused)
     if speed.embeddings_on_cpu:
         setup.add("embeddings_on_cpu", embeddings_on_cpu(unwrap_peft(model), config.method.name.value))
     if speed.compile:

@@ -31,6 +31,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _takes_use_cache(model: Any) -> bool:
+    """Whether the model's forward (through DDP / DeepSpeed / PEFT wrappers) has a `use_cache` argument."""
+    import inspect
+
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        inner = getattr(model, "module", None) or getattr(model, "get_base_model", lambda: None)()
+        if inner is None:
+            break
+        model = inner
+    try:
+        return "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class VlmTrainer(Trainer):
     def __init__(
         self, *args: Any, device: str = "cpu", vision_keepalive: VisionKeepAlive | None = None, **kwargs: Any
@@ -45,7 +62,11 @@ class VlmTrainer(Trainer):
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        """With several processes, a batch without images still runs the vision tower (see vision_keepalive)."""
+        """Training never needs a KV cache: without `use_cache=False` transformers builds one in every forward (a
+        DynamicCache updated by each layer: host work per layer, and a guard that makes torch.compile recompile per
+        layer). With several processes, a batch without images still runs the vision tower (see vision_keepalive)."""
+        if "use_cache" not in inputs and _takes_use_cache(model):
+            inputs = {**inputs, "use_cache": False}
         if self._keepalive is not None:
             self._keepalive.arm(inputs)
         return super().compute_loss(
