@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,8 @@ def run_one(workload: str, variant_name: str, out: Path) -> dict[str, Any]:
 
     work = WORKLOADS[workload]
     variant = next(v for v in work.variants if v.name == variant_name)
+    if variant.warmup is not None:
+        work = replace(work, warmup=variant.warmup)
     model, path = prepare(work)
     started = time.time()
     if variant.path == "vlmtune":
