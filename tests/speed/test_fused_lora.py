@@ -167,3 +167,15 @@ def test_apply_speed_switch(tiny_model_dir):
     setup = apply_speed(model, VlmtuneConfig.model_validate({**base, "speed": {"compile": True}}), family)
     assert "torch.compile" in setup.skipped["fused_lora"]
     setup.remove()
+
+
+def test_cuda_graphs_with_checkpointing_refused():
+    from vlmtune.config.schema import VlmtuneConfig
+
+    with pytest.raises(ValueError, match="reduce-overhead cannot run with hardware.gradient_checkpointing"):
+        VlmtuneConfig.model_validate(
+            {
+                "speed": {"compile": True, "compile_mode": "reduce-overhead"},
+                "hardware": {"gradient_checkpointing": True},
+            }
+        )

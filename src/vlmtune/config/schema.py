@@ -267,16 +267,15 @@ class SpeedConfig(_Strict):
     """QLoRA: keep the frozen input-embedding table (vocab x hidden, 16-bit: 1.0 GiB for Qwen2.5-VL-7B) in CPU
     memory and look tokens up there; only the looked-up rows go to the GPU. Not with a lm_head tied to it."""
     compile: bool = False
-    """torch.compile each language-model decoder layer (fused elementwise kernels, fewer launches). The first
-    steps are slower while it compiles. Measured on an H100 (benchmarks/RESULTS.md, W1): without gradient
-    checkpointing +5% in one run, -4% (-7% at the median step) in another; with checkpointing every 2nd layer 3.7x
-    slower over the first 13 steps (layers checkpointed and not compile to separate graphs, and the recomputation
-    runs through the compiled checkpoint)."""
+    """torch.compile each language-model decoder layer (fused elementwise kernels, fewer launches). The first steps
+    pay for compiling (about 25 s on an H100, plus a recompile or two: a second sequence length, a batch without
+    padding). Measured on an H100 (benchmarks/RESULTS.md session 6, W1 without checkpointing): 1.27-1.75x the plain
+    loop at the median step, at 15.9 instead of 18.1 GiB reserved. Not with gradient checkpointing (layers
+    checkpointed and not compile to separate graphs and the recomputation runs through the compiled checkpoint)."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
-    """With speed.compile: torch.compile's mode. reduce-overhead replays each compiled layer as a CUDA graph (one
-    launch instead of its kernels; the W1 no-checkpointing step is launch-bound, benchmarks/RESULTS.md), re-recorded
-    for each new sequence length. Measured on an H100 (W1 without checkpointing): no faster (9,538 vs 9,577 tokens/s
-    at the median step) and 2.4 GiB more reserved for the graph pools."""
+    """With speed.compile: torch.compile's mode. reduce-overhead replays each compiled layer as a CUDA graph,
+    re-recorded for each new sequence length. Measured on an H100 (W1 without checkpointing): slower than the default
+    mode (14.3k vs 15.9k tokens/s at the median step), and it fails with gradient checkpointing."""
 
 
 class VlmtuneConfig(_Strict):
@@ -299,6 +298,12 @@ class VlmtuneConfig(_Strict):
             problems.append("method.name=qlora needs hardware.precision bf16 or fp16 (4-bit layers compute in 16-bit)")
         if self.method.name == TrainingMethod.FULL and self.method.lora.train_projector:
             problems.append("method.lora.train_projector only applies to lora/qlora; full fine-tuning trains the projector already")
+        if self.speed.compile and self.speed.compile_mode == "reduce-overhead" and self.hardware.gradient_checkpointing:
+            problems.append(
+                "speed.compile_mode=reduce-overhead cannot run with hardware.gradient_checkpointing=true (a layer's "
+                "CUDA graph output is overwritten before the recomputation reads it); use speed.compile_mode=default "
+                "or turn checkpointing off"
+            )
         if self.distributed.offload != "none" and self.distributed.engine == "none":
             problems.append("distributed.offload needs distributed.engine=deepspeed (or auto with DeepSpeed)")
         if self.distributed.engine != "none" and self.distributed.deepspeed_config is None:
