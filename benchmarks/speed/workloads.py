@@ -100,6 +100,9 @@ W1 = Workload(
         Variant("liger_gc", "liger", True),
         Variant("liger_nogc", "liger", False),
         Variant("vlmtune_gc2_compile", "vlmtune", True, {**FAST, "speed.compile": True}, warmup=8),
+        Variant(
+            "vlmtune_gc4_compile", "vlmtune", True, {"speed.checkpoint_every_n_layers": 4, "speed.compile": True}, warmup=8
+        ),
         # torch.compile per decoder layer: inductor's fused kernels (measured before session 6 with a KV cache built
         # in every training forward, whose per-layer guard stopped compilation after 8 layers: those runs were void)
         Variant("vlmtune_nogc_compile", "vlmtune", False, {"speed.compile": True}, warmup=8),
