@@ -267,11 +267,12 @@ class SpeedConfig(_Strict):
     """QLoRA: keep the frozen input-embedding table (vocab x hidden, 16-bit: 1.0 GiB for Qwen2.5-VL-7B) in CPU
     memory and look tokens up there; only the looked-up rows go to the GPU. Not with a lm_head tied to it."""
     compile: bool = False
-    """torch.compile each language-model decoder layer (fused elementwise kernels, fewer launches). The first steps
-    pay for compiling (about 25 s on an H100, plus a recompile or two: a second sequence length, a batch without
-    padding). Measured on an H100 (benchmarks/RESULTS.md session 6, W1 without checkpointing): 1.27-1.75x the plain
-    loop at the median step, at 15.9 instead of 18.1 GiB reserved. Not with gradient checkpointing (layers
-    checkpointed and not compile to separate graphs and the recomputation runs through the compiled checkpoint)."""
+    """torch.compile each language-model decoder layer (fused elementwise kernels, fewer launches, fewer saved
+    intermediates). The first steps pay for compiling (about 25 s on an H100, plus a recompile or two: a second
+    sequence length, a batch without padding), so it pays on runs of more than a few dozen steps with a GPU. Measured
+    on an H100 (benchmarks/RESULTS.md session 6, W1, median step): without checkpointing 1.27-1.75x the plain loop at
+    15.9 instead of 18.1 GiB reserved; checkpointing every 2nd layer 1.77x the checkpointed plain loop at its memory;
+    every 4th layer 2.51x at 13.4 GiB."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     """With speed.compile: torch.compile's mode. reduce-overhead replays each compiled layer as a CUDA graph,
     re-recorded for each new sequence length. Measured on an H100 (W1 without checkpointing): slower than the default
