@@ -96,7 +96,8 @@ def test_switches_come_off_when_training_fails(tiny_model_dir, varied_jsonl, tmp
 
 
 @pytest.mark.slow
-def test_training_forward_builds_no_kv_cache(tiny_model_dir, varied_jsonl, tmp_path):
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_training_forward_builds_no_kv_cache(tiny_model_dir, varied_jsonl, tmp_path, family):
     """The Trainer's forward gets use_cache=False (transformers would otherwise build and update a KV cache in every
     training forward)."""
     from transformers import TrainerCallback
@@ -109,5 +110,5 @@ def test_training_forward_builds_no_kv_cache(tiny_model_dir, varied_jsonl, tmp_p
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             unwrap_peft(model).register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("use_cache")), with_kwargs=True)
 
-    train(_config(tiny_model_dir, varied_jsonl, tmp_path / "run", {}), callbacks=[Spy()])
+    train(_config(tiny_model_dir, varied_jsonl, tmp_path / "run", {}, family=family), callbacks=[Spy()])
     assert seen and all(value is False for value in seen), seen

@@ -95,3 +95,26 @@ def test_compile_mode_reaches_every_layer(monkeypatch, tiny_model_dir):
     assert seen and all(k == {"backend": "inductor", "mode": "reduce-overhead"} for k in seen)
     assert len(seen) == len(unwrap_peft(model).get_submodule(prefix))
     assert VlmtuneConfig().speed.compile_mode == "default"
+
+
+def test_compiled_layers_with_packed_rows(tiny_model_dir, encoded):
+    """speed.compile with speed.packing: packed rows (per-sample spans attention, positions restarting) through the
+    compiled layers give the eager loss and gradients (dynamo traces or breaks around the spans code, never wrong)."""
+    from vlmtune.data.packing import PackingCollator, rope_index_of
+    from vlmtune.families import get_family
+    from vlmtune.speed.compile_layers import compile_layers
+    from vlmtune.speed.loss_hook import unwrap_peft
+    from vlmtune.speed.packed_attention import packed_attention
+
+    processor, samples = encoded("qwen2_vl")
+    family = get_family("qwen2_vl")
+    model = lora_model(tiny_model_dir("qwen2_vl"), "qwen2_vl")
+    rows = PackingCollator(processor.tokenizer.pad_token_id, rope_index_of(model))([samples[:3], samples[3:]])
+    spans = packed_attention(unwrap_peft(model), family.language_prefixes)
+    reference = loss_and_grads(model, rows)
+    handle = compile_layers(unwrap_peft(model), family.language_layers_prefix, backend="eager")
+    assert not isinstance(handle, str)
+    compiled = loss_and_grads(model, rows)
+    handle.remove()
+    spans.remove()
+    assert_same(reference, compiled, rel=1e-5, cosine=0.9999)

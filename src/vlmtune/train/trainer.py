@@ -32,7 +32,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _takes_use_cache(model: Any) -> bool:
-    """Whether the model's forward (through DDP / DeepSpeed / PEFT wrappers) has a `use_cache` argument."""
+    """Whether the model's forward (through DDP / DeepSpeed / PEFT wrappers) takes `use_cache`: as an argument
+    (Qwen2-VL, Qwen2.5-VL), or through **kwargs handed to a decoder whose config has it (LLaVA)."""
     import inspect
 
     seen = set()
@@ -43,9 +44,14 @@ def _takes_use_cache(model: Any) -> bool:
             break
         model = inner
     try:
-        return "use_cache" in inspect.signature(model.forward).parameters
+        params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
+    if "use_cache" in params:
+        return True
+    config = getattr(model, "config", None)
+    decoder = getattr(config, "text_config", None) or config
+    return any(p.kind is p.VAR_KEYWORD for p in params.values()) and hasattr(decoder, "use_cache")
 
 
 class VlmTrainer(Trainer):
