@@ -67,10 +67,15 @@ GRAPHS = {"speed.compile": True, "speed.compile_mode": "reduce-overhead"}
 """torch.compile per decoder layer, each replayed as a CUDA graph."""
 
 
-def _packed(name: str, rows: int, **overrides: Any) -> Variant:
+def _packed(name: str, rows: int, warmup: int | None = None, **overrides: Any) -> Variant:
     """W5's packed variant: one row per step holding up to `rows` x 3072 tokens (the longest sample's budget)."""
     return Variant(
-        name, "vlmtune", True, {"speed.packing": True, "speed.packing_max_tokens": rows * 3072, **overrides}, batch=1
+        name,
+        "vlmtune",
+        True,
+        {"speed.packing": True, "speed.packing_max_tokens": rows * 3072, **overrides},
+        batch=1,
+        warmup=warmup,
     )
 
 
@@ -237,6 +242,9 @@ WORKLOADS: dict[str, Workload] = {
                 # before speed.varlen_attention: per-image vision attention and per-sample spans in the LM
                 Variant("vlmtune_padded_novarlen", "vlmtune", True, {"speed.varlen_attention": False}),
                 Variant("vlmtune_padded_nofuse", "vlmtune", True, {"speed.fused_lora": False}),
+                # torch.compile on images and answers of every size (a new length every step: dynamic shapes)
+                Variant("vlmtune_padded_compile", "vlmtune", True, {"speed.compile": True}, warmup=6),
+                _packed("vlmtune_packed_compile", rows=4, warmup=6, **{"speed.compile": True}),
                 _packed("vlmtune_packed_nofuse", rows=4, **{"speed.fused_lora": False}),
                 # the same two again, run last: the spread between identical runs of one call
                 Variant("vlmtune_padded_repeat", "vlmtune", True),
