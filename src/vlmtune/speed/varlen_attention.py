@@ -126,9 +126,11 @@ def vision_varlen_attention(
     return torch.cat(outs, dim=1), None
 
 
+@torch.compiler.disable
 def _packed_cu(position_ids: Tensor, device: torch.device) -> tuple[Tensor, int]:
     """Cumulative lengths over the flattened rows (rows x length tokens), cached on the position tensor like the
-    spans: every layer (and the recomputation) of one forward gets the same tensor."""
+    spans: every layer (and the recomputation) of one forward gets the same tensor. Run eagerly under speed.compile
+    (host-side work on the positions; dynamo cannot trace pin_memory: the H100 run failed there)."""
     cached = getattr(position_ids, "_vlmtune_cu", None)
     if cached is not None:
         return cached
