@@ -135,6 +135,20 @@ def test_falls_back_where_it_does_not_apply(tiny_model_dir, batch):
     handle.remove()
 
 
+def test_lora_bias_runs_peft(tiny_model_dir, batch):
+    """A bias on lora_B (PEFT's lora_bias=True) is not in the fused function: those layers run PEFT's forward."""
+    model = lora_model(tiny_model_dir("qwen2_vl"), "qwen2_vl", lora_bias=True)
+    reference = loss_and_grads(model, batch)
+    handle = fuse_lora(unwrap_peft(model), zero_stage=0)
+    calls, hooks = _count_adapter_calls(model)
+    got = loss_and_grads(model, batch)
+    assert calls[0] == len(handle.layers)
+    for h in hooks:
+        h.remove()
+    handle.remove()
+    assert_same(reference, got, rel=1e-6, cosine=0.99999)
+
+
 def test_files_unchanged_and_not_under_zero3(tiny_model_dir, tmp_path):
     model = lora_model(tiny_model_dir("qwen2_vl"), "qwen2_vl")
     keys = set(model.state_dict())

@@ -13,7 +13,7 @@ with the 16-bit copies of all adapters refreshed together (one foreach copy) at 
 model call, not cast per layer. It saves the same tensors PEFT saves (the input, the dropped input and its mask, the
 rank-r intermediate), so memory is unchanged. PEFT's modules, parameters and state dict stay as they are: saving,
 loading and merging work as before, and any call the function does not cover (adapters disabled or merged, several
-or non-default adapters, DoRA and other variants, extra arguments) runs PEFT's own forward. A base layer other than
+or non-default adapters, DoRA and other variants, a bias on lora_B, extra arguments) runs PEFT's own forward. A base layer other than
 a plain 16-bit `nn.Linear` (a 4-bit QLoRA layer) runs as it is and only the adapter part is fused.
 
 Not under DeepSpeed ZeRO-3: its hooks gather each module's parameters when that module is called, and the function
@@ -172,6 +172,7 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) 
         or self.merged
         or self.active_adapters != [ADAPTER]
         or ADAPTER in getattr(self, "lora_variant", {})
+        or _b(self).bias is not None
     ):
         return self._vlmtune_peft_forward(x, *args, **kwargs)
     dtype = _compute_dtype(x)

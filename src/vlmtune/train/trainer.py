@@ -62,6 +62,7 @@ class VlmTrainer(Trainer):
         self._device = device
         self._keepalive = vision_keepalive.attach(self.model) if vision_keepalive is not None else None
         self._staging: str | None = None
+        self._takes_use_cache: bool | None = None
         self._throughput = ThroughputMeter()
         self.add_callback(self._throughput)
 
@@ -71,7 +72,9 @@ class VlmTrainer(Trainer):
         """Training never needs a KV cache: without `use_cache=False` transformers builds one in every forward (a
         DynamicCache updated by each layer: host work per layer, and a guard that makes torch.compile recompile per
         layer). With several processes, a batch without images still runs the vision tower (see vision_keepalive)."""
-        if "use_cache" not in inputs and _takes_use_cache(model):
+        if self._takes_use_cache is None:
+            self._takes_use_cache = _takes_use_cache(model)
+        if self._takes_use_cache and "use_cache" not in inputs:
             inputs = {**inputs, "use_cache": False}
         if self._keepalive is not None:
             self._keepalive.arm(inputs)
