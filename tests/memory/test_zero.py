@@ -266,7 +266,7 @@ def test_max_live_parameters_from_the_config_caps_the_gathered_weights():
 
 
 def test_max_live_parameters_from_a_users_deepspeed_json(tmp_path):
-    from vlmtune.config.distributed import zero3_settings
+    from vlmtune.config.distributed import zero_plan
     from vlmtune.config.schema import VlmtuneConfig
     from vlmtune.memory.inputs import inputs_from_config
 
@@ -279,10 +279,10 @@ def test_max_live_parameters_from_a_users_deepspeed_json(tmp_path):
         "method": {"name": "lora"},
         "distributed": {"engine": "deepspeed", "deepspeed_config": str(ds)},
     })
-    assert zero3_settings(config).max_live_parameters == 300_000_000
+    assert zero_plan(config).max_live_parameters == 300_000_000
     assert estimate(inputs_from_config(config)).zero_gathered == 2 * 300_000_000
     ds.write_text(json.dumps({"zero_optimization": {**zero, "stage3_max_live_parameters": 10**9}}))
     import os
 
     os.utime(ds, ns=(ds.stat().st_atime_ns, ds.stat().st_mtime_ns + 10**9))  # an edited file is read again
-    assert zero3_settings(config).max_live_parameters == 10**9
+    assert zero_plan(config).max_live_parameters == 10**9

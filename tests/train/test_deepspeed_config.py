@@ -10,7 +10,7 @@ import pytest
 
 from vlmtune.cli.main import parse_args
 from vlmtune.cli.train_cmd import resolve_config
-from vlmtune.config.distributed import effective_zero, uses_deepspeed, world_size
+from vlmtune.config.distributed import uses_deepspeed, world_size, zero_plan
 from vlmtune.config.schema import VlmtuneConfig
 from vlmtune.errors import ConfigError, MissingDependencyError
 from vlmtune.memory.inputs import inputs_from_config
@@ -66,8 +66,8 @@ def test_render_offload_and_stage3_knobs():
 
 
 def test_engine_auto_and_world_size(monkeypatch):
-    assert not uses_deepspeed(cfg().distributed) and effective_zero(cfg()) == (0, "none")
-    assert uses_deepspeed(cfg(num_gpus=2).distributed) and effective_zero(cfg(num_gpus=2)) == (2, "none")
+    assert not uses_deepspeed(cfg().distributed) and (zero_plan(cfg()).stage, zero_plan(cfg()).offload) == (0, "none")
+    assert uses_deepspeed(cfg(num_gpus=2).distributed) and (zero_plan(cfg(num_gpus=2)).stage, zero_plan(cfg(num_gpus=2)).offload) == (2, "none")
     assert uses_deepspeed(cfg(offload="optimizer").distributed)
     assert not uses_deepspeed(cfg(num_gpus=2, engine="none").distributed)  # plain DDP
     assert world_size(cfg(num_gpus=4, num_nodes=2).distributed) == 8

@@ -11,7 +11,7 @@ import copy
 import functools
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -82,46 +82,41 @@ def zero_of(ds: dict[str, Any]) -> tuple[int, Offload]:
     return (stage if isinstance(stage, int) else -1), offload
 
 
-def effective_zero(config: VlmtuneConfig, world: int | None = None) -> tuple[int, Offload]:
-    """(stage, offload) the run trains with: (0, "none") without DeepSpeed; a given JSON's values win."""
-    dist = config.distributed
-    if not uses_deepspeed(dist, world):
-        return 0, "none"
-    if dist.deepspeed_config is not None:
-        return zero_of(read_deepspeed_json(dist.deepspeed_config))
-    return dist.zero_stage, dist.offload
-
-
 @dataclass(frozen=True)
-class Zero3Settings:
-    """ZeRO-3 numbers the memory model needs, as the run trains with them (a given JSON's values win)."""
+class ZeroPlan:
+    """The ZeRO settings a run trains with, resolved once: from `distributed`, or from the user's DeepSpeed JSON
+    where it names them. Without DeepSpeed: stage 0, no offload."""
 
+    stage: int
+    offload: Offload
     offload_ratio: float
     """Share of the optimizer's sub-groups in CPU RAM (1.0 without optimizer offload)."""
     sub_group_size: int
     max_live_parameters: int
-    """stage3_max_live_parameters: caps how far the parameter prefetcher runs ahead."""
+    """stage3_max_live_parameters: caps how far the ZeRO-3 parameter prefetcher runs ahead."""
 
 
-def zero3_settings(config: VlmtuneConfig, world: int | None = None) -> Zero3Settings:
-    """The ZeRO-3 settings the run trains with: from `distributed`, or from the user's DeepSpeed JSON where it names
-    them (offload_optimizer.ratio, sub_group_size, stage3_max_live_parameters)."""
+def zero_plan(config: VlmtuneConfig, world: int | None = None) -> ZeroPlan:
+    """Stage, offload and the ZeRO-3 numbers the run trains with (a given JSON's zero_optimization stage, offload
+    devices, offload_optimizer.ratio, sub_group_size and stage3_max_live_parameters win over `distributed`)."""
     dist = config.distributed
-    rendered = Zero3Settings(
-        dist.offload_ratio if dist.offload != "none" else 1.0, dist.sub_group_size, dist.max_live_parameters
-    )
     if not uses_deepspeed(dist, world):
-        return replace(rendered, offload_ratio=1.0)
+        return ZeroPlan(0, "none", 1.0, dist.sub_group_size, dist.max_live_parameters)
     if dist.deepspeed_config is None:
-        return rendered
-    zero = read_deepspeed_json(dist.deepspeed_config).get("zero_optimization") or {}
+        ratio = dist.offload_ratio if dist.offload != "none" else 1.0
+        return ZeroPlan(dist.zero_stage, dist.offload, ratio, dist.sub_group_size, dist.max_live_parameters)
+    ds = read_deepspeed_json(dist.deepspeed_config)
+    stage, offload = zero_of(ds)
+    zero = ds.get("zero_optimization") or {}
     section = zero.get("offload_optimizer")
     ratio = section.get("ratio") if isinstance(section, dict) else None
 
     def number(value: Any, default: int) -> int:
         return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
 
-    return Zero3Settings(
+    return ZeroPlan(
+        stage,
+        offload,
         float(ratio) if isinstance(ratio, (int, float)) else 1.0,
         number(zero.get("sub_group_size"), dist.sub_group_size),
         number(zero.get("stage3_max_live_parameters"), dist.max_live_parameters),

@@ -140,11 +140,11 @@ def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInput
     """The estimate inputs a vlmtune config implies (sequence = data.max_length, padded worst case). ZeRO stage,
     offload and GPU count are what training renders from `distributed` (a given DeepSpeed JSON's stage and offload
     included; stage 0 without DeepSpeed), on num_gpus x num_nodes processes."""
-    from vlmtune.config.distributed import effective_zero, world_size, zero3_settings
+    from vlmtune.config.distributed import world_size, zero_plan
 
     world = world_size(config.distributed)
-    stage, offload = effective_zero(config, world)
-    zero3 = zero3_settings(config, world)
+    zero = zero_plan(config, world)
+    stage, offload = zero.stage, zero.offload
     m = config.method
     targets = m.lora.target_modules
     values: dict[str, Any] = dict(
@@ -180,9 +180,9 @@ def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInput
         checkpoint_offload=config.speed.checkpoint_offload,
         zero_stage=stage,
         offload="all" if offload == "optimizer_and_params" else offload,
-        offload_ratio=zero3.offload_ratio,
-        sub_group_size=zero3.sub_group_size,
-        max_live_parameters=zero3.max_live_parameters,
+        offload_ratio=zero.offload_ratio,
+        sub_group_size=zero.sub_group_size,
+        max_live_parameters=zero.max_live_parameters,
         num_gpus=world,
     )
     if config.data.image_size:

@@ -79,14 +79,14 @@ def apply_speed(model: nn.Module, config: VlmtuneConfig, family: FamilyDescripto
     if speed.lora_bf16_compute and config.method.name.value != "full":
         setup.add("lora_bf16_compute", lora_compute_in_16bit(model, autocast=plan.bf16 or plan.fp16))
     if speed.fused_lora and config.method.name.value != "full":
-        from vlmtune.config.distributed import effective_zero
+        from vlmtune.config.distributed import zero_plan
         from vlmtune.speed.fused_lora import fuse_lora
 
         fused = (
             "speed.compile is on: torch.compile fuses the adapters' ops itself (and cannot trace the fused function's "
             "shared copies)"
             if speed.compile
-            else fuse_lora(unwrap_peft(model), effective_zero(config)[0])
+            else fuse_lora(unwrap_peft(model), zero_plan(config).stage)
         )
         setup.add("fused_lora", fused)
     if speed.embeddings_on_cpu:

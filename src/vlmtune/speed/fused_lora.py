@@ -61,7 +61,7 @@ class _Copies:
         if dtype != self.dtype or len(self.copies) != len(self.masters):
             self.copies = [m if m.dtype == dtype else torch.empty_like(m, dtype=dtype) for m in self.masters]
             self.dtype = dtype
-        pairs = [(c, m) for c, m in zip(self.copies, self.masters) if c is not m]
+        pairs = [(c, m) for c, m in zip(self.copies, self.masters, strict=True) if c is not m]
         if pairs:
             torch._foreach_copy_([c for c, _ in pairs], [m for _, m in pairs])
         self.version = self.masters[0]._version

@@ -58,12 +58,13 @@ class Sizer:
         self.costs: SampleCosts = profile.costs(spec, d.image_size, d.min_pixels, d.max_pixels)
 
     def inputs(self, batch: int) -> EstimateInputs:
-        from vlmtune.config.distributed import effective_zero, world_size
+        from vlmtune.config.distributed import world_size, zero_plan
         from vlmtune.memory.inputs import inputs_from_config
 
         shape = self.profile.batch(self.spec, batch, self.config.data.max_length, costs=self.costs)
         world = world_size(self.config.distributed)
-        stage, offload = effective_zero(self.config, world)
+        plan = zero_plan(self.config, world)
+        stage, offload = plan.stage, plan.offload
         return inputs_from_config(
             self.config,
             zero_stage=stage,

@@ -232,9 +232,9 @@ def train(
 
 def _deepspeed_callbacks(config: VlmtuneConfig, ds_config: dict[str, Any] | None, world: int) -> list[TrainerCallback]:
     """Fixes for DeepSpeed itself: partial optimizer offload keeps its GPU optimizer on the schedule."""
-    from vlmtune.config.distributed import zero3_settings
+    from vlmtune.config.distributed import zero_plan
 
-    if ds_config is None or zero3_settings(config, world).offload_ratio >= 1:
+    if ds_config is None or zero_plan(config, world).offload_ratio >= 1:
         return []
     from vlmtune.train.partial_offload import PartialOffloadSchedule
 
