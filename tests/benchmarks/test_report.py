@@ -36,3 +36,25 @@ def test_report_prints_the_spread_only_for_repeated_rounds(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "over vlmtune_padded of the same round" in out
     assert "- vlmtune_packed: median 1.88x, range 1.75-2.00x over 2 rounds" in out
+
+
+def test_target_lines_read_the_median_step():
+    """A compiled variant whose mean holds its compilation (1,485 tokens/s) but whose median step is fast (15,887)
+    is judged by the median: the verdict lines would otherwise say 0.12x for a 1.27x run (session 6)."""
+    from benchmarks.speed.report import _targets
+
+    def row(path: str, mean: float, median: float, reserved: float) -> dict:
+        return {"path": path, "tokens_per_second": mean, "tokens_per_second_median_step": median,
+                "peak_reserved_gib": reserved}
+
+    rows = {
+        "plain_gc": row("plain", 5436, 5982, 17.10),
+        "plain_nogc": row("plain", 12043, 12512, 27.51),
+        "vlmtune_nogc_compile": row("vlmtune", 1485, 15887, 15.93),
+        "vlmtune_gc4": row("vlmtune", 9000, 8800, 14.96),
+    }
+    lines = _targets("W1", rows)
+    assert "vlmtune_nogc_compile 1.27x" in lines[1]
+    assert "vlmtune_nogc_compile 2.66x (15.93 vs 17.10 GiB)" in lines[0]
+    mean_only = {k: {**r, "tokens_per_second_median_step": None} for k, r in rows.items()}
+    assert "vlmtune_gc4 1.66x" in _targets("W1", mean_only)[0]
