@@ -144,7 +144,6 @@ def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInput
 
     world = world_size(config.distributed)
     zero = zero_plan(config, world)
-    stage, offload = zero.stage, zero.offload
     m = config.method
     targets = m.lora.target_modules
     values: dict[str, Any] = dict(
@@ -178,8 +177,8 @@ def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInput
         embeddings_on_cpu=config.speed.embeddings_on_cpu,
         checkpoint_every=config.speed.checkpoint_every_n_layers,
         checkpoint_offload=config.speed.checkpoint_offload,
-        zero_stage=stage,
-        offload="all" if offload == "optimizer_and_params" else offload,
+        zero_stage=zero.stage,
+        offload="all" if zero.offload == "optimizer_and_params" else zero.offload,
         offload_ratio=zero.offload_ratio,
         sub_group_size=zero.sub_group_size,
         max_live_parameters=zero.max_live_parameters,

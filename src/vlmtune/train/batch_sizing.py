@@ -58,18 +58,11 @@ class Sizer:
         self.costs: SampleCosts = profile.costs(spec, d.image_size, d.min_pixels, d.max_pixels)
 
     def inputs(self, batch: int) -> EstimateInputs:
-        from vlmtune.config.distributed import world_size, zero_plan
         from vlmtune.memory.inputs import inputs_from_config
 
         shape = self.profile.batch(self.spec, batch, self.config.data.max_length, costs=self.costs)
-        world = world_size(self.config.distributed)
-        plan = zero_plan(self.config, world)
-        stage, offload = plan.stage, plan.offload
-        return inputs_from_config(
+        return inputs_from_config(  # ZeRO stage, offload and GPU count as training renders them from the config
             self.config,
-            zero_stage=stage,
-            offload="all" if offload == "optimizer_and_params" else offload,
-            num_gpus=world,
             batch_size=batch,
             seq_len=shape.seq_len,
             vit_patches_per_batch=shape.vit_patches,
