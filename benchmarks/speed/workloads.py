@@ -167,6 +167,9 @@ WORKLOADS: dict[str, Workload] = {
                 Variant("vlmtune_gc", "vlmtune", True),
                 Variant("vlmtune_gc2", "vlmtune", True, FAST),
                 Variant("liger_gc", "liger", True),
+                # torch.compile per decoder layer with full fine-tuning (every layer's weights train)
+                Variant("vlmtune_gc_compile", "vlmtune", True, {"speed.compile": True}, warmup=8),
+                Variant("vlmtune_gc2_compile", "vlmtune", True, {**FAST, "speed.compile": True}, warmup=8),
             ),
             reference="plain_gc",
             mfu=True,
@@ -195,6 +198,8 @@ WORKLOADS: dict[str, Workload] = {
                         "speed.embeddings_on_cpu": True,
                     },
                 ),
+                # torch.compile over 4-bit layers (bitsandbytes' matmul inside the compiled decoder layer)
+                Variant("vlmtune_gc_compile", "vlmtune", True, {"speed.compile": True}, warmup=6),
             ),
             reference="plain_gc",
             warmup=3,
@@ -215,6 +220,7 @@ WORKLOADS: dict[str, Workload] = {
                 Variant("vlmtune_gc", "vlmtune", True),
                 Variant("vlmtune_gc2", "vlmtune", True, FAST),
                 Variant("liger_gc", "liger", True),
+                Variant("vlmtune_gc_compile", "vlmtune", True, {"speed.compile": True}, warmup=6),
             ),
             reference="plain_gc",
             warmup=2,
