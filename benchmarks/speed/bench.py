@@ -65,6 +65,8 @@ def run_one(workload: str, variant_name: str, out: Path) -> dict[str, Any]:
     if variant.warmup is not None:
         work = replace(work, warmup=variant.warmup)
     model, path = prepare(work)
+    if variant.steps is not None:  # after prepare: the same records (a long run takes several passes over them)
+        work = replace(work, steps=variant.steps)
     started = time.time()
     if variant.path == "vlmtune":
         from benchmarks.speed.engine_run import train

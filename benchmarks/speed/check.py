@@ -106,6 +106,7 @@ def run(model_dir: Path, root: Path, precision: str) -> list[dict[str, Any]]:
     from vlmtune.data.packing import PackingCollator, rope_index_of
     from vlmtune.families import get_family
     from vlmtune.speed import apply_speed
+    from vlmtune.speed.compile_layers import compile_layers
     from vlmtune.speed.frozen_vision import vision_without_grad
     from vlmtune.speed.fused_lora import fuse_lora
     from vlmtune.speed.lora_compute import lora_compute_in_16bit
@@ -155,6 +156,10 @@ def run(model_dir: Path, root: Path, precision: str) -> list[dict[str, Any]]:
             None,
             batch=Collator(pad, rope_index=rope_index_of(model))(samples),
         ),
+        measure(
+            "compile (torch.compile per decoder layer, inductor)",
+            lambda: compile_layers(unwrap_peft(model), family.language_layers_prefix),
+        ),
         measure("packing, block-diagonal mask (one packed row vs padded batch)", None, batch=packed),
         measure(
             "packing, packed_attention=spans",
@@ -186,7 +191,7 @@ def run(model_dir: Path, root: Path, precision: str) -> list[dict[str, Any]]:
     )
     out.append(
         measure(
-            "all of them (apply_speed) + packing + GC every 2nd layer",
+            "all of them (apply_speed, speed.compile=auto: compiled on a GPU) + packing + GC every 2nd layer",
             lambda: apply_speed(model, config, family),
             batch=packed,
             gc=2,

@@ -62,6 +62,8 @@ def config_dict(
             "attn_implementation": "sdpa",
             "dataloader_workers": 4,
         },
+        # eager unless the variant asks for compile (auto would decide by the run's length: 13 steps stay eager)
+        "speed": {"compile": False},
     }
 
 

@@ -106,6 +106,7 @@ class StepMeter:
             out["tokens_per_second_median_step"] = round(out["tokens_per_step"] / median, 1)
             out["slow_steps"] = sum(t > 2 * median for t in times)
             out["step_seconds_max"] = round(max(times), 4)
+            out["train_seconds_all_steps"] = round(sum(self.times), 2)  # warm-up (compilation) included
         if torch.cuda.is_available():
             out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3)
             out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 3)

@@ -47,6 +47,14 @@ def _targets(name: str, rows: dict[str, dict[str, Any]]) -> list[str]:
                 f"W1 >= 1.3x non-checkpointed reference, fastest setting (median step): {fastest} "
                 f"{tps(fastest) / tps('plain_nogc'):.2f}x"
             )
+    for base, other in (("vlmtune_nogc_eager300", "vlmtune_nogc_auto300"), ("vlmtune_nogc_eager300", "vlmtune_nogc_dynamic300")):
+        first, second = rows.get(base, {}), rows.get(other, {})
+        if first.get("train_seconds_all_steps") and second.get("train_seconds_all_steps"):
+            a, b = first["train_seconds_all_steps"], second["train_seconds_all_steps"]
+            lines.append(
+                f"{name} whole run, every step timed (compilation included): {other} {b:.1f} s vs {base} "
+                f"{a:.1f} s ({a / b:.2f}x)"
+            )
     if name == "W2" and tps("plain_gc"):
         for k, r in ours.items():
             smi = r.get("smi_in_process_gib")

@@ -24,6 +24,8 @@ class Variant:
     """vlmtune only: dotted config overrides (speed.*, training.*, method.*)."""
     batch: int | None = None
     """Rows per step when it differs from the workload's (packing)."""
+    steps: int | None = None
+    """Measured steps when they differ from the workload's (a long run: what compiling costs and pays over it)."""
     warmup: int | None = None
     """Unmeasured first steps when they differ from the workload's (torch.compile: compilation and the recompiles
     for a second sequence length, layer 0's input without grad and batches without padding fall in them)."""
@@ -118,6 +120,19 @@ W1 = Workload(
         Variant("vlmtune_nogc_cudnn", "vlmtune", False, {"speed.sdpa_cudnn": True}),
         # M-RoPE positions computed in the forward (transformers' loops, ~80 syncs per step) instead of the collator
         Variant("vlmtune_nogc_nopos", "vlmtune", False, {"speed.positions_in_collator": False}),
+        # a run of 300 steps as a user would start it: speed.compile=auto (the default, compiles: 200+ steps on a GPU)
+        # against the same run eager; the whole run's step time (compilation included) is in train_seconds_all_steps
+        Variant("vlmtune_nogc_eager300", "vlmtune", False, {"speed.compile": False}, steps=290, warmup=10),
+        Variant("vlmtune_nogc_auto300", "vlmtune", False, {"speed.compile": "auto"}, steps=290, warmup=10),
+        # compiled for any sequence length from the first step (one compilation fewer)
+        Variant(
+            "vlmtune_nogc_dynamic300",
+            "vlmtune",
+            False,
+            {"speed.compile": True, "speed.compile_dynamic": True},
+            steps=290,
+            warmup=10,
+        ),
         # vlmtune_nogc again, run last: how far the machine drifts within one call
         Variant("vlmtune_nogc_repeat", "vlmtune", False),
         Variant("plain_nogc_repeat", "plain", False),

@@ -266,13 +266,18 @@ class SpeedConfig(_Strict):
     embeddings_on_cpu: bool = False
     """QLoRA: keep the frozen input-embedding table (vocab x hidden, 16-bit: 1.0 GiB for Qwen2.5-VL-7B) in CPU
     memory and look tokens up there; only the looked-up rows go to the GPU. Not with a lm_head tied to it."""
-    compile: bool = False
+    compile: bool | Literal["auto"] = "auto"
     """torch.compile each language-model decoder layer (fused elementwise kernels, fewer launches, fewer saved
-    intermediates). The first steps pay for compiling (about 25 s on an H100, plus a recompile or two: a second
-    sequence length, a batch without padding), so it pays on runs of more than a few dozen steps with a GPU. Measured
-    on an H100 (benchmarks/RESULTS.md session 6, W1, median step): without checkpointing 1.27-1.75x the plain loop at
-    15.9 instead of 18.1 GiB reserved; checkpointing every 2nd layer 1.77x the checkpointed plain loop at its memory;
-    every 4th layer 2.51x at 13.4 GiB."""
+    intermediates). The first steps pay for compiling (about 25 s for a 2B model on an H100, 40 s for a 7B one, plus a
+    recompile or two: a second sequence length, a batch without padding). auto (the default) compiles single-process
+    runs of 200+ optimizer steps on a CUDA GPU of compute capability 7.0+ with Triton, and falls back to eager for
+    any layer the compiler fails on; true compiles anywhere (CPU, short runs, DeepSpeed: unmeasured there); false
+    never. Measured on an H100 (benchmarks/RESULTS.md session 7, median step): 1.16-1.44x vlmtune's eager speed on
+    W2-W4 (QLoRA 7B, LoRA 7B, full 2B), 1.25x on padded batches of every size; W1 without checkpointing 1.07-1.75x the
+    plain loop at 15.9 instead of 18.1 GiB reserved."""
+    compile_dynamic: bool | None = None
+    """With speed.compile: true compiles the layers for any sequence length from the first step (one compilation
+    instead of a static one, then a dynamic one at the first new length); null is torch.compile's own default."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     """With speed.compile: torch.compile's mode. reduce-overhead replays each compiled layer as a CUDA graph,
     re-recorded for each new sequence length. Measured on an H100 (W1 without checkpointing): slower than the default
@@ -299,7 +304,11 @@ class VlmtuneConfig(_Strict):
             problems.append("method.name=qlora needs hardware.precision bf16 or fp16 (4-bit layers compute in 16-bit)")
         if self.method.name == TrainingMethod.FULL and self.method.lora.train_projector:
             problems.append("method.lora.train_projector only applies to lora/qlora; full fine-tuning trains the projector already")
-        if self.speed.compile and self.speed.compile_mode == "reduce-overhead" and self.hardware.gradient_checkpointing:
+        if (
+            self.speed.compile is not False
+            and self.speed.compile_mode == "reduce-overhead"
+            and self.hardware.gradient_checkpointing
+        ):
             problems.append(
                 "speed.compile_mode=reduce-overhead cannot run with hardware.gradient_checkpointing=true (a layer's "
                 "CUDA graph output is overwritten before the recomputation reads it); use speed.compile_mode=default "

@@ -10,10 +10,10 @@ from torch import nn
 
 
 class CompiledLayers:
-    def __init__(self, layers: list[nn.Module], backend: str, mode: str | None = None):
+    def __init__(self, layers: list[nn.Module], backend: str, mode: str | None = None, dynamic: bool | None = None):
         self.layers = layers
         for layer in layers:
-            layer.compile(backend=backend, mode=mode)
+            layer.compile(backend=backend, mode=mode, dynamic=dynamic)
 
     def remove(self) -> None:
         for layer in self.layers:
@@ -22,14 +22,20 @@ class CompiledLayers:
 
 
 def compile_layers(
-    hf_model: nn.Module, layers_prefix: str, backend: str = "inductor", mode: str | None = None
+    hf_model: nn.Module,
+    layers_prefix: str,
+    backend: str = "inductor",
+    mode: str | None = None,
+    dynamic: bool | None = None,
 ) -> CompiledLayers | str:
     """`mode`: torch.compile's mode ("reduce-overhead" replays each layer as a CUDA graph: one launch instead of
-    its ~100 kernels, for launch-bound steps; None: the default)."""
+    its ~100 kernels, for launch-bound steps; None: the default). `dynamic`: True compiles for any sequence length
+    from the first step; None (torch's default) compiles for the first shape and recompiles with dynamic shapes at
+    the first change."""
     try:
         layers = hf_model.get_submodule(layers_prefix)
     except AttributeError:
         return f"no decoder layers at {layers_prefix}"
     if not isinstance(layers, nn.ModuleList) or not len(layers):
         return f"{layers_prefix} is not a list of decoder layers"
-    return CompiledLayers(list(layers), backend, mode)
+    return CompiledLayers(list(layers), backend, mode, dynamic)

@@ -114,6 +114,7 @@ def train(
     from vlmtune.methods import get_method
     from vlmtune.methods.base import count_parameters, resolve_precision
     from vlmtune.speed import apply_speed, batching
+    from vlmtune.speed.compile_policy import optimizer_steps
     from vlmtune.train.args import training_arguments
     from vlmtune.train.callbacks import JsonlLogCallback, ProgressCallback, write_event
     from vlmtune.train.deepspeed_config import prepare as prepare_deepspeed
@@ -159,7 +160,7 @@ def train(
     debug = _debug_callbacks(os.environ)  # before the model loads: its allocations get traced too
     model = get_method(config.method.name).load_and_prepare(config, family)
     trainable, total = count_parameters(model)
-    speed = apply_speed(model, config, family)
+    speed = apply_speed(model, config, family, steps=optimizer_steps(config, len(train_set), world), world=world)
     collator, train_data, val_data = batching(config, processor.tokenizer.pad_token_id, model, train_set, val_set)
     if os.environ.get("RANK", "0") == "0":
         write_event(

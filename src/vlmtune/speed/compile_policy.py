@@ -1,0 +1,100 @@
+"""Whether a run compiles its decoder layers (`speed.compile`: true, false or auto, the default).
+
+auto compiles where it was measured to pay (benchmarks/RESULTS.md, session 7, one H100, median step against the same
+run eager: W1 LoRA 2B, W2 QLoRA 7B, W3 LoRA 7B, W4 full 2B, W5 padded and packed rows; it was faster in every one)
+and stays eager where it was not measured or cannot run: no CUDA GPU, a GPU older than compute capability 7.0
+(Triton's floor), no Triton, several processes or DeepSpeed, or a run too short to pay back the compilation (about
+25 s for a 2B model, 40 s for a 7B one, at the first steps). The decision and its reason go into the run's log.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vlmtune.config.schema import VlmtuneConfig
+
+MIN_STEPS = 200
+"""auto compiles runs of at least this many optimizer steps: compiled steps were 0.1-0.5 s faster than eager ones
+on the H100 runs, so 25-40 s of compiling pays back within about 100-250 steps."""
+
+MIN_CAPABILITY = (7, 0)
+"""Triton's oldest supported GPU generation (Volta)."""
+
+
+@dataclass(frozen=True)
+class CompileDecision:
+    on: bool
+    reason: str
+    auto: bool
+    """Decided by speed.compile=auto (then a compiler failure falls back to eager instead of stopping the run)."""
+
+
+def optimizer_steps(config: VlmtuneConfig, samples: int, world: int) -> int:
+    """Optimizer steps of the run: training.max_steps, else the epochs over `samples` (packed rows hold several
+    samples, so a packed run takes fewer: this counts the most it can take)."""
+    if config.training.max_steps is not None:
+        return config.training.max_steps
+    batch = config.training.batch_size if isinstance(config.training.batch_size, int) else 1
+    per_step = batch * config.training.gradient_accumulation_steps * max(world, 1)
+    return max(1, int(config.training.epochs * -(-samples // per_step)))
+
+
+def decide_compile(
+    config: VlmtuneConfig, device: str, world: int = 1, steps: int | None = None, deepspeed: bool = False
+) -> CompileDecision:
+    """`steps`: the run's optimizer steps when known (None: not counted, taken as long enough)."""
+    setting = config.speed.compile
+    if setting is True:
+        return CompileDecision(True, "speed.compile=true", auto=False)
+    if setting is False:
+        return CompileDecision(False, "speed.compile=false", auto=False)
+    why_not = _auto_refusal(device, world, steps, deepspeed)
+    if why_not:
+        return CompileDecision(False, f"speed.compile=auto stays eager: {why_not}", auto=True)
+    where = f"{steps} steps" if steps is not None else "step count not known"
+    return CompileDecision(True, f"speed.compile=auto compiles ({_gpu_name(device)}, {where})", auto=True)
+
+
+def _auto_refusal(device: str, world: int, steps: int | None, deepspeed: bool) -> str | None:
+    if not device.startswith("cuda"):
+        return f"no CUDA GPU (device {device}; compiling was measured to pay only on GPUs)"
+    import torch
+
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_CAPABILITY:
+        return (f"the GPU has compute capability {capability[0]}.{capability[1]}; Triton, which torch.compile "
+                f"generates kernels with, needs {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer")
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (torch.compile needs it for GPU kernels); install it or set speed.compile=false"
+    if world > 1 or deepspeed:
+        return ("several processes or DeepSpeed: not measured under torch.compile yet; set speed.compile=true to "
+                "compile anyway")
+    if steps is not None and steps < MIN_STEPS:
+        return (f"{steps} optimizer steps is too short for the compilation (25-40 s at the start) to pay back "
+                f"(auto compiles from {MIN_STEPS}); set speed.compile=true to compile anyway")
+    return None
+
+
+def _gpu_name(device: str) -> str:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}"
+
+
+class FallBackToEager:
+    """Under auto: a frame dynamo or inductor cannot compile runs eagerly (with a warning) instead of stopping the
+    run (torch._dynamo.config.suppress_errors); restored on remove()."""
+
+    def __init__(self) -> None:
+        import torch._dynamo
+
+        self._config = torch._dynamo.config
+        self._before = self._config.suppress_errors
+        self._config.suppress_errors = True
+
+    def remove(self) -> None:
+        self._config.suppress_errors = self._before

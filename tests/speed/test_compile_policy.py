@@ -1,0 +1,130 @@
+"""speed.compile=auto: which runs compile, why the others stay eager, and what auto installs around compilation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlmtune.config.schema import VlmtuneConfig
+from vlmtune.speed import compile_policy
+from vlmtune.speed.compile_policy import MIN_STEPS, decide_compile, optimizer_steps
+
+
+def _config(**speed) -> VlmtuneConfig:
+    return VlmtuneConfig.model_validate({"speed": speed})
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """A CUDA GPU of the given compute capability with Triton installed, as far as the policy can tell."""
+
+    def make(capability=(9, 0), triton=True):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+        real = compile_policy.importlib.util.find_spec
+        monkeypatch.setattr(
+            compile_policy.importlib.util,
+            "find_spec",
+            lambda name, *a: (object() if triton else None) if name == "triton" else real(name, *a),
+        )
+
+    return make
+
+
+def test_auto_is_the_default_and_reads_from_yaml_values():
+    assert VlmtuneConfig().speed.compile == "auto"
+    assert _config(compile=True).speed.compile is True
+    assert _config(compile=False).speed.compile is False
+    with pytest.raises(ValueError):
+        _config(compile="sometimes")
+
+
+def test_auto_compiles_a_long_single_gpu_run(gpu):
+    gpu((9, 0))
+    decision = decide_compile(_config(), "cuda:0", world=1, steps=MIN_STEPS)
+    assert decision.on and decision.auto
+    assert "Test GPU" in decision.reason and f"{MIN_STEPS} steps" in decision.reason
+    assert decide_compile(_config(), "cuda", steps=None).on  # step count unknown: taken as long
+
+
+@pytest.mark.parametrize(
+    ("device", "capability", "triton", "world", "steps", "deepspeed", "says"),
+    [
+        ("cpu", (9, 0), True, 1, 1000, False, "no CUDA GPU"),
+        ("cuda", (6, 1), True, 1, 1000, False, "compute capability 6.1"),
+        ("cuda", (8, 6), False, 1, 1000, False, "Triton is not installed"),
+        ("cuda", (9, 0), True, 2, 1000, False, "several processes"),
+        ("cuda", (9, 0), True, 1, 1000, True, "DeepSpeed"),
+        ("cuda", (9, 0), True, 1, MIN_STEPS - 1, False, f"{MIN_STEPS - 1} optimizer steps is too short"),
+    ],
+)
+def test_auto_stays_eager_and_says_why(gpu, device, capability, triton, world, steps, deepspeed, says):
+    gpu(capability, triton)
+    decision = decide_compile(_config(), device, world=world, steps=steps, deepspeed=deepspeed)
+    assert not decision.on and decision.auto
+    assert says in decision.reason
+
+
+def test_explicit_settings_override_the_policy(gpu):
+    gpu((6, 0), triton=False)
+    assert decide_compile(_config(compile=True), "cpu", world=4, steps=3).on
+    assert not decide_compile(_config(compile=False), "cuda", steps=10_000).on
+    assert not decide_compile(_config(compile=True), "cpu").auto
+
+
+def test_optimizer_steps_counts_epochs_batches_accumulation_and_processes():
+    def config(**training):
+        return VlmtuneConfig.model_validate({"training": training})
+
+    assert optimizer_steps(config(max_steps=37, epochs=5), samples=10_000, world=8) == 37
+    assert optimizer_steps(config(epochs=2, batch_size=4, gradient_accumulation_steps=2), 1000, 1) == 250
+    assert optimizer_steps(config(epochs=2, batch_size=4, gradient_accumulation_steps=2), 1000, 2) == 126  # 63 x 2
+    assert optimizer_steps(config(epochs=0.5, batch_size=3), 10, 1) == 2  # ceil(10 / 3) = 4 per epoch
+    assert optimizer_steps(config(batch_size="auto"), 7, 1) == 7  # before the batch is resolved: 1 per step
+
+
+def test_reduce_overhead_with_checkpointing_is_refused_under_auto_too():
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        VlmtuneConfig.model_validate(
+            {"speed": {"compile_mode": "reduce-overhead"}, "hardware": {"gradient_checkpointing": True}}
+        )
+    VlmtuneConfig.model_validate(  # compile off: the mode is not used
+        {"speed": {"compile": False, "compile_mode": "reduce-overhead"}, "hardware": {"gradient_checkpointing": True}}
+    )
+
+
+def test_apply_speed_under_auto(monkeypatch, tiny_model_dir):
+    """On the CPU auto stays eager and the run's speed summary says why; where auto compiles, every decoder layer is
+    compiled and compiler failures fall back to eager until the setup is removed (torch's setting restored)."""
+    import torch._dynamo
+
+    from vlmtune.families import get_family
+    from vlmtune.methods import get_method
+    from vlmtune.speed import apply_speed
+    from vlmtune.speed.loss_hook import unwrap_peft
+
+    config = VlmtuneConfig.model_validate(
+        {"model": {"name_or_path": str(tiny_model_dir("qwen2_vl"))}, "hardware": {"precision": "fp32"}}
+    )
+    family = get_family("qwen2_vl")
+    model = get_method(config.method.name).load_and_prepare(config, family)
+
+    eager = apply_speed(model, config, family, steps=5000)
+    assert "compile" not in eager.active and "fused_lora" in eager.active
+    assert "no CUDA GPU" in eager.summary()["skipped"]["compile"]
+    eager.remove()
+
+    monkeypatch.setattr(compile_policy, "_auto_refusal", lambda *args: None)
+    monkeypatch.setattr(compile_policy, "_gpu_name", lambda device: "a GPU")
+    before = torch._dynamo.config.suppress_errors
+    compiled = apply_speed(model, config, family, steps=5000)
+    try:
+        assert "compile" in compiled.active and "compile" not in compiled.skipped
+        assert "torch.compile" in compiled.skipped["fused_lora"]
+        layers = unwrap_peft(model).get_submodule(family.language_layers_prefix)
+        assert all(layer._compiled_call_impl is not None for layer in layers)
+        assert torch._dynamo.config.suppress_errors is True
+    finally:
+        compiled.remove()
+    assert torch._dynamo.config.suppress_errors is before
+    assert all(layer._compiled_call_impl is None for layer in layers)
