@@ -201,6 +201,10 @@ def suite(part: int, out: Path, only: list[str] | None, budget_s: float) -> None
             if rounds > 1:
                 name += f"-r{round_}"
             os.environ["BENCH_ROUND"] = str(round_)  # the child records it in its result line
+            if os.environ.get("BENCH_INDUCTOR_CACHE", "per-run") == "per-run":
+                # torch.compile from nothing in every run, as a user's first run: inductor's on-disk caches
+                # (compiled graphs, Triton kernels) would otherwise carry one variant's compilation into the next
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(ROOT / "inductor-cache" / f"{name}")
             code, peak = _sampled(cmd, logs / f"{name}.log", logs / f"{name}.smi", left)
             print(
                 f"{name}: exit {code}, nvidia-smi peak over the whole process (model build included) {peak} GiB, "

@@ -16,6 +16,7 @@
 # PROFILE alone (no ONLY / PART) runs only the profiles. TRACE=1 adds Chrome traces to the logs archive (large).
 # Which lines make the host-device syncs of one step (CUDA sync debug mode, ~1 min each; appended to profile.md):
 #   SYNCS="W1:vlmtune_nogc W1:plain_nogc" OUT=$OUT bash benchmarks/speed/run.sh
+# Each run compiles from an empty inductor cache (a user's first run); BENCH_INDUCTOR_CACHE=shared lets runs reuse one.
 # $OUT keeps at most 8 files (what the device returns): results.jsonl (one line per variant), smi_peaks.jsonl,
 # check.jsonl, report.md (the printed table), profile.md (every profile report), logs.tar.gz (gpu.txt, a log and an
 # nvidia-smi trace per variant, the check's and the profiles' logs).

@@ -124,6 +124,10 @@ W1 = Workload(
         # against the same run eager; the whole run's step time (compilation included) is in train_seconds_all_steps
         Variant("vlmtune_nogc_eager300", "vlmtune", False, {"speed.compile": False}, steps=290, warmup=10),
         Variant("vlmtune_nogc_auto300", "vlmtune", False, {"speed.compile": "auto"}, steps=290, warmup=10),
+        # speed.compile=true over 300 steps, then the same again reusing the first one's inductor cache (run with
+        # BENCH_INDUCTOR_CACHE=shared): a user's first run on a machine, and every later one
+        Variant("vlmtune_nogc_compile300", "vlmtune", False, {"speed.compile": True}, steps=290, warmup=10),
+        Variant("vlmtune_nogc_compile300_again", "vlmtune", False, {"speed.compile": True}, steps=290, warmup=10),
         # compiled for any sequence length from the first step (one compilation fewer)
         Variant(
             "vlmtune_nogc_dynamic300",

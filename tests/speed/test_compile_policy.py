@@ -122,7 +122,9 @@ def test_apply_speed_under_auto(monkeypatch, tiny_model_dir):
         assert "compile" in compiled.active and "compile" not in compiled.skipped
         assert "torch.compile" in compiled.skipped["fused_lora"]
         layers = unwrap_peft(model).get_submodule(family.language_layers_prefix)
-        assert all(layer._compiled_call_impl is not None for layer in layers)
+        # every layer but the first, whose input alone does not require grad here (dynamo would compile it apart)
+        assert layers[0]._compiled_call_impl is None
+        assert all(layer._compiled_call_impl is not None for layer in layers[1:])
         assert torch._dynamo.config.suppress_errors is True
     finally:
         compiled.remove()

@@ -94,7 +94,7 @@ def test_compile_mode_reaches_every_layer(monkeypatch, tiny_model_dir):
     handle = compile_layers(unwrap_peft(model), prefix, mode="reduce-overhead", dynamic=True)
     assert not isinstance(handle, str)
     assert seen and all(k == {"backend": "inductor", "mode": "reduce-overhead", "dynamic": True} for k in seen)
-    assert len(seen) == len(unwrap_peft(model).get_submodule(prefix))
+    assert len(seen) == len(unwrap_peft(model).get_submodule(prefix)) - 1  # the first layer stays eager
     assert VlmtuneConfig().speed.compile_mode == "default"
     assert VlmtuneConfig().speed.compile_dynamic is None
 
@@ -120,3 +120,42 @@ def test_compiled_layers_with_packed_rows(tiny_model_dir, encoded):
     handle.remove()
     spans.remove()
     assert_same(reference, compiled, rel=1e-5, cosine=0.9999)
+
+
+def test_one_graph_for_every_compiled_layer(tiny_model_dir, encoded, tmp_path):
+    """The compiled layers share one graph: the first layer, whose input alone does not require grad under LoRA,
+    stays eager. Compiling it too makes dynamo build a second graph (every compilation twice on a GPU)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from vlmtune.families import get_family
+    from vlmtune.speed.compile_layers import compile_layers
+    from vlmtune.speed.loss_hook import unwrap_peft
+
+    config = AutoConfig.from_pretrained(tiny_model_dir("qwen2_vl"))
+    config.text_config.num_hidden_layers = 4
+    config.text_config.layer_types = config.text_config.layer_types[:1] * 4
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(tmp_path)
+    processor, samples = encoded("qwen2_vl")
+    # use_cache=False as the Trainer passes it: a KV cache's per-layer guard would give each layer its own graph
+    batch = {**Collator(processor.tokenizer.pad_token_id)(samples), "use_cache": False}
+    model = lora_model(tmp_path, "qwen2_vl")
+    layers = unwrap_peft(model).get_submodule(get_family("qwen2_vl").language_layers_prefix)
+    graphs: list = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    reference = loss_and_grads(model, batch)
+    handle = compile_layers(unwrap_peft(model), get_family("qwen2_vl").language_layers_prefix, backend=counting)
+    assert not isinstance(handle, str) and handle.layers == list(layers)[1:]
+    assert_same(reference, loss_and_grads(model, batch), rel=1e-5, cosine=0.9999)
+    assert len(graphs) == 1  # one graph, three layers
+    layers[0].compile(backend=counting)  # what the first layer would add
+    loss_and_grads(model, batch)
+    assert len(graphs) == 2
+    layers[0]._compiled_call_impl = None
+    handle.remove()
+    torch._dynamo.reset()

@@ -2,6 +2,12 @@
 the LoRA adds and casts) and fewer kernel launches, the layer by layer recipe of torchtitan. Each layer compiles
 through its checkpointing wrapper; identical layers share one compiled graph. The first steps pay for compilation
 (tens of seconds on a GPU), so it pays on long runs; a new sequence length recompiles once with dynamic shapes.
+
+The first layer stays eager. Its input does not require grad when the embeddings are frozen (LoRA, QLoRA) while every
+later layer's does, and dynamo guards on that: the first layer would make every compilation twice (measured on an
+H100, W1: 6 compilations of ~13 s in a 300-step run, each triggered by `hidden_states requires_grad mismatch` or by
+a new shape for both kinds of input; benchmarks/RESULTS.md session 7). Running it eagerly costs about 1/layers of
+the compiled speed-up.
 """
 
 from __future__ import annotations
@@ -36,6 +42,6 @@ def compile_layers(
         layers = hf_model.get_submodule(layers_prefix)
     except AttributeError:
         return f"no decoder layers at {layers_prefix}"
-    if not isinstance(layers, nn.ModuleList) or not len(layers):
-        return f"{layers_prefix} is not a list of decoder layers"
-    return CompiledLayers(list(layers), backend, mode, dynamic)
+    if not isinstance(layers, nn.ModuleList) or len(layers) < 2:
+        return f"{layers_prefix} is not a list of two or more decoder layers"
+    return CompiledLayers(list(layers)[1:], backend, mode, dynamic)
