@@ -47,7 +47,7 @@ def _targets(name: str, rows: dict[str, dict[str, Any]]) -> list[str]:
                 f"W1 >= 1.3x non-checkpointed reference, fastest setting (median step): {fastest} "
                 f"{tps(fastest) / tps('plain_nogc'):.2f}x"
             )
-    long_runs = ("auto300", "dynamic300", "compile300", "compile300_again")
+    long_runs = ("auto300", "compile300", "compile300_again")
     for base, other in (("vlmtune_nogc_eager300", f"vlmtune_nogc_{v}") for v in long_runs):
         first, second = rows.get(base, {}), rows.get(other, {})
         if first.get("train_seconds_all_steps") and second.get("train_seconds_all_steps"):

@@ -128,15 +128,6 @@ W1 = Workload(
         # BENCH_INDUCTOR_CACHE=shared): a user's first run on a machine, and every later one
         Variant("vlmtune_nogc_compile300", "vlmtune", False, {"speed.compile": True}, steps=290, warmup=10),
         Variant("vlmtune_nogc_compile300_again", "vlmtune", False, {"speed.compile": True}, steps=290, warmup=10),
-        # compiled for any sequence length from the first step (one compilation fewer)
-        Variant(
-            "vlmtune_nogc_dynamic300",
-            "vlmtune",
-            False,
-            {"speed.compile": True, "speed.compile_dynamic": True},
-            steps=290,
-            warmup=10,
-        ),
         # vlmtune_nogc again, run last: how far the machine drifts within one call
         Variant("vlmtune_nogc_repeat", "vlmtune", False),
         Variant("plain_nogc_repeat", "plain", False),

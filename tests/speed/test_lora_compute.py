@@ -80,8 +80,8 @@ def test_compiled_layers_same_loss(tiny_model_dir, encoded):
 
 
 def test_compile_mode_reaches_every_layer(monkeypatch, tiny_model_dir):
-    """speed.compile_mode and speed.compile_dynamic are handed to torch.compile for each decoder layer ("default" and
-    null as torch's own defaults)."""
+    """speed.compile_mode is handed to torch.compile for each compiled decoder layer ("default" as torch's own
+    default)."""
     from vlmtune.config.schema import VlmtuneConfig
     from vlmtune.families import get_family
     from vlmtune.speed.compile_layers import compile_layers
@@ -91,12 +91,11 @@ def test_compile_mode_reaches_every_layer(monkeypatch, tiny_model_dir):
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: seen.append(kwargs))
     model = lora_model(tiny_model_dir("qwen2_vl"), "qwen2_vl")
     prefix = get_family("qwen2_vl").language_layers_prefix
-    handle = compile_layers(unwrap_peft(model), prefix, mode="reduce-overhead", dynamic=True)
+    handle = compile_layers(unwrap_peft(model), prefix, mode="reduce-overhead")
     assert not isinstance(handle, str)
-    assert seen and all(k == {"backend": "inductor", "mode": "reduce-overhead", "dynamic": True} for k in seen)
+    assert seen and all(k == {"backend": "inductor", "mode": "reduce-overhead"} for k in seen)
     assert len(seen) == len(unwrap_peft(model).get_submodule(prefix)) - 1  # the first layer stays eager
     assert VlmtuneConfig().speed.compile_mode == "default"
-    assert VlmtuneConfig().speed.compile_dynamic is None
 
 
 def test_compiled_layers_with_packed_rows(tiny_model_dir, encoded):

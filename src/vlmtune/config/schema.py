@@ -267,17 +267,14 @@ class SpeedConfig(_Strict):
     """QLoRA: keep the frozen input-embedding table (vocab x hidden, 16-bit: 1.0 GiB for Qwen2.5-VL-7B) in CPU
     memory and look tokens up there; only the looked-up rows go to the GPU. Not with a lm_head tied to it."""
     compile: bool | Literal["auto"] = "auto"
-    """torch.compile each language-model decoder layer (fused elementwise kernels, fewer launches, fewer saved
-    intermediates). The first steps pay for compiling (about 25 s for a 2B model on an H100, 40 s for a 7B one, plus a
-    recompile or two: a second sequence length, a batch without padding). auto (the default) compiles single-process
-    runs of 200+ optimizer steps on a CUDA GPU of compute capability 7.0+ with Triton, and falls back to eager for
-    any layer the compiler fails on; true compiles anywhere (CPU, short runs, DeepSpeed: unmeasured there); false
-    never. Measured on an H100 (benchmarks/RESULTS.md session 7, median step): 1.16-1.44x vlmtune's eager speed on
-    W2-W4 (QLoRA 7B, LoRA 7B, full 2B), 1.25x on padded batches of every size; W1 without checkpointing 1.07-1.75x the
-    plain loop at 15.9 instead of 18.1 GiB reserved."""
-    compile_dynamic: bool | None = None
-    """With speed.compile: true compiles the layers for any sequence length from the first step (one compilation
-    instead of a static one, then a dynamic one at the first new length); null is torch.compile's own default."""
+    """torch.compile each language-model decoder layer but the first (fused elementwise kernels, fewer launches, fewer
+    saved intermediates). The first steps pay for compiling: about 38 s for a 2B model on an H100 in a first run on a
+    machine (three compilations: the first shape, dynamic shapes at the first new length, a batch without padding),
+    12 s in later runs (inductor's on-disk cache). auto (the default) compiles single-process runs of 500+ optimizer
+    steps on a CUDA GPU of compute capability 7.0+ with Triton, and falls back to eager for any layer the compiler
+    fails on; true compiles anywhere (CPU, short runs, DeepSpeed: unmeasured there); false never. Measured on an H100
+    (benchmarks/RESULTS.md session 7, median step): 1.16-1.44x vlmtune's eager speed on W2-W4 (QLoRA 7B, LoRA 7B, full
+    2B), 1.43x on W1 without checkpointing; a whole 300-step W1 run 0.96x eager in a first run, 1.31x with the cache."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     """With speed.compile: torch.compile's mode. reduce-overhead replays each compiled layer as a CUDA graph,
     re-recorded for each new sequence length. Measured on an H100 (W1 without checkpointing): slower than the default

@@ -100,9 +100,7 @@ def apply_speed(
         setup.add("embeddings_on_cpu", embeddings_on_cpu(unwrap_peft(model), config.method.name.value))
     if compiled.on:
         mode = None if speed.compile_mode == "default" else speed.compile_mode
-        if setup.add("compile", compile_layers(
-                unwrap_peft(model), family.language_layers_prefix, mode=mode, dynamic=speed.compile_dynamic
-            )):
+        if setup.add("compile", compile_layers(unwrap_peft(model), family.language_layers_prefix, mode=mode)):
             log.info("speed: %s", compiled.reason)
             if compiled.auto:
                 setup.handles.append(FallBackToEager())

@@ -16,10 +16,10 @@ from torch import nn
 
 
 class CompiledLayers:
-    def __init__(self, layers: list[nn.Module], backend: str, mode: str | None = None, dynamic: bool | None = None):
+    def __init__(self, layers: list[nn.Module], backend: str, mode: str | None = None):
         self.layers = layers
         for layer in layers:
-            layer.compile(backend=backend, mode=mode, dynamic=dynamic)
+            layer.compile(backend=backend, mode=mode)
 
     def remove(self) -> None:
         for layer in self.layers:
@@ -32,16 +32,15 @@ def compile_layers(
     layers_prefix: str,
     backend: str = "inductor",
     mode: str | None = None,
-    dynamic: bool | None = None,
 ) -> CompiledLayers | str:
     """`mode`: torch.compile's mode ("reduce-overhead" replays each layer as a CUDA graph: one launch instead of
-    its ~100 kernels, for launch-bound steps; None: the default). `dynamic`: True compiles for any sequence length
-    from the first step; None (torch's default) compiles for the first shape and recompiles with dynamic shapes at
-    the first change."""
+    its ~100 kernels, for launch-bound steps; None: the default).
+    A new sequence length recompiles once with dynamic shapes (torch's default). Compiling dynamic from the first
+    step (`dynamic=True`) was slower on the H100: its first step did not finish in 150 s."""
     try:
         layers = hf_model.get_submodule(layers_prefix)
     except AttributeError:
         return f"no decoder layers at {layers_prefix}"
     if not isinstance(layers, nn.ModuleList) or len(layers) < 2:
         return f"{layers_prefix} is not a list of two or more decoder layers"
-    return CompiledLayers(list(layers)[1:], backend, mode, dynamic)
+    return CompiledLayers(list(layers)[1:], backend, mode)
