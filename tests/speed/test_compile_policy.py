@@ -130,3 +130,23 @@ def test_apply_speed_under_auto(monkeypatch, tiny_model_dir):
         compiled.remove()
     assert torch._dynamo.config.suppress_errors is before
     assert all(layer._compiled_call_impl is None for layer in layers)
+
+
+def test_auto_stays_eager_close_to_the_gpus_memory(gpu):
+    """A run whose estimate is within the margin of the GPU's memory stays eager under auto (compiling added up to
+    0.8 GiB of reserved memory on batches of varying shape); true still compiles."""
+    from types import SimpleNamespace
+
+    from vlmtune.speed.compile_policy import memory_room
+
+    gib = 1024**3
+    gpu((8, 6))
+    breakdown = SimpleNamespace(peak_reserved=int(7.4 * gib))
+    card = SimpleNamespace(available=8 * gib)
+    room = memory_room(breakdown, card, 0.10)
+    assert room == "the memory estimate (7.40 GiB reserved) is within 10% of the 8.00 GiB the GPU has for this run"
+    assert memory_room(SimpleNamespace(peak_reserved=int(7.1 * gib)), card, 0.10) is None
+    assert memory_room(None, card, 0.10) is None and memory_room(breakdown, None, 0.10) is None
+    decision = decide_compile(_config(), "cuda", steps=5000, tight_memory=room)
+    assert not decision.on and "within 10%" in decision.reason and "0.8 GiB" in decision.reason
+    assert decide_compile(_config(compile=True), "cuda", steps=5000, tight_memory=room).on

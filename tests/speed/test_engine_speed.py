@@ -112,3 +112,23 @@ def test_training_forward_builds_no_kv_cache(tiny_model_dir, varied_jsonl, tmp_p
 
     train(_config(tiny_model_dir, varied_jsonl, tmp_path / "run", {}, family=family), callbacks=[Spy()])
     assert seen and all(value is False for value in seen), seen
+
+
+def test_engine_hands_auto_compile_the_runs_length(monkeypatch, tiny_model_dir, varied_jsonl, tmp_path):
+    """The engine tells speed.compile=auto how many optimizer steps the run takes, how many processes run it, and
+    whether the memory estimate is tight; on the CPU auto stays eager and the start event says why."""
+    from vlmtune.speed import compile_policy
+
+    seen: list[tuple] = []
+    real = compile_policy.decide_compile
+
+    def spy(config, device, world=1, steps=None, deepspeed=False, tight_memory=None):
+        seen.append((device, world, steps, deepspeed, tight_memory))
+        return real(config, device, world, steps, deepspeed, tight_memory)
+
+    monkeypatch.setattr(compile_policy, "decide_compile", spy)
+    config = _config(tiny_model_dir, varied_jsonl, tmp_path / "run", {})
+    config = config.model_copy(update={"training": config.training.model_copy(update={"max_steps": 2})})
+    result = train(config)
+    assert seen == [("cpu", 1, 2, False, None)]
+    assert "no CUDA GPU" in _start(result)["speed"]["skipped"]["compile"]

@@ -55,10 +55,16 @@ class SpeedSetup:
 
 
 def apply_speed(
-    model: nn.Module, config: VlmtuneConfig, family: FamilyDescriptor, steps: int | None = None, world: int = 1
+    model: nn.Module,
+    config: VlmtuneConfig,
+    family: FamilyDescriptor,
+    steps: int | None = None,
+    world: int = 1,
+    tight_memory: str | None = None,
 ) -> SpeedSetup:
     """Install the model-level optimisations that `config.speed` switches on; `model` is what the Trainer calls.
-    `steps` (the run's optimizer steps, when known) and `world` (processes) decide speed.compile=auto."""
+    `steps` (the run's optimizer steps, when known), `world` (processes) and `tight_memory` (why the memory estimate
+    leaves little room, if it does) decide speed.compile=auto."""
     from vlmtune.config.distributed import uses_deepspeed, zero_plan
     from vlmtune.methods.base import resolve_precision
     from vlmtune.speed.attention_backend import cudnn_attention_off
@@ -73,7 +79,9 @@ def apply_speed(
 
     speed, setup = config.speed, SpeedSetup()
     plan = resolve_precision(config)
-    compiled = decide_compile(config, plan.device, world, steps, uses_deepspeed(config.distributed, world))
+    compiled = decide_compile(
+        config, plan.device, world, steps, uses_deepspeed(config.distributed, world), tight_memory
+    )
     if compiled.auto and not compiled.on:
         setup.skipped["compile"] = compiled.reason
     if not speed.sdpa_cudnn:

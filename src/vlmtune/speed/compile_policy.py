@@ -3,16 +3,16 @@
 auto compiles where it was measured to pay (benchmarks/RESULTS.md, session 7, one H100, median step against the same
 run eager: W1 LoRA 2B, W2 QLoRA 7B, W3 LoRA 7B, W4 full 2B, W5 padded and packed rows; it was faster in every one)
 and stays eager where it was not measured or cannot run: no CUDA GPU, a GPU older than compute capability 7.0
-(Triton's floor), no Triton, several processes or DeepSpeed, or a run too short to pay back the compilation (about
-38 s for a 2B model in a first run on a machine, at the first steps). The decision and its reason go into the run's
-log.
+(Triton's floor), no Triton, several processes or DeepSpeed, a run too short to pay back the compilation (about
+38 s for a 2B model in a first run on a machine, at the first steps), or a memory estimate within 10% of the GPU's
+memory. The decision and its reason go into the run's log.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from vlmtune.config.schema import VlmtuneConfig
@@ -46,15 +46,27 @@ def optimizer_steps(config: VlmtuneConfig, samples: int, world: int) -> int:
 
 
 def decide_compile(
-    config: VlmtuneConfig, device: str, world: int = 1, steps: int | None = None, deepspeed: bool = False
+    config: VlmtuneConfig,
+    device: str,
+    world: int = 1,
+    steps: int | None = None,
+    deepspeed: bool = False,
+    tight_memory: str | None = None,
 ) -> CompileDecision:
-    """`steps`: the run's optimizer steps when known (None: not counted, taken as long enough)."""
+    """`steps`: the run's optimizer steps when known (None: not counted, taken as long enough). `tight_memory`: why
+    the memory estimate leaves little room on the GPU, when it does (auto then stays eager: compiling raised the
+    reserved memory by 0.6-0.8 GiB on batches of varying shape, H100 W5, session 7)."""
     setting = config.speed.compile
     if setting is True:
         return CompileDecision(True, "speed.compile=true", auto=False)
     if setting is False:
         return CompileDecision(False, "speed.compile=false", auto=False)
-    why_not = _auto_refusal(device, world, steps, deepspeed)
+    why_not = _auto_refusal(device, world, steps, deepspeed) or (
+        f"{tight_memory}; compiling can add up to 0.8 GiB of reserved memory on batches of varying shape, so a "
+        "run this close to the GPU's memory stays eager (set speed.compile=true to compile anyway)"
+        if tight_memory
+        else None
+    )
     if why_not:
         return CompileDecision(False, f"speed.compile=auto stays eager: {why_not}", auto=True)
     where = f"{steps} steps" if steps is not None else "step count not known"
@@ -101,3 +113,16 @@ class FallBackToEager:
 
     def remove(self) -> None:
         self._config.suppress_errors = self._before
+
+
+def memory_room(breakdown: Any, gpu: Any, margin: float) -> str | None:
+    """Why the preflight estimate leaves little room (its reserved peak above (1 - margin) of what the GPU has for
+    the run), or None; None too where there is no estimate."""
+    if breakdown is None or gpu is None:
+        return None
+    reserved, available = breakdown.peak_reserved, gpu.available
+    if reserved <= available * (1 - margin):
+        return None
+    gib = 1024**3
+    return (f"the memory estimate ({reserved / gib:.2f} GiB reserved) is within {margin:.0%} of the "
+            f"{available / gib:.2f} GiB the GPU has for this run")

@@ -114,7 +114,8 @@ def train(
     from vlmtune.methods import get_method
     from vlmtune.methods.base import count_parameters, resolve_precision
     from vlmtune.speed import apply_speed, batching
-    from vlmtune.speed.compile_policy import optimizer_steps
+    from vlmtune.speed.compile_policy import memory_room, optimizer_steps
+    from vlmtune.train.batch_sizing import AUTO_MARGIN
     from vlmtune.train.args import training_arguments
     from vlmtune.train.callbacks import JsonlLogCallback, ProgressCallback, write_event
     from vlmtune.train.deepspeed_config import prepare as prepare_deepspeed
@@ -160,7 +161,14 @@ def train(
     debug = _debug_callbacks(os.environ)  # before the model loads: its allocations get traced too
     model = get_method(config.method.name).load_and_prepare(config, family)
     trainable, total = count_parameters(model)
-    speed = apply_speed(model, config, family, steps=optimizer_steps(config, len(train_set), world), world=world)
+    speed = apply_speed(
+        model,
+        config,
+        family,
+        steps=optimizer_steps(config, len(train_set), world),
+        world=world,
+        tight_memory=memory_room(memory.breakdown, memory.gpu, AUTO_MARGIN),
+    )
     collator, train_data, val_data = batching(config, processor.tokenizer.pad_token_id, model, train_set, val_set)
     if os.environ.get("RANK", "0") == "0":
         write_event(
