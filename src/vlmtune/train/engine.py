@@ -115,8 +115,8 @@ def train(
     from vlmtune.methods.base import count_parameters, resolve_precision
     from vlmtune.speed import apply_speed, batching
     from vlmtune.speed.compile_policy import memory_room, optimizer_steps
-    from vlmtune.train.batch_sizing import AUTO_MARGIN
     from vlmtune.train.args import training_arguments
+    from vlmtune.train.batch_sizing import AUTO_MARGIN
     from vlmtune.train.callbacks import JsonlLogCallback, ProgressCallback, write_event
     from vlmtune.train.deepspeed_config import prepare as prepare_deepspeed
     from vlmtune.train.out_of_memory import oom_message
