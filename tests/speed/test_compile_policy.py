@@ -18,7 +18,8 @@ def _config(**speed) -> VlmtuneConfig:
 def gpu(monkeypatch):
     """A CUDA GPU of the given compute capability with Triton installed, as far as the policy can tell."""
 
-    def make(capability=(9, 0), triton=True):
+    def make(capability=(9, 0), triton=True, compiler=True):
+        monkeypatch.setattr(compile_policy, "_c_compiler", lambda: "/usr/bin/cc" if compiler else None)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
         real = compile_policy.importlib.util.find_spec
@@ -63,6 +64,27 @@ def test_auto_stays_eager_and_says_why(gpu, device, capability, triton, world, s
     decision = decide_compile(_config(), device, world=world, steps=steps, deepspeed=deepspeed)
     assert not decision.on and decision.auto
     assert says in decision.reason
+
+
+def test_auto_stays_eager_without_a_c_compiler(gpu):
+    gpu((9, 0), compiler=False)
+    decision = decide_compile(_config(), "cuda", steps=5000)
+    assert not decision.on and "no C compiler" in decision.reason
+
+
+def test_c_compiler_lookup(monkeypatch, tmp_path):
+    """$CC first, else cc / gcc / clang on PATH."""
+    tool = tmp_path / "mycc"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("CC", "mycc")
+    assert compile_policy._c_compiler() == str(tool)
+    monkeypatch.delenv("CC")
+    assert compile_policy._c_compiler() is None  # no cc, gcc or clang in tmp_path
+    (tmp_path / "gcc").write_text("#!/bin/sh\n")
+    (tmp_path / "gcc").chmod(0o755)
+    assert compile_policy._c_compiler() == str(tmp_path / "gcc")
 
 
 def test_explicit_settings_override_the_policy(gpu):

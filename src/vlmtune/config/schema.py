@@ -271,8 +271,9 @@ class SpeedConfig(_Strict):
     saved intermediates). The first steps pay for compiling: about 38 s for a 2B model on an H100 in a first run on a
     machine (three compilations: the first shape, dynamic shapes at the first new length, a batch without padding),
     12 s in later runs (inductor's on-disk cache). auto (the default) compiles single-process runs of 500+ optimizer
-    steps on a CUDA GPU of compute capability 7.0+ with Triton, and falls back to eager for any layer the compiler
-    fails on; true compiles anywhere (CPU, short runs, DeepSpeed: unmeasured there); false never. Measured on an H100
+    steps on a CUDA GPU of compute capability 7.0+ with Triton and a C compiler, unless the memory estimate is within
+    10% of the GPU's memory, and falls back to eager for any layer the compiler fails on (the log says which way it
+    went and why); true compiles anywhere (CPU, short runs, DeepSpeed: unmeasured there); false never. Measured on an H100
     (benchmarks/RESULTS.md session 7, median step): 1.16-1.44x vlmtune's eager speed on W2-W4 (QLoRA 7B, LoRA 7B, full
     2B), 1.43x on W1 without checkpointing; a whole 300-step W1 run 0.96x eager in a first run, 1.31x with the cache."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"

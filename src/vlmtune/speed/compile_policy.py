@@ -11,6 +11,8 @@ memory. The decision and its reason go into the run's log.
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +86,9 @@ def _auto_refusal(device: str, world: int, steps: int | None, deepspeed: bool) -
                 f"generates kernels with, needs {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer")
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed (torch.compile needs it for GPU kernels); install it or set speed.compile=false"
+    if not _c_compiler():
+        return ("no C compiler on PATH (Triton builds its kernel launchers with one: install gcc or set CC); "
+                "set speed.compile=true to try anyway")
     if world > 1 or deepspeed:
         return ("several processes or DeepSpeed: not measured under torch.compile yet; set speed.compile=true to "
                 "compile anyway")
@@ -91,6 +96,12 @@ def _auto_refusal(device: str, world: int, steps: int | None, deepspeed: bool) -
         return (f"{steps} optimizer steps is too short for the compilation (about 40 s at the start) to pay back "
                 f"(auto compiles from {MIN_STEPS}); set speed.compile=true to compile anyway")
     return None
+
+
+def _c_compiler() -> str | None:
+    """The C compiler Triton would use: $CC, else cc, gcc or clang on PATH."""
+    names = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
+    return next((found for name in names if (found := shutil.which(name))), None)
 
 
 def _gpu_name(device: str) -> str:
