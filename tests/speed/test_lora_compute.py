@@ -121,7 +121,8 @@ def test_compiled_layers_with_packed_rows(tiny_model_dir, encoded):
     assert_same(reference, compiled, rel=1e-5, cosine=0.9999)
 
 
-def test_one_graph_for_every_compiled_layer(tiny_model_dir, encoded, tmp_path):
+@pytest.mark.parametrize("family_name", ["qwen2_vl", "llava"])
+def test_one_graph_for_every_compiled_layer(tiny_model_dir, encoded, tmp_path, family_name):
     """The compiled layers share one graph: the first layer, whose input alone does not require grad under LoRA,
     stays eager. Compiling it too makes dynamo build a second graph (every compilation twice on a GPU)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
@@ -130,16 +131,17 @@ def test_one_graph_for_every_compiled_layer(tiny_model_dir, encoded, tmp_path):
     from vlmtune.speed.compile_layers import compile_layers
     from vlmtune.speed.loss_hook import unwrap_peft
 
-    config = AutoConfig.from_pretrained(tiny_model_dir("qwen2_vl"))
+    config = AutoConfig.from_pretrained(tiny_model_dir(family_name))
     config.text_config.num_hidden_layers = 4
-    config.text_config.layer_types = config.text_config.layer_types[:1] * 4
+    if getattr(config.text_config, "layer_types", None):
+        config.text_config.layer_types = config.text_config.layer_types[:1] * 4
     torch.manual_seed(0)
     AutoModelForImageTextToText.from_config(config).save_pretrained(tmp_path)
-    processor, samples = encoded("qwen2_vl")
+    processor, samples = encoded(family_name)
     # use_cache=False as the Trainer passes it: a KV cache's per-layer guard would give each layer its own graph
     batch = {**Collator(processor.tokenizer.pad_token_id)(samples), "use_cache": False}
-    model = lora_model(tmp_path, "qwen2_vl")
-    layers = unwrap_peft(model).get_submodule(get_family("qwen2_vl").language_layers_prefix)
+    model = lora_model(tmp_path, family_name)
+    layers = unwrap_peft(model).get_submodule(get_family(family_name).language_layers_prefix)
     graphs: list = []
 
     def counting(gm, example_inputs):
@@ -148,7 +150,7 @@ def test_one_graph_for_every_compiled_layer(tiny_model_dir, encoded, tmp_path):
 
     torch._dynamo.reset()
     reference = loss_and_grads(model, batch)
-    handle = compile_layers(unwrap_peft(model), get_family("qwen2_vl").language_layers_prefix, backend=counting)
+    handle = compile_layers(unwrap_peft(model), get_family(family_name).language_layers_prefix, backend=counting)
     assert not isinstance(handle, str) and handle.layers == list(layers)[1:]
     assert_same(reference, loss_and_grads(model, batch), rel=1e-5, cosine=0.9999)
     assert len(graphs) == 1  # one graph, three layers
