@@ -65,6 +65,14 @@ NONE = {"speed.chunked_loss": False, "speed.frozen_vision_no_grad": False, "spee
         "speed.positions_in_collator": False}
 """vlmtune's engine with its default model-level switches off: the HF Trainer around the plain model."""
 
+LEAN = {
+    "method.quantization.quantize_vision_tower": True,
+    "method.quantization.quantize_lm_head": True,
+    "training.optimizer": "paged_adamw_8bit",
+    "speed.embeddings_on_cpu": True,
+}
+"""W2's 8 GB setting: 4-bit vision tower and lm_head, paged 8-bit AdamW, the embedding table in CPU memory."""
+
 GRAPHS = {"speed.compile": True, "speed.compile_mode": "reduce-overhead"}
 """torch.compile per decoder layer, each replayed as a CUDA graph."""
 
@@ -197,33 +205,11 @@ WORKLOADS: dict[str, Workload] = {
             variants=(
                 Variant("plain_gc", "plain", True),
                 Variant("vlmtune_gc", "vlmtune", True),
-                Variant(
-                    "vlmtune_lean",
-                    "vlmtune",
-                    True,
-                    {
-                        "method.quantization.quantize_vision_tower": True,
-                        "method.quantization.quantize_lm_head": True,
-                        "training.optimizer": "paged_adamw_8bit",
-                        "speed.embeddings_on_cpu": True,
-                    },
-                ),
+                Variant("vlmtune_lean", "vlmtune", True, LEAN),
                 # torch.compile over 4-bit layers (bitsandbytes' matmul inside the compiled decoder layer)
                 Variant("vlmtune_gc_compile", "vlmtune", True, {"speed.compile": True}, warmup=6),
                 # the 8 GB setting compiled (what speed.compile=auto does to a long run on such a card)
-                Variant(
-                    "vlmtune_lean_compile",
-                    "vlmtune",
-                    True,
-                    {
-                        "method.quantization.quantize_vision_tower": True,
-                        "method.quantization.quantize_lm_head": True,
-                        "training.optimizer": "paged_adamw_8bit",
-                        "speed.embeddings_on_cpu": True,
-                        "speed.compile": True,
-                    },
-                    warmup=6,
-                ),
+                Variant("vlmtune_lean_compile", "vlmtune", True, {**LEAN, "speed.compile": True}, warmup=6),
             ),
             reference="plain_gc",
             warmup=3,
