@@ -132,3 +132,25 @@ def test_engine_hands_auto_compile_the_runs_length(monkeypatch, tiny_model_dir, 
     result = train(config)
     assert seen == [("cpu", 1, 2, False, None)]
     assert "no CUDA GPU" in _start(result)["speed"]["skipped"]["compile"]
+
+
+def test_auto_compile_counts_the_steps_the_run_takes(monkeypatch, tiny_model_dir, varied_jsonl, tmp_path):
+    """Without max_steps, the steps auto is told are those the Trainer then takes, packed rows counted as rows."""
+    from vlmtune.speed import compile_policy
+
+    seen: list[int | None] = []
+    real = compile_policy.decide_compile
+
+    def spy(config, device, world=1, steps=None, deepspeed=False, tight_memory=None):
+        seen.append(steps)
+        return real(config, device, world, steps, deepspeed, tight_memory)
+
+    monkeypatch.setattr(compile_policy, "decide_compile", spy)
+    for name, speed in (("padded", {}), ("packed", {"packing": True, "packing_max_tokens": 4096})):
+        config = _config(tiny_model_dir, varied_jsonl, tmp_path / name, speed)
+        config = config.model_copy(
+            update={"training": config.training.model_copy(update={"max_steps": None, "epochs": 1.0})}
+        )
+        result = train(config)
+        assert seen[-1] == result.steps, (name, seen, result.steps)
+    assert seen[1] < seen[0]  # several samples per packed row

@@ -161,15 +161,15 @@ def train(
     debug = _debug_callbacks(os.environ)  # before the model loads: its allocations get traced too
     model = get_method(config.method.name).load_and_prepare(config, family)
     trainable, total = count_parameters(model)
+    collator, train_data, val_data = batching(config, processor.tokenizer.pad_token_id, model, train_set, val_set)
     speed = apply_speed(
         model,
         config,
         family,
-        steps=optimizer_steps(config, len(train_set), world),
+        steps=optimizer_steps(config, len(train_data), world),  # packed rows, where packing
         world=world,
         tight_memory=memory_room(memory.breakdown, memory.gpu, AUTO_MARGIN),
     )
-    collator, train_data, val_data = batching(config, processor.tokenizer.pad_token_id, model, train_set, val_set)
     if os.environ.get("RANK", "0") == "0":
         write_event(
             out / LOG_FILE,
