@@ -159,16 +159,19 @@ def test_auto_stays_eager_close_to_the_gpus_memory(gpu):
     0.8 GiB of reserved memory on batches of varying shape); true still compiles."""
     from types import SimpleNamespace
 
-    from vlmtune.speed.compile_policy import memory_room
+    from vlmtune.train.preflight import PreflightResult
+
+    def memory_room(breakdown, card) -> str | None:
+        return PreflightResult(VlmtuneConfig(), breakdown, card).little_room
 
     gib = 1024**3
     gpu((8, 6))
     breakdown = SimpleNamespace(peak_reserved=int(7.4 * gib))
     card = SimpleNamespace(available=8 * gib)
-    room = memory_room(breakdown, card, 0.10)
+    room = memory_room(breakdown, card)
     assert room == "the memory estimate (7.40 GiB reserved) is within 10% of the 8.00 GiB the GPU has for this run"
-    assert memory_room(SimpleNamespace(peak_reserved=int(7.1 * gib)), card, 0.10) is None
-    assert memory_room(None, card, 0.10) is None and memory_room(breakdown, None, 0.10) is None
+    assert memory_room(SimpleNamespace(peak_reserved=int(7.1 * gib)), card) is None
+    assert memory_room(None, card) is None and memory_room(breakdown, None) is None
     decision = decide_compile(_config(), "cuda", steps=5000, tight_memory=room)
     assert not decision.on and "within 10%" in decision.reason and "0.8 GiB" in decision.reason
     assert decide_compile(_config(compile=True), "cuda", steps=5000, tight_memory=room).on

@@ -59,17 +59,17 @@ def apply_speed(
     config: VlmtuneConfig,
     family: FamilyDescriptor,
     steps: int | None = None,
-    world: int = 1,
+    world: int | None = None,
     tight_memory: str | None = None,
 ) -> SpeedSetup:
     """Install the model-level optimisations that `config.speed` switches on; `model` is what the Trainer calls.
-    `steps` (the run's optimizer steps, when known), `world` (processes) and `tight_memory` (why the memory estimate
-    leaves little room, if it does) decide speed.compile=auto."""
-    from vlmtune.config.distributed import uses_deepspeed, zero_plan
+    `steps` (the run's optimizer steps, when known), `world` (processes; default: as the config and launcher say)
+    and `tight_memory` (why the memory estimate leaves little room, if it does) decide speed.compile=auto."""
+    from vlmtune.config.distributed import uses_deepspeed, world_size, zero_plan
     from vlmtune.methods.base import resolve_precision
     from vlmtune.speed.attention_backend import cudnn_attention_off
     from vlmtune.speed.compile_layers import compile_layers
-    from vlmtune.speed.compile_policy import MIN_STEPS, FallBackToEager, decide_compile
+    from vlmtune.speed.compile_policy import FallBackToEager, decide_compile
     from vlmtune.speed.cpu_embeddings import embeddings_on_cpu
     from vlmtune.speed.frozen_vision import vision_without_grad
     from vlmtune.speed.lora_compute import lora_compute_in_16bit
@@ -79,9 +79,9 @@ def apply_speed(
 
     speed, setup = config.speed, SpeedSetup()
     plan = resolve_precision(config)
-    compiled = decide_compile(
-        config, plan.device, world, steps, uses_deepspeed(config.distributed, world), tight_memory
-    )
+    world = world_size(config.distributed) if world is None else world
+    deepspeed = uses_deepspeed(config.distributed, world)
+    compiled = decide_compile(config, plan.device, world, steps, deepspeed, tight_memory)
     if compiled.auto and not compiled.on:
         setup.skipped["compile"] = compiled.reason
     if not speed.sdpa_cudnn:
@@ -101,7 +101,7 @@ def apply_speed(
             "speed.compile is on: torch.compile fuses the adapters' ops itself (and cannot trace the fused function's "
             "shared copies)"
             if compiled.on
-            else fuse_lora(unwrap_peft(model), zero_plan(config).stage)
+            else fuse_lora(unwrap_peft(model), zero_plan(config, world).stage)
         )
         setup.add("fused_lora", fused)
     if speed.embeddings_on_cpu:
@@ -120,8 +120,10 @@ def apply_speed(
         varlen = setup.add("varlen_attention", varlen_attention(unwrap_peft(model), family, plan.device, spans))
     if spans and not (varlen is not None and PACKED_NAME in varlen.names):
         setup.add("packed_attention=spans", packed_attention(unwrap_peft(model), family.language_prefixes))
-    long_run = steps is None or steps >= MIN_STEPS
-    if speed.compile is False and plan.device.startswith("cuda") and long_run and world == 1:
+    if speed.compile is False and decide_compile(
+        config.model_copy(update={"speed": speed.model_copy(update={"compile": "auto"})}),
+        plan.device, world, steps, deepspeed, tight_memory,
+    ).on:
         log.info(
             "speed: speed.compile=auto would compile this run and likely train faster (about 40 s of compiling at "
             "the start, 12 s once cached; H100, median step: 1.2-1.4x vlmtune's eager speed on LoRA, QLoRA and full "

@@ -14,7 +14,7 @@ import importlib.util
 import os
 import shutil
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from vlmtune.config.schema import VlmtuneConfig
@@ -130,15 +130,3 @@ class FallBackToEager:
     def remove(self) -> None:
         self._config.suppress_errors = self._before
 
-
-def memory_room(breakdown: Any, gpu: Any, margin: float) -> str | None:
-    """Why the preflight estimate leaves little room (its reserved peak above (1 - margin) of what the GPU has for
-    the run), or None; None too where there is no estimate."""
-    if breakdown is None or gpu is None:
-        return None
-    reserved, available = breakdown.peak_reserved, gpu.available
-    if reserved <= available * (1 - margin):
-        return None
-    gib = 1024**3
-    return (f"the memory estimate ({reserved / gib:.2f} GiB reserved) is within {margin:.0%} of the "
-            f"{available / gib:.2f} GiB the GPU has for this run")

@@ -114,9 +114,8 @@ def train(
     from vlmtune.methods import get_method
     from vlmtune.methods.base import count_parameters, resolve_precision
     from vlmtune.speed import apply_speed, batching
-    from vlmtune.speed.compile_policy import memory_room, optimizer_steps
+    from vlmtune.speed.compile_policy import optimizer_steps
     from vlmtune.train.args import training_arguments
-    from vlmtune.train.batch_sizing import AUTO_MARGIN
     from vlmtune.train.callbacks import JsonlLogCallback, ProgressCallback, write_event
     from vlmtune.train.deepspeed_config import prepare as prepare_deepspeed
     from vlmtune.train.out_of_memory import oom_message
@@ -168,7 +167,7 @@ def train(
         family,
         steps=optimizer_steps(config, len(train_data), world),  # packed rows, where packing
         world=world,
-        tight_memory=memory_room(memory.breakdown, memory.gpu, AUTO_MARGIN),
+        tight_memory=memory.little_room,
     )
     if os.environ.get("RANK", "0") == "0":
         write_event(

@@ -44,6 +44,18 @@ class PreflightResult:
     profile: DataProfile | None = None
     fits: bool = True
 
+    @property
+    def little_room(self) -> str | None:
+        """Why the estimate leaves little room on the GPU (its reserved peak above all but AUTO_MARGIN of what the
+        GPU has for the run, fitting or not), or None; None too without an estimate."""
+        if self.breakdown is None or self.gpu is None:
+            return None
+        reserved, available = self.breakdown.peak_reserved, self.gpu.available
+        if reserved <= available * (1 - AUTO_MARGIN):
+            return None
+        return (f"the memory estimate ({reserved / GIB:.2f} GiB reserved) is within {AUTO_MARGIN:.0%} of the "
+                f"{available / GIB:.2f} GiB the GPU has for this run")
+
 
 def _summary(b: Breakdown, gpu: GpuMemory, verdict: str) -> str:
     return (
@@ -154,9 +166,9 @@ def preflight(
     else:
         breakdown = sizer.estimate(int(config.training.batch_size))
     fits = breakdown.peak_reserved <= gpu.available
-    tight = fits and breakdown.peak_reserved > gpu.available * (1 - AUTO_MARGIN)
-    verdict = "DOES NOT FIT" if not fits else "fits, with little room" if tight else "fits"
     result = PreflightResult(config, breakdown, gpu, profile, fits)
+    tight = fits and result.little_room is not None
+    verdict = "DOES NOT FIT" if not fits else "fits, with little room" if tight else "fits"
     forced = not fits and config.hardware.force_fit
     if main:
         _show(breakdown, _summary(breakdown, gpu, verdict))
