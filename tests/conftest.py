@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from vlmtune.config.schema import VlmtuneConfig
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
@@ -28,3 +30,53 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], 
         return built[family_name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(train, val) JSONL files of the demo's colour questions: 16 and 4 records, 56 px images."""
+    from vlmtune.data.synthetic import make_shapes_vqa
+
+    root = tmp_path_factory.mktemp("shapes")
+    train = make_shapes_vqa(root, 16, seed=0, file_name="train.jsonl")
+    val = make_shapes_vqa(root / "val", 4, seed=1, file_name="val.jsonl")
+    return train, val
+
+
+@pytest.fixture
+def run_config(tiny_model_dir, shapes_data, tmp_path) -> Callable[..., VlmtuneConfig]:
+    """run_config(family, method, out=None, val=False, training={...}, lora={...}, **sections) -> a config for a
+    tiny CPU run (6 steps, logging every step, no checkpoints unless training.save_steps is lowered)."""
+
+    def make(
+        family: str = "qwen2_vl",
+        method: str = "lora",
+        out: Path | None = None,
+        val: bool = False,
+        training: dict | None = None,
+        lora: dict | None = None,
+        **sections: dict,
+    ) -> VlmtuneConfig:
+        train_path, val_path = shapes_data
+        data = {"train_path": str(train_path), "val_path": str(val_path) if val else None}
+        return VlmtuneConfig.model_validate(
+            {
+                "output_dir": str(out or tmp_path / f"{family}-{method}"),
+                "model": {"name_or_path": str(tiny_model_dir(family))},
+                "data": {**data, **sections.pop("data", {})},
+                "method": {"name": method, "lora": lora or {}},
+                "training": {
+                    "max_steps": 6,
+                    "batch_size": 2,
+                    "learning_rate": 5e-3,
+                    "logging_steps": 1,
+                    "save_steps": 100,
+                    "report_to": ["none"],
+                    **(training or {}),
+                },
+                "hardware": {"precision": "bf16", "use_cpu": True, **sections.pop("hardware", {})},
+                **sections,
+            }
+        )
+
+    return make
