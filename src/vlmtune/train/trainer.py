@@ -18,6 +18,8 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from vlmtune.train.callbacks import ThroughputMeter, memory_stats
+from vlmtune.train.checkpoints import MANIFEST, write_manifest
+from vlmtune.train.disk_full import disk_full_error, folder_bytes, is_disk_full
 from vlmtune.train.vision_keepalive import VisionKeepAlive
 
 STAGING_DIR = ".staging"
@@ -104,9 +106,20 @@ class VlmTrainer(Trainer):
         self._staging = str(staging)
         try:
             super()._save_checkpoint(model, trial)  # writes staging/checkpoint-N; nothing there to rotate
+            self.accelerator.wait_for_everyone()  # every rank's RNG state / shards are written before the rename
+            if self.args.should_save:
+                write_manifest(staging / name, step=self.state.global_step)  # last: it means the save finished
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            from vlmtune.train.saving import find_checkpoints
+
+            intact = [p for p in find_checkpoints(run_dir) if (p / MANIFEST).is_file()]
+            need = folder_bytes(intact[-1] if intact else staging / name)  # a checkpoint is as large as the last
+            shutil.rmtree(staging, ignore_errors=True)
+            raise disk_full_error(name, run_dir, need, resume_from=intact[-1].name if intact else None) from exc
         finally:
             self._staging = None
-        self.accelerator.wait_for_everyone()  # every rank's RNG state / shards are written before the rename
         if not self.args.should_save:
             return
         final = run_dir / name
@@ -124,6 +137,16 @@ class VlmTrainer(Trainer):
             best_model_checkpoint=self.state.best_model_checkpoint,
             use_mtime=False,
         )
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        """A full model's weights load key by key through the names `save_pretrained` wrote (checkpoint_weights.py),
+        or the resume stops naming the keys; adapters load through PEFT as the Trainer does."""
+        target = model if model is not None else self.model
+        if hasattr(target, "peft_config") or getattr(target, "_hf_peft_config_loaded", False):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from vlmtune.train.checkpoint_weights import load_full_checkpoint
+
+        load_full_checkpoint(self.accelerator.unwrap_model(target), Path(resume_from_checkpoint))
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:
