@@ -1,4 +1,4 @@
-"""`vlmtune data check FILE` and `vlmtune data split FILE --val-ratio R --seed S --out DIR`."""
+"""`vlmtune data check FILE` and `vlmtune data split FILE --val-ratio R --seed S --out DIR [--overwrite]`."""
 
 from __future__ import annotations
 
@@ -20,10 +20,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--image-size", type=int, help="override data.image_size")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     s = sub.add_parser("split", help="write train.jsonl and val.jsonl")
-    s.add_argument("file", type=Path)
-    s.add_argument("--val-ratio", type=float, default=0.1)
-    s.add_argument("--seed", type=int, default=42)
-    s.add_argument("--out", type=Path, default=Path("output/splits"))
+    s.add_argument("file", type=Path, help="the JSONL file to split (records are copied as written)")
+    s.add_argument("--val-ratio", type=float, default=0.1,
+                   help="share of records for val.jsonl, between 0 and 1 (default 0.1; at least one record each)")
+    s.add_argument("--seed", type=int, default=42, help="random seed: the same seed gives the same split")
+    s.add_argument("--out", type=Path, default=Path("output/splits"),
+                   help="folder for train.jsonl and val.jsonl (default output/splits); image paths are rewritten "
+                        "to stay valid from there")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace existing train.jsonl / val.jsonl that vlmtune did not write (never the input file)")
 
 
 def _check_config(args: argparse.Namespace):
@@ -45,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "split":
         from vlmtune.data.split import split_file
 
-        train, val = split_file(args.file, args.val_ratio, args.seed, args.out)
+        train, val = split_file(args.file, args.val_ratio, args.seed, args.out, overwrite=args.overwrite)
         n_train = sum(1 for _ in train.open(encoding="utf-8"))
         n_val = sum(1 for _ in val.open(encoding="utf-8"))
         print(f"wrote {train} ({n_train} records) and {val} ({n_val} records)")

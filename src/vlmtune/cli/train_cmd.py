@@ -62,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--learning-rate", "--learning_rate", "--lr", dest="learning_rate", type=float)
     p.add_argument("--resume", nargs="?", const=True, default=False,
                    help="continue from the latest checkpoint in output_dir (or from the given checkpoint folder)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train into an output_dir that holds files other than a vlmtune run's (none is deleted; "
+                        "same-named files such as config.yaml are replaced)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--force", action="store_true",
                    help="train even when the memory estimate says the run does not fit the GPU (hardware.force_fit)")
@@ -155,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:  # progress and logs come from rank 0; other ranks report only errors
         logging.getLogger().setLevel(logging.ERROR)
-    result = train(config, resume=args.resume)
+    result = train(config, resume=args.resume, overwrite=args.overwrite)
     if rank == 0:
         print(result.summary())
     return 0

@@ -3,6 +3,9 @@
 Records are copied as written (their style and any extra keys kept); only image paths change: a relative path is
 rewritten relative to the output folder, so it still points at the same file, and the source and output folders
 can move together (e.g. a repository copied to another machine). Absolute paths and file:// URIs stay as they are.
+
+Existing train.jsonl / val.jsonl are replaced only when vlmtune wrote them (and they are unchanged since) or with
+`overwrite`, never when one of them is the file being split (see `vlmtune.outputs`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePath
 from typing import Any
 
+from vlmtune import outputs
 from vlmtune.data.records import Problem, format_problems, iter_lines, scan
 from vlmtune.errors import DataError
 
@@ -82,34 +86,53 @@ def _path_rewriter(source_dir: Path, out_dir: Path) -> Callable[[str], str]:
 
 
 def split_file(
-    path: Path | str, val_ratio: float, seed: int = 42, out_dir: Path | str = Path("output/splits")
+    path: Path | str,
+    val_ratio: float,
+    seed: int = 42,
+    out_dir: Path | str = Path("output/splits"),
+    overwrite: bool = False,
 ) -> tuple[Path, Path]:
     """Write `out_dir/train.jsonl` and `out_dir/val.jsonl`; returns their paths.
 
     round(n * val_ratio) records go to validation, at least one and at most n - 1; both files keep the source
-    order. Raises DataError for a file with problems or fewer than 2 records, or a ratio outside (0, 1).
+    order. Raises DataError for a file with problems or fewer than 2 records, or a ratio outside (0, 1), and
+    VlmtuneError for outputs it may not replace (`overwrite` allows those vlmtune did not write).
     """
     path, out_dir = Path(path), Path(out_dir)
     if not 0 < val_ratio < 1:
         raise DataError(f"val_ratio must be between 0 and 1 (exclusive), got {val_ratio}")
+    train_path, val_path = out_dir / "train.jsonl", out_dir / "val.jsonl"
+    for target in (train_path, val_path):
+        outputs.check_file(
+            target, what="the split", overwrite=overwrite, inputs={"the file being split": path},
+            label=f"{target}, an output of the split,",
+        )
     n = _count_valid(path)
     if n < 2:
         raise DataError(f"cannot split {path}: it has {n} record(s); a split needs at least 2")
     n_val = min(max(round(n * val_ratio), 1), n - 1)
     val_index = set(random.Random(seed).sample(range(n), n_val))
     out_dir.mkdir(parents=True, exist_ok=True)
-    train_path, val_path = out_dir / "train.jsonl", out_dir / "val.jsonl"
     rewrite = _path_rewriter(path.parent.absolute(), out_dir.absolute())
-    tmp_train, tmp_val = train_path.with_suffix(".jsonl.tmp"), val_path.with_suffix(".jsonl.tmp")
+    tmp_train, tmp_val = (out_dir / f"{outputs.STAGING_PREFIX}-{p.name}" for p in (train_path, val_path))
     index = 0
-    with open(tmp_train, "w", encoding="utf-8") as train_fh, open(tmp_val, "w", encoding="utf-8") as val_fh:
-        for _, text in iter_lines(path):
-            if isinstance(text, Problem):  # not reached: _count_valid raised on any bad line
-                continue
-            record = map_image_paths(json.loads(text), rewrite)
-            fh = val_fh if index in val_index else train_fh
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-            index += 1
-    os.replace(tmp_train, train_path)
-    os.replace(tmp_val, val_path)
+    try:
+        with (
+            outputs.disk_full_guard(out_dir, path.stat().st_size, "train.jsonl and val.jsonl"),
+            open(tmp_train, "w", encoding="utf-8") as train_fh,
+            open(tmp_val, "w", encoding="utf-8") as val_fh,
+        ):
+            for _, text in iter_lines(path):
+                if isinstance(text, Problem):  # not reached: _count_valid raised on any bad line
+                    continue
+                record = map_image_paths(json.loads(text), rewrite)
+                fh = val_fh if index in val_index else train_fh
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+                index += 1
+        os.replace(tmp_train, train_path)
+        os.replace(tmp_val, val_path)
+        outputs.record(out_dir, [train_path.name, val_path.name], by="split")
+    finally:
+        tmp_train.unlink(missing_ok=True)
+        tmp_val.unlink(missing_ok=True)
     return train_path, val_path

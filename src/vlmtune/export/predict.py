@@ -8,6 +8,7 @@ result = predict_file(loaded, Path("val.jsonl"), Path("predictions.jsonl"))
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vlmtune import outputs
 from vlmtune.export.loading import LoadedModel, load_for_inference
 
 if TYPE_CHECKING:
@@ -92,27 +94,43 @@ class PredictResult:
 
 
 def predict_file(
-    loaded: LoadedModel, data_path: Path | str, out_path: Path | str, max_new_tokens: int = 64
+    loaded: LoadedModel,
+    data_path: Path | str,
+    out_path: Path | str,
+    max_new_tokens: int = 64,
+    overwrite: bool = False,
 ) -> PredictResult:
     """Answer every record of a JSONL file: the prompt is the conversation before its last assistant turn, the
-    reference is that turn's text. Writes `out_path` (JSONL) and returns exact-match accuracy."""
+    reference is that turn's text. Writes `out_path` (JSONL) and returns exact-match accuracy.
+
+    An existing `out_path` is replaced only if vlmtune wrote it (and it is unchanged since) or `overwrite` is set;
+    never when it is the data file itself (see `vlmtune.outputs`)."""
     from vlmtune.data.records import read_records
 
     data_path, out_path = Path(data_path), Path(out_path)
+    outputs.check_file(out_path, what="the predictions", overwrite=overwrite, inputs={"the data file": data_path})
     records = read_records(data_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(out_path.suffix + ".tmp")
-    correct = 0
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for record in records:  # read_records guarantees an assistant turn after a user turn
-            last = max(i for i, m in enumerate(record.messages) if m.role == "assistant")
-            prediction = generate_answer(
-                loaded.model, loaded.processor, record.messages[:last], max_new_tokens
-            )
-            reference = record.messages[last].text
-            ok = normalize_answer(prediction) == normalize_answer(reference)
-            correct += ok
-            row = {"line": record.line, "prediction": prediction, "reference": reference, "correct": ok}
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(out_path)
+    tmp = out_path.with_name(f"{outputs.STAGING_PREFIX}-{out_path.name}")
+    correct, done, written = 0, 0, 0
+
+    def needed() -> int:  # the bytes written so far, scaled to every record
+        return written * len(records) // max(done, 1)
+
+    try:
+        with outputs.disk_full_guard(out_path.parent, needed, "the predictions"), open(tmp, "w", encoding="utf-8") as fh:
+            for record in records:  # read_records guarantees an assistant turn after a user turn
+                last = max(i for i, m in enumerate(record.messages) if m.role == "assistant")
+                prediction = generate_answer(loaded.model, loaded.processor, record.messages[:last], max_new_tokens)
+                reference = record.messages[last].text
+                ok = normalize_answer(prediction) == normalize_answer(reference)
+                correct += ok
+                row = {"line": record.line, "prediction": prediction, "reference": reference, "correct": ok}
+                line = json.dumps(row, ensure_ascii=False) + "\n"
+                written, done = written + len(line.encode("utf-8")), done + 1
+                fh.write(line)
+        os.replace(tmp, out_path)
+        outputs.record(out_path.parent, [out_path.name], by="predict")
+    finally:
+        tmp.unlink(missing_ok=True)
     return PredictResult(out_path, len(records), correct)

@@ -20,6 +20,8 @@ from vlmtune.config.distributed import world_size, zero_of
 from vlmtune.config.loader import save_config
 from vlmtune.config.schema import VlmtuneConfig
 from vlmtune.errors import ConfigError, VlmtuneError
+from vlmtune.outputs import claim_folder
+from vlmtune.outputs import record as record_output
 from vlmtune.train.result import TrainResult
 from vlmtune.train.saving import find_checkpoints, resolve_resume, save_final
 
@@ -100,13 +102,18 @@ def _loss_history(log_history: list[dict[str, Any]]) -> list[float]:
 
 
 def train(
-    config: VlmtuneConfig, resume: bool | str = False, callbacks: list[TrainerCallback] | None = None
+    config: VlmtuneConfig,
+    resume: bool | str = False,
+    callbacks: list[TrainerCallback] | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Fine-tune `config.model` on `config.data` with `config.method`; returns where everything was written.
 
     resume: True continues from the newest checkpoint in output_dir, a path continues from that checkpoint; the
     data order, optimizer, scheduler and RNG state continue as if the run had never stopped.
     callbacks: extra `transformers.TrainerCallback`s (for tests and integrations).
+    overwrite: train into an output_dir that holds other files than a vlmtune run's (they are kept; see
+    vlmtune/outputs.py); a folder that is or contains the base model or the data is refused regardless.
     """
     import torch
     from transformers import set_seed
@@ -133,9 +140,16 @@ def train(
             f"{out} already holds checkpoints of an earlier run ({find_checkpoints(out)[-1].name}). "
             "Continue it with --resume (resume=True), or set output_dir to a new folder."
         )
+    claim_folder(
+        out, kind="run", what="the run", overwrite=overwrite, option="output_dir", flag="--overwrite",
+        inputs={"the base model": config.model.name_or_path, "the training data": config.data.train_path,
+                "the validation data": config.data.val_path},
+        signs=(LOG_FILE, "final/vlmtune.json", "checkpoint-*/trainer_state.json"),
+    )
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.yaml"
     if os.environ.get("RANK", "0") == "0":  # one writer under torchrun
+        record_output(out, kind="run")
         save_config(config, config_path)
 
     family = resolve_family(config)
