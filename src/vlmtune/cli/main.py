@@ -1,11 +1,14 @@
 """`vlmtune` command line: one module per subcommand, heavy imports inside each command.
 
-User mistakes (VlmtuneError) print a one-paragraph message and exit non-zero; `--debug` shows the traceback.
+User mistakes (VlmtuneError) print a one-paragraph message and exit non-zero; `--debug` shows the traceback. A file
+system error that reaches here (a path that cannot be read or written: permissions, a full or read-only disk, a name
+too long) is the user's to fix too, and reads the same way, exit 2; any other exception keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -81,6 +84,31 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if args.debug or exc.filename is None or exc.errno not in _USER_ERRNOS:
+            raise
+        print(f"{_rank_prefix()}error: {_os_message(exc)} (run with --debug for the traceback)", file=sys.stderr)
+        return 2
+
+
+_USER_ERRNOS = {
+    errno.EACCES: "permission denied: check the permissions of the path, or choose another",
+    errno.EPERM: "operation not permitted: check the permissions of the path, or choose another",
+    errno.ENOENT: "no such file or folder",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "is a folder where a file was expected",
+    errno.ENAMETOOLONG: "the path is too long for the file system (a name can have at most 255 bytes)",
+    errno.ENOSPC: "no space left on the disk: free some space or choose another output_dir",
+    errno.EDQUOT: "disk quota exceeded: free some space or choose another output_dir",
+    errno.EROFS: "the file system is read-only: choose another output_dir",
+    errno.ELOOP: "a symbolic link loop in the path",
+}
+
+
+def _os_message(exc: OSError) -> str:
+    path = str(exc.filename)
+    shown = path if len(path) <= 200 else f"{path[:100]}...{path[-60:]}"
+    return f"{shown}: {_USER_ERRNOS[exc.errno]}"
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """`vlmtune train [CONFIG] [section.field=value ...] [flags]`.
 
-Precedence, lowest first: preset, config file, compatibility flags, dotted overrides.
+Precedence, lowest first: preset, config file, compatibility flags, dotted overrides. A flag and a dotted override
+(or two dotted overrides) that set one field to different values are refused as a contradiction, with the config's
+own problems, rather than resolved by precedence: one command line should not say two things.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import logging
 import os
 import sys
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 HELP = "fine-tune a model (LoRA, QLoRA or full) from a config file, a preset, flags and dotted overrides"
 
@@ -52,8 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated module names (q_proj,v_proj,o_proj) or minimal|attention|all")
     p.add_argument("--flash_attn", "--flash-attn", dest="flash_attn", action="store_true",
                    help="use flash_attention_2 (needs the flash-attn package)")
-    p.add_argument("--use-4bit", "--use_4bit", dest="use_4bit", action="store_true", help="QLoRA (4-bit NF4)")
-    p.add_argument("--use-lora", "--use_lora", dest="use_lora", action="store_true", help="LoRA")
+    p.add_argument("--use-4bit", "--use_4bit", dest="use_4bit", action="store_true",
+                   help="QLoRA: LoRA adapters on a 4-bit NF4 base (method.name=qlora). Like every flag it replaces the "
+                        "preset's or config file's method, full included (the log says so); with --use-lora it is "
+                        "QLoRA too; with an explicit method.name=lora or full override it is refused")
+    p.add_argument("--use-lora", "--use_lora", dest="use_lora", action="store_true",
+                   help="LoRA (method.name=lora); with --use-4bit or method.name=qlora: QLoRA")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int)
     p.add_argument("--gradient-accumulation-steps", "--gradient_accumulation_steps",
                    dest="gradient_accumulation_steps", type=int)
@@ -92,37 +100,115 @@ def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
 
 
-def flag_overrides(args: argparse.Namespace) -> list[str]:
-    """Map the compatibility flags onto dotted overrides of the typed config."""
-    out = [f"{field}={getattr(args, dest)}" for dest, field in FLAG_FIELDS.items() if getattr(args, dest, None) is not None]
+def flag_settings(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """(flag, config field, value) for each compatibility flag given."""
+    out = [("--" + dest.replace("_", "-"), field, str(getattr(args, dest)))
+           for dest, field in FLAG_FIELDS.items() if getattr(args, dest, None) is not None]
     if args.target_modules:
         names = [t.strip() for t in args.target_modules.split(",") if t.strip()]
         value = names[0] if len(names) == 1 and names[0] in ("minimal", "attention", "all") else "[" + ",".join(names) + "]"
-        out.append(f"method.lora.target_modules={value}")
+        out.append(("--target-modules", "method.lora.target_modules", value))
     if args.flash_attn:
-        out.append("hardware.attn_implementation=flash_attention_2")
+        out.append(("--flash-attn", "hardware.attn_implementation", "flash_attention_2"))
     if args.use_4bit:
-        out.append("method.name=qlora")
+        out.append(("--use-4bit", "method.name", "qlora"))
     elif args.use_lora:
-        out.append("method.name=lora")
+        out.append(("--use-lora", "method.name", "lora"))
     if getattr(args, "force", False):
-        out.append("hardware.force_fit=true")
-    return out + distributed_overrides(args)
+        out.append(("--force", "hardware.force_fit", "true"))
+    return out + distributed_settings(args)
 
 
-def distributed_overrides(args: argparse.Namespace) -> list[str]:
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    """Map the compatibility flags onto dotted overrides of the typed config."""
+    return [f"{field}={value}" for _, field, value in flag_settings(args)]
+
+
+def distributed_settings(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     out = []
     if getattr(args, "deepspeed", None):
-        out += ["distributed.engine=deepspeed", f"distributed.deepspeed_config={args.deepspeed}"]
+        out += [("--deepspeed", "distributed.engine", "deepspeed"),
+                ("--deepspeed", "distributed.deepspeed_config", args.deepspeed)]
     if getattr(args, "zero_stage", None) is not None:
-        out += ["distributed.engine=deepspeed", f"distributed.zero_stage={args.zero_stage}"]
+        out += [("--zero-stage", "distributed.engine", "deepspeed"),
+                ("--zero-stage", "distributed.zero_stage", str(args.zero_stage))]
     if getattr(args, "offload", None) is not None:
-        out += [f"distributed.offload={args.offload}"]
+        out += [("--offload", "distributed.offload", args.offload)]
         if args.offload != "none":
-            out += ["distributed.engine=deepspeed"]
+            out += [("--offload", "distributed.engine", "deepspeed")]
     if getattr(args, "no_deepspeed", False):
-        out += ["distributed.engine=none"]
+        out += [("--no-deepspeed", "distributed.engine", "none")]
     return out
+
+
+_WHY = {
+    "--use-4bit": " (--use-4bit means QLoRA, LoRA adapters on a 4-bit base; lora and full train 16-bit weights)",
+}
+
+
+def contradictions(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    """Flags that cannot both hold, and a field set to two different values on one command line."""
+    from vlmtune.config.reading import Refused, parse_value
+
+    problems = []
+    deepspeed, stage, offload = (getattr(args, k, None) for k in ("deepspeed", "zero_stage", "offload"))
+    if getattr(args, "no_deepspeed", False):
+        needing = [("--deepspeed", deepspeed), ("--zero-stage", stage is not None),
+                   (f"--offload {offload}", offload not in (None, "none"))]
+        problems += [f"--no-deepspeed contradicts {flag}, which trains with DeepSpeed: give one of them"
+                     for flag, given in needing if given]
+    elif deepspeed:
+        problems += [f"{flag} does nothing with --deepspeed FILE: the file's zero_optimization section sets the "
+                     "stage and offload; set them there, or drop --deepspeed to have vlmtune write the DeepSpeed "
+                     "config" for flag, given in (("--zero-stage", stage is not None), ("--offload", offload)) if given]
+    seen: dict[str, tuple[str, Any]] = {}
+    for flag, field, value in flag_settings(args):
+        if field != "distributed.engine":  # set by several DeepSpeed flags; their conflicts are named above
+            seen.setdefault(field, (flag, parse_value(value)))
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        field = key.strip()
+        try:
+            value = parse_value(raw)
+        except Refused:
+            continue  # the loader reports it
+        if field not in seen:
+            seen[field] = (item, value)
+            continue
+        who, earlier = seen[field]
+        if _same(earlier, value) or (who == "--use-lora" and value == "qlora"):
+            continue
+        if who.startswith("--"):
+            problems.append(f"{_short(item)} contradicts {who}, which sets {field}={_short(earlier)}"
+                            f"{_WHY.get(who, '')}: give {field} once")
+        else:
+            problems.append(f"{field} is given twice on the command line ({_short(who)}, then {_short(item)}): "
+                            "give it once")
+    return problems
+
+
+def _names_a_field(item: str) -> bool:
+    """`training.learning_rate` (no `=`, no such file): an override missing its value, not a config file."""
+    from vlmtune.config.schema import VlmtuneConfig
+
+    parts = item.split(".")
+    return (len(parts) > 1 and parts[0] in VlmtuneConfig.model_fields and all(p.isidentifier() for p in parts)
+            and not os.path.exists(item))
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as the config would read them (`1e-4` is a string to YAML 1.1 and 0.0001 to the schema)."""
+    if a == b:
+        return True
+    try:
+        return not isinstance(a, bool) and not isinstance(b, bool) and float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def resolve_config(args: argparse.Namespace) -> Any:
@@ -132,12 +218,36 @@ def resolve_config(args: argparse.Namespace) -> Any:
 
     files = [i for i in args.items if "=" not in i]
     overrides = [i for i in args.items if "=" in i]
+    valueless = [i for i in files if _names_a_field(i)]
+    files = [i for i in files if i not in valueless]
     if args.config:
         files.insert(0, args.config)
     if len(files) > 1:
         raise ConfigError([f"give one config file, got {len(files)}: {', '.join(files)}"])
     base: dict[str, Any] = preset_dict(args.preset) if args.preset else {}
-    return load_config(files[0] if files else None, flag_overrides(args) + overrides, base=base)
+    path = files[0] if files else None
+    problems = [f"'{i}' names a config field but gives no value: write {i}=VALUE" for i in valueless]
+    problems += contradictions(args, overrides)
+    config = load_config(path, flag_overrides(args) + overrides, base=base, problems=problems)
+    _say_replaced_method(args, base, path, overrides)
+    return config
+
+
+def _say_replaced_method(args: argparse.Namespace, base: dict[str, Any], path: str | None, overrides: list[str]) -> None:
+    """--use-4bit / --use-lora over a preset's or file's other method is precedence, but not a silent one."""
+    from vlmtune.config.loader import read_mapping
+
+    flag = "--use-4bit" if args.use_4bit else "--use-lora" if args.use_lora else None
+    if flag is None or any(o.strip().startswith("method.name=") for o in overrides):
+        return
+    wanted = "qlora" if args.use_4bit else "lora"
+    for where, data in (("the config file", read_mapping(path) if path else {}), (f"preset {args.preset}", base)):
+        method = data.get("method")  # read and validated already
+        name = method.get("name") if isinstance(method, dict) else None
+        if name is not None:
+            if name != wanted:
+                log.info("%s: method.name %s (from %s) becomes %s", flag, name, where, wanted)
+            return
 
 
 def run(args: argparse.Namespace) -> int:

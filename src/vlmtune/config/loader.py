@@ -6,39 +6,32 @@ Every problem is collected and reported together in one ConfigError, each naming
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
+from vlmtune.config.reading import MAX_DEPTH, Refused, parse_value, read_config_file, shown_path
 from vlmtune.config.schema import VlmtuneConfig
 from vlmtune.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
+MAX_PROBLEMS = 25
+"""Problems listed in one ConfigError; the rest are counted (a 10,000-entry list of wrong values is one mistake)."""
+
 
 def read_mapping(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON file that must hold a mapping."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"config file not found: {path} (give an existing .yaml/.yml/.json file)"])
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError([f"cannot parse {path}: {exc}"], source=str(path)) from None
+    """Read a YAML or JSON file that must hold a mapping (bounded in size, depth and aliases: config/reading.py)."""
+    data = read_config_file(path)
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError([f"top level must be a mapping of sections, got {type(data).__name__}"], source=str(path))
+        raise ConfigError([f"top level must be a mapping of sections, got {type(data).__name__}"],
+                          source=shown_path(path))
     return data
-
-
-def _parse_value(raw: str) -> Any:
-    """`rank=32` -> 32, `targets=[q_proj,v_proj]` -> list, `x=null` -> None; anything else stays a string."""
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
@@ -47,21 +40,30 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[dict[st
     problems = []
     for item in overrides:
         key, sep, raw = item.partition("=")
+        shown = item if len(item) <= 80 else item[:77] + "..."
         if not sep or not key.strip():
-            problems.append(f"override '{item}' is not of the form section.field=value")
+            problems.append(f"override '{shown}' is not of the form section.field=value")
             continue
         parts = key.strip().split(".")
+        if len(parts) > MAX_DEPTH:
+            problems.append(f"override '{shown}' is nested {len(parts)} levels deep; a config has 4 at most")
+            continue
+        try:
+            value = parse_value(raw)
+        except Refused as exc:
+            problems.append(f"override '{shown}': {exc.message}")
+            continue
         node = out
         for part in parts[:-1]:
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                problems.append(f"override '{item}': '{part}' is a value, not a section")
+                problems.append(f"override '{shown}': '{part}' is a value, not a section")
                 break
             node = child
         else:
-            node[parts[-1]] = _parse_value(raw)
+            node[parts[-1]] = value
     return out, problems
 
 
@@ -70,22 +72,35 @@ _UNION_TAGS = {"int", "str", "float", "bool", "list", "dict", "none"}
 
 def _field_path(loc: tuple[Any, ...]) -> str:
     """Drop pydantic's union-member tags (`int`, `literal['auto']`, `list[str]`) so the path names the field."""
-    parts = [str(p) for p in loc if not (str(p) in _UNION_TAGS or "[" in str(p) or str(p).startswith("function-"))]
-    return ".".join(parts) or "(top level)"
+    parts = [str(p) for p in loc if not (str(p) in _UNION_TAGS or "[" in str(p) or str(p).startswith(("function-", "constrained-")))]
+    path = ".".join(parts) or "(top level)"
+    return path if len(path) <= 100 else path[:97] + "..."
+
+
+def _shown(value: Any) -> str:
+    """A given value as the message quotes it, cut short (a value can be a 1 MB string or a 10,000-item list)."""
+    if isinstance(value, (dict, list)) and len(value) > 8:
+        return f"a {type(value).__name__} of {len(value):,} items"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _format_errors(errors: list[dict[str, Any]]) -> list[str]:
-    """One line per field; the alternatives of a union are joined (`should be an integer or 'auto'`)."""
+    """One line per field; the alternatives of a union are joined (`should be an integer or 'auto'`). The
+    cross-field rules of a model report one problem per line of their message."""
     by_field: dict[str, list[dict[str, Any]]] = {}
     for err in errors:
         by_field.setdefault(_field_path(err["loc"]), []).append(err)
     lines = []
     for path, errs in by_field.items():
-        if len(errs) == 1:
+        if len(errs) == 1 and errs[0]["type"] == "value_error" and (path == "(top level)" or "\n" in errs[0]["msg"]):
+            prefix = "" if path == "(top level)" else f"{path}: "
+            lines += [prefix + line for line in errs[0]["msg"].removeprefix("Value error, ").splitlines()]
+        elif len(errs) == 1:
             lines.append(_format_error(errs[0], path))
-            continue
-        msgs = [e["msg"].removeprefix("Value error, ").removeprefix("Input should be ") for e in errs]
-        lines.append(f"{path}: Input should be {' or '.join(dict.fromkeys(msgs))} (got {errs[0].get('input')!r})")
+        else:
+            msgs = [e["msg"].removeprefix("Value error, ").removeprefix("Input should be ") for e in errs]
+            lines.append(f"{path}: Input should be {' or '.join(dict.fromkeys(msgs))} (got {_shown(errs[0].get('input'))})")
     return lines
 
 
@@ -94,8 +109,14 @@ def _format_error(err: dict[str, Any], loc: str) -> str:
     if err["type"] == "extra_forbidden":
         return f"{loc}: unknown field (check the spelling; `vlmtune presets show` lists every field)"
     given = err.get("input")
-    shown = "" if isinstance(given, dict) or err["type"] == "missing" else f" (got {given!r})"
+    shown = "" if isinstance(given, dict) or err["type"] == "missing" else f" (got {_shown(given)})"
     return f"{loc}: {msg}{shown}"
+
+
+def _capped(problems: list[str]) -> list[str]:
+    if len(problems) <= MAX_PROBLEMS:
+        return problems
+    return [*problems[:MAX_PROBLEMS], f"... and {len(problems) - MAX_PROBLEMS:,} more problems not shown"]
 
 
 def config_from_dict(data: dict[str, Any], source: str | None = None, extra_problems: list[str] | None = None) -> VlmtuneConfig:
@@ -104,9 +125,9 @@ def config_from_dict(data: dict[str, Any], source: str | None = None, extra_prob
         config = VlmtuneConfig.model_validate(data)
     except ValidationError as exc:
         problems += _format_errors(exc.errors())
-        raise ConfigError(problems, source=source) from None
+        raise ConfigError(_capped(problems), source=source) from None
     if problems:
-        raise ConfigError(problems, source=source)
+        raise ConfigError(_capped(problems), source=source)
     return config
 
 
@@ -114,13 +135,38 @@ def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
     base: dict[str, Any] | None = None,
+    problems: list[str] | None = None,
 ) -> VlmtuneConfig:
-    """Base dict (e.g. a preset), then the file on top, then dotted overrides; validated once at the end."""
+    """Base dict (e.g. a preset), then the file on top, then dotted overrides; validated once at the end.
+
+    problems: found by the caller (contradictory command-line flags), reported with the config's own. Settings
+    that are legal but likely wrong (a learning rate above 0.01) are logged as warnings."""
+    problems = list(problems or [])
     data: dict[str, Any] = json.loads(json.dumps(base or {}, default=str))
+    source = shown_path(path) if path is not None else None
     if path is not None:
-        data = deep_merge(data, read_mapping(path))
-    data, problems = apply_overrides(data, overrides or [])
-    return config_from_dict(data, source=str(path) if path else None, extra_problems=problems)
+        try:
+            data = deep_merge(data, read_mapping(path))
+        except ConfigError as exc:  # the file cannot be read: report it with the flags' and overrides' problems
+            _, override_problems = apply_overrides({}, overrides or [])
+            raise ConfigError(_capped([*exc.problems, *problems, *override_problems]), source=source) from None
+    data, override_problems = apply_overrides(data, overrides or [])
+    config = config_from_dict(data, source=source, extra_problems=problems + override_problems)
+    for warning in config_warnings(config):
+        log.warning("warning: %s", warning)
+    return config
+
+
+def config_warnings(config: VlmtuneConfig) -> list[str]:
+    """Legal settings that are probably a mistake (the run may still be what the user wants)."""
+    warnings = []
+    lr = config.training.learning_rate
+    if lr > 0.01:
+        warnings.append(
+            f"training.learning_rate={lr:g} is far above fine-tuning rates (1e-6 to 1e-3; LoRA up to about 2e-3) "
+            "and is likely to diverge; the run stops at the first non-finite loss (training.on_nonfinite)"
+        )
+    return warnings
 
 
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

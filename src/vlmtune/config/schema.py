@@ -7,13 +7,19 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    # allow_inf_nan=False: no float field anywhere takes nan or inf (YAML .inf/.nan, JSON NaN/Infinity, `--lr inf`).
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True, allow_inf_nan=False
+    )
 
 
 class TrainingMethod(str, Enum):
@@ -23,7 +29,7 @@ class TrainingMethod(str, Enum):
 
 
 class ModelConfig(_Strict):
-    name_or_path: str = "Qwen/Qwen2-VL-2B-Instruct"
+    name_or_path: str = Field("Qwen/Qwen2-VL-2B-Instruct", min_length=1)
     """Hub id or local folder of the base model, loaded through `from_pretrained`."""
     family: str | None = None
     """Model family descriptor (qwen2_vl, qwen2_5_vl, llava). Detected from the model's config when unset."""
@@ -113,7 +119,7 @@ class TrainingConfig(_Strict):
     """Passes over the training set (ignored when max_steps is set)."""
     max_steps: int | None = Field(None, gt=0)
     """Stop after this many optimizer steps."""
-    batch_size: int | Literal["auto"] = 1
+    batch_size: PositiveInt | Literal["auto"] = 1
     """Micro-batch per device; `auto` picks the largest that the memory estimate fits on the visible GPU."""
     gradient_accumulation_steps: int = Field(1, gt=0)
     """Micro-batches per optimizer step."""
@@ -131,7 +137,7 @@ class TrainingConfig(_Strict):
     """Gradient clipping norm (0 disables)."""
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit"] = "adamw_torch"
     """Optimizer; the 8-bit ones need the qlora extra (bitsandbytes)."""
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**32)
     """Seed for initialisation and data order."""
     logging_steps: int = Field(10, gt=0)
     """Log loss, learning rate, grad norm, tokens/s and memory every N steps."""
@@ -146,6 +152,12 @@ class TrainingConfig(_Strict):
     (benchmarks of large full fine-tunes, whose optimizer states would not fit the disk)."""
     report_to: list[Literal["tensorboard", "none"]] = ["tensorboard"]
     """Where to send logs besides the console and the run folder's log file."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """What a step whose loss or gradients are nan/inf does (checked every optimizer step; trainable weights are
+    checked too before every checkpoint and the final save). stop: end the run with an error naming the step and
+    the value; nothing of that step is applied or saved, the last checkpoint stays the last good one. skip: drop
+    the step's gradients (the optimizer does not step), count it in train_log.jsonl and go on; 10 bad steps in a
+    row stop the run anyway. Under DeepSpeed the optimizer has stepped before the check: skip acts as stop."""
 
 
 class HardwareConfig(_Strict):
@@ -195,9 +207,9 @@ class DistributedConfig(_Strict):
     sub_group_size: int = Field(1_000_000_000, gt=0)
     """ZeRO-3 sub_group_size: elements of the optimizer's sub-groups, stepped one at a time (the GPU step's fp32
     temporaries are this large; offload_ratio moves whole sub-groups)."""
-    prefetch_bucket_size: int | Literal["auto"] = "auto"
+    prefetch_bucket_size: NonNegativeInt | Literal["auto"] = "auto"
     """ZeRO-3 stage3_prefetch_bucket_size."""
-    param_persistence_threshold: int | Literal["auto"] = "auto"
+    param_persistence_threshold: NonNegativeInt | Literal["auto"] = "auto"
     """ZeRO-3 stage3_param_persistence_threshold."""
     max_live_parameters: int = Field(1_000_000_000, gt=0)
     """ZeRO-3 stage3_max_live_parameters."""
@@ -317,7 +329,7 @@ class VlmtuneConfig(_Strict):
         if self.distributed.engine != "none" and self.distributed.deepspeed_config is None:
             problems += zero_combination_problems(self, self.distributed.zero_stage, self.distributed.offload)
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))  # the loader reports one problem per line
         return self
 
 

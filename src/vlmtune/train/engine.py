@@ -125,6 +125,7 @@ def train(
     from vlmtune.train.args import training_arguments
     from vlmtune.train.callbacks import JsonlLogCallback, ProgressCallback, write_event
     from vlmtune.train.deepspeed_config import prepare as prepare_deepspeed
+    from vlmtune.train.nonfinite import NonFiniteGuard
     from vlmtune.train.out_of_memory import oom_message
     from vlmtune.train.preflight import preflight
     from vlmtune.train.trainer import VlmTrainer
@@ -209,7 +210,7 @@ def train(
             data_collator=collator,
             processing_class=processor,
             callbacks=[JsonlLogCallback(out / LOG_FILE), ProgressCallback(), *_deepspeed_callbacks(config, ds_config, world),
-                       *debug, *(callbacks or [])],
+                       *debug, *(callbacks or []), NonFiniteGuard(config, out / LOG_FILE, ds_config is not None)],
             device=plan.device,
             vision_keepalive=(  # with several processes a batch without images still runs the vision tower
                 VisionKeepAlive(processor.image_processor, family.language_prefixes) if world > 1 else None

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -30,18 +33,38 @@ class TrainResult:
     resumed_from: Path | None = None
     trainable_params: int = 0
     total_params: int = 0
+    train_loss_mean: float | None = None
+    """The Trainer's average loss over this call's steps (its final `train_loss` record); read from log_path when
+    not given. A run shorter than one logging interval has no other loss."""
+    skipped_steps: int = 0
+    """Steps whose loss or gradients were not finite and were skipped (training.on_nonfinite=skip); read from
+    log_path when not given."""
+
+    def __post_init__(self) -> None:
+        if self.train_loss_mean is None or not self.skipped_steps:
+            mean, skipped = read_run_log(self.log_path)
+            self.train_loss_mean = self.train_loss_mean if self.train_loss_mean is not None else mean
+            self.skipped_steps = self.skipped_steps or skipped
 
     def summary(self) -> str:
         def fmt(x: float | None) -> str:
             return "n/a" if x is None else f"{x:.4f}"
 
+        if self.train_loss_first is not None:
+            loss = f"  train loss {fmt(self.train_loss_first)} -> {fmt(self.train_loss_last)}"
+        elif self.train_loss_mean is not None:  # no logging step was reached
+            loss = f"  train loss {fmt(self.train_loss_mean)} (average over the run's steps)"
+        else:
+            loss = "  train loss n/a"
         lines = [
             f"{self.method} fine-tuning of a {self.family} model: {self.steps} steps in {self.seconds:.1f} s"
             + (f" (resumed from {self.resumed_from.name})" if self.resumed_from else ""),
             f"  trainable parameters: {self.trainable_params:,} of {self.total_params:,}",
-            f"  train loss {fmt(self.train_loss_first)} -> {fmt(self.train_loss_last)}"
-            + (f", last eval loss {fmt(self.eval_loss_last)}" if self.eval_loss_last is not None else ""),
+            loss + (f", last eval loss {fmt(self.eval_loss_last)}" if self.eval_loss_last is not None else ""),
         ]
+        if self.skipped_steps:
+            lines.append(f"  skipped steps (non-finite loss or gradients, training.on_nonfinite=skip): "
+                         f"{self.skipped_steps}")
         if self.dropped_train or self.dropped_val:
             lines.append(
                 f"  dropped samples (longer than data.max_length): {self.dropped_train} train, "
@@ -52,3 +75,28 @@ class TrainResult:
             f"  run folder: {self.output_dir} (config.yaml, {self.log_path.name}, checkpoints, runs/)"
         )
         return "\n".join(lines)
+
+
+def read_run_log(path: Path) -> tuple[float | None, int]:
+    """(the last run's final train_loss, its skipped non-finite steps) from train_log.jsonl. The run's records
+    follow its last `start` event (a resumed run appends to the same file)."""
+    mean: float | None = None
+    skipped = 0
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None, 0
+    for line in lines:
+        try:
+            record: Any = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        if record.get("event") == "start":
+            mean, skipped = None, 0
+        elif record.get("event") == "nonfinite" and record.get("action") == "skipped":
+            skipped += 1
+        elif isinstance(record.get("train_loss"), (int, float)) and math.isfinite(record["train_loss"]):
+            mean = float(record["train_loss"])
+    return mean, skipped
