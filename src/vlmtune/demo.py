@@ -34,13 +34,21 @@ def run_demo(out: Path, seed: int = 0, n_records: int = 400, overrides: dict[str
     from vlmtune.config.loader import config_from_dict, deep_merge
     from vlmtune.data.split import split_file
     from vlmtune.data.synthetic import make_shapes_vqa
+    from vlmtune.errors import VlmtuneError
     from vlmtune.export.predict import load_for_inference, predict_file
     from vlmtune.families import get_family
+    from vlmtune.outputs import claim_folder, is_vlmtune_folder
+    from vlmtune.outputs import record as record_output
     from vlmtune.train.engine import train
 
     console = Console()
     start = time.perf_counter()
     out = Path(out)
+    # --out may name any folder: the demo writes only into one that is new, empty, or an earlier demo's.
+    claim_folder(out, kind="demo", what="the demo", overwrite=False, option="--out",
+                 signs=("summary.json", "run/train_log.jsonl"))
+    out.mkdir(parents=True, exist_ok=True)
+    record_output(out, kind="demo")
     console.rule("[bold]vlmtune demo")
     console.print(f"1/5 building a tiny {DEMO_FAMILY} model (random weights) in {out / 'model'}")
     model_dir = get_family(DEMO_FAMILY).build_tiny(out / "model", seed=seed)
@@ -53,7 +61,9 @@ def run_demo(out: Path, seed: int = 0, n_records: int = 400, overrides: dict[str
 
     console.print("4/5 fine-tuning")
     run_dir = out / "run"
-    if run_dir.exists():  # the demo's own folder from an earlier demo: start over (a real run would be refused)
+    if run_dir.exists():  # the demo's own run from an earlier demo: start over (a real run would be refused)
+        if not is_vlmtune_folder(run_dir, "run", signs=("train_log.jsonl",)):
+            raise VlmtuneError(f"{run_dir} holds files the demo did not write; choose another --out")
         console.print(f"    (removing the earlier demo run in {run_dir})")
         shutil.rmtree(run_dir)
     data = {"experiment_name": "demo", "output_dir": str(run_dir),

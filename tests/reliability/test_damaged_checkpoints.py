@@ -223,3 +223,34 @@ def test_a_crafted_pickle_in_deepspeed_states_runs_no_code(tiny_model_dir, shape
         assert resumed.returncode != 0 and f"refused to load {state}" in resumed.stderr, resumed.stderr[-3000:]
         state.write_bytes(original)
         write_manifest(state.parents[1])
+
+
+@pytest.mark.slow
+@pytest.mark.reliability("damage")
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_resuming_with_another_model_shape_names_the_keys(method, trained, tmp_path):
+    # A checkpoint that is intact but written by another configuration (LoRA rank / another model size) must not
+    # load partly: every key loads or the resume stops, naming them.
+    make_config, whole = trained(method)
+    run = tmp_path / "run"
+    shutil.copytree(whole, run, ignore=shutil.ignore_patterns("final"))
+    config = make_config(method, run)
+    if method == "lora":
+        config.method.lora.rank = 4
+        match = "tensor.s. of another shape.*lora_A"
+    else:
+        config.model.name_or_path = str(_wider_model(config.model.name_or_path, tmp_path / "wider"))
+        match = "does not hold this model's weights.*another shape"
+    with pytest.raises(VlmtuneError, match=match):
+        train(config, resume=True)
+
+
+def _wider_model(model_dir: str, out: Path) -> Path:
+    """The same tiny architecture with a wider MLP (another model size), saved with random weights."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    shutil.copytree(model_dir, out)
+    hf = AutoConfig.from_pretrained(out)
+    hf.text_config.intermediate_size *= 2
+    AutoModelForImageTextToText.from_config(hf).save_pretrained(out)
+    return out

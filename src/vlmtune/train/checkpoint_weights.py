@@ -98,5 +98,34 @@ def load_full_checkpoint(model: torch.nn.Module, checkpoint: Path) -> int:
     return len(filled)
 
 
+def check_adapter_keys(model: torch.nn.Module, checkpoint: Path) -> None:
+    """The checkpoint's adapter holds exactly the tensors this PEFT model saves (same keys, same shapes), so PEFT's
+    own load (which only warns about missing keys) loads every one of them."""
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    file = checkpoint / "adapter_model.safetensors"
+    if not file.is_file():
+        raise VlmtuneError(f"{checkpoint} has no adapter_model.safetensors; resume from another checkpoint "
+                           "(`vlmtune checkpoints verify` lists the intact ones)")
+    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    with safe_open(str(file), framework="pt", device="cpu") as fh:
+        saved = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    problems = []
+    if missing := sorted(set(expected) - set(saved)):
+        problems.append(f"{len(missing)} of the adapter's tensors are not in it ({_some(missing)})")
+    if unexpected := sorted(set(saved) - set(expected)):
+        problems.append(f"{len(unexpected)} tensor(s) this adapter does not have ({_some(unexpected)})")
+    if shapes := [f"{k} {saved[k]} vs {expected[k]}" for k in sorted(set(saved) & set(expected))
+                  if saved[k] != expected[k]]:
+        problems.append(f"{len(shapes)} tensor(s) of another shape ({_some(shapes)})")
+    if problems:
+        raise VlmtuneError(
+            f"{file} does not fit this run's adapter: " + "; ".join(problems) + ". It was written with other LoRA "
+            "settings (rank, target modules, train_projector) or for another model; resume with the config of the "
+            "run that wrote it (its config.yaml)."
+        )
+
+
 def _some(keys: list[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + (f", ... {len(keys) - n} more" if len(keys) > n else "")

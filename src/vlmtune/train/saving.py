@@ -123,12 +123,28 @@ def save_final(trainer: Any, processor: Any, config: VlmtuneConfig, family: Fami
         raise disk_full_error(f"the final {'model' if config.method.name.value == 'full' else 'adapter'}", out,
                               need, resume_from=intact[-1] if intact else None) from exc
     if final.exists():
-        old = out / f".{FINAL_DIR}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        shutil.rmtree(old)
+        _retire(final, {p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()})
     staging.rename(final)
     return final
+
+
+def _retire(final: Path, new_files: set[str]) -> None:
+    """Make room for a new `final/`. The old one is deleted only when it holds nothing but what training writes
+    there; files added since (predictions.jsonl, a user's notes) keep the old folder as `final.previous-N`."""
+    added = [p for p in final.rglob("*") if p.is_file() and p.relative_to(final).as_posix() not in new_files
+             and p.name not in (META_FILE, ".vlmtune-output")]
+    if added:
+        n = 1
+        while (kept := final.with_name(f"{FINAL_DIR}.previous-{n}")).exists():
+            n += 1
+        final.rename(kept)
+        log.warning("the earlier %s/ holds files training did not write (%s): kept as %s", FINAL_DIR,
+                    ", ".join(p.name for p in added[:5]), kept)
+        return
+    old = final.with_name(f".{FINAL_DIR}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    final.rename(old)
+    shutil.rmtree(old)
 
 
 def _meta(config: VlmtuneConfig, family: FamilyDescriptor) -> dict[str, Any]:

@@ -141,10 +141,12 @@ class VlmTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         """A full model's weights load key by key through the names `save_pretrained` wrote (checkpoint_weights.py),
         or the resume stops naming the keys; adapters load through PEFT as the Trainer does."""
+        from vlmtune.train.checkpoint_weights import check_adapter_keys, load_full_checkpoint
+
         target = model if model is not None else self.model
-        if hasattr(target, "peft_config") or getattr(target, "_hf_peft_config_loaded", False):
+        if hasattr(target, "peft_config"):
+            check_adapter_keys(self.accelerator.unwrap_model(target), Path(resume_from_checkpoint))
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        from vlmtune.train.checkpoint_weights import load_full_checkpoint
 
         load_full_checkpoint(self.accelerator.unwrap_model(target), Path(resume_from_checkpoint))
 
