@@ -14,6 +14,7 @@ import os
 import sys
 
 from vlmtune.cli import (
+    checkpoints_cmd,
     data_cmd,
     demo_cmd,
     estimate_cmd,
@@ -34,6 +35,7 @@ COMMANDS = {
     "demo": demo_cmd,
     "predict": predict_cmd,
     "export": export_cmd,
+    "checkpoints": checkpoints_cmd,
     "estimate": estimate_cmd,
     "recommend": recommend_cmd,
 }

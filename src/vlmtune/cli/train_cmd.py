@@ -70,6 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--learning-rate", "--learning_rate", "--lr", dest="learning_rate", type=float)
     p.add_argument("--resume", nargs="?", const=True, default=False,
                    help="continue from the latest checkpoint in output_dir (or from the given checkpoint folder)")
+    p.add_argument("--trust-checkpoint", "--trust_checkpoint", dest="trust_checkpoint", action="store_true",
+                   help="with --resume: skip the check against the checkpoint's manifest and let DeepSpeed unpickle "
+                        "any object in it (only for checkpoints from a source you trust, e.g. another tool)")
     p.add_argument("--overwrite", action="store_true",
                    help="train into an output_dir that holds files other than a vlmtune run's (none is deleted; "
                         "same-named files such as config.yaml are replaced)")
@@ -268,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:  # progress and logs come from rank 0; other ranks report only errors
         logging.getLogger().setLevel(logging.ERROR)
-    result = train(config, resume=args.resume, overwrite=args.overwrite)
+    result = train(config, resume=args.resume, trust_checkpoint=args.trust_checkpoint, overwrite=args.overwrite)
     if rank == 0:
         print(result.summary())
     return 0

@@ -64,6 +64,7 @@ def training_arguments(
         seed=t.seed,
         logging_strategy="steps",
         logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # a non-finite loss is logged as it is (train/nonfinite.py stops or skips it)
         eval_strategy="steps" if evaluate else "no",
         eval_steps=t.eval_steps if evaluate else None,
         save_strategy="steps" if t.save_checkpoints else "no",

@@ -105,6 +105,7 @@ def train(
     config: VlmtuneConfig,
     resume: bool | str = False,
     callbacks: list[TrainerCallback] | None = None,
+    trust_checkpoint: bool = False,
     overwrite: bool = False,
 ) -> TrainResult:
     """Fine-tune `config.model` on `config.data` with `config.method`; returns where everything was written.
@@ -114,6 +115,8 @@ def train(
     callbacks: extra `transformers.TrainerCallback`s (for tests and integrations).
     overwrite: train into an output_dir that holds other files than a vlmtune run's (they are kept; see
     vlmtune/outputs.py); a folder that is or contains the base model or the data is refused regardless.
+    trust_checkpoint: resume from a checkpoint without checking it against its manifest, and let DeepSpeed unpickle
+    any object in it (checkpoints written by another tool; see docs/RELIABILITY.md).
     """
     import torch
     from transformers import set_seed
@@ -135,7 +138,7 @@ def train(
     out = Path(config.output_dir)
     if config.data.train_path is None:
         raise ConfigError(["data.train_path is not set: give the training JSONL file (see docs/DATA.md)"])
-    checkpoint = resolve_resume(out, resume)
+    checkpoint = resolve_resume(out, resume, trust=trust_checkpoint)
     if checkpoint is None and find_checkpoints(out):
         raise VlmtuneError(
             f"{out} already holds checkpoints of an earlier run ({find_checkpoints(out)[-1].name}). "
@@ -218,7 +221,8 @@ def train(
         )
         _drop_default_printers(trainer)
         try:
-            output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            with _checkpoint_loads(checkpoint, trust_checkpoint):
+                output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         except torch.OutOfMemoryError as exc:
             raise VlmtuneError(oom_message(memory, trainer.state.global_step, exc)) from exc
         final_dir = save_final(trainer, processor, config, family)
@@ -251,6 +255,17 @@ def train(
         trainable_params=trainable,
         total_params=total,
     )
+
+
+def _checkpoint_loads(checkpoint: Path | None, trusted: bool) -> Any:
+    """A resume unpickles nothing but tensors and DeepSpeed's few state types (train/safe_load.py)."""
+    import contextlib
+
+    if checkpoint is None or trusted:
+        return contextlib.nullcontext()
+    from vlmtune.train.safe_load import weights_only_loads
+
+    return weights_only_loads()
 
 
 def _deepspeed_callbacks(config: VlmtuneConfig, ds_config: dict[str, Any] | None, world: int) -> list[TrainerCallback]:
