@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,12 +51,12 @@ def read_deepspeed_json(path: Path) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=8)
 def _parsed(path: str, mtime_ns: int) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(
-            [f"distributed.deepspeed_config: {path}, line {exc.lineno} column {exc.colno}: {exc.msg}"]
-        ) from None
+    from vlmtune.config.reading import Refused, _read_bytes, decode, parse_json
+
+    try:  # the config files' limits: size, encoding, nesting, number of values
+        data = parse_json(decode(_read_bytes(Path(path))))
+    except Refused as exc:
+        raise ConfigError([f"distributed.deepspeed_config: {path}: {exc.text()}"]) from None
     if not isinstance(data, dict):
         raise ConfigError(
             [f"distributed.deepspeed_config: {path} must hold a JSON object, got {type(data).__name__}"]
