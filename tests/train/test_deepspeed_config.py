@@ -149,7 +149,7 @@ def test_launch_commands(monkeypatch):
     assert should_launch(c) and not should_launch(train_cfg())
     assert should_launch(train_cfg("--zero-stage", "2"))  # DeepSpeed on one process also needs a launcher
     cmd = launch_command(c, ["cfg.yaml", "--num-gpus", "2"], python="py")
-    assert cmd == ["py", "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m",
+    assert cmd == ["py", "-m", "vlmtune.train.torchrun", "--nproc_per_node", "2", "--standalone", "-m",
                    "vlmtune.train", "cfg.yaml", "--num-gpus", "2"]
     c = train_cfg("--num-gpus", "8", "--num-nodes", "2", "--hostfile", "hosts", "--master-addr", "n1",
                   "--master-port", "29600")

@@ -69,7 +69,7 @@ def launch_command(config: VlmtuneConfig, train_args: list[str], python: str = s
         if dist.master_port:
             cmd += ["--master_port", str(dist.master_port)]
         return [*cmd, "--no_local_rank", "--module", MODULE, *train_args]
-    cmd = [python, "-m", "torch.distributed.run", "--nproc_per_node", str(dist.num_gpus)]
+    cmd = [python, "-m", "vlmtune.train.torchrun", "--nproc_per_node", str(dist.num_gpus)]  # torchrun, quiet on failures
     if dist.master_port or dist.master_addr:
         cmd += [
             "--master_addr",
