@@ -241,12 +241,20 @@ def remove_if_empty(folders: Iterable[Path]) -> None:
             path.rmdir()
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    """ENOSPC or a quota, as an OSError or inside another library's error text (safetensors raises its own)."""
+def is_disk_full(exc: BaseException, folder: Path | str | None = None) -> bool:
+    """ENOSPC or a quota, as an OSError or inside another library's error text (safetensors raises its own
+    `SafetensorError` "... No space left on device (os error 28)"). `torch.save` on a full disk raises a RuntimeError
+    that does not say so ("unexpected pos 576 vs 534"): with `folder`, an OSError or RuntimeError while less than
+    1 MiB is free on the folder's file system counts as a full disk too."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(exc)
-    return "No space left on device" in text or "Disk quota exceeded" in text or "StorageFull" in text
+    if any(s in text for s in ("No space left on device", "os error 28", "Disk quota exceeded", "StorageFull")):
+        return True
+    if folder is not None and isinstance(exc, (OSError, RuntimeError)):
+        free = _free_space(Path(folder))
+        return free is not None and free < 2**20
+    return False
 
 
 def _free_space(folder: Path) -> int | None:
@@ -265,7 +273,7 @@ def disk_full_guard(folder: Path | str, needed: int | Callable[[], int], what: s
     try:
         yield
     except Exception as exc:
-        if not is_disk_full(exc):
+        if not is_disk_full(exc, folder):
             raise
         size = needed() if callable(needed) else needed
         free = _free_space(folder)

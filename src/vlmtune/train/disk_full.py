@@ -5,15 +5,17 @@ The half-written checkpoint (in `.staging/`) is removed, so the earlier checkpoi
 
 from __future__ import annotations
 
-import errno
 import shutil
 from pathlib import Path
 
 from vlmtune.errors import VlmtuneError
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+def is_disk_full(exc: BaseException, folder: Path) -> bool:
+    """ENOSPC however the library that was writing reports it (see `outputs.is_disk_full`)."""
+    from vlmtune.outputs import is_disk_full as reported_full
+
+    return reported_full(exc, folder)
 
 
 def folder_bytes(folder: Path) -> int:

@@ -112,8 +112,8 @@ def save_final(trainer: Any, processor: Any, config: VlmtuneConfig, family: Fami
             return final
         processor.save_pretrained(str(staging))
         (staging / META_FILE).write_text(json.dumps(_meta(config, family), indent=2) + "\n", encoding="utf-8")
-    except OSError as exc:
-        if not is_disk_full(exc):
+    except Exception as exc:
+        if not is_disk_full(exc, out):
             raise
         need = folder_bytes(staging)
         shutil.rmtree(staging, ignore_errors=True)

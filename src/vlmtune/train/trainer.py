@@ -109,8 +109,8 @@ class VlmTrainer(Trainer):
             self.accelerator.wait_for_everyone()  # every rank's RNG state / shards are written before the rename
             if self.args.should_save:
                 write_manifest(staging / name, step=self.state.global_step)  # last: it means the save finished
-        except OSError as exc:
-            if not is_disk_full(exc):
+        except Exception as exc:
+            if not is_disk_full(exc, run_dir):
                 raise
             from vlmtune.train.saving import find_checkpoints
 
