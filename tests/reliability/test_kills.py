@@ -1,5 +1,5 @@
-"""kill -9 at a random training step and at each phase of a checkpoint save, for full fine-tuning, LoRA, QLoRA and
-DeepSpeed ZeRO-2 (one CPU process, gloo); then `vlmtune train --resume` must give the uninterrupted run's losses,
+"""kill -9 at a random training step and at each phase of a checkpoint save, for full fine-tuning, LoRA, QLoRA,
+DeepSpeed ZeRO-2 (one CPU process, gloo) and LoRA with padding-free packing; then `vlmtune train --resume` must give the uninterrupted run's losses,
 step for step and bit for bit, and the same final weights.
 
 Every run is a real `vlmtune train` process (tests/reliability/kill_runner.py kills it with SIGKILL from inside, at
@@ -27,7 +27,7 @@ RUNNER = Path(__file__).with_name("kill_runner.py")
 STEPS, SAVE_EVERY, KILLED_SAVE = 6, 2, 4
 SEED = int(os.environ.get("VLMTUNE_KILL_SEED", "0"))
 PHASES = ["step", "weights", "optimizer", "rng", "manifest", "rename"]
-METHODS = ["full", "lora", "qlora", "zero2"]
+METHODS = ["full", "lora", "qlora", "zero2", "packed"]
 
 
 def _env() -> dict[str, str]:
@@ -52,7 +52,7 @@ def _run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
 
 
 def _config(folder: Path, model: Path, data: Path, method: str) -> Path:
-    name = "full" if method == "zero2" else method
+    name = {"zero2": "full", "packed": "lora"}.get(method, method)
     config = {
         "output_dir": str(folder / "run"),
         "model": {"name_or_path": str(model)},
@@ -64,6 +64,8 @@ def _config(folder: Path, model: Path, data: Path, method: str) -> Path:
     }
     if method == "zero2":
         config["distributed"] = {"engine": "deepspeed", "zero_stage": 2}
+    if method == "packed":  # padding-free packing: rows of several samples, positions restarting per sample
+        config["speed"] = {"packing": True, "packing_max_tokens": 256}
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -130,8 +132,9 @@ def _requirements(method: str) -> None:
         pytest.importorskip("deepspeed")
 
 
-# The full matrix trains 52 tiny runs (about 9 minutes on 2 cores): CI runs a quick subset, the script all of it.
-QUICK = {("full", "weights"), ("full", "step"), ("lora", "optimizer"), ("qlora", "manifest"), ("zero2", "rename")}
+# The full matrix trains 65 tiny runs (about 10 minutes on 2 cores): CI runs a quick subset, the script all of it.
+QUICK = {("full", "weights"), ("full", "step"), ("lora", "optimizer"), ("qlora", "manifest"), ("zero2", "rename"),
+         ("packed", "rng")}
 
 
 @pytest.mark.reliability("kills")
