@@ -254,3 +254,16 @@ def _wider_model(model_dir: str, out: Path) -> Path:
     hf.text_config.intermediate_size *= 2
     AutoModelForImageTextToText.from_config(hf).save_pretrained(out)
     return out
+
+
+@pytest.mark.slow
+@pytest.mark.reliability("damage")
+def test_full_checkpoints_load_as_standard_models(trained):
+    # The checkpoint holds the standard HF layout (what from_pretrained reads), and the same weights as final/.
+    from transformers import AutoModelForImageTextToText
+
+    _, whole = trained("full")
+    from_checkpoint = AutoModelForImageTextToText.from_pretrained(whole / "checkpoint-4").state_dict()
+    from_final = AutoModelForImageTextToText.from_pretrained(whole / "final").state_dict()
+    assert from_checkpoint.keys() == from_final.keys()
+    assert all(torch.equal(from_checkpoint[k], from_final[k]) for k in from_final)
