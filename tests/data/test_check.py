@@ -165,7 +165,7 @@ def test_each_image_file_is_opened_once(tmp_path: Path, make_image, write_jsonl,
 
     make_image("img.png")
     calls: list[Path] = []
-    real = check_module.load_image
-    monkeypatch.setattr(check_module, "load_image", lambda p, mp: calls.append(p) or real(p, mp))
+    real = check_module.decode_image
+    monkeypatch.setattr(check_module, "decode_image", lambda p, mp: calls.append(p) or real(p, mp))
     report = check_file(write_jsonl([chat()] * 5))
     assert report.ok and len(calls) == 1 and report.summary["images"] == 5

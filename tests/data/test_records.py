@@ -218,8 +218,8 @@ def test_paths_are_resolved_against_the_file_folder(tmp_path: Path, write_jsonl)
                     {"role": "assistant", "content": "y"},
                 ]
             },
-            "messages[0].content[0].type",
-            "unsupported",
+            "messages[0].content[0]",
+            "video is not supported",
         ),
         (
             {

@@ -18,6 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--model", help="model folder or hub id whose processor counts the tokens (image tokens included)")
     c.add_argument("--max-length", type=int, help="override data.max_length")
     c.add_argument("--image-size", type=int, help="override data.image_size")
+    c.add_argument("--on-ignored-field", choices=["error", "warn"],
+                   help="override data.on_ignored_field: a record field vlmtune does not read is an error (default) "
+                        "or a warning counted per field")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     s = sub.add_parser("split", help="write train.jsonl and val.jsonl")
     s.add_argument("file", type=Path, help="the JSONL file to split (records are copied as written)")
@@ -42,6 +45,8 @@ def _check_config(args: argparse.Namespace):
         overrides.append(f"data.max_length={args.max_length}")
     if args.image_size:
         overrides.append(f"data.image_size={args.image_size}")
+    if args.on_ignored_field:
+        overrides.append(f"data.on_ignored_field={args.on_ignored_field}")
     base = preset_dict(args.preset) if args.preset else {}
     return load_config(args.config, overrides, base=base)
 
@@ -61,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = _check_config(args)
     counter, note = token_counter_for(config, explicit=bool(args.model or args.config))
-    report = check_file(args.file, config.data, token_length=counter)
+    report = check_file(args.file, config.data, token_length=counter, family=counter.family if counter else None)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:

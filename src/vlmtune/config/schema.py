@@ -59,6 +59,18 @@ class DataConfig(_Strict):
     """Images larger than this are rejected before decoding (decompression-bomb guard)."""
     check_before_training: bool = True
     """Validate every record (`vlmtune data check`) before loading the model."""
+    max_record_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    """Longest JSONL line (one record) in bytes, 4 MiB by default; a 100-turn record of long text is ~100 KB. A
+    longer line is refused without being read whole, so reading stays bounded in memory whatever the file holds."""
+    max_text_chars: int | None = Field(None, gt=0)
+    """Most characters of text in one record, checked before tokenizing. None: 64 x max_length, which no tokenizer
+    fits into max_length tokens (real text averages under 8 characters per token, CJK about 1)."""
+    max_json_depth: int = Field(32, gt=0)
+    """Deepest nesting of JSON arrays and objects in a record (a chat record needs 5), checked before parsing."""
+    on_ignored_field: Literal["error", "warn"] = "error"
+    """A record field vlmtune does not read (a top-level `system`, a per-message `loss`, per-image sizes, an unknown
+    key): `error` names it; `warn` trains without it and warns once per field with the number of records that
+    have it. The metadata keys id, source, dataset and metadata are always accepted (docs/DATA.md)."""
 
     @model_validator(mode="after")
     def _pixels_order(self) -> DataConfig:

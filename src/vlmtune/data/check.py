@@ -10,6 +10,11 @@ given a `token_length` callable, its length against `data.max_length`:
 - image_end > max_length (a cut would fall inside or before an image span): an error with
   `data.on_overflow="error"`, a warning with `"drop"` (training drops the record); an error either way if every
   record would be dropped. With a plain int, the checker cannot see image spans and only warns on over-length.
+
+Memory stays bounded whatever the file holds: records are checked one at a time and let go; what is kept per
+record is 8 bytes (its token length), per distinct image ~70 bytes (a hash of its path), and at most
+MAX_STORED_PROBLEMS problems of each severity. Ignored-field warnings (`data.on_ignored_field=warn`) are counted
+per field and reported once each, with the number of records that have it and the first line.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from vlmtune.config.schema import DataConfig
-from vlmtune.data.images import load_image
+from vlmtune.data.fields import IGNORED_CODE, field_kind
+from vlmtune.data.images import decode_image
 from vlmtune.data.records import Problem, Record, format_problems, scan
 from vlmtune.errors import DataError, VlmtuneError
 
@@ -72,6 +78,8 @@ class CheckReport:
         if s.get("converted_modes"):
             modes = ", ".join(f"{mode} x{n}" for mode, n in sorted(s["converted_modes"].items()))
             lines.append(f"  converted to RGB (not errors): {modes}")
+        if s.get("animated_images"):
+            lines.append(f"  animated images: {s['animated_images']} (the first frame of each is used)")
         if "tokens" in s:
             t = s["tokens"]
             lines.append(
@@ -121,24 +129,69 @@ def _token_summary(lengths: array) -> dict[str, Any]:
 
 
 class _ImageCache:
-    """Each distinct file is opened once, however many records use it."""
+    """Each distinct file is opened once, however many records use it. Good files are remembered by a 64-bit hash
+    of their path (~70 bytes each); the messages of bad ones are kept up to MAX_STORED_PROBLEMS, past that a bad
+    file is opened again when another record uses it (and counted once)."""
 
     def __init__(self, max_megapixels: float):
         self.max_megapixels = max_megapixels
-        self.results: dict[Path, str | None] = {}
+        self._good: set[int] = set()
+        self._bad: set[int] = set()
+        self._messages: dict[int, str] = {}
         self.modes: Counter[str] = Counter()
+        self.animated = 0
+
+    @property
+    def unique(self) -> int:
+        return len(self._good) + len(self._bad)
 
     def problem(self, path: Path) -> str | None:
-        if path not in self.results:
-            try:
-                image, mode = load_image(path, self.max_megapixels)
-                image.close()
-                if mode != "RGB":
-                    self.modes[mode] += 1
-                self.results[path] = None
-            except DataError as exc:
-                self.results[path] = str(exc)
-        return self.results[path]
+        key = hash(str(path))
+        if key in self._good:
+            return None
+        if key in self._messages:
+            return self._messages[key]
+        try:
+            decoded = decode_image(path, self.max_megapixels)
+        except DataError as exc:
+            self._bad.add(key)
+            if len(self._messages) < MAX_STORED_PROBLEMS:
+                self._messages[key] = str(exc)
+            return str(exc)
+        decoded.image.close()
+        self._good.add(key)
+        if decoded.mode != "RGB":
+            self.modes[decoded.mode] += 1
+        self.animated += decoded.animated
+        return None
+
+
+class _IgnoredFields:
+    """Ignored-field warnings counted per field (`messages[].loss`): one warning each at the end."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, Problem] = {}
+        self.records: Counter[str] = Counter()
+
+    def add(self, problems: list[Problem]) -> list[Problem]:
+        """Takes the ignored-field warnings out of `problems`; returns the rest."""
+        rest, kinds = [], set()
+        for p in problems:
+            if p.code != IGNORED_CODE:
+                rest.append(p)
+                continue
+            kind = field_kind(p.field)
+            self.first.setdefault(kind, p)
+            kinds.add(kind)
+        self.records.update(kinds)
+        return rest
+
+    def problems(self) -> list[Problem]:
+        return [
+            Problem(p.line, kind, f"ignored in {self.records[kind]:,} record(s), this line the first: {p.message}",
+                    "warning", IGNORED_CODE)
+            for kind, p in self.first.items()
+        ]
 
 
 def _display(path: Path, base_dir: Path) -> str:
@@ -191,9 +244,14 @@ def _check_length(
 
 
 def check_file(
-    path: Path | str, data_cfg: DataConfig | None = None, token_length: TokenLength | None = None
+    path: Path | str,
+    data_cfg: DataConfig | None = None,
+    token_length: TokenLength | None = None,
+    family: str | None = None,
 ) -> CheckReport:
-    """Validate every line of a JSONL data file; never raises on bad data (see `CheckReport.raise_if_errors`)."""
+    """Validate every line of a JSONL data file; never raises on bad data (see `CheckReport.raise_if_errors`).
+
+    `family`: the model family's name, for messages about what it cannot take (video)."""
     path = Path(path)
     cfg = data_cfg or DataConfig()
     report = CheckReport(path)
@@ -211,16 +269,19 @@ def check_file(
         images_bad=0,
         multi_image_records=0,
         converted_modes={},
+        animated_images=0,
+        ignored_fields={},
         max_length=cfg.max_length,
         over_max_length=0,
         image_overflow=0,
     )
     images = _ImageCache(cfg.max_image_megapixels)
+    ignored = _IgnoredFields()
     base_dir = path.parent.absolute()
     lengths: array = array("q")
     dropped = 0
-    for line, record, problems in scan(path):
-        for problem in problems:
+    for line, record, problems in scan(path, cfg, family):
+        for problem in ignored.add(problems):
             report.add(problem)
         if line == 0:
             continue
@@ -245,8 +306,12 @@ def check_file(
         s["multi_image_records"] += len(record.images) > 1
         if token_length is not None:
             dropped += _check_length(record, token_length, cfg, report, lengths)
-    s["unique_images"] = len(images.results)
+    for problem in ignored.problems():
+        report.add(problem)
+    s["ignored_fields"] = dict(ignored.records)
+    s["unique_images"] = images.unique
     s["converted_modes"] = dict(images.modes)
+    s["animated_images"] = images.animated
     if lengths:
         s["tokens"] = _token_summary(lengths)
     if s["records_ok"] and dropped == s["records_ok"]:

@@ -3,27 +3,49 @@
 Pillow reads only the header in `Image.open`; pixels are decoded by `load()`. So an oversized image (a
 decompression bomb, or a 20k x 20k scan) is rejected after reading a few bytes. Pillow's own global limit
 (`Image.MAX_IMAGE_PIXELS`) is left alone: its warning is silenced locally and its error is reported as ours.
+Animated images (GIF, WebP, APNG) give their first frame: `load()` decodes the current frame, which is the first.
 """
 
 from __future__ import annotations
 
+import struct
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlmtune.errors import DataError
 
-_READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError)
+_READ_ERRORS = (
+    OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, ArithmeticError, struct.error
+)
+"""What Pillow's decoders raise on corrupt data (a bad EXIF block raises struct.error or KeyError)."""
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _ORIENTATION = 0x0112
 
 
+def _not_a_file(path: Path) -> str | None:
+    try:
+        if path.is_file():
+            return None
+        if path.is_dir():
+            return f"image path is a folder, not a file: {path}"
+        if path.is_symlink():
+            return f"image file is a broken symbolic link: {path} -> {path.readlink()}"
+        if path.exists():
+            return f"image path is not a regular file (a device, pipe or socket): {path}"
+    except OSError as exc:  # e.g. ENAMETOOLONG, EACCES on a parent folder
+        return f"image file cannot be read ({exc.strerror or exc}): {path}"
+    return f"image file not found: {path}"
+
+
 def _open_header(path: Path, max_megapixels: float) -> Image.Image:
     """Open without decoding and enforce the size limit. The caller closes the image."""
-    if not path.is_file():
-        raise DataError(f"image file not found: {path}")
+    problem = _not_a_file(path)
+    if problem:
+        raise DataError(problem)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -86,8 +108,18 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_image(path: Path | str, max_megapixels: float = 100.0) -> tuple[Image.Image, str]:
-    """(RGB image, the file's original mode). The EXIF orientation is applied, as transformers' `load_image` does.
+class Decoded(NamedTuple):
+    image: Image.Image
+    """RGB."""
+    mode: str
+    """The file's original mode."""
+    animated: bool
+    """More than one frame (only the first is used)."""
+
+
+def decode_image(path: Path | str, max_megapixels: float = 100.0) -> Decoded:
+    """The first frame as RGB, its original mode, and whether the file is animated. The EXIF orientation is
+    applied, as transformers' `load_image` does.
 
     Raises DataError for a missing, oversized, corrupt or truncated file, or a mode that cannot become RGB.
     """
@@ -95,13 +127,20 @@ def load_image(path: Path | str, max_megapixels: float = 100.0) -> tuple[Image.I
     with _open_header(path, max_megapixels) as im:
         mode = im.mode
         try:
+            animated = bool(getattr(im, "is_animated", False))
             im.load()
             if im.getexif().get(_ORIENTATION, 1) != 1:
                 im = ImageOps.exif_transpose(im)
             rgb = to_rgb(im)
         except _READ_ERRORS as exc:
             raise DataError(f"image {path} is corrupt or truncated ({mode}): {exc}") from exc
-    return rgb, mode
+    return Decoded(rgb, mode, animated)
+
+
+def load_image(path: Path | str, max_megapixels: float = 100.0) -> tuple[Image.Image, str]:
+    """(RGB image of the first frame, the file's original mode); see `decode_image`."""
+    decoded = decode_image(path, max_megapixels)
+    return decoded.image, decoded.mode
 
 
 def open_image(path: Path | str, max_megapixels: float = 100.0) -> Image.Image:

@@ -2,24 +2,36 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
-from vlmtune.config.schema import VlmtuneConfig
+from vlmtune.config.schema import DataConfig, VlmtuneConfig
 from vlmtune.data.records import Record
 from vlmtune.errors import VlmtuneError
 
 
-def token_counter(config: VlmtuneConfig) -> Callable[[Record], int]:
-    """Tokens of a record (image tokens included) with the model's own processor and chat template."""
-    from vlmtune.data.processing import count_tokens
+class TokenCounter:
+    """Tokens of a record (image tokens included) with the model's own processor and chat template; `family` names
+    the model family for the check's messages."""
+
+    def __init__(self, processor: Any, family: Any, data_cfg: DataConfig):
+        self.processor, self._family, self._data_cfg = processor, family, data_cfg
+        self.family: str = family.name
+
+    def __call__(self, record: Record) -> int:
+        from vlmtune.data.processing import count_tokens
+
+        return count_tokens(record, self.processor, self._family, self._data_cfg)
+
+
+def token_counter(config: VlmtuneConfig) -> TokenCounter:
+    """The token counter of `config`'s model (its processor is loaded, no weights)."""
     from vlmtune.families import family_for_model
 
     family = family_for_model(config.model.name_or_path)
-    processor = family.load_processor(config.model.name_or_path, config.data)
-    return lambda record: count_tokens(record, processor, family, config.data)
+    return TokenCounter(family.load_processor(config.model.name_or_path, config.data), family, config.data)
 
 
-def token_counter_for(config: VlmtuneConfig, explicit: bool) -> tuple[Callable[[Record], int] | None, str | None]:
+def token_counter_for(config: VlmtuneConfig, explicit: bool) -> tuple[TokenCounter | None, str | None]:
     """For `data check`: with no model named, a missing default model skips the length check with a note."""
     try:
         return token_counter(config), None
