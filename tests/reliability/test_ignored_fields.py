@@ -162,3 +162,25 @@ def test_training_refuses_an_ignored_field_at_its_data_check(folder: Path, run_c
     path = write(folder, chat(), chat(system="Be brief."))
     with pytest.raises(DataError, match=re.escape(f"{path}:2: error: system: a top-level 'system' prompt is not read")):
         train(run_config(data={"train_path": str(path)}))
+
+
+@pytest.mark.slow
+@pytest.mark.reliability("ignored")
+def test_train_agrees_with_data_check_and_the_switch(run_config, shapes_data, tmp_path, caplog):
+    # A record with a top-level `system` column: train refuses it as data check does; with the switch it trains,
+    # saying how many records carry the field.
+    from vlmtune.train.engine import train
+
+    lines = shapes_data[0].read_text().splitlines()
+    tagged = [json.dumps({**json.loads(line), "system": "Answer in one word."}) if i < 3 else line
+              for i, line in enumerate(lines)]
+    data = shapes_data[0].with_name("with_system.jsonl")  # beside the images the records name
+    data.write_text("\n".join(tagged) + "\n")
+    config = run_config(out=tmp_path / "run", training={"max_steps": 1}, data={"train_path": str(data)})
+    with pytest.raises(DataError, match=r"with_system.jsonl:1: error: system:"):
+        train(config)
+    config = run_config(out=tmp_path / "run2", training={"max_steps": 1},
+                        data={"train_path": str(data), "on_ignored_field": "warn"})
+    with caplog.at_level("WARNING"):
+        result = train(config)
+    assert result.steps == 1 and re.search(r"system.*3 record", caplog.text), caplog.text[-2000:]

@@ -18,6 +18,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from vlmtune import outputs
+from vlmtune.config.schema import DataConfig
 from vlmtune.data.records import Problem, format_problems, iter_lines, scan
 from vlmtune.errors import DataError
 
@@ -61,7 +62,8 @@ def _map_message(message: Any, fn: Callable[[str], str]) -> Any:
 
 def _count_valid(path: Path) -> int:
     count, problems = 0, []
-    for _, record, found in scan(path):
+    # Split copies records as written: a field vlmtune does not read travels along (train's data check decides).
+    for _, record, found in scan(path, DataConfig(on_ignored_field="warn")):
         problems += [p for p in found if p.severity == "error"]
         count += record is not None
     if problems:

@@ -134,13 +134,14 @@ def _image_hw(path: Path) -> tuple[int, int]:
 
 def scan_data(path: str | Path, spec: ModelSpec) -> DataProfile:
     """Read every record's text length and image sizes. Raises DataError listing every unreadable record/image."""
+    from vlmtune.config.schema import DataConfig
     from vlmtune.data.records import format_problems, scan
 
     path = Path(path)
     count, exact = _text_counter(spec)
     per_message = spec.arch.chat.get("tokens_per_message", 0)
     samples, problems, bad_images = [], [], []
-    for _, record, found in scan(path):
+    for _, record, found in scan(path, DataConfig(on_ignored_field="warn")):  # measuring, not training
         problems += [p for p in found if p.severity == "error"]
         if record is None:
             continue

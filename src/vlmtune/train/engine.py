@@ -73,7 +73,7 @@ def _check_data(config: VlmtuneConfig, processor: Any, family: FamilyDescriptor)
     for path in (config.data.train_path, config.data.val_path):
         if path is not None:
             first_pass = EncodeOnce(_encoder(processor, family, config), token_length, config.data.max_length)
-            report = check_file(path, config.data, first_pass.count)
+            report = check_file(path, config.data, first_pass.count, family=family.name)
             report.raise_if_errors()
             if report.warnings:
                 log.warning("data check:\n%s", report.format(limit=10))
@@ -94,7 +94,7 @@ def build_dataset(
     from vlmtune.data.records import read_records
 
     encode = _encoder(processor, family, config)
-    return EncodedDataset(read_records(path), encode, source=path, first_pass=first_pass)
+    return EncodedDataset(read_records(path, config.data), encode, source=path, first_pass=first_pass)
 
 
 def _loss_history(log_history: list[dict[str, Any]]) -> list[float]:
