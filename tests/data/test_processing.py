@@ -16,7 +16,7 @@ from vlmtune.data.records import ImagePart, Message, Record, TextPart
 from vlmtune.errors import DataError, VlmtuneError
 from vlmtune.families import get_family
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava"]
 
 
 @pytest.fixture(scope="module")

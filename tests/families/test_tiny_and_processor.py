@@ -12,7 +12,7 @@ from vlmtune.config.schema import DataConfig, VlmtuneConfig
 from vlmtune.errors import ConfigError, VlmtuneError
 from vlmtune.families import get_family
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -43,7 +43,8 @@ def test_tiny_model_reloads_and_trains_one_step(tiny_model_dir, name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_saved_folder_names_the_upstream_processor(tiny_model_dir, name):
     saved = json.loads((tiny_model_dir(name) / "processor_config.json").read_text())
-    assert not saved["processor_class"].startswith(("Vlmtune", "Qwen2VLImageText", "Qwen2_5_VLImageText"))
+    ours = ("Vlmtune", "Qwen2VLImageText", "Qwen2_5_VLImageText", "Qwen3VLImageText")
+    assert not saved["processor_class"].startswith(ours)
     assert saved["processor_class"].endswith("Processor")
 
 
@@ -60,7 +61,9 @@ def test_tiny_build_is_deterministic_and_seeded(tmp_path):
 
 # (family, size, parameters of the released checkpoint), counted on the meta device from the written config
 ARCHS = [("qwen2_vl", "2b", 2.209e9), ("qwen2_vl", "7b", 8.291e9), ("qwen2_5_vl", "3b", 3.755e9),
-         ("qwen2_5_vl", "7b", 8.292e9), ("llava", "7b", 7.063e9), ("llava", "13b", 13.351e9)]
+         ("qwen2_5_vl", "7b", 8.292e9), ("qwen3_vl", "2b", 2.128e9), ("qwen3_vl", "4b", 4.438e9),
+         ("qwen3_vl", "8b", 8.767e9), ("qwen3_vl", "32b", 33.357e9), ("llava", "7b", 7.063e9),
+         ("llava", "13b", 13.351e9)]
 
 
 @pytest.mark.parametrize("name, size, params", ARCHS)
@@ -95,20 +98,23 @@ def test_image_token_count_matches_the_processor(tiny_model_dir, name, size):
                                                                                                  processor)
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_dynamic_resolution_settings(tiny_model_dir, name):
     family, path = get_family(name), tiny_model_dir(name)
-    size = family.load_processor(path, DataConfig(image_size=112)).image_processor.size
-    assert (size.shortest_edge, size.longest_edge) == (56 * 56, 112 * 112)
-    size = family.load_processor(path, DataConfig(image_size=112, max_pixels=5000)).image_processor.size
+    token = family.patch_size * family.merge_size  # pixels per image-token side: 28 (Qwen2/2.5-VL), 32 (Qwen3-VL)
+    tiny = (2 * token) ** 2  # the tiny checkpoints' min = max pixels
+    size = family.load_processor(path, DataConfig(image_size=4 * token)).image_processor.size
+    assert (size.shortest_edge, size.longest_edge) == (tiny, (4 * token) ** 2)
+    size = family.load_processor(path, DataConfig(image_size=4 * token, max_pixels=5000)).image_processor.size
     assert size.longest_edge == 5000
-    size = family.load_processor(path, DataConfig(image_size=28)).image_processor.size
-    assert (size.shortest_edge, size.longest_edge) == (28 * 28, 28 * 28)  # checkpoint min lowered to the max
+    size = family.load_processor(path, DataConfig(image_size=token)).image_processor.size
+    assert (size.shortest_edge, size.longest_edge) == (token * token, token * token)  # checkpoint min lowered
     size = family.load_processor(path, DataConfig(min_pixels=1000)).image_processor.size
-    assert (size.shortest_edge, size.longest_edge) == (1000, 56 * 56)  # tiny checkpoint's max kept
-    with pytest.raises(ConfigError, match="data.min_pixels=4000"):
-        family.load_processor(path, DataConfig(image_size=56, min_pixels=4000))
-    assert family.image_token_count(448, 448, family.load_processor(path, DataConfig(image_size=448))) == 256
+    assert (size.shortest_edge, size.longest_edge) == (1000, tiny)  # tiny checkpoint's max kept
+    with pytest.raises(ConfigError, match=f"data.min_pixels={tiny + 1000}"):
+        family.load_processor(path, DataConfig(image_size=2 * token, min_pixels=tiny + 1000))
+    assert family.image_token_count(448, 448, family.load_processor(path, DataConfig(image_size=448))) == (
+        (448 // token) ** 2)
 
 
 def test_fixed_resolution_family_rejects_other_sizes(tiny_model_dir):
@@ -137,4 +143,6 @@ def test_capability_check_names_fields():
     small = VlmtuneConfig.model_validate({"data": {"image_size": 20}})
     assert get_family("qwen2_5_vl").check(small) == [
         "data.image_size=20: smaller than one image token (28 px = 2x2 patches of 14 px)"]
+    assert get_family("qwen3_vl").check(small) == [
+        "data.image_size=20: smaller than one image token (32 px = 2x2 patches of 16 px)"]
     assert get_family("llava").check(VlmtuneConfig()) == []

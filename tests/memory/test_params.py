@@ -50,6 +50,7 @@ REQUIRED = [
     "Qwen3-VL-2B",
     "Qwen3-VL-4B",
     "Qwen3-VL-8B",
+    "Qwen3-VL-32B",
     "SmolVLM-256M",
     "SmolVLM-500M",
     "SmolVLM-Instruct",

@@ -47,9 +47,10 @@ def _losses(result) -> list[float]:
 
 
 @pytest.mark.slow
-def test_switches_keep_the_losses(tiny_model_dir, varied_jsonl, tmp_path):
-    plain = train(_config(tiny_model_dir, varied_jsonl, tmp_path / "off", OFF))
-    fast = train(_config(tiny_model_dir, varied_jsonl, tmp_path / "on", {"checkpoint_every_n_layers": 2}))
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_switches_keep_the_losses(tiny_model_dir, varied_jsonl, tmp_path, family):
+    plain = train(_config(tiny_model_dir, varied_jsonl, tmp_path / "off", OFF, family=family))
+    fast = train(_config(tiny_model_dir, varied_jsonl, tmp_path / "on", {"checkpoint_every_n_layers": 2}, family))
     assert _start(fast)["speed"]["active"] == ["chunked_loss", "frozen_vision_no_grad", "fused_lora"]
     assert "runs on the CPU" in _start(fast)["speed"]["skipped"]["sdpa_without_cudnn"]
     assert plain.steps == fast.steps == 3
@@ -58,13 +59,14 @@ def test_switches_keep_the_losses(tiny_model_dir, varied_jsonl, tmp_path):
 
 
 @pytest.mark.slow
-def test_packing_trains(tiny_model_dir, varied_jsonl, tmp_path, caplog):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_packing_trains(tiny_model_dir, varied_jsonl, tmp_path, caplog, family):
     config = _config(
         tiny_model_dir,
         varied_jsonl,
         tmp_path / "packed",
         {"packing": True, "packing_max_tokens": 150},
-        family="qwen2_5_vl",
+        family=family,
     )
     with caplog.at_level(logging.WARNING, logger="transformers"):
         result = train(config)

@@ -30,8 +30,11 @@ def _count_adapter_calls(model: torch.nn.Module) -> tuple[list[int], list]:
     return calls, handles
 
 
-def test_fp32_same_loss_and_gradients(tiny_model_dir, batch):
-    model = lora_model(tiny_model_dir("qwen2_vl"), "qwen2_vl")
+@pytest.mark.parametrize("family_name", ["qwen2_vl", "qwen3_vl"])
+def test_fp32_same_loss_and_gradients(tiny_model_dir, encoded, family_name):
+    processor, samples = encoded(family_name)
+    batch = Collator(processor.tokenizer.pad_token_id)(samples)
+    model = lora_model(tiny_model_dir(family_name), family_name)
     reference = loss_and_grads(model, batch)
     handle = fuse_lora(unwrap_peft(model), zero_stage=0)
     assert not isinstance(handle, str) and handle.layers

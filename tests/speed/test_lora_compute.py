@@ -28,10 +28,11 @@ def _run(model, batch) -> tuple[tuple, int]:
     return result, sum(storages.values())
 
 
-def test_same_loss_less_saved(tiny_model_dir, encoded):
-    processor, samples = encoded("qwen2_vl")
+@pytest.mark.parametrize("family_name", ["qwen2_vl", "qwen3_vl"])
+def test_same_loss_less_saved(tiny_model_dir, encoded, family_name):
+    processor, samples = encoded(family_name)
     batch = Collator(processor.tokenizer.pad_token_id)(samples)
-    model = lora_model(tiny_model_dir("qwen2_vl"), "qwen2_vl", dtype=torch.bfloat16)
+    model = lora_model(tiny_model_dir(family_name), family_name, dtype=torch.bfloat16)
     reference, saved_before = _run(model, batch)
     handle = lora_compute_in_16bit(model, autocast=True)
     assert not isinstance(handle, str) and handle.layers
@@ -121,7 +122,7 @@ def test_compiled_layers_with_packed_rows(tiny_model_dir, encoded):
     assert_same(reference, compiled, rel=1e-5, cosine=0.9999)
 
 
-@pytest.mark.parametrize("family_name", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("family_name", ["qwen2_vl", "qwen3_vl", "llava"])
 def test_one_graph_for_every_compiled_layer(tiny_model_dir, encoded, tmp_path, family_name):
     """The compiled layers share one graph: the first layer, whose input alone does not require grad under LoRA,
     stays eager. Compiling it too makes dynamo build a second graph (every compilation twice on a GPU)."""

@@ -15,7 +15,7 @@ from vlmtune.families import get_family
 from vlmtune.train.vision_keepalive import VisionKeepAlive
 
 
-@pytest.mark.parametrize("family_name", ["qwen2_vl", "qwen2_5_vl", "llava"])
+@pytest.mark.parametrize("family_name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava"])
 def test_text_only_batch_runs_the_vision_tower_first(family_name, tiny_model_dir, shapes_data):
     family = get_family(family_name)
     path = tiny_model_dir(family_name)

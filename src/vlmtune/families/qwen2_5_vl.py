@@ -72,12 +72,12 @@ class Qwen2_5_VLFamily(Qwen2VLFamily):
 
     def tiny_config(self, token_ids: Mapping[str, int], vocab_size: int,
                     arch: Mapping[str, Any] | None) -> PretrainedConfig:
-        from transformers import Qwen2_5_VLConfig
+        from transformers import CONFIG_MAPPING
 
         numbers = self._config_dict(token_ids, vocab_size, arch)
         numbers["vision_config"] = {**numbers["vision_config"],
                                     "out_hidden_size": numbers["text_config"]["hidden_size"]}
-        return Qwen2_5_VLConfig(**numbers)
+        return CONFIG_MAPPING[self.model_types[0]](**numbers)  # also the subclasses' (Qwen3-VL)
 
 
 DESCRIPTOR = Qwen2_5_VLFamily()

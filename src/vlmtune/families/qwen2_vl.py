@@ -89,6 +89,14 @@ class Qwen2VLFamily(FamilyDescriptor):
     chat_template = CHATML_TEMPLATE
     dynamic_resolution = True
     processor_class = Qwen2VLImageTextProcessor
+    patch_size: int = 14
+    """Vision patch side in pixels; `merge_size` x `merge_size` patches make one image token."""
+    merge_size: int = 2
+    real_pixel_bounds: tuple[int, int] = (REAL_MIN_PIXELS, REAL_MAX_PIXELS)
+    """(min_pixels, max_pixels) of the released checkpoints' preprocessor_config.json."""
+    tiny_image_pixels: int = TINY_IMAGE_PIXELS
+    image_normalization: Mapping[str, Any] = {}
+    """image_mean / image_std of the released checkpoints, when not the image processor's defaults."""
 
     tiny_special_tokens = QWEN_SPECIAL_TOKENS
     tiny_token_roles = QWEN_TOKEN_ROLES
@@ -123,9 +131,10 @@ class Qwen2VLFamily(FamilyDescriptor):
     }
 
     def _check_extra(self, config: VlmtuneConfig) -> list[str]:
-        size = config.data.image_size
-        if size is not None and size < 28:
-            return [f"data.image_size={size}: smaller than one image token (28 px = 2x2 patches of 14 px)"]
+        size, token = config.data.image_size, self.patch_size * self.merge_size
+        if size is not None and size < token:
+            return [f"data.image_size={size}: smaller than one image token ({token} px = "
+                    f"{self.merge_size}x{self.merge_size} patches of {self.patch_size} px)"]
         return []
 
     def _configure_image_processor(self, processor: ProcessorMixin, data_cfg: DataConfig) -> None:
@@ -170,10 +179,11 @@ class Qwen2VLFamily(FamilyDescriptor):
 
     def tiny_processor(self, tokenizer: Any, config: PretrainedConfig, full_size: bool) -> ProcessorMixin:
         vision = config.vision_config
-        min_pixels, max_pixels = (REAL_MIN_PIXELS, REAL_MAX_PIXELS) if full_size else (TINY_IMAGE_PIXELS,) * 2
+        min_pixels, max_pixels = self.real_pixel_bounds if full_size else (self.tiny_image_pixels,) * 2
         image_processor = Qwen2VLImageProcessorPil(
             min_pixels=min_pixels, max_pixels=max_pixels, patch_size=vision.patch_size,
-            merge_size=vision.spatial_merge_size, temporal_patch_size=vision.temporal_patch_size)
+            merge_size=vision.spatial_merge_size, temporal_patch_size=vision.temporal_patch_size,
+            **self.image_normalization)
         return self.processor_class(image_processor=image_processor, tokenizer=tokenizer,
                                     chat_template=self.chat_template)
 

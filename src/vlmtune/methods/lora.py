@@ -58,9 +58,18 @@ def lora_target_names(model: torch.nn.Module, config: VlmtuneConfig, family: Fam
 
 
 def projector_names(model: torch.nn.Module, family: FamilyDescriptor) -> list[str]:
-    """The projector modules present in this model (fully trained with `train_projector`)."""
-    present = {name for name, _ in model.named_modules()}
-    return [p for p in family.projector_prefixes if p in present]
+    """The projector modules present in this model (fully trained with `train_projector`). A module list (e.g. one
+    DeepStack merger per tapped vision block) is given by its items: PEFT's modules_to_save wraps modules,
+    not lists."""
+    modules = dict(model.named_modules())
+    names: list[str] = []
+    for prefix in family.projector_prefixes:
+        module = modules.get(prefix)
+        if isinstance(module, torch.nn.ModuleList):
+            names += [f"{prefix}.{i}" for i in range(len(module))]
+        elif module is not None:
+            names.append(prefix)
+    return names
 
 
 def _deepspeed_enabled() -> bool:
