@@ -20,18 +20,19 @@ def red_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def train_tiny(tiny_model_dir, red_data, tmp_path_factory) -> Callable[..., Path]:
-    """train_tiny(method, steps, lr) -> output_dir/final of a qwen2_vl run on `red_data` (cached per arguments)."""
+    """train_tiny(method, steps, lr, family="qwen2_vl") -> output_dir/final of a run on `red_data` (cached per
+    arguments)."""
     from vlmtune.train.engine import train
 
     done: dict[tuple, Path] = {}
 
-    def run(method: str, steps: int = 6, lr: float = 5e-3) -> Path:
-        key = (method, steps, lr)
+    def run(method: str, steps: int = 6, lr: float = 5e-3, family: str = "qwen2_vl") -> Path:
+        key = (method, steps, lr, family)
         if key not in done:
             config = VlmtuneConfig.model_validate(
                 {
-                    "output_dir": str(tmp_path_factory.mktemp(f"run-{method}")),
-                    "model": {"name_or_path": str(tiny_model_dir("qwen2_vl"))},
+                    "output_dir": str(tmp_path_factory.mktemp(f"run-{family}-{method}")),
+                    "model": {"name_or_path": str(tiny_model_dir(family))},
                     "data": {"train_path": str(red_data)},
                     "method": {"name": method, "lora": {"dropout": 0.0, "train_projector": method != "full"}},
                     "training": {

@@ -10,7 +10,7 @@ import torch
 from vlmtune.errors import ConfigError
 from vlmtune.families import get_family
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "instructblip"]
 
 
 def _model(tiny_model_dir, name: str) -> torch.nn.Module:
@@ -27,7 +27,7 @@ def models(tiny_model_dir) -> dict[str, torch.nn.Module]:
 @pytest.mark.parametrize("name", FAMILIES)
 def test_prefixes_name_real_modules(models, name):
     family, model = get_family(name), models[name]
-    modules = dict(model.named_modules())
+    modules = {**dict(model.named_modules()), **dict(model.named_parameters())}  # InstructBLIP's query_tokens
     for prefix in (*family.vision_prefixes, *family.projector_prefixes, *family.language_prefixes,
                    *family.lm_head_names, family.language_layers_prefix, family.vision_layers_prefix):
         assert prefix in modules, f"{name}: {prefix} is not a module"
@@ -42,9 +42,10 @@ def test_partition_covers_every_parameter_once(models, name):
     assert None not in parts, f"unassigned parameters: {parts.get(None)}"
     assert {"vision", "projector", "language"} <= set(parts)
     assert sum(len(v) for v in parts.values()) == len(list(model.named_parameters()))
-    tied = model.config.tie_word_embeddings
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert ("lm_head" in parts) == (not tied)  # a tied lm_head shares the embedding and is listed once
-    assert all("merger" in n or "multi_modal_projector" in n for n in parts["projector"])
+    projector_names = ("merger", "multi_modal_projector", "qformer", "query_tokens", "language_projection")
+    assert all(any(p in n for p in projector_names) for n in parts["projector"])
     assert family.component_of("base_model.model." + parts["language"][0]) == "language"  # PEFT-wrapped names
 
 

@@ -11,7 +11,7 @@ import pytest
 from vlmtune.errors import VlmtuneError
 from vlmtune.families import all_families, family_for_model, get_family
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "instructblip"]
 SRC = Path(__file__).resolve().parents[2] / "src" / "vlmtune"
 
 
@@ -22,7 +22,7 @@ def test_registry_lists_every_family():
 
 
 def test_unknown_family_lists_the_known_ones():
-    with pytest.raises(VlmtuneError, match="known families: qwen2_vl, qwen2_5_vl, qwen3_vl, llava"):
+    with pytest.raises(VlmtuneError, match="known families: qwen2_vl, qwen2_5_vl, qwen3_vl, llava, instructblip"):
         get_family("qwen9_vl")
 
 
@@ -45,6 +45,7 @@ def test_unsupported_model_type_says_what_is_supported(tmp_path):
         family_for_model(tmp_path)
     assert "model_type 'idefics3'" in str(err.value)
     assert "qwen2_vl (qwen2_vl)" in str(err.value) and "llava (llava)" in str(err.value)
+    assert "instructblip (instructblip)" in str(err.value)
 
 
 def _fake_hub_cache(root: Path, repo: str, config: dict) -> None:
@@ -71,7 +72,7 @@ def test_no_family_name_in_the_generic_family_and_data_code():
     """Generic code reads descriptor attributes; family names live only in families/<family>.py."""
     generic = ["families/__init__.py", "families/base.py", "families/capabilities.py", "families/tiny.py",
                "data/processing.py", "data/collate.py"]
-    pattern = re.compile(r"qwen|llava|vicuna|clip", re.IGNORECASE)
+    pattern = re.compile(r"qwen|llava|vicuna|clip|blip", re.IGNORECASE)
     for rel in generic:
         hits = [line for line in (SRC / rel).read_text().splitlines()
                 if pattern.search(line) and not line.startswith("from vlmtune.families import ")

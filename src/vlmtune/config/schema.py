@@ -92,11 +92,17 @@ class LoraConfig(_Strict):
     """Also put adapters on the vision tower's linear layers."""
     train_projector: bool = False
     """Train the vision-language projector fully (saved with the adapter)."""
+    adapt_projector: bool = False
+    """Also put adapters on the projector's linear layers, for families whose projector is a deep network with
+    named layers (InstructBLIP's Q-Former: query/key/value/dense of its 12 layers). Not with train_projector."""
 
     @model_validator(mode="after")
     def _non_empty_targets(self) -> LoraConfig:
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("target_modules is an empty list; name at least one module or use minimal/attention/all")
+        if self.adapt_projector and self.train_projector:
+            raise ValueError("adapt_projector and train_projector both set: the projector either gets adapters or "
+                             "trains fully; choose one")
         return self
 
 

@@ -4,6 +4,7 @@ Image tensors are concatenated on dim 0 (dynamic-resolution processors return pi
 with image_grid_thw saying which rows belong to which image; fixed-resolution ones as images x C x H x W), so a
 batch may mix samples with and without images. M-RoPE models in transformers 5.23 need `mm_token_type_ids` next to
 input_ids to build positions when images are passed; it is a per-token tensor here, padded with 0 (text).
+A family's per-sample extra inputs (e.g. a Q-Former's text input) are padded with 0 and stacked (`collate_extras`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Collator:
                 value = sample.sequence[key]
                 out[row, : value.shape[0]] = value
             batch[key] = out
+        batch.update(collate_extras(samples))
         image_keys = list(dict.fromkeys(k for s in samples for k in s.images))
         for key in image_keys:
             batch[key] = torch.cat([s.images[key] for s in samples if key in s.images], dim=0)
@@ -62,3 +64,19 @@ class Collator:
                 attention_mask=batch.get("attention_mask"),
             )
         return batch
+
+
+def collate_extras(samples: Sequence[EncodedSample]) -> dict[str, torch.Tensor]:
+    """The samples' `extras` (family.extra_text_inputs), right-padded with 0 to the longest and stacked: one row per
+    sample; a padded `*attention_mask` is 0 there, so the padded ids are never attended."""
+    keys = list(samples[0].extras)
+    if any(list(s.extras) != keys for s in samples):
+        raise ValueError(f"samples carry different extra inputs: {[list(s.extras) for s in samples]}")
+    batch = {}
+    for key in keys:
+        values = [s.extras[key] for s in samples]
+        out = torch.zeros((len(values), max(v.shape[0] for v in values)), dtype=values[0].dtype)
+        for row, value in enumerate(values):
+            out[row, : value.shape[0]] = value
+        batch[key] = out
+    return batch

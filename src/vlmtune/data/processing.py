@@ -6,6 +6,10 @@ must be prefix-stable for that (checked, loudly). The rendered text is cut at th
 is run through the processor on its own (with the images that appear in it, no special tokens added), so the
 label mask is exact by construction instead of guessed from token ids. Labels keep the assistant contents and the
 end-of-turn token of every assistant turn; system, user and image tokens are -100.
+
+A family may refuse a record its format cannot hold (`record_problem`, an Unsupported `multi_image`: a DataError
+naming the line, also from `count_tokens`, so `data check --model` reports it) and may add per-sample inputs built
+from the record's text (`extra_text_inputs`, e.g. a Q-Former's text input), carried as `EncodedSample.extras`.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ class EncodedSample:
     """1-D per-token tensors of equal length: input_ids, labels, attention_mask (+ mm_token_type_ids)."""
     images: dict[str, torch.Tensor] = field(default_factory=dict)
     """Image tensors as the processor returns them (pixel_values, image_grid_thw, ...); empty without images."""
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per-sample 1-D inputs from `family.extra_text_inputs` (e.g. qformer_input_ids); padded and stacked in a
+    batch."""
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -52,7 +59,8 @@ class EncodedSample:
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """A batch of one, as the model's forward takes it."""
-        return {**{k: v.unsqueeze(0) for k, v in self.sequence.items()}, **self.images}
+        return {**{k: v.unsqueeze(0) for k, v in self.sequence.items()}, **self.images,
+                **{k: v.unsqueeze(0) for k, v in self.extras.items()}}
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,7 @@ def _render(processor: ProcessorMixin, messages: list[dict[str, Any]], generatio
 
 def segments(record: Record, processor: ProcessorMixin, family: FamilyDescriptor) -> list[Segment]:
     """The rendered conversation cut at the labelled spans (assistant content + end-of-turn)."""
+    check_record(record, family)
     chat = record.to_chat()
     full = _render(processor, chat, False)
     spans: list[tuple[int, int]] = []
@@ -113,6 +122,20 @@ def segments(record: Record, processor: ProcessorMixin, family: FamilyDescriptor
     return out
 
 
+def check_record(record: Record, family: FamilyDescriptor) -> None:
+    """Raise DataError (naming the line) when `family` cannot take `record`: several images where its capability
+    map says `multi_image` is Unsupported, or what its `record_problem` says."""
+    from vlmtune.families.capabilities import Unsupported
+
+    multi = family.capabilities.get("multi_image")
+    if len(record.images) > 1 and isinstance(multi, Unsupported):
+        raise DataError(f"line {record.line}: {len(record.images)} images in one record, but {family.name} takes one "
+                        f"image per sample: {multi.reason}")
+    problem = family.record_problem(record)
+    if problem:
+        raise DataError(f"line {record.line}: {problem}")
+
+
 def _open(path: Any, data_cfg: DataConfig) -> Image:
     from vlmtune.data.images import open_image
 
@@ -137,7 +160,9 @@ def encode_or_drop(record: Record, processor: ProcessorMixin, family: FamilyDesc
     sequence: dict[str, list[torch.Tensor]] = {"input_ids": [], "labels": []}
     image_parts: dict[str, list[torch.Tensor]] = {}
     taken = 0
-    for seg in segments(record, processor, family):
+    segs = segments(record, processor, family)
+    extras = family.extra_text_inputs(record, processor)
+    for seg in segs:
         seg_images = images[taken: taken + seg.images]
         taken += seg.images
         out = processor(text=[seg.text], images=seg_images or None, add_special_tokens=False, return_tensors="pt")
@@ -149,6 +174,8 @@ def encode_or_drop(record: Record, processor: ProcessorMixin, family: FamilyDesc
             labels = torch.full_like(ids, IGNORE_INDEX)
         sequence["labels"].append(labels)
         for key, value in out.items():
+            if key in extras:  # the family builds these from the whole record, not per segment
+                continue
             if key in SEQUENCE_KEYS:
                 sequence.setdefault(key, []).append(value[0])
             else:
@@ -170,7 +197,7 @@ def encode_or_drop(record: Record, processor: ProcessorMixin, family: FamilyDesc
     if not bool((seq["labels"] != IGNORE_INDEX).any()):
         why = f" after truncation to data.max_length={limit}" if length > limit else ""
         return Dropped(record.line, f"no assistant token left to train on{why}")
-    return EncodedSample(record.line, seq, imgs)
+    return EncodedSample(record.line, seq, imgs, extras)
 
 
 def encode(record: Record, processor: ProcessorMixin, family: FamilyDescriptor,

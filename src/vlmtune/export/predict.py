@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vlmtune import outputs
+from vlmtune.errors import VlmtuneError
 from vlmtune.export.loading import LoadedModel, load_for_inference
 
 if TYPE_CHECKING:
     from vlmtune.data.records import Message
+    from vlmtune.families.base import FamilyDescriptor
 
 __all__ = [
     "LoadedModel",
@@ -51,15 +53,22 @@ def generate_answer(
     messages: list[Message],
     max_new_tokens: int = 64,
     max_megapixels: float = 100.0,
+    family: FamilyDescriptor | None = None,
 ) -> str:
-    """Greedy answer to the conversation `messages` (ending with a user turn), images in conversation order."""
+    """Greedy answer to the conversation `messages` (ending with a user turn), images in conversation order.
+    `family` (the loaded model's) refuses conversations it cannot take and adds its extra text inputs."""
     from vlmtune.data.images import open_image
     from vlmtune.data.records import Record
 
     record = Record(line=0, messages=messages)
+    if family is not None and (problem := family.record_problem(record)):
+        raise VlmtuneError(f"cannot ask {family.name} this: {problem}")
     text = processor.apply_chat_template(record.to_chat(), add_generation_prompt=True, tokenize=False)
     images = [open_image(path, max_megapixels) for path in record.images]
-    inputs = processor(text=[text], images=images or None, return_tensors="pt")
+    # the chat template writes the special tokens itself (as in training), so the tokenizer adds none
+    inputs = processor(text=[text], images=images or None, add_special_tokens=False, return_tensors="pt")
+    if family is not None:
+        inputs.update({k: v[None] for k, v in family.extra_text_inputs(record, processor).items()})
     inputs = {k: v.to(_device(model)) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     pad = processor.tokenizer.pad_token_id
     output = model.generate(
@@ -78,7 +87,8 @@ def answer(loaded: LoadedModel, image_paths: list[Path], prompt: str, max_new_to
     from vlmtune.data.records import ImagePart, Message, TextPart
 
     parts: list[Any] = [ImagePart(Path(p).absolute()) for p in image_paths] + [TextPart(prompt)]
-    return generate_answer(loaded.model, loaded.processor, [Message("user", parts)], max_new_tokens)
+    return generate_answer(loaded.model, loaded.processor, [Message("user", parts)], max_new_tokens,
+                           family=loaded.family)
 
 
 @dataclass
@@ -121,7 +131,8 @@ def predict_file(
         with outputs.disk_full_guard(out_path.parent, needed, "the predictions"), open(tmp, "w", encoding="utf-8") as fh:
             for record in records:  # read_records guarantees an assistant turn after a user turn
                 last = max(i for i, m in enumerate(record.messages) if m.role == "assistant")
-                prediction = generate_answer(loaded.model, loaded.processor, record.messages[:last], max_new_tokens)
+                prediction = generate_answer(loaded.model, loaded.processor, record.messages[:last], max_new_tokens,
+                                             family=loaded.family)
                 reference = record.messages[last].text
                 ok = normalize_answer(prediction) == normalize_answer(reference)
                 correct += ok

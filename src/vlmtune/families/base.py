@@ -17,9 +17,11 @@ from vlmtune.errors import ConfigError, VlmtuneError
 from vlmtune.families.capabilities import Capability, check_capabilities
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PretrainedConfig, ProcessorMixin
 
     from vlmtune.config.schema import DataConfig, VlmtuneConfig
+    from vlmtune.data.records import Record
 
 LoraKind = Literal["minimal", "attention", "all"]
 Component = Literal["vision", "projector", "language", "lm_head"]
@@ -84,6 +86,10 @@ class FamilyDescriptor(ABC):
     lora_target_sets: ClassVar[Mapping[str, tuple[str, ...]]] = LORA_TARGET_SETS
     vision_lora_targets: ClassVar[tuple[str, ...]]
     """Linear-layer leaf names inside the vision blocks (for `method.lora.adapt_vision_tower`)."""
+    projector_layers_prefix: ClassVar[str | None] = None
+    """The projector's layer list, for families whose projector is a deep network (`method.lora.adapt_projector`)."""
+    projector_lora_targets: ClassVar[tuple[str, ...]] = ()
+    """Linear-layer leaf names inside the projector's layers; empty: adapt_projector is refused."""
 
     capabilities: ClassVar[Mapping[str, Capability]]
     image_placeholder: ClassVar[str]
@@ -146,6 +152,10 @@ class FamilyDescriptor(ABC):
     def check(self, config: VlmtuneConfig) -> list[str]:
         """Problems with `config` for this family, each naming the field and saying why."""
         problems, _ = check_capabilities(self.name, self.capabilities, config)
+        if (config.method.name.value in ("lora", "qlora") and config.method.lora.adapt_projector
+                and not self.projector_lora_targets):
+            problems.append(f"method.lora.adapt_projector: {self.name} names no projector layers for adapters (its "
+                            "projector is small); use method.lora.train_projector to train it fully")
         return problems + self._check_extra(config)
 
     def notes(self, config: VlmtuneConfig) -> list[str]:
@@ -154,6 +164,23 @@ class FamilyDescriptor(ABC):
 
     def _check_extra(self, config: VlmtuneConfig) -> list[str]:
         return []
+
+    # ---- records and extra model inputs ----
+    def record_problem(self, record: Record) -> str | None:
+        """Why this family cannot train on (or answer) `record` as it is, e.g. a conversation shape its prompt
+        format has no place for; None when it can. Data processing raises it as a DataError naming the line, so
+        `vlmtune data check --model ...` reports it before training. Several images where the capability map says
+        `multi_image` is Unsupported are refused by data processing itself."""
+        return None
+
+    def extra_text_inputs(self, record: Record, processor: ProcessorMixin) -> dict[str, torch.Tensor]:
+        """Per-sample model inputs beside the token sequence, built from the record's text (e.g. a
+        Q-Former text, `qformer_input_ids` / `qformer_attention_mask`): 1-D tensors, one row per sample in a batch.
+
+        Collation rule (data/collate.py): each is right-padded with 0 to the longest in the batch and stacked, so
+        an `*attention_mask` among them masks the padding and padded ids are never attended. Keys the processor also
+        returns per text segment are replaced by these. Data processing and `predict` call it; default: none."""
+        return {}
 
     # ---- processor ----
     def load_processor(self, path: str | Path, data_cfg: DataConfig | None = None) -> ProcessorMixin:

@@ -39,7 +39,8 @@ class Feature:
     field: str
     """The config field that asks for the feature (named in problems)."""
     requested: Callable[[VlmtuneConfig], object] | None
-    """Whether a config asks for it; None for data-level features (checked by `data check`, not here)."""
+    """Whether a config asks for it; None for data-level features (checked by `data check`, not here) and for
+    default-on speed switches that skip themselves where they do not apply (the entry documents why)."""
 
 
 def _method(cfg: VlmtuneConfig) -> str:
@@ -56,6 +57,8 @@ FEATURES: dict[str, Feature] = {
     "full": Feature("full fine-tuning", "method.name", lambda c: _method(c) == "full"),
     "adapt_vision_tower": Feature("LoRA adapters on the vision tower", "method.lora.adapt_vision_tower",
                                   lambda c: _adapters(c) and c.method.lora.adapt_vision_tower),
+    "adapt_projector": Feature("LoRA adapters on the projector's layers", "method.lora.adapt_projector",
+                               lambda c: _adapters(c) and c.method.lora.adapt_projector),
     "train_projector": Feature("training the projector with adapters", "method.lora.train_projector",
                                lambda c: _adapters(c) and c.method.lora.train_projector),
     "unfreeze_vision_tower": Feature("training the vision tower in full fine-tuning", "method.freeze_vision_tower",
@@ -70,6 +73,11 @@ FEATURES: dict[str, Feature] = {
     "pixel_bounds": Feature("per-image pixel bounds (dynamic resolution)", "data.min_pixels / data.max_pixels",
                             lambda c: c.data.min_pixels is not None or c.data.max_pixels is not None),
     "multi_image": Feature("several images in one conversation", "(data)", None),
+    "packing": Feature("padding-free packing", "speed.packing", lambda c: c.speed.packing),
+    # Speed switches that are on by default and skip themselves (with the reason in the log) where they do not
+    # apply: a family's map entry documents why, nothing is refused.
+    "varlen_vision_attention": Feature("variable-length vision attention", "speed.varlen_attention", None),
+    "mrope_positions": Feature("M-RoPE positions built in the collator", "speed.positions_in_collator", None),
 }
 
 

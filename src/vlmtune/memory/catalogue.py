@@ -32,6 +32,8 @@ class Architecture:
     vision_lora_targets: tuple[str, ...]
     image: dict[str, Any]
     chat: dict[str, int]
+    projector_lora_targets: tuple[str, ...] = ()
+    """Linear-layer leaf names inside the projector's layers (`method.lora.adapt_projector`); empty: none."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ def architectures() -> dict[str, Architecture]:
             vision_lora_targets=tuple(a["vision_lora_targets"]),
             image=dict(a["image"]),
             chat=dict(a["chat"]),
+            projector_lora_targets=tuple(a.get("projector_lora_targets", ())),
         )
     return out
 

@@ -99,8 +99,10 @@ def _trainable(inputs: EstimateInputs, counts: ParamCounts, targets: list[str]) 
     if inputs.method == "full":
         parts = {p: n for p, n in counts.parts.items() if not (p == "vision" and inputs.freeze_vision_tower)}
         return sum(parts.values()), parts
-    vision = tuple(lookup_model(inputs.model).arch.vision_lora_targets) if inputs.adapt_vision_tower else ()
-    adapters = lora_params(counts, targets, inputs.lora_rank, vision)
+    arch = lookup_model(inputs.model).arch
+    vision = tuple(arch.vision_lora_targets) if inputs.adapt_vision_tower else ()
+    projector_targets = arch.projector_lora_targets if inputs.adapt_projector else ()
+    adapters = lora_params(counts, targets, inputs.lora_rank, vision, projector_targets)
     projector = counts.parts["projector"] if inputs.train_projector else 0
     return adapters + projector, {}
 

@@ -28,6 +28,8 @@ class EstimateInputs:
     lora_dropout: float = 0.05
     adapt_vision_tower: bool = False
     train_projector: bool = False
+    adapt_projector: bool = False
+    """LoRA on the projector's layers (families that name them: InstructBLIP's Q-Former)."""
     freeze_vision_tower: bool = True
     """Full fine-tuning: keep the vision tower frozen."""
     quantize_vision_tower: bool = False
@@ -154,6 +156,7 @@ def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInput
         lora_dropout=m.lora.dropout,
         adapt_vision_tower=m.lora.adapt_vision_tower,
         train_projector=m.lora.train_projector,
+        adapt_projector=m.lora.adapt_projector,
         freeze_vision_tower=m.freeze_vision_tower,
         quantize_vision_tower=m.quantization.quantize_vision_tower,
         quantize_lm_head=m.quantization.quantize_lm_head,

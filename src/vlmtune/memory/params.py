@@ -125,7 +125,7 @@ def _from_model(spec: ModelSpec, model: Any, config: Any) -> ParamCounts:
         part = _part_of(name, prefixes)
         if isinstance(module, torch.nn.Linear):
             linear_weights[part] += module.weight.numel()
-            if part in ("language", "vision"):
+            if part in ("language", "vision", "projector"):
                 linears.append(LinearInfo(name, part, module.in_features, module.out_features))
         elif isinstance(module, torch.nn.ModuleList) and part == "language":
             layer_params = max([layer_params] + [sum(p.numel() for p in c.parameters()) for c in module])
@@ -200,13 +200,18 @@ def _matches(name: str, leaves: list[str] | tuple[str, ...]) -> bool:
 
 
 def lora_params(
-    counts: ParamCounts, targets: list[str], rank: int, vision_targets: tuple[str, ...] = ()
+    counts: ParamCounts,
+    targets: list[str],
+    rank: int,
+    vision_targets: tuple[str, ...] = (),
+    projector_targets: tuple[str, ...] = (),
 ) -> int:
     """Adapter parameters: r * (in + out) for every targeted linear of the language model (and of the vision tower
-    when `vision_targets` is given), chosen the way vlmtune.methods.lora does (leaf-name match inside the part)."""
+    when `vision_targets` is given, of the projector when `projector_targets` is), chosen the way
+    vlmtune.methods.lora does (leaf-name match inside the part)."""
     total = 0
     for lin in counts.linears:
-        wanted = targets if lin.part == "language" else vision_targets
+        wanted = {"language": targets, "vision": vision_targets, "projector": projector_targets}.get(lin.part, ())
         if wanted and _matches(lin.name, wanted):
             total += rank * (lin.in_features + lin.out_features)
     return total

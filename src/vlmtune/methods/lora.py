@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 def lora_target_names(model: torch.nn.Module, config: VlmtuneConfig, family: FamilyDescriptor) -> list[str]:
     """Full names of the linear layers that get adapters: inside the language model's decoder layers, plus the
-    vision tower's blocks with `adapt_vision_tower` (never the projector: it is frozen or trained fully)."""
+    vision tower's blocks with `adapt_vision_tower` and the projector's layers with `adapt_projector` (where the
+    family names them; otherwise the projector is frozen or trained fully)."""
     lora = config.method.lora
     kind = lora.target_modules
     layers = [family.language_layers_prefix]
@@ -54,6 +55,13 @@ def lora_target_names(model: torch.nn.Module, config: VlmtuneConfig, family: Fam
                 [f"method.lora.adapt_vision_tower=true, but no vision-tower linear layer matches {targets}"]
             )
         names += vision
+    if lora.adapt_projector:
+        projector = (linear_names(model, [family.projector_layers_prefix], family.projector_lora_targets)
+                     if family.projector_layers_prefix else [])
+        if not projector:
+            raise ConfigError([f"method.lora.adapt_projector=true, but {family.name} names no projector layers for "
+                               "adapters; use method.lora.train_projector"])
+        names += projector
     return names
 
 
@@ -117,11 +125,12 @@ def add_adapters(
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()
     log.info(
-        "LoRA r=%d alpha=%g on %d linear layers%s%s",
+        "LoRA r=%d alpha=%g on %d linear layers%s%s%s",
         lora.rank,
         lora.alpha,
         len(targets),
         " (vision tower included)" if lora.adapt_vision_tower else "",
+        " (projector included)" if lora.adapt_projector else "",
         f"; projector trained fully: {modules_to_save}" if modules_to_save else "",
     )
     return model
