@@ -2,8 +2,9 @@
 (relative difference < 1e-3 in fp32, < 1e-2 in bf16) and LoRA gradients with cosine similarity >= 0.999.
 
     python3 -m benchmarks.speed.check --out $OUT        # also run by `bench suite --part 1`
+    python3 -m benchmarks.speed.check --out $OUT --family qwen3_vl --arch 2b   # another family's architecture
 
-Qwen2-VL-2B architecture, random weights, LoRA r16 on all language linear layers (dropout 0: deterministic), lora_B
+Qwen2-VL-2B architecture (or --family/--arch), random weights, LoRA r16 on all language linear layers (dropout 0: deterministic), lora_B
 random so every adapter gets a gradient; three samples of different image sizes and lengths. Each optimisation is
 switched on alone on the same model (the same functions the engine's `apply_speed` installs), then all together
 through `apply_speed` itself. Results: one JSON line each in $OUT/check.jsonl.
@@ -24,20 +25,20 @@ from benchmarks.speed.measure import DEVICE
 ROOT_DATA = "check-spread"
 
 
-def _samples(model_dir: Path, root: Path) -> tuple[list[Any], int]:
+def _samples(model_dir: Path, root: Path, family: str) -> tuple[list[Any], int]:
     from benchmarks.speed.data import data_config, encoded_dataset, write_data
 
     path = write_data(
-        root / ROOT_DATA, model_dir, "qwen2_vl", 3, 672, 300, spread=True, max_length=2048, seed=1
+        root / f"{ROOT_DATA}-{model_dir.name}", model_dir, family, 3, 672, 300, spread=True, max_length=2048, seed=1
     )
     cfg = data_config(2048, 672, spread=True)
     from vlmtune.families import get_family
 
-    pad = get_family("qwen2_vl").load_processor(model_dir, cfg).tokenizer.pad_token_id
-    return encoded_dataset(path, model_dir, "qwen2_vl", cfg), pad
+    pad = get_family(family).load_processor(model_dir, cfg).tokenizer.pad_token_id
+    return encoded_dataset(path, model_dir, family, cfg), pad
 
 
-def _model(model_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
+def _model(model_dir: Path, dtype: torch.dtype, family: str) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -49,7 +50,7 @@ def _model(model_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
             AutoConfig.from_pretrained(model_dir), dtype=dtype, attn_implementation="sdpa"
         )
     lora = LoraConfig(
-        r=16, lora_alpha=32, lora_dropout=0.0, target_modules=get_family("qwen2_vl").lora_target_regex("all")
+        r=16, lora_alpha=32, lora_dropout=0.0, target_modules=get_family(family).lora_target_regex("all")
     )
     model = get_peft_model(base, lora)
     for name, param in model.named_parameters():
@@ -100,7 +101,7 @@ def _gc(model: torch.nn.Module, every: int | None) -> None:
         )
 
 
-def run(model_dir: Path, root: Path, precision: str) -> list[dict[str, Any]]:
+def run(model_dir: Path, root: Path, precision: str, family_name: str = "qwen2_vl") -> list[dict[str, Any]]:
     from vlmtune.config.schema import VlmtuneConfig
     from vlmtune.data.collate import Collator
     from vlmtune.data.packing import PackingCollator, rope_index_of
@@ -114,10 +115,10 @@ def run(model_dir: Path, root: Path, precision: str) -> list[dict[str, Any]]:
     from vlmtune.speed.packed_attention import packed_attention
     from vlmtune.speed.varlen_attention import varlen_attention
 
-    family = get_family("qwen2_vl")
-    samples, pad = _samples(model_dir, root)
+    family = get_family(family_name)
+    samples, pad = _samples(model_dir, root, family_name)
     autocast = precision == "bf16"
-    model = _model(model_dir, torch.bfloat16 if autocast else torch.float32)
+    model = _model(model_dir, torch.bfloat16 if autocast else torch.float32, family_name)
     padded = Collator(pad)(samples)
     packed = PackingCollator(pad, rope_index_of(model))(samples)
 
@@ -200,13 +201,18 @@ def run(model_dir: Path, root: Path, precision: str) -> list[dict[str, Any]]:
     return out
 
 
-def main(out: Path) -> None:
+def main(out: Path, family: str = "qwen2_vl", arch: str | None = None) -> None:
     from benchmarks.speed.bench import ROOT, WORKLOADS, prepare
+    from benchmarks.speed.data import model_dir as build_model_dir
 
-    model_dir, _ = prepare(WORKLOADS["W1"])
+    if arch is None:
+        model_dir, _ = prepare(WORKLOADS["W1"])
+    else:
+        model_dir = build_model_dir(ROOT / "models", family, arch)
     with open(out / "check.jsonl", "a", encoding="utf-8") as fh:
         for precision in ("fp32", "bf16"):
-            for line in run(model_dir, ROOT, precision):
+            for line in run(model_dir, ROOT, precision, family):
+                line = {"family": family, "arch": arch or "W1", **line}
                 fh.write(json.dumps(line) + "\n")
                 print(("PASS " if line["ok"] else "FAIL ") + json.dumps(line), flush=True)
             if torch.cuda.is_available():
@@ -216,4 +222,7 @@ def main(out: Path) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
-    main(ap.parse_args().out)
+    ap.add_argument("--family", default="qwen2_vl")
+    ap.add_argument("--arch", default=None, help="a size of the family's `architectures` (default: W1's model)")
+    args = ap.parse_args()
+    main(args.out, args.family, args.arch)
