@@ -242,3 +242,12 @@ def test_estimator_counts_qformer_adapters_like_peft():
     peft = get_peft_model(model, LoraConfig(r=16, target_modules=names))
     expected = sum(p.numel() for p in peft.parameters() if p.requires_grad)
     assert lora_params(count_params(spec), [], 16, (), spec.arch.projector_lora_targets) == expected == 4841472
+
+
+def test_qlora_quantizes_only_the_language_model(run_config):
+    from vlmtune.methods import get_method
+
+    model = get_method("qlora").load_and_prepare(run_config("instructblip", "qlora"), get_family("instructblip"))
+    quantized = [n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"]
+    assert quantized and all(".language_model.model.layers." in n for n in quantized)
+    assert not any(".qformer." in n or ".vision_model." in n for n in quantized)
