@@ -92,7 +92,7 @@ def test_unknown_architecture_name(tmp_path):
 @pytest.mark.parametrize("size", [(56, 56), (60, 80), (90, 40), (200, 300), (17, 500)])
 def test_image_token_count_matches_the_processor(tiny_model_dir, name, size):
     family = get_family(name)
-    fixed = name in ("llava", "instructblip")  # fixed resolution: data.image_size is refused
+    fixed = name in ("llava", "instructblip")  # fixed resolution: no data.image_size needed
     processor = family.load_processor(tiny_model_dir(name), None if fixed else DataConfig(image_size=112))
     height, width = size
     out = processor(text=[processor.image_token], images=[Image.new("RGB", (width, height))], return_tensors="pt")
@@ -119,12 +119,19 @@ def test_dynamic_resolution_settings(tiny_model_dir, name):
         (448 // token) ** 2)
 
 
-def test_fixed_resolution_family_rejects_other_sizes(tiny_model_dir):
-    family, path = get_family("llava"), tiny_model_dir("llava")
-    assert family.load_processor(path, DataConfig(image_size=56)).image_processor.crop_size.height == 56
+@pytest.mark.parametrize("name", ["llava", "instructblip"])
+def test_fixed_resolution_family_takes_sizes_it_meets(tiny_model_dir, name):
+    # data.image_size bounds an image's side: the tower's own side or more is met (a preset's 336 px on a 224 px
+    # tower), a smaller bound cannot be and is refused with the tower's side; pixel bounds never apply.
+    family, path = get_family(name), tiny_model_dir(name)
+    side = family.load_processor(path).image_processor.size.get("height") or family.load_processor(
+        path).image_processor.crop_size.height
+    for image_size in (side, 336):
+        family.load_processor(path, DataConfig(image_size=image_size))
     with pytest.raises(ConfigError) as err:
-        family.load_processor(path, DataConfig(image_size=336, max_pixels=9000))
-    assert "data.image_size=336" in str(err.value) and "data.min_pixels / data.max_pixels" in str(err.value)
+        family.load_processor(path, DataConfig(image_size=side - 1, max_pixels=9000))
+    assert f"data.image_size={side - 1}" in str(err.value) and f"set it to {side} or more" in str(err.value)
+    assert "data.min_pixels / data.max_pixels" in str(err.value)
 
 
 def test_load_processor_from_a_folder_without_processor(tmp_path):

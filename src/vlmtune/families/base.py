@@ -205,6 +205,21 @@ class FamilyDescriptor(ABC):
     def _configure_image_processor(self, processor: ProcessorMixin, data_cfg: DataConfig) -> None:
         """Apply data.image_size / min_pixels / max_pixels (or reject them, for fixed-resolution families)."""
 
+    def _check_fixed_resolution(self, side: int, data_cfg: DataConfig) -> None:
+        """For a family whose vision tower sees every image at `side` x `side` px. data.image_size bounds an image's
+        side ("fit in image_size x image_size"), so `side` or more is met as it is (a preset's 336 px suits a 224 px
+        tower); a smaller bound cannot be met and is refused, as are per-image pixel bounds."""
+        problems = []
+        if data_cfg.image_size is not None and data_cfg.image_size < side:
+            problems.append(f"data.image_size={data_cfg.image_size}: {self.name} sees every image at its vision "
+                            f"tower's fixed resolution of {side} px, which cannot be lowered; remove data.image_size "
+                            f"or set it to {side} or more")
+        if data_cfg.min_pixels is not None or data_cfg.max_pixels is not None:
+            problems.append(f"data.min_pixels / data.max_pixels: {self.name} has no dynamic resolution "
+                            f"(every image is {side}x{side} px); remove them")
+        if problems:
+            raise ConfigError(problems)
+
     @abstractmethod
     def image_token_count(self, height: int, width: int, processor: ProcessorMixin) -> int:
         """Tokens the language model sees for one image of `height` x `width` pixels with this processor."""

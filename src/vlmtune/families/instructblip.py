@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import BatchFeature, InstructBlipProcessor
 
-from vlmtune.errors import ConfigError, VlmtuneError
+from vlmtune.errors import VlmtuneError
 from vlmtune.families.base import FamilyDescriptor, UpstreamNamedProcessor, _fix_processor_class
 from vlmtune.families.capabilities import Experimental, Supported, Unsupported
 from vlmtune.families.tiny import corpus, overlay
@@ -283,16 +283,7 @@ class InstructBlipFamily(FamilyDescriptor):
         return processor
 
     def _configure_image_processor(self, processor: ProcessorMixin, data_cfg: DataConfig) -> None:
-        side = processor.image_processor.size.height
-        problems = []
-        if data_cfg.image_size is not None and data_cfg.image_size != side:
-            problems.append(f"data.image_size={data_cfg.image_size}: {self.name} uses the vision tower's fixed "
-                            f"resolution of {side} px; remove data.image_size or set it to {side}")
-        if data_cfg.min_pixels is not None or data_cfg.max_pixels is not None:
-            problems.append(f"data.min_pixels / data.max_pixels: {self.name} has no dynamic resolution "
-                            f"(every image is {side}x{side} px); remove them")
-        if problems:
-            raise ConfigError(problems)
+        self._check_fixed_resolution(processor.image_processor.size.height, data_cfg)
 
     def image_token_count(self, height: int, width: int, processor: ProcessorMixin) -> int:
         return int(processor.num_query_tokens)
