@@ -220,6 +220,10 @@ def train(
             ),
         )
         _drop_default_printers(trainer)
+        if checkpoint is not None and hasattr(model, "peft_config"):  # every adapter tensor loads, DeepSpeed too
+            from vlmtune.train.checkpoint_weights import check_adapter_keys
+
+            check_adapter_keys(model, checkpoint)
         try:
             with _checkpoint_loads(checkpoint, trust_checkpoint):
                 output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

@@ -141,11 +141,10 @@ class VlmTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         """A full model's weights load key by key through the names `save_pretrained` wrote (checkpoint_weights.py),
         or the resume stops naming the keys; adapters load through PEFT as the Trainer does."""
-        from vlmtune.train.checkpoint_weights import check_adapter_keys, load_full_checkpoint
+        from vlmtune.train.checkpoint_weights import load_full_checkpoint
 
         target = model if model is not None else self.model
-        if hasattr(target, "peft_config"):
-            check_adapter_keys(self.accelerator.unwrap_model(target), Path(resume_from_checkpoint))
+        if hasattr(target, "peft_config"):  # its keys and shapes were checked by the engine (check_adapter_keys)
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
         load_full_checkpoint(self.accelerator.unwrap_model(target), Path(resume_from_checkpoint))
