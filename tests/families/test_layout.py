@@ -10,7 +10,7 @@ import torch
 from vlmtune.errors import ConfigError
 from vlmtune.families import get_family
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "instructblip"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "instructblip", "smolvlm"]
 
 
 def _model(tiny_model_dir, name: str) -> torch.nn.Module:
@@ -44,7 +44,8 @@ def test_partition_covers_every_parameter_once(models, name):
     assert sum(len(v) for v in parts.values()) == len(list(model.named_parameters()))
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert ("lm_head" in parts) == (not tied)  # a tied lm_head shares the embedding and is listed once
-    projector_names = ("merger", "multi_modal_projector", "qformer", "query_tokens", "language_projection")
+    projector_names = ("merger", "multi_modal_projector", "qformer", "query_tokens", "language_projection",
+                       "connector")
     assert all(any(p in n for p in projector_names) for n in parts["projector"])
     assert family.component_of("base_model.model." + parts["language"][0]) == "language"  # PEFT-wrapped names
 

@@ -106,7 +106,15 @@ def _tiles(rule: dict[str, Any], height: int, width: int, image_size: int | None
     if longest <= tile:
         return ImageCost(rule["tokens_per_tile"], per_tile_patches, (tile, tile))
     h, w = _rescale_to_longest(height, width, longest)
-    h, w = math.ceil(h / tile) * tile, math.ceil(w / tile) * tile
+    # the processor's resize_for_vision_encoder: the long side rounded up to tiles, the short side scaled with it
+    # and then rounded up (rounding each side alone undercounts rows when the long side grows)
+    aspect = w / h
+    if w >= h:
+        w = math.ceil(w / tile) * tile
+        h = math.ceil(int(w / aspect) / tile) * tile
+    else:
+        h = math.ceil(h / tile) * tile
+        w = math.ceil(int(h * aspect) / tile) * tile
     frames = 1 if h <= tile and w <= tile else (h // tile) * (w // tile) + 1
     return ImageCost(frames * rule["tokens_per_tile"], frames * per_tile_patches, (h, w))
 
