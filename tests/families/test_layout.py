@@ -10,7 +10,7 @@ import torch
 from vlmtune.errors import ConfigError
 from vlmtune.families import get_family
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "instructblip", "smolvlm"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "instructblip", "gemma3", "smolvlm"]
 
 
 def _model(tiny_model_dir, name: str) -> torch.nn.Module:

@@ -12,7 +12,7 @@ from vlmtune.config.schema import DataConfig, VlmtuneConfig
 from vlmtune.errors import ConfigError, VlmtuneError
 from vlmtune.families import get_family
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "instructblip", "smolvlm"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "instructblip", "gemma3", "smolvlm"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -64,7 +64,8 @@ ARCHS = [("qwen2_vl", "2b", 2.209e9), ("qwen2_vl", "7b", 8.291e9), ("qwen2_5_vl"
          ("qwen2_5_vl", "7b", 8.292e9), ("qwen3_vl", "2b", 2.128e9), ("qwen3_vl", "4b", 4.438e9),
          ("qwen3_vl", "8b", 8.767e9), ("qwen3_vl", "32b", 33.357e9), ("llava", "7b", 7.063e9),
          ("llava", "13b", 13.351e9),
-         ("instructblip", "7b", 7.914e9)]
+         ("instructblip", "7b", 7.914e9), ("gemma3", "4b", 4.300e9), ("gemma3", "12b", 12.187e9),
+         ("gemma3", "27b", 27.432e9)]
 
 
 @pytest.mark.parametrize("name, size, params", ARCHS)
@@ -92,12 +93,13 @@ def test_unknown_architecture_name(tmp_path):
 @pytest.mark.parametrize("size", [(56, 56), (60, 80), (90, 40), (200, 300), (17, 500)])
 def test_image_token_count_matches_the_processor(tiny_model_dir, name, size):
     family = get_family(name)
-    fixed = name in ("llava", "instructblip")  # fixed resolution: no data.image_size needed
+    fixed = name in ("llava", "instructblip", "gemma3")  # fixed resolution: no data.image_size needed
     processor = family.load_processor(tiny_model_dir(name), None if fixed else DataConfig(image_size=112))
     height, width = size
     out = processor(text=[processor.image_token], images=[Image.new("RGB", (width, height))],
                     add_special_tokens=False, return_tensors="pt")
-    # the placeholder becomes the image tokens and whatever the processor wraps them in (SmolVLM: tile markers)
+    # the placeholder becomes the image tokens and whatever the processor wraps them in (Gemma 3: <start_of_image>,
+    # <end_of_image> and blank lines)
     assert out["input_ids"].shape[1] == family.image_token_count(height, width, processor)
 
 
@@ -120,7 +122,7 @@ def test_dynamic_resolution_settings(tiny_model_dir, name):
         (448 // token) ** 2)
 
 
-@pytest.mark.parametrize("name", ["llava", "instructblip"])
+@pytest.mark.parametrize("name", ["llava", "instructblip", "gemma3"])
 def test_fixed_resolution_family_takes_sizes_it_meets(tiny_model_dir, name):
     # data.image_size bounds an image's side: the tower's own side or more is met (a preset's 336 px on a 224 px
     # tower), a smaller bound cannot be and is refused with the tower's side; pixel bounds never apply.

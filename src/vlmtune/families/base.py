@@ -222,7 +222,9 @@ class FamilyDescriptor(ABC):
 
     @abstractmethod
     def image_token_count(self, height: int, width: int, processor: ProcessorMixin) -> int:
-        """Tokens the language model sees for one image of `height` x `width` pixels with this processor."""
+        """Tokens the language model sees for one image of `height` x `width` pixels with this processor: what the
+        processor puts in place of the template's one image token (the image tokens, plus any text it wraps them in,
+        as SmolVLM's tile markers or Gemma 3's `<start_of_image>` ... `<end_of_image>` and blank lines)."""
 
     # ---- tiny models ----
     @abstractmethod
