@@ -98,8 +98,8 @@ def test_image_token_count_matches_the_processor(tiny_model_dir, name, size):
     height, width = size
     out = processor(text=[processor.image_token], images=[Image.new("RGB", (width, height))],
                     add_special_tokens=False, return_tensors="pt")
-    # the placeholder becomes the image tokens and whatever the processor wraps them in (Gemma 3: <start_of_image>,
-    # <end_of_image> and blank lines)
+    # the placeholder becomes the image tokens and whatever the processor wraps them in (SmolVLM: tile markers;
+    # Gemma 3: <start_of_image>, <end_of_image> and blank lines)
     assert out["input_ids"].shape[1] == family.image_token_count(height, width, processor)
 
 
