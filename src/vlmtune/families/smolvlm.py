@@ -32,7 +32,6 @@ apply (capability map).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -49,8 +48,6 @@ if TYPE_CHECKING:
 
     from vlmtune.config.schema import DataConfig
 
-MAX_IMAGE_SIDE = 4096
-"""SmolVLMImageProcessor's upper bound on the resized image's longest edge."""
 
 
 class SmolVLMImageTextProcessor(UpstreamNamedProcessor, SmolVLMProcessor):
@@ -140,41 +137,11 @@ def _text(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int
             "max_position_embeddings": 8192}
 
 
-def _resized(height: int, width: int, longest: int) -> tuple[int, int]:
-    """SmolVLMImageProcessor's first resize: longest edge to `longest` (even short edge), capped at 4096 px."""
-    aspect = width / height
-    if width >= height:
-        width, height = longest, int(longest / aspect)
-        height += height % 2
-    else:
-        height, width = longest, int(longest * aspect)
-        width += width % 2
-    height, width = max(height, 1), max(width, 1)
-    if max(height, width) > MAX_IMAGE_SIDE:
-        aspect = width / height
-        if width >= height:
-            width, height = MAX_IMAGE_SIDE, int(MAX_IMAGE_SIDE / aspect)
-        else:
-            height, width = MAX_IMAGE_SIDE, int(MAX_IMAGE_SIDE * aspect)
-    return max(height, 1), max(width, 1)
-
-
 def tile_grid(height: int, width: int, longest: int, tile: int) -> tuple[int, int]:
-    """(rows, cols) of tiles SmolVLMImageProcessor cuts a `height` x `width` image into; (0, 0) when it stays one
-    frame. Mirrors `resize_for_vision_encoder` (the long side rounded up to tiles first, the short side scaled from
-    it, then rounded up), not `get_number_of_image_patches`, which rounds the short side before scaling and
-    undercounts rows of images whose long side is enlarged."""
-    height, width = _resized(height, width, longest)
-    aspect = width / height
-    if width >= height:
-        width = math.ceil(width / tile) * tile
-        height = math.ceil(int(width / aspect) / tile) * tile
-    else:
-        height = math.ceil(height / tile) * tile
-        width = math.ceil(int(height * aspect) / tile) * tile
-    if height > tile or width > tile:
-        return height // tile, width // tile
-    return 0, 0
+    """(rows, cols) of tiles the processor cuts the image into; (0, 0) for one frame (one rule with the estimator)."""
+    from vlmtune.memory.image_tokens import idefics3_tile_grid
+
+    return idefics3_tile_grid(height, width, longest, tile)
 
 
 class SmolVLMFamily(FamilyDescriptor):

@@ -99,15 +99,12 @@ def _rescale_to_longest(height: int, width: int, longest: int) -> tuple[int, int
     return max(height, 1), max(width, 1)
 
 
-def _tiles(rule: dict[str, Any], height: int, width: int, image_size: int | None) -> ImageCost:
-    tile = rule["tile"]
-    longest = image_size or rule["longest_edge"]
-    per_tile_patches = (tile // rule["patch_size"]) ** 2
-    if longest <= tile:
-        return ImageCost(rule["tokens_per_tile"], per_tile_patches, (tile, tile))
+def idefics3_tile_grid(height: int, width: int, longest: int, tile: int) -> tuple[int, int]:
+    """(rows, cols) of tiles the Idefics3/SmolVLM image processor cuts a `height` x `width` image into; (0, 0) when
+    it stays one frame. Mirrors `resize_for_vision_encoder` (the long side rounded up to tiles first, the short side
+    scaled from it, then rounded up), not `get_number_of_image_patches`, which rounds the short side before scaling
+    and undercounts rows of images whose long side is enlarged. The smolvlm family's token count uses it too."""
     h, w = _rescale_to_longest(height, width, longest)
-    # the processor's resize_for_vision_encoder: the long side rounded up to tiles, the short side scaled with it
-    # and then rounded up (rounding each side alone undercounts rows when the long side grows)
     aspect = w / h
     if w >= h:
         w = math.ceil(w / tile) * tile
@@ -115,8 +112,19 @@ def _tiles(rule: dict[str, Any], height: int, width: int, image_size: int | None
     else:
         h = math.ceil(h / tile) * tile
         w = math.ceil(int(h * aspect) / tile) * tile
-    frames = 1 if h <= tile and w <= tile else (h // tile) * (w // tile) + 1
-    return ImageCost(frames * rule["tokens_per_tile"], frames * per_tile_patches, (h, w))
+    return (h // tile, w // tile) if h > tile or w > tile else (0, 0)
+
+
+def _tiles(rule: dict[str, Any], height: int, width: int, image_size: int | None) -> ImageCost:
+    tile = rule["tile"]
+    longest = image_size or rule["longest_edge"]
+    per_tile_patches = (tile // rule["patch_size"]) ** 2
+    if longest <= tile:
+        return ImageCost(rule["tokens_per_tile"], per_tile_patches, (tile, tile))
+    rows, cols = idefics3_tile_grid(height, width, longest, tile)
+    frames = rows * cols + 1 if rows else 1
+    resized = (rows * tile, cols * tile) if rows else (tile, tile)
+    return ImageCost(frames * rule["tokens_per_tile"], frames * per_tile_patches, resized)
 
 
 def image_cost(
