@@ -49,7 +49,6 @@ if TYPE_CHECKING:
     from vlmtune.config.schema import DataConfig
 
 
-
 class SmolVLMImageTextProcessor(UpstreamNamedProcessor, SmolVLMProcessor):
     """SmolVLMProcessor with only image_processor + tokenizer and one frame per pixel_values row (see the module
     docstring). Trap (transformers 5.17-5.23): the stock class needs a video processor (which needs torchvision)
