@@ -252,12 +252,13 @@ def is_disk_full(exc: BaseException, folder: Path | str | None = None) -> bool:
     if any(s in text for s in ("No space left on device", "os error 28", "Disk quota exceeded", "StorageFull")):
         return True
     if folder is not None and isinstance(exc, (OSError, RuntimeError)):
-        free = _free_space(Path(folder))
+        free = free_space(Path(folder))
         return free is not None and free < 2**20
     return False
 
 
-def _free_space(folder: Path) -> int | None:
+def free_space(folder: Path) -> int | None:
+    """Free bytes on the file system that holds `folder` (or its nearest existing parent); None if none exists."""
     for path in (folder, *folder.absolute().parents):
         if path.exists():
             return shutil.disk_usage(path).free
@@ -276,7 +277,7 @@ def disk_full_guard(folder: Path | str, needed: int | Callable[[], int], what: s
         if not is_disk_full(exc, folder):
             raise
         size = needed() if callable(needed) else needed
-        free = _free_space(folder)
+        free = free_space(folder)
         free_text = f", and {format_size(free)} is free there" if free is not None else ""
         raise VlmtuneError(
             f"the disk is full: writing {what} to {show(folder)} needs about {format_size(size)}{free_text}. "

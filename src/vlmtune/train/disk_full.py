@@ -5,17 +5,10 @@ The half-written checkpoint (in `.staging/`) is removed, so the earlier checkpoi
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from vlmtune.errors import VlmtuneError
-
-
-def is_disk_full(exc: BaseException, folder: Path) -> bool:
-    """ENOSPC however the library that was writing reports it (see `outputs.is_disk_full`)."""
-    from vlmtune.outputs import is_disk_full as reported_full
-
-    return reported_full(exc, folder)
+from vlmtune.outputs import format_size, free_space
 
 
 def folder_bytes(folder: Path) -> int:
@@ -24,19 +17,13 @@ def folder_bytes(folder: Path) -> int:
 
 def disk_full_error(what: str, folder: Path, need_bytes: int, resume_from: str | None = None) -> VlmtuneError:
     """`what` ran out of space in `folder`; `need_bytes` is the best estimate of what it needs (0: unknown)."""
-    try:
-        free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
-    except OSError:
-        free = 0
-    need = f" it needs about {_gib(need_bytes)}," if need_bytes else ""
+    free = free_space(folder) or 0
+    need = f" it needs about {format_size(need_bytes)}," if need_bytes else ""
     then = (f" then continue with --resume ({resume_from} is intact)." if resume_from
             else " then start again.")
     return VlmtuneError(
-        f"the disk is full: writing {what} into {folder} failed;{need} {_gib(free)} is free there. Nothing half-written "
+        f"the disk is full: writing {what} into {folder} failed;{need} {format_size(free)} is free there. Nothing half-written "
         f"was kept. Free space on that disk (or set output_dir on a larger one, or lower training.save_total_limit),"
         f"{then}"
     )
 
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"

@@ -98,7 +98,8 @@ def save_final(trainer: Any, processor: Any, config: VlmtuneConfig, family: Fami
     """Adapter (lora/qlora) or full model, plus processor, into output_dir/final; appears there in one rename.
 
     A full disk removes what was half-written and raises a message naming the folder and the space needed."""
-    from vlmtune.train.disk_full import disk_full_error, folder_bytes, is_disk_full
+    from vlmtune.outputs import is_disk_full
+    from vlmtune.train.disk_full import disk_full_error, folder_bytes
 
     out = Path(config.output_dir)
     final, staging = out / FINAL_DIR, out / f".{FINAL_DIR}.staging"

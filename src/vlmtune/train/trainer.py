@@ -17,9 +17,10 @@ from typing import Any
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from vlmtune.outputs import is_disk_full
 from vlmtune.train.callbacks import ThroughputMeter, memory_stats
 from vlmtune.train.checkpoints import MANIFEST, write_manifest
-from vlmtune.train.disk_full import disk_full_error, folder_bytes, is_disk_full
+from vlmtune.train.disk_full import disk_full_error, folder_bytes
 from vlmtune.train.vision_keepalive import VisionKeepAlive
 
 STAGING_DIR = ".staging"
