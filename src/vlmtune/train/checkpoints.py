@@ -56,6 +56,15 @@ def write_manifest(folder: Path, step: int | None = None) -> Path:
     return folder / MANIFEST
 
 
+def newest_finished(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose save finished (it has a manifest), without reading its files: what a message
+    can point `--resume` at right after a save failed."""
+    from vlmtune.train.saving import find_checkpoints
+
+    finished = [p for p in find_checkpoints(run_dir) if (p / MANIFEST).is_file()]
+    return finished[-1] if finished else None
+
+
 @dataclass
 class CheckpointReport:
     folder: Path

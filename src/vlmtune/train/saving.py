@@ -46,7 +46,7 @@ def resolve_resume(output_dir: Path, resume: bool | str | Path, trust: bool = Fa
     `resume=True` a damaged or incomplete newest checkpoint is reported and the newest intact one is used; a folder
     named explicitly must be intact. `trust` (`--trust-checkpoint`) skips the check, for checkpoints written without
     a manifest (another tool, an older vlmtune)."""
-    from vlmtune.train.checkpoints import verify_checkpoint
+    from vlmtune.train.checkpoints import MANIFEST, verify_checkpoint
 
     if resume is False or resume is None:
         return None
@@ -78,7 +78,7 @@ def resolve_resume(output_dir: Path, resume: bool | str | Path, trust: bool = Fa
             "(into a new output_dir), or, for checkpoints written by another tool, add --trust-checkpoint."
         )
     path = Path(resume)
-    if not (path / TRAINER_STATE_NAME).is_file() and not (path / "vlmtune_manifest.json").is_file():
+    if not (path / TRAINER_STATE_NAME).is_file() and not (path / MANIFEST).is_file():
         raise VlmtuneError(
             f"--resume {path}: not a checkpoint folder (it has no {TRAINER_STATE_NAME}); give a "
             f"checkpoint-N folder from a run's output_dir, or --resume alone for the newest one."
@@ -118,11 +118,11 @@ def save_final(trainer: Any, processor: Any, config: VlmtuneConfig, family: Fami
             raise
         need = folder_bytes(staging)
         shutil.rmtree(staging, ignore_errors=True)
-        from vlmtune.train.checkpoints import MANIFEST
+        from vlmtune.train.checkpoints import newest_finished
 
-        intact = [p.name for p in find_checkpoints(out) if (p / MANIFEST).is_file()]
+        last = newest_finished(out)
         raise disk_full_error(f"the final {'model' if config.method.name.value == 'full' else 'adapter'}", out,
-                              need, resume_from=intact[-1] if intact else None) from exc
+                              need, resume_from=last.name if last else None) from exc
     if final.exists():
         _retire(final, {p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()})
     staging.rename(final)

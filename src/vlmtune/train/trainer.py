@@ -19,7 +19,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from vlmtune.outputs import is_disk_full
 from vlmtune.train.callbacks import ThroughputMeter, memory_stats
-from vlmtune.train.checkpoints import MANIFEST, write_manifest
+from vlmtune.train.checkpoints import newest_finished, write_manifest
 from vlmtune.train.disk_full import disk_full_error, folder_bytes
 from vlmtune.train.vision_keepalive import VisionKeepAlive
 
@@ -113,12 +113,10 @@ class VlmTrainer(Trainer):
         except Exception as exc:
             if not is_disk_full(exc, run_dir):
                 raise
-            from vlmtune.train.saving import find_checkpoints
-
-            intact = [p for p in find_checkpoints(run_dir) if (p / MANIFEST).is_file()]
-            need = folder_bytes(intact[-1] if intact else staging / name)  # a checkpoint is as large as the last
+            last = newest_finished(run_dir)
+            need = folder_bytes(last or staging / name)  # a checkpoint is as large as the last one
             shutil.rmtree(staging, ignore_errors=True)
-            raise disk_full_error(name, run_dir, need, resume_from=intact[-1].name if intact else None) from exc
+            raise disk_full_error(name, run_dir, need, resume_from=last.name if last else None) from exc
         finally:
             self._staging = None
         if not self.args.should_save:
