@@ -11,7 +11,7 @@ from vlmtune.data.collate import Collator
 from vlmtune.data.packing import rope_index_of
 
 
-@pytest.mark.parametrize("family_name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family_name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"])
 def test_collator_positions_are_the_models_and_change_nothing(tiny_model_dir, encoded, family_name, monkeypatch):
     processor, samples = encoded(family_name)
     pad = processor.tokenizer.pad_token_id

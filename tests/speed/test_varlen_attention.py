@@ -66,7 +66,7 @@ def image_features(model, batch) -> torch.Tensor:
     return out.pooler_output if hasattr(out, "pooler_output") else out
 
 
-@pytest.mark.parametrize("family_name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family_name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"])
 def test_vision_tower_in_one_call_equals_per_image_sdpa(tiny_model_dir, encoded, family_name, kernel):
     processor, samples = encoded(family_name)
     model = lora_model(tiny_model_dir(family_name), family_name)

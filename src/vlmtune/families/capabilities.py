@@ -78,6 +78,10 @@ FEATURES: dict[str, Feature] = {
     # apply: a family's map entry documents why, nothing is refused.
     "varlen_vision_attention": Feature("variable-length vision attention", "speed.varlen_attention", None),
     "mrope_positions": Feature("M-RoPE positions built in the collator", "speed.positions_in_collator", None),
+    # Not a switch: whether the fused kernels a hybrid (linear-attention) model needs are installed; a family
+    # with such layers says what it costs without them and logs it as a note (`FamilyDescriptor.notes`).
+    "linear_attention_kernels": Feature("fused linear-attention kernels (flash-linear-attention, causal-conv1d)",
+                                        "(environment)", None),
 }
 
 
