@@ -88,6 +88,7 @@ def train(
     try:
         result = vlmtune_train(config, callbacks=[*(callbacks or []), timer])
         speed = _speed_event(result.log_path)
+        estimate = _event(result.log_path, "memory_preflight")
     finally:  # checkpoints of a full fine-tuning run are tens of GB: the disk would not hold the next ones
         shutil.rmtree(out, ignore_errors=True)
     return {
@@ -97,7 +98,21 @@ def train(
         "trainable_params": result.trainable_params,
         "config_overrides": variant.overrides,
         "speed": speed,
+        # what the run's preflight printed (GPU, main process): compared with the nvidia-smi peak in the report
+        "estimate_total_gib": estimate.get("estimate_total_gib"),
+        "estimate_reserved_gib": estimate.get("estimate_reserved_gib"),
     }
+
+
+def _event(log_path: Path, name: str) -> dict[str, Any]:
+    """The first `name` event of the run's log ({} when the run wrote none)."""
+    import json
+
+    for line in Path(log_path).read_text().splitlines():
+        record = json.loads(line)
+        if record.get("event") == name:
+            return record
+    return {}
 
 
 def _speed_event(log_path: Path) -> Any:

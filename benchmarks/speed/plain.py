@@ -44,10 +44,12 @@ def _bf16_model(model_dir: str) -> torch.nn.Module:
         )
 
 
-def _qlora_model(model_dir: str) -> torch.nn.Module:
-    """Random weights loaded in 4-bit as from a checkpoint (what from_pretrained(path, quantization_config) does)."""
+def _qlora_model(model_dir: str, family_name: str) -> torch.nn.Module:
+    """Random weights loaded in 4-bit as from a checkpoint (what from_pretrained(path, quantization_config) does);
+    the vision tower, the projector and lm_head stay 16-bit (as the peers' QLoRA recipes and vlmtune's default)."""
     from transformers import BitsAndBytesConfig
 
+    family = get_family(family_name)
     model = _bf16_model(model_dir)
     state = {k: v.to("cpu") for k, v in model.state_dict().items()}
     cls, config = type(model), model.config
@@ -59,7 +61,7 @@ def _qlora_model(model_dir: str) -> torch.nn.Module:
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
-        llm_int8_skip_modules=["model.visual", "lm_head"],
+        llm_int8_skip_modules=[*family.vision_prefixes, *family.projector_prefixes, *family.lm_head_names],
     )
     return cls.from_pretrained(
         None,
@@ -81,7 +83,7 @@ def build(work: Workload, variant: Variant, model_dir: str, lora_targets: str) -
     gc_kwargs = {"use_reentrant": False}
     if work.method == "qlora":
         model = prepare_model_for_kbit_training(
-            _qlora_model(model_dir),
+            _qlora_model(model_dir, work.family),
             use_gradient_checkpointing=variant.gc,
             gradient_checkpointing_kwargs=gc_kwargs,
         )

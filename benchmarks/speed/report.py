@@ -145,6 +145,13 @@ def print_report(path: Path) -> None:
             )
         for line in _targets(name, rows):
             print(f"- {line}")
+        for variant, r in rows.items():  # the run's own preflight estimate against the nvidia-smi level
+            estimate, measured = r.get("estimate_total_gib"), r.get("smi_in_process_gib")
+            if estimate and measured:
+                print(
+                    f"- {variant}: estimate {estimate:.2f} GiB vs nvidia-smi while training {measured:.2f} GiB "
+                    f"({(estimate - measured) / measured:+.1%})"
+                )
         references = {work.reference, "plain_nogc"} if name == "W1" else {work.reference}
         for reference in sorted(references):
             ratios = paired_ratios(results, name, reference)

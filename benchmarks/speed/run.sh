@@ -5,6 +5,9 @@
 #   OUT=$OUT PART=1 bash benchmarks/speed/run.sh    # W1 Qwen2-VL-2B LoRA (7 variants) + correctness check
 #   OUT=$OUT PART=2 bash benchmarks/speed/run.sh    # W3 Qwen2.5-VL-7B LoRA, W4 Qwen2-VL-2B full fine-tuning
 #   OUT=$OUT PART=3 bash benchmarks/speed/run.sh    # W2 Qwen2.5-VL-7B QLoRA, W5 packing vs padding
+#   OUT=$OUT PART=4 bash benchmarks/speed/run.sh    # issue 17: F1/F2 Qwen3-VL-8B LoRA/QLoRA, F3 SmolVLM2-2.2B LoRA
+#   OUT=$OUT PART=5 bash benchmarks/speed/run.sh    # issue 17: F5/F6 Gemma-3-12B LoRA/QLoRA, F4 SmolVLM2-2.2B QLoRA
+# (F*: plain_gc vs vlmtune_gc; the report adds each vlmtune run's preflight estimate against its nvidia-smi peak)
 # Only some variants: BENCH_VARIANTS=plain_gc,vlmtune_lean. Each chosen variant R times, round by round, and the
 # report adds each variant's ratio to the reference of its own round (median, range): BENCH_REPEATS=R (identical runs
 # moved by up to 24% within one call in session 5, so single runs cannot settle a ratio near its target).

@@ -277,6 +277,46 @@ WORKLOADS: dict[str, Workload] = {
     )
 }
 
+def _family_pair(name: str, title: str, family: str, arch: str, method: str, batch: int, side: int, part: int) -> Workload:
+    """Issue 17's per-family run: the plain transformers + PEFT path against `vlmtune train`'s engine with its
+    defaults, both with gradient checkpointing (what a user runs on a card this model fills)."""
+    return Workload(
+        name,
+        title,
+        family,
+        arch,
+        method,  # type: ignore[arg-type]
+        batch,
+        side,
+        512,
+        variants=(Variant("plain_gc", "plain", True), Variant("vlmtune_gc", "vlmtune", True)),
+        reference="plain_gc",
+        warmup=2,
+        steps=6,
+        part=part,
+    )
+
+
+FAMILY_WORKLOADS = (
+    # Qwen3-VL-8B: 448 px = 196 image tokens (16 px patches, 2 x 2 merged)
+    _family_pair("F1", "Qwen3-VL-8B LoRA r16 all linear, batch 2 x (448 px + 512 text), GC", "qwen3_vl", "8b",
+                 "lora", 2, 448, part=4),
+    _family_pair("F2", "Qwen3-VL-8B QLoRA r16, batch 1 x (448 px + 512 text), GC", "qwen3_vl", "8b", "qlora", 1,
+                 448, part=4),
+    # SmolVLM2-2.2B: a 768 px image is 2 x 2 tiles of 384 px + the global image, 81 tokens each plus tile markers
+    _family_pair("F3", "SmolVLM2-2.2B LoRA r16 all linear, batch 2 x (768 px + 512 text), GC", "smolvlm", "2.2b",
+                 "lora", 2, 768, part=4),
+    _family_pair("F4", "SmolVLM2-2.2B QLoRA r16, batch 1 x (768 px + 512 text), GC", "smolvlm", "2.2b", "qlora", 1,
+                 768, part=5),
+    # Gemma 3 12B: every image is 896 px, 256 image tokens (+ <start_of_image> / <end_of_image>)
+    _family_pair("F5", "Gemma-3-12B LoRA r16 all linear, batch 2 x (896 px + 512 text), GC", "gemma3", "12b",
+                 "lora", 2, 896, part=5),
+    _family_pair("F6", "Gemma-3-12B QLoRA r16, batch 1 x (896 px + 512 text), GC", "gemma3", "12b", "qlora", 1,
+                 896, part=5),
+)
+WORKLOADS.update({w.name: w for w in FAMILY_WORKLOADS})
+
+
 MAX_LENGTH = {False: 1024, True: 3072}
 """data.max_length for fixed shapes / the spread (a 1344 px image is 2304 tokens, plus up to 600 of text)."""
 
