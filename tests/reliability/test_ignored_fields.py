@@ -35,12 +35,9 @@ def image_item(**extra) -> dict:
 
 # name: (record, field named by the error, fragment of the advice)
 IGNORED = {
-    "top-level system": (chat(system="Answer in one word."), "system", "first message with role system"),
-    "ShareGPT top-level system": (sharegpt(system="Be brief."), "system", "first message with role system"),
-    "per-message loss": (chat(Q, {**A, "loss": False}), "messages[1].loss", "trains on every assistant turn"),
-    "per-turn ShareGPT loss": (sharegpt({"from": "human", "value": "q"}, {"from": "gpt", "value": "a", "loss": 0}),
-                               "conversations[1].loss", "trains on every assistant turn"),
-    "per-message weight": (chat(Q, {**A, "weight": 0.0}), "messages[1].weight", "trains on every assistant turn"),
+    "per-message weight": (chat(Q, {**A, "weight": 0.0}), "messages[1].weight", '"loss_weight": 0'),
+    "per-turn ShareGPT weight": (sharegpt({"from": "human", "value": "q"}, {"from": "gpt", "value": "a", "train": 0}),
+                                 "conversations[1].train", '"loss": false'),
     "chat_template_kwargs": (chat(chat_template_kwargs={"enable_thinking": False}), "chat_template_kwargs",
                              "default arguments"),
     "resized_height": (image_item(resized_height=280), "messages[0].content[0].resized_height", "data.image_size"),
@@ -159,28 +156,28 @@ def test_training_refuses_an_ignored_field_at_its_data_check(folder: Path, run_c
     from vlmtune.train.engine import train
 
     monkeypatch.setattr(vlmtune.methods, "get_method", lambda name: pytest.fail("the model was loaded"))
-    path = write(folder, chat(), chat(system="Be brief."))
-    with pytest.raises(DataError, match=re.escape(f"{path}:2: error: system: a top-level 'system' prompt is not read")):
+    path = write(folder, chat(), chat(tools=[{"type": "function"}]))
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: error: tools: tool definitions are not read")):
         train(run_config(data={"train_path": str(path)}))
 
 
 @pytest.mark.slow
 @pytest.mark.reliability("ignored")
 def test_train_agrees_with_data_check_and_the_switch(run_config, shapes_data, tmp_path, caplog):
-    # A record with a top-level `system` column: train refuses it as data check does; with the switch it trains,
+    # A record with a top-level `tools` column: train refuses it as data check does; with the switch it trains,
     # saying how many records carry the field.
     from vlmtune.train.engine import train
 
     lines = shapes_data[0].read_text().splitlines()
-    tagged = [json.dumps({**json.loads(line), "system": "Answer in one word."}) if i < 3 else line
+    tagged = [json.dumps({**json.loads(line), "tools": [{"type": "function"}]}) if i < 3 else line
               for i, line in enumerate(lines)]
-    data = shapes_data[0].with_name("with_system.jsonl")  # beside the images the records name
+    data = shapes_data[0].with_name("with_tools.jsonl")  # beside the images the records name
     data.write_text("\n".join(tagged) + "\n")
     config = run_config(out=tmp_path / "run", training={"max_steps": 1}, data={"train_path": str(data)})
-    with pytest.raises(DataError, match=r"with_system.jsonl:1: error: system:"):
+    with pytest.raises(DataError, match=r"with_tools.jsonl:1: error: tools:"):
         train(config)
     config = run_config(out=tmp_path / "run2", training={"max_steps": 1},
                         data={"train_path": str(data), "on_ignored_field": "warn"})
     with caplog.at_level("WARNING"):
         result = train(config)
-    assert result.steps == 1 and re.search(r"system.*3 record", caplog.text), caplog.text[-2000:]
+    assert result.steps == 1 and re.search(r"tools.*3 record", caplog.text), caplog.text[-2000:]

@@ -58,14 +58,15 @@ Case = tuple[bytes | Callable[[Path], bytes], int, str]
 CASES: dict[str, Case] = {
     # JSON itself
     "truncated JSON": (lines(good(), '{"messages": [{"role": "user", "content": "x"}'), 2, "invalid JSON"),
-    "a JSON array file": (lines(json.dumps([chat(), chat()])), 1, "a JSON array file is not JSONL"),
+    "a broken JSON array": (lines("[" + json.dumps(chat()) + " " + json.dumps(chat()) + "]"), 1,
+                            "the file is a JSON array (it starts with '['), and it is malformed at line 1"),
     "pretty-printed JSON": (json.dumps(chat(), indent=2).encode() + b"\n", 1, "pretty-printed JSON is not JSONL"),
     "a string per line": (lines(good(), '"What colour is it?"'), 2, "got a JSON string"),
     "null record": (lines("null"), 1, "got a JSON null"),
     "a number record": (lines("42"), 1, "got a JSON int"),
     "nested lists": (lines("[[[[]]]]"), 1, "got a JSON array"),
     "deep nesting": (lines('{"messages": ' + "[" * 5000 + "]" * 5000 + "}"), 1, "data.max_json_depth=32"),
-    "very deep nesting": (lines("[" * 200_000), 1, "data.max_json_depth=32"),
+    "very deep nesting": (lines("[" * 200_000), 1, "199,999 levels deep: the JSON array is not closed"),
     "a 5,000-digit number": (lines('{"messages": [], "id": ' + "9" * 5000 + "}"), 1, "thousands of digits"),
     "duplicate key": (lines('{"messages": [], "messages": ' + json.dumps([USER, ANSWER]) + "}"), 1, "key given twice"),
     "trailing garbage": (lines(good() + " xyz"), 1, "invalid JSON: Extra data"),
@@ -114,7 +115,7 @@ CASES: dict[str, Case] = {
     "ShareGPT unknown speaker": (lines({"conversations": [{"from": "bot", "value": "q"},
                                                           {"from": "gpt", "value": "a"}]}), 1, "human, gpt, system"),
     "both styles": (lines({**chat(), "conversations": []}), 1, "both 'messages' and 'conversations'"),
-    "neither style": (lines({"prompt": "q", "completion": "a"}), 1, "needs 'messages'"),
+    "neither style": (lines({"question": "q", "answer": "a"}), 1, "needs 'messages'"),
     "ends on a user turn": (lines(chat(USER, ANSWER, USER)), 1, "ends on a user turn"),
     "system message later": (lines(chat(USER, {"role": "system", "content": "s"}, ANSWER)), 1, "only come first"),
     "10k turns": (lines(chat(*[USER, ANSWER] * 5000)), 1, "turns, more than data.max_length"),
@@ -254,7 +255,7 @@ def no_model_loading(monkeypatch):
 
 
 TRAIN_CASES = [
-    "truncated JSON", "a JSON array file", "UTF-16 file", "lone surrogate in text", "huge line", "deep nesting",
+    "truncated JSON", "a broken JSON array", "UTF-16 file", "lone surrogate in text", "huge line", "deep nesting",
     "text past what max_length can hold", "10k images in one record", "decompression bomb header",
     "5,000-character image path", "broken symlink", "empty answer",
 ]

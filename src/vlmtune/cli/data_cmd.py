@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-HELP = "validate a JSONL data set (every line, with line numbers) or split it into train/val"
+HELP = "validate a data set (JSONL, JSON array, parquet/arrow; every record, with line numbers) or split it"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--on-ignored-field", choices=["error", "warn"],
                    help="override data.on_ignored_field: a record field vlmtune does not read is an error (default) "
                         "or a warning counted per field")
+    c.add_argument("--image-root", type=Path,
+                   help="override data.image_root: the folder relative image paths resolve against first")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     s = sub.add_parser("split", help="write train.jsonl and val.jsonl")
     s.add_argument("file", type=Path, help="the JSONL file to split (records are copied as written)")
@@ -47,6 +49,8 @@ def _check_config(args: argparse.Namespace):
         overrides.append(f"data.image_size={args.image_size}")
     if args.on_ignored_field:
         overrides.append(f"data.on_ignored_field={args.on_ignored_field}")
+    if args.image_root:
+        overrides.append(f"data.image_root={args.image_root}")
     base = preset_dict(args.preset) if args.preset else {}
     return load_config(args.config, overrides, base=base)
 

@@ -28,6 +28,7 @@ FLAG_FIELDS = {
     "model": "model.name_or_path",
     "train_data": "data.train_path",
     "val_data": "data.val_path",
+    "image_root": "data.image_root",
     "max_steps": "training.max_steps",
     "epochs": "training.epochs",
     "learning_rate": "training.learning_rate",
@@ -49,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="hub id or local folder of the base model")
     p.add_argument("--train-data", "--train_data", dest="train_data")
     p.add_argument("--val-data", "--val_data", dest="val_data")
+    p.add_argument("--image-root", "--image_root", "--image_folder", dest="image_root",
+                   help="data.image_root: folder relative image paths resolve against (LLaVA's --image_folder)")
     p.add_argument("--lora_r", "--lora-r", dest="lora_r", type=int)
     p.add_argument("--lora_alpha", "--lora-alpha", dest="lora_alpha", type=float)
     p.add_argument("--lora_dropout", "--lora-dropout", dest="lora_dropout", type=float)

@@ -41,9 +41,12 @@ class ModelConfig(_Strict):
 
 class DataConfig(_Strict):
     train_path: Path | None = None
-    """Training JSONL file (one record per line; see docs/DATA.md)."""
+    """Training data: JSONL, a JSON array, parquet / arrow files, or `dataset_info.json#NAME` (docs/DATA.md)."""
     val_path: Path | None = None
     """Validation JSONL file; evaluation is skipped without it."""
+    image_root: Path | None = None
+    """Folder that relative image paths in the data resolve against (LLaVA's --image_folder, Qwen's data_path);
+    a path not found there is looked for beside the data file. None: beside the data file only (docs/DATA.md)."""
     max_length: int = Field(2048, gt=0)
     """Maximum tokens per sample, image tokens included."""
     image_size: int | None = Field(None, gt=0)

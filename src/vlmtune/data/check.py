@@ -1,6 +1,7 @@
-"""`vlmtune data check`: validate every line of a JSONL file before any training, and report it all at once.
+"""`vlmtune data check`: validate every record of a data file before any training, and report it all at once.
 
-The file is streamed line by line. Each line is checked for UTF-8, JSON syntax, the record schema and roles
+The file is streamed record by record (any format `records` reads; for parquet / arrow the row stands for the
+line). Each line is checked for UTF-8, JSON syntax, the record schema and roles
 (`records`), its images (exist, within the size limit, decode; mode conversions are counted, not errors) and,
 given a `token_length` callable, its length against `data.max_length`:
 
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from vlmtune.config.schema import DataConfig
+from vlmtune.data.embedded import EmbeddedImage
 from vlmtune.data.fields import IGNORED_CODE, field_kind
 from vlmtune.data.images import decode_image
 from vlmtune.data.records import Problem, Record, format_problems, scan
@@ -71,9 +73,11 @@ class CheckReport:
             f"{s.get('records_bad', 0)} bad; {s.get('errors', 0)} error(s), {s.get('warnings', 0)} warning(s)"
         ]
         if s.get("records_ok"):
+            untrained = f", {s['untrained_turns']} not trained (loss: false)" if s.get("untrained_turns") else ""
+            system = f"; {s['system_prompts']} system prompt(s)" if s.get("system_prompts") else ""
             lines.append(
-                f"  turns: {s['turns']} ({s['assistant_turns']} assistant); images: {s['images']} "
-                f"({s['unique_images']} files, {s['multi_image_records']} multi-image record(s))"
+                f"  turns: {s['turns']} ({s['assistant_turns']} assistant{untrained}){system}; images: "
+                f"{s['images']} ({s['unique_images']} files, {s['multi_image_records']} multi-image record(s))"
             )
         if s.get("converted_modes"):
             modes = ", ".join(f"{mode} x{n}" for mode, n in sorted(s["converted_modes"].items()))
@@ -194,7 +198,9 @@ class _IgnoredFields:
         ]
 
 
-def _display(path: Path, base_dir: Path) -> str:
+def _display(path: Path | EmbeddedImage, base_dir: Path) -> str:
+    if isinstance(path, EmbeddedImage):
+        return "embedded"
     rel = os.path.relpath(path, base_dir)
     return str(path) if rel.startswith("..") else rel
 
@@ -264,6 +270,8 @@ def check_file(
         warnings=0,
         turns=0,
         assistant_turns=0,
+        untrained_turns=0,
+        system_prompts=0,
         images=0,
         unique_images=0,
         images_bad=0,
@@ -277,7 +285,7 @@ def check_file(
     )
     images = _ImageCache(cfg.max_image_megapixels)
     ignored = _IgnoredFields()
-    base_dir = path.parent.absolute()
+    base_dir = path.parent.absolute() if not path.is_dir() else path.absolute()
     lengths: array = array("q")
     dropped = 0
     for line, record, problems in scan(path, cfg, family):
@@ -303,6 +311,8 @@ def check_file(
         s["records_ok"] += 1
         s["turns"] += len(record.messages)
         s["assistant_turns"] += sum(m.role == "assistant" for m in record.messages)
+        s["untrained_turns"] += sum(m.role == "assistant" and not m.train for m in record.messages)
+        s["system_prompts"] += record.messages[0].role == "system"
         s["multi_image_records"] += len(record.images) > 1
         if token_length is not None:
             dropped += _check_length(record, token_length, cfg, report, lengths)

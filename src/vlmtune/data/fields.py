@@ -12,15 +12,18 @@ import re
 METADATA_KEYS = frozenset({"id", "source", "dataset", "metadata"})
 """Top-level keys accepted and not read: they describe a record, they do not change what is trained."""
 
-TOP_KEYS = frozenset({"messages", "conversations", "image", "images"})
-RECORD_KEYS = TOP_KEYS | METADATA_KEYS
-CHAT_MESSAGE_KEYS = frozenset({"role", "content"})
-SHAREGPT_TURN_KEYS = frozenset({"from", "value"})
+IMAGE_KEYS = frozenset({"image", "images"})
+"""Top-level image lists, read by every record style; each style's other keys are in `record_styles.STYLES`."""
+TRAIN_KEYS = frozenset({"loss", "loss_weight"})
+"""Per-turn training switches: ms-swift's `loss` (true / false) and LLaMA-Factory v1's `loss_weight` (1 / 0)."""
+CHAT_MESSAGE_KEYS = frozenset({"role", "content"}) | TRAIN_KEYS
+SHAREGPT_TURN_KEYS = frozenset({"from", "value"}) | TRAIN_KEYS
 ITEM_KEYS = {
-    "text": frozenset({"type", "text"}),
-    "image": frozenset({"type", "image", "path", "url"}),
-    "image_url": frozenset({"type", "image_url"}),
+    "text": frozenset({"type", "text", "value"}),
+    "image": frozenset({"type", "image", "path", "url", "base64"}),
+    "image_url": frozenset({"type", "image_url", "value"}),
 }
+"""Keys read per content item type: `value` is LLaMA-Factory v1's, `base64` axolotl's."""
 IMAGE_URL_KEYS = frozenset({"url"})
 VIDEO_KEYS = frozenset({"video", "videos", "video_url"})
 VIDEO_PLACEHOLDER = "<video>"
@@ -32,20 +35,15 @@ _SIZES = (
     "remove the key, or resize the image file"
 )
 _LOSS = (
-    "per-turn loss switches are not read: vlmtune trains on every assistant turn and on nothing else; remove the "
-    "key, and drop the assistant turns you do not want trained (or end the record before them)"
+    "per-turn weights are not read: an assistant turn is trained on unless it says \"loss\": false (ms-swift) or "
+    "\"loss_weight\": 0 (LLaMA-Factory v1); use one of those"
 )
 ADVICE = {
-    "system": (
-        "a top-level 'system' prompt is not read: move it into a first message with role system "
-        '({"role": "system", "content": ...}; in conversations {"from": "system", "value": ...})'
-    ),
     "chat_template_kwargs": (
         "per-record chat template arguments are not read: every record is rendered by the model's chat template "
         "with its default arguments; remove the key"
     ),
     "tools": "tool definitions are not read (tool calling is not supported); remove the key",
-    "loss": _LOSS,
     "weight": _LOSS,
     "train": _LOSS,
     "resized_height": _SIZES,

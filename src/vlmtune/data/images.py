@@ -8,14 +8,16 @@ Animated images (GIF, WebP, APNG) give their first frame: `load()` decodes the c
 
 from __future__ import annotations
 
+import io
 import struct
 import warnings
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vlmtune.data.embedded import EmbeddedImage
 from vlmtune.errors import DataError
 
 _READ_ERRORS = (
@@ -24,6 +26,14 @@ _READ_ERRORS = (
 """What Pillow's decoders raise on corrupt data (a bad EXIF block raises struct.error or KeyError)."""
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _ORIENTATION = 0x0112
+
+
+ImageSource = Union[Path, str, EmbeddedImage]
+
+
+def image_file(source: ImageSource) -> Path | io.BytesIO:
+    """What `PIL.Image.open` takes for an image path or an embedded image."""
+    return io.BytesIO(source.data) if isinstance(source, EmbeddedImage) else Path(source)
 
 
 def _not_a_file(path: Path) -> str | None:
@@ -41,15 +51,15 @@ def _not_a_file(path: Path) -> str | None:
     return f"image file not found: {path}"
 
 
-def _open_header(path: Path, max_megapixels: float) -> Image.Image:
+def _open_header(path: Path | EmbeddedImage, max_megapixels: float) -> Image.Image:
     """Open without decoding and enforce the size limit. The caller closes the image."""
-    problem = _not_a_file(path)
+    problem = None if isinstance(path, EmbeddedImage) else _not_a_file(path)
     if problem:
         raise DataError(problem)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            im = Image.open(image_file(path))
     except Image.DecompressionBombError as exc:
         raise DataError(
             f"image {path} rejected before decoding: {exc} (Pillow's hard limit); resize it"
@@ -73,12 +83,12 @@ def _open_header(path: Path, max_megapixels: float) -> Image.Image:
     return im
 
 
-def image_size(path: Path | str, max_megapixels: float | None = None) -> tuple[int, int]:
+def image_size(path: ImageSource, max_megapixels: float | None = None) -> tuple[int, int]:
     """(width, height) from the file header only; nothing is decoded.
 
     Raises DataError for images over Pillow's hard limit (2 x `Image.MAX_IMAGE_PIXELS`, ~179 MP by default).
     """
-    with _open_header(Path(path), max_megapixels if max_megapixels is not None else float("inf")) as im:
+    with _open_header(_source(path), max_megapixels if max_megapixels is not None else float("inf")) as im:
         return im.size
 
 
@@ -117,13 +127,17 @@ class Decoded(NamedTuple):
     """More than one frame (only the first is used)."""
 
 
-def decode_image(path: Path | str, max_megapixels: float = 100.0) -> Decoded:
+def _source(path: ImageSource) -> Path | EmbeddedImage:
+    return path if isinstance(path, EmbeddedImage) else Path(path)
+
+
+def decode_image(path: ImageSource, max_megapixels: float = 100.0) -> Decoded:
     """The first frame as RGB, its original mode, and whether the file is animated. The EXIF orientation is
     applied, as transformers' `load_image` does.
 
     Raises DataError for a missing, oversized, corrupt or truncated file, or a mode that cannot become RGB.
     """
-    path = Path(path)
+    path = _source(path)
     with _open_header(path, max_megapixels) as im:
         mode = im.mode
         try:
@@ -137,12 +151,12 @@ def decode_image(path: Path | str, max_megapixels: float = 100.0) -> Decoded:
     return Decoded(rgb, mode, animated)
 
 
-def load_image(path: Path | str, max_megapixels: float = 100.0) -> tuple[Image.Image, str]:
+def load_image(path: ImageSource, max_megapixels: float = 100.0) -> tuple[Image.Image, str]:
     """(RGB image of the first frame, the file's original mode); see `decode_image`."""
     decoded = decode_image(path, max_megapixels)
     return decoded.image, decoded.mode
 
 
-def open_image(path: Path | str, max_megapixels: float = 100.0) -> Image.Image:
+def open_image(path: ImageSource, max_megapixels: float = 100.0) -> Image.Image:
     """The image as RGB, decoded only when it is within `max_megapixels` (see `load_image`)."""
     return load_image(path, max_megapixels)[0]

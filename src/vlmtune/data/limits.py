@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import accumulate
+from pathlib import Path
 from typing import BinaryIO
 
 from vlmtune.config.schema import DataConfig
@@ -47,6 +48,8 @@ class RecordRules:
     on_ignored_field: str
     family: str | None = None
     text_limit_field: str = "data.max_text_chars"
+    image_root: Path | None = None
+    """data.image_root, absolute: where relative image paths are looked for first."""
 
     @classmethod
     def from_config(cls, cfg: DataConfig | None = None, family: str | None = None) -> RecordRules:
@@ -64,6 +67,7 @@ class RecordRules:
             on_ignored_field=cfg.on_ignored_field,
             family=family,
             text_limit_field=where,
+            image_root=cfg.image_root.expanduser().absolute() if cfg.image_root is not None else None,
         )
 
     def too_many(self, count: int, what: str) -> str | None:

@@ -5,7 +5,8 @@ conversation up to each assistant turn with the generation prompt and up to the 
 must be prefix-stable for that (checked, loudly). The rendered text is cut at the span boundaries and each piece
 is run through the processor on its own (with the images that appear in it, no special tokens added), so the
 label mask is exact by construction instead of guessed from token ids. Labels keep the assistant contents and the
-end-of-turn token of every assistant turn; system, user and image tokens are -100.
+end-of-turn token of every trained assistant turn (all but those marked `loss: false`, `Message.train`); system,
+user and image tokens are -100.
 
 A family may refuse a record its format cannot hold (`record_problem`, an Unsupported `multi_image`: a DataError
 naming the line, also from `count_tokens`, so `data check --model` reports it) and may add per-sample inputs built
@@ -87,7 +88,7 @@ def segments(record: Record, processor: ProcessorMixin, family: FamilyDescriptor
     full = _render(processor, chat, False)
     spans: list[tuple[int, int]] = []
     for i, message in enumerate(chat):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or not record.messages[i].train:  # `loss: false`: context only
             continue
         if i == 0:
             raise DataError(f"line {record.line}: the conversation starts with an assistant message; "

@@ -1,10 +1,14 @@
-"""Training records: the JSONL format (docs/DATA.md), its parsed form, and streaming readers.
+"""Training records: the data files vlmtune reads (docs/DATA.md), their parsed form, and streaming readers.
 
-One record per line, in either the chat `messages` style or the LLaVA/ShareGPT `conversations` style; both parse
-to the same `Record`. Image paths are resolved against the JSONL file's folder and stored as absolute paths.
-Parsing never raises on bad data: it returns `Problem`s (line, field, message) so every problem is reported at once.
-Reading is bounded whatever the file holds (`limits`): an over-long line is skipped unread, deep nesting is refused
-before parsing, and `read_records` keeps one file offset per record, reading each record again when asked for it.
+One reader for every input, its format detected per file (`sources.detect`): JSONL (one record per line), a JSON
+array, parquet / arrow files written by Hugging Face `datasets` (`hf_files`), and an entry of LLaMA-Factory's
+`dataset_info.json` (`dataset_info`). Each record, in any of the styles `record_formats` reads (chat `messages`,
+ShareGPT/LLaVA `conversations`, TRL `prompt`/`completion`, ms-swift `query`/`response`, alpaca), parses to the same
+`Record`. Image paths are resolved against `data.image_root`, else the data file's folder, and stored as absolute
+paths; embedded image bytes become `EmbeddedImage`s. Parsing never raises on bad data: it returns `Problem`s (line,
+field, message) so every problem is reported at once. Reading is bounded whatever the file holds (`limits`): an
+over-long record is skipped unread, deep nesting is refused before parsing, and `read_records` keeps one file
+offset (a row, for parquet / arrow) per record, reading each record again when asked for it.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from vlmtune.config.schema import DataConfig
 from vlmtune.data.limits import (
@@ -26,6 +30,10 @@ from vlmtune.data.limits import (
     read_bounded_lines,
 )
 from vlmtune.errors import DataError
+
+if TYPE_CHECKING:
+    from vlmtune.data.dataset_info import ColumnMap
+    from vlmtune.data.embedded import EmbeddedImage
 
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
@@ -39,8 +47,9 @@ class TextPart:
 
 @dataclass(frozen=True)
 class ImagePart:
-    path: Path
-    """Absolute path of the image file (resolved against the JSONL file's folder)."""
+    path: Path | EmbeddedImage
+    """Absolute path of the image file (resolved against data.image_root or the data file's folder), or the image's
+    bytes where the data embeds them (`data.images` opens either)."""
 
 
 Part = TextPart | ImagePart
@@ -50,6 +59,9 @@ Part = TextPart | ImagePart
 class Message:
     role: Role
     parts: list[Part] = field(default_factory=list)
+    train: bool = True
+    """For an assistant turn, whether it is trained on (labelled); `loss: false` (ms-swift), `loss_weight: 0`
+    (LLaMA-Factory) and TRL's prompt turns set it off. Other turns are never trained on."""
 
     @property
     def text(self) -> str:
@@ -57,18 +69,18 @@ class Message:
         return "".join(p.text for p in self.parts if isinstance(p, TextPart))
 
     @property
-    def images(self) -> list[Path]:
+    def images(self) -> list[Path | EmbeddedImage]:
         return [p.path for p in self.parts if isinstance(p, ImagePart)]
 
 
 @dataclass
 class Record:
     line: int
-    """1-based line number in the source JSONL file."""
+    """1-based line number in the source file where the record starts (the row, for parquet / arrow files)."""
     messages: list[Message]
 
     @property
-    def images(self) -> list[Path]:
+    def images(self) -> list[Path | EmbeddedImage]:
         """Image paths in conversation order (the order the processor must receive the images in)."""
         return [path for m in self.messages for path in m.images]
 
@@ -83,7 +95,8 @@ class Record:
             for p in m.parts:
                 if isinstance(p, ImagePart):
                     content.append(
-                        {"type": "image", "path": str(p.path)} if with_paths else {"type": "image"}
+                        {"type": "image", "path": str(p.path)}
+                        if with_paths and isinstance(p.path, Path) else {"type": "image"}
                     )
                 else:
                     content.append({"type": "text", "text": p.text})
@@ -222,9 +235,10 @@ def _json_hint(text: str) -> str:
 
 
 def parse_line(
-    text: str, line: int, base_dir: Path, rules: RecordRules | None = None
+    text: str, line: int, base_dir: Path, rules: RecordRules | None = None, columns: ColumnMap | None = None
 ) -> tuple[Record | None, list[Problem]]:
-    """Parse one JSONL line. Returns the record (None when there are errors) and every problem found."""
+    """Parse one record's JSON text (a JSONL line, or an element of a JSON array starting at `line`). Returns the
+    record (None when there are errors) and every problem found. `columns`: a dataset_info.json entry's mapping."""
     rules = rules or RecordRules.from_config()
     depth = json_depth(text, rules.max_json_depth)
     if depth > rules.max_json_depth:
@@ -232,6 +246,9 @@ def parse_line(
     try:
         obj, duplicates = _loads(text)
     except json.JSONDecodeError as exc:
+        if exc.lineno > 1 or "\n" in text:  # a pretty-printed record of a JSON array
+            at = f"line {line + exc.lineno - 1} column {exc.colno}"
+            return None, [Problem(line, "", f"invalid JSON in the record starting here: {exc.msg} at {at}")]
         return None, [Problem(line, "", f"invalid JSON: {exc.msg} at column {exc.colno}{_json_hint(text)}")]
     except (ValueError, RecursionError) as exc:  # e.g. a 5,000-digit number (Python's int conversion limit)
         why = (
@@ -246,6 +263,8 @@ def parse_line(
         ]
     from vlmtune.data.record_formats import parse_record  # imported here: record_formats builds our types
 
+    if columns is not None:
+        obj = columns.apply(obj)
     return parse_record(obj, line, base_dir, rules)
 
 
@@ -254,7 +273,7 @@ def _not_a_file(path: Path) -> str | None:
         if path.is_file():
             return None
         what = (
-            "is a folder, not a file" if path.is_dir()
+            "is a folder, not a file (a folder is read only when it holds parquet / arrow files)" if path.is_dir()
             else "is a broken symbolic link" if path.is_symlink()
             else "is not a regular file" if path.exists()
             else "does not exist"
@@ -264,34 +283,119 @@ def _not_a_file(path: Path) -> str | None:
     return f"data file {what}; check data.train_path / data.val_path"
 
 
-def _scan(
-    path: Path, rules: RecordRules
-) -> Iterator[tuple[int, int, Record | None, list[Problem]]]:
+Kind = Literal["jsonl", "json-array", "hf"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """A data file as it is read: the file, its format, and a dataset_info.json entry's column mapping."""
+
+    file: Path
+    kind: Kind
+    columns: ColumnMap | None = None
+
+    @property
+    def base_dir(self) -> Path:
+        """Relative image paths resolve here (after data.image_root): the data file's folder (or the folder read)."""
+        from vlmtune.data.hf_files import split_of
+
+        folder = split_of(self.file)[0] if self.kind == "hf" else self.file
+        return (folder if folder.is_dir() else folder.parent).absolute()
+
+
+def open_source(path: Path) -> Source | Problem:
+    """Which reader `path` needs, detected from the file (not only its name); a Problem (line 0) when none can."""
+    from vlmtune.data import dataset_info, hf_files
+
+    columns = None
+    if dataset_info.names_entry(path):
+        found = dataset_info.resolve(path)
+        if isinstance(found, str):
+            return Problem(0, "", found)
+        path, columns = found
+    if hf_files.is_hf_input(path):
+        return Source(path, "hf", columns)
     problem = _not_a_file(path)
     if problem:
-        yield 0, 0, None, [Problem(0, "", problem)]
-        return
-    base_dir = path.parent.absolute()
+        return Problem(0, "", problem)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except OSError as exc:
+        return Problem(0, "", f"cannot open the data file: {exc.strerror or exc}")
+    from vlmtune.data.json_array import starts_as_array
+
+    return Source(path, "json-array" if starts_as_array(head) else "jsonl", columns)
+
+
+def _scan_jsonl(source: Source, rules: RecordRules) -> Iterator[tuple[int, int, int, Record | None, list[Problem]]]:
     seen = False
-    for number, offset, item in _lines(path, rules.max_record_bytes):
+    for number, offset, item in _lines(source.file, rules.max_record_bytes):
         seen = True
         if isinstance(item, Problem):
-            yield number, offset, None, [item]
+            yield number, offset, 0, None, [item]
         else:
-            record, problems = parse_line(item, number, base_dir, rules)
-            yield number, offset, record, problems
+            record, problems = parse_line(item, number, source.base_dir, rules, source.columns)
+            yield number, offset, 0, record, problems
     if not seen:
-        yield 0, 0, None, [Problem(0, "", "file is empty: it has no records (one JSON object per line)")]
+        yield 0, 0, 0, None, [Problem(0, "", "file is empty: it has no records (one JSON object per line)")]
+
+
+def _parse_element(data: bytes | None, line: int, length: int, source: Source,
+                   rules: RecordRules) -> tuple[Record | None, list[Problem]]:
+    if data is None:
+        return None, [Problem(line, "", oversized_line_message(length, rules.max_record_bytes).replace(
+            "the line is", "the record is"))]
+    text = _decode(line, data)
+    if isinstance(text, Problem):
+        return None, [Problem(line, "", text.message.replace("line is", "record is"))]
+    return parse_line(text, line, source.base_dir, rules, source.columns)
+
+
+def _scan_array(source: Source, rules: RecordRules) -> Iterator[tuple[int, int, int, Record | None, list[Problem]]]:
+    from vlmtune.data.json_array import Broken, scan_array
+
+    count = 0
+    with open(source.file, "rb") as fh:
+        for item in scan_array(fh, rules.max_record_bytes):
+            if isinstance(item, Broken):
+                yield item.line, 0, 0, None, [Problem(item.line, "", (
+                    f"the file is a JSON array (it starts with '['), and it is malformed at line {item.line} "
+                    f"column {item.column}: {item.message}. {count} record(s) before it were read; fix the file "
+                    "there (`python -m json.tool FILE` shows the first JSON error), or write one record per line "
+                    "(JSONL)"))]
+                return
+            count += 1
+            record, problems = _parse_element(item.data, item.line, item.length, source, rules)
+            yield item.line, item.offset, item.length, record, problems
+    if count == 0:
+        yield 0, 0, 0, None, [Problem(0, "", "the JSON array is empty: it has no records")]
+
+
+def _scan(path: Path, rules: RecordRules) -> Iterator[tuple[int, int, int, Record | None, list[Problem]]]:
+    """(line, offset, length, record or None, problems) per record; file-level problems as line 0."""
+    source = open_source(path)
+    if isinstance(source, Problem):
+        yield 0, 0, 0, None, [source]
+        return
+    if source.kind == "jsonl":
+        yield from _scan_jsonl(source, rules)
+    elif source.kind == "json-array":
+        yield from _scan_array(source, rules)
+    else:
+        from vlmtune.data import hf_files
+
+        yield from hf_files.scan(source, rules)
 
 
 def scan(
     path: Path | str, data_cfg: DataConfig | None = None, family: str | None = None
 ) -> Iterator[tuple[int, Record | None, list[Problem]]]:
-    """Stream (line, record or None, problems) for every non-blank line; file-level problems come as line 0.
+    """Stream (line, record or None, problems) for every record; file-level problems come as line 0.
 
-    `data_cfg` sets the limits and the ignored-field rule (default: DataConfig()); `family` names the model family
-    in messages about what it cannot take (video)."""
-    for number, _, record, problems in _scan(Path(path), RecordRules.from_config(data_cfg, family)):
+    `data_cfg` sets the limits, the image root and the ignored-field rule (default: DataConfig()); `family` names
+    the model family in messages about what it cannot take (video)."""
+    for number, _, _, record, problems in _scan(Path(path), RecordRules.from_config(data_cfg, family)):
         yield number, record, problems
 
 
@@ -305,12 +409,20 @@ def _raise(path: Path, problems: list[Problem]) -> None:
 
 
 class RecordFile(Sequence[Record]):
-    """The records of a validated JSONL file, read from it again when asked for: memory holds one byte offset per
-    record (8 bytes), not the records. The file must not change while in use (as with its images)."""
+    """The records of a validated data file, read from it again when asked for: memory holds one byte offset (and
+    length, for a JSON array; a row number, for parquet / arrow) per record, not the records. The file must not
+    change while in use (as with its images)."""
 
-    def __init__(self, path: Path, rules: RecordRules, offsets: array, lines: array):
+    def __init__(self, path: Path, rules: RecordRules, offsets: array, lines: array,
+                 lengths: array | None = None, source: Source | None = None):
         self.path, self._rules, self._offsets, self._lines = path, rules, offsets, lines
-        self._base_dir = path.parent.absolute()
+        self._lengths = lengths if lengths is not None else array("q", bytes(8 * len(offsets)))
+        self._source = source or Source(path, "jsonl")
+        self._base_dir = self._source.base_dir
+        self._rows: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_rows": None}  # an open parquet / arrow reader stays in its process
 
     def __len__(self) -> int:
         return len(self._offsets)
@@ -322,20 +434,39 @@ class RecordFile(Sequence[Record]):
     def __getitem__(self, index: int | slice) -> Record | list[Record]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        with open(self.path, "rb") as fh:
+        if self._source.kind == "hf":
+            return self._read(None, range(len(self))[index])
+        with open(self._source.file, "rb") as fh:
             return self._read(fh, range(len(self))[index])
 
     def __iter__(self) -> Iterator[Record]:
-        with open(self.path, "rb") as fh:
+        if self._source.kind == "hf":
+            for i in range(len(self)):
+                yield self._read(None, i)
+            return
+        with open(self._source.file, "rb") as fh:
             for i in range(len(self)):
                 yield self._read(fh, i)
 
     def _read(self, fh: Any, i: int) -> Record:
         line, offset = self._lines[i], self._offsets[i]
-        fh.seek(offset)
-        raw = next(read_bounded_lines(fh, self._rules.max_record_bytes), (0, b""))[1]
-        text = _decode(line, raw) if isinstance(raw, bytes) else None
-        record = parse_line(text, line, self._base_dir, self._rules)[0] if isinstance(text, str) else None
+        record: Record | None = None
+        if self._source.kind == "hf":
+            from vlmtune.data import hf_files
+
+            if self._rows is None:
+                self._rows = hf_files.Rows(self._source.file)
+            record = hf_files.parse_row(self._rows, offset, self._source, self._rules)[0]
+        elif self._source.kind == "json-array":
+            fh.seek(offset)
+            record = _parse_element(fh.read(self._lengths[i]), line, self._lengths[i], self._source,
+                                    self._rules)[0]
+        else:
+            fh.seek(offset)
+            raw = next(read_bounded_lines(fh, self._rules.max_record_bytes), (0, b""))[1]
+            text = _decode(line, raw) if isinstance(raw, bytes) else None
+            if isinstance(text, str):
+                record = parse_line(text, line, self._base_dir, self._rules, self._source.columns)[0]
         if record is None:
             raise DataError(
                 f"{self.path}:{line}: the record no longer reads as it did when the file was checked; "
@@ -346,20 +477,23 @@ class RecordFile(Sequence[Record]):
 
 def read_records(path: Path | str, data_cfg: DataConfig | None = None) -> RecordFile:
     """The records of a valid file, as a sequence read from the file on demand; raises DataError listing every
-    problem otherwise. `data_cfg`: limits and ignored-field rule (default: DataConfig()).
+    problem otherwise. `data_cfg`: limits, image root and ignored-field rule (default: DataConfig()).
 
     Checks structure only; image files are opened later (`vlmtune data check` opens them all up front).
     """
     path = Path(path)
     rules = RecordRules.from_config(data_cfg)
-    offsets, lines, problems = array("q"), array("q"), []
-    for number, offset, record, found in _scan(path, rules):
+    offsets, lengths, lines, problems = array("q"), array("q"), array("q"), []
+    for number, offset, length, record, found in _scan(path, rules):
         problems += [p for p in found if p.severity == "error"][:1000]
         if record is not None:
             offsets.append(offset)
+            lengths.append(length)
             lines.append(number)
     _raise(path, problems)
-    return RecordFile(path, rules, offsets, lines)
+    source = open_source(path)
+    assert isinstance(source, Source)  # _scan reported a Problem otherwise
+    return RecordFile(path, rules, offsets, lines, lengths, source)
 
 
 def iter_records(path: Path | str, data_cfg: DataConfig | None = None) -> Iterator[Record]:

@@ -127,7 +127,9 @@ def _text_counter(spec: ModelSpec) -> tuple[Callable[[str], int], bool]:
 def _image_hw(path: Path) -> tuple[int, int]:
     from PIL import Image
 
-    with Image.open(path) as image:
+    from vlmtune.data.images import image_file
+
+    with Image.open(image_file(path)) as image:
         width, height = image.size
     return height, width
 

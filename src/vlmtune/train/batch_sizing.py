@@ -27,7 +27,9 @@ AUTO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 def _image_hw(path: Path) -> tuple[int, int]:
     from PIL import Image
 
-    with Image.open(path) as image:
+    from vlmtune.data.images import image_file
+
+    with Image.open(image_file(path)) as image:
         width, height = image.size
     return height, width
 
