@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up vlmtune in ./.venv.   usage: bash scripts/setup.sh [dev]
-#   dev: also the test tools and the optional QLoRA (bitsandbytes) and DeepSpeed dependencies.
+#   dev: also the test tools and the optional QLoRA (bitsandbytes), DeepSpeed and datasets (pyarrow) dependencies.
 # DeepSpeed ships only a source release; DS_BUILD_OPS=0 installs it without compiling its ops (the few a run needs
 # compile on first use, cached in TORCH_EXTENSIONS_DIR).
 # Torch is installed first and pinned, so that nothing pulls a multi-GB CUDA build by accident on a CPU machine.
@@ -12,7 +12,7 @@ python=${PYTHON:-python3}
 torch_spec=${VLMTUNE_TORCH:-torch==2.13.0}
 constraints=${VLMTUNE_CONSTRAINTS:-constraints.txt}
 extras=""
-[[ ${1:-} == dev ]] && extras="[dev,qlora,deepspeed]"
+[[ ${1:-} == dev ]] && extras="[dev,qlora,deepspeed,datasets]"
 
 [[ -x .venv/bin/python ]] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip -q --disable-pip-version-check)
