@@ -26,6 +26,7 @@ _SCALAR_END = re.compile(rb"[,\]\s]")
 class Element:
     line: int
     """1-based line where the element starts."""
+    column: int
     offset: int
     length: int
     data: bytes | None
@@ -135,7 +136,7 @@ def scan_array(fh: BinaryIO, max_bytes: int) -> Iterator[Element | Broken]:
 
 def _element(r: _Reader, max_bytes: int) -> Element | Broken:
     """Consume one element, keeping its bytes while within `max_bytes`."""
-    start, line, depth, deepest = r.offset, r.line, 0, 0
+    start, line, column, depth, deepest = r.offset, r.line, r.column, 0, 0
     kept: list[bytes] | None = []
     size = 0
     first = r.buf[r.pos:r.pos + 1]
@@ -146,7 +147,7 @@ def _element(r: _Reader, max_bytes: int) -> Element | Broken:
         end = match.start() if match else len(r.buf)
         data = r.buf[r.pos:end]
         r.pos = end
-        return Element(line, start, len(data), data, 0)
+        return Element(line, column, start, len(data), data, 0)
     in_string = False
     while True:
         pattern = _INSIDE if in_string else _OUTSIDE
@@ -204,4 +205,4 @@ def _element(r: _Reader, max_bytes: int) -> Element | Broken:
                 kept = None
         r.pos = step
         if depth == 0 or (depth == -1 and not in_string):
-            return Element(line, start, size, b"".join(kept) if kept is not None else None, deepest)
+            return Element(line, column, start, size, b"".join(kept) if kept is not None else None, deepest)

@@ -90,7 +90,7 @@ def _trl(obj: dict[str, Any], base_dir: Path, out: _Collector) -> list[Turn]:
     prompt = _side(obj, "prompt", "user", base_dir, out)
     completion = _side(obj, "completion", "assistant", base_dir, out)
     for turn in prompt:
-        turn.train = False  # the prompt is context, as TRL's completion_only_loss has it
+        turn.train = turn.role != "assistant"  # the prompt is context, as TRL's completion_only_loss has it
     for turn in completion:
         if turn.role != "assistant":
             out.error(f"{turn.where}.role", "a completion holds assistant turns only; move other turns to 'prompt'")

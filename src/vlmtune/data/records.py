@@ -235,10 +235,12 @@ def _json_hint(text: str) -> str:
 
 
 def parse_line(
-    text: str, line: int, base_dir: Path, rules: RecordRules | None = None, columns: ColumnMap | None = None
+    text: str, line: int, base_dir: Path, rules: RecordRules | None = None, columns: ColumnMap | None = None,
+    column: int | None = None,
 ) -> tuple[Record | None, list[Problem]]:
-    """Parse one record's JSON text (a JSONL line, or an element of a JSON array starting at `line`). Returns the
-    record (None when there are errors) and every problem found. `columns`: a dataset_info.json entry's mapping."""
+    """Parse one record's JSON text (a JSONL line, or an element of a JSON array starting at `line`, `column`).
+    Returns the record (None when there are errors) and every problem found. `columns`: a dataset_info.json
+    entry's mapping."""
     rules = rules or RecordRules.from_config()
     depth = json_depth(text, rules.max_json_depth)
     if depth > rules.max_json_depth:
@@ -246,8 +248,9 @@ def parse_line(
     try:
         obj, duplicates = _loads(text)
     except json.JSONDecodeError as exc:
-        if exc.lineno > 1 or "\n" in text:  # a pretty-printed record of a JSON array
-            at = f"line {line + exc.lineno - 1} column {exc.colno}"
+        if column is not None:  # a record of a JSON array: where in the file
+            col = exc.colno + (column - 1 if exc.lineno == 1 else 0)
+            at = f"line {line + exc.lineno - 1} column {col}"
             return None, [Problem(line, "", f"invalid JSON in the record starting here: {exc.msg} at {at}")]
         return None, [Problem(line, "", f"invalid JSON: {exc.msg} at column {exc.colno}{_json_hint(text)}")]
     except (ValueError, RecursionError) as exc:  # e.g. a 5,000-digit number (Python's int conversion limit)
@@ -341,7 +344,7 @@ def _scan_jsonl(source: Source, rules: RecordRules) -> Iterator[tuple[int, int, 
         yield 0, 0, 0, None, [Problem(0, "", "file is empty: it has no records (one JSON object per line)")]
 
 
-def _parse_element(data: bytes | None, line: int, length: int, source: Source,
+def _parse_element(data: bytes | None, line: int, column: int, length: int, source: Source,
                    rules: RecordRules) -> tuple[Record | None, list[Problem]]:
     if data is None:
         return None, [Problem(line, "", oversized_line_message(length, rules.max_record_bytes).replace(
@@ -349,7 +352,7 @@ def _parse_element(data: bytes | None, line: int, length: int, source: Source,
     text = _decode(line, data)
     if isinstance(text, Problem):
         return None, [Problem(line, "", text.message.replace("line is", "record is"))]
-    return parse_line(text, line, source.base_dir, rules, source.columns)
+    return parse_line(text, line, source.base_dir, rules, source.columns, column)
 
 
 def _scan_array(source: Source, rules: RecordRules) -> Iterator[tuple[int, int, int, Record | None, list[Problem]]]:
@@ -366,7 +369,7 @@ def _scan_array(source: Source, rules: RecordRules) -> Iterator[tuple[int, int, 
                     "(JSONL)"))]
                 return
             count += 1
-            record, problems = _parse_element(item.data, item.line, item.length, source, rules)
+            record, problems = _parse_element(item.data, item.line, item.column, item.length, source, rules)
             yield item.line, item.offset, item.length, record, problems
     if count == 0:
         yield 0, 0, 0, None, [Problem(0, "", "the JSON array is empty: it has no records")]
@@ -459,7 +462,7 @@ class RecordFile(Sequence[Record]):
             record = hf_files.parse_row(self._rows, offset, self._source, self._rules)[0]
         elif self._source.kind == "json-array":
             fh.seek(offset)
-            record = _parse_element(fh.read(self._lengths[i]), line, self._lengths[i], self._source,
+            record = _parse_element(fh.read(self._lengths[i]), line, 1, self._lengths[i], self._source,
                                     self._rules)[0]
         else:
             fh.seek(offset)
