@@ -20,10 +20,11 @@ CHAT_MESSAGE_KEYS = frozenset({"role", "content"}) | TRAIN_KEYS
 SHAREGPT_TURN_KEYS = frozenset({"from", "value"}) | TRAIN_KEYS
 ITEM_KEYS = {
     "text": frozenset({"type", "text", "value"}),
-    "image": frozenset({"type", "image", "path", "url", "base64"}),
+    "image": frozenset({"type", "image", "path", "url", "base64", "index"}),
     "image_url": frozenset({"type", "image_url", "value"}),
 }
-"""Keys read per content item type: `value` is LLaMA-Factory v1's, `base64` axolotl's."""
+"""Keys read per content item type: `value` is LLaMA-Factory v1's, `base64` axolotl's, `index` (the image's position
+in the record's `images`) that of Hugging Face data sets made for TRL."""
 IMAGE_URL_KEYS = frozenset({"url"})
 VIDEO_KEYS = frozenset({"video", "videos", "video_url"})
 VIDEO_PLACEHOLDER = "<video>"

@@ -32,6 +32,10 @@ _SPLIT = re.compile(r"(?:^|[/_-])(train|test|validation|valid|val|dev)(?=[-_./]|
 BATCH_ROWS = 64
 
 
+class NotData(ValueError):
+    """The path names no readable set of files (the message says why)."""
+
+
 def split_of(path: Path) -> tuple[Path, str | None]:
     """`FOLDER#SPLIT` -> (FOLDER, SPLIT); other paths -> (path, None)."""
     head, sep, tail = str(path).rpartition("#")
@@ -100,7 +104,7 @@ class Rows:
         self.pq = pq
         files = data_files(path)
         if isinstance(files, str):
-            raise ValueError(files)
+            raise NotData(files)
         self.files, self.starts, self._cache = files, [0], (None, None, None)
         self._parts: list[Any] = []
         for file in files:
@@ -180,15 +184,22 @@ def scan(source: Source, rules: RecordRules) -> Iterator[tuple[int, int, int, Re
 
     try:
         rows = Rows(source.file)
-    except ValueError as exc:
+    except NotData as exc:
         yield 0, 0, 0, None, [Problem(0, "", str(exc))]
         return
-    except OSError as exc:  # pyarrow's ArrowInvalid is an OSError / ValueError subclass
-        yield 0, 0, 0, None, [Problem(0, "", f"not a readable parquet / arrow file: {exc}")]
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid / ArrowIOError
+        yield 0, 0, 0, None, [Problem(0, "", f"not a readable parquet / arrow file ({exc}); re-write it, e.g. "
+                                      "with datasets' Dataset.to_parquet")]
         return
     if len(rows) == 0:
         yield 0, 0, 0, None, [Problem(0, "", "the data set is empty: it has no rows")]
         return
-    for row, value in enumerate(rows.iter_rows()):
-        record, problems = parse_row(rows, row, source, rules, value)
-        yield row + 1, row, 0, record, problems
+    done = 0
+    try:
+        for row, value in enumerate(rows.iter_rows()):
+            record, problems = parse_row(rows, row, source, rules, value)
+            done += 1
+            yield row + 1, row, 0, record, problems
+    except (OSError, ValueError) as exc:
+        yield done + 1, 0, 0, None, [Problem(done + 1, "", f"cannot read the rows from here on ({exc}): the file "
+                                             "is damaged; re-write it")]

@@ -58,6 +58,13 @@ _SLOT = _Slot()
 Image = Path | EmbeddedImage
 
 
+class _IndexedSlot(_Slot):
+    """A path-less image item that names its image by position (`index`, as Hugging Face data sets made for TRL do)."""
+
+    def __init__(self, index: int, where: str):
+        self.index, self.where = index, where
+
+
 @dataclass
 class Turn:
     """A turn while parsing: where it is in the record, its role, its parts (slots not yet filled), trained."""
@@ -202,7 +209,7 @@ def _content_item(item: Any, where: str, base_dir: Path, out: _Collector) -> Par
         out.error(f"{where}.type", f"unsupported content type {_preview(kind)}; use 'text', 'image' or 'image_url'")
         return None
     out.ignored(where, fields.unread_keys(item, fields.ITEM_KEYS[kind]))
-    given = [k for k in item if k in fields.ITEM_KEYS[kind] and k != "type" and item[k] is not None]
+    given = [k for k in item if k in fields.ITEM_KEYS[kind] and k not in ("type", "index") and item[k] is not None]
     if len(given) > 1:
         out.error(where, f"give the {kind} once: {' and '.join(given)} are all set")
         return None
@@ -214,10 +221,19 @@ def _content_item(item: Any, where: str, base_dir: Path, out: _Collector) -> Par
         return out.text(item[key], f"{where}.{key}")
     if not given:
         if kind == "image":
-            return _SLOT
+            index = item.get("index")
+            if index is None:
+                return _SLOT
+            if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+                out.error(f"{where}.index", f"must be the image's position in 'images' (0, 1, ...), got {_preview(index)}")
+                return None
+            return _IndexedSlot(index, f"{where}.index")
         out.error(where, "an image_url item needs 'image_url' (or LLaMA-Factory v1's 'value')")
         return None
     key = given[0]
+    if item.get("index") is not None:
+        out.error(where, f"give the image once: {key} and index are both set")
+        return None
     ref = item[key]
     if key == "image_url" and isinstance(ref, dict):
         out.ignored(f"{where}.image_url", fields.unread_keys(ref, fields.IMAGE_URL_KEYS))
@@ -296,6 +312,13 @@ def fill_slots(turns: list[Turn], top: tuple[str, list[Image | None]] | None, pl
         what = f"'{IMAGE_PLACEHOLDER}' placeholder(s)" if placeholders else "path-less image item(s)"
         out.error(key, f"{len(images)} image(s) listed but {slots} {what} in the conversation; they must match")
         return
+    position = 0
+    for turn in turns:
+        for p in turn.parts:
+            if isinstance(p, _IndexedSlot) and p.index != position:
+                out.error(p.where, f"image item index {p.index}, but it is image {position} in conversation order; "
+                          "vlmtune gives images in conversation order: reorder the 'images' list")
+            position += isinstance(p, _Slot)
     it = iter(images)
     for turn in turns:
         filled = [(ImagePart(path) if (path := next(it)) else None) if isinstance(p, _Slot) else p
