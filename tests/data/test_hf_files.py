@@ -175,3 +175,22 @@ def test_an_index_out_of_order_is_an_error(tmp_path: Path) -> None:
     errors = check_file(path).errors
     assert errors and errors[0].field == "messages[0].content[0].index"
     assert "reorder the 'images' list" in errors[0].message
+
+
+def test_a_data_set_in_the_hub_cache(tmp_path: Path, monkeypatch) -> None:
+    """`hf://datasets/ORG/NAME#SPLIT` reads the snapshot that huggingface_hub's cache holds (offline, as in CI)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "datasets--someone--shapes-vqa"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    write_parquet(repo / "snapshots" / commit / "data" / "train-00000-of-00001.parquet", ROWS[:3])
+    write_parquet(repo / "snapshots" / commit / "data" / "test-00000-of-00001.parquet", ROWS[:1])
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert [summary(r) for r in read_records("hf://datasets/someone/shapes-vqa#train")] == EXPECTED[:3]
+    assert len(read_records(Path("hf://datasets/someone/shapes-vqa#test"))) == 1  # a Path folds the '//'
+    (error,) = check_file(Path("hf://datasets/someone/not-there")).errors
+    assert "is not in the Hugging Face cache" in error.message and "hf download someone/not-there" in error.message

@@ -3,7 +3,9 @@
 What `datasets` writes and reads: a parquet file (`Dataset.to_parquet`, the hub's `data/train-00000-of-00001.parquet`),
 an arrow file (the hub cache's and `save_to_disk`'s `data-00000-of-00001.arrow`), a folder of either (a
 `load_dataset`-style folder, or a `save_to_disk` folder with its `state.json`), and `FOLDER#SPLIT` for one split of
-a folder that holds several. Each row is one record, in any style `record_styles` reads; an `Image` column holds
+a folder that holds several, and `hf://datasets/ORG/NAME[@REVISION][#SPLIT]` for a data set in the Hugging Face hub
+cache (`huggingface_hub.snapshot_download`, the standard path: offline it reads the cache, online it downloads).
+Each row is one record, in any style `record_styles` reads; an `Image` column holds
 `{"bytes", "path"}` structs, read as embedded images (nothing is written to disk) or as paths.
 
 Reading is lazy and bounded: pyarrow reads parquet one row group at a time (the last one read is kept) and
@@ -34,6 +36,30 @@ BATCH_ROWS = 64
 
 class NotData(ValueError):
     """The path names no readable set of files (the message says why)."""
+
+
+_HUB = re.compile(r"^hf:/+datasets/([^/@#]+/[^/@#]+)(?:@([^#]+))?(?:#(.+))?$")
+
+
+def hub_folder(path: Path) -> Path | str | None:
+    """`hf://datasets/ORG/NAME[@REVISION][#SPLIT]` -> its snapshot folder (with `#SPLIT`), or why not (a message);
+    None for any other path. Offline (HF_HUB_OFFLINE=1) only the local cache is read."""
+    found = _HUB.match(str(path))
+    if found is None:
+        return None
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo, revision, split = found.groups()
+    try:
+        folder = snapshot_download(repo, repo_type="dataset", revision=revision,
+                                   local_files_only=constants.HF_HUB_OFFLINE)
+    except LocalEntryNotFoundError:
+        return (f"the data set {repo} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub is "
+                f"not reachable (or HF_HUB_OFFLINE=1); download it first: hf download {repo} --repo-type dataset")
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        return f"cannot get the data set {repo} from the Hugging Face hub: {exc}"
+    return Path(f"{folder}#{split}") if split else Path(folder)
 
 
 def split_of(path: Path) -> tuple[Path, str | None]:

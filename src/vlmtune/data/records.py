@@ -311,6 +311,11 @@ def open_source(path: Path) -> Source | Problem:
     from vlmtune.data import dataset_info, hf_files
 
     columns = None
+    hub = hf_files.hub_folder(path)
+    if isinstance(hub, str):
+        return Problem(0, "", hub)
+    if hub is not None:
+        return Source(hub, "hf")
     if dataset_info.names_entry(path):
         found = dataset_info.resolve(path)
         if isinstance(found, str):
