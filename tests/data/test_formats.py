@@ -350,3 +350,43 @@ def test_dataset_info_entry_keys_vlmtune_does_not_read(tmp_path: Path) -> None:
                                 "p": {"file_name": "x.json", "ranking": True}}))
     assert "num_samples not read" in check_file(Path(f"{info}#d")).errors[0].message
     assert "preference data" in check_file(Path(f"{info}#p")).errors[0].message
+
+
+# --- convert, split -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(SOURCES))
+def test_convert_writes_what_is_trained_as_jsonl(tmp_path: Path, name: str) -> None:
+    from vlmtune.data.convert import convert_file
+
+    file, root = SOURCES[name]
+    out = tmp_path / "out" / "converted.jsonl"
+    result = convert_file(FORMATS / file, out, cfg(root))
+    assert result.records == len(load(name)) and result.images_written == (name in EMBEDDED)
+    again = list(read_records(out))  # plain JSONL now: no image root, no dataset_info
+    expected = [shape(r.messages) for r in load(name)]
+    if name in EMBEDDED:  # the embedded image is now a file of the same bytes beside the output
+        (written,) = (out.parent / "converted_images").iterdir()
+        assert written.read_bytes() == RED.read_bytes() and written.suffix == ".png"
+        expected[0][0] = ("user", True, [written.name, Q])
+    assert [shape(r.messages) for r in again] == expected
+    assert "loss" in out.read_text() or all(t for r in again for _, t, _ in shape(r.messages))
+
+
+def test_convert_replaces_only_its_own_output(tmp_path: Path, capsys) -> None:
+    from vlmtune.cli.main import main
+
+    out = tmp_path / "data.jsonl"
+    out.write_text("mine\n")
+    args = ["data", "convert", str(FORMATS / "axolotl.jsonl"), "--out", str(out)]
+    assert main(args) == 2 and "not written by vlmtune" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    assert "wrote" in capsys.readouterr().out and main(args) == 0  # its own output: replaced without the flag
+    assert main(["data", "convert", str(FORMATS / "axolotl.jsonl"), "--out", str(FORMATS / "axolotl.jsonl")]) == 2
+    assert "is the data being converted" in capsys.readouterr().err
+
+
+def test_split_asks_for_jsonl(tmp_path: Path) -> None:
+    from vlmtune.data.split import split_file
+
+    with pytest.raises(DataError, match=r"this is a JSON array\. Convert it first \(`vlmtune data convert"):
+        split_file(FORMATS / "llava_v1_5.json", 0.5, out_dir=tmp_path)

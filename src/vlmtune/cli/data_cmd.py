@@ -1,4 +1,5 @@
-"""`vlmtune data check FILE` and `vlmtune data split FILE --val-ratio R --seed S --out DIR [--overwrite]`."""
+"""`vlmtune data check FILE`, `vlmtune data split FILE --val-ratio R --seed S --out DIR [--overwrite]` and
+`vlmtune data convert IN --out FILE.jsonl [--overwrite]`."""
 
 from __future__ import annotations
 
@@ -24,6 +25,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--image-root", type=Path,
                    help="override data.image_root: the folder relative image paths resolve against first")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
+    v = sub.add_parser("convert", help="write any input vlmtune reads as its own JSONL (what will be trained)")
+    v.add_argument("file", type=Path, help="a JSONL or JSON array file, parquet / arrow data, dataset_info.json#NAME")
+    v.add_argument("--out", type=Path, required=True, help="the JSONL file to write (embedded images go to "
+                   "OUT_images/ beside it)")
+    v.add_argument("--to", choices=["jsonl"], default="jsonl", help="output format (jsonl)")
+    v.add_argument("--image-root", type=Path, help="data.image_root: the folder relative image paths resolve against")
+    v.add_argument("--on-ignored-field", choices=["error", "warn"],
+                   help="data.on_ignored_field: with warn, fields vlmtune does not read are left out")
+    v.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output that vlmtune did not write (never the input)")
     s = sub.add_parser("split", help="write train.jsonl and val.jsonl")
     s.add_argument("file", type=Path, help="the JSONL file to split (records are copied as written)")
     s.add_argument("--val-ratio", type=float, default=0.1,
@@ -56,6 +67,16 @@ def _check_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action == "convert":
+        from vlmtune.config.schema import DataConfig
+        from vlmtune.data.convert import convert_file
+
+        data_cfg = DataConfig(image_root=args.image_root, on_ignored_field=args.on_ignored_field or "error")
+        result = convert_file(args.file, args.out, data_cfg, overwrite=args.overwrite)
+        images = f", {result.images_written} embedded image(s) written to {args.out.stem}_images/" \
+            if result.images_written else ""
+        print(f"wrote {result.path} ({result.records} records{images})")
+        return 0
     if args.action == "split":
         from vlmtune.data.split import split_file
 

@@ -61,6 +61,16 @@ def _map_message(message: Any, fn: Callable[[str], str]) -> Any:
 
 
 def _count_valid(path: Path) -> int:
+    from vlmtune.data.records import Problem as _Problem
+    from vlmtune.data.records import open_source
+
+    source = open_source(path)
+    if not isinstance(source, _Problem) and (source.kind != "jsonl" or source.columns is not None):
+        raise DataError(
+            f"cannot split {path}: split copies the lines of a JSONL file, and this is "
+            f"{'a JSON array' if source.kind == 'json-array' else 'parquet / arrow data' if source.kind == 'hf' else 'a dataset_info.json entry'}"
+            f". Convert it first (`vlmtune data convert {path} --out data.jsonl`), then split data.jsonl"
+        )
     count, problems = 0, []
     # Split copies records as written: a field vlmtune does not read travels along (train's data check decides).
     for _, record, found in scan(path, DataConfig(on_ignored_field="warn")):
