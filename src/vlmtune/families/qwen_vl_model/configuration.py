@@ -15,6 +15,7 @@ from transformers import PreTrainedConfig
 DEFAULT_QUERIES = 256
 IMAGE_SPECIAL_TOKENS = ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<img>", "</img>", "<imgpad>")
 """The tokenizer's image special tokens in id order; `<img>` is `visual.image_start_id`, `</img>` +1, `<imgpad>` +2."""
+REMOTE_ARCHITECTURE = "QWenLMHeadModel"
 REMOTE_AUTO_MAP = {
     "AutoConfig": "configuration_qwen.QWenConfig",
     "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel",
@@ -79,6 +80,14 @@ class QwenVLConfig(PreTrainedConfig):
             problems.append(f"visual.n_queries ({self.queries}) must be a square (the queries form a grid)")
         if problems:
             raise ValueError("Qwen-VL config.json: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        """As the Hub writes it: `architectures` names the original class (`save_pretrained` would write this
+        port's class name there), so the remote code's `auto_map` and tools reading `architectures` see the
+        checkpoint they know."""
+        data = super().to_dict()
+        data["architectures"] = [REMOTE_ARCHITECTURE]
+        return data
 
     # ---- derived numbers ----
     @property

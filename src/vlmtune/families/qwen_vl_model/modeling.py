@@ -21,7 +21,13 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from vlmtune.families.qwen_vl_model.configuration import QwenVLConfig
-from vlmtune.families.qwen_vl_model.language import QwenAttention, QwenBlock, RMSNorm, RotaryEmbedding, ntk_alpha
+from vlmtune.families.qwen_vl_model.language import (
+    QwenAttention,
+    QwenBlock,
+    RMSNorm,
+    RotaryEmbedding,
+    ntk_alpha,
+)
 from vlmtune.families.qwen_vl_model.visual import Resampler, VisionTransformer, sincos_2d
 
 
