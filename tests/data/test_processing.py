@@ -16,7 +16,7 @@ from vlmtune.data.records import ImagePart, Message, Record, TextPart
 from vlmtune.errors import DataError, VlmtuneError
 from vlmtune.families import get_family
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "gemma3", "smolvlm", "qwen3_5"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "gemma3", "smolvlm", "qwen3_5", "internvl"]
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,8 @@ def test_labels_are_exactly_the_assistant_turns(setup, images, name):
     counts = [family.image_token_count(60, 80, processor), family.image_token_count(90, 40, processor)]
     # Gemma 3's count also holds what its processor wraps the image tokens in (<start/end_of_image>, blank lines)
     soft = 2 * processor.image_seq_length if name == "gemma3" else sum(counts)
+    if name == "internvl":  # its count also holds <img> and </img>; image tokens: tiles x image_seq_length
+        soft = (family.tiles(60, 80, processor) + family.tiles(90, 40, processor)) * processor.image_seq_length
     if name == "smolvlm":  # its count also holds the tile markers; image tokens: frames x image_seq_len
         soft = (family.frames(60, 80, processor) + family.frames(90, 40, processor)) * processor.image_seq_len
     assert int(image_tokens.sum()) == soft
@@ -95,6 +97,8 @@ def test_decoded_input_is_the_rendered_conversation(setup, images, name):
     decoded = processor.tokenizer.decode(sample.input_ids)
     token = processor.image_token
     decoded = decoded.replace(getattr(processor, "full_image_sequence", token), token)  # Gemma 3's expansion
+    for wrapper in (getattr(processor, "start_image_token", ""), getattr(processor, "end_image_token", "")):
+        decoded = decoded.replace(wrapper, "") if wrapper else decoded  # InternVL's <img> ... </img>
     while token + token in decoded:
         decoded = decoded.replace(token + token, token)
     assert decoded == rendered

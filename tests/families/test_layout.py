@@ -10,7 +10,7 @@ import torch
 from vlmtune.errors import ConfigError
 from vlmtune.families import get_family
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "instructblip", "gemma3", "smolvlm", "qwen3_5"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "instructblip", "gemma3", "smolvlm", "qwen3_5", "internvl"]
 
 
 def _model(tiny_model_dir, name: str) -> torch.nn.Module:

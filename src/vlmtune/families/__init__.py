@@ -10,14 +10,23 @@ import json
 from pathlib import Path
 
 from vlmtune.errors import VlmtuneError
-from vlmtune.families import (gemma3, instructblip, internvl, llava, qwen2_5_vl, qwen2_vl, qwen3_5, qwen3_vl,
-                              qwen_vl, smolvlm)
+from vlmtune.families import (
+    gemma3,
+    instructblip,
+    internvl,
+    llava,
+    qwen2_5_vl,
+    qwen2_vl,
+    qwen3_5,
+    qwen3_vl,
+    smolvlm,
+)
 from vlmtune.families.base import FamilyDescriptor
 
 _FAMILIES: dict[str, FamilyDescriptor] = {
     d.name: d for d in (qwen2_vl.DESCRIPTOR, qwen2_5_vl.DESCRIPTOR, qwen3_vl.DESCRIPTOR, llava.DESCRIPTOR,
                instructblip.DESCRIPTOR, gemma3.DESCRIPTOR, smolvlm.DESCRIPTOR, qwen3_5.DESCRIPTOR,
-               qwen_vl.DESCRIPTOR, internvl.DESCRIPTOR)
+               internvl.DESCRIPTOR)
 }
 
 __all__ = ["FamilyDescriptor", "all_families", "family_for_model", "get_family"]

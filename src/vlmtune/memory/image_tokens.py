@@ -7,6 +7,9 @@ Rules (the `image.rule` of an architecture in models.yaml), mirroring the transf
   square whatever its size.
 - `tiles` (Idefics3 / SmolVLM): the longest edge is resized to `longest_edge`, the image is cut into tile x tile
   crops plus one global tile when it is split; each tile costs `tokens_per_tile` tokens.
+- `aspect_tiles` (InternVL, GotOcr2's `crop_to_patches`): the cols x rows grid of `min_tiles`..`max_tiles` tiles
+  whose aspect ratio is closest to the image's, plus a thumbnail when there is more than one tile; each tile costs
+  `tokens_per_tile` tokens. The data settings bound the tile count (`aspect_tile_bounds`, shared with the family).
 `image_size` / `min_pixels` / `max_pixels` follow vlmtune's data config: for dynamic rules `image_size` caps the
 pixels at image_size^2 (max_pixels wins when both are set); for tiles it sets the longest edge; fixed rules ignore it.
 """
@@ -127,6 +130,44 @@ def _tiles(rule: dict[str, Any], height: int, width: int, image_size: int | None
     return ImageCost(frames * rule["tokens_per_tile"], frames * per_tile_patches, resized)
 
 
+def aspect_tile_bounds(tile: int, min_tiles: int, max_tiles: int, image_size: int | None = None,
+                       min_pixels: int | None = None, max_pixels: int | None = None) -> tuple[int, int]:
+    """(least, most) tiles under vlmtune's data settings (the internvl family sets its processor from this):
+    max_pixels caps the tiles at max_pixels / tile^2, image_size at (image_size / tile)^2 (the smaller wins, each
+    at least 1; either replaces the checkpoint's `max_tiles`); min_pixels raises the least to min_pixels / tile^2
+    rounded up. Checking that the bounds can be met is the family's (`least > most` is a config error there)."""
+    caps = [max(1, (image_size // tile) ** 2)] if image_size is not None else []
+    caps += [max(1, max_pixels // tile**2)] if max_pixels is not None else []
+    least = min_tiles if min_pixels is None else max(1, math.ceil(min_pixels / tile**2))
+    return least, min(caps) if caps else max_tiles
+
+
+def aspect_tile_grid(height: int, width: int, tile: int, min_tiles: int, max_tiles: int) -> tuple[int, int]:
+    """(cols, rows) of GotOcr2's `get_optimal_tiled_canvas`: among the grids of min..max tiles, the closest aspect
+    ratio; on a tie the grid with more tiles while the image's area exceeds half of the grid's."""
+    grids = sorted([(c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1)
+                    if min_tiles <= c * r <= max_tiles], key=lambda g: g[0] * g[1])  # stable, as transformers'
+    aspect, area = width / height, width * height
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in grids:
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and area > 0.5 * tile * tile * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def _aspect_tiles(rule: dict[str, Any], height: int, width: int, image_size: int | None, min_pixels: int | None,
+                  max_pixels: int | None) -> ImageCost:
+    tile = rule["tile"]
+    least, most = aspect_tile_bounds(tile, rule["min_tiles"], rule["max_tiles"], image_size, min_pixels, max_pixels)
+    cols, rows = aspect_tile_grid(height, width, tile, least, max(least, most)) if most > 1 else (1, 1)
+    frames = cols * rows + 1 if cols * rows > 1 else 1
+    return ImageCost(frames * rule["tokens_per_tile"], frames * (tile // rule["patch_size"]) ** 2,
+                     (rows * tile, cols * tile))
+
+
 def image_cost(
     rule: dict[str, Any],
     height: int,
@@ -146,7 +187,9 @@ def image_cost(
         return ImageCost(rule["image_tokens"], rule["vit_patches"], (side, side))
     if kind == "tiles":
         return _tiles(rule, height, width, image_size)
-    raise VlmtuneError(f"unknown image rule '{kind}' in the model catalogue (dynamic, fixed or tiles)")
+    if kind == "aspect_tiles":
+        return _aspect_tiles(rule, height, width, image_size, min_pixels, max_pixels)
+    raise VlmtuneError(f"unknown image rule '{kind}' in the model catalogue (dynamic, fixed, tiles or aspect_tiles)")
 
 
 def tile_wrapper_tokens(rule: dict[str, Any], cost: ImageCost) -> int:
