@@ -19,6 +19,7 @@ from vlmtune.families import (
     qwen2_vl,
     qwen3_5,
     qwen3_vl,
+    qwen_vl,
     smolvlm,
 )
 from vlmtune.families.base import FamilyDescriptor
@@ -26,7 +27,7 @@ from vlmtune.families.base import FamilyDescriptor
 _FAMILIES: dict[str, FamilyDescriptor] = {
     d.name: d for d in (qwen2_vl.DESCRIPTOR, qwen2_5_vl.DESCRIPTOR, qwen3_vl.DESCRIPTOR, llava.DESCRIPTOR,
                instructblip.DESCRIPTOR, gemma3.DESCRIPTOR, smolvlm.DESCRIPTOR, qwen3_5.DESCRIPTOR,
-               internvl.DESCRIPTOR)
+               internvl.DESCRIPTOR, qwen_vl.DESCRIPTOR)
 }
 
 __all__ = ["FamilyDescriptor", "all_families", "family_for_model", "get_family"]
