@@ -390,3 +390,17 @@ def test_split_asks_for_jsonl(tmp_path: Path) -> None:
 
     with pytest.raises(DataError, match=r"this is a JSON array\. Convert it first \(`vlmtune data convert"):
         split_file(FORMATS / "llava_v1_5.json", 0.5, out_dir=tmp_path)
+
+
+# --- training ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llava_v1_5", "llamafactory_mllm_demo", "swift", "trl"])
+def test_training_runs_on_each_format(name: str, run_config, tmp_path: Path) -> None:
+    from vlmtune.train.engine import train
+
+    file, root = SOURCES[name]
+    data = {"train_path": str(FORMATS / file), "image_root": str(FORMATS / root) if root else None}
+    config = run_config(out=tmp_path / "run", data=data, training={"max_steps": 2, "batch_size": 1})
+    result = train(config)
+    assert result.steps == 2

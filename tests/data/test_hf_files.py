@@ -194,3 +194,14 @@ def test_a_data_set_in_the_hub_cache(tmp_path: Path, monkeypatch) -> None:
     assert len(read_records(Path("hf://datasets/someone/shapes-vqa#test"))) == 1  # a Path folds the '//'
     (error,) = check_file(Path("hf://datasets/someone/not-there")).errors
     assert "is not in the Hugging Face cache" in error.message and "hf download someone/not-there" in error.message
+
+
+@pytest.mark.slow
+def test_training_runs_on_parquet_with_embedded_images(run_config, tmp_path: Path) -> None:
+    from vlmtune.train.engine import train
+
+    path = write_parquet(tmp_path / "data" / "train.parquet", ROWS[:3])
+    config = run_config(out=tmp_path / "run", data={"train_path": str(path)},
+                        training={"max_steps": 2, "batch_size": 1})
+    assert train(config).steps == 2
+    assert sorted(p.name for p in path.parent.iterdir()) == ["train.parquet"]  # nothing written beside the data
