@@ -175,12 +175,15 @@ class Rows:
         raise IndexError(row)
 
     def iter_rows(self) -> Iterator[Any]:
+        """Every row in order. Parquet is read one row group at a time (`ParquetFile.iter_batches` over a whole file
+        keeps what it has read: its memory grew by ~1 GB a minute on 100,000 rows of images)."""
         for part, _ in self._parts:
-            if hasattr(part, "iter_batches"):
-                for batch in part.iter_batches(batch_size=BATCH_ROWS):
-                    yield from batch.to_pylist()
+            if hasattr(part, "read_row_group"):
+                tables: Iterator[Any] = (part.read_row_group(g) for g in range(part.metadata.num_row_groups))
             else:
-                for batch in part.to_batches(max_chunksize=BATCH_ROWS):
+                tables = iter([part])
+            for table in tables:
+                for batch in table.to_batches(max_chunksize=BATCH_ROWS):
                     yield from batch.to_pylist()
 
 
