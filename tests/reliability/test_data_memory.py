@@ -95,6 +95,57 @@ def test_100k_records_stream(folder: Path, baseline: float, reliability_note) ->
                      f"({peak - baseline:+.1f})")
 
 
+def test_100k_records_of_a_json_array_stream(folder: Path, baseline: float, reliability_note) -> None:
+    """A JSON array is scanned record by record, never parsed whole (pretty-printed, as LLaVA's files are)."""
+    path = folder / "many.json"
+    with open(path, "w") as fh:
+        fh.write("[\n")
+        for i in range(100_000):
+            item = {"id": i, **record(text=f"Question {i}: what colour is the shape?")}
+            fh.write(("" if i == 0 else ",\n") + json.dumps(item, indent=2))
+        fh.write("\n]\n")
+    peak, rc, out = data_check(path)
+    assert rc == 0 and "OK: 100000 record(s)" in out, out
+    assert peak - baseline < MARGIN_MB, (peak, baseline)
+    reliability_note(f"data check, JSON array of 100k records ({path.stat().st_size / 2**20:.0f} MB): peak RSS "
+                     f"{peak:.0f} MB ({peak - baseline:+.1f})")
+
+
+def test_10k_parquet_rows_with_embedded_images_stream(folder: Path, reliability_note) -> None:
+    """Parquet is read one row group at a time; each row's image bytes are let go with the row."""
+    pa = pytest.importorskip("pyarrow", reason="the 'datasets' extra; scripts/setup.sh dev installs it")
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.effect_noise((224, 224), 60).convert("RGB").save(buf, "JPEG", quality=95)  # ~35 KB, a bit of work
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    schema = pa.schema([("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+                        ("images", pa.list_(image))])
+
+    def write(path: Path, rows: int) -> None:
+        with pq.ParquetWriter(path, schema) as writer:
+            for start in range(0, rows, 100):
+                writer.write_table(pa.Table.from_pylist([
+                    {"messages": [{"role": "user", "content": f"<image>Question {i}?"},
+                                  {"role": "assistant", "content": "noise"}],
+                     "images": [{"bytes": buf.getvalue(), "path": None}]}
+                    for i in range(start, min(start + 100, rows))], schema=schema))
+
+    write(folder / "small.parquet", 200)
+    write(folder / "many.parquet", 10_000)
+    base, rc, out = data_check(folder / "small.parquet")
+    assert rc == 0, out
+    peak, rc, out = data_check(folder / "many.parquet")
+    assert rc == 0 and "OK: 10000 record(s)" in out, out
+    assert peak - base < MARGIN_MB, (peak, base)
+    reliability_note(f"data check, parquet of 10k rows with embedded images "
+                     f"({(folder / 'many.parquet').stat().st_size / 2**20:.0f} MB): peak RSS {peak:.0f} MB "
+                     f"({peak - base:+.1f} over 200 rows)")
+
+
 def test_token_counting_refuses_huge_text_before_the_tokenizer(
     folder: Path, tiny_model_dir, reliability_note
 ) -> None:
