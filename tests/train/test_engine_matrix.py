@@ -16,7 +16,8 @@ from vlmtune.data.records import read_records
 from vlmtune.export.predict import load_for_inference
 from vlmtune.train.engine import train
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "instructblip", "gemma3", "smolvlm", "qwen3_5", "internvl"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "instructblip", "gemma3", "smolvlm", "qwen3_5", "internvl",
+            "qwen_vl"]
 METHODS = ["lora", "qlora", "full"]
 
 

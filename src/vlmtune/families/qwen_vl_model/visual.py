@@ -104,16 +104,19 @@ class Resampler(nn.Module):
         super().__init__()
         self.grid = int(math.isqrt(queries))
         self.query = nn.Parameter(torch.zeros(queries, dim))
-        self.pos_embed = nn.Parameter(sincos_2d(dim, self.grid), requires_grad=False)
+        self.pos_embed = nn.Parameter(sincos_2d(dim, self.grid).to(torch.get_default_dtype()), requires_grad=False)
         self.kv_proj = nn.Linear(kv_dim, dim, bias=False) if kv_dim != dim else nn.Identity()
         self.attn = nn.MultiheadAttention(dim, dim // 128, batch_first=True)
         self.ln_q = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.ln_kv = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        keys_pos = resize_positions(self.pos_embed, x.shape[1])
+        # the table is fixed, as in the original; detached so that it stays so when PEFT's modules_to_save (which
+        # turns on grad for every parameter of the copy it trains) holds the resampler
+        table = self.pos_embed.detach()
+        keys_pos = resize_positions(table, x.shape[1])
         x = self.ln_kv(self.kv_proj(x))
-        query = (self.ln_q(self.query) + self.pos_embed).unsqueeze(0).expand(x.shape[0], -1, -1)
+        query = (self.ln_q(self.query) + table).unsqueeze(0).expand(x.shape[0], -1, -1)
         return self.attn(query, x + keys_pos, x, need_weights=False)[0]
 
 
