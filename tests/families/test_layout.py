@@ -10,7 +10,11 @@ import torch
 from vlmtune.errors import ConfigError
 from vlmtune.families import get_family
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "instructblip", "gemma3", "smolvlm", "qwen3_5", "internvl"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "instructblip", "gemma3", "smolvlm", "qwen3_5", "internvl",
+            "qwen_vl"]
+# Qwen-VL keeps its checkpoint's own layer names (fused c_attn, w1/w2/c_proj): its target sets are tested in
+# test_qwen_vl.py
+STANDARD_NAMES = [n for n in FAMILIES if n != "qwen_vl"]
 
 
 def _model(tiny_model_dir, name: str) -> torch.nn.Module:
@@ -45,7 +49,7 @@ def test_partition_covers_every_parameter_once(models, name):
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert ("lm_head" in parts) == (not tied)  # a tied lm_head shares the embedding and is listed once
     projector_names = ("merger", "multi_modal_projector", "qformer", "query_tokens", "language_projection",
-                       "connector")
+                       "connector", "attn_pool", "ln_post", "visual.proj")
     assert all(any(p in n for p in projector_names) for n in parts["projector"])
     assert family.component_of("base_model.model." + parts["language"][0]) == "language"  # PEFT-wrapped names
 
@@ -54,7 +58,7 @@ def _linear_names(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
-@pytest.mark.parametrize("name", [n for n in FAMILIES if n != "qwen3_5"])  # hybrid layers: test_qwen3_5.py
+@pytest.mark.parametrize("name", [n for n in STANDARD_NAMES if n != "qwen3_5"])  # hybrid layers: test_qwen3_5.py
 @pytest.mark.parametrize("kind, per_layer", [("minimal", 3), ("attention", 4), ("all", 7)])
 def test_lora_targets_reach_only_language_layers(models, name, kind, per_layer):
     family, model = get_family(name), models[name]
@@ -67,7 +71,7 @@ def test_lora_targets_reach_only_language_layers(models, name, kind, per_layer):
     assert {n.rsplit(".", 1)[-1] for n in hits} == set(family.lora_targets(kind))
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", STANDARD_NAMES)
 def test_explicit_targets_and_vision_targets(models, name):
     family, model = get_family(name), models[name]
     assert family.lora_targets(["q_proj", "mlp.down_proj"]) == ["q_proj", "mlp.down_proj"]
