@@ -249,7 +249,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("suite")
-    s.add_argument("--part", type=int, choices=[1, 2, 3, 4, 5], default=1)
+    s.add_argument("--part", type=int, choices=[1, 2, 3, 4, 5, 6], default=1)
     s.add_argument("--only", default="", help="comma-separated workloads and/or `check` (overrides --part)")
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--budget-s", type=float, default=540.0)

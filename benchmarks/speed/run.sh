@@ -7,6 +7,7 @@
 #   OUT=$OUT PART=3 bash benchmarks/speed/run.sh    # W2 Qwen2.5-VL-7B QLoRA, W5 packing vs padding
 #   OUT=$OUT PART=4 bash benchmarks/speed/run.sh    # issue 17: F1/F2 Qwen3-VL-8B LoRA/QLoRA, F3 SmolVLM2-2.2B LoRA
 #   OUT=$OUT PART=5 bash benchmarks/speed/run.sh    # issue 17: F5/F6 Gemma-3-12B LoRA/QLoRA, F4 SmolVLM2-2.2B QLoRA
+#   OUT=$OUT PART=6 bash benchmarks/speed/run.sh    # issue 17: F7/F8 Qwen3.5-9B LoRA/QLoRA
 # (F*: plain_gc vs vlmtune_gc; the report adds each vlmtune run's preflight estimate against its nvidia-smi peak)
 # Only some variants: BENCH_VARIANTS=plain_gc,vlmtune_lean. Each chosen variant R times, round by round, and the
 # report adds each variant's ratio to the reference of its own round (median, range): BENCH_REPEATS=R (identical runs

@@ -313,6 +313,11 @@ FAMILY_WORKLOADS = (
                  "lora", 2, 896, part=5),
     _family_pair("F6", "Gemma-3-12B QLoRA r16, batch 1 x (896 px + 512 text), GC", "gemma3", "12b", "qlora", 1,
                  896, part=5),
+    # Qwen3.5-9B: Qwen3-VL's tower (448 px = 196 tokens); its DeltaNet layers run the kernels the machine has
+    _family_pair("F7", "Qwen3.5-9B LoRA r16 all linear, batch 2 x (448 px + 512 text), GC", "qwen3_5", "9b", "lora",
+                 2, 448, part=6),
+    _family_pair("F8", "Qwen3.5-9B QLoRA r16, batch 1 x (448 px + 512 text), GC", "qwen3_5", "9b", "qlora", 1, 448,
+                 part=6),
 )
 WORKLOADS.update({w.name: w for w in FAMILY_WORKLOADS})
 
