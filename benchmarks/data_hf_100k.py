@@ -31,7 +31,7 @@ def _images(n: int) -> list[bytes]:
 
     out = []
     rng = random.Random(0)
-    for i in range(n):
+    for _ in range(n):
         im = Image.new("RGB", (IMAGE_SIDE, IMAGE_SIDE), (235, 235, 235))
         draw = ImageDraw.Draw(im)
         for _ in range(30):

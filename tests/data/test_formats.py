@@ -15,7 +15,7 @@ from vlmtune.config.schema import DataConfig
 from vlmtune.data.check import check_file
 from vlmtune.data.embedded import EmbeddedImage
 from vlmtune.data.processing import IGNORE_INDEX, encode
-from vlmtune.data.records import ImagePart, Message, TextPart, read_records
+from vlmtune.data.records import Message, TextPart, read_records
 from vlmtune.errors import DataError
 from vlmtune.families import get_family
 

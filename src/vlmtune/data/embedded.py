@@ -11,8 +11,8 @@ import hashlib
 class EmbeddedImage:
     """An image whose bytes are in the data itself (base64 or a `data:` URL in a record, a parquet/arrow cell).
 
-    Stands where an image path stands (`ImagePart.path`, `Record.images`): the functions here open it from memory,
-    and nothing is written to disk. `str()` names where it came from, for messages."""
+    Stands where an image path stands (`ImagePart.path`, `Record.images`): `data.images` opens it from memory, and
+    nothing is written to disk. `str()` names where it came from, for messages."""
 
     __slots__ = ("data", "origin", "_digest")
 
@@ -23,7 +23,8 @@ class EmbeddedImage:
     def __str__(self) -> str:
         return f"embedded image ({self.origin}, {len(self.data):,} bytes)"
 
-    __repr__ = __str__
+    def __repr__(self) -> str:  # with the content's hash: data.dataset fingerprints records by their repr
+        return f"EmbeddedImage({self.origin!r}, {len(self.data)} bytes, sha1 {self._digest})"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, EmbeddedImage) and other.data == self.data

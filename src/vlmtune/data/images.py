@@ -12,7 +12,7 @@ import io
 import struct
 import warnings
 from pathlib import Path
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -28,7 +28,7 @@ _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _ORIENTATION = 0x0112
 
 
-ImageSource = Union[Path, str, EmbeddedImage]
+ImageSource = Path | str | EmbeddedImage
 
 
 def image_file(source: ImageSource) -> Path | io.BytesIO:
