@@ -99,10 +99,14 @@ def test_tied_embeddings_are_counted_once():
     assert counts.tied and counts.parts["lm_head"] == 0 and counts.linear_weights["lm_head"] == 0
 
 
-def test_remote_code_model_is_analytic_and_says_so():
-    counts = count_params(lookup_model("Qwen/Qwen-VL-Chat"))
-    assert counts.source.startswith("analytic")
-    assert counts.parts["language"] + counts.parts["embeddings"] + counts.parts["lm_head"] == 7721324544
+def test_qwen_vl_is_built_by_the_port_and_matches_the_published_counts():
+    """Qwen-VL-Chat is remote code on the Hub; the estimator builds vlmtune's port (families/qwen_vl_model) on the
+    meta device: the counts the catalogue had from the published config, total and per part."""
+    counts = count_params(lookup_model("Qwen/Qwen-VL"))
+    assert counts.source.startswith("meta-device build")
+    assert counts.parts == {"vision": 1842770688, "projector": 92839936, "embeddings": 622329856,
+                            "language": 6476664832, "lm_head": 622329856}
+    assert (counts.dims.hidden, counts.dims.intermediate, counts.dims.vision_depth) == (4096, 11008, 48)
 
 
 def test_lookup_is_forgiving_about_case_and_organisation():

@@ -184,8 +184,12 @@ def hf_config(spec: ModelSpec) -> Any:
         raise VlmtuneError(
             f"{spec.name} is remote code: it has no transformers config; its counts are analytic"
         )
+    # the families register the architectures vlmtune ports (Qwen-VL's model_type "qwen") with transformers; a
+    # config.json naming remote code is never run
+    import vlmtune.families  # noqa: F401
+
     if spec.path is not None:
-        return AutoConfig.from_pretrained(spec.path, local_files_only=True)
+        return AutoConfig.from_pretrained(spec.path, local_files_only=True, trust_remote_code=False)
     return AutoConfig.for_model(spec.model_type, **copy.deepcopy(spec.config))
 
 
