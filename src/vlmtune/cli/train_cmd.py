@@ -79,7 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="train into an output_dir that holds files other than a vlmtune run's (none is deleted; "
                         "same-named files such as config.yaml are replaced)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config and exit (values that come from the method's defaults say so)")
     p.add_argument("--force", action="store_true",
                    help="train even when the memory estimate says the run does not fit the GPU (hardware.force_fit)")
     p.add_argument("--memory-fraction", "--memory_fraction", dest="memory_fraction", type=float,
@@ -263,7 +264,9 @@ def run(args: argparse.Namespace) -> int:
 
     config = resolve_config(args)
     if args.print_config:
-        print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
+        from vlmtune.config.method_defaults import derived_fields
+
+        print(annotated(yaml.safe_dump(config_to_dict(config), sort_keys=False), derived_fields(config)), end="")
         return 0
     from vlmtune.train.launch import launch, should_launch
 
@@ -278,6 +281,22 @@ def run(args: argparse.Namespace) -> int:
     if rank == 0:
         print(result.summary())
     return 0
+
+
+def annotated(text: str, notes: dict[str, str]) -> str:
+    """YAML from safe_dump with `# note` after the line of each dotted field in `notes` (block style, 2 spaces)."""
+    path: list[str] = []
+    lines = []
+    for line in text.splitlines():
+        key = line.strip().split(":", 1)[0]
+        depth = (len(line) - len(line.lstrip(" "))) // 2
+        if line.strip() and not line.lstrip().startswith("-") and ":" in line:
+            path = [*path[:depth], key]
+            note = notes.get(".".join(path))
+            if note:
+                line = f"{line}  # {note}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def train_arguments(args: argparse.Namespace) -> list[str]:

@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from vlmtune.config.method_defaults import apply_method_defaults
+
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 
@@ -122,6 +124,10 @@ class QuantizationConfig(_Strict):
     """Also quantize the vision tower's linear layers (off: they stay 16-bit)."""
     quantize_lm_head: bool = False
     """Also quantize lm_head (off: it stays 16-bit)."""
+    lean: bool = False
+    """Lean QLoRA, the 8 GB setting: where not set otherwise, also quantize the vision tower and lm_head, keep the
+    input embeddings in CPU memory (speed.embeddings_on_cpu), step with paged 8-bit AdamW and compute the loss in
+    256-token chunks (config/method_defaults.py; measured: Qwen2.5-VL-7B at 7.47 GiB, benchmarks/RESULTS.md W2)."""
 
 
 class MethodConfig(_Strict):
@@ -145,7 +151,8 @@ class TrainingConfig(_Strict):
     gradient_accumulation_steps: int = Field(1, gt=0)
     """Micro-batches per optimizer step."""
     learning_rate: float = Field(2e-4, gt=0)
-    """Peak learning rate."""
+    """Peak learning rate. Default per method when not set: 2e-4 for lora and qlora, 1e-5 for full
+    (config/method_defaults.py; `vlmtune train --print-config` marks such values)."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
@@ -330,7 +337,11 @@ class VlmtuneConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_field(self) -> VlmtuneConfig:
+        apply_method_defaults(self)
         problems = []
+        if self.method.quantization.lean and self.method.name != TrainingMethod.QLORA:
+            problems.append(f"method.quantization.lean=true is lean QLoRA, but method.name={self.method.name.value}: "
+                            "set method.name=qlora, or method.quantization.lean=false")
         if self.method.name == TrainingMethod.QLORA and self.hardware.precision == "fp32":
             problems.append("method.name=qlora needs hardware.precision bf16 or fp16 (4-bit layers compute in 16-bit)")
         if self.method.name == TrainingMethod.FULL and self.method.lora.train_projector:
