@@ -275,3 +275,28 @@ def test_qlora_quantizes_only_the_language_model(run_config):
     model = get_method("qlora").load_and_prepare(run_config("qwen_vl", "qlora"), family)
     quantized = [n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"]
     assert quantized and all(".transformer.h." in n for n in quantized)
+
+
+def test_ultra_low_memory_preset_takes_qwen_vl_chat(tmp_path, caplog, monkeypatch):
+    """The 8 GB guide's model: its preset's 336 px image bound (for dynamic-resolution families) has no effect on
+    Qwen-VL's fixed 448 px / 256 tokens and is not refused; the estimator answers for the hub id offline; a hub id
+    that is neither cached nor reachable gets a message saying how to download it."""
+    import huggingface_hub.constants
+
+    from vlmtune.cli.main import main
+    from vlmtune.config import load_preset
+    from vlmtune.errors import VlmtuneError
+
+    family = get_family("qwen_vl")
+    folder = family.build_tiny(tmp_path / "chat", arch="7b")
+    config = load_preset("ultra_low_memory", model={"name_or_path": str(folder)})
+    assert family_for_model(config.model.name_or_path) is family and family.check(config) == []
+    with caplog.at_level(logging.WARNING):
+        assert family.load_processor(folder, config.data).queries == 256
+    assert main(["estimate", "--preset", "ultra_low_memory", "--model", "Qwen/Qwen-VL-Chat"]) == 0
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(VlmtuneError, match="hf download Qwen/Qwen-VL-Chat"):
+        family.load_processor("Qwen/Qwen-VL-Chat")
+    with pytest.raises(VlmtuneError, match="'./nowhere' .* is not a folder on this machine"):
+        family.load_processor("./nowhere")
