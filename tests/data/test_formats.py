@@ -404,3 +404,24 @@ def test_training_runs_on_each_format(name: str, run_config, tmp_path: Path) -> 
     config = run_config(out=tmp_path / "run", data=data, training={"max_steps": 2, "batch_size": 1})
     result = train(config)
     assert result.steps == 2
+
+
+def test_your_own_column_names(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"img": str(RED), "question": Q, "answer": "red", "note": "x"}) + "\n"
+                    + json.dumps({"dialog": [{"speaker": "user", "text": Q}, {"speaker": "assistant", "text": "red"}],
+                                  "img": [str(BLUE)]}) + "\n")
+    config = DataConfig(columns={"instruction": "question", "output": "answer", "images": "img",
+                                 "messages": "dialog", "role": "speaker", "content": "text"})
+    report = check_file(path, config)
+    assert [(p.line, p.field) for p in report.errors] == [(1, "note")]  # an unmapped key is still reported
+    path.write_text(path.read_text().replace(', "note": "x"', ""))
+    assert [shape(r.messages) for r in read_records(path, config)] == [
+        FIRST, [("user", True, ["blue.png", Q]), ("assistant", True, ["red"])]]
+
+
+def test_unknown_column_keys_are_a_config_error() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="columns: question not a key vlmtune reads"):
+        DataConfig(columns={"question": "q"})

@@ -41,6 +41,12 @@ class ModelConfig(_Strict):
     """Build the architecture from its config with random weights (benchmarks; no weights are read)."""
 
 
+RECORD_COLUMNS = ("messages", "conversations", "image", "images", "system", "prompt", "completion", "query",
+                  "response", "history", "instruction", "input", "output")
+TURN_COLUMNS = ("role", "content", "from", "value")
+"""data.columns keys: record keys vlmtune reads (docs/DATA.md), and keys inside each turn."""
+
+
 class DataConfig(_Strict):
     train_path: Path | None = None
     """Training data: JSONL, a JSON array, parquet / arrow files, or `dataset_info.json#NAME` (docs/DATA.md)."""
@@ -49,6 +55,10 @@ class DataConfig(_Strict):
     image_root: Path | None = None
     """Folder that relative image paths in the data resolve against (LLaVA's --image_folder, Qwen's data_path);
     a path not found there is looked for beside the data file. None: beside the data file only (docs/DATA.md)."""
+    columns: dict[str, str] | None = None
+    """Which key of your records holds what vlmtune reads, for data in no format it knows: e.g.
+    {instruction: question, output: answer, images: img}, or {messages: dialog, role: speaker, content: text} (role /
+    content, from / value rename the keys inside each turn). Keys: see docs/DATA.md, "Your own column names"."""
     max_length: int = Field(2048, gt=0)
     """Maximum tokens per sample, image tokens included."""
     image_size: int | None = Field(None, gt=0)
@@ -73,14 +83,18 @@ class DataConfig(_Strict):
     max_json_depth: int = Field(32, gt=0)
     """Deepest nesting of JSON arrays and objects in a record (a chat record needs 5), checked before parsing."""
     on_ignored_field: Literal["error", "warn"] = "error"
-    """A record field vlmtune does not read (a top-level `system`, a per-message `loss`, per-image sizes, an unknown
-    key): `error` names it; `warn` trains without it and warns once per field with the number of records that
+    """A record field vlmtune does not read (per-image sizes, `tools`, a per-message `weight`, an unknown key):
+    `error` names it; `warn` trains without it and warns once per field with the number of records that
     have it. The metadata keys id, source, dataset and metadata are always accepted (docs/DATA.md)."""
 
     @model_validator(mode="after")
     def _pixels_order(self) -> DataConfig:
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})")
+        unknown = [k for k in self.columns or {} if k not in RECORD_COLUMNS + TURN_COLUMNS]
+        if unknown:
+            raise ValueError(f"columns: {', '.join(unknown)} not a key vlmtune reads; use {', '.join(RECORD_COLUMNS)} "
+                             f"(record keys) or {', '.join(TURN_COLUMNS)} (keys inside each turn)")
         return self
 
 

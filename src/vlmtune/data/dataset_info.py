@@ -1,4 +1,6 @@
-"""LLaMA-Factory's `dataset_info.json`, read by data set name: `data.train_path: data/dataset_info.json#mllm_demo`.
+"""Column mappings: LLaMA-Factory's `dataset_info.json` entries, and `data.columns` (`rename`) for anything else.
+
+LLaMA-Factory's `dataset_info.json` is read by data set name: `data.train_path: data/dataset_info.json#mllm_demo`.
 
 An entry names a local file (`file_name`, relative to the dataset_info.json folder, which is also where its
 relative image paths resolve, as LLaMA-Factory's default `media_dir` has it), its `formatting` (`alpaca`, the
@@ -15,6 +17,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from vlmtune.config.schema import RECORD_COLUMNS, TURN_COLUMNS
 
 INFO_NAME = "dataset_info.json"
 MAX_INFO_BYTES = 16 << 20
@@ -68,6 +72,21 @@ class ColumnMap:
         if tags["content_tag"] in m:
             turn["value"] = m[tags["content_tag"]]
         return turn
+
+
+def rename(obj: Any, columns: tuple[tuple[str, str], ...]) -> Any:
+    """A record with data.columns applied: each record key given becomes vlmtune's; in each turn, too."""
+    if not isinstance(obj, dict):
+        return obj
+    top = {theirs: ours for ours, theirs in columns if ours in RECORD_COLUMNS}
+    inner = {theirs: ours for ours, theirs in columns if ours in TURN_COLUMNS}
+    out = {top.get(k, k): v for k, v in obj.items()}
+    if inner:
+        for key in ("messages", "conversations"):
+            if isinstance(out.get(key), list):
+                out[key] = [{inner.get(k, k): v for k, v in m.items()} if isinstance(m, dict) else m
+                            for m in out[key]]
+    return out
 
 
 def names_entry(path: Path) -> bool:

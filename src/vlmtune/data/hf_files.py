@@ -204,6 +204,10 @@ def parse_row(rows: Rows, row: int, source: Source, rules: RecordRules,
     obj = _drop_nulls(rows.row(row) if value is None else value)
     if source.columns is not None:
         obj = source.columns.apply(obj)
+    elif rules.columns:
+        from vlmtune.data.dataset_info import rename
+
+        obj = rename(obj, rules.columns)
     return parse_record(obj, row + 1, source.base_dir, rules)
 
 

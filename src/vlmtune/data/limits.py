@@ -50,6 +50,8 @@ class RecordRules:
     text_limit_field: str = "data.max_text_chars"
     image_root: Path | None = None
     """data.image_root, absolute: where relative image paths are looked for first."""
+    columns: tuple[tuple[str, str], ...] = ()
+    """data.columns as (vlmtune's key, the record's key) pairs."""
 
     @classmethod
     def from_config(cls, cfg: DataConfig | None = None, family: str | None = None) -> RecordRules:
@@ -68,6 +70,7 @@ class RecordRules:
             family=family,
             text_limit_field=where,
             image_root=cfg.image_root.expanduser().absolute() if cfg.image_root is not None else None,
+            columns=tuple((cfg.columns or {}).items()),
         )
 
     def too_many(self, count: int, what: str) -> str | None:

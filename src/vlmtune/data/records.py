@@ -268,6 +268,10 @@ def parse_line(
 
     if columns is not None:
         obj = columns.apply(obj)
+    elif rules.columns:
+        from vlmtune.data.dataset_info import rename
+
+        obj = rename(obj, rules.columns)
     return parse_record(obj, line, base_dir, rules)
 
 
