@@ -395,7 +395,7 @@ def test_split_asks_for_jsonl(tmp_path: Path) -> None:
 # --- training ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["llava_v1_5", "llamafactory_mllm_demo", "swift", "trl"])
+@pytest.mark.parametrize("name", [name for name in SOURCES if name != "canonical"])
 def test_training_runs_on_each_format(name: str, run_config, tmp_path: Path) -> None:
     from vlmtune.train.engine import train
 

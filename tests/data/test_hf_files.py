@@ -205,3 +205,10 @@ def test_training_runs_on_parquet_with_embedded_images(run_config, tmp_path: Pat
                         training={"max_steps": 2, "batch_size": 1})
     assert train(config).steps == 2
     assert sorted(p.name for p in path.parent.iterdir()) == ["train.parquet"]  # nothing written beside the data
+
+
+def test_a_pandas_index_column_is_not_data(tmp_path: Path) -> None:
+    t = table(ROWS[:2]).append_column("__index_level_0__", pa.array([7, 9]))
+    path = tmp_path / "train.parquet"
+    pq.write_table(t, path)
+    assert [summary(r) for r in read_records(path)] == EXPECTED[:2]

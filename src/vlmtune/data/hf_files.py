@@ -187,6 +187,15 @@ class Rows:
                     yield from batch.to_pylist()
 
 
+_PANDAS_INDEX = re.compile(r"^__index_level_\d+__$")
+
+
+def _row(value: dict[str, Any]) -> dict[str, Any]:
+    """A row as the record it was made from: pandas' saved index columns (`__index_level_0__`, written by
+    `DataFrame.to_parquet`) are not data and are left out; nulls are dropped (`_drop_nulls`)."""
+    return {k: _drop_nulls(v) for k, v in value.items() if v is not None and not _PANDAS_INDEX.match(k)}
+
+
 def _drop_nulls(value: Any) -> Any:
     """Arrow structs have every field in every row (null where a record had none): drop the nulls, so a row reads
     as the JSON record it was made from."""
@@ -201,7 +210,7 @@ def parse_row(rows: Rows, row: int, source: Source, rules: RecordRules,
               value: Any = None) -> tuple[Record | None, list[Problem]]:
     from vlmtune.data.record_formats import parse_record
 
-    obj = _drop_nulls(rows.row(row) if value is None else value)
+    obj = _row(rows.row(row) if value is None else value)
     if source.columns is not None:
         obj = source.columns.apply(obj)
     elif rules.columns:
