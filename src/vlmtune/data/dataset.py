@@ -4,8 +4,10 @@
 `data.on_overflow`). Which samples survive is settled when the dataset is built, so its length, the sampler's order
 and therefore resuming mid-epoch are all deterministic:
 - eager: every record is encoded once up front and kept in memory (small data sets; the default below 1,000).
-- lazy: a first pass encodes every record to learn which survive, then throws the tensors away; `__getitem__`
-  encodes again on demand, so memory stays flat for large image sets at the price of encoding twice.
+- lazy: a first pass learns which records survive and their lengths, without keeping tensors; `__getitem__`
+  encodes on demand, so memory stays flat for large image sets. Given `survey` (`data.survey`), that pass reads
+  image headers instead of decoding images (it encodes only the over-long records with images); without it, it
+  encodes every record once.
 
 Training's data check can be that first pass (`EncodeOnce`): it encodes each record to count its tokens, and the
 dataset built from the same file afterwards takes the samples, lengths and drops it learned instead of encoding
@@ -128,7 +130,8 @@ class EncodeOnce:
 class EncodedDataset(Dataset):
     """Records encoded for training; `dropped` lists the source lines of the samples that were left out.
 
-    `first_pass`: an EncodeOnce that has already encoded these records with the same `encode`."""
+    `first_pass`: an EncodeOnce that has already encoded these records with the same `encode`. `survey(record)`:
+    (kept, length, labelled) as `encode` would give them, or None to encode (a lazy data set's first pass)."""
 
     def __init__(
         self,
@@ -137,6 +140,7 @@ class EncodedDataset(Dataset):
         source: Path | str = "",
         eager: bool | None = None,
         first_pass: EncodeOnce | None = None,
+        survey: Callable[[Record], tuple[bool, int, int] | None] | None = None,
     ):
         self.source = str(source)
         self.eager = len(records) <= EAGER_LIMIT if eager is None else eager
@@ -151,6 +155,9 @@ class EncodedDataset(Dataset):
         """Tokens with a label (trained on) in each kept sample: sizes the loss."""
         for index, record in enumerate(records):
             seen = first_pass.take(record) if first_pass is not None else None
+            if seen is None and survey is not None and not self.eager:
+                learnt = survey(record)
+                seen = Encoded(record, None, *learnt) if learnt is not None else None
             if seen is None or (self.eager and seen.kept and seen.sample is None):
                 seen = _survey(record, encode(record))
             if not seen.kept:

@@ -93,8 +93,11 @@ def build_dataset(
     from vlmtune.data.dataset import EncodedDataset
     from vlmtune.data.records import read_records
 
+    from vlmtune.data.survey import survey
+
     encode = _encoder(processor, family, config)
-    return EncodedDataset(read_records(path, config.data), encode, source=path, first_pass=first_pass)
+    return EncodedDataset(read_records(path, config.data), encode, source=path, first_pass=first_pass,
+                          survey=lambda record: survey(record, processor, family, config.data))
 
 
 def _loss_history(log_history: list[dict[str, Any]]) -> list[float]:
