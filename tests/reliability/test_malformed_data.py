@@ -60,7 +60,7 @@ CASES: dict[str, Case] = {
     "truncated JSON": (lines(good(), '{"messages": [{"role": "user", "content": "x"}'), 2, "invalid JSON"),
     "a broken JSON array": (lines("[" + json.dumps(chat()) + " " + json.dumps(chat()) + "]"), 1,
                             "the file is a JSON array (it starts with '['), and it is malformed at line 1"),
-    "pretty-printed JSON": (json.dumps(chat(), indent=2).encode() + b"\n", 1, "pretty-printed JSON is not JSONL"),
+    "pretty-printed JSON": (json.dumps(chat(), indent=2).encode() + b"\n", 0, "one JSON object spread over several lines"),
     "a string per line": (lines(good(), '"What colour is it?"'), 2, "got a JSON string"),
     "null record": (lines("null"), 1, "got a JSON null"),
     "a number record": (lines("42"), 1, "got a JSON int"),

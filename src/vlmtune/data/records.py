@@ -337,6 +337,11 @@ def open_source(path: Path) -> Source | Problem:
         return Problem(0, "", f"cannot open the data file: {exc.strerror or exc}")
     from vlmtune.data.json_array import starts_as_array
 
+    first_line = head.lstrip(b"\xef\xbb\xbf").lstrip(b" \t\r\n").split(b"\n", 1)[0].strip()
+    if first_line == b"{" and columns is None:
+        return Problem(0, "", "the file is one JSON object spread over several lines (pretty-printed), not records: "
+                       "vlmtune reads JSONL (one record per line) or a JSON array of records ([{...}, {...}]). If the "
+                       "object wraps the records (e.g. {\"data\": [...]}), save that list alone as the file")
     return Source(path, "json-array" if starts_as_array(head) else "jsonl", columns)
 
 
