@@ -80,13 +80,13 @@ class QwenVLModel(QwenVLPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.wte = value
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs: object) -> torch.Tensor:
         """(images, queries, hidden) for pixel_values (images, 3, side, side)."""
         return self.visual(pixel_values)
 
-    def _place_images(self, input_ids: torch.Tensor, embeds: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    def _place_images(self, input_ids: torch.Tensor, embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         slots = input_ids == self.config.image_pad_id
-        features = self.image_features(pixel_values).to(embeds.dtype)
+        features = features.to(embeds.dtype)
         if int(slots.sum()) != features.shape[0] * features.shape[1]:
             raise ValueError(f"Qwen-VL: {int(slots.sum())} <imgpad> tokens in the input for {features.shape[0]} "
                              f"image(s) of {features.shape[1]} tokens each; each image needs exactly "
@@ -99,12 +99,17 @@ class QwenVLModel(QwenVLPreTrainedModel):
                 use_cache: bool | None = None, **kwargs: object) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Qwen-VL: give exactly one of input_ids and inputs_embeds")
+        # after the prefill, a decoding step's input has no <imgpad> left: the images are in the cache. The tower
+        # runs before the word embeddings, where vlmtune's multi-process keep-alive runs it for a batch without
+        # images (a pre-hook on `wte`), so every rank runs the modules in the same order.
+        features = None
+        if pixel_values is not None and input_ids is not None and bool((input_ids == self.config.image_pad_id).any()):
+            features = self.get_image_features(pixel_values)
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
         hidden = self.drop(inputs_embeds)
-        # after the prefill, a decoding step's input has no <imgpad> left: the images are in the cache
-        if pixel_values is not None and input_ids is not None and bool((input_ids == self.config.image_pad_id).any()):
-            hidden = self._place_images(input_ids, hidden, pixel_values)
+        if features is not None:
+            hidden = self._place_images(input_ids, hidden, features)
 
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
@@ -148,6 +153,9 @@ class QwenVLForCausalLM(QwenVLPreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.transformer.wte = value
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        return self.transformer.get_image_features(pixel_values)
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
