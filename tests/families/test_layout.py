@@ -11,7 +11,7 @@ from vlmtune.errors import ConfigError
 from vlmtune.families import get_family
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "instructblip", "gemma3", "smolvlm", "qwen3_5", "internvl",
-            "qwen_vl"]
+            "qwen_vl", "mllama"]
 # Qwen-VL keeps its checkpoint's own layer names (fused c_attn, w1/w2/c_proj): its target sets are tested in
 # test_qwen_vl.py
 STANDARD_NAMES = [n for n in FAMILIES if n != "qwen_vl"]

@@ -12,7 +12,7 @@ from vlmtune.families import get_family
 from vlmtune.speed.frozen_vision import vision_without_grad
 from vlmtune.speed.loss_hook import unwrap_peft
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "smolvlm", "gemma3", "qwen3_5", "internvl"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "smolvlm", "gemma3", "qwen3_5", "internvl", "mllama"]
 
 
 def _saved_bytes(model: torch.nn.Module, batch: dict) -> int:
@@ -33,7 +33,8 @@ def _vision_calls(model: torch.nn.Module, prefix: str) -> list[bool]:
     """Records, for every vision block run, whether grad was enabled (recomputation runs show up as extra calls)."""
     calls: list[bool] = []
     for name, module in model.named_modules():
-        if name.startswith(prefix) and hasattr(module, "gradient_checkpointing"):
+        # the blocks of the tower's layer list (Mllama's vision layers are not checkpointing layers)
+        if name.startswith(prefix + ".") and name[len(prefix) + 1:].isdigit():
             module.register_forward_pre_hook(lambda *_: calls.append(torch.is_grad_enabled()))
     return calls
 

@@ -5,6 +5,9 @@ with image_grid_thw saying which rows belong to which image; fixed-resolution on
 batch may mix samples with and without images. M-RoPE models in transformers 5.23 need `mm_token_type_ids` next to
 input_ids to build positions when images are passed; it is a per-token tensor here, padded with 0 (text).
 A family's per-sample extra inputs (e.g. a Q-Former's text input) are padded with 0 and stacked (`collate_extras`).
+Per-token tensors with more dims (Mllama's cross_attention_mask: tokens x images x tiles) are padded with 0 on every
+dim; samples whose model takes images per sample (`EncodedSample.images_per_sample`) get their image tensors stacked
+one row per sample, zero-padded (a padded image has aspect_ratio_id 0 and no tile in the cross-attention mask).
 """
 
 from __future__ import annotations
@@ -46,16 +49,19 @@ class Collator:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch: dict[str, torch.Tensor] = {}
         for key in keys:
-            first = samples[0].sequence[key]
-            out = torch.full((len(samples), length), self.pad_value(key), dtype=first.dtype)
-            for row, sample in enumerate(samples):
-                value = sample.sequence[key]
-                out[row, : value.shape[0]] = value
-            batch[key] = out
+            values = [s.sequence[key] for s in samples]
+            trailing = [max(v.shape[d] for v in values) for d in range(1, values[0].dim())]
+            batch[key] = pad_stack(values, (length, *trailing), self.pad_value(key))
         batch.update(collate_extras(samples))
         image_keys = list(dict.fromkeys(k for s in samples for k in s.images))
         for key in image_keys:
-            batch[key] = torch.cat([s.images[key] for s in samples if key in s.images], dim=0)
+            if samples[0].images_per_sample:  # (samples, images, ...), each zero-padded to the batch's largest
+                with_key = [s.images[key] for s in samples if key in s.images]
+                values = [s.images.get(key, with_key[0][:0]) for s in samples]
+                shape = [max(v.shape[d] for v in values) for d in range(values[0].dim())]
+                batch[key] = pad_stack(values, tuple(shape), 0)
+            else:
+                batch[key] = torch.cat([s.images[key] for s in samples if key in s.images], dim=0)
         if self.rope_index is not None and "mm_token_type_ids" in batch:
             batch["position_ids"], _ = self.rope_index(
                 input_ids=batch["input_ids"],
@@ -64,6 +70,14 @@ class Collator:
                 attention_mask=batch.get("attention_mask"),
             )
         return batch
+
+
+def pad_stack(values: Sequence[torch.Tensor], shape: tuple[int, ...], fill: int) -> torch.Tensor:
+    """`values` stacked into (len(values), *shape), each in the leading corner, the rest `fill`."""
+    out = torch.full((len(values), *shape), fill, dtype=values[0].dtype)
+    for row, value in enumerate(values):
+        out[(row, *(slice(0, n) for n in value.shape))] = value
+    return out
 
 
 def collate_extras(samples: Sequence[EncodedSample]) -> dict[str, torch.Tensor]:

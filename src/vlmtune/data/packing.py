@@ -121,9 +121,10 @@ class PackingCollator:
         if not rows:
             raise ValueError("cannot collate an empty batch")
         groups = [list(r) for r in rows] if isinstance(rows[0], (list, tuple)) else [list(rows)]
-        if any(s.extras for g in groups for s in g):
-            raise ValueError("packed rows cannot carry a family's per-sample extra inputs (e.g. the Q-Former text); "
-                             "the family's capability map should have refused speed.packing")
+        if any(s.extras or s.images_per_sample for g in groups for s in g):
+            raise ValueError("packed rows cannot carry a family's per-sample extra inputs (e.g. the Q-Former text) or "
+                             "per-sample images (cross-attention); the family's capability map should have refused "
+                             "speed.packing")
         built = [self._row(g) for g in groups]
         length = max(r["input_ids"].shape[0] for r in built)
         batch: dict[str, Any] = {}

@@ -46,6 +46,9 @@ class EncodedSample:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     """Per-sample 1-D inputs from `family.extra_text_inputs` (e.g. qformer_input_ids); padded and stacked in a
     batch."""
+    images_per_sample: bool = False
+    """`images` hold this sample's image tensors without a batch dim (images, ...), stacked per sample in a batch
+    (`family.images_per_sample`); else they are concatenated on dim 0."""
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -60,7 +63,8 @@ class EncodedSample:
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """A batch of one, as the model's forward takes it."""
-        return {**{k: v.unsqueeze(0) for k, v in self.sequence.items()}, **self.images,
+        images = {k: v.unsqueeze(0) for k, v in self.images.items()} if self.images_per_sample else self.images
+        return {**{k: v.unsqueeze(0) for k, v in self.sequence.items()}, **images,
                 **{k: v.unsqueeze(0) for k, v in self.extras.items()}}
 
 
@@ -175,14 +179,15 @@ def encode_or_drop(record: Record, processor: ProcessorMixin, family: FamilyDesc
             labels = torch.full_like(ids, IGNORE_INDEX)
         sequence["labels"].append(labels)
         for key, value in out.items():
-            if key in extras:  # the family builds these from the whole record, not per segment
+            if key in extras or key in family.sequence_input_names:  # built from the whole record / sequence
                 continue
             if key in SEQUENCE_KEYS:
                 sequence.setdefault(key, []).append(value[0])
             else:
-                image_parts.setdefault(key, []).append(value)
+                image_parts.setdefault(key, []).append(value[0] if family.images_per_sample else value)
     seq = {key: torch.cat(parts) for key, parts in sequence.items()}
     imgs = {key: torch.cat(parts, dim=0) for key, parts in image_parts.items()}
+    seq.update(family.sequence_inputs(seq["input_ids"], imgs, processor))
 
     length, limit = seq["input_ids"].shape[0], data_cfg.max_length
     if length > limit:
@@ -198,7 +203,7 @@ def encode_or_drop(record: Record, processor: ProcessorMixin, family: FamilyDesc
     if not bool((seq["labels"] != IGNORE_INDEX).any()):
         why = f" after truncation to data.max_length={limit}" if length > limit else ""
         return Dropped(record.line, f"no assistant token left to train on{why}")
-    return EncodedSample(record.line, seq, imgs, extras)
+    return EncodedSample(record.line, seq, imgs, extras, family.images_per_sample)
 
 
 def encode(record: Record, processor: ProcessorMixin, family: FamilyDescriptor,

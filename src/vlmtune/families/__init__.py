@@ -15,6 +15,7 @@ from vlmtune.families import (
     instructblip,
     internvl,
     llava,
+    mllama,
     qwen2_5_vl,
     qwen2_vl,
     qwen3_5,
@@ -27,7 +28,8 @@ from vlmtune.families.base import FamilyDescriptor
 _FAMILIES: dict[str, FamilyDescriptor] = {
     d.name: d for d in (qwen2_vl.DESCRIPTOR, qwen2_5_vl.DESCRIPTOR, qwen3_vl.DESCRIPTOR, llava.DESCRIPTOR,
                instructblip.DESCRIPTOR, gemma3.DESCRIPTOR, smolvlm.DESCRIPTOR, qwen3_5.DESCRIPTOR,
-               internvl.DESCRIPTOR, qwen_vl.DESCRIPTOR)
+               internvl.DESCRIPTOR, qwen_vl.DESCRIPTOR,
+               mllama.DESCRIPTOR)
 }
 
 __all__ = ["FamilyDescriptor", "all_families", "family_for_model", "get_family"]

@@ -90,6 +90,10 @@ class FamilyDescriptor(ABC):
     """The projector's layer list, for families whose projector is a deep network (`method.lora.adapt_projector`)."""
     projector_lora_targets: ClassVar[tuple[str, ...]] = ()
     """Linear-layer leaf names inside the projector's layers; empty: adapt_projector is refused."""
+    images_per_sample: ClassVar[bool] = False
+    """Whether the model takes its image tensors per sample, (samples, images, ...), instead of concatenated on dim 0
+    (Mllama: each sample's text cross-attends to its own images). Data processing then keeps a sample's image
+    tensors without the batch dim and the collator stacks them, zero-padded on every dim (`EncodedSample`)."""
 
     capabilities: ClassVar[Mapping[str, Capability]]
     image_placeholder: ClassVar[str]
@@ -182,6 +186,17 @@ class FamilyDescriptor(ABC):
         returns per text segment are replaced by these. Data processing and `predict` call it; default: none."""
         return {}
 
+    sequence_input_names: ClassVar[tuple[str, ...]] = ()
+    """The names `sequence_inputs` returns (data processing drops the processor's per-segment versions)."""
+
+    def sequence_inputs(self, input_ids: torch.Tensor, images: Mapping[str, torch.Tensor],
+                        processor: ProcessorMixin) -> dict[str, torch.Tensor]:
+        """Per-token model inputs that depend on the whole token sequence, built after its segments are joined:
+        tensors of shape (length, ...) (Mllama's `cross_attention_mask`: which images each token attends to, from
+        the image tokens' positions). They replace processor outputs of the same names, are cut with the sequence and
+        padded with 0 on every dim by the collator. Default: none."""
+        return {}
+
     # ---- processor ----
     def load_processor(self, path: str | Path, data_cfg: DataConfig | None = None) -> ProcessorMixin:
         """The family's processor (image processor + tokenizer, never a bare tokenizer) with vlmtune's chat
@@ -236,6 +251,10 @@ class FamilyDescriptor(ABC):
     def tiny_processor(self, tokenizer: Any, config: PretrainedConfig, full_size: bool) -> ProcessorMixin:
         """A processor matching `config` (patch size, image size) around `tokenizer`; `full_size` gives the real
         checkpoint's image defaults instead of the tiny ones."""
+
+    def tiny_init(self, model: torch.nn.Module) -> None:
+        """Change the tiny model's random weights where the architecture's own initialisation would hide what the
+        tests must exercise (Mllama's cross-attention gates start at 0, which cuts the images off). Default: none."""
 
     def build_tiny(self, out_dir: str | Path, arch: str | Mapping[str, Any] | None = None, *, seed: int = 0,
                    with_weights: bool | None = None) -> Path:

@@ -120,6 +120,7 @@ def build_tiny(family: FamilyDescriptor, out_dir: Path, arch: Mapping[str, Any] 
         with torch.random.fork_rng():  # seeded weights without touching the caller's RNG state
             torch.manual_seed(seed)
             model = AutoModelForImageTextToText.from_config(config)
+            family.tiny_init(model)
         model.generation_config = generation
         model.save_pretrained(out_dir)
     else:

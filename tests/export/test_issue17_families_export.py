@@ -1,6 +1,7 @@
-"""Qwen3.5 and InternVL through predict and export: a trained LoRA adapter answers through generation (Qwen3.5: its
-DeltaNet layers' recurrent cache, the prompt ending in the empty thinking block; InternVL: tiles), and merged into
-its base gives the adapter's logits and answers."""
+"""Qwen3.5, InternVL and Llama 3.2 Vision through predict and export: a trained LoRA adapter answers through
+generation (Qwen3.5: its DeltaNet layers' recurrent cache, the prompt ending in the empty thinking block; InternVL:
+tiles; Mllama: cross-attention to the images, whose mask generation extends), and merged into its base gives the
+adapter's logits and answers."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ QUESTION = "What colour is the shape?"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen3_5", "internvl"])
+@pytest.mark.parametrize("family", ["qwen3_5", "internvl", "mllama"])
 def test_trained_adapter_predicts_and_merges(train_tiny, red_data, tmp_path, family):
     adapter = train_tiny("lora", steps=15, family=family)
     loaded = load_for_inference(adapter, device="cpu")
