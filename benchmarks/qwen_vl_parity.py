@@ -15,7 +15,9 @@ environment has the transformers the code was written for (4.32.0) with tiktoken
    original input format (the image's path between <img> and </img>, padded with <imgpad>; images read from PNG
    files by the original transform); it also tokenizes a set of texts with the original tiktoken tokenizer, on the
    tiny vocabulary and (--hub-vocab) on the released qwen.tiktoken;
-3. here again: relative differences (max |port - original| / max |original|) must be below 1e-5, token ids equal.
+3. vlmtune's export path (`save_merged`) saves the checkpoint with a random LoRA adapter merged in; the original code
+   loads that export as well and its logits are compared with the port's for the merged model;
+4. here again: relative differences (max |port - original| / max |original|) must be below 1e-5, token ids equal.
 --write-fixture writes tests/families/fixtures/qwen_vl_parity.json (the original's numbers) for the CI test.
 torchvision is not installed in the reference environment (only a CUDA build is reachable here); a stand-in module
 gives visual.py the three transforms it uses, on PIL: Resize(bicubic) = PIL's resize, ToTensor, Normalize.
@@ -88,8 +90,11 @@ loss = model(input_ids=data["ref_ids"], attention_mask=data["attention_mask"], l
 model.eval()
 with torch.no_grad():
     logits = model(input_ids=data["ref_ids"], attention_mask=data["attention_mask"]).logits
+exported = AutoModelForCausalLM.from_pretrained(str(work / "export"), trust_remote_code=True, fp32=True).float().eval()
+with torch.no_grad():
+    export_logits = exported(input_ids=data["ref_ids"], attention_mask=data["attention_mask"]).logits
 out = {"transformers": transformers.__version__, "torch": str(torch.__version__), "loss": float(loss.detach()),
-       "logits": logits, "tokens": {}}
+       "logits": logits, "export_logits": export_logits, "tokens": {}}
 for name in ("tiny", "hub"):
     folder = work / ("ckpt" if name == "tiny" else "hubtok")
     if folder.is_dir():
@@ -157,6 +162,7 @@ def port_side(work: Path, remote: Path, hub_vocab: Path | None) -> dict:
     model.eval()
     with torch.no_grad():
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    export_logits = _merged_export(ckpt, processor, batch, work / "export")
     tokens = {"tiny": [processor.tokenizer.encode(t) for t in TEXTS]}
     if hub_vocab is not None:
         (work / "hubtok").mkdir()
@@ -168,7 +174,27 @@ def port_side(work: Path, remote: Path, hub_vocab: Path | None) -> dict:
     torch.save({"ref_ids": ref_ids, "attention_mask": batch["attention_mask"], "labels": batch["labels"],
                 "texts": TEXTS}, work / "inputs.pt")
     return {"config": json.loads((ckpt / "config.json").read_text()), "shapes": shapes, "batch": batch,
-            "loss": float(loss), "logits": logits, "tokens": tokens}
+            "loss": float(loss), "logits": logits, "tokens": tokens, "export_logits": export_logits}
+
+
+def _merged_export(ckpt: Path, processor: object, batch: dict, out: Path) -> torch.Tensor:
+    """A LoRA adapter (random, nonzero) on every target of the `all` set plus the vision blocks, merged and saved
+    by vlmtune's export path (`save_merged`); the port's eval logits of the merged model."""
+    from peft import LoraConfig, get_peft_model
+
+    from vlmtune.export.merge import save_merged
+    from vlmtune.families import get_family
+    from vlmtune.families.qwen_vl_model import QwenVLForCausalLM
+
+    family = get_family("qwen_vl")
+    model = QwenVLForCausalLM.from_pretrained(ckpt).float()
+    target = family.lora_target_regex("all", adapt_vision_tower=True)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=target, init_lora_weights=False))
+    merged = peft.merge_and_unload()
+    save_merged(merged, processor, out)
+    merged.eval()
+    with torch.no_grad():
+        return merged(**{k: v for k, v in batch.items() if k != "labels"}).logits
 
 
 def main() -> None:
@@ -189,14 +215,15 @@ def main() -> None:
 
     logits_rel = float((port["logits"] - ref["logits"]).abs().max() / ref["logits"].abs().max())
     loss_rel = abs(port["loss"] - ref["loss"]) / abs(ref["loss"])
+    export_rel = float((port["export_logits"] - ref["export_logits"]).abs().max() / ref["export_logits"].abs().max())
     tokens_equal = {name: port["tokens"].get(name) == ids for name, ids in ref["tokens"].items()}
     report = {"reference": {"transformers": ref["transformers"], "torch": ref["torch"]},
               "port": {"transformers": __import__("transformers").__version__, "torch": torch.__version__},
               "logits_shape": list(ref["logits"].shape), "logits_max_rel_diff": logits_rel,
               "loss_port": port["loss"], "loss_reference": ref["loss"], "loss_rel_diff": loss_rel,
-              "tokens_equal": tokens_equal}
+              "merged_export_logits_max_rel_diff": export_rel, "tokens_equal": tokens_equal}
     print(json.dumps(report, indent=2))
-    ok = logits_rel < 1e-5 and loss_rel < 1e-5 and all(tokens_equal.values())
+    ok = logits_rel < 1e-5 and loss_rel < 1e-5 and export_rel < 1e-5 and all(tokens_equal.values())
     if args.write_fixture and ok:
         batch = port["batch"]
         picks = torch.tensor([0, 1, 17, 40, 200, 301, 702, 914, 1000])
