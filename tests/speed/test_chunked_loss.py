@@ -13,7 +13,8 @@ from vlmtune.families import get_family
 from vlmtune.speed.chunked_ce import chunked_causal_lm_loss
 from vlmtune.speed.loss_hook import install_chunked_loss
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "smolvlm", "gemma3", "qwen3_5", "internvl", "mllama"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "smolvlm", "gemma3", "qwen3_5", "internvl", "mllama",
+            "qwen_vl"]
 
 
 def _tensors(dtype=torch.float32, bias=False, vocab=50, hidden=16):

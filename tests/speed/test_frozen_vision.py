@@ -12,7 +12,8 @@ from vlmtune.families import get_family
 from vlmtune.speed.frozen_vision import vision_without_grad
 from vlmtune.speed.loss_hook import unwrap_peft
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "smolvlm", "gemma3", "qwen3_5", "internvl", "mllama"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "smolvlm", "gemma3", "qwen3_5", "internvl", "mllama",
+            "qwen_vl"]
 
 
 def _saved_bytes(model: torch.nn.Module, batch: dict) -> int:

@@ -30,7 +30,8 @@ def _count_adapter_calls(model: torch.nn.Module) -> tuple[list[int], list]:
     return calls, handles
 
 
-@pytest.mark.parametrize("family_name", ["qwen2_vl", "qwen3_vl", "smolvlm", "gemma3", "qwen3_5", "internvl", "mllama"])
+@pytest.mark.parametrize("family_name", ["qwen2_vl", "qwen3_vl", "smolvlm", "gemma3", "qwen3_5", "internvl",
+                                         "mllama", "qwen_vl"])
 def test_fp32_same_loss_and_gradients(tiny_model_dir, encoded, family_name):
     processor, samples = encoded(family_name)
     batch = Collator(processor.tokenizer.pad_token_id)(samples)

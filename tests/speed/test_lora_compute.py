@@ -28,7 +28,8 @@ def _run(model, batch) -> tuple[tuple, int]:
     return result, sum(storages.values())
 
 
-@pytest.mark.parametrize("family_name", ["qwen2_vl", "qwen3_vl", "smolvlm", "gemma3", "qwen3_5", "internvl", "mllama"])
+@pytest.mark.parametrize("family_name", ["qwen2_vl", "qwen3_vl", "smolvlm", "gemma3", "qwen3_5", "internvl",
+                                         "mllama", "qwen_vl"])
 def test_same_loss_less_saved(tiny_model_dir, encoded, family_name):
     processor, samples = encoded(family_name)
     batch = Collator(processor.tokenizer.pad_token_id)(samples)
