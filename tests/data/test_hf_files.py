@@ -9,6 +9,8 @@ import pickle
 import sys
 from pathlib import Path
 
+import pyarrow as pa  # the 'datasets' extra: scripts/setup.sh dev installs it, so these tests always run
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -19,9 +21,6 @@ from vlmtune.data.processing import encode
 from vlmtune.data.records import read_records
 from vlmtune.errors import MissingDependencyError
 from vlmtune.families import get_family
-
-pa = pytest.importorskip("pyarrow", reason="pyarrow is the 'datasets' extra; scripts/setup.sh dev installs it")
-import pyarrow.parquet as pq  # noqa: E402
 
 FORMATS = Path(__file__).parent / "formats"
 RED, BLUE = (FORMATS / "images" / name for name in ("red.png", "blue.png"))

@@ -113,9 +113,9 @@ def test_100k_records_of_a_json_array_stream(folder: Path, baseline: float, reli
 
 def test_10k_parquet_rows_with_embedded_images_stream(folder: Path, reliability_note) -> None:
     """Parquet is read one row group at a time; each row's image bytes are let go with the row."""
-    pa = pytest.importorskip("pyarrow", reason="the 'datasets' extra; scripts/setup.sh dev installs it")
     import io
 
+    import pyarrow as pa  # the 'datasets' extra, which scripts/setup.sh dev installs
     import pyarrow.parquet as pq
     from PIL import Image
 
