@@ -81,6 +81,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from vlmtune.cli.train_cmd import OFFLOAD_CHOICES, offload_name
+
     add_config_arguments(p)
     p.add_argument("--method", choices=["lora", "qlora", "full"])
     p.add_argument("--lora-r", "--lora_r", dest="lora_r", type=_positive)
@@ -96,8 +98,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--offload",
-        choices=["none", "optimizer", "all"],
-        help="DeepSpeed offload to CPU RAM (all = parameters too; ZeRO-3 only; default: the config's)",
+        choices=OFFLOAD_CHOICES,
+        type=offload_name,
+        help="DeepSpeed offload to CPU RAM, as `train --offload` and distributed.offload: none, optimizer or "
+        "optimizer_and_params (parameters too; ZeRO-3 only; `all`, the old spelling, is accepted for it); "
+        "default: the config's",
     )
     p.add_argument(
         "--offload-ratio",
@@ -168,18 +173,19 @@ def run(args: argparse.Namespace) -> int:
     from vlmtune.memory import estimate, inputs_from_config
     from vlmtune.memory.zero import check_plan
 
+    offload = {"optimizer_and_params": "all"}.get(args.offload, args.offload)  # the estimator's own name
     try:
         config = resolve(args)
     except ConfigError as exc:  # report the parallelism problems in the same message
         raise ConfigError(
             exc.problems
-            + check_plan(args.zero_stage or 0, args.offload or "none", args.num_gpus or 1, args.offload_ratio or 1.0),
+            + check_plan(args.zero_stage or 0, offload or "none", args.num_gpus or 1, args.offload_ratio or 1.0),
             exc.source,
         ) from None
     inputs = inputs_from_config(
         config,
         zero_stage=args.zero_stage,
-        offload=args.offload,
+        offload=offload,
         offload_ratio=args.offload_ratio,
         num_gpus=args.num_gpus,
         gpu=args.gpu,

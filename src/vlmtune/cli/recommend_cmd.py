@@ -1,8 +1,10 @@
 """`vlmtune recommend --gpu NAME [--num-gpus N] [--model M] [--data FILE]` and `vlmtune recommend --table`.
 
-Searches method, LoRA rank, ZeRO stage and offload, micro-batch and accumulation (keeping the effective batch),
-gradient checkpointing and max pixels for the highest-throughput configuration that fits with a safety margin, and
-writes it as a config file `vlmtune train` accepts.
+Searches method (lean QLoRA included), LoRA rank, loss chunk, ZeRO stage and offload, micro-batch and accumulation
+(keeping the effective batch), gradient checkpointing and max pixels for the highest-throughput configuration that
+fits with a safety margin, and writes it as a config file `vlmtune train` accepts: every recommended setting is a
+field of it (the `distributed` section included), so `vlmtune train FILE --dry-run --gpu NAME` shows the same
+estimate and `vlmtune train FILE` runs it.
 """
 
 from __future__ import annotations
@@ -122,6 +124,10 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         print(f"{rec.num_gpus} x {rec.gpu.name}: {rec.describe()}")
+        if rec.best:
+            print(rec.best.breakdown.peak_summary())
+        for reason in rec.reasons:
+            print(f"why: {reason}")
         for note in rec.best.breakdown.notes if rec.best else ():
             print(f"note: {note}")
     if rec.best is None:
@@ -133,5 +139,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         Path(args.output).write_text(text, encoding="utf-8")
         if not args.json:
-            print(f"wrote {args.output}; train with: vlmtune train {args.output}")
+            print(f"wrote {args.output} (every recommended setting is in it); check it with: vlmtune train "
+                  f"{args.output} --dry-run --gpu \"{rec.gpu.name}\"; train with: vlmtune train {args.output}")
     return 0

@@ -41,6 +41,16 @@ FLAG_FIELDS = {
 }
 
 
+OFFLOAD_CHOICES = ("none", "optimizer", "optimizer_and_params")
+OFFLOAD_ALIASES = {"all": "optimizer_and_params"}
+"""Old spellings still accepted: `estimate --offload all` before train and estimate shared one vocabulary."""
+
+
+def offload_name(text: str) -> str:
+    """--offload's value in distributed.offload's vocabulary (`all` -> `optimizer_and_params`)."""
+    return OFFLOAD_ALIASES.get(text, text)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("items", nargs="*", metavar="CONFIG|KEY=VALUE",
                    help="a YAML/JSON config file and/or dotted overrides such as method.lora.rank=32")
@@ -81,6 +91,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "same-named files such as config.yaml are replaced)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config and exit (values that come from the method's defaults say so)")
+    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                   help="print the memory preflight of the config (estimate and fit) and exit: no weights load, no "
+                        "process starts; against --gpu NAME or the visible GPU (e.g. a file `vlmtune recommend` wrote)")
+    p.add_argument("--gpu", help="with --dry-run: the GPU to check against, by catalogue name (e.g. 'RTX 4090')")
     p.add_argument("--force", action="store_true",
                    help="train even when the memory estimate says the run does not fit the GPU (hardware.force_fit)")
     p.add_argument("--memory-fraction", "--memory_fraction", dest="memory_fraction", type=float,
@@ -101,8 +115,9 @@ def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
                    help="no DeepSpeed (several processes then run plain DDP)")
     g.add_argument("--zero-stage", "--zero_stage", dest="zero_stage", type=int, choices=(0, 1, 2, 3),
                    help="DeepSpeed ZeRO stage (implies DeepSpeed)")
-    g.add_argument("--offload", choices=("none", "optimizer", "optimizer_and_params"),
-                   help="DeepSpeed offload to CPU RAM (implies DeepSpeed)")
+    g.add_argument("--offload", choices=OFFLOAD_CHOICES, type=offload_name,
+                   help="DeepSpeed offload to CPU RAM (implies DeepSpeed): none, optimizer or optimizer_and_params "
+                        "(parameters too, ZeRO-3; `all` is accepted for it, as `estimate` used to spell it)")
     # The deepspeed launcher passes --local_rank=N to each process unless told otherwise; LOCAL_RANK is read instead.
     g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
 
@@ -268,6 +283,17 @@ def run(args: argparse.Namespace) -> int:
 
         print(annotated(yaml.safe_dump(config_to_dict(config), sort_keys=False), derived_fields(config)), end="")
         return 0
+    if args.dry_run:
+        from vlmtune.train.dry_run import dry_run, report
+
+        result = dry_run(config, args.gpu)
+        print(report(result))
+        return 0 if result.fits else 1
+    if args.gpu:
+        from vlmtune.errors import ConfigError
+
+        raise ConfigError([f"--gpu {args.gpu} only applies with --dry-run (training runs on the GPU it finds); add "
+                           "--dry-run to check the config against that GPU, or drop --gpu"])
     from vlmtune.train.launch import launch, should_launch
 
     if should_launch(config):

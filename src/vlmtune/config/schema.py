@@ -9,7 +9,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vlmtune.config.method_defaults import apply_method_defaults
 
@@ -240,7 +240,13 @@ class DistributedConfig(_Strict):
     zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage."""
     offload: Literal["none", "optimizer", "optimizer_and_params"] = "none"
-    """What DeepSpeed offloads to CPU RAM (params offload needs stage 3)."""
+    """What DeepSpeed offloads to CPU RAM (params offload needs stage 3). `all` is read as optimizer_and_params (the
+    name `vlmtune estimate --offload` used)."""
+
+    @field_validator("offload", mode="before")
+    @classmethod
+    def _offload_alias(cls, value: object) -> object:
+        return "optimizer_and_params" if value == "all" else value
     offload_ratio: float = Field(1.0, gt=0, le=1)
     """ZeRO-3 with offload: the share of the optimizer's sub-groups (fp32 master weights, Adam moments, fp32
     gradients) kept in CPU RAM and stepped there by CPU Adam; the rest stays on the GPU and steps there (DeepSpeed's

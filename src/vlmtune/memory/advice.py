@@ -15,20 +15,38 @@ if TYPE_CHECKING:
     from vlmtune.config.schema import VlmtuneConfig
 
 
-def config_dict(rec: Recommendation, config: VlmtuneConfig, train_path: str | None = None) -> dict[str, Any]:
-    """`config` with the recommendation applied, as a plain dict that `vlmtune train` accepts.
+OFFLOAD_FIELD = {"none": "none", "optimizer": "optimizer", "all": "optimizer_and_params"}
+"""The estimator's offload names -> distributed.offload's."""
 
-    ZeRO stage, offload and GPU count are not fields of the vlmtune config (yet): `config_yaml` writes them in the
-    file's header, where the launch is described."""
+
+def config_dict(rec: Recommendation, config: VlmtuneConfig, train_path: str | None = None) -> dict[str, Any]:
+    """`config` with every recommended setting applied, as a plain dict that `vlmtune train` accepts: method, lean
+    QLoRA, rank, loss chunk, max_pixels, micro-batch, accumulation, checkpointing, precision and the `distributed`
+    section (GPU count, DeepSpeed or not, ZeRO stage, offload). Values the base config held only as its method's
+    defaults are left out, so they follow the recommended method when the file loads."""
     from vlmtune.config.loader import config_from_dict, config_to_dict
+    from vlmtune.config.method_defaults import derived_fields
 
     if rec.best is None:
         raise ValueError("no recommendation to write")
     i = rec.best.inputs
     data = config_to_dict(config)
+    for field in derived_fields(config):
+        *path, name = field.split(".")
+        node = data
+        for part in path:
+            node = node[part]
+        node.pop(name, None)
     data["model"]["name_or_path"] = i.model
     data["method"]["name"] = i.method
     data["method"]["lora"]["rank"] = i.lora_rank
+    lean = i.method == "qlora" and i.quantize_vision_tower and i.quantize_lm_head and i.embeddings_on_cpu
+    quant = data["method"]["quantization"]
+    quant["lean"] = lean
+    quant["quantize_vision_tower"], quant["quantize_lm_head"] = i.quantize_vision_tower, i.quantize_lm_head
+    data["training"]["optimizer"] = i.optimizer
+    data["speed"]["embeddings_on_cpu"] = i.embeddings_on_cpu
+    data["speed"]["loss_chunk_tokens"] = i.loss_chunk_tokens
     data["training"]["batch_size"] = i.batch_size
     data["training"]["gradient_accumulation_steps"] = i.gradient_accumulation_steps
     data["hardware"]["gradient_checkpointing"] = i.gradient_checkpointing
@@ -37,6 +55,15 @@ def config_dict(rec: Recommendation, config: VlmtuneConfig, train_path: str | No
         data["data"]["max_pixels"] = i.max_pixels
     if train_path:
         data["data"]["train_path"] = str(train_path)
+    dist = data["distributed"]
+    dist["num_gpus"] = i.num_gpus
+    dist["deepspeed_config"] = None
+    if i.zero_stage:
+        dist.update(engine="deepspeed", zero_stage=i.zero_stage, offload=OFFLOAD_FIELD[i.offload])
+        if i.offload == "none" or i.zero_stage != 3:
+            dist["offload_ratio"] = 1.0
+    else:  # one GPU without DeepSpeed, or plain DDP over several
+        dist.update(engine="none" if i.num_gpus > 1 else "auto", offload="none", offload_ratio=1.0)
     config_from_dict(data, source="vlmtune recommend")  # the file must load; a failure here is a bug
     return data
 
@@ -44,25 +71,32 @@ def config_dict(rec: Recommendation, config: VlmtuneConfig, train_path: str | No
 def config_yaml(
     rec: Recommendation, config: VlmtuneConfig, file_name: str = "THIS_FILE", train_path: str | None = None
 ) -> str:
-    """The recommended config file, with a header saying what it targets, the expected memory and how to launch."""
+    """The recommended config file, with a header saying what it targets, the expected memory and how to launch.
+    Every recommended setting is a field of the file, so `vlmtune train FILE` runs what was recommended and
+    `vlmtune train FILE --dry-run --gpu NAME` shows the same estimate."""
     assert rec.best is not None
     i, b = rec.best.inputs, rec.best.breakdown
     header = [
         f"# vlmtune recommend: {i.model} on {rec.num_gpus} x {rec.gpu.name}",
         f"# {rec.describe()}",
+        f"# {b.peak_summary()}",
         f"# Effective batch {rec.effective_batch} = micro-batch {i.batch_size} x accumulation "
         f"{i.gradient_accumulation_steps} x {rec.num_gpus} GPU(s); safety margin {rec.margin:.0%}; "
         f"sequence {b.seq_len} tokens, {b.vit_patches} vision patches per micro-batch.",
     ]
+    header += [f"# Why: {reason}" for reason in rec.reasons]
     if i.zero_stage or rec.num_gpus > 1:
         header.append(
-            f"# Distributed: {'DeepSpeed ZeRO-' + str(i.zero_stage) if i.zero_stage else 'DDP'}"
-            f"{', offload ' + i.offload if i.offload != 'none' else ''} on {rec.num_gpus} GPU(s). "
-            "These are launch settings, not config fields."
+            f"# Distributed (the distributed section below): "
+            f"{'DeepSpeed ZeRO-' + str(i.zero_stage) if i.zero_stage else 'DDP'}"
+            f"{', offload ' + OFFLOAD_FIELD[i.offload] if i.offload != 'none' else ''} on {rec.num_gpus} GPU(s); "
+            f"`vlmtune train` starts the {rec.num_gpus} processes itself."
         )
-    if b.cpu_ram:
-        header.append(f"# Offloading needs about {b.cpu_ram / GIB:.0f} GiB of CPU RAM on the node.")
+    if b.cpu_ram >= GIB // 2:
+        header.append(f"# Needs about {b.cpu_ram / GIB:.0f} GiB of CPU RAM on the node for what lives there (offloaded "
+                      "states, the embedding table of speed.embeddings_on_cpu).")
     data = "" if train_path or config.data.train_path else " --train-data data/train.jsonl"
+    header.append(f'# Check: vlmtune train {file_name} --dry-run --gpu "{rec.gpu.name}"')
     header.append(f"# Launch: vlmtune train {file_name}{data}")
     body = yaml.safe_dump(config_dict(rec, config, train_path), sort_keys=False)
     return "\n".join(header) + "\n" + body

@@ -66,6 +66,14 @@ class Breakdown:
     verdict: Verdict | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
+    def peak_summary(self) -> str:
+        """One line with the peak's numbers, as `recommend`, `train --dry-run` and the training preflight print it."""
+        return (
+            f"memory estimate: {self.peak_total / GIB:.2f} GiB at the peak as nvidia-smi shows it "
+            f"({self.peak_reserved / GIB:.2f} GiB reserved by PyTorch, {self.peak_allocated / GIB:.2f} allocated, "
+            f"at {self.peak_phase})"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["inputs"] = self.inputs.to_dict()

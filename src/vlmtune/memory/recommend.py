@@ -38,6 +38,11 @@ ZERO12_BASE = 1.1
 ZERO12_PER_TRAINED = 0.35
 ZERO3_GATHER_TOKENS = 9_500
 MULTI_GPU_EFFICIENCY = 0.95  # measured 0.996 on 2 GPUs; more GPUs not measured
+LEAN_PENALTY = 1.14
+"""Lean QLoRA (4-bit vision tower and lm_head, paged 8-bit AdamW, embeddings in CPU memory) against vlmtune's plain
+QLoRA: 509 vs 582 tokens/s on W2 (Qwen2.5-VL-7B, H100, benchmarks/RESULTS.md, session 5 recheck)."""
+LOSS_CHUNKS = (1024, 512, 256, 128)
+"""speed.loss_chunk_tokens tried at and below the config's (8 bytes x chunk x vocabulary of working memory)."""
 """Micro-batch tokens at which GPU efficiency reaches half its plateau (small batches are launch-bound)."""
 
 
@@ -56,6 +61,8 @@ class Recommendation:
     best: Candidate | None
     considered: int
     margin: float
+    reasons: tuple[str, ...] = ()
+    """Why this and not something else: what would not fit, what fits but is slower (the file's header)."""
 
     def describe(self) -> str:
         if self.best is None:
@@ -65,14 +72,15 @@ class Recommendation:
                 "shorter sequences or a lower max_pixels"
             )
         i, b = self.best.inputs, self.best.breakdown
-        method = f"{i.method}" + (f" r={i.lora_rank}" if i.method != "full" else "")
+        method = f"{'lean ' if lean_qlora(i) else ''}{i.method}" + (f" r={i.lora_rank}" if i.method != "full" else "")
         zero = (
             f"ZeRO-{i.zero_stage}" + (f"+offload {i.offload}" if i.offload != "none" else "")
             if i.zero_stage
             else ("DDP" if i.num_gpus > 1 else "no ZeRO")
         )
         pixels = f", max_pixels {i.max_pixels}" if i.max_pixels else ""
-        cpu = f" (+{b.cpu_ram / 2**30:.0f} GiB CPU RAM for offload)" if b.cpu_ram else ""
+        pixels += f", loss chunk {i.loss_chunk_tokens}" if i.chunked_loss else ""
+        cpu = f" (+{b.cpu_ram / 2**30:.0f} GiB of CPU RAM)" if b.cpu_ram >= 2**29 else ""
         return (
             f"{method}, micro-batch {i.batch_size} x accumulation {i.gradient_accumulation_steps}, {zero}, "
             f"checkpointing {'on' if i.gradient_checkpointing else 'off'}{pixels}: "
@@ -98,6 +106,8 @@ def relative_throughput(inputs: EstimateInputs, b: Breakdown) -> float:
     tokens = inputs.batch_size * b.seq_len
     efficiency = tokens / (tokens + LAUNCH_TOKENS)
     penalty = QLORA_PENALTY if inputs.method == "qlora" else 1.0
+    if lean_qlora(inputs):
+        penalty *= LEAN_PENALTY
     trained = b.trainable_params / b.total_params
     if inputs.zero_stage in (1, 2):  # gradient partitions and the flat optimizer step scale with what trains
         penalty *= ZERO12_BASE + ZERO12_PER_TRAINED * trained
@@ -109,6 +119,27 @@ def relative_throughput(inputs: EstimateInputs, b: Breakdown) -> float:
         penalty *= 4.0
     scale = inputs.num_gpus * (MULTI_GPU_EFFICIENCY if inputs.num_gpus > 1 else 1.0)
     return scale * efficiency / (flops * penalty)
+
+
+def lean_qlora(inputs: EstimateInputs) -> bool:
+    """Whether inputs are lean QLoRA's (method.quantization.lean)."""
+    return (inputs.method == "qlora" and inputs.quantize_vision_tower and inputs.quantize_lm_head
+            and inputs.embeddings_on_cpu and inputs.optimizer == "paged_adamw_8bit")
+
+
+LEAN = {"quantize_vision_tower": True, "quantize_lm_head": True, "embeddings_on_cpu": True,
+        "optimizer": "paged_adamw_8bit"}
+
+
+def _variants(base: EstimateInputs, method: str, stage: int, offload: str) -> list[dict]:
+    """Lean QLoRA or not, and the loss chunk, for one method and ZeRO option (the larger chunk first: it wins a
+    tie in throughput). Lean's 8-bit optimizer cannot be offloaded nor run on ZeRO-3 (config/schema.py)."""
+    chunks = [c for c in LOSS_CHUNKS if c < base.loss_chunk_tokens] if base.chunked_loss else []
+    chunks = [base.loss_chunk_tokens, *chunks]
+    plain = [{"loss_chunk_tokens": c} for c in chunks]
+    if method != "qlora" or lean_qlora(base) or stage == 3 or offload != "none":
+        return plain
+    return plain + [{**LEAN, "loss_chunk_tokens": c} for c in chunks]
 
 
 def _zero_options(num_gpus: int, zero: bool = True) -> list[tuple[int, str]]:
@@ -176,26 +207,32 @@ def _candidates(
     num_gpus: int,
     shapes: _Shapes,
     zero: bool = True,
+    param_offload: bool = False,
 ) -> Iterator[EstimateInputs]:
+    """param_offload: only the configurations that offload parameters (ZeRO-3 offload all), else all others."""
     per_gpu = max(1, effective // num_gpus)
     for stage, offload in _zero_options(num_gpus, zero):
+        if (offload == "all") != param_offload:
+            continue
         if method == "qlora" and stage == 3:
             continue  # partitioning 4-bit weights needs bnb_4bit_quant_storage, which vlmtune's QLoRA does not set
-        for batch in (b for b in MICRO_BATCHES if b <= per_gpu):
-            accumulation = math.ceil(effective / (batch * num_gpus))
-            for checkpointing in (False, True):
-                yield base.with_(
-                    method=method,
-                    lora_rank=rank,
-                    max_pixels=max_pixels,
-                    zero_stage=stage,
-                    offload=offload,
-                    num_gpus=num_gpus,
-                    batch_size=batch,
-                    gradient_accumulation_steps=accumulation,
-                    gradient_checkpointing=checkpointing,
-                    **shapes(batch, max_pixels),
-                )
+        for variant in _variants(base, method, stage, offload):
+            for batch in (b for b in MICRO_BATCHES if b <= per_gpu):
+                accumulation = math.ceil(effective / (batch * num_gpus))
+                for checkpointing in (False, True):
+                    yield base.with_(
+                        method=method,
+                        lora_rank=rank,
+                        max_pixels=max_pixels,
+                        zero_stage=stage,
+                        offload=offload,
+                        num_gpus=num_gpus,
+                        batch_size=batch,
+                        gradient_accumulation_steps=accumulation,
+                        gradient_checkpointing=checkpointing,
+                        **variant,
+                        **shapes(batch, max_pixels),
+                    )
 
 
 def recommend(
@@ -225,22 +262,65 @@ def recommend(
     base = base.with_(gpu=verdict_gpu, precision="fp32" if base.precision == "fp32" else gpu.precision)
     considered = 0
     shapes = _Shapes(base, profile)
-    for max_pixels in _pixel_options(base):
-        for rank_index, rank in enumerate(_ranks(base)):
-            best: Candidate | None = None
-            for method in methods:
-                if method == "full" and rank_index:
-                    continue
-                for inputs in _candidates(base, method, rank, max_pixels, effective, num_gpus, shapes, zero):
-                    considered += 1
-                    b = estimate(inputs)
-                    if b.peak_total > gpu.usable_bytes * (1 - margin) or (
-                        max_cpu_ram is not None and b.cpu_ram > max_cpu_ram
-                    ):
+    limit = gpu.usable_bytes * (1 - margin)
+    # Parameter offload streams every weight over PCIe three times a step: lean QLoRA, smaller loss chunks, lower
+    # max_pixels and smaller ranks are all tried before it.
+    closest: dict[str, Candidate] = {}  # per method (lean QLoRA apart): the configuration closest to fitting
+    for param_offload in (False, True) if zero else (False,):
+        for max_pixels in _pixel_options(base):
+            for rank_index, rank in enumerate(_ranks(base)):
+                best: Candidate | None = None
+                fitting: dict[str, Candidate] = {}
+                for method in methods:
+                    if method == "full" and rank_index:
                         continue
-                    t = relative_throughput(inputs, b)
-                    if best is None or t > best.throughput:
-                        best = Candidate(inputs, b, t)
-            if best is not None:
-                return Recommendation(gpu, num_gpus, effective, best, considered, margin)
+                    for inputs in _candidates(
+                        base, method, rank, max_pixels, effective, num_gpus, shapes, zero, param_offload
+                    ):
+                        considered += 1
+                        b = estimate(inputs)
+                        t = relative_throughput(inputs, b)
+                        if b.peak_total > limit or (max_cpu_ram is not None and b.cpu_ram > max_cpu_ram):
+                            near = closest.get(_method(inputs))
+                            if not param_offload and (near is None or b.peak_total < near.breakdown.peak_total):
+                                closest[_method(inputs)] = Candidate(inputs, b, t)
+                            continue
+                        kind = _kind(inputs)
+                        if kind not in fitting or t > fitting[kind].throughput:
+                            fitting[kind] = Candidate(inputs, b, t)
+                        if best is None or t > best.throughput:
+                            best = Candidate(inputs, b, t)
+                if best is not None:
+                    reasons = _reasons(best, fitting, closest, limit, gpu, margin)
+                    return Recommendation(gpu, num_gpus, effective, best, considered, margin, reasons)
     return Recommendation(gpu, num_gpus, effective, None, considered, margin)
+
+
+def _method(i: EstimateInputs) -> str:
+    return f"{'lean ' if lean_qlora(i) else ''}{i.method}"
+
+
+def _kind(i: EstimateInputs) -> str:
+    zero = f"ZeRO-{i.zero_stage}" + (f"+offload {i.offload}" if i.offload != "none" else "") if i.zero_stage else ""
+    return " ".join(filter(None, ["lean" if lean_qlora(i) else "", i.method, zero]))
+
+
+def _reasons(best: Candidate, fitting: dict[str, Candidate], closest: dict[str, Candidate], limit: float,
+             gpu: GpuSpec, margin: float) -> tuple[str, ...]:
+    """The header's reasons: each method that did not fit at its best, each other kind that fits but is slower."""
+    out = []
+    for method, near in closest.items():
+        if any(_method(c.inputs) == method and c.inputs.offload != "all" for c in fitting.values()):
+            continue
+        out.append(f"{_kind(near.inputs)}{' (without parameter offload)' if best.inputs.offload == 'all' else ''} "
+                   f"does not fit: {near.breakdown.peak_total / 2**30:.1f} GiB at best "
+                   f"(micro-batch {near.inputs.batch_size}, checkpointing "
+                   f"{'on' if near.inputs.gradient_checkpointing else 'off'}) against {limit / 2**30:.1f} GiB "
+                   f"({gpu.name} less a {margin:.0%} margin)")
+    chosen, said = _kind(best.inputs), {_method(best.inputs)}
+    for kind, other in sorted(fitting.items(), key=lambda kv: -kv[1].throughput):
+        if kind != chosen and _method(other.inputs) not in said:  # the fastest other of each method
+            said.add(_method(other.inputs))
+            out.append(f"{kind} fits ({other.breakdown.peak_total / 2**30:.1f} GiB) but is estimated "
+                       f"{best.throughput / other.throughput:.2f}x slower")
+    return tuple(out)

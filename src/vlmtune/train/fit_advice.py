@@ -21,6 +21,8 @@ def _yaml(value: Any) -> str:
 
 def overrides(config: VlmtuneConfig, target: EstimateInputs) -> list[str]:
     """Dotted overrides that turn `config` into the configuration `target` describes (only what differs)."""
+    from vlmtune.memory.recommend import lean_qlora
+
     m, t, h = config.method, config.training, config.hardware
     pairs = [
         ("method.name", m.name.value, target.method),
@@ -29,6 +31,15 @@ def overrides(config: VlmtuneConfig, target: EstimateInputs) -> list[str]:
         ("training.gradient_accumulation_steps", t.gradient_accumulation_steps, target.gradient_accumulation_steps),
         ("hardware.gradient_checkpointing", h.gradient_checkpointing, target.gradient_checkpointing),
         ("data.max_pixels", config.data.max_pixels, target.max_pixels),
+        # lean QLoRA and the loss chunk (the search tries both); lean's own fields are named too, so the overrides
+        # say the same whatever the config set before
+        ("method.quantization.lean", m.quantization.lean, lean_qlora(target)),
+        ("method.quantization.quantize_vision_tower", m.quantization.quantize_vision_tower,
+         target.quantize_vision_tower),
+        ("method.quantization.quantize_lm_head", m.quantization.quantize_lm_head, target.quantize_lm_head),
+        ("training.optimizer", t.optimizer, target.optimizer),
+        ("speed.embeddings_on_cpu", config.speed.embeddings_on_cpu, target.embeddings_on_cpu),
+        ("speed.loss_chunk_tokens", config.speed.loss_chunk_tokens, target.loss_chunk_tokens),
     ]
     out = [f"{key}={_yaml(new)}" for key, old, new in pairs if new is not None and new != old]
     if target.zero_stage:

@@ -1,0 +1,128 @@
+"""`recommend` writes what it recommends: the file holds every setting (the distributed section included), and
+`vlmtune train FILE --dry-run --gpu NAME` on it prints the estimate the recommendation printed (offline)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from vlmtune.cli.main import main
+from vlmtune.config.loader import load_config
+from vlmtune.memory import estimate, get_gpu, inputs_from_config
+from vlmtune.memory.advice import config_yaml
+from vlmtune.memory.recommend import lean_qlora, recommend
+from vlmtune.train.dry_run import dry_run_estimate
+
+MODELS = ("Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct", "llava-hf/llava-1.5-7b-hf",
+          "llava-hf/llava-1.5-13b-hf")
+CARDS = {  # card class -> (a catalogue card, the guide's preset for it)
+    8: ("RTX 4060 8GB", "ultra_low_memory"),
+    12: ("RTX 3060 12GB", "ultra_low_memory"),
+    16: ("RTX 4060 Ti 16GB", "consumer_16gb"),
+    24: ("RTX 4090 24GB", "consumer_24gb"),
+    80: ("H100 80GB", "high_capacity"),
+}
+PEAK = re.compile(r"memory estimate: ([\d.]+) GiB at the peak as nvidia-smi shows it \(([\d.]+) GiB reserved by "
+                  r"PyTorch, ([\d.]+) allocated, at ([a-z ]+)\)")
+
+
+def _recommend(tmp_path, capsys, argv):
+    out = tmp_path / "rec.yaml"
+    assert main(["recommend", *argv, "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    return out, printed
+
+
+@pytest.mark.parametrize("card", sorted(CARDS))
+@pytest.mark.parametrize("model", MODELS)
+def test_recommend_file_dry_run_agree(tmp_path, capsys, model, card):
+    gpu, preset = CARDS[card]
+    path, printed = _recommend(tmp_path, capsys, ["--gpu", gpu, "--model", model, "--preset", preset])
+    recommended = PEAK.search(printed).groups()
+    assert main(["train", str(path), "--dry-run", "--gpu", gpu]) == 0  # fits: exit 0
+    checked = capsys.readouterr().out
+    assert PEAK.search(checked).groups() == recommended
+    assert f"{gpu}:" in checked and ": fits" in checked
+    # the whole breakdown agrees, not only the printed figures
+    config = load_config(path)
+    written = yaml.safe_load(path.read_text())
+    assert written["distributed"]["num_gpus"] == 1
+    assert dry_run_estimate(config, gpu).peak_total <= get_gpu(gpu).usable_bytes
+    if card == 8 and model != "llava-hf/llava-1.5-13b-hf":  # 7B on 8 GB: QLoRA, not parameter offload
+        assert written["method"]["name"] == "qlora" and written["distributed"]["offload"] == "none"
+
+
+def test_breakdown_of_the_written_file_is_the_recommendation(tmp_path):
+    config = load_config(overrides=["model.name_or_path=Qwen/Qwen2.5-VL-7B-Instruct", "data.max_length=512",
+                                    "data.image_size=336"])
+    rec = recommend(inputs_from_config(config), get_gpu("RTX 4060"), 1, 16)
+    assert rec.best is not None and lean_qlora(rec.best.inputs)
+    path = tmp_path / "r.yaml"
+    path.write_text(config_yaml(rec, config, str(path)))
+    loaded = load_config(path)
+    assert loaded.method.quantization.lean and loaded.training.optimizer == "paged_adamw_8bit"
+    assert loaded.speed.embeddings_on_cpu and loaded.speed.loss_chunk_tokens == rec.best.inputs.loss_chunk_tokens
+    again = estimate(inputs_from_config(loaded, gpu=rec.best.inputs.gpu))
+    assert again == rec.best.breakdown
+
+
+@pytest.mark.parametrize(("gpus", "stage", "engine"), [(2, None, "none"), (8, 3, "deepspeed")])
+def test_num_gpus_and_zero_are_written(tmp_path, capsys, gpus, stage, engine):
+    argv = ["--gpu", "A100 80GB", "--model", "Qwen/Qwen2.5-VL-7B-Instruct", "--num-gpus", str(gpus)]
+    if stage:  # full fine-tuning of a 7B on 8 cards: DeepSpeed (ZeRO) shards its states
+        argv += ["--method", "full"]
+    path, printed = _recommend(tmp_path, capsys, argv)
+    dist = yaml.safe_load(path.read_text())["distributed"]
+    assert dist["num_gpus"] == gpus
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert any(f"starts the {gpus} processes" in line for line in header)
+    assert not any("not config fields" in line for line in header)
+    config = load_config(path)
+    inputs = inputs_from_config(config)
+    assert inputs.num_gpus == gpus
+    if stage:
+        assert dist["engine"] == "deepspeed" and inputs.zero_stage == dist["zero_stage"] >= 1
+        assert config.training.learning_rate == 1e-5  # full: its method's default, not LoRA's
+    else:
+        assert dist["engine"] == engine and inputs.zero_stage == 0
+    assert main(["train", str(path), "--dry-run", "--gpu", "A100 80GB"]) == 0
+    assert PEAK.search(capsys.readouterr().out).groups() == PEAK.search(printed).groups()
+
+
+def test_parameter_offload_only_when_nothing_else_fits():
+    base = inputs_from_config(load_config(overrides=["model.name_or_path=Qwen/Qwen2.5-VL-7B-Instruct"]))
+    # 2,048-token samples: even lean QLoRA misses the 8 GB card's margin, so ZeRO-3 parameter offload it is
+    rec = recommend(base, get_gpu("RTX 4060"), 1, 16)
+    assert rec.best.inputs.offload == "all"
+    assert any(r.startswith("lean qlora (without parameter offload) does not fit") for r in rec.reasons)
+    # 1,024 tokens: lean QLoRA fits and wins, though parameter offload would fit too
+    rec = recommend(base.with_(seq_len=1024), get_gpu("RTX 4060"), 1, 16)
+    assert lean_qlora(rec.best.inputs) and rec.best.inputs.zero_stage == 0
+
+
+def test_offload_spellings_agree(capsys):
+    from vlmtune.cli.main import parse_args
+    from vlmtune.cli.train_cmd import resolve_config
+
+    for spelling in ("all", "optimizer_and_params"):
+        cfg = resolve_config(parse_args(["train", "--zero-stage", "3", "--offload", spelling]))
+        assert cfg.distributed.offload == "optimizer_and_params"
+        assert main(["estimate", "--zero-stage", "3", "--offload", spelling, "--json"]) == 0
+        assert '"offload": "all"' in capsys.readouterr().out  # the estimator's inputs: parameters offloaded
+    assert load_config(overrides=["distributed.zero_stage=3", "distributed.offload=all"]).distributed.offload == (
+        "optimizer_and_params")
+
+
+def test_dry_run_needs_a_gpu_and_gpu_needs_dry_run(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["train", "--dry-run"]) == 2
+    assert "--gpu NAME" in capsys.readouterr().err
+    assert main(["train", "--gpu", "RTX 4090"]) == 2
+    assert "only applies with --dry-run" in capsys.readouterr().err
+    # a config that does not fit: exit 1 and says what to do
+    assert main(["train", "--dry-run", "--gpu", "RTX 4060", "model.name_or_path=Qwen/Qwen2.5-VL-7B-Instruct"]) == 1
+    assert "DOES NOT FIT" in capsys.readouterr().out
