@@ -154,7 +154,7 @@ def test_bad_records_are_not_measured(messy_file: Path) -> None:
 
 
 def test_long_reports_are_cut_at_50_problems(tmp_path: Path, write_jsonl) -> None:
-    report = check_file(write_jsonl(["{"] * 120))
+    report = check_file(write_jsonl(['{"messages": '] * 120))
     assert report.summary["errors"] == 120 and len(report.errors) == 120
     text = report.format()
     assert text.count(": error:") == 50 and "... and 70 more problem(s)" in text
