@@ -60,3 +60,36 @@ def test_estimate_cli_plot(tmp_path, capsys):
     assert main(["estimate", "--model", QWEN7, "--method", "qlora", "--gpu", "RTX 4090 24GB", "--plot", str(out)]) == 0
     assert f"picture: {out}" in capsys.readouterr().out
     assert Image.open(out).size == (WIDTH, HEIGHT)
+
+
+@pytest.mark.parametrize("gpu", ["RTX 4060 8GB", "RTX 4090 24GB", "H100 80GB", "A100 40GB"])
+@pytest.mark.parametrize("batch", [1, 2, 4])
+def test_the_card_limit_is_labelled_and_the_peak_label_stays_clear_of_it(gpu, batch):
+    from PIL import ImageDraw
+
+    from vlmtune.memory.picture import label_layout
+
+    b = estimate(EstimateInputs(model=QWEN7, method="qlora", batch_size=batch, seq_len=1024, gpu=gpu))
+    draw = ImageDraw.Draw(Image.new("RGB", (WIDTH, HEIGHT)))
+    scale = max(b.peak_total, b.verdict.capacity) * 1.05
+    labels = label_layout(b, draw.textlength, lambda v: LEFT + v / scale * (RIGHT - LEFT))
+    (peak, peak_x, peak_row, _), (limit, limit_x, limit_row, _) = labels
+    assert peak.startswith("peak ") and limit.startswith(gpu) and "usable" in limit
+    for text, at, _, _ in labels:  # inside the picture
+        assert 0 <= at and at + draw.textlength(text) <= WIDTH
+    # boxes of 12 px high text: different rows, so they cannot overlap whatever the two values
+    assert abs(peak_row - limit_row) >= 14
+
+
+def test_axis_ticks_are_round_values():
+    from vlmtune.picture_axes import nice_ticks, tick_label
+
+    assert nice_ticks(0, 9.82) == [0, 2, 4, 6, 8]
+    ticks = nice_ticks(0, 7.9)
+    assert [tick_label(t, ticks) for t in ticks] == ["0.0", "2.5", "5.0", "7.5"]
+    assert nice_ticks(1, 300) == [50, 100, 150, 200, 250, 300]
+    ticks = nice_ticks(0.118, 3.01)
+    assert [tick_label(t, ticks) for t in ticks] == ["0.5", "1.0", "1.5", "2.0", "2.5", "3.0"]
+    assert nice_ticks(2.0, 2.0) == [2.0]
+    with pytest.raises(ValueError):
+        nice_ticks(0, float("nan"))
