@@ -40,6 +40,9 @@ sys.path.insert(0, str(ROOT / "tests" / "families"))
 
 from qwen_vl_fixture import FIXTURE, checkpoint_weights, images  # noqa: E402
 
+SEQ_LENGTH = 64
+"""The fixture's seq_length (the release: 2048): the batch's longer row passes it, so that eval-mode logits run the
+original's dynamic NTK and log-n scaling."""
 REMOTE_FILES = ("configuration_qwen.py", "modeling_qwen.py", "visual.py", "tokenization_qwen.py",
                 "qwen_generation_utils.py")
 TEXTS = ["Hello world, 你好世界! 12345", "  leading spaces\n\n\ttabs and\r\nnewlines   ", "What colour is the circle?",
@@ -134,6 +137,7 @@ def port_side(work: Path, remote: Path, hub_vocab: Path | None) -> dict:
     family = get_family("qwen_vl")
     ckpt = family.build_tiny(work / "ckpt", seed=0)
     config = QwenVLConfig.from_pretrained(ckpt)
+    config.seq_length = SEQ_LENGTH
     model = QwenVLForCausalLM(config)
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     model.load_state_dict(checkpoint_weights(shapes))
@@ -189,6 +193,7 @@ def _merged_export(ckpt: Path, processor: object, batch: dict, out: Path) -> tor
     family = get_family("qwen_vl")
     model = QwenVLForCausalLM.from_pretrained(ckpt).float()
     target = family.lora_target_regex("all", adapt_vision_tower=True)
+    torch.manual_seed(0)
     peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=target, init_lora_weights=False))
     merged = peft.merge_and_unload()
     save_merged(merged, processor, out)

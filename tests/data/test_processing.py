@@ -16,7 +16,7 @@ from vlmtune.data.records import ImagePart, Message, Record, TextPart
 from vlmtune.errors import DataError, VlmtuneError
 from vlmtune.families import get_family
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "gemma3", "smolvlm", "qwen3_5", "internvl"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "gemma3", "smolvlm", "qwen3_5", "internvl", "qwen_vl"]
 
 
 @pytest.fixture(scope="module")

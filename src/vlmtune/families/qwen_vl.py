@@ -120,8 +120,9 @@ class QwenVLFamily(FamilyDescriptor):
     tiny_numbers: Mapping[str, Any] = {
         "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "kv_channels": 64,
         "intermediate_size": 512, "vocab_size": TINY_VOCAB_SIZE,
-        # short, so that inference past it runs the original's dynamic-NTK and log-n scaling (parity fixture)
-        "seq_length": 64, "max_position_embeddings": 1024,
+        # the released seq_length: inference within it is unscaled (the parity script lowers it to 64 so that the
+        # original's dynamic-NTK and log-n scaling run in its fixture)
+        "seq_length": 2048, "max_position_embeddings": 1024,
         # 2 resampler heads (output_dim / 128), 16 queries over a 4 x 4 patch grid
         "visual": {"heads": 2, "image_size": 56, "layers": 2, "mlp_ratio": 2.0, "output_dim": 256,
                    "patch_size": 14, "width": 64, "n_queries": 16},

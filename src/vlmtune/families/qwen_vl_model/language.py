@@ -4,8 +4,8 @@ with one fused `c_attn` (q | k | v, with bias) and `c_proj` (no bias), and a Swi
 
 Rotary positions cover the whole head (rotary_pct 1.0), halves rotated as in GPT-NeoX/Llama, computed in fp32.
 Inference beyond `seq_length` (2048) tokens follows the original: dynamic NTK (the rotary base grows with the
-prompt's length, kept for the tokens generated after it) and log-n scaling of the queries; neither applies in
-training or within 2048 tokens. Positions are the token's index in the sequence (cache included), as the original
+prompt's length, padding included, kept for the tokens generated after it) and log-n scaling of the queries;
+neither applies in training or within 2048 tokens. Positions are the token's index in the sequence (cache included), as the original
 computes them; a `position_ids` argument is not read.
 """
 
