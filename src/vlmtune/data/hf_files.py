@@ -26,7 +26,8 @@ from vlmtune.errors import require
 
 if TYPE_CHECKING:
     from vlmtune.data.limits import RecordRules
-    from vlmtune.data.records import Problem, Record, Source
+    from vlmtune.data.records import Problem, Record
+    from vlmtune.data.sources import Source
 
 SUFFIXES = (".parquet", ".arrow")
 _MAGIC = (b"PAR1", b"ARROW1", b"\xff\xff\xff\xff")

@@ -62,7 +62,7 @@ def _map_message(message: Any, fn: Callable[[str], str]) -> Any:
 
 def _count_valid(path: Path) -> int:
     from vlmtune.data.records import Problem as _Problem
-    from vlmtune.data.records import open_source
+    from vlmtune.data.sources import open_source
 
     source = open_source(path)
     if not isinstance(source, _Problem) and (source.kind != "jsonl" or source.columns is not None):
