@@ -8,7 +8,6 @@ from vlmtune.cli.train_cmd import resolve_config
 from vlmtune.config.loader import config_from_dict, load_config, save_config
 from vlmtune.config.method_defaults import LEAN_DEFAULTS, derived_fields
 from vlmtune.config.presets import load_preset
-from vlmtune.errors import ConfigError
 
 
 def _cfg(argv):
@@ -64,10 +63,30 @@ def test_lean_qlora_fills_its_fields_unless_set():
     assert not plain.method.quantization.quantize_vision_tower and plain.training.optimizer == "adamw_torch"
 
 
-def test_lean_needs_qlora():
-    with pytest.raises(ConfigError) as exc:
-        config_from_dict({"method": {"name": "lora", "quantization": {"lean": True}}})
-    assert "method.quantization.lean=true" in str(exc.value) and "method.name=qlora" in str(exc.value)
+def test_lean_applies_to_qlora_only():
+    """Like the rest of the quantization section, lora and full ignore lean (a lean preset under --use-lora)."""
+    cfg = config_from_dict({"method": {"name": "lora", "quantization": {"lean": True}}})
+    assert cfg.training.optimizer == "adamw_torch" and not cfg.speed.embeddings_on_cpu
+    assert derived_fields(cfg) == {"training.learning_rate": "method default (lora)"}
+    cfg = _cfg(["--preset", "ultra_low_memory", "--use-lora"])
+    assert cfg.method.name.value == "lora" and not cfg.method.quantization.quantize_vision_tower
+
+
+def test_ultra_low_memory_is_lean_and_estimated_so():
+    from vlmtune.memory import estimate, inputs_from_config
+
+    cfg = load_preset("ultra_low_memory", model={"name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct"})
+    assert cfg.method.quantization.lean and cfg.training.optimizer == "paged_adamw_8bit"
+    lean = inputs_from_config(cfg)
+    assert (lean.quantize_vision_tower, lean.quantize_lm_head, lean.embeddings_on_cpu) == (True, True, True)
+    assert lean.optimizer == "paged_adamw_8bit" and lean.loss_chunk_tokens == 256
+    plain = inputs_from_config(load_preset("ultra_low_memory", model={"name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct"},
+                                           method={"quantization": {"lean": False}}))
+    b_lean, b_plain = estimate(lean), estimate(plain)
+    # the 1.02 GiB embedding table leaves the GPU (it is counted in CPU RAM), the 4-bit vision tower and lm_head shrink
+    assert b_lean.weights["embeddings"] == 0 and b_plain.weights["embeddings"] > 2**30
+    assert b_lean.cpu_ram >= 2**30
+    assert b_lean.peak_total < 7.5 * 2**30 < b_plain.peak_total
 
 
 def test_presets_keep_their_values():

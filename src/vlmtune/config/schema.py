@@ -141,7 +141,8 @@ class QuantizationConfig(_Strict):
     lean: bool = False
     """Lean QLoRA, the 8 GB setting: where not set otherwise, also quantize the vision tower and lm_head, keep the
     input embeddings in CPU memory (speed.embeddings_on_cpu), step with paged 8-bit AdamW and compute the loss in
-    256-token chunks (config/method_defaults.py; measured: Qwen2.5-VL-7B at 7.47 GiB, benchmarks/RESULTS.md W2)."""
+    256-token chunks (config/method_defaults.py; measured: Qwen2.5-VL-7B at 7.47 GiB, benchmarks/RESULTS.md W2).
+    Like the rest of this section, lora and full ignore it (`--use-lora` over the ultra_low_memory preset is LoRA)."""
 
 
 class MethodConfig(_Strict):
@@ -359,9 +360,6 @@ class VlmtuneConfig(_Strict):
     def _cross_field(self) -> VlmtuneConfig:
         apply_method_defaults(self)
         problems = []
-        if self.method.quantization.lean and self.method.name != TrainingMethod.QLORA:
-            problems.append(f"method.quantization.lean=true is lean QLoRA, but method.name={self.method.name.value}: "
-                            "set method.name=qlora, or method.quantization.lean=false")
         if self.method.name == TrainingMethod.QLORA and self.hardware.precision == "fp32":
             problems.append("method.name=qlora needs hardware.precision bf16 or fp16 (4-bit layers compute in 16-bit)")
         if self.method.name == TrainingMethod.FULL and self.method.lora.train_projector:
