@@ -425,3 +425,15 @@ def test_unknown_column_keys_are_a_config_error() -> None:
 
     with pytest.raises(ValidationError, match="columns: question not a key vlmtune reads"):
         DataConfig(columns={"question": "q"})
+
+
+def test_train_takes_the_image_root_as_llava_and_2u1_name_it() -> None:
+    import argparse
+
+    from vlmtune.cli import train_cmd
+
+    parser = argparse.ArgumentParser()
+    train_cmd.add_arguments(parser)
+    for flag in ("--image-root", "--image_root", "--image_folder"):
+        args = parser.parse_args([flag, str(IMAGES), "--train-data", str(FORMATS / "llava_v1_5.json")])
+        assert train_cmd.resolve_config(args).data.image_root == IMAGES
