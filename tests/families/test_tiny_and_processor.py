@@ -65,7 +65,7 @@ ARCHS = [("qwen2_vl", "2b", 2.209e9), ("qwen2_vl", "7b", 8.291e9), ("qwen2_5_vl"
          ("qwen3_vl", "8b", 8.767e9), ("qwen3_vl", "32b", 33.357e9), ("llava", "7b", 7.063e9),
          ("llava", "13b", 13.351e9),
          ("instructblip", "7b", 7.914e9), ("gemma3", "4b", 4.300e9), ("gemma3", "12b", 12.187e9),
-         ("gemma3", "27b", 27.432e9)]
+         ("gemma3", "27b", 27.432e9), ("qwen_vl", "7b", 9.657e9)]
 
 
 @pytest.mark.parametrize("name, size, params", ARCHS)
