@@ -238,7 +238,7 @@ def test_a_bad_record_inside_an_array_is_one_error_and_the_others_are_read(tmp_p
     ('[{"a": "unterminated}]', "ends inside a string"),
     ("[]", "the JSON array is empty"),
     ('[{"messages": []}] {"x": 1}', "text after the array's closing ']'"),
-    ("[{}, ]", "expected record 2 of the array, found ']'"),
+    ("[{}, ]", "expected record 2 of the array, found ']' (a comma after the last record"),
 ])
 def test_broken_arrays(tmp_path: Path, text: str, fragment: str) -> None:
     path = tmp_path / "data.json"

@@ -110,7 +110,8 @@ def scan_array(fh: BinaryIO, max_bytes: int) -> Iterator[Element | Broken]:
             r.pos += 1
             break
         if nxt in (b"", b"]", b","):
-            yield Broken(r.line, r.column, f"expected record {index + 1} of the array, found {_show(nxt)}")
+            trailing = " (a comma after the last record, which JSON does not allow)" if nxt == b"]" else ""
+            yield Broken(r.line, r.column, f"expected record {index + 1} of the array, found {_show(nxt)}{trailing}")
             return
         element = _element(r, max_bytes)
         if isinstance(element, Broken):
