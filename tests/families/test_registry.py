@@ -61,11 +61,12 @@ def test_hub_id_read_from_cache_or_clear_error(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     _fake_hub_cache(tmp_path, "someone/cached-vl", {"model_type": "qwen2_5_vl"})
     assert family_for_model("someone/cached-vl").name == "qwen2_5_vl"
-    with pytest.raises(VlmtuneError, match="neither a folder here nor in the local Hugging Face cache") as err:
+    with pytest.raises(VlmtuneError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE=1") as err:
         family_for_model("Qwen/Qwen2-VL-2B-Instruct")
-    assert "set model.family=qwen2_vl" in str(err.value)
+    assert "hf download Qwen/Qwen2-VL-2B-Instruct" in str(err.value)  # online: tests/cli/test_hub_models.py
 
 
 def test_no_family_name_in_the_generic_family_and_data_code():

@@ -1,4 +1,4 @@
-"""`vlmtune predict --model DIR [--adapter DIR] (--image IMG --prompt TEXT | --data FILE [--out PATH] [--overwrite])`.
+"""`vlmtune predict (--adapter DIR [--model BASE] | --model DIR) (--image IMG --prompt TEXT | --data FILE [--out PATH] [--overwrite])`.
 
 --out: a path ending in .jsonl is the predictions file; any other path is a folder that gets predictions.jsonl.
 """
@@ -12,8 +12,9 @@ HELP = "answer one question about images, or every record of a JSONL file (with 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="base model folder or hub id (or a merged/full model)")
-    p.add_argument("--adapter", help="LoRA/QLoRA adapter folder from `vlmtune train`")
+    p.add_argument("--model", help="base model folder or hub id, or a merged/full model (default with --adapter: the "
+                                   "base recorded in the adapter)")
+    p.add_argument("--adapter", help="LoRA/QLoRA adapter folder from `vlmtune train` (output_dir/final)")
     p.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     p.add_argument("--prompt", help="question to ask")
     p.add_argument("--data", type=Path, help="JSONL file: answer every record and score it")
@@ -22,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "folder, else the model's folder if local, else the current folder)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing predictions file that vlmtune did not write (never the --data file)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (default: 64)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,6 +31,9 @@ def run(args: argparse.Namespace) -> int:
     from vlmtune.export.predict import answer, load_for_inference, predict_file
     from vlmtune.outputs import check_file
 
+    if not args.model and not args.adapter:
+        raise VlmtuneError("predict needs --adapter DIR (its base model is read from the adapter) or --model DIR "
+                           "(a full or merged model).")
     if bool(args.data) == bool(args.prompt):
         raise VlmtuneError("predict needs either --prompt (with optional --image) or --data FILE, not both or neither.")
     if args.out and not args.data:
@@ -37,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     out = predictions_path(args) if args.data else None
     if out is not None:  # refused before the model loads
         check_file(out, what="the predictions", overwrite=args.overwrite, inputs={"the data file": args.data})
-    loaded = load_for_inference(args.model, args.adapter)
+    loaded = load_for_inference(args.model, args.adapter) if args.model else load_for_inference(args.adapter)
     if out is None:
         print(answer(loaded, [Path(i) for i in args.image], args.prompt, max_new_tokens=args.max_new_tokens))
         return 0

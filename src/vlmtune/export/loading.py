@@ -54,6 +54,17 @@ def adapter_base(adapter_dir: Path | str) -> str:
     return str(base)
 
 
+def check_adapter_family(adapter: Path, meta: dict[str, Any], base_family: str, base: Path | str) -> None:
+    """An adapter goes on a base of the family it was trained on (else transformers fails deep inside, or the
+    output is garbage)."""
+    trained = meta.get("family")
+    if trained and trained != base_family:
+        raise VlmtuneError(
+            f"the adapter {adapter} was trained on a {trained} model ({meta.get('base_model', 'its base')}), but "
+            f"the base model {base} is a {base_family} model. Give a {trained} base (--model / base=), or leave it "
+            f"out to use the one recorded in {adapter}/{META_FILE}.")
+
+
 def to_dtype(dtype: str | torch.dtype | None, default: torch.dtype) -> torch.dtype:
     if dtype is None:
         return default
@@ -120,6 +131,7 @@ def load_for_inference(
     load_in_4bit: None loads a QLoRA adapter's base in 4-bit as it was trained (bitsandbytes needed), else 16-bit.
     """
     from vlmtune.families import family_for_model
+    from vlmtune.hub import model_folder
 
     if adapter_dir is None and is_adapter_dir(model_dir):
         adapter_dir = model_dir
@@ -135,7 +147,10 @@ def load_for_inference(
     four_bit = meta.get("method") == "qlora" if load_in_4bit is None else load_in_4bit
     quant_dtype = _DTYPES[(meta.get("quantization") or {}).get("compute_dtype", "bfloat16")]
     default = quant_dtype if four_bit else (torch.bfloat16 if device == "cuda" else torch.float32)
+    model_dir = model_folder(model_dir, meta.get("base_revision") if adapter is not None else None, "the base model")
     family = family_for_model(str(model_dir))
+    if adapter is not None:
+        check_adapter_family(adapter, meta, family.name, model_dir)
     model = load_model(str(model_dir), to_dtype(dtype, default), device, four_bit, meta)
     if adapter is not None:
         from peft import PeftModel

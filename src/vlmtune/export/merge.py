@@ -20,6 +20,7 @@ from vlmtune.errors import VlmtuneError
 from vlmtune.export.loading import (
     PROCESSOR_FILES,
     adapter_base,
+    check_adapter_family,
     is_adapter_dir,
     load_model,
     read_meta,
@@ -71,7 +72,11 @@ def merge_adapter(
         out, kind="export", what="the merged model", overwrite=overwrite,
         inputs={"the adapter": adapter, "the base model": base},
     )
+    from vlmtune.hub import model_folder
+
+    base = str(model_folder(base, meta.get("base_revision"), "the base model"))
     family = family_for_model(base)
+    check_adapter_family(adapter, meta, family.name, base)
     model = load_model(base, to_dtype(dtype, torch.bfloat16), "cpu")
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     source = adapter if any((adapter / f).is_file() for f in PROCESSOR_FILES) else base

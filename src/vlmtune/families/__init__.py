@@ -47,7 +47,9 @@ def get_family(name: str) -> FamilyDescriptor:
                            f"{', '.join(_FAMILIES)}") from None
 
 
-def _config_json(name_or_path: str) -> Path:
+def _config_json(name_or_path: str, revision: str | None = None) -> Path:
+    from vlmtune.hub import hub_file, is_hub_id
+
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         config = path / "config.json"
@@ -57,26 +59,17 @@ def _config_json(name_or_path: str) -> Path:
                 "model.name_or_path at a folder written by save_pretrained (config.json, weights, tokenizer and "
                 "processor files), or build a test model with `vlmtune tiny-model --family F --out DIR`.")
         return config
-    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+    if not is_hub_id(name_or_path):
         raise VlmtuneError(
             f"model '{name_or_path}' (model.name_or_path) is not a folder on this machine, nor a Hugging Face Hub "
             "id of the form owner/name. Check the path for typos, or give a hub id.")
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(name_or_path, "config.json")
-    if isinstance(cached, str):
-        return Path(cached)
-    hint = next((f" It is the default model of the {d.name} family: set model.family={d.name} to skip detection."
-                 for d in _FAMILIES.values() if d.default_model == name_or_path), "")
-    raise VlmtuneError(
-        f"model '{name_or_path}' is neither a folder here nor in the local Hugging Face cache, and vlmtune does "
-        "not go to the hub to detect a family (the hub may be unreachable from this machine). Download it first "
-        f"(`hf download {name_or_path}`), or set model.name_or_path to a local folder.{hint}")
+    return hub_file(name_or_path, "config.json", revision)
 
 
-def family_for_model(name_or_path: str | Path) -> FamilyDescriptor:
-    """The family of a local model folder or a cached hub id, from config.json's `model_type`."""
-    config = _config_json(str(name_or_path))
+def family_for_model(name_or_path: str | Path, revision: str | None = None) -> FamilyDescriptor:
+    """The family of a local model folder or a hub id (its config.json alone is downloaded, vlmtune/hub.py), from
+    config.json's `model_type`."""
+    config = _config_json(str(name_or_path), revision)
     try:
         model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
     except (OSError, json.JSONDecodeError) as exc:

@@ -175,18 +175,18 @@ def load_base_model(config: VlmtuneConfig, dtype: torch.dtype, **kwargs: Any) ->
     """
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    from vlmtune.hub import model_folder
+
     check_attention(config)
-    path = config.model.name_or_path
+    path = str(model_folder(config.model.name_or_path, config.model.revision))
     common: dict[str, Any] = {"dtype": dtype, "attn_implementation": config.hardware.attn_implementation}
     try:
         if config.model.random_init:
-            hf_config = AutoConfig.from_pretrained(path, revision=config.model.revision)
+            hf_config = AutoConfig.from_pretrained(path)
             device = "cpu" if on_cpu(config) else "cuda"
             with torch.device(device):
                 return AutoModelForImageTextToText.from_config(hf_config, **common)
-        return AutoModelForImageTextToText.from_pretrained(
-            path, revision=config.model.revision, **common, **kwargs
-        )
+        return AutoModelForImageTextToText.from_pretrained(path, **common, **kwargs)
     except OSError as exc:
         raise VlmtuneError(
             f"cannot load the model '{path}' (model.name_or_path): {exc}. Give a local folder written "

@@ -188,7 +188,9 @@ def text_hidden_size(config: VlmtuneConfig) -> int | None:
     """The language model's hidden size, read from the model's config.json (no weights)."""
     from transformers import AutoConfig
 
-    hf_config = AutoConfig.from_pretrained(config.model.name_or_path, revision=config.model.revision)
+    from vlmtune.hub import model_folder
+
+    hf_config = AutoConfig.from_pretrained(model_folder(config.model.name_or_path, config.model.revision))
     return getattr(hf_config.get_text_config(), "hidden_size", None)
 
 

@@ -42,7 +42,7 @@ def resolve_family(config: VlmtuneConfig) -> FamilyDescriptor:
     family = (
         get_family(config.model.family)
         if config.model.family
-        else family_for_model(config.model.name_or_path)
+        else family_for_model(config.model.name_or_path, config.model.revision)
     )
     problems = family.check(config)
     if problems:
@@ -162,7 +162,9 @@ def train(
     family = resolve_family(config)
     plan = resolve_precision(config)
     log.info("family %s, method %s; precision: %s", family.name, config.method.name.value, plan.note)
-    processor = family.load_processor(config.model.name_or_path, config.data)
+    from vlmtune.hub import model_folder
+
+    processor = family.load_processor(model_folder(config.model.name_or_path, config.model.revision), config.data)
     passes = _check_data(config, processor, family) if config.data.check_before_training else {}
     train_path = Path(config.data.train_path)
     train_set = build_dataset(train_path, processor, family, config, passes.get(train_path))
