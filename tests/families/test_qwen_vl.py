@@ -300,3 +300,26 @@ def test_ultra_low_memory_preset_takes_qwen_vl_chat(tmp_path, caplog, monkeypatc
         family.load_processor("Qwen/Qwen-VL-Chat")
     with pytest.raises(VlmtuneError, match="'./nowhere' .* is not a folder on this machine"):
         family.load_processor("./nowhere")
+
+
+def test_generation_stops_at_the_chat_stop_words(tiny_model_dir):
+    """The Hub's generation_config.json names only <|endoftext|>; the original's chat() also stops at <|im_end|> and
+    <|im_start|>, and so does the port's generate."""
+    from transformers import AutoModelForImageTextToText
+
+    path = tiny_model_dir("qwen_vl")
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    tok = get_family("qwen_vl").load_processor(path).tokenizer
+    stops = [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>", "<|im_start|>")]
+    assert model.chat_stop_ids == stops
+    model.generation_config.eos_token_id = stops[0]
+    im_end = torch.tensor([stops[1]])
+    model.lm_head.register_forward_hook(lambda module, args, out: out.index_fill(-1, im_end, 1e4))  # always <|im_end|>
+    ids = tok("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=stops[0])
+    assert out[0, ids.shape[1]:].tolist() == [stops[1]]  # stopped right after <|im_end|>
+    with torch.no_grad():  # an explicit eos_token_id is the caller's
+        out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=stops[0],
+                             eos_token_id=stops[0])
+    assert out[0, ids.shape[1]:].tolist() == [stops[1]] * 3

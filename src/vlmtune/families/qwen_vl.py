@@ -172,13 +172,13 @@ class QwenVLFamily(FamilyDescriptor):
             raise VlmtuneError(f"qwen_vl architecture: vocab_size {numbers['vocab_size']} is smaller than the "
                                f"tokenizer's {vocab_size} tokens")
         numbers["visual"]["image_start_id"] = token_ids["<img>"]
-        config = QwenVLConfig(**numbers, eos_token_id=token_ids["<|endoftext|>"],
-                              pad_token_id=token_ids["<|endoftext|>"])
-        config.architectures = ["QWenLMHeadModel"]  # the Hub's name: the original code loads what we save
-        return config
+        return QwenVLConfig(**numbers, eos_token_id=token_ids["<|endoftext|>"], pad_token_id=token_ids["<|endoftext|>"])
 
     def tiny_processor(self, tokenizer: Any, config: PretrainedConfig, full_size: bool) -> QwenVLProcessor:
-        raise VlmtuneError("the qwen_vl tiny processor is built from its vocabulary file; use build_tiny")
+        """Not used: the generic builder (families/tiny.py) trains a `tokenizers` tokenizer, while Qwen-VL's is a
+        tiktoken vocabulary file; `build_tiny` below writes that file and reads the processor back from it."""
+        raise VlmtuneError("the qwen_vl processor is read from a qwen.tiktoken file: build tiny models with "
+                           "QwenVLFamily.build_tiny (vlmtune tiny-model --family qwen_vl)")
 
     def build_tiny(self, out_dir: str | Path, arch: str | Mapping[str, Any] | None = None, *, seed: int = 0,
                    with_weights: bool | None = None) -> Path:

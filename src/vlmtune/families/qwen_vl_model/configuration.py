@@ -15,6 +15,9 @@ from transformers import PreTrainedConfig
 DEFAULT_QUERIES = 256
 IMAGE_SPECIAL_TOKENS = ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<img>", "</img>", "<imgpad>")
 """The tokenizer's image special tokens in id order; `<img>` is `visual.image_start_id`, `</img>` +1, `<imgpad>` +2."""
+IMAGE_OFFSET = 3 + 205 + 6
+"""`<img>`'s id minus `<|endoftext|>`'s: the special tokens are `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, 205
+`<|extra_N|>`, then the image tokens, `<img>` the 7th of them (151857 - 151643 in the release)."""
 REMOTE_ARCHITECTURE = "QWenLMHeadModel"
 REMOTE_AUTO_MAP = {
     "AutoConfig": "configuration_qwen.QWenConfig",

@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from vlmtune.families.qwen_vl_model.configuration import QwenVLConfig
+from vlmtune.families.qwen_vl_model.configuration import IMAGE_OFFSET, QwenVLConfig
 from vlmtune.families.qwen_vl_model.language import (
     QwenAttention,
     QwenBlock,
@@ -156,6 +156,22 @@ class QwenVLForCausalLM(QwenVLPreTrainedModel, GenerationMixin):
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs: object) -> torch.Tensor:
         return self.transformer.get_image_features(pixel_values)
+
+    @property
+    def chat_stop_ids(self) -> list[int]:
+        """`<|endoftext|>`, `<|im_end|>`, `<|im_start|>`: where the original's `chat()` stops (eos + ChatML stop
+        words). The special tokens are contiguous, so their ids follow from `<img>`'s (`visual.image_start_id`)."""
+        end_of_text = self.config.image_start_id - IMAGE_OFFSET
+        return [end_of_text, end_of_text + 2, end_of_text + 1]
+
+    def generate(self, *args: object, **kwargs: object) -> torch.LongTensor:
+        """As transformers' generate, also stopping at the ChatML stop words unless `eos_token_id` is given: the
+        Hub's generation_config.json names only `<|endoftext|>`, and the original code adds them in `chat()`."""
+        if "eos_token_id" not in kwargs:
+            configured = self.generation_config.eos_token_id
+            configured = [] if configured is None else [configured] if isinstance(configured, int) else configured
+            kwargs["eos_token_id"] = list(dict.fromkeys([*configured, *self.chat_stop_ids]))
+        return super().generate(*args, **kwargs)
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
