@@ -58,6 +58,20 @@ def test_tiny_model_is_in_the_hub_layout(tiny_model_dir):
     assert type(AutoModelForImageTextToText.from_pretrained(path)).__name__ == "QwenVLForCausalLM"
 
 
+def test_port_has_the_released_checkpoints_weight_names():
+    """The weight names of a released Qwen-VL-Chat checkpoint (from its safetensors index; committed fixture) are
+    exactly the port's, at full size (GPTQ adds zero biases to the no-bias linears of the Int4 repository, which the
+    fp16 checkpoint does not have)."""
+    from vlmtune.families.qwen_vl_model import QwenVLConfig, QwenVLForCausalLM
+
+    hub = json.loads((Path(__file__).with_name("fixtures") / "qwen_vl_hub_weight_names.json").read_text())
+    with torch.device("meta"):
+        model = QwenVLForCausalLM(QwenVLConfig())
+    names = {re.sub(r"(transformer\.h|resblocks)\.\d+\.", r"\1.N.", k) for k in model.state_dict()}
+    assert names == set(hub["names"])
+    assert (model.config.num_hidden_layers, model.config.vision_depth) == (hub["language_layers"], hub["vision_blocks"])
+
+
 def test_port_gives_the_original_remote_codes_numbers(tmp_path):
     """The fixture holds what Qwen-VL-Chat's own modeling_qwen.py / visual.py (transformers 4.32) computed on a
     seeded checkpoint: the training loss (train mode) and logits (eval mode, past the tiny seq_length of 64, so
