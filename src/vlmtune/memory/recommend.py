@@ -136,8 +136,10 @@ def _variants(base: EstimateInputs, method: str, stage: int, offload: str) -> li
     tie in throughput). Lean's 8-bit optimizer cannot be offloaded nor run on ZeRO-3 (config/schema.py)."""
     chunks = [c for c in LOSS_CHUNKS if c < base.loss_chunk_tokens] if base.chunked_loss else []
     chunks = [base.loss_chunk_tokens, *chunks]
-    plain = [{"loss_chunk_tokens": c} for c in chunks]
-    if method != "qlora" or lean_qlora(base) or stage == 3 or offload != "none":
+    # a lean base (the ultra_low_memory preset) gives the other candidates the schema's non-lean values
+    not_lean = {k: getattr(EstimateInputs, k) for k in LEAN} if lean_qlora(base) else {}
+    plain = [{**not_lean, "loss_chunk_tokens": c} for c in chunks]
+    if method != "qlora" or stage == 3 or offload != "none":
         return plain
     return plain + [{**LEAN, "loss_chunk_tokens": c} for c in chunks]
 
