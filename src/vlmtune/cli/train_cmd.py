@@ -303,7 +303,13 @@ def run(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:  # progress and logs come from rank 0; other ranks report only errors
         logging.getLogger().setLevel(logging.ERROR)
-    result = train(config, resume=args.resume, trust_checkpoint=args.trust_checkpoint, overwrite=args.overwrite)
+    from vlmtune.train.interrupt import TrainingInterrupted
+
+    try:
+        result = train(config, resume=args.resume, trust_checkpoint=args.trust_checkpoint, overwrite=args.overwrite)
+    except TrainingInterrupted as exc:
+        exc.command = resume_command(args)
+        raise
     if rank == 0:
         print(result.summary())
     return 0
@@ -323,6 +329,22 @@ def annotated(text: str, notes: dict[str, str]) -> str:
                 line = f"{line}  # {note}"
         lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that continues this run from its newest intact checkpoint (a named one is dropped)."""
+    import shlex
+
+    rest, kept = train_arguments(args), []
+    skip = False
+    for i, arg in enumerate(rest):
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = isinstance(args.resume, str) and i + 1 < len(rest) and rest[i + 1] == args.resume
+        elif not arg.startswith("--resume="):
+            kept.append(arg)
+    return shlex.join(["vlmtune", "train", *kept, "--resume"])
 
 
 def train_arguments(args: argparse.Namespace) -> list[str]:

@@ -163,6 +163,10 @@ class ProgressCallback(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Also when training ends by an exception (Ctrl-C, an error): what is printed next starts on its own line."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None

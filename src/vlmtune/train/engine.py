@@ -92,7 +92,6 @@ def build_dataset(
 ) -> EncodedDataset:
     from vlmtune.data.dataset import EncodedDataset
     from vlmtune.data.records import read_records
-
     from vlmtune.data.survey import survey
 
     encode = _encoder(processor, family, config)
@@ -131,6 +130,7 @@ def train(
     from vlmtune.train.args import training_arguments
     from vlmtune.train.callbacks import JsonlLogCallback, ProgressCallback, write_event
     from vlmtune.train.deepspeed_config import prepare as prepare_deepspeed
+    from vlmtune.train.interrupt import SaveOnInterrupt, TrainingInterrupted
     from vlmtune.train.nonfinite import NonFiniteGuard
     from vlmtune.train.out_of_memory import oom_message
     from vlmtune.train.preflight import preflight
@@ -209,6 +209,8 @@ def train(
             processes=world,
             deepspeed_zero_stage=zero_of(ds_config)[0] if ds_config else None,
         )
+    progress = ProgressCallback()
+    interrupt = SaveOnInterrupt()  # Ctrl-C: finish the step, save a checkpoint, stop (one process; interrupt.py)
     try:  # the speed switches come off however the run ends (some are process-wide, e.g. SDPA's backends)
         trainer = VlmTrainer(
             model=model,
@@ -217,8 +219,9 @@ def train(
             eval_dataset=val_data,
             data_collator=collator,
             processing_class=processor,
-            callbacks=[JsonlLogCallback(out / LOG_FILE), ProgressCallback(), *_deepspeed_callbacks(config, ds_config, world),
-                       *debug, *(callbacks or []), NonFiniteGuard(config, out / LOG_FILE, ds_config is not None)],
+            callbacks=[JsonlLogCallback(out / LOG_FILE), progress, *_deepspeed_callbacks(config, ds_config, world),
+                       *debug, *(callbacks or []), NonFiniteGuard(config, out / LOG_FILE, ds_config is not None),
+                       interrupt],
             device=plan.device,
             vision_keepalive=(  # with several processes a batch without images still runs the vision tower
                 VisionKeepAlive(processor.image_processor, family.language_prefixes) if world > 1 else None
@@ -230,10 +233,17 @@ def train(
 
             check_adapter_keys(model, checkpoint)
         try:
-            with _checkpoint_loads(checkpoint, trust_checkpoint):
+            with _checkpoint_loads(checkpoint, trust_checkpoint), _on_interrupt(interrupt, world):
                 output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         except torch.OutOfMemoryError as exc:
             raise VlmtuneError(oom_message(memory, trainer.state.global_step, exc)) from exc
+        finally:
+            progress.close()
+        if interrupt.requested and trainer.state.global_step < trainer.state.max_steps:
+            saved = find_checkpoints(out)
+            write_event(out / LOG_FILE, "interrupted", step=trainer.state.global_step,
+                        checkpoint=str(saved[-1]) if saved else None)
+            raise TrainingInterrupted(trainer.state.global_step, saved[-1] if saved else None)
         final_dir = save_final(trainer, processor, config, family)
     finally:
         speed.remove()
@@ -264,6 +274,12 @@ def train(
         trainable_params=trainable,
         total_params=total,
     )
+
+
+def _on_interrupt(interrupt: Any, world: int) -> Any:
+    import contextlib
+
+    return interrupt if world == 1 else contextlib.nullcontext()
 
 
 def _checkpoint_loads(checkpoint: Path | None, trusted: bool) -> Any:
