@@ -24,6 +24,34 @@ REQUIRED = {
     "A100 80GB": 80,
     "H100": 80,
     "H200": 141,
+    # issue 20: the common cards of the last three generations (vendor sizes)
+    "RTX 3060 Ti": 8,
+    "RTX 3070": 8,
+    "RTX 3070 Ti": 8,
+    "RTX 3080": 10,
+    "RTX 3080 12GB": 12,
+    "RTX 3080 Ti": 12,
+    "RTX 3090": 24,
+    "RTX 3090 Ti": 24,
+    "RTX 4060 Ti 8GB": 8,
+    "RTX 4070 Super": 12,
+    "RTX 4070 Ti": 12,
+    "RTX 4070 Ti Super": 16,
+    "RTX 4080 Super": 16,
+    "RTX 5060": 8,
+    "RTX 5070 Ti": 16,
+    "A4000": 16,
+    "A5000": 24,
+    "A6000": 48,
+    "RTX 4000 Ada": 20,
+    "RTX 5000 Ada": 32,
+    "RTX 6000 Ada": 48,
+    "RTX PRO 6000": 96,
+    "L40": 48,
+    "L40S": 48,
+    "A30": 24,
+    "H20": 96,
+    "B200": 180,
 }
 
 
@@ -75,3 +103,28 @@ def test_ambiguous_and_unknown_names_list_the_choices():
         get_gpu("A100")
     with pytest.raises(VlmtuneError, match="not in the GPU catalogue.*RTX 4090 24GB"):
         get_gpu("Voodoo 5")
+
+
+@pytest.mark.parametrize("text", ["24GB", "24 GB", "24gib", "24 GiB"])
+def test_gpu_by_memory_size(text):
+    gpu = get_gpu(text)
+    assert gpu.memory_gb == 24 and gpu.bf16 and gpu.usable_bytes == get_gpu("RTX 4090").usable_bytes
+    assert get_gpu(gpu.name) == gpu  # the name round-trips (the estimator looks the GPU up again by name)
+
+
+def test_unknown_gpu_suggests_a_memory_size():
+    with pytest.raises(VlmtuneError, match="--gpu 24GB"):
+        get_gpu("Voodoo 5")
+
+
+def test_preset_headers_name_catalogued_gpus():
+    """The presets' 'Targets:' lines name cards the catalogue knows (ultra_low_memory names an RTX 3070)."""
+    import re
+    from pathlib import Path
+
+    import vlmtune
+
+    for preset in (Path(vlmtune.__file__).parent / "presets").glob("*.yaml"):
+        header = "".join(line for line in preset.read_text().splitlines(True) if line.startswith("#"))
+        for card in re.findall(r"RTX \d{4}(?: Ti)? \d+GB", header):
+            assert get_gpu(card).memory_gb == int(card.split()[-1][:-2]), (preset.name, card)

@@ -66,8 +66,22 @@ def _key(text: str) -> str:
     return text.removesuffix("gb")
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:gb|gib)(?:\s*gpu)?\s*$", re.IGNORECASE)
+
+
+def custom_gpu(memory_gb: float) -> GpuSpec:
+    """A GPU given by its memory size (`--gpu 24GB`): the vendor size in GiB, the driver reserve taken off, bf16
+    assumed (Ampere or newer; for older cards name the card, e.g. `--gpu T4`)."""
+    return GpuSpec(name=f"{memory_gb:g}GB GPU", memory_gb=memory_gb, usable_bytes=_usable({"memory_gb": memory_gb}),
+                   bf16=True, arch="custom (bf16 assumed)")
+
+
 def get_gpu(name: str) -> GpuSpec:
-    """A GPU by name: `RTX 4090`, `4090`, `rtx-4090-24gb`, `A100-80GB`, `h100`. Raises listing the choices."""
+    """A GPU by name: `RTX 4090`, `4090`, `rtx-4090-24gb`, `A100-80GB`, `h100`, or by memory size: `24GB`.
+    Raises listing the choices."""
+    size = _SIZE.match(str(name))
+    if size and float(size.group(1)) > 0:
+        return custom_gpu(float(size.group(1)))
     wanted = _key(name)
     gpus = all_gpus()
     exact = [g for g in gpus if wanted in {_key(g.name), *(_key(a) for a in g.aliases)}]
@@ -82,4 +96,4 @@ def get_gpu(name: str) -> GpuSpec:
         if len(prefixed) > 1
         else "is not in the GPU catalogue; known GPUs are"
     )
-    raise VlmtuneError(f"GPU '{name}' {what}: {choices}")
+    raise VlmtuneError(f"GPU '{name}' {what}: {choices}. Or give its memory size, e.g. --gpu 24GB.")
