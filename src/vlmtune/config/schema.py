@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from vlmtune.config.method_defaults import apply_method_defaults
+from vlmtune.config.method_defaults import apply_method_defaults, derived_fields
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -388,7 +388,9 @@ def zero_combination_problems(config: VlmtuneConfig, stage: int, offload: str) -
     Checked here for the rendered DeepSpeed config and by the engine for a user's JSON (its stage and offload)."""
     problems = []
     optimizer = config.training.optimizer
-    eight_bit = optimizer in ("adamw_8bit", "paged_adamw_8bit")
+    if "training.optimizer" in derived_fields(config):  # say where the value came from
+        optimizer += " (lean QLoRA's, method.quantization.lean)"
+    eight_bit = config.training.optimizer in ("adamw_8bit", "paged_adamw_8bit")
     if offload != "none" and eight_bit:
         problems.append(f"training.optimizer={optimizer} cannot be offloaded (DeepSpeed offload runs its own CPU "
                         "Adam): use adamw_torch, or distributed.offload=none")
