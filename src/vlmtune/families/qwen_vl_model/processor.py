@@ -41,22 +41,6 @@ REMOTE_CODE_FILES = ("configuration_qwen.py", "modeling_qwen.py", "visual.py", "
 was loaded from, so an export of a downloaded checkpoint loads with the original code as the checkpoint did."""
 
 
-def _hub_folder(repo_id: str) -> Path:
-    """The local snapshot of a hub checkpoint's tokenizer, config and remote-code files (downloaded when the hub is
-    reachable, else from the cache), as transformers' processors do for a hub id."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
-
-    files = [VOCAB_FILE, "config.json", "tokenizer_config.json", PREPROCESSOR_FILE, *REMOTE_CODE_FILES]
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=files))
-    except (HFValidationError, OSError, ValueError) as exc:
-        raise VlmtuneError(
-            f"'{repo_id}' is not a folder here and its files could not be fetched from the hub or found in the "
-            f"local Hugging Face cache ({type(exc).__name__}). Download the checkpoint first (`hf download "
-            f"{repo_id}`) or set model.name_or_path to a local folder.") from exc
-
-
 class QwenVLImageProcessor:
     """What the original's `image_transform` does to a PIL image: bicubic resize to side x side (PIL's resize, which
     torchvision's Resize calls for PIL images), scale to [0, 1], normalise with CLIP's mean and std."""
@@ -98,12 +82,12 @@ class QwenVLProcessor:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, chat_template: str | None = None) -> QwenVLProcessor:
-        folder = Path(path).expanduser()
+        from vlmtune.hub import model_folder
+
+        folder = model_folder(path)  # a hub id: its snapshot in the HF cache (downloaded where the hub is reachable)
         if not folder.is_dir():
-            if str(path).startswith((".", "/", "~")) or str(path).count("/") != 1:
-                raise VlmtuneError(f"'{path}' (model.name_or_path) is not a folder on this machine, nor a hub id "
-                                   "(owner/name); check the path")
-            folder = _hub_folder(str(path))
+            raise VlmtuneError(f"'{path}' (model.name_or_path) is not a folder on this machine, nor a hub id "
+                               "(owner/name); check the path")
         settings = cls._image_settings(folder)
         return cls(load_tokenizer(folder), QwenVLImageProcessor(settings["image_size"]), settings["queries"],
                    folder / VOCAB_FILE, chat_template)
