@@ -132,7 +132,8 @@ class Rows:
         files = data_files(path)
         if isinstance(files, str):
             raise NotData(files)
-        self.files, self.starts, self._cache = files, [0], (None, None, None)
+        self.files, self.starts = files, [0]
+        self._cache: tuple[Any, Any, Any] = (None, None, None)
         self._parts: list[Any] = []
         for file in files:
             part = self._open(file)

@@ -32,6 +32,7 @@ from vlmtune.data.record_formats import (
     message_turns,
     place_images,
 )
+from vlmtune.data.records import TextPart
 
 
 @dataclass(frozen=True)
@@ -116,8 +117,8 @@ def _alpaca(obj: dict[str, Any], base_dir: Path, out: _Collector) -> list[Turn]:
     extra = obj.get("input")
     if extra is not None and not isinstance(extra, str):
         out.error("input", f"must be a string, got {_preview(extra)}")
-    elif extra and instruction is not None and instruction.parts:
-        instruction.parts[0] = type(instruction.parts[0])(instruction.parts[0].text + "\n" + extra)  # type: ignore[union-attr]
+    elif extra and instruction is not None and instruction.parts and isinstance(instruction.parts[0], TextPart):
+        instruction.parts[0] = TextPart(instruction.parts[0].text + "\n" + extra)
     if instruction is not None:
         turns.append(instruction)
     answer = _text_turn(obj.get("output"), "output", "assistant", out)
