@@ -113,6 +113,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--gpu", help="GPU to judge the fit on, e.g. 'RTX 4090', A100-80GB, H100 (see `recommend --table`)"
     )
+    p.add_argument(
+        "--sweep",
+        action="append",
+        metavar="FIELD=V1,V2,...",
+        help="estimate every combination of these values of a config field (repeatable; e.g. "
+        "--sweep method.lora.rank=16,64,256 --sweep method.lora.target_modules=minimal,all) and print a table",
+    )
 
 
 def resolve(args: argparse.Namespace) -> Any:
@@ -166,16 +173,15 @@ def data_inputs(args: argparse.Namespace, inputs: Any) -> tuple[Any, Any]:
     ), (shape, shape_text, profile)
 
 
-def run(args: argparse.Namespace) -> int:
-    import json
-
+def _estimate(args: argparse.Namespace, extra: list[str] = ()) -> tuple[Any, Any, Any]:
+    """(config, breakdown, data shape or None) of the command line, with `extra` dotted overrides last."""
     from vlmtune.errors import ConfigError
     from vlmtune.memory import estimate, inputs_from_config
     from vlmtune.memory.zero import check_plan
 
     offload = {"optimizer_and_params": "all"}.get(args.offload, args.offload)  # the estimator's own name
     try:
-        config = resolve(args)
+        config = resolve(argparse.Namespace(**{**vars(args), "items": [*args.items, *extra]}))
     except ConfigError as exc:  # report the parallelism problems in the same message
         raise ConfigError(
             exc.problems
@@ -192,7 +198,76 @@ def run(args: argparse.Namespace) -> int:
         images_per_sample=args.images_per_sample,
     )
     inputs, data = data_inputs(args, inputs)
-    breakdown = estimate(inputs)
+    return config, estimate(inputs), data
+
+
+def sweep_axes(sweeps: list[str]) -> list[tuple[str, list[str]]]:
+    """`FIELD=V1,V2` items as (field, values); malformed ones refused together, naming the item."""
+    from vlmtune.errors import ConfigError
+
+    axes, problems = [], []
+    for item in sweeps:
+        field, sep, raw = item.partition("=")
+        values = [v.strip() for v in raw.split(",") if v.strip()]
+        if not sep or not field.strip() or not values:
+            problems.append(f"--sweep {item!r}: write FIELD=V1,V2,... (e.g. method.lora.rank=16,32,64)")
+        elif field.strip() in (f for f, _ in axes):
+            problems.append(f"--sweep {field.strip()} is given twice: list all its values in one --sweep")
+        else:
+            axes.append((field.strip(), values))
+    if problems:
+        raise ConfigError(problems)
+    return axes
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """One estimate per combination of the --sweep values, as a table (or JSON rows)."""
+    import itertools
+    import json
+
+    from vlmtune.memory.gpus import GIB
+
+    axes = sweep_axes(args.sweep)
+    rows = []
+    for combo in itertools.product(*(values for _, values in axes)):
+        settings = [f"{field}={value}" for (field, _), value in zip(axes, combo, strict=True)]
+        _, b, _ = _estimate(args, settings)
+        rows.append((combo, b))
+    if args.json:
+        print(json.dumps([{"settings": dict(zip([f for f, _ in axes], combo, strict=True)), **b.to_dict()}
+                          for combo, b in rows], indent=2, default=str))
+        return 0
+    head = [field for field, _ in axes] + ["trainable", "allocated", "reserved", "nvidia-smi", "peak at"]
+    if args.gpu:
+        head.append("verdict")
+    table = [head]
+    for combo, b in rows:
+        line = [*combo, f"{b.trainable_params / 1e6:,.1f} M", f"{b.peak_allocated / GIB:.2f}",
+                f"{b.peak_reserved / GIB:.2f}", f"{b.peak_total / GIB:.2f}", b.peak_phase]
+        if args.gpu:
+            line.append(b.verdict.status if b.verdict else "-")
+        table.append(line)
+    widths = [max(len(str(r[i])) for r in table) for i in range(len(head))]
+    first = rows[0][1]
+    print(f"{first.model}: GiB per GPU, {first.inputs.num_gpus} GPU(s), ZeRO {first.inputs.zero_stage}, "
+          f"offload {first.inputs.offload}")
+    for n, r in enumerate(table):
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    if getattr(args, "sweep", None):
+        if args.plot is not None:
+            from vlmtune.errors import ConfigError
+
+            raise ConfigError(["--plot draws one estimate; drop it with --sweep (the sweep prints a table)"])
+        return run_sweep(args)
+    config, breakdown, data = _estimate(args)
     if args.plot is not None:
         from vlmtune.memory.picture import render_breakdown
 
