@@ -126,3 +126,44 @@ def test_dry_run_needs_a_gpu_and_gpu_needs_dry_run(capsys, monkeypatch):
     # a config that does not fit: exit 1 and says what to do
     assert main(["train", "--dry-run", "--gpu", "RTX 4060", "model.name_or_path=Qwen/Qwen2.5-VL-7B-Instruct"]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
+
+
+def test_with_data_the_dry_run_sizes_the_same_batch(tmp_path, capsys):
+    """recommend --data writes data.train_path; the dry run scans that file as recommend did."""
+    import json
+
+    from PIL import Image
+
+    lines = []
+    for n, (w, h) in enumerate([(448, 448), (1920, 1080), (640, 480)]):
+        Image.new("RGB", (w, h)).save(tmp_path / f"img{n}.png")
+        lines.append(json.dumps({"messages": [
+            {"role": "user", "content": [{"type": "image", "image": f"img{n}.png"}, {"type": "text", "text": "What?"}]},
+            {"role": "assistant", "content": "A picture. " * 30 * (n + 1)}]}))
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    path, printed = _recommend(tmp_path, capsys, ["--gpu", "RTX 4090", "--model", "Qwen/Qwen2-VL-2B-Instruct",
+                                                  "--data", str(data)])
+    assert yaml.safe_load(path.read_text())["data"]["train_path"] == str(data)
+    assert main(["train", str(path), "--dry-run", "--gpu", "RTX 4090"]) == 0
+    checked = capsys.readouterr().out
+    assert f"data {data}: 3 samples" in checked
+    assert PEAK.search(checked).groups() == PEAK.search(printed).groups()
+
+
+def test_dry_run_on_the_visible_gpu(tmp_path, capsys, monkeypatch):
+    """Without --gpu the dry run checks the visible GPU as the training preflight does (reserved vs free, the
+    memory_fraction cap included)."""
+    import torch
+
+    from vlmtune.memory.gpus import GIB
+    from vlmtune.train import gpu_memory
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_memory, "read_gpu_memory",
+                        lambda index: gpu_memory.GpuMemory("Fake GPU", 24 * GIB, 23 * GIB, True))
+    argv = ["train", "--dry-run", "--preset", "ultra_low_memory", "model.name_or_path=Qwen/Qwen2.5-VL-7B-Instruct"]
+    assert main(argv) == 0
+    assert "Fake GPU: 23.00 of 24.00 GiB free: fits" in capsys.readouterr().out
+    assert main([*argv, "hardware.memory_fraction=0.2"]) == 1  # capped at 4.8 GiB
+    assert "DOES NOT FIT" in capsys.readouterr().out
