@@ -13,7 +13,8 @@ HELP = "validate a data set (JSONL, JSON array, parquet/arrow; every record, wit
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     c = sub.add_parser("check", help="validate every record before training")
-    c.add_argument("file", type=Path)
+    c.add_argument("file", type=Path, help="a JSONL or JSON array file, parquet / arrow data (file or folder), "
+                   "hf://datasets/ORG/NAME, or dataset_info.json#NAME (docs/DATA.md)")
     c.add_argument("--config", help="config file whose model and data settings to check against")
     c.add_argument("--preset", help="preset whose data settings to check against")
     c.add_argument("--model", help="model folder or hub id whose processor counts the tokens (image tokens included)")

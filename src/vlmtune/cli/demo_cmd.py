@@ -9,8 +9,9 @@ HELP = "offline demo: tiny model + synthetic visual QA data, accuracy before and
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=Path("output/demo"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("output/demo"),
+                   help="folder for the demo's tiny model, data and run (default output/demo)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the data, the model and the run (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:

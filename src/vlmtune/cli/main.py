@@ -44,27 +44,94 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vlmtune import __version__
+
     parser = argparse.ArgumentParser(prog="vlmtune", description="Fine-tune vision-language models.")
-    parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    parser.add_argument("--version", action="version", version=f"vlmtune {__version__}",
+                        help="print the version and exit")
+    _common_flags(parser, False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module in COMMANDS.items():
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks")
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
+    for p in subparsers(parser):  # --debug / --verbose anywhere: before the command, after it, after its action
+        _common_flags(p, argparse.SUPPRESS)
+        _help_from_config(p)
     return parser
+
+
+def _help_from_config(p: argparse.ArgumentParser) -> None:
+    """A flag that sets a config field and has no help of its own shows the field's docstring (written once, in
+    config/schema.py), e.g. `--lora_r: sets method.lora.rank: LoRA rank ...`."""
+    fields = {}
+    for module in COMMANDS.values():
+        fields.update(getattr(module, "FLAG_FIELDS", {}), **getattr(module, "CONFIG_FLAGS", {}))
+    for action in p._actions:
+        if action.help is None and action.dest in fields:
+            doc = _field_doc(fields[action.dest])
+            action.help = f"sets {fields[action.dest]}" + (f": {doc}" if doc else "")
+
+
+def _field_doc(path: str) -> str:
+    from vlmtune.config.loader import field_info
+
+    info = field_info(path)
+    text = " ".join((info.description or "").split()) if info is not None else ""
+    return text.replace("%", "%%")
+
+
+def _common_flags(p: argparse.ArgumentParser, default: object) -> None:
+    p.add_argument("--debug", action="store_true", default=default, help="show Python tracebacks for errors")
+    p.add_argument("--verbose", action="store_true", default=default,
+                   help="also show other libraries' warnings and progress notes (hidden by default)")
+
+
+def subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every subcommand's parser, nested ones (`data check`) included."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for p in dict.fromkeys(action.choices.values()):
+                found += [p, *subparsers(p)]
+    return found
+
+
+def _command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The deepest subcommand parser named in argv (`vlmtune data check ...` -> the `data check` parser)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for i, arg in enumerate(argv):
+                if arg in action.choices:
+                    return _command_parser(action.choices[arg], argv[i + 1:])
+    return parser
+
+
+def _suggest(flag: str, parser: argparse.ArgumentParser) -> str:
+    import difflib
+
+    name = flag.split("=", 1)[0].replace("_", "-")
+    forms = {o.replace("_", "-") for a in parser._actions for o in a.option_strings if o.startswith("--")}
+    first = name[2:].split("-")[0]  # `--lora-rank`: the --lora-* flags first, not --local-rank
+    kin = [o for o in forms if o[2:].split("-")[0] == first]
+    close = difflib.get_close_matches(name, kin, n=1, cutoff=0.5) or difflib.get_close_matches(
+        name, sorted(forms), n=1, cutoff=0.7)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
+    given = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
     # Positionals after flags (`train --preset x a.b=1`) land in `extra`; only commands with `items` take them.
     stray = [e for e in extra if e.startswith("-") or not hasattr(args, "items")]
     if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        command = _command_parser(parser, given)  # its usage, not the top-level one
+        hints = "".join(_suggest(s, command) for s in stray if s.startswith("--"))
+        command.error(f"unrecognized arguments: {' '.join(stray)}{hints}")
     if extra:
         args.items = [*args.items, *extra]
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train` hands it to the processes it launches
+    args.argv = given  # `train` hands it to the processes it launches
     return args
 
 

@@ -8,7 +8,8 @@ HELP = "list the presets or show one (its target hardware, launch command and ev
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["list", "show"])
+    p.add_argument("action", choices=["list", "show"],
+                   help="list: every preset and what it targets; show NAME: that preset's whole config")
     p.add_argument("name", nargs="?", help="preset name (for show)")
 
 

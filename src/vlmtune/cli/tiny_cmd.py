@@ -11,7 +11,7 @@ HELP = "build a tiny model of a family offline (config, trained tokenizer, image
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--family", required=True, help="family name, e.g. qwen2_vl, qwen2_5_vl, llava")
     p.add_argument("--out", type=Path, required=True, help="folder to write the model into")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the model's weights (default 0)")
     p.add_argument("--arch", help="build a full-size architecture instead (e.g. 2b, 7b; random weights), for benchmarks")
     p.add_argument("--with-weights", action="store_true",
                    help="with --arch: also write the random weights (otherwise train with model.random_init=true)")

@@ -107,10 +107,62 @@ def _format_errors(errors: list[dict[str, Any]]) -> list[str]:
 def _format_error(err: dict[str, Any], loc: str) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
+        hint = did_you_mean(loc)
+        if hint:
+            return f"{loc}: unknown field; {hint} (`vlmtune presets show` lists every field)"
         return f"{loc}: unknown field (check the spelling; `vlmtune presets show` lists every field)"
     given = err.get("input")
     shown = "" if isinstance(given, dict) or err["type"] == "missing" else f" (got {_shown(given)})"
     return f"{loc}: {msg}{shown}"
+
+
+def _model_fields(cls: Any) -> dict[str, Any]:
+    """A pydantic model's fields: name -> the model class of a nested section (or None for a value)."""
+    import typing
+
+    from pydantic import BaseModel
+
+    out = {}
+    for name, field in cls.model_fields.items():
+        kinds = [field.annotation, *typing.get_args(field.annotation)]
+        out[name] = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
+    return out
+
+
+def _all_paths(cls: Any, prefix: str = "") -> list[str]:
+    paths = []
+    for name, sub in _model_fields(cls).items():
+        paths.append(prefix + name)
+        if sub is not None:
+            paths += _all_paths(sub, f"{prefix}{name}.")
+    return paths
+
+
+def field_info(path: str) -> Any:
+    """The pydantic FieldInfo of a dotted config field (its `description` is the field's docstring), or None."""
+    parts = path.split(".")
+    cls: Any = VlmtuneConfig
+    for part in parts[:-1]:
+        cls = _model_fields(cls).get(part) if cls is not None else None
+    return cls.model_fields.get(parts[-1]) if cls is not None else None
+
+
+def did_you_mean(path: str) -> str:
+    """`did you mean method.lora.rank?` for a dotted key the config does not have (a YAML key or an override)."""
+    import difflib
+
+    parts = path.split(".")
+    cls: Any = VlmtuneConfig
+    for part in parts[:-1]:
+        cls = _model_fields(cls).get(part) if cls is not None else None
+    if cls is not None:
+        near = difflib.get_close_matches(parts[-1], list(_model_fields(cls)), n=1, cutoff=0.6)
+        if near:
+            return f"did you mean {'.'.join([*parts[:-1], near[0]])}?"
+    paths = _all_paths(VlmtuneConfig)
+    same_name = [p for p in paths if p.rsplit(".", 1)[-1] == parts[-1]]
+    near = same_name or difflib.get_close_matches(path, paths, n=1, cutoff=0.75)
+    return f"did you mean {near[0]}?" if near else ""
 
 
 def _capped(problems: list[str]) -> list[str]:
