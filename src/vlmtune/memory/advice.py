@@ -9,7 +9,7 @@ import yaml
 
 from vlmtune.memory.gpus import GIB, GpuSpec
 from vlmtune.memory.inputs import EstimateInputs
-from vlmtune.memory.recommend import Recommendation, recommend
+from vlmtune.memory.recommend import Recommendation, lean_qlora, recommend
 
 if TYPE_CHECKING:
     from vlmtune.config.schema import VlmtuneConfig
@@ -122,7 +122,7 @@ def table(
 
 def format_table(recs: list[Recommendation]) -> str:
     head = (
-        f"{'GPU':<20}{'x':>3}  {'method':<10}{'batch':>6}{'accum':>6}  {'parallel':<16}{'ckpt':<5}"
+        f"{'GPU':<20}{'x':>3}  {'method':<14}{'batch':>6}{'accum':>6}  {'parallel':<16}{'ckpt':<5}"
         f"{'max_pixels':>11}{'GiB/GPU':>9}{'of':>7}{'CPU GiB':>9}"
     )
     lines = [head, "-" * len(head)]
@@ -132,14 +132,14 @@ def format_table(recs: list[Recommendation]) -> str:
             lines.append(left + "does not fit")
             continue
         i, b = r.best.inputs, r.best.breakdown
-        method = i.method + (f" r{i.lora_rank}" if i.method != "full" else "")
+        method = ("lean " if lean_qlora(i) else "") + i.method + (f" r{i.lora_rank}" if i.method != "full" else "")
         zero = (
             (f"ZeRO-{i.zero_stage}" + {"none": "", "optimizer": "+opt-off", "all": "+all-off"}[i.offload])
             if i.zero_stage
             else ("DDP" if i.num_gpus > 1 else "-")
         )
         lines.append(
-            left + f"{method:<10}{i.batch_size:>6}{i.gradient_accumulation_steps:>6}  {zero:<16}"
+            left + f"{method:<14}{i.batch_size:>6}{i.gradient_accumulation_steps:>6}  {zero:<16}"
             f"{'on' if i.gradient_checkpointing else 'off':<5}{i.max_pixels or '-':>11}"
             f"{b.peak_total / GIB:>9.1f}{r.gpu.usable_bytes / GIB:>7.1f}"
             f"{(f'{b.cpu_ram / GIB:.0f}' if b.cpu_ram else '-'):>9}"
