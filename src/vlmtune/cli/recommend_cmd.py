@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vlmtune.cli.estimate_cmd import add_config_arguments, data_inputs, resolve
+
+if TYPE_CHECKING:
+    from vlmtune.memory.recommend import Recommendation
 
 HELP = "find the fastest configuration that fits a GPU and write it as a config file (or print a GPU table)"
 DEFAULT_EFFECTIVE_BATCH = 16
@@ -70,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     configured = base.batch_size * config.training.gradient_accumulation_steps
     effective = args.effective_batch or (configured if configured > 1 else DEFAULT_EFFECTIVE_BATCH)
     cpu_ram = int(args.cpu_ram * GIB) if args.cpu_ram is not None else None
+    if args.table and args.plot is not None:
+        raise ConfigError(["--plot draws the recommended setting's memory; drop it with --table (a table of GPUs)"])
     if args.table:
         counts = [int(c) for c in args.counts.split(",") if c.strip()]
         if not counts or min(counts) < 1:
@@ -130,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"why: {reason}")
         for note in rec.best.breakdown.notes if rec.best else ():
             print(f"note: {note}")
+    if args.plot is not None:
+        _plot(rec, args.plot, quiet=args.json)
     if rec.best is None:
         return 1
     name = "THIS_FILE" if args.output == "-" else args.output
@@ -142,3 +150,17 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote {args.output} (every recommended setting is in it); check it with: vlmtune train "
                   f"{args.output} --dry-run --gpu \"{rec.gpu.name}\"; train with: vlmtune train {args.output}")
     return 0
+
+
+def _plot(rec: Recommendation, path: Path, quiet: bool) -> None:
+    """--plot FILE.png: the recommended setting's memory picture (as `estimate --plot`)."""
+    from vlmtune.errors import VlmtuneError
+
+    if rec.best is None:
+        raise VlmtuneError(f"--plot {path}: nothing to draw, no setting fits {rec.num_gpus} x {rec.gpu.name} (see "
+                           "the reasons above); try a larger GPU or more GPUs")
+    from vlmtune.memory.picture import render_breakdown
+
+    render_breakdown(rec.best.breakdown, path)
+    if not quiet:
+        print(f"picture: {path}")
