@@ -437,3 +437,11 @@ def test_train_takes_the_image_root_as_llava_and_2u1_name_it() -> None:
     for flag in ("--image-root", "--image_root", "--image_folder"):
         args = parser.parse_args([flag, str(IMAGES), "--train-data", str(FORMATS / "llava_v1_5.json")])
         assert train_cmd.resolve_config(args).data.image_root == IMAGES
+
+
+def test_a_broken_array_is_not_counted_as_a_record(tmp_path: Path) -> None:
+    path = tmp_path / "data.json"
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    path.write_text(json.dumps([good, good])[:-1] + ",]")
+    s = check_file(path).summary
+    assert (s["records"], s["records_ok"], s["records_bad"], s["errors"]) == (2, 2, 0, 1)

@@ -32,7 +32,7 @@ from vlmtune.config.schema import DataConfig
 from vlmtune.data.embedded import EmbeddedImage
 from vlmtune.data.fields import IGNORED_CODE, field_kind
 from vlmtune.data.images import decode_image
-from vlmtune.data.records import Problem, Record, format_problems, scan
+from vlmtune.data.records import FILE_CODE, Problem, Record, format_problems, scan
 from vlmtune.errors import DataError, VlmtuneError
 
 MAX_STORED_PROBLEMS = 10_000
@@ -291,7 +291,7 @@ def check_file(
     for line, record, problems in scan(path, cfg, family):
         for problem in ignored.add(problems):
             report.add(problem)
-        if line == 0:
+        if line == 0 or any(p.code == FILE_CODE for p in problems):  # the file's, not a record's
             continue
         s["records"] += 1
         if record is None:

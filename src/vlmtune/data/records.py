@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from vlmtune.data.embedded import EmbeddedImage
     from vlmtune.data.sources import Source
 
+FILE_CODE = "file"
+"""`Problem.code` of a problem with the file at a line (a broken JSON array) rather than with a record there."""
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 Severity = Literal["error", "warning"]

@@ -15,7 +15,7 @@ from typing import Literal
 
 from vlmtune.data.dataset_info import ColumnMap
 from vlmtune.data.limits import RecordRules, oversized_line_message
-from vlmtune.data.records import Problem, Record, _decode, _lines, parse_line
+from vlmtune.data.records import FILE_CODE, Problem, Record, _decode, _lines, parse_line
 
 
 def _not_a_file(path: Path) -> str | None:
@@ -123,7 +123,7 @@ def _scan_array(source: Source, rules: RecordRules) -> Iterator[tuple[int, int, 
                     f"the file is a JSON array (it starts with '['), and it is malformed at line {item.line} "
                     f"column {item.column}: {item.message}. {count} record(s) before it were read; fix the file "
                     "there (`python -m json.tool FILE` shows the first JSON error), or write one record per line "
-                    "(JSONL)"))]
+                    "(JSONL)"), code=FILE_CODE)]
                 return
             count += 1
             record, problems = parse_element(item.data, item.line, item.column, item.length, source, rules)
