@@ -50,3 +50,20 @@ def test_sweep_mistakes_name_the_item(capsys):
     assert "method.lora.rank" in capsys.readouterr().err
     assert main(["estimate", "--sweep", "method.lora.rnak=8"]) == 2
     assert "method.lora.rnak: unknown field" in capsys.readouterr().err
+
+
+def test_sweep_picture(tmp_path, capsys):
+    from PIL import Image
+
+    from vlmtune.memory.picture import STATUS_COLOUR
+
+    out = tmp_path / "sweep.png"
+    assert main(["estimate", "--model", MODEL, "--gpu", "RTX 4090", "--sweep", "method.name=lora,qlora",
+                 "--sweep", "method.lora.rank=16,256", "--plot", str(out)]) == 0
+    assert f"picture: {out}" in capsys.readouterr().out
+    image = Image.open(out).convert("RGB")
+    colours = {image.getpixel((x, y)) for x in range(0, image.width, 2) for y in range(0, image.height, 2)}
+    assert STATUS_COLOUR["does not fit"] in colours  # LoRA r256 (30 GiB) is over the 4090: its label and the line
+    two = tmp_path / "two.png"
+    assert main(["estimate", "--model", MODEL, "--sweep", "method.name=lora,qlora", "--plot", str(two)]) == 0
+    assert Image.open(two).height < image.height  # one bar per combination

@@ -233,6 +233,12 @@ def run_sweep(args: argparse.Namespace) -> int:
         settings = [f"{field}={value}" for (field, _), value in zip(axes, combo, strict=True)]
         _, b, _ = _estimate(args, settings)
         rows.append((combo, b))
+    if args.plot is not None:
+        from vlmtune.memory.sweep_picture import render_sweep
+
+        names = [field.rsplit(".", 1)[-1] for field, _ in axes]
+        render_sweep([(", ".join(f"{n}={v}" for n, v in zip(names, combo, strict=True)), b) for combo, b in rows],
+                     args.plot)
     if args.json:
         print(json.dumps([{"settings": dict(zip([f for f, _ in axes], combo, strict=True)), **b.to_dict()}
                           for combo, b in rows], indent=2, default=str))
@@ -255,6 +261,8 @@ def run_sweep(args: argparse.Namespace) -> int:
         print("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
         if n == 0:
             print("  ".join("-" * w for w in widths))
+    if args.plot is not None:
+        print(f"picture: {args.plot}")
     return 0
 
 
@@ -262,10 +270,6 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     if getattr(args, "sweep", None):
-        if args.plot is not None:
-            from vlmtune.errors import ConfigError
-
-            raise ConfigError(["--plot draws one estimate; drop it with --sweep (the sweep prints a table)"])
         return run_sweep(args)
     config, breakdown, data = _estimate(args)
     if args.plot is not None:
