@@ -68,7 +68,8 @@ class ConfigPresets:
 
     @classmethod
     def ultra_low_memory(cls, data_path=None, val_path=None, **kw) -> VlmtuneConfig:
-        """8 GB GPU: QLoRA NF4 + double quant, r8/alpha 16, batch 1 x 32, max_length 512, 336 px."""
+        """8 GB GPU: lean QLoRA (NF4 + double quant, 4-bit vision tower and lm_head, embeddings in CPU memory, paged
+        8-bit AdamW), r8/alpha 16, batch 1 x 32, max_length 512, 336 px."""
         return cls._make("ultra_low_memory", data_path, val_path, **kw)
 
     @classmethod
