@@ -58,11 +58,7 @@ class PreflightResult:
 
 
 def _summary(b: Breakdown, gpu: GpuMemory, verdict: str) -> str:
-    return (
-        f"memory estimate: {b.peak_total / GIB:.2f} GiB at the peak as nvidia-smi shows it "
-        f"({b.peak_reserved / GIB:.2f} GiB reserved by PyTorch, {b.peak_allocated / GIB:.2f} allocated, at "
-        f"{b.peak_phase}); {gpu.describe()}: {verdict}"
-    )
+    return f"{b.peak_summary()}; {gpu.describe()}: {verdict}"  # the line recommend and --dry-run print too
 
 
 def _show(b: Breakdown, summary: str) -> None:
