@@ -167,3 +167,14 @@ def test_dry_run_on_the_visible_gpu(tmp_path, capsys, monkeypatch):
     assert "Fake GPU: 23.00 of 24.00 GiB free: fits" in capsys.readouterr().out
     assert main([*argv, "hardware.memory_fraction=0.2"]) == 1  # capped at 4.8 GiB
     assert "DOES NOT FIT" in capsys.readouterr().out
+
+
+def test_a_value_set_for_another_method_follows_the_recommended_one(tmp_path, capsys):
+    """full_finetune sets 1e-5 for full fine-tuning; recommended LoRA gets LoRA's rate, and the header says why."""
+    path, _ = _recommend(tmp_path, capsys, ["--gpu", "RTX 4090", "--preset", "full_finetune"])
+    text = path.read_text()
+    assert "# training.learning_rate: lora's default; the config's 1e-05 was set for full" in text
+    assert "learning_rate" not in yaml.safe_load(text)["training"]
+    assert load_config(path).training.learning_rate == 2e-4
+    path, _ = _recommend(tmp_path, capsys, ["--gpu", "H100", "--preset", "full_finetune", "--method", "full"])
+    assert load_config(path).training.learning_rate == 1e-5  # the same method: the preset's value stays

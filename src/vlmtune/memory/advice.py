@@ -31,7 +31,7 @@ def config_dict(rec: Recommendation, config: VlmtuneConfig, train_path: str | No
         raise ValueError("no recommendation to write")
     i = rec.best.inputs
     data = config_to_dict(config)
-    for field in derived_fields(config):
+    for field in [*derived_fields(config), *(f for f, _ in _other_methods_values(config, i.method))]:
         *path, name = field.split(".")
         node = data
         for part in path:
@@ -68,6 +68,20 @@ def config_dict(rec: Recommendation, config: VlmtuneConfig, train_path: str | No
     return data
 
 
+def _other_methods_values(config: VlmtuneConfig, method: str) -> list[tuple[str, object]]:
+    """(field, value) the config sets for its own method where the recommended method's default differs (a full
+    fine-tuning preset's learning rate under a recommended LoRA): the file leaves them to the new method."""
+    from vlmtune.config.method_defaults import METHOD_DEFAULTS, derived_fields
+
+    own, derived = config.method.name.value, derived_fields(config)
+    out = []
+    for field, values in METHOD_DEFAULTS.items():
+        if method != own and values.get(method) != values.get(own) and field not in derived:
+            section, name = field.rsplit(".", 1)
+            out.append((field, getattr(getattr(config, section), name)))
+    return out
+
+
 def config_yaml(
     rec: Recommendation, config: VlmtuneConfig, file_name: str = "THIS_FILE", train_path: str | None = None
 ) -> str:
@@ -85,6 +99,8 @@ def config_yaml(
         f"sequence {b.seq_len} tokens, {b.vit_patches} vision patches per micro-batch.",
     ]
     header += [f"# Why: {reason}" for reason in rec.reasons]
+    header += [f"# {field}: {i.method}'s default; the config's {value} was set for {config.method.name.value}"
+               for field, value in _other_methods_values(config, i.method)]
     if i.zero_stage or rec.num_gpus > 1:
         header.append(
             f"# Distributed (the distributed section below): "
