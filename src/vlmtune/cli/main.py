@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import logging
 import os
 import sys
 
@@ -22,11 +21,15 @@ from vlmtune.cli import (
     families_cmd,
     predict_cmd,
     presets_cmd,
+    quiet,
     recommend_cmd,
     tiny_cmd,
     train_cmd,
 )
 from vlmtune.errors import VlmtuneError
+
+MODEL_COMMANDS = {"train", "predict", "export", "demo", "data", "tiny-model"}
+"""Commands that import transformers anyway (quiet.configure sets its logging up front for them)."""
 
 COMMANDS = {
     "train": train_cmd,
@@ -143,8 +146,9 @@ def _rank_prefix() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # The engine logs its decisions (precision, parameter counts, data-check summary) through `logging`.
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
+    # The engine logs its decisions (precision, parameter counts, data-check summary) through `logging`; other
+    # libraries' notes are hidden unless --verbose (quiet.py).
+    quiet.configure(args.verbose, args.debug, loads_models=args.command in MODEL_COMMANDS)
     try:
         return int(args._run(args) or 0)
     except VlmtuneError as exc:
