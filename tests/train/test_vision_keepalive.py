@@ -53,3 +53,22 @@ def test_text_only_batch_runs_the_vision_tower_first(family_name, tiny_model_dir
     model(**with_images)
     assert order == ["vision", "language"]  # its own images, no blank one
     keep.remove()
+
+
+def test_mllama_text_only_batch_stops_a_multi_process_run(tiny_model_dir):
+    """Mllama's text model skips its cross-attention layers without images, so running its tower alone would not keep
+    the processes in step: the keep-alive stops such a batch with the family's message (capability `zero3`)."""
+    from vlmtune.errors import VlmtuneError
+
+    family = get_family("mllama")
+    path = tiny_model_dir("mllama")
+    processor = family.load_processor(path)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    keep = VisionKeepAlive(processor.image_processor, family.language_prefixes, family.image_features).attach(model)
+    ids = processor.tokenizer("Say hello.", return_tensors="pt")["input_ids"]
+    keep.arm({"input_ids": ids})
+    with pytest.raises(VlmtuneError, match="mllama: a micro-batch without images on one of several processes: .*"
+                                           "Give every record an image"):
+        model(input_ids=ids)
+    keep.remove()
+    assert "every micro-batch needs an image" in family.capabilities["zero3"].note

@@ -252,9 +252,15 @@ class FamilyDescriptor(ABC):
         """A processor matching `config` (patch size, image size) around `tokenizer`; `full_size` gives the real
         checkpoint's image defaults instead of the tiny ones."""
 
+    def image_features(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> Any:
+        """Run the vision tower (and projector) on image-processor `inputs`, as the model's own forward does: what
+        the multi-process keep-alive runs on a batch without images (train/vision_keepalive.py)."""
+        return model.get_image_features(**inputs)
+
     def tiny_init(self, model: torch.nn.Module) -> None:
         """Change the tiny model's random weights where the architecture's own initialisation would hide what the
         tests must exercise (Mllama's cross-attention gates start at 0, which cuts the images off). Default: none."""
+        return None
 
     def build_tiny(self, out_dir: str | Path, arch: str | Mapping[str, Any] | None = None, *, seed: int = 0,
                    with_weights: bool | None = None) -> Path:

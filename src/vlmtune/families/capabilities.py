@@ -80,6 +80,9 @@ FEATURES: dict[str, Feature] = {
     "mrope_positions": Feature("M-RoPE positions built in the collator", "speed.positions_in_collator", None),
     # Not a switch: whether the fused kernels a hybrid (linear-attention) model needs are installed; a family
     # with such layers says what it costs without them and logs it as a note (`FamilyDescriptor.notes`).
+    # Not a switch: several processes (DDP, ZeRO) run the same modules on every rank; a family whose batches can take
+    # different module paths says so here (`vlmtune families`' ZeRO-3 column reads it; missing: supported).
+    "zero3": Feature("several processes (DeepSpeed ZeRO-3, DDP)", "distributed", None),
     "linear_attention_kernels": Feature("fused linear-attention kernels (flash-linear-attention, causal-conv1d)",
                                         "(environment)", None),
 }

@@ -95,6 +95,12 @@ _ROPE_LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "l
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
+_SEVERAL_PROCESSES = ("with several processes every micro-batch needs an image: on a batch without one the text model "
+                      "skips its cross-attention layers, which the other processes run (ZeRO-3 gathers, DDP reduces), "
+                      "so such a batch stops the run with a message; image records train (ZeRO-3 LoRA on two processes "
+                      "tested)")
+
+
 class MllamaFamily(FamilyDescriptor):
     name = "mllama"
     model_types = ("mllama",)
@@ -131,6 +137,7 @@ class MllamaFamily(FamilyDescriptor):
         "varlen_vision_attention": Unsupported("the vision encoder attends within each 560 px tile (a fixed 1601 "
                                                "patches, no cu_seqlens); plain SDPA already runs the tiles batched"),
         "mrope_positions": Unsupported("Llama uses 1-D rotary positions; there are no M-RoPE positions to build"),
+        "zero3": Experimental(_SEVERAL_PROCESSES),
     }
     image_placeholder = "<|image|>"
     end_of_turn = "<|eot_id|>"
@@ -190,6 +197,14 @@ class MllamaFamily(FamilyDescriptor):
                                                              processor.image_processor.max_image_tiles,
                                                              len(input_ids))
         return {"cross_attention_mask": torch.from_numpy(dense[0])}
+
+    def image_features(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> Any:
+        """Running the tower alone would not keep the processes in step: see `_SEVERAL_PROCESSES`."""
+        from vlmtune.errors import VlmtuneError
+
+        raise VlmtuneError(f"{self.name}: a micro-batch without images on one of several processes: "
+                           f"{_SEVERAL_PROCESSES}. Give every record an image (vlmtune data check shows which have "
+                           "none), or train on one process")
 
     # ---- processor ----
     def _configure_image_processor(self, processor: ProcessorMixin, data_cfg: DataConfig) -> None:

@@ -224,7 +224,8 @@ def train(
                        interrupt],
             device=plan.device,
             vision_keepalive=(  # with several processes a batch without images still runs the vision tower
-                VisionKeepAlive(processor.image_processor, family.language_prefixes) if world > 1 else None
+                VisionKeepAlive(processor.image_processor, family.language_prefixes, family.image_features)
+                if world > 1 else None
             ),
         )
         _drop_default_printers(trainer)

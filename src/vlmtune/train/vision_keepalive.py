@@ -17,7 +17,7 @@ model is found by the family descriptor's `language_prefixes`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -49,13 +49,15 @@ def _unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
 class VisionKeepAlive:
     """`attach(model)` once; then `arm(batch)` before each forward whose batch may lack images."""
 
-    def __init__(self, image_processor: Any, language_prefixes: Sequence[str]):
+    def __init__(self, image_processor: Any, language_prefixes: Sequence[str],
+                 image_features: Callable[[torch.nn.Module, Mapping[str, Any]], Any] | None = None):
         from PIL import Image
 
         blank = Image.new("RGB", (BLANK_SIDE, BLANK_SIDE))
         self.inputs = dict(image_processor(images=[blank], return_tensors="pt"))
         self.image_keys = frozenset(self.inputs)
         self.language_prefixes = tuple(language_prefixes)
+        self.image_features = image_features or (lambda model, inputs: model.get_image_features(**inputs))
         self._model: torch.nn.Module | None = None
         self._handles: list[Any] = []
         self._device: torch.device | None = None
@@ -95,7 +97,7 @@ class VisionKeepAlive:
             return
         device, self._device = self._device, None
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.inputs.items()}
-        total = _float_sum(self._model.get_image_features(**inputs))
+        total = _float_sum(self.image_features(self._model, inputs))
         if total is None:
             raise RuntimeError("get_image_features returned no floating-point tensor to keep the vision tower alive")
         self._zero = total * 0.0
