@@ -11,20 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-NOISE = ("Warning:", "warnings.warn", "[WARNING]", "Setting accelerator", "gemm_4bit_forward", "Loading weights")
-
-
-def screen(raw: str) -> list[str]:
-    """The lines a terminal shows for `raw` (stdout and stderr merged): a carriage return goes back to column 0 and
-    overwrites, as tqdm's redraws and clears do."""
-    lines = []
-    for line in raw.split("\n"):
-        shown: list[str] = []
-        for segment in line.split("\r"):
-            shown[: len(segment)] = segment
-        lines.append("".join(shown).rstrip())
-    return [line for line in lines if line]
+from terminal import NOISE, screen
 
 
 def _train(tmp_path: Path, model: Path, data: Path, *flags: str) -> str:

@@ -46,7 +46,10 @@ def configure(verbose: bool, debug: bool, loads_models: bool) -> None:
     unimported: `vlmtune --version` stays instant)."""
     handler = TqdmHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])  # no-op if set up
+    level = logging.DEBUG if debug else logging.INFO
+    # Other libraries' INFO (an HTTP line per hub request, ...) only with --verbose; vlmtune's own at INFO.
+    logging.basicConfig(level=level if verbose or debug else logging.WARNING, handlers=[handler])  # no-op if set up
+    logging.getLogger("vlmtune").setLevel(level)
     if verbose or debug:
         return
     for category in (DeprecationWarning, FutureWarning, UserWarning):
