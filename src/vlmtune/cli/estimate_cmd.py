@@ -111,7 +111,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="ZeRO-3 partial optimizer offload: share of the optimizer in CPU RAM, (0, 1] (default: the config's)",
     )
     p.add_argument(
-        "--gpu", help="GPU to judge the fit on, e.g. 'RTX 4090', A100-80GB, H100 (see `recommend --table`)"
+        "--gpu", help="GPU to judge the fit on, e.g. 'RTX 4090', A100-80GB, H100 (see `recommend --table`), or a "
+                      "memory size such as 24GB"
     )
     p.add_argument(
         "--sweep",

@@ -24,7 +24,8 @@ DEFAULT_EFFECTIVE_BATCH = 16
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
-    p.add_argument("--gpu", help="GPU name, e.g. 'RTX 4090', A100-80GB, H100 (required unless --table)")
+    p.add_argument("--gpu", help="GPU name, e.g. 'RTX 4090', A100-80GB, H100, or a memory size such as 24GB "
+                                 "(required unless --table)")
     p.add_argument(
         "--method",
         dest="search_method",

@@ -94,7 +94,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                    help="print the memory preflight of the config (estimate and fit) and exit: no weights load, no "
                         "process starts; against --gpu NAME or the visible GPU (e.g. a file `vlmtune recommend` wrote)")
-    p.add_argument("--gpu", help="with --dry-run: the GPU to check against, by catalogue name (e.g. 'RTX 4090')")
+    p.add_argument("--gpu", help="with --dry-run: the GPU to check against, by catalogue name (e.g. 'RTX 4090') or "
+                                 "memory size (e.g. 24GB)")
     p.add_argument("--force", action="store_true",
                    help="train even when the memory estimate says the run does not fit the GPU (hardware.force_fit)")
     p.add_argument("--memory-fraction", "--memory_fraction", dest="memory_fraction", type=float,
