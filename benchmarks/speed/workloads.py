@@ -318,6 +318,13 @@ FAMILY_WORKLOADS = (
                  2, 448, part=6),
     _family_pair("F8", "Qwen3.5-9B QLoRA r16, batch 1 x (448 px + 512 text), GC", "qwen3_5", "9b", "qlora", 1, 448,
                  part=6),
+    # InternVL3.5-8B: a 448 px image is one tile, 256 tokens (+ <img> / </img>); Qwen3-8B language model
+    _family_pair("F9", "InternVL3.5-8B LoRA r16 all linear, batch 2 x (448 px + 512 text), GC", "internvl", "8b",
+                 "lora", 2, 448, part=7),
+    # Llama 3.2 Vision 11B: a 560 px image is one <|image|> token and 4 tiles (3 padded) in the vision encoder, read
+    # by the 8 cross-attention layers
+    _family_pair("F10", "Llama-3.2-11B-Vision LoRA r16 all linear, batch 2 x (560 px + 512 text), GC", "mllama",
+                 "11b", "lora", 2, 560, part=7),
 )
 WORKLOADS.update({w.name: w for w in FAMILY_WORKLOADS})
 
