@@ -18,6 +18,12 @@ keeps a sample's image tensors, the collator stacks them zero-padded) and builds
 whole sample after its segments are joined (`sequence_inputs`, with transformers' own mask functions): built per
 segment, a later turn would not see the images of earlier ones.
 
+Batches: samples with the same number of images batch exactly as they run alone (tested). With different counts,
+the rows that may see no image (text before a sample's first image, text-only samples) differ from running alone:
+transformers' cross-attention lets such a fully masked row attend uniformly to every tile of its row, the batch's
+padding images included, and zeroes only that row's MLP output; the same holds for batches MllamaProcessor pads
+itself. Image records with one image each (the usual VQA data) are exact.
+
 Processor (`MllamaImageTextProcessor`): MllamaProcessor prepends `<|begin_of_text|>` to every text it is given
 that lacks one, which would put a BOS into every segment data processing tokenizes; the subclass leaves texts as
 they are (the chat template writes the BOS once).
