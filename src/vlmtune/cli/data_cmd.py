@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 HELP = "validate a data set (JSONL, JSON array, parquet/arrow; every record, with line numbers) or split it"
 
@@ -67,6 +68,18 @@ def _check_config(args: argparse.Namespace):
     return load_config(args.config, overrides, base=base)
 
 
+def check(args: argparse.Namespace) -> tuple[Any, str | None]:
+    """`data check`'s report (CheckReport) and its note (why token lengths were not counted), for the CLI and the
+    studio alike."""
+    from vlmtune.data.check import check_file
+    from vlmtune.data.tokens import token_counter_for
+
+    config = _check_config(args)
+    counter, note = token_counter_for(config, explicit=bool(args.model or args.config))
+    report = check_file(args.file, config.data, token_length=counter, family=counter.family if counter else None)
+    return report, note
+
+
 def run(args: argparse.Namespace) -> int:
     if args.action == "convert":
         from vlmtune.config.schema import DataConfig
@@ -87,12 +100,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {train} ({n_train} records) and {val} ({n_val} records)")
         return 0
 
-    from vlmtune.data.check import check_file
-    from vlmtune.data.tokens import token_counter_for
-
-    config = _check_config(args)
-    counter, note = token_counter_for(config, explicit=bool(args.model or args.config))
-    report = check_file(args.file, config.data, token_length=counter, family=counter.family if counter else None)
+    report, note = check(args)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:

@@ -174,8 +174,9 @@ def data_inputs(args: argparse.Namespace, inputs: Any) -> tuple[Any, Any]:
     ), (shape, shape_text, profile)
 
 
-def _estimate(args: argparse.Namespace, extra: list[str] = ()) -> tuple[Any, Any, Any]:
-    """(config, breakdown, data shape or None) of the command line, with `extra` dotted overrides last."""
+def estimate_args(args: argparse.Namespace, extra: list[str] = ()) -> tuple[Any, Any, Any]:
+    """(config, breakdown, data shape or None) of the command line, with `extra` dotted overrides last (the CLI's
+    and the studio's estimate)."""
     from vlmtune.errors import ConfigError
     from vlmtune.memory import estimate, inputs_from_config
     from vlmtune.memory.zero import check_plan
@@ -232,7 +233,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     rows = []
     for combo in itertools.product(*(values for _, values in axes)):
         settings = [f"{field}={value}" for (field, _), value in zip(axes, combo, strict=True)]
-        _, b, _ = _estimate(args, settings)
+        _, b, _ = estimate_args(args, settings)
         rows.append((combo, b))
     if args.plot is not None:
         from vlmtune.memory.sweep_picture import render_sweep
@@ -272,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
 
     if getattr(args, "sweep", None):
         return run_sweep(args)
-    config, breakdown, data = _estimate(args)
+    config, breakdown, data = estimate_args(args)
     if args.plot is not None:
         from vlmtune.memory.picture import render_breakdown
 

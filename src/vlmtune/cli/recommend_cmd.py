@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vlmtune.cli.estimate_cmd import add_config_arguments, data_inputs, resolve
 
@@ -57,27 +57,55 @@ def _methods(choice: str) -> tuple[str, ...]:
     return ("lora", "qlora") if choice == "auto" else (choice,)
 
 
-def run(args: argparse.Namespace) -> int:
-    import json
-
-    from vlmtune.errors import ConfigError
-    from vlmtune.memory import all_gpus, get_gpu, inputs_from_config
-    from vlmtune.memory.advice import config_yaml, format_table, table
+def _search_inputs(args: argparse.Namespace) -> tuple[Any, Any, int, int | None]:
+    """(config, estimator inputs, effective batch, CPU RAM bytes or None) of the command line."""
+    from vlmtune.memory import inputs_from_config
     from vlmtune.memory.gpus import GIB
-    from vlmtune.memory.recommend import recommend
 
-    if not args.table and not args.gpu:
-        raise ConfigError(
-            ["--gpu is required (or use --table); known GPUs: " + ", ".join(g.name for g in all_gpus())]
-        )
     config = resolve(args)
     base = inputs_from_config(config, num_gpus=args.num_gpus, images_per_sample=args.images_per_sample)
     configured = base.batch_size * config.training.gradient_accumulation_steps
     effective = args.effective_batch or (configured if configured > 1 else DEFAULT_EFFECTIVE_BATCH)
     cpu_ram = int(args.cpu_ram * GIB) if args.cpu_ram is not None else None
+    return config, base, effective, cpu_ram
+
+
+def recommendation(args: argparse.Namespace) -> tuple[Recommendation, Any]:
+    """The recommended setting for `--gpu` and the resolved config it starts from (the CLI's and the studio's
+    `recommend`); write it with `memory.advice.config_yaml(rec, config, name, train_path=args.data)`."""
+    from vlmtune.memory import get_gpu
+    from vlmtune.memory.recommend import recommend
+
+    config, base, effective, cpu_ram = _search_inputs(args)
+    base, data = data_inputs(args, base)
+    rec = recommend(
+        base,
+        get_gpu(args.gpu),
+        base.num_gpus,
+        effective,
+        _methods(args.search_method),
+        args.margin,
+        profile=data[2] if data else None,
+        max_cpu_ram=cpu_ram,
+    )
+    return rec, config
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from vlmtune.errors import ConfigError
+    from vlmtune.memory import all_gpus, get_gpu
+    from vlmtune.memory.advice import config_yaml, format_table, table
+
+    if not args.table and not args.gpu:
+        raise ConfigError(
+            ["--gpu is required (or use --table); known GPUs: " + ", ".join(g.name for g in all_gpus())]
+        )
     if args.table and args.plot is not None:
         raise ConfigError(["--plot draws the recommended setting's memory; drop it with --table (a table of GPUs)"])
     if args.table:
+        config, base, effective, cpu_ram = _search_inputs(args)
         counts = [int(c) for c in args.counts.split(",") if c.strip()]
         if not counts or min(counts) < 1:
             raise ConfigError([f"--counts must list positive GPU counts, got {args.counts!r}"])
@@ -106,17 +134,7 @@ def run(args: argparse.Namespace) -> int:
             )
             print(format_table(recs))
         return 0
-    base, data = data_inputs(args, base)
-    rec = recommend(
-        base,
-        get_gpu(args.gpu),
-        base.num_gpus,
-        effective,
-        _methods(args.search_method),
-        args.margin,
-        profile=data[2] if data else None,
-        max_cpu_ram=cpu_ram,
-    )
+    rec, config = recommendation(args)
     if args.json:
         print(
             json.dumps(
