@@ -66,14 +66,14 @@ class Run:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-def _config(tmp_path: Path, model: Path, data: Path) -> Path:
+def _config(tmp_path: Path, model: Path, data: Path, workers: int = 0) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({
         "output_dir": str(tmp_path / "run"), "model": {"name_or_path": str(model)}, "data": {"train_path": str(data)},
         "method": {"name": "lora"},
         "training": {"max_steps": STEPS, "batch_size": 2, "logging_steps": 1, "save_steps": 1000,
                      "report_to": ["none"]},
-        "hardware": {"precision": "fp32", "use_cpu": True},
+        "hardware": {"precision": "fp32", "use_cpu": True, "dataloader_workers": workers},
     }))
     return path
 
@@ -115,3 +115,16 @@ def test_second_ctrl_c_stops_at_once(tiny_model_dir, shapes_data, tmp_path):
     assert run.finish() == 130, run.text[-3000:]
     assert "Continue the run with" not in run.text and "Traceback" not in run.text
     assert run.text.rstrip().endswith("interrupted")
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_data_loader_workers(tiny_model_dir, shapes_data, tmp_path):
+    """Workers are forked with the handler (and get the terminal's SIGINT too): they ignore it, the main process
+    saves once."""
+    config = _config(tmp_path, tiny_model_dir("qwen2_vl"), shapes_data[0], workers=2)
+    run = Run(["train", str(config)])
+    run.wait_for("step 2/")
+    os.killpg(run.proc.pid, signal.SIGINT)  # the whole process group, as a terminal's Ctrl-C
+    assert run.finish() == 130, run.text[-3000:]
+    assert run.text.count("finishing this step") == 1 and "Traceback" not in run.text
+    assert len(list((tmp_path / "run").glob("checkpoint-*/vlmtune_manifest.json"))) == 1

@@ -9,6 +9,7 @@ gets the launcher's signal, and ranks could disagree on the step, so several pro
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -43,9 +44,11 @@ class SaveOnInterrupt(TrainerCallback):
         self.requested = False
         self._previous: Any = None
         self._installed = False
+        self._pid = 0
 
     def __enter__(self) -> SaveOnInterrupt:
         if threading.current_thread() is threading.main_thread():
+            self._pid = os.getpid()
             self._previous = signal.signal(signal.SIGINT, self._on_sigint)
             self._installed = True
         return self
@@ -56,6 +59,8 @@ class SaveOnInterrupt(TrainerCallback):
             self._installed = False
 
     def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._pid:  # a data loader worker forked with this handler: the main process decides
+            return
         if self.requested:  # the second Ctrl-C: stop now
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
