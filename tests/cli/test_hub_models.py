@@ -135,3 +135,20 @@ def test_train_and_predict_by_hub_id(revisions, shapes_data, tmp_path):
         assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
         assert (tmp_path / "pred" / "predictions.jsonl").is_file() and time.monotonic() - started < 120
         assert len(hub.requests) == seen  # offline: the cache alone
+
+
+def test_data_check_without_a_model_asks_no_hub(shapes_data, tmp_path, monkeypatch, capsys):
+    """No --model: the default model is not fetched (nor named as if the user had chosen it)."""
+    import huggingface_hub.constants
+
+    from vlmtune import hub
+    from vlmtune.cli.main import main
+
+    def no_hub(*args: object) -> None:
+        raise AssertionError("asked the hub")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub, "_revision", no_hub)
+    assert main(["data", "check", str(shapes_data[0])]) == 0
+    out = capsys.readouterr().out
+    assert "token lengths were not checked (no model named). Pass --model" in out and "Qwen" not in out
