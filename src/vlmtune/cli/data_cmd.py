@@ -49,7 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="replace existing train.jsonl / val.jsonl that vlmtune did not write (never the input file)")
 
 
-def _check_config(args: argparse.Namespace):
+def check_config(args: argparse.Namespace):
+    """The config `data check` checks against: preset, config file, then the flags."""
     from vlmtune.config.loader import load_config
     from vlmtune.config.presets import preset_dict
 
@@ -74,7 +75,7 @@ def check(args: argparse.Namespace) -> tuple[Any, str | None]:
     from vlmtune.data.check import check_file
     from vlmtune.data.tokens import token_counter_for
 
-    config = _check_config(args)
+    config = check_config(args)
     counter, note = token_counter_for(config, explicit=bool(args.model or args.config))
     report = check_file(args.file, config.data, token_length=counter, family=counter.family if counter else None)
     return report, note

@@ -23,12 +23,13 @@ from vlmtune.cli import (
     presets_cmd,
     quiet,
     recommend_cmd,
+    studio_cmd,
     tiny_cmd,
     train_cmd,
 )
 from vlmtune.errors import VlmtuneError
 
-MODEL_COMMANDS = {"train", "predict", "export", "demo", "data", "tiny-model"}
+MODEL_COMMANDS = {"train", "predict", "export", "demo", "data", "tiny-model", "studio"}
 """Commands that import transformers anyway (quiet.configure sets its logging up front for them)."""
 
 COMMANDS = {
@@ -43,6 +44,7 @@ COMMANDS = {
     "checkpoints": checkpoints_cmd,
     "estimate": estimate_cmd,
     "recommend": recommend_cmd,
+    "studio": studio_cmd,
 }
 
 
