@@ -15,8 +15,14 @@ WIDTH, HEIGHT, MARGIN = 720, 420, 60
 def read_curves(log_path: Path) -> dict[str, list[tuple[int, float]]]:
     """(step, value) series of train loss and eval loss from train_log.jsonl (a resumed run keeps the last value)."""
     curves: dict[str, dict[int, float]] = {"loss": {}, "eval_loss": {}}
-    for line in Path(log_path).read_text(encoding="utf-8").splitlines():
-        row = json.loads(line) if line.strip() else {}
+    lines = Path(log_path).read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines):
+        try:
+            row = json.loads(line) if line.strip() else {}
+        except ValueError:
+            if n == len(lines) - 1:  # a run writing its log: the last line may be half there
+                break
+            raise
         for key, series in curves.items():
             if key in row and "step" in row:
                 series[int(row["step"])] = float(row[key])

@@ -289,7 +289,7 @@ async function start() {
   $("roots").textContent = "folders: " + info.roots.join(", ") + " | vlmtune " + info.version;
   for (const p of info.presets) $("cfg-preset").append(el("option", { value: p.name, text: p.name, title: p.header }));
   for (const g of info.gpus) $("cfg-gpu").append(el("option", { value: g, text: g }));
-  $("cfg-gpu").value = info.gpus.includes("RTX 4090") ? "RTX 4090" : info.gpus[0];
+  $("cfg-gpu").value = info.gpus.find((g) => g.startsWith("RTX 4090")) || info.gpus[0];
   buildFields(info.fields);
   document.body.dataset.ready = "1";
   refreshConfig();
