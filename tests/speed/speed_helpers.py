@@ -42,8 +42,10 @@ def loss_and_grads(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, d
     return loss.detach(), grads
 
 
-def assert_same(reference: tuple, other: tuple, rel: float = 1e-5, cosine: float = 0.999) -> None:
-    """Equal loss (relative) and every gradient pointing the same way (cosine similarity)."""
+def assert_same(reference: tuple, other: tuple, rel: float = 1e-5, cosine: float = 0.999,
+                total_cosine: float | None = None) -> None:
+    """Equal loss (relative) and every gradient pointing the same way (cosine similarity per tensor); with
+    `total_cosine`, also all gradients together (one vector) at that bound."""
     (loss_a, grads_a), (loss_b, grads_b) = reference, other
     assert abs(loss_a.item() - loss_b.item()) <= rel * abs(loss_a.item()), (loss_a.item(), loss_b.item())
     assert grads_a.keys() == grads_b.keys() and grads_a
@@ -52,3 +54,8 @@ def assert_same(reference: tuple, other: tuple, rel: float = 1e-5, cosine: float
             grad.flatten().double(), grads_b[name].flatten().double(), dim=0
         )
         assert cos >= cosine, (name, cos.item())
+    if total_cosine is not None:
+        a = torch.cat([g.flatten().double() for g in grads_a.values()])
+        b = torch.cat([grads_b[n].flatten().double() for n in grads_a])
+        total = torch.nn.functional.cosine_similarity(a, b, dim=0)
+        assert total >= total_cosine, total.item()
