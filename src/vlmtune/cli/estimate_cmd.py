@@ -23,6 +23,7 @@ CONFIG_FLAGS = {
     "image_size": "data.image_size",
     "min_pixels": "data.min_pixels",
     "max_pixels": "data.max_pixels",
+    "image_root": "data.image_root",
     "precision": "hardware.precision",
     "gradient_checkpointing": "hardware.gradient_checkpointing",
 }
@@ -49,6 +50,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data", help="JSONL data set: size the longest batch it can produce (image sizes and text)"
     )
+    p.add_argument("--image-root", "--image_root", dest="image_root",
+                   help="data.image_root: the folder the data's relative image paths resolve against first")
     p.add_argument(
         "--batch-size", "--batch_size", dest="batch_size", type=_positive, help="micro-batch per GPU"
     )
@@ -147,15 +150,16 @@ def resolve(args: argparse.Namespace) -> Any:
     return resolve_config(shim)
 
 
-def data_inputs(args: argparse.Namespace, inputs: Any) -> tuple[Any, Any]:
-    """Inputs updated with the worst batch of --data, and the data's batch shape (None without --data)."""
+def data_inputs(args: argparse.Namespace, inputs: Any, image_root: Any = None) -> tuple[Any, Any]:
+    """Inputs updated with the worst batch of --data, and the data's batch shape (None without --data).
+    `image_root`: the config's data.image_root (--image-root sets it)."""
     if not args.data:
         return inputs, None
     from vlmtune.memory.catalogue import lookup_model
     from vlmtune.memory.data_scan import scan_data
 
     spec = lookup_model(inputs.model)
-    profile = scan_data(args.data, spec)
+    profile = scan_data(args.data, spec, image_root=image_root)
     shape = profile.batch(
         spec, inputs.batch_size, inputs.seq_len, inputs.image_size, inputs.min_pixels, inputs.max_pixels
     )
@@ -199,7 +203,7 @@ def estimate_args(args: argparse.Namespace, extra: list[str] = ()) -> tuple[Any,
         gpu=args.gpu,
         images_per_sample=args.images_per_sample,
     )
-    inputs, data = data_inputs(args, inputs)
+    inputs, data = data_inputs(args, inputs, config.data.image_root)
     return config, estimate(inputs), data
 
 

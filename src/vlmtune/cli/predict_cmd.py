@@ -18,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     p.add_argument("--prompt", help="question to ask")
     p.add_argument("--data", type=Path, help="JSONL file: answer every record and score it")
+    p.add_argument("--image-root", "--image_root", dest="image_root", type=Path,
+                   help="with --data: the folder relative image paths resolve against first (data.image_root)")
     p.add_argument("--out", type=Path,
                    help="with --data: a .jsonl file, or a folder that gets predictions.jsonl (default: the adapter's "
                         "folder, else the model's folder if local, else the current folder)")
@@ -45,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     if out is None:
         print(answer(loaded, [Path(i) for i in args.image], args.prompt, max_new_tokens=args.max_new_tokens))
         return 0
-    result = predict_file(loaded, args.data, out, max_new_tokens=args.max_new_tokens, overwrite=args.overwrite)
+    result = predict_file(loaded, args.data, out, max_new_tokens=args.max_new_tokens, overwrite=args.overwrite,
+                          image_root=args.image_root)
     print(f"exact-match accuracy {result.accuracy:.3f} on {result.total} records; predictions in {out}")
     return 0
 

@@ -77,7 +77,7 @@ def recommendation(args: argparse.Namespace) -> tuple[Recommendation, Any]:
     from vlmtune.memory.recommend import recommend
 
     config, base, effective, cpu_ram = _search_inputs(args)
-    base, data = data_inputs(args, base)
+    base, data = data_inputs(args, base, config.data.image_root)
     rec = recommend(
         base,
         get_gpu(args.gpu),

@@ -109,17 +109,20 @@ def predict_file(
     out_path: Path | str,
     max_new_tokens: int = 64,
     overwrite: bool = False,
+    image_root: Path | str | None = None,
 ) -> PredictResult:
     """Answer every record of a JSONL file: the prompt is the conversation before its last assistant turn, the
     reference is that turn's text. Writes `out_path` (JSONL) and returns exact-match accuracy.
 
     An existing `out_path` is replaced only if vlmtune wrote it (and it is unchanged since) or `overwrite` is set;
-    never when it is the data file itself (see `vlmtune.outputs`)."""
+    never when it is the data file itself (see `vlmtune.outputs`). `image_root`: data.image_root, where relative
+    image paths resolve first (then the data file's folder)."""
+    from vlmtune.config.schema import DataConfig
     from vlmtune.data.records import read_records
 
     data_path, out_path = Path(data_path), Path(out_path)
     outputs.check_file(out_path, what="the predictions", overwrite=overwrite, inputs={"the data file": data_path})
-    records = read_records(data_path)
+    records = read_records(data_path, DataConfig(image_root=image_root))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f"{outputs.STAGING_PREFIX}-{out_path.name}")
     correct, done, written = 0, 0, 0

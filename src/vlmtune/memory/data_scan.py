@@ -134,8 +134,9 @@ def _image_hw(path: Path) -> tuple[int, int]:
     return height, width
 
 
-def scan_data(path: str | Path, spec: ModelSpec) -> DataProfile:
-    """Read every record's text length and image sizes. Raises DataError listing every unreadable record/image."""
+def scan_data(path: str | Path, spec: ModelSpec, image_root: str | Path | None = None) -> DataProfile:
+    """Read every record's text length and image sizes. Raises DataError listing every unreadable record/image.
+    `image_root`: data.image_root, where relative image paths resolve first (then the data file's folder)."""
     from vlmtune.config.schema import DataConfig
     from vlmtune.data.records import format_problems, scan
 
@@ -143,7 +144,8 @@ def scan_data(path: str | Path, spec: ModelSpec) -> DataProfile:
     count, exact = _text_counter(spec)
     per_message = spec.arch.chat.get("tokens_per_message", 0)
     samples, problems, bad_images = [], [], []
-    for _, record, found in scan(path, DataConfig(on_ignored_field="warn")):  # measuring, not training
+    measuring = DataConfig(on_ignored_field="warn", image_root=image_root)  # measuring, not training
+    for _, record, found in scan(path, measuring):
         problems += [p for p in found if p.severity == "error"]
         if record is None:
             continue

@@ -51,7 +51,7 @@ def _estimate(config: VlmtuneConfig, gpu: str | None) -> tuple[Breakdown, str | 
     from vlmtune.memory.data_scan import scan_data
 
     spec = lookup_model(inputs.model)
-    profile = scan_data(path, spec)
+    profile = scan_data(path, spec, image_root=config.data.image_root)
     shape = profile.batch(spec, inputs.batch_size, inputs.seq_len, inputs.image_size, inputs.min_pixels,
                           inputs.max_pixels)
     inputs = inputs.with_(seq_len=shape.seq_len, vit_patches_per_batch=shape.vit_patches,
