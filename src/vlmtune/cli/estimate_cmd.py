@@ -297,6 +297,9 @@ def run(args: argparse.Namespace) -> int:
         print(breakdown.to_table())
         if data:
             print(data[1])
+        if config.hardware.precision == "bf16" and breakdown.inputs.precision == "fp16" and breakdown.verdict:
+            print(f"{breakdown.verdict.gpu} has no bf16: estimated in fp16, which `vlmtune train` uses there instead "
+                  "(full fine-tuning then keeps fp32 master weights).")
         if config.training.batch_size == "auto":
             print("training.batch_size=auto: estimated at micro-batch 1; `vlmtune train` picks the largest that fits "
                   "the visible GPU, and `vlmtune recommend --gpu NAME` shows it for a named card.")

@@ -190,4 +190,9 @@ def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInput
     if config.data.image_size:
         values["image_hw"] = (config.data.image_size, config.data.image_size)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if values.get("gpu") and values["precision"] == "bf16":
+        from vlmtune.memory.gpus import get_gpu
+
+        if not get_gpu(values["gpu"]).bf16:  # what training does there (methods.base.resolve_precision)
+            values["precision"] = "fp16"
     return EstimateInputs(**values)

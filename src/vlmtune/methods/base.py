@@ -76,13 +76,18 @@ def resolve_precision(config: VlmtuneConfig) -> PrecisionPlan:
         return PrecisionPlan("cpu", torch.float32, False, False, note)
     if requested == "fp32":
         return PrecisionPlan("cuda", torch.float32, False, False, "GPU: fp32 weights, no autocast")
+    fallback = ""
+    if requested == "bf16" and not torch.cuda.is_bf16_supported():
+        # pre-Ampere cards (T4, V100, RTX 20xx) have no bf16 units: fp16 with loss scaling is what they compute in
+        requested = "fp16"
+        fallback = f" ({torch.cuda.get_device_name()} has no bf16: hardware.precision=bf16 runs as fp16)"
     if requested == "fp16" and method == "full":
         return PrecisionPlan(
             "cuda",
             torch.float32,
             False,
             True,
-            "GPU: full fine-tuning in fp16 keeps fp32 master weights with fp16 autocast + loss scaling",
+            "GPU: full fine-tuning in fp16 keeps fp32 master weights with fp16 autocast + loss scaling" + fallback,
         )
     dtype = _DTYPES[requested]
     return PrecisionPlan(
@@ -90,7 +95,7 @@ def resolve_precision(config: VlmtuneConfig) -> PrecisionPlan:
         dtype,
         requested == "bf16",
         requested == "fp16",
-        f"GPU: {requested} weights with {requested} autocast",
+        f"GPU: {requested} weights with {requested} autocast" + fallback,
     )
 
 

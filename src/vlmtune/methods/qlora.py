@@ -15,7 +15,7 @@ import torch
 
 from vlmtune.config.schema import VlmtuneConfig
 from vlmtune.errors import require
-from vlmtune.methods.base import Method, load_base_model, log_parameter_counts, resolve_precision
+from vlmtune.methods.base import Method, load_base_model, log_parameter_counts, on_cpu, resolve_precision
 from vlmtune.methods.lora import add_adapters
 
 if TYPE_CHECKING:
@@ -44,11 +44,14 @@ def bnb_config(config: VlmtuneConfig, family: FamilyDescriptor, quant_storage: t
     from transformers import BitsAndBytesConfig
 
     quant = config.method.quantization
+    compute = _COMPUTE[quant.compute_dtype]
+    if compute is torch.bfloat16 and not on_cpu(config) and not torch.cuda.is_bf16_supported():
+        compute = torch.float16  # a card without bf16 (T4, V100): as resolve_precision's fp16 for the rest
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
-        bnb_4bit_compute_dtype=_COMPUTE[quant.compute_dtype],
+        bnb_4bit_compute_dtype=compute,
         llm_int8_skip_modules=skip_modules(config, family),
         **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}),
     )
