@@ -1,5 +1,7 @@
 import json
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -71,7 +73,9 @@ def test_missing_and_unparsable_file(tmp_path):
 def test_save_roundtrip(tmp_path):
     cfg = ConfigPresets.balanced(data_path="t.jsonl")
     path = save_config(cfg, tmp_path / "run" / "config.yaml")
-    assert load_config(path) == cfg
+    loaded = load_config(path)
+    assert loaded.data.train_path == Path("t.jsonl").resolve()  # saved absolute: the same file from anywhere
+    assert loaded.model_copy(update={"data": cfg.data}) == cfg
 
 
 def test_python_api_ultra_low_memory():

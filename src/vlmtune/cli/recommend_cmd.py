@@ -160,7 +160,10 @@ def run(args: argparse.Namespace) -> int:
     if rec.best is None:
         return 1
     name = "THIS_FILE" if args.output == "-" else args.output
-    text = config_yaml(rec, config, name, train_path=args.data)
+    train_path = args.data
+    if args.output != "-":  # a config file's data paths are relative to the file (config/loader.relative_to_file)
+        config, train_path = _paths_from(Path(args.output), config, args.data)
+    text = config_yaml(rec, config, name, train_path=train_path)
     if args.output == "-":
         print(text, end="")
     else:
@@ -169,6 +172,26 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote {args.output} (every recommended setting is in it); check it with: vlmtune train "
                   f"{args.output} --dry-run --gpu \"{rec.gpu.name}\"; train with: vlmtune train {args.output}")
     return 0
+
+
+def _paths_from(config_file: Path, config: Any, data: str | None) -> tuple[Any, str | None]:
+    """The data paths given on the command line (relative to the working directory) as the written file reads
+    them: relative to its own folder."""
+    import os
+
+    folder = config_file.expanduser().resolve().parent
+
+    def rel(value: Any) -> Any:
+        text = str(value)
+        if value is None or "://" in text or Path(text).is_absolute():
+            return value
+        local, _, suffix = text.partition("#")
+        return os.path.relpath(Path(local).resolve(), folder) + (f"#{suffix}" if suffix else "")
+
+    updates = {k: rel(getattr(config.data, k)) for k in ("train_path", "val_path", "image_root")
+               if getattr(config.data, k) is not None}
+    config = config.model_copy(update={"data": config.data.model_copy(update=updates)}) if updates else config
+    return config, rel(data)
 
 
 def _plot(rec: Recommendation, path: Path, quiet: bool) -> None:

@@ -198,7 +198,7 @@ def load_config(
     source = shown_path(path) if path is not None else None
     if path is not None:
         try:
-            data = deep_merge(data, read_mapping(path))
+            data = deep_merge(data, relative_to_file(read_mapping(path), Path(path)))
         except ConfigError as exc:  # the file cannot be read: report it with the flags' and overrides' problems
             _, override_problems = apply_overrides({}, overrides or [])
             raise ConfigError(_capped([*exc.problems, *problems, *override_problems]), source=source) from None
@@ -207,6 +207,35 @@ def load_config(
     for warning in config_warnings(config):
         log.warning("warning: %s", warning)
     return config
+
+
+DATA_PATH_FIELDS = ("train_path", "val_path", "image_root")
+"""The data section's paths that a config file gives relative to itself (docs: README "Configuration")."""
+
+
+def relative_to_file(mapping: dict[str, Any], config_file: Path) -> dict[str, Any]:
+    """A config file's relative data paths resolved against the file's folder, as image paths are resolved against
+    their data file: a config moves with its data. A path found only from the working directory (how vlmtune read
+    them before) is kept with a warning; command-line flags and dotted overrides stay relative to the working
+    directory. Hub data sets (hf://...) and absolute paths are left as they are."""
+    data = mapping.get("data")
+    if not isinstance(data, dict):
+        return mapping
+    folder = config_file.expanduser().resolve().parent
+    data = dict(data)
+    for key in DATA_PATH_FIELDS:
+        value = data.get(key)
+        if not isinstance(value, str) or not value or "://" in value or Path(value).expanduser().is_absolute():
+            continue
+        local, _, suffix = value.partition("#")  # dataset_info.json#NAME, FOLDER#SPLIT
+        beside, here = folder / local, Path(local)
+        if not beside.exists() and here.exists():
+            log.warning("warning: data.%s=%s in %s is read from the working directory (%s); relative paths in a "
+                        "config file are relative to the file's folder (%s): move the data or write the path "
+                        "from there", key, value, shown_path(config_file), here.resolve(), folder)
+            continue
+        data[key] = str(beside) + (f"#{suffix}" if suffix else "")
+    return {**mapping, "data": data}
 
 
 def config_warnings(config: VlmtuneConfig) -> list[str]:
@@ -236,10 +265,16 @@ def config_to_dict(config: VlmtuneConfig) -> dict[str, Any]:
 
 
 def save_config(config: VlmtuneConfig, path: str | Path) -> Path:
-    """Write the resolved config as YAML (every field, defaults included), atomically."""
+    """Write the resolved config as YAML (every field, defaults included, data paths absolute), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
+    data = config_to_dict(config)
+    for key in DATA_PATH_FIELDS:  # absolute: the saved file reads the same data from wherever it is loaded
+        value = data["data"].get(key)
+        if isinstance(value, str) and "://" not in value and not Path(value).expanduser().is_absolute():
+            local, _, suffix = value.partition("#")
+            data["data"][key] = str(Path(local).expanduser().resolve()) + (f"#{suffix}" if suffix else "")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     tmp.replace(path)
     return path
