@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import enum
 import tempfile
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -27,20 +28,42 @@ def items(form: dict[str, Any]) -> list[str]:
 
 
 def _choices(annotation: Any) -> list[Any] | None:
-    """The values a Literal / Enum / bool field takes (joined over a union), else None."""
+    """The values a field takes when it takes only named ones (Literal, Enum, bool, None in a union), else None."""
     values: list[Any] = []
-    for kind in [annotation, *typing.get_args(annotation)]:
+    for kind in typing.get_args(annotation) if _is_union(annotation) else (annotation,):
         if typing.get_origin(kind) is typing.Literal:
             values += list(typing.get_args(kind))
         elif isinstance(kind, type) and issubclass(kind, enum.Enum):
             values += [m.value for m in kind]
         elif kind is bool:
             values += [True, False]
-    return list(dict.fromkeys(values)) or None
+        elif kind is type(None):
+            values.append(None)
+        else:
+            return None
+    return list(dict.fromkeys(values))
 
 
-def _type_name(annotation: Any) -> str:
-    return str(annotation).replace("typing.", "").replace("pathlib.", "").replace("<class '", "").replace("'>", "")
+def _is_union(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
+
+
+def type_name(annotation: Any) -> str:
+    """A field's type as the page shows it: `int | 'auto'`, `'drop' | 'error'`, `list[str]`, `Path | None`."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return type_name(args[0])
+    if _is_union(annotation):
+        return " | ".join(type_name(a) for a in args)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(type_name(a) for a in args)}]"
+    if annotation is type(None):
+        return "None"
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return " | ".join(repr(m.value) for m in annotation)
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def fields() -> list[dict[str, Any]]:
@@ -59,7 +82,7 @@ def fields() -> list[dict[str, Any]]:
                 walk(sub, f"{prefix}{name}.")
                 continue
             out.append({"path": prefix + name, "section": prefix.rstrip(".") or "run",
-                        "type": _type_name(info.annotation), "choices": _choices(info.annotation),
+                        "type": type_name(info.annotation), "choices": _choices(info.annotation),
                         "doc": " ".join((info.description or "").split())})
 
     walk(VlmtuneConfig, "")

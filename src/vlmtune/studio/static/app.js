@@ -241,7 +241,7 @@ async function ask() {
     const r = await api("/api/try/ask", { adapter: $("try-adapter").value, model: $("try-model").value, prompt: $("try-prompt").value,
       uploads: file ? [{ data: await readFile(file) }] : [], compare: $("try-compare").checked });
     $("try-answer-tuned").textContent = r.answer || "(empty answer)";
-    $("try-answer-base").textContent = r.base_answer ?? "(no comparison)";
+    $("try-answer-base").textContent = r.base_answer === undefined ? "(no comparison: a model without an adapter)" : r.base_answer || "(empty answer)";
     $("try-command").textContent = r.command + (r.base_command ? "\n" + r.base_command : "");
   });
 }
