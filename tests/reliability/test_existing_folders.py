@@ -340,14 +340,22 @@ def test_train_refuses_a_user_folder_and_overwrite_deletes_nothing(run_config, t
 def test_train_into_a_fresh_or_empty_folder_needs_no_flag(run_config, tmp_path, monkeypatch):
     import vlmtune.methods
 
-    monkeypatch.setattr(vlmtune.methods, "get_method", lambda name: pytest.fail("stop: the folder was accepted"))
     from vlmtune.train.engine import train
 
     (tmp_path / "empty").mkdir()
     for out in (tmp_path / "empty", tmp_path / "new" / "run"):
+        seen = []
+
+        def stop(name, out=out, seen=seen):  # the model would load now: the folder was accepted and written
+            seen.append((out / "config.yaml").is_file() and (out / MARKER).is_file())
+            pytest.fail("stop: the folder was accepted")
+
+        monkeypatch.setattr(vlmtune.methods, "get_method", stop)
         with pytest.raises(pytest.fail.Exception, match="the folder was accepted"):
             train(run_config(out=out))
-        assert (out / "config.yaml").is_file() and (out / MARKER).is_file()
+        assert seen == [True]
+    # a run stopped before its start removes the folder it created, not one that was there
+    assert (tmp_path / "empty").is_dir() and not (tmp_path / "new" / "run").exists()
 
 
 @overwrite

@@ -9,10 +9,12 @@ by the method strategy), training arguments, the HF Trainer, and the final save 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -120,23 +122,6 @@ def train(
     trust_checkpoint: resume from a checkpoint without checking it against its manifest, and let DeepSpeed unpickle
     any object in it (checkpoints written by another tool; see docs/RELIABILITY.md).
     """
-    import torch
-    from transformers import set_seed
-
-    from vlmtune.methods import get_method
-    from vlmtune.methods.base import count_parameters, resolve_precision
-    from vlmtune.speed import apply_speed, batching
-    from vlmtune.speed.compile_policy import optimizer_steps
-    from vlmtune.train.args import training_arguments
-    from vlmtune.train.callbacks import JsonlLogCallback, ProgressCallback, write_event
-    from vlmtune.train.deepspeed_config import prepare as prepare_deepspeed
-    from vlmtune.train.interrupt import SaveOnInterrupt, TrainingInterrupted
-    from vlmtune.train.nonfinite import NonFiniteGuard
-    from vlmtune.train.out_of_memory import oom_message
-    from vlmtune.train.preflight import preflight
-    from vlmtune.train.trainer import VlmTrainer
-    from vlmtune.train.vision_keepalive import VisionKeepAlive
-
     started = time.perf_counter()
     out = Path(config.output_dir)
     if config.data.train_path is None:
@@ -153,11 +138,61 @@ def train(
                 "the validation data": config.data.val_path},
         signs=(LOG_FILE, "final/vlmtune.json", "checkpoint-*/trainer_state.json"),
     )
+    fresh = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.yaml"
     if os.environ.get("RANK", "0") == "0":  # one writer under torchrun
         record_output(out, kind="run")
         save_config(config, config_path)
+    with _discarded_unless_started(out, fresh):
+        return _train(config, out, config_path, checkpoint, callbacks, trust_checkpoint, started)
+
+
+SETUP_FILES = frozenset({"config.yaml", ".vlmtune-output", LOG_FILE, "deepspeed_config.json", "memory_estimate.png"})
+"""What a run writes before its first step: a run that fails before then leaves nothing behind in a folder it made."""
+
+
+@contextlib.contextmanager
+def _discarded_unless_started(out: Path, fresh: bool) -> Iterator[None]:
+    """A run that stops before training starts (a data error, a model that will not load, a refused preflight) in a
+    folder it created removes that folder again, so a fixed rerun starts clean and nothing stale is left around."""
+    try:
+        yield
+    except BaseException:
+        if fresh and os.environ.get("RANK", "0") == "0" and out.is_dir():
+            present = {p.name for p in out.iterdir()}
+            if present <= SETUP_FILES and not _started(out / LOG_FILE):
+                shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _started(log_path: Path) -> bool:
+    """Whether the run logged its start (the model loaded and training was about to begin)."""
+    try:
+        return any('"event": "start"' in line for line in log_path.read_text(encoding="utf-8").splitlines())
+    except OSError:
+        return False
+
+
+def _train(config: VlmtuneConfig, out: Path, config_path: Path, checkpoint: Any, callbacks: Any,
+           trust_checkpoint: bool, started: float) -> TrainResult:
+    """The run after its folder is claimed (see `train`)."""
+    import torch
+    from transformers import set_seed
+
+    from vlmtune.methods import get_method
+    from vlmtune.methods.base import count_parameters, resolve_precision
+    from vlmtune.speed import apply_speed, batching
+    from vlmtune.speed.compile_policy import optimizer_steps
+    from vlmtune.train.args import training_arguments
+    from vlmtune.train.callbacks import JsonlLogCallback, ProgressCallback, write_event
+    from vlmtune.train.deepspeed_config import prepare as prepare_deepspeed
+    from vlmtune.train.interrupt import SaveOnInterrupt, TrainingInterrupted
+    from vlmtune.train.nonfinite import NonFiniteGuard
+    from vlmtune.train.out_of_memory import oom_message
+    from vlmtune.train.preflight import preflight
+    from vlmtune.train.trainer import VlmTrainer
+    from vlmtune.train.vision_keepalive import VisionKeepAlive
 
     family = resolve_family(config)
     plan = resolve_precision(config)
