@@ -19,7 +19,7 @@ from typing import Any
 
 from vlmtune.errors import VlmtuneError
 from vlmtune.studio.cli_args import command_text, parse
-from vlmtune.studio.paths import Roots
+from vlmtune.studio.paths import Roots, model_ref
 
 LOG_FILE = "train_log.jsonl"
 CURVE_KEYS = ("loss", "eval_loss", "learning_rate", "tokens_per_second", "mem_reserved_gib", "mem_peak_gib",
@@ -58,9 +58,11 @@ class Runs:
             raise VlmtuneError("train: only `vlmtune train ...` commands start runs")
         config = resolve_config(parse(argv))
         folder = self.roots.resolve(str(self._in_home(config.output_dir)), "output_dir")
-        for name, path in (("data.train_path", config.data.train_path), ("data.val_path", config.data.val_path)):
+        for name, path in (("data.train_path", config.data.train_path), ("data.val_path", config.data.val_path),
+                           ("data.image_root", config.data.image_root)):
             if path is not None:
                 self.roots.resolve(str(self._in_home(path)), name)
+        model_ref(self.roots, config.model.name_or_path, "model.name_or_path")  # a folder must be inside too
         with self._lock:
             job = self._jobs.get(folder)
             if job is not None and job.running:
