@@ -88,3 +88,27 @@ def markdown() -> str:
     lines.append("")
     lines += [f"{i}. {note}" for i, note in enumerate(notes, 1)]
     return "\n".join(lines) + "\n"
+
+
+def trains(model_type: str) -> bool:
+    """Whether a family trains models of this model_type (the catalogue's own name for an architecture counts too:
+    its `qwen_vl` is the checkpoints' `qwen`)."""
+    from vlmtune.errors import VlmtuneError
+    from vlmtune.families import all_families, get_family
+
+    if any(model_type in f.model_types for f in all_families()):
+        return True
+    try:
+        get_family(model_type)
+        return True
+    except VlmtuneError:
+        return False
+
+
+def untrainable_note(model_type: str, model: str) -> str | None:
+    """What `estimate` / `recommend` say about a model they can size but `vlmtune train` cannot train."""
+    if trains(model_type):
+        return None
+    return (f"vlmtune can size {model} ({model_type}) but cannot train it yet: no family handles {model_type} "
+            "(`vlmtune families` lists those it trains)")
+

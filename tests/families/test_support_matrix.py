@@ -11,7 +11,7 @@ import pytest
 from vlmtune.cli.main import main
 from vlmtune.config.schema import VlmtuneConfig
 from vlmtune.families import all_families
-from vlmtune.support_matrix import COLUMNS, matrix, markdown
+from vlmtune.support_matrix import COLUMNS, markdown, matrix
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -58,3 +58,19 @@ def test_cli_prints_the_table(capsys):
     out = capsys.readouterr().out
     for family in all_families():
         assert family.name in out and family.default_model in out
+
+
+def test_models_the_estimator_knows_but_no_family_trains_are_said_so(capsys, tmp_path):
+    """`estimate` / `recommend` size a model `train` would refuse only with a word about it, and recommend writes no
+    config for it."""
+    from vlmtune.memory.catalogue import catalogue_names, lookup_model
+    from vlmtune.support_matrix import trains
+
+    untrained = [n for n in catalogue_names() if not trains(lookup_model(n).model_type)]
+    assert all(trains(lookup_model(n).model_type) for n in ("Qwen/Qwen-VL-Chat", "Qwen/Qwen2-VL-2B-Instruct"))
+    for name in untrained[:1]:  # SmolVLM v1 (idefics3) today
+        assert main(["estimate", "--model", name]) == 0
+        assert "cannot train it yet" in capsys.readouterr().out
+        out = tmp_path / "rec.yaml"
+        assert main(["recommend", "--gpu", "RTX 4090", "--model", name, "-o", str(out)]) == 2
+        assert "cannot train it yet" in capsys.readouterr().err and not out.exists()

@@ -300,6 +300,12 @@ def run(args: argparse.Namespace) -> int:
         if config.hardware.precision == "bf16" and breakdown.inputs.precision == "fp16" and breakdown.verdict:
             print(f"{breakdown.verdict.gpu} has no bf16: estimated in fp16, which `vlmtune train` uses there instead "
                   "(full fine-tuning then keeps fp32 master weights).")
+        from vlmtune.memory.catalogue import lookup_model
+        from vlmtune.support_matrix import untrainable_note
+
+        untrainable = untrainable_note(lookup_model(breakdown.model).model_type, breakdown.model)
+        if untrainable:
+            print(f"note: {untrainable}.")
         if config.training.batch_size == "auto":
             print("training.batch_size=auto: estimated at micro-batch 1; `vlmtune train` picks the largest that fits "
                   "the visible GPU, and `vlmtune recommend --gpu NAME` shows it for a named card.")

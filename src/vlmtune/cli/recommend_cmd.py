@@ -94,7 +94,7 @@ def recommendation(args: argparse.Namespace) -> tuple[Recommendation, Any]:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from vlmtune.errors import ConfigError
+    from vlmtune.errors import ConfigError, VlmtuneError
     from vlmtune.memory import all_gpus, get_gpu
     from vlmtune.memory.advice import config_yaml, format_table, table
 
@@ -159,6 +159,12 @@ def run(args: argparse.Namespace) -> int:
         _plot(rec, args.plot, quiet=args.json)
     if rec.best is None:
         return 1
+    from vlmtune.memory.catalogue import lookup_model
+    from vlmtune.support_matrix import untrainable_note
+
+    untrainable = untrainable_note(lookup_model(rec.best.inputs.model).model_type, rec.best.inputs.model)
+    if untrainable:  # a config `vlmtune train` would refuse is not written
+        raise VlmtuneError(f"{untrainable}; no config written. The estimate above is for planning only.")
     name = "THIS_FILE" if args.output == "-" else args.output
     train_path = args.data
     if args.output != "-":  # a config file's data paths are relative to the file (config/loader.relative_to_file)
