@@ -1,13 +1,15 @@
-"""A newcomer's first session, scripted (issue 20, Done when): a tiny model served by its hub id through a local
-fake hub (fake_hub.py) -> data check -> train -> Ctrl-C -> the printed resume command -> predict (base read from the
-adapter) -> export; no traceback and no other library's warning anywhere. (`scripts/setup.sh` is tested in
-test_setup_script.py, `vlmtune demo` in tests/demo/.)"""
+"""A newcomer's first session, scripted (issue 20, Done when): the setup's choice of PyTorch build (dry run; the
+install itself is what CI's own setup runs) -> the demo -> a tiny model served by its hub id through a local fake hub
+(fake_hub.py) -> data check -> train -> Ctrl-C -> the printed resume command -> predict (base read from the adapter)
+-> export; no traceback and no other library's warning anywhere."""
 
 from __future__ import annotations
 
 import json
 import shlex
 import signal
+import subprocess
+from pathlib import Path
 
 import pytest
 from fake_hub import FakeHub
@@ -26,8 +28,17 @@ def test_newcomer_session(tiny_model_dir, shapes_data, tmp_path):
         outputs.append(run)
         return run
 
+    repo = Path(__file__).resolve().parents[2]
+    setup = subprocess.run(["bash", "scripts/setup.sh", "--dry-run", "dev"], cwd=repo, capture_output=True,
+                           text=True, timeout=120)
+    assert setup.returncode == 0 and "setup (dry run): PyTorch: " in setup.stdout, setup.stdout + setup.stderr
+
     with FakeHub({REPO_ID: {"main": tiny_model_dir("qwen2_vl")}}) as hub:
         env = hub.env(tmp_path, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+        demo = vlmtune("demo", "--out", "demo")
+        assert demo.finish() == 0, demo.text[-3000:]
+        summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+        assert summary["accuracy_after"] > summary["accuracy_before"], summary
         check = vlmtune("data", "check", str(train), "--model", REPO_ID)
         assert check.finish() == 0, check.text[-3000:]
         assert "16 ok, 0 bad" in check.text and "tokens: p50" in check.text  # counted by the hub model
