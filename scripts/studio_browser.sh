@@ -26,7 +26,7 @@ if ! "$python" -c "import playwright" 2>/dev/null; then
   "$python" -m pip install -q playwright
 fi
 export STUDIO_CHROMIUM=$chromium
-export STUDIO_SCREENSHOTS=${STUDIO_SCREENSHOTS:-docs/studio}
+export STUDIO_SCREENSHOTS=$(realpath -m "${STUDIO_SCREENSHOTS:-docs/studio}")
 echo "studio_browser: $("$chromium" --version 2>/dev/null || echo "$chromium"); screenshots -> $STUDIO_SCREENSHOTS"
 "$python" -m pytest -q -p no:cacheprovider tests/studio/test_browser.py "$@"
 # Keep the committed pictures small: 256-colour palette PNGs.

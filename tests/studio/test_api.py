@@ -106,6 +106,9 @@ def test_paths_outside_the_opened_folders_are_refused(studio, workspace, tmp_pat
     assert status == 400
     status, out = studio.call("/api/train/start", {"form": tiny_form(workspace, output_dir=str(tmp_path / "elsewhere"))})
     assert status == 400 and "output_dir" in out["error"]
+    form = tiny_form(workspace, **{"model.name_or_path": str(tmp_path / "other-model")})
+    status, out = studio.call("/api/train/start", {"form": form})
+    assert status == 400 and "model.name_or_path" in out["error"]
     listing = studio.ok("/api/files?folder=.")
     assert listing["folder"] == "." and listing["parent"] is None
 

@@ -45,8 +45,9 @@ def page(studio):
         assert not errors, errors  # no JavaScript error on any page
 
 
-def _shots(tmp_path: Path) -> Path:
-    folder = Path(os.environ.get("STUDIO_SCREENSHOTS") or tmp_path / "screenshots")
+def _shots(tmp_path: Path, root: Path) -> Path:
+    """$STUDIO_SCREENSHOTS (relative to the repository: the test runs in its own working folder) or a temp one."""
+    folder = root / os.environ["STUDIO_SCREENSHOTS"] if os.environ.get("STUDIO_SCREENSHOTS") else tmp_path / "shots"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -71,8 +72,8 @@ def _until(page, condition: str, timeout: float = 240_000) -> None:
 
 
 @pytest.mark.slow
-def test_every_page_in_a_browser(page, studio, workspace, tmp_path):
-    shots = _shots(tmp_path)
+def test_every_page_in_a_browser(page, studio, workspace, tmp_path, pytestconfig):
+    shots = _shots(tmp_path, pytestconfig.rootpath)
     wait = 240_000
 
     # 1 Data: the broken line is listed by number; a sample's trained tokens are highlighted, the rest masked.
@@ -101,6 +102,7 @@ def test_every_page_in_a_browser(page, studio, workspace, tmp_path):
                            timeout=wait)
     assert "training.batch_size=16" in page.inner_text("#cfg-command")
     assert "batch_size: 16" in page.inner_text("#cfg-yaml")
+    page.evaluate("() => { document.activeElement.blur(); window.scrollTo(0, 0); }")
     page.screenshot(path=str(shots / "configure.png"))
     _set(page, "training.batch_size", "2")
 

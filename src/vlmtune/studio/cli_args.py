@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from typing import NoReturn
 
 from vlmtune.errors import VlmtuneError
 
@@ -14,7 +15,7 @@ class _Refused(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse would print and exit
+    def error(self, message: str) -> NoReturn:  # argparse would print and exit
         raise _Refused(message)
 
 

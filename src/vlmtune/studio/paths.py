@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +62,8 @@ class Roots:
         path = self.resolve(folder or ".", "folder")
         if not path.is_dir():
             raise VlmtuneError(f"folder: {folder} is not a folder; pick one from the list")
-        dirs, files = [], []
+        dirs: list[str] = []
+        files: list[str] = []
         for entry in sorted(path.iterdir(), key=lambda p: p.name.lower()):
             if entry.name.startswith("."):
                 continue
@@ -70,7 +72,7 @@ class Roots:
         return {"folder": self.shown(path), "parent": parent, "dirs": dirs, "files": files,
                 "roots": [str(f) for f in self.folders]}
 
-    def walk(self, max_depth: int = 4):
+    def walk(self, max_depth: int = 4) -> Iterator[Path]:
         """Every folder under the roots, to `max_depth` levels, skipping hidden and tool folders."""
         for root in self.folders:
             stack = [(root, 0)]
