@@ -32,6 +32,8 @@ def test_data_check_reports_the_bad_line(studio, workspace):
     assert not report["ok"] and [p["line"] for p in report["errors"]] == [2]
     assert "invalid JSON" in report["errors"][0]["message"]
     assert report["summary"]["records_ok"] == 2 and "tokens" in report["summary"]
+    assert sum(b["records"] for b in report["summary"]["token_histogram"]) == 2
+    assert report["summary"]["image_sides"] == {"1-128": 2}  # the shapes are 56 px
     cli, _ = check(parse(["data", "check", str(path), "--model", str(workspace["model"])]))
     assert report["summary"] == json.loads(json.dumps(cli.to_dict()["summary"]))  # the CLI's own report
     assert report["command"] == f"vlmtune data check {path} --model {workspace['model']}"

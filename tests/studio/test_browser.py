@@ -83,6 +83,7 @@ def test_every_page_in_a_browser(page, studio, workspace, tmp_path, pytestconfig
     page.click("#data-check-btn")
     page.wait_for_selector("#data-problems tr.problem[data-line='2']")
     assert "FAILED" in page.inner_text("#data-verdict")
+    assert page.locator("svg.histogram").count() == 2  # token lengths, image sizes
     page.click("#data-samples-btn")
     page.wait_for_selector(".sample .tok.trained")
     trained = "".join(page.locator(".sample").first.locator(".tok.trained").all_inner_texts())

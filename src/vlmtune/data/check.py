@@ -12,6 +12,9 @@ given a `token_length` callable, its length against `data.max_length`:
   `data.on_overflow="error"`, a warning with `"drop"` (training drops the record); an error either way if every
   record would be dropped. With a plain int, the checker cannot see image spans and only warns on over-length.
 
+The summary also holds histograms (for `vlmtune studio`'s data page): records per token-length range
+(`token_histogram`) and distinct images by their longest side (`image_sides`).
+
 Memory stays bounded whatever the file holds: records are checked one at a time and let go; what is kept per
 record is 8 bytes (its token length), per distinct image ~70 bytes (a hash of its path), and at most
 MAX_STORED_PROBLEMS problems of each severity. Ignored-field warnings (`data.on_ignored_field=warn`) are counted
@@ -132,6 +135,28 @@ def _token_summary(lengths: array) -> dict[str, Any]:
     }
 
 
+SIDE_BINS = (128, 256, 512, 1024, 2048)
+"""Upper edges (pixels, longest side) of the image-size histogram's bins; the last bin is everything above."""
+
+
+def side_bin(side: int) -> str:
+    low = 0
+    for edge in SIDE_BINS:
+        if side <= edge:
+            return f"{low + 1}-{edge}"
+        low = edge
+    return f">{SIDE_BINS[-1]}"
+
+
+def length_histogram(lengths: array, bins: int = 10) -> list[dict[str, int]]:
+    """Records per token-length range: `bins` equal ranges from the shortest to the longest record."""
+    lo, hi = min(lengths), max(lengths)
+    width = max(1, -(-(hi - lo + 1) // bins))
+    counts = Counter((n - lo) // width for n in lengths)
+    return [{"from": lo + i * width, "to": lo + (i + 1) * width - 1, "records": counts.get(i, 0)}
+            for i in range((hi - lo) // width + 1)]
+
+
 class _ImageCache:
     """Each distinct file is opened once, however many records use it. Good files are remembered by a 64-bit hash
     of their path (~70 bytes each); the messages of bad ones are kept up to MAX_STORED_PROBLEMS, past that a bad
@@ -144,6 +169,8 @@ class _ImageCache:
         self._messages: dict[int, str] = {}
         self.modes: Counter[str] = Counter()
         self.animated = 0
+        self.sides: Counter[str] = Counter()
+        """Distinct good images by their longest side (`SIDE_BINS`), for the histogram."""
 
     @property
     def unique(self) -> int:
@@ -162,6 +189,7 @@ class _ImageCache:
             if len(self._messages) < MAX_STORED_PROBLEMS:
                 self._messages[key] = str(exc)
             return str(exc)
+        self.sides[side_bin(max(decoded.image.size))] += 1
         decoded.image.close()
         self._good.add(key)
         if decoded.mode != "RGB":
@@ -322,8 +350,11 @@ def check_file(
     s["unique_images"] = images.unique
     s["converted_modes"] = dict(images.modes)
     s["animated_images"] = images.animated
+    s["image_sides"] = {b: images.sides[b] for b in [side_bin(e) for e in SIDE_BINS] + [side_bin(SIDE_BINS[-1] + 1)]
+                        if images.sides[b]}
     if lengths:
         s["tokens"] = _token_summary(lengths)
+        s["token_histogram"] = length_histogram(lengths)
     if s["records_ok"] and dropped == s["records_ok"]:
         report.add(
             Problem(

@@ -64,8 +64,26 @@ async function checkData() {
     const extra = [];
     if (s.tokens) extra.push(el("div", { text: `tokens per record: p50 ${s.tokens.p50}, p90 ${s.tokens.p90}, max ${s.tokens.max} (max_length ${s.max_length}: ${s.over_max_length} over)` }));
     if (r.note) extra.push(el("div", { class: "muted", text: r.note }));
+    const hists = el("div", { class: "row" });
+    if (s.token_histogram) hists.append(bars("records per token length", s.token_histogram.map((b) => [b.from === b.to ? `${b.from}` : `${b.from}-${b.to}`, b.records])));
+    if (s.image_sides && Object.keys(s.image_sides).length) hists.append(bars("images by longest side (px)", Object.entries(s.image_sides)));
+    extra.push(hists);
     $("data-report").replaceChildren(head, ...extra, table);
   });
+}
+function bars(label, rows) {
+  const W = 360, H = 130, NS = "http://www.w3.org/2000/svg", top = Math.max(1, ...rows.map((r) => r[1]));
+  const svg = document.createElementNS(NS, "svg");
+  svg.setAttribute("width", W); svg.setAttribute("height", H); svg.setAttribute("class", "curve histogram"); svg.dataset.label = label;
+  const text = (x, y, t, size = 9) => { const e = document.createElementNS(NS, "text"); e.setAttribute("x", x); e.setAttribute("y", y); e.setAttribute("font-size", size); e.textContent = t; return e; };
+  svg.append(text(4, 12, label, 11));
+  const w = (W - 10) / rows.length;
+  rows.forEach(([name, n], i) => {
+    const h = (n / top) * (H - 50), r = document.createElementNS(NS, "rect");
+    r.setAttribute("x", 5 + i * w + 1); r.setAttribute("y", H - 22 - h); r.setAttribute("width", Math.max(1, w - 2)); r.setAttribute("height", h); r.setAttribute("fill", "#1f77b4");
+    svg.append(r, text(5 + i * w + 1, H - 25 - h, String(n)), text(5 + i * w + 1, H - 8, name, 8));
+  });
+  return svg;
 }
 async function showSamples(delta = 0) {
   state.sampleStart = Math.max(0, state.sampleStart + delta);
