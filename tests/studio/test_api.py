@@ -141,6 +141,7 @@ def test_a_cli_run_folder_is_listed_with_its_curves(studio, workspace):
     (run / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')
     runs = studio.ok("/api/runs")["runs"]
     assert [r["folder"] for r in runs] == ["cli-run"] and runs[0]["started_here"] is False
+    assert runs[0]["status"] == "running elsewhere"  # its log was just written, no final result yet
     detail = studio.ok("/api/run?folder=cli-run")
     assert detail["curves"]["loss"] == [[1, 2.0], [2, 1.0], [3, 2.0 / 3]]  # the half-written line is skipped
     assert detail["loss_png"] and detail["last_step"] == 3

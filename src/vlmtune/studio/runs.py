@@ -130,6 +130,8 @@ class Runs:
             status = "stopping" if job.stop_requested else "running"
         elif job is not None and job.process.returncode not in (0, None):
             status = "stopped" if job.process.returncode == 130 else f"failed (exit {job.process.returncode})"
+        elif not finished and _age(folder / LOG_FILE) < ACTIVE_SECONDS:
+            status = "running elsewhere"  # a CLI run writing its log
         else:
             status = "finished" if finished else ("stopped" if find_checkpoints(folder) else "not started")
         return {
@@ -168,6 +170,17 @@ class Runs:
             raise VlmtuneError(f"run folder: {text} is not a vlmtune run folder (no .vlmtune-output marker of a run); "
                                "pick one from the run list")
         return folder
+
+
+ACTIVE_SECONDS = 60
+"""A run folder whose log changed this recently (and has no final result) counts as training elsewhere."""
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return float("inf")
 
 
 def _rows(log: Path) -> list[dict[str, Any]]:

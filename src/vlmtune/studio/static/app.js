@@ -213,7 +213,7 @@ async function refreshRun() {
   $("run-status").dataset.status = r.status;
   $("run-command").textContent = r.command || "(started outside this studio)";
   $("run-stop").disabled = !(r.started_here && (r.status === "running" || r.status === "stopping"));
-  $("run-resume").disabled = !(r.has_config && r.status !== "running" && r.status !== "stopping" && r.checkpoints.length);
+  $("run-resume").disabled = !(r.has_config && !r.status.startsWith("running") && r.status !== "stopping" && r.checkpoints.length);
   if (r.loss_png) $("run-loss-img").src = "data:image/png;base64," + r.loss_png;
   $("run-loss-img").dataset.points = String((r.curves.loss || []).length);
   const curves = $("run-curves"); curves.replaceChildren();
