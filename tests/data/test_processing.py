@@ -218,3 +218,36 @@ def test_collator_pads_to_a_multiple_and_rejects_mismatched_samples(setup, image
     other = encode(text_only(), llava_processor, llava, DataConfig())  # no mm_token_type_ids
     with pytest.raises(ValueError, match="different per-token tensors"):
         Collator(0)([sample, other])
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_cut_before_the_markup_closing_an_image_is_an_overflow(setup, images, name):
+    """A cut right after the last image token, before what the processor puts after it (Gemma 3's <end_of_image>,
+    SmolVLM's closing <fake_token_around_image>, InternVL's and Qwen-VL's </img>), drops the record even when an
+    earlier answer would leave labels to train on; a cut just past that markup keeps it."""
+    family, processor = setup[name]
+    a, _ = images
+    record = Record(5, [Message("user", [TextPart("Hello, who are you?")]),
+                        Message("assistant", [TextPart("An assistant that looks at pictures.")]),
+                        Message("user", [ImagePart(a), TextPart("Describe it.")]),
+                        Message("assistant", [TextPart("A red picture.")])])
+    if family.record_problem(record):
+        pytest.skip(f"{name} takes no such record: {family.record_problem(record)}")
+    full = encode(record, processor, family, DataConfig())
+    ids = full.input_ids
+    last = int((ids == processor.image_token_id).nonzero()[-1])
+    tail = 0  # what follows the image tokens up to the first token a text-only rendering would also have
+    closing = {processor.tokenizer.convert_tokens_to_ids(t) for t in
+               ("<end_of_image>", "<fake_token_around_image>", "</img>", "<|vision_end|>") if t in processor.tokenizer.get_vocab()}
+    while last + 1 + tail < len(ids) and int(ids[last + 1 + tail]) in closing:
+        tail += 1
+    if tail == 0:
+        pytest.skip(f"{name}'s processor closes no image with markup")
+    dropped = encode_or_drop(record, processor, family, DataConfig(max_length=last + 1))
+    assert isinstance(dropped, Dropped) and "inside or before an image" in dropped.reason
+    from vlmtune.data.processing import _image_tail
+
+    span = _image_tail(processor, family)  # the processor's whole expansion after the image (Gemma 3: + "\n\n")
+    assert span >= tail
+    kept = encode(record, processor, family, DataConfig(max_length=last + 1 + span))
+    assert kept is not None and int(kept.input_ids[last + tail]) in closing

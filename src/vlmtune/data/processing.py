@@ -148,14 +148,37 @@ def _open(path: Any, data_cfg: DataConfig) -> Image:
 
 
 def _image_span_end(input_ids: torch.Tensor, processor: ProcessorMixin, family: FamilyDescriptor) -> int:
-    """Index just past the last image span (the image tokens plus what the placeholder puts after them, e.g.
-    <|vision_end|>); 0 without images."""
+    """Index just past the last image span: the image tokens plus the markup the processor puts after them (e.g.
+    Qwen's <|vision_end|>, Gemma 3's <end_of_image>, SmolVLM's closing <fake_token_around_image>); 0 without
+    images."""
     positions = (input_ids == processor.image_token_id).nonzero()
     if positions.numel() == 0:
         return 0
-    suffix = family.image_placeholder.split(processor.image_token)[-1]
-    tail = len(processor.tokenizer(suffix, add_special_tokens=False)["input_ids"]) if suffix else 0
-    return int(positions[-1]) + 1 + tail
+    return int(positions[-1]) + 1 + _image_tail(processor, family)
+
+
+def _image_tail(processor: ProcessorMixin, family: FamilyDescriptor) -> int:
+    """How many tokens the processor puts after an image's last image token: read from the processor's own expansion
+    of the placeholder for one image (once per processor), so what a family's processor wraps around its image
+    tokens is never cut off at data.max_length, whatever the family."""
+    cached = getattr(processor, "_vlmtune_image_tail", None)
+    if cached is not None:
+        return cached
+    from PIL import Image
+
+    try:
+        out = processor(text=[family.image_placeholder], images=[Image.new("RGB", (448, 448))],
+                        add_special_tokens=False, return_tensors="pt")
+        ids = out["input_ids"][0]
+        tail = int(ids.numel()) - int((ids == processor.image_token_id).nonzero()[-1]) - 1
+    except Exception:  # a processor that cannot expand the bare placeholder: what the placeholder text itself adds
+        suffix = family.image_placeholder.split(processor.image_token)[-1]
+        tail = len(processor.tokenizer(suffix, add_special_tokens=False)["input_ids"]) if suffix else 0
+    try:
+        processor._vlmtune_image_tail = tail
+    except AttributeError:
+        pass
+    return tail
 
 
 def encode_or_drop(record: Record, processor: ProcessorMixin, family: FamilyDescriptor,
