@@ -17,20 +17,28 @@ class Models:
     KEEP = 2
 
     def __init__(self) -> None:
-        self._loaded: dict[tuple[str, str], Any] = {}
+        self._loaded: dict[tuple[str, str, float], Any] = {}
         self.lock = threading.Lock()
         """One generation at a time: a model is not shared between threads mid-generate."""
 
     def get(self, model: str, adapter: str) -> Any:
         from vlmtune.export.predict import load_for_inference
 
-        key = (model, adapter)
+        key = (model, adapter, _written(adapter or model))  # a run trained again is loaded again
         if key not in self._loaded:
             loaded = load_for_inference(model, adapter) if model and adapter else load_for_inference(model or adapter)
             while len(self._loaded) >= self.KEEP:
                 self._loaded.pop(next(iter(self._loaded)))
             self._loaded[key] = loaded
         return self._loaded[key]
+
+
+def _written(folder: str) -> float:
+    """The newest modification time of a local model or adapter folder's files (0 for a hub id)."""
+    path = Path(folder)
+    if not path.is_dir():
+        return 0.0
+    return max((f.stat().st_mtime for f in path.iterdir() if f.is_file()), default=0.0)
 
 
 def _model_args(model: str, adapter: str) -> list[str]:
