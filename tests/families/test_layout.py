@@ -11,7 +11,7 @@ from vlmtune.errors import ConfigError
 from vlmtune.families import get_family
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "instructblip", "gemma3", "smolvlm", "qwen3_5", "internvl",
-            "qwen_vl", "mllama"]
+            "qwen_vl", "mllama", "qwen3_vl_moe"]
 # Qwen-VL keeps its checkpoint's own layer names (fused c_attn, w1/w2/c_proj): its target sets are tested in
 # test_qwen_vl.py
 STANDARD_NAMES = [n for n in FAMILIES if n != "qwen_vl"]
@@ -58,7 +58,8 @@ def _linear_names(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
-@pytest.mark.parametrize("name", [n for n in STANDARD_NAMES if n != "qwen3_5"])  # hybrid layers: test_qwen3_5.py
+# hybrid layers: test_qwen3_5.py; fused experts (no MLP linears): test_qwen3_vl_moe.py
+@pytest.mark.parametrize("name", [n for n in STANDARD_NAMES if n not in ("qwen3_5", "qwen3_vl_moe")])
 @pytest.mark.parametrize("kind, per_layer", [("minimal", 3), ("attention", 4), ("all", 7)])
 def test_lora_targets_reach_only_language_layers(models, name, kind, per_layer):
     family, model = get_family(name), models[name]
@@ -71,7 +72,7 @@ def test_lora_targets_reach_only_language_layers(models, name, kind, per_layer):
     assert {n.rsplit(".", 1)[-1] for n in hits} == set(family.lora_targets(kind))
 
 
-@pytest.mark.parametrize("name", STANDARD_NAMES)
+@pytest.mark.parametrize("name", [n for n in STANDARD_NAMES if n != "qwen3_vl_moe"])  # no mlp.down_proj linear
 def test_explicit_targets_and_vision_targets(models, name):
     family, model = get_family(name), models[name]
     assert family.lora_targets(["q_proj", "mlp.down_proj"]) == ["q_proj", "mlp.down_proj"]

@@ -11,7 +11,7 @@ import pytest
 from vlmtune.errors import VlmtuneError
 from vlmtune.families import all_families, family_for_model, get_family
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "instructblip", "gemma3", "smolvlm", "qwen3_5", "internvl", "qwen_vl", "mllama"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "instructblip", "gemma3", "smolvlm", "qwen3_5", "internvl", "qwen_vl", "mllama", "qwen3_vl_moe"]
 SRC = Path(__file__).resolve().parents[2] / "src" / "vlmtune"
 
 
@@ -22,7 +22,7 @@ def test_registry_lists_every_family():
 
 
 def test_unknown_family_lists_the_known_ones():
-    with pytest.raises(VlmtuneError, match="known families: qwen2_vl, qwen2_5_vl, qwen3_vl, llava, instructblip, gemma3, smolvlm, qwen3_5, internvl, qwen_vl, mllama"):
+    with pytest.raises(VlmtuneError, match="known families: qwen2_vl, qwen2_5_vl, qwen3_vl, llava, instructblip, gemma3, smolvlm, qwen3_5, internvl, qwen_vl, mllama, qwen3_vl_moe"):
         get_family("qwen9_vl")
 
 

@@ -12,7 +12,7 @@ from vlmtune.config.schema import DataConfig, VlmtuneConfig
 from vlmtune.errors import ConfigError, VlmtuneError
 from vlmtune.families import get_family
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "instructblip", "gemma3", "smolvlm", "qwen3_5", "internvl", "mllama"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "instructblip", "gemma3", "smolvlm", "qwen3_5", "internvl", "mllama", "qwen3_vl_moe"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)

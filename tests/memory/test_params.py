@@ -148,7 +148,8 @@ def test_catalogue_agrees_with_the_family_descriptors():
             assert arch.vision == tuple(family.vision_prefixes), model_type
             assert arch.projector == tuple(family.projector_prefixes), model_type
             for kind in ("minimal", "attention", "all"):
-                assert arch.lora_targets[kind] == list(family.lora_targets(kind)), (model_type, kind)
+                assert arch.lora_targets[kind] == (list(family.lora_targets(kind))
+                                                   + family.lora_parameter_targets(kind)), (model_type, kind)
             name = next(n for n in catalogue_names() if lookup_model(n).model_type == model_type)
             counts = count_params(lookup_model(name))
             targets = family.vision_lora_targets

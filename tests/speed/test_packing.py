@@ -17,7 +17,7 @@ from vlmtune.families import get_family
 from vlmtune.speed.loss_hook import unwrap_peft
 from vlmtune.speed.packed_attention import NAME, packed_attention, packed_sdpa_attention
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "smolvlm", "internvl"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "smolvlm", "internvl", "qwen3_vl_moe"]
 
 
 def test_pack_bins_budget_and_coverage():

@@ -17,7 +17,7 @@ from vlmtune.export.predict import load_for_inference
 from vlmtune.train.engine import train
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "instructblip", "gemma3", "smolvlm", "qwen3_5", "internvl",
-            "qwen_vl", "mllama"]
+            "qwen_vl", "mllama", "qwen3_vl_moe"]
 METHODS = ["lora", "qlora", "full"]
 
 

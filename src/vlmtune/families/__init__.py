@@ -20,6 +20,7 @@ from vlmtune.families import (
     qwen2_vl,
     qwen3_5,
     qwen3_vl,
+    qwen3_vl_moe,
     qwen_vl,
     smolvlm,
 )
@@ -29,7 +30,7 @@ _FAMILIES: dict[str, FamilyDescriptor] = {
     d.name: d for d in (qwen2_vl.DESCRIPTOR, qwen2_5_vl.DESCRIPTOR, qwen3_vl.DESCRIPTOR, llava.DESCRIPTOR,
                instructblip.DESCRIPTOR, gemma3.DESCRIPTOR, smolvlm.DESCRIPTOR, qwen3_5.DESCRIPTOR,
                internvl.DESCRIPTOR, qwen_vl.DESCRIPTOR,
-               mllama.DESCRIPTOR)
+               mllama.DESCRIPTOR, qwen3_vl_moe.DESCRIPTOR)
 }
 
 __all__ = ["FamilyDescriptor", "all_families", "family_for_model", "get_family"]

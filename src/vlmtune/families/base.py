@@ -84,6 +84,10 @@ class FamilyDescriptor(ABC):
     vision_layers_prefix: ClassVar[str]
     """The vision tower's block list; vision LoRA targets are matched only below it."""
     lora_target_sets: ClassVar[Mapping[str, tuple[str, ...]]] = LORA_TARGET_SETS
+    lora_target_parameters: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+    """Per target set, parameters (not modules) that get adapters through PEFT's `target_parameters`, named from a
+    decoder layer (`mlp.experts.gate_up_proj`): weights held as bare (e.g. fused 3-D expert) parameters that no
+    nn.Linear wraps. Sets missing here, and explicit target lists, add none."""
     vision_lora_targets: ClassVar[tuple[str, ...]]
     """Linear-layer leaf names inside the vision blocks (for `method.lora.adapt_vision_tower`)."""
     projector_layers_prefix: ClassVar[str | None] = None
@@ -143,6 +147,10 @@ class FamilyDescriptor(ABC):
                                f"{', '.join(self.lora_target_sets)} or a list of module names"])
         return list(self.lora_target_sets[kind])
 
+    def lora_parameter_targets(self, kind: LoraKind | list[str]) -> list[str]:
+        """Parameter names (from a decoder layer) that `kind` adapts through PEFT's `target_parameters`."""
+        return [] if isinstance(kind, list) else list(self.lora_target_parameters.get(kind, ()))
+
     def lora_target_regex(self, kind: LoraKind | list[str], adapt_vision_tower: bool = False) -> str:
         """A PEFT `target_modules` regex (PEFT full-matches it against module names) reaching only the language
         model's decoder layers, plus the vision blocks when `adapt_vision_tower`. Short names alone would also hit
@@ -160,6 +168,13 @@ class FamilyDescriptor(ABC):
                 and not self.projector_lora_targets):
             problems.append(f"method.lora.adapt_projector: {self.name} names no projector layers for adapters (its "
                             "projector is small); use method.lora.train_projector to train it fully")
+        lora = config.method.lora
+        if (config.method.name.value in ("lora", "qlora") and lora.dropout and "dropout" in lora.model_fields_set
+                and self.lora_parameter_targets(lora.target_modules)):
+            problems.append(
+                f"method.lora.dropout={lora.dropout}: target_modules={lora.target_modules!r} adapts {self.name}'s "
+                f"parameters {self.lora_parameter_targets(lora.target_modules)} through PEFT's target_parameters, "
+                "which takes no dropout; set method.lora.dropout: 0 (the default for it), or target_modules: attention")
         return problems + self._check_extra(config)
 
     def notes(self, config: VlmtuneConfig) -> list[str]:

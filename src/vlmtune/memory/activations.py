@@ -132,7 +132,7 @@ def activation_terms(
     dequant = 0
     if inputs.method == "qlora":
         largest = max(
-            (lin.in_features * lin.out_features for lin in counts.linears if lin.part == "language"),
+            (lin.in_features * lin.out_features for lin in counts.linears if lin.part == "language" and lin.count == 1),
             default=0,
         )
         dequant = 2 * 2 * largest

@@ -22,6 +22,10 @@ class LinearInfo:
     part: str
     in_features: int
     out_features: int
+    count: int = 1
+    """Weight matrices of this shape under this name: a fused 3-D expert parameter (experts, out, in) holds one per
+    expert. Those are not nn.Linear, so bitsandbytes leaves them 16-bit; LoRA reaches them through the family's
+    `lora_target_parameters` (PEFT's target_parameters: r x (in + out) per expert)."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,9 @@ def _from_model(spec: ModelSpec, model: Any, config: Any) -> ParamCounts:
             linear_weights[part] += module.weight.numel()
             if part in ("language", "vision", "projector"):
                 linears.append(LinearInfo(name, part, module.in_features, module.out_features))
+        elif part == "language" and not isinstance(module, torch.nn.modules.conv._ConvNd):
+            linears += [LinearInfo(f"{name}.{pname}", part, p.shape[2], p.shape[1], count=p.shape[0])
+                        for pname, p in module.named_parameters(recurse=False) if p.dim() == 3]
         elif isinstance(module, torch.nn.ModuleList) and part == "language":
             layer_params = max([layer_params] + [sum(p.numel() for p in c.parameters()) for c in module])
     tied = parts["lm_head"] == 0 and head is not None
@@ -213,7 +220,7 @@ def lora_params(
     for lin in counts.linears:
         wanted = {"language": targets, "vision": vision_targets, "projector": projector_targets}.get(lin.part, ())
         if wanted and _matches(lin.name, wanted):
-            total += rank * (lin.in_features + lin.out_features)
+            total += rank * (lin.in_features + lin.out_features) * lin.count
     return total
 
 

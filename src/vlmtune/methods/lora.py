@@ -65,6 +65,19 @@ def lora_target_names(model: torch.nn.Module, config: VlmtuneConfig, family: Fam
     return names
 
 
+def lora_parameter_names(model: torch.nn.Module, config: VlmtuneConfig, family: FamilyDescriptor) -> list[str]:
+    """Full names of the bare parameters that get adapters through PEFT's `target_parameters` (the family's
+    `lora_target_parameters` for the target set, e.g. fused expert weights), inside the language model's layers."""
+    wanted = family.lora_parameter_targets(config.method.lora.target_modules)
+    prefix = family.language_layers_prefix + "."
+    names = [n for n, _ in model.named_parameters()
+             if n.startswith(prefix) and any(n.endswith("." + w) for w in wanted)]
+    if wanted and not names:
+        raise ConfigError([f"method.lora.target_modules={config.method.lora.target_modules!r}: {family.name} "
+                           f"adapts the parameters {wanted}, but the model has none of them"])
+    return names
+
+
 def projector_names(model: torch.nn.Module, family: FamilyDescriptor) -> list[str]:
     """The projector modules present in this model (fully trained with `train_projector`). A module list (e.g. one
     DeepStack merger per tapped vision block) is given by its items: PEFT's modules_to_save wraps modules,
@@ -96,6 +109,10 @@ def add_adapters(
 
     lora = config.method.lora
     targets = lora_target_names(model, config, family)
+    parameters = lora_parameter_names(model, config, family)
+    dropout = lora.dropout
+    if parameters and "dropout" not in lora.model_fields_set:
+        dropout = 0.0  # PEFT's target_parameters take none; a dropout the user sets is refused by family.check
     modules_to_save = projector_names(model, family) if lora.train_projector else None
     if lora.train_projector and not modules_to_save:
         raise ConfigError(
@@ -104,8 +121,9 @@ def add_adapters(
     peft_config = LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
+        lora_dropout=dropout,
         target_modules=targets,
+        **({"target_parameters": parameters} if parameters else {}),
         modules_to_save=modules_to_save,
         bias="none",
         task_type="CAUSAL_LM",
@@ -125,10 +143,11 @@ def add_adapters(
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()
     log.info(
-        "LoRA r=%d alpha=%g on %d linear layers%s%s%s",
+        "LoRA r=%d alpha=%g on %d linear layers%s%s%s%s",
         lora.rank,
         lora.alpha,
         len(targets),
+        f" and {len(parameters)} parameters (target_parameters)" if parameters else "",
         " (vision tower included)" if lora.adapt_vision_tower else "",
         " (projector included)" if lora.adapt_projector else "",
         f"; projector trained fully: {modules_to_save}" if modules_to_save else "",
