@@ -99,3 +99,10 @@ def test_the_30b_a3b_architecture_is_the_catalogues(tmp_path):
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
     assert sum(p.numel() for p in model.parameters()) == spec.params
+
+
+def test_zero3_is_refused_with_the_reason():
+    config = VlmtuneConfig.model_validate({"model": {"name_or_path": "x"}, "distributed": {"zero_stage": 3}})
+    assert [p for p in FAMILY.check(config) if p.startswith("distributed.zero_stage=3")]
+    assert FAMILY.check(config.model_copy(update={"distributed": config.distributed.model_copy(
+        update={"zero_stage": 2})})) == []

@@ -18,13 +18,19 @@ transformers 5.17 and 5.23 layout (same names): as Qwen3-VL, with `model.languag
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vlmtune.families.capabilities import Experimental
+from vlmtune.families.capabilities import Experimental, Unsupported
 from vlmtune.families.qwen3_vl import _ROPE, _VISION_LARGE, Qwen3VLFamily
 from vlmtune.families.tiny import overlay
 
+if TYPE_CHECKING:
+    from vlmtune.config.schema import VlmtuneConfig
+
 _EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+_ZERO3 = ("transformers 5.23 loads a checkpoint under ZeRO-3 (zero.Init) without the conversion that transposes the "
+          "fused expert weights from the checkpoint's layout, so loading stops with a size mismatch (and a square "
+          "expert tensor would load transposed); use distributed.zero_stage 2 or one process")
 
 
 class Qwen3VLMoeFamily(Qwen3VLFamily):
@@ -42,6 +48,7 @@ class Qwen3VLMoeFamily(Qwen3VLFamily):
         "qlora": Experimental(
             "bitsandbytes quantizes nn.Linear layers only; the fused 3-D expert weights (about 93% of the 31B "
             "parameters) stay 16-bit, so QLoRA saves little over LoRA (attention alone is 4-bit)"),
+        "zero3": Unsupported(_ZERO3),
     }
 
     tiny_numbers: Mapping[str, Any] = overlay(Qwen3VLFamily.tiny_numbers, {"text_config": {
@@ -57,6 +64,12 @@ class Qwen3VLMoeFamily(Qwen3VLFamily):
                                     "rope_parameters": _ROPE},
                     "vision_config": _VISION_LARGE, "tie_word_embeddings": False},
     }
+
+    def _check_extra(self, config: VlmtuneConfig) -> list[str]:
+        problems = super()._check_extra(config)
+        if config.distributed.zero_stage == 3 and config.distributed.engine != "none":
+            problems.append(f"distributed.zero_stage=3: {self.name} cannot load under ZeRO-3: {_ZERO3}")
+        return problems
 
 
 DESCRIPTOR = Qwen3VLMoeFamily()
