@@ -148,9 +148,8 @@ def _open(path: Any, data_cfg: DataConfig) -> Image:
 
 
 def _image_span_end(input_ids: torch.Tensor, processor: ProcessorMixin, family: FamilyDescriptor) -> int:
-    """Index just past the last image span: the image tokens plus the markup the processor puts after them (e.g.
-    Qwen's <|vision_end|>, Gemma 3's <end_of_image>, SmolVLM's closing <fake_token_around_image>); 0 without
-    images."""
+    """Index just past the last image span: the image tokens plus the markup the processor puts after them (an
+    end-of-image token, a closing tile marker); 0 without images."""
     positions = (input_ids == processor.image_token_id).nonzero()
     if positions.numel() == 0:
         return 0
