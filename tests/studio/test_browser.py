@@ -92,10 +92,10 @@ def test_every_page_in_a_browser(page, studio, workspace, tmp_path, pytestconfig
 
     # 2 Configure: the tiny run's settings typed into the form; a larger batch raises the estimate.
     page.click("nav [data-page='configure']")
-    for path, value in tiny_form(workspace, **{"training.max_steps": "8"})["settings"].items():
+    for path, value in tiny_form(workspace, **{"training.max_steps": "40"})["settings"].items():
         _set(page, path, value)
-    page.wait_for_function("() => document.querySelector('#cfg-command').textContent.includes('training.max_steps=8')"
-                           " && document.querySelector('#cfg-estimate-command').textContent.includes('max_steps=8')",
+    page.wait_for_function("() => document.querySelector('#cfg-command').textContent.includes('training.max_steps=40')"
+                           " && document.querySelector('#cfg-estimate-command').textContent.includes('max_steps=40')",
                            timeout=wait)
     before = float(page.get_attribute("#cfg-estimate-summary", "data-peak"))
     _set(page, "training.batch_size", "16")

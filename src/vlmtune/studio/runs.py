@@ -129,7 +129,11 @@ class Runs:
         if job is not None and job.running:
             status = "stopping" if job.stop_requested else "running"
         elif job is not None and job.process.returncode not in (0, None):
-            status = "stopped" if job.process.returncode == 130 else f"failed (exit {job.process.returncode})"
+            code = job.process.returncode
+            if finished and (folder / "final").stat().st_mtime >= job.started:
+                status = "finished"  # a stop that came as the run was ending
+            else:
+                status = "stopped" if code in (130, -signal.SIGINT) else f"failed (exit {code})"
         elif not finished and _age(folder / LOG_FILE) < ACTIVE_SECONDS:
             status = "running elsewhere"  # a CLI run writing its log
         else:
