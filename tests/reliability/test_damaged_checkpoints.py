@@ -192,6 +192,10 @@ def test_a_crafted_pickle_runs_no_code_on_resume(name, trained, tmp_path, capsys
 @pytest.mark.slow
 @pytest.mark.reliability("pickle")
 def test_a_crafted_pickle_in_deepspeed_states_runs_no_code(tiny_model_dir, shapes_data, tmp_path):
+    # two DeepSpeed runs on two processes (~2 min on CI's 2 cores): run by scripts/reliability.sh; CI keeps the
+    # crafted-pickle cases of the plain checkpoints, which go through the same weights-only loader
+    if not os.environ.get("VLMTUNE_ALL_KILLS"):
+        pytest.skip("run by scripts/reliability.sh (VLMTUNE_ALL_KILLS=1): two DeepSpeed runs, ~2 minutes")
     pytest.importorskip("deepspeed")
     import yaml
 

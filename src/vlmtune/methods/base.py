@@ -47,6 +47,14 @@ def on_cpu(config: VlmtuneConfig) -> bool:
     return config.hardware.use_cpu or not torch.cuda.is_available()
 
 
+def gpu_has_bf16() -> bool:
+    """Whether the current CUDA device computes in bf16 (Ampere and newer); True when that cannot be asked."""
+    try:
+        return bool(torch.cuda.is_bf16_supported())
+    except (AssertionError, RuntimeError):  # no usable CUDA build or driver: nothing to fall back from
+        return True
+
+
 def resolve_precision(config: VlmtuneConfig) -> PrecisionPlan:
     """Map the requested precision onto the device.
 
@@ -77,7 +85,7 @@ def resolve_precision(config: VlmtuneConfig) -> PrecisionPlan:
     if requested == "fp32":
         return PrecisionPlan("cuda", torch.float32, False, False, "GPU: fp32 weights, no autocast")
     fallback = ""
-    if requested == "bf16" and not torch.cuda.is_bf16_supported():
+    if requested == "bf16" and not gpu_has_bf16():
         # pre-Ampere cards (T4, V100, RTX 20xx) have no bf16 units: fp16 with loss scaling is what they compute in
         requested = "fp16"
         fallback = f" ({torch.cuda.get_device_name()} has no bf16: hardware.precision=bf16 runs as fp16)"

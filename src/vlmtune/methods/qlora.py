@@ -15,7 +15,14 @@ import torch
 
 from vlmtune.config.schema import VlmtuneConfig
 from vlmtune.errors import require
-from vlmtune.methods.base import Method, load_base_model, log_parameter_counts, on_cpu, resolve_precision
+from vlmtune.methods.base import (
+    Method,
+    gpu_has_bf16,
+    load_base_model,
+    log_parameter_counts,
+    on_cpu,
+    resolve_precision,
+)
 from vlmtune.methods.lora import add_adapters
 
 if TYPE_CHECKING:
@@ -45,7 +52,7 @@ def bnb_config(config: VlmtuneConfig, family: FamilyDescriptor, quant_storage: t
 
     quant = config.method.quantization
     compute = _COMPUTE[quant.compute_dtype]
-    if compute is torch.bfloat16 and not on_cpu(config) and not torch.cuda.is_bf16_supported():
+    if compute is torch.bfloat16 and not on_cpu(config) and not gpu_has_bf16():
         compute = torch.float16  # a card without bf16 (T4, V100): as resolve_precision's fp16 for the rest
     return BitsAndBytesConfig(
         load_in_4bit=True,
