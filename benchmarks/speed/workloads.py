@@ -328,6 +328,24 @@ FAMILY_WORKLOADS = (
 )
 WORKLOADS.update({w.name: w for w in FAMILY_WORKLOADS})
 
+W2U = Workload(
+    "W2u",
+    "Qwen2.5-VL-7B QLoRA r16, batch 1 x (336 px + 512 text), GC: issue 19's 8 GB setting (lean QLoRA, the "
+    "ultra_low_memory preset's method) against the plain QLoRA path",
+    "qwen2_5_vl",
+    "7b",
+    "qlora",
+    1,
+    336,
+    512,
+    variants=(Variant("plain_gc", "plain", True), Variant("vlmtune_lean", "vlmtune", True, {"method.quantization.lean": True})),
+    reference="plain_gc",
+    warmup=3,
+    steps=10,
+    part=0,
+)
+WORKLOADS[W2U.name] = W2U
+
 
 MAX_LENGTH = {False: 1024, True: 3072}
 """data.max_length for fixed shapes / the spread (a 1344 px image is 2304 tokens, plus up to 600 of text)."""

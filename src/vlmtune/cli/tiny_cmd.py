@@ -15,13 +15,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", help="build a full-size architecture instead (e.g. 2b, 7b; random weights), for benchmarks")
     p.add_argument("--with-weights", action="store_true",
                    help="with --arch: also write the random weights (otherwise train with model.random_init=true)")
+    p.add_argument("--device", default="cpu",
+                   help="where to build the random weights: cpu (default) or cuda (bf16, seconds for a full-size "
+                        "architecture)")
 
 
 def run(args: argparse.Namespace) -> int:
     from vlmtune.families import get_family
 
     family = get_family(args.family)
-    out = family.build_tiny(args.out, arch=args.arch, seed=args.seed, with_weights=args.with_weights or None)
+    out = family.build_tiny(args.out, arch=args.arch, seed=args.seed, with_weights=args.with_weights or None,
+                            device=args.device)
     what = f"a {args.arch} {family.name} architecture (random weights)" if args.arch else f"a tiny {family.name} model"
     print(f"wrote {what} to {out}")
     return 0

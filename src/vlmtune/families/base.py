@@ -278,13 +278,13 @@ class FamilyDescriptor(ABC):
         return None
 
     def build_tiny(self, out_dir: str | Path, arch: str | Mapping[str, Any] | None = None, *, seed: int = 0,
-                   with_weights: bool | None = None) -> Path:
+                   with_weights: bool | None = None, device: str = "cpu") -> Path:
         """Write a tiny model of this family (config, random weights, trained tokenizer, image processor, chat
         template) loadable with `AutoModelForImageTextToText.from_pretrained` and `load_processor`.
 
         `arch` (a size name from `architectures` or a dict of config numbers, nested `text_config` /
         `vision_config` allowed) builds that architecture instead; then only config + processor are written unless
-        `with_weights` (use `model.random_init`)."""
+        `with_weights` (use `model.random_init`); `device` "cuda" builds those weights on the GPU in bf16."""
         from vlmtune.families.tiny import build_tiny
 
         if isinstance(arch, str):
@@ -293,7 +293,7 @@ class FamilyDescriptor(ABC):
                 raise VlmtuneError(f"unknown {self.name} architecture '{arch}'; known: {known}")
             arch = self.architectures[arch]
         return build_tiny(self, Path(out_dir), arch, seed=seed,
-                          with_weights=arch is None if with_weights is None else with_weights)
+                          with_weights=arch is None if with_weights is None else with_weights, device=device)
 
 
 def _scoped(layers_prefix: str, leaves: list[str] | tuple[str, ...]) -> str:

@@ -181,10 +181,9 @@ class QwenVLFamily(FamilyDescriptor):
                            "QwenVLFamily.build_tiny (vlmtune tiny-model --family qwen_vl)")
 
     def build_tiny(self, out_dir: str | Path, arch: str | Mapping[str, Any] | None = None, *, seed: int = 0,
-                   with_weights: bool | None = None) -> Path:
+                   with_weights: bool | None = None, device: str = "cpu") -> Path:
         """The tiny model in the Hub layout: a small `qwen.tiktoken` trained here, config.json, weights, and the
         processor files; `arch` ("7b" or numbers) gives that architecture (config only unless `with_weights`)."""
-        import torch
         from transformers import GenerationConfig
 
         from vlmtune.families.qwen_vl_model import QwenVLForCausalLM
@@ -194,6 +193,7 @@ class QwenVLFamily(FamilyDescriptor):
             train_tiny_ranks,
             write_ranks,
         )
+        from vlmtune.families.tiny import random_weights
 
         if isinstance(arch, str):
             if arch not in self.architectures:
@@ -209,8 +209,7 @@ class QwenVLFamily(FamilyDescriptor):
         generation = GenerationConfig(eos_token_id=[token_ids["<|im_end|>"], token_ids["<|endoftext|>"]],
                                       pad_token_id=token_ids["<|endoftext|>"])
         if with_weights:
-            with torch.random.fork_rng():
-                torch.manual_seed(seed)
+            with random_weights(seed, device):
                 model = QwenVLForCausalLM(config)
             model.generation_config = generation
             model.save_pretrained(out)
