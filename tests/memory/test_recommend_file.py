@@ -178,3 +178,21 @@ def test_a_value_set_for_another_method_follows_the_recommended_one(tmp_path, ca
     assert load_config(path).training.learning_rate == 2e-4
     path, _ = _recommend(tmp_path, capsys, ["--gpu", "H100", "--preset", "full_finetune", "--method", "full"])
     assert load_config(path).training.learning_rate == 1e-5  # the same method: the preset's value stays
+
+
+def test_max_length_raised_where_the_images_fill_it(tmp_path, capsys):
+    """ultra_low_memory's max_length 512 holds a 336 px Qwen2.5-VL image (144 tokens) and text, but not LLaVA-1.5's
+    576-token image: the file recommend writes must leave room for text, and say why it changed the length."""
+    path, printed = _recommend(tmp_path, capsys, ["--gpu", "RTX 4060 8GB", "--model", "llava-hf/llava-1.5-7b-hf",
+                                                  "--preset", "ultra_low_memory"])
+    written = yaml.safe_load(path.read_text())
+    assert written["data"]["max_length"] == 832  # 576 image tokens + 256 of text, rounded up to 64
+    assert "data.max_length raised from 512 to 832" in path.read_text()
+    assert "data.max_length raised" in printed
+    assert main(["train", str(path), "--dry-run", "--gpu", "RTX 4060 8GB"]) == 0
+    assert "no room" not in capsys.readouterr().out
+    # where the images leave room, the configured length stays
+    path, _ = _recommend(tmp_path, capsys, ["--gpu", "RTX 4060 8GB", "--model", "Qwen/Qwen2.5-VL-7B-Instruct",
+                                            "--preset", "ultra_low_memory"])
+    assert yaml.safe_load(path.read_text())["data"]["max_length"] == 512
+    assert "data.max_length raised" not in path.read_text()

@@ -10,6 +10,7 @@ estimate and `vlmtune train FILE` runs it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,17 +58,40 @@ def _methods(choice: str) -> tuple[str, ...]:
     return ("lora", "qlora") if choice == "auto" else (choice,)
 
 
-def _search_inputs(args: argparse.Namespace) -> tuple[Any, Any, int, int | None]:
-    """(config, estimator inputs, effective batch, CPU RAM bytes or None) of the command line."""
+TEXT_ROOM = 256
+"""Text tokens a recommendation leaves beside the images when the configured data.max_length is too short for them."""
+
+
+def room_for_text(config: Any, base: Any) -> tuple[Any, Any, str | None]:
+    """(config, inputs, why) with data.max_length raised where the images alone would fill it: the engine drops or cuts
+    every such sample, so a recommendation at that length would train nothing (LLaVA-1.5's 336 px image is 576 tokens,
+    the ultra_low_memory preset's max_length 512)."""
+    from vlmtune.memory.activations import sample_image_tokens
+
+    image_tokens = sample_image_tokens(base)
+    if image_tokens + TEXT_ROOM // 2 <= base.seq_len:
+        return config, base, None
+    length = -(-(image_tokens + TEXT_ROOM) // 64) * 64
+    why = (f"data.max_length raised from {base.seq_len} to {length}: the images of a sample alone take "
+           f"{image_tokens} tokens for this model at image_size {config.data.image_size}, which would leave no room "
+           "for text (such samples are dropped or cut); set data.max_length or data.image_size yourself to change it")
+    config = config.model_copy(update={"data": config.data.model_copy(update={"max_length": length})})
+    return config, base.with_(seq_len=length), why
+
+
+def _search_inputs(args: argparse.Namespace) -> tuple[Any, Any, int, int | None, str | None]:
+    """(config, estimator inputs, effective batch, CPU RAM bytes or None, why data.max_length was raised or None)
+    of the command line."""
     from vlmtune.memory import inputs_from_config
     from vlmtune.memory.gpus import GIB
 
     config = resolve(args)
     base = inputs_from_config(config, num_gpus=args.num_gpus, images_per_sample=args.images_per_sample)
+    config, base, raised = room_for_text(config, base)
     configured = base.batch_size * config.training.gradient_accumulation_steps
     effective = args.effective_batch or (configured if configured > 1 else DEFAULT_EFFECTIVE_BATCH)
     cpu_ram = int(args.cpu_ram * GIB) if args.cpu_ram is not None else None
-    return config, base, effective, cpu_ram
+    return config, base, effective, cpu_ram, raised
 
 
 def recommendation(args: argparse.Namespace) -> tuple[Recommendation, Any]:
@@ -76,7 +100,7 @@ def recommendation(args: argparse.Namespace) -> tuple[Recommendation, Any]:
     from vlmtune.memory import get_gpu
     from vlmtune.memory.recommend import recommend
 
-    config, base, effective, cpu_ram = _search_inputs(args)
+    config, base, effective, cpu_ram, raised = _search_inputs(args)
     base, data = data_inputs(args, base, config.data.image_root)
     rec = recommend(
         base,
@@ -88,6 +112,8 @@ def recommendation(args: argparse.Namespace) -> tuple[Recommendation, Any]:
         profile=data[2] if data else None,
         max_cpu_ram=cpu_ram,
     )
+    if raised:
+        rec = dataclasses.replace(rec, reasons=(raised, *rec.reasons))
     return rec, config
 
 
@@ -105,7 +131,9 @@ def run(args: argparse.Namespace) -> int:
     if args.table and args.plot is not None:
         raise ConfigError(["--plot draws the recommended setting's memory; drop it with --table (a table of GPUs)"])
     if args.table:
-        config, base, effective, cpu_ram = _search_inputs(args)
+        config, base, effective, cpu_ram, raised = _search_inputs(args)
+        if raised and not args.json:
+            print(f"note: {raised}")
         counts = [int(c) for c in args.counts.split(",") if c.strip()]
         if not counts or min(counts) < 1:
             raise ConfigError([f"--counts must list positive GPU counts, got {args.counts!r}"])

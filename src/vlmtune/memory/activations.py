@@ -81,6 +81,26 @@ def per_token_layer_bytes(
     return out
 
 
+def image_tokens_and_patches(inputs: EstimateInputs, spec: ModelSpec) -> tuple[int, int]:
+    """Language-model tokens (markup included) and vision-tower patches of one image of `inputs.image_hw`."""
+    if not inputs.images_per_sample:
+        return 0, 0
+    rule = spec.image
+    h, w = inputs.image_hw
+    cost = image_cost(rule, h, w, inputs.image_size, inputs.min_pixels, inputs.max_pixels)
+    tokens = cost.llm_tokens + spec.arch.chat.get("tokens_per_image", 0) + tile_wrapper_tokens(rule, cost)
+    return tokens, cost.vit_patches
+
+
+def sample_image_tokens(inputs: EstimateInputs) -> int:
+    """The language-model tokens the images of one sample take (`image_tokens_per_sample` when measured)."""
+    from vlmtune.memory.catalogue import lookup_model
+
+    if inputs.image_tokens_per_sample is not None:
+        return inputs.image_tokens_per_sample
+    return image_tokens_and_patches(inputs, lookup_model(inputs.model))[0] * inputs.images_per_sample
+
+
 def activation_terms(
     inputs: EstimateInputs,
     spec: ModelSpec,
@@ -92,14 +112,7 @@ def activation_terms(
     d = counts.dims
     notes: list[str] = []
     rule = spec.image
-    per_image_tokens = per_image_patches = 0
-    if inputs.images_per_sample:
-        h, w = inputs.image_hw
-        cost = image_cost(rule, h, w, inputs.image_size, inputs.min_pixels, inputs.max_pixels)
-        per_image_tokens = (
-            cost.llm_tokens + spec.arch.chat.get("tokens_per_image", 0) + tile_wrapper_tokens(rule, cost)
-        )
-        per_image_patches = cost.vit_patches
+    per_image_tokens, per_image_patches = image_tokens_and_patches(inputs, spec)
     image_tokens = inputs.image_tokens_per_sample
     if image_tokens is None:
         image_tokens = per_image_tokens * inputs.images_per_sample
