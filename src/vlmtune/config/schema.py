@@ -341,6 +341,14 @@ class SpeedConfig(_Strict):
     """With speed.compile: torch.compile's mode. reduce-overhead replays each compiled layer as a CUDA graph,
     re-recorded for each new sequence length. Measured on an H100 (W1 without checkpointing): slower than the default
     mode (14.3k vs 15.9k tokens/s at the median step), and it fails with gradient checkpointing."""
+    fp8: bool | Literal["auto"] = "auto"
+    """LoRA: the frozen base linear layers run their forward and input-gradient matmuls in FP8 (e4m3 weights,
+    activations and gradients, scaled per row from their absolute maximum, torch._scaled_mm writing bf16), inside the
+    fused LoRA layers; adapters, norms and loss stay bf16. The weights' e4m3 copies are computed once and kept beside
+    the bf16 weights (about +50% of the adapted base weights' memory). auto: off until the GPU check has shown the
+    loss within 1% of bf16 (not yet measured; then: CUDA GPUs of compute capability 8.9+, one process or DDP); true
+    runs it wherever PyTorch can (stops with the reason elsewhere; not with QLoRA, full fine-tuning,
+    speed.fused_lora=false or speed.compile=true); false never. Speed: not yet measured."""
 
 
 class VlmtuneConfig(_Strict):
@@ -374,6 +382,8 @@ class VlmtuneConfig(_Strict):
                 "CUDA graph output is overwritten before the recomputation reads it); use speed.compile_mode=default "
                 "or turn checkpointing off"
             )
+        if self.speed.fp8 is True:
+            problems += _fp8_problems(self)
         if self.distributed.offload != "none" and self.distributed.engine == "none":
             problems.append("distributed.offload needs distributed.engine=deepspeed (or auto with DeepSpeed)")
         if self.distributed.engine != "none" and self.distributed.deepspeed_config is None:
@@ -381,6 +391,20 @@ class VlmtuneConfig(_Strict):
         if problems:
             raise ValueError("\n".join(problems))  # the loader reports one problem per line
         return self
+
+
+def _fp8_problems(config: VlmtuneConfig) -> list[str]:
+    """speed.fp8=true with settings it cannot run under (the device is checked when the run starts)."""
+    problems = []
+    if config.method.name != TrainingMethod.LORA:
+        problems.append(f"speed.fp8=true applies to method.name=lora only (got {config.method.name.value}: QLoRA's "
+                        "base layers are 4-bit, full fine-tuning trains its weights); set speed.fp8=false")
+    if not config.speed.fused_lora:
+        problems.append("speed.fp8=true needs speed.fused_lora=true (the FP8 matmuls run inside the fused LoRA layers)")
+    if config.speed.compile is True:
+        problems.append("speed.fp8=true cannot run with speed.compile=true (torch.compile replaces the fused LoRA "
+                        "layers the FP8 matmuls run in); set speed.compile=auto or false")
+    return problems
 
 
 def zero_combination_problems(config: VlmtuneConfig, stage: int, offload: str) -> list[str]:

@@ -69,8 +69,9 @@ def apply_speed(
     from vlmtune.methods.base import resolve_precision
     from vlmtune.speed.attention_backend import cudnn_attention_off
     from vlmtune.speed.compile_layers import compile_layers
-    from vlmtune.speed.compile_policy import FallBackToEager, decide_compile
+    from vlmtune.speed.compile_policy import CompileDecision, FallBackToEager, decide_compile
     from vlmtune.speed.cpu_embeddings import embeddings_on_cpu
+    from vlmtune.speed.fp8_policy import decide_fp8
     from vlmtune.speed.frozen_vision import vision_without_grad
     from vlmtune.speed.lora_compute import lora_compute_in_16bit
     from vlmtune.speed.loss_hook import install_chunked_loss, unwrap_peft
@@ -82,6 +83,14 @@ def apply_speed(
     world = world_size(config.distributed) if world is None else world
     deepspeed = uses_deepspeed(config.distributed, world)
     compiled = decide_compile(config, plan.device, world, steps, deepspeed, tight_memory)
+    fp8 = decide_fp8(config, plan, deepspeed)  # speed.fp8=true that cannot run stops here
+    if fp8.on and compiled.on:  # compile=auto (the config refuses fp8=true with compile=true)
+        compiled = CompileDecision(
+            False,
+            "speed.compile=auto stays eager: speed.fp8 is on, and its FP8 matmuls run inside the fused LoRA layers "
+            "that torch.compile would replace",
+            auto=True,
+        )
     if compiled.auto and not compiled.on:
         setup.skipped["compile"] = compiled.reason
     if not speed.sdpa_cudnn:
@@ -103,7 +112,11 @@ def apply_speed(
             if compiled.on
             else fuse_lora(unwrap_peft(model), zero_plan(config, world).stage)
         )
-        setup.add("fused_lora", fused)
+        fused = setup.add("fused_lora", fused)
+        if fp8.on:
+            _install_fp8(setup, fused, fp8)
+    if fp8.auto and not fp8.on:
+        setup.skipped["fp8"] = fp8.reason
     if speed.embeddings_on_cpu:
         setup.add("embeddings_on_cpu", embeddings_on_cpu(unwrap_peft(model), config.method.name.value))
     if compiled.on:
@@ -120,7 +133,7 @@ def apply_speed(
         varlen = setup.add("varlen_attention", varlen_attention(unwrap_peft(model), family, plan.device, spans))
     if spans and not (varlen is not None and PACKED_NAME in varlen.names):
         setup.add("packed_attention=spans", packed_attention(unwrap_peft(model), family.language_prefixes))
-    if speed.compile is False and decide_compile(
+    if speed.compile is False and not fp8.on and decide_compile(
         config.model_copy(update={"speed": speed.model_copy(update={"compile": "auto"})}),
         plan.device, world, steps, deepspeed, tight_memory,
     ).on:
@@ -134,6 +147,33 @@ def apply_speed(
         "speed: %s%s", ", ".join(setup.active) or "nothing switched on", f" ({skipped})" if skipped else ""
     )
     return setup
+
+
+def _install_fp8(setup: SpeedSetup, fused: Any, decision: Any) -> None:
+    """speed.fp8 on the fused LoRA layers; under speed.fp8=true, a run where it cannot apply stops with the reason."""
+    from vlmtune.errors import VlmtuneError
+    from vlmtune.speed.fused_lora import enable_fp8
+
+    installed = (
+        enable_fp8(fused, rowwise=decision.rowwise)
+        if fused is not None
+        else f"the fused LoRA layers it runs in do not apply ({setup.skipped.get('fused_lora')})"
+    )
+    if isinstance(installed, str) and not decision.auto:
+        raise VlmtuneError(f"speed.fp8=true cannot run here: {installed}. Set speed.fp8=false (or auto).")
+    if setup.add("fp8", installed) is None:
+        setup.skipped["fp8"] = f"fp8: off: {installed}"
+        return
+    from collections import Counter
+
+    shapes = Counter(installed.left_bf16)  # out x in of the layers cuBLAS's FP8 matmul cannot take
+    left = "".join(
+        f"; {count} layer(s) of {shape} left in bf16 (dimensions not multiples of 16)" for shape, count in shapes.items()
+    )
+    log.info(
+        "speed: %s; %d base layers in FP8, %.2f GiB of e4m3 copies kept beside the bf16 weights%s",
+        decision.reason, len(installed.layers), installed.planned / 1024**3, left,
+    )
 
 
 def batching(

@@ -18,6 +18,9 @@ a plain 16-bit `nn.Linear` (a 4-bit QLoRA layer) runs as it is and only the adap
 
 Not under DeepSpeed ZeRO-3: its hooks gather each module's parameters when that module is called, and the function
 does not call `lora_A` / `lora_B`.
+
+With `speed.fp8` (`enable_fp8`), the frozen base matmuls of plain `nn.Linear` base layers (forward and input
+gradient) run in FP8 from a cached e4m3 copy of the weight (`fp8_linear.py`); the adapters stay as above.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from vlmtune.speed.fp8_linear import Fp8Weight, cuda_shape_ok, planned_bytes
 
 ADAPTER = "default"
 
@@ -95,7 +100,8 @@ def _grad_f32(m1: torch.Tensor, m2: torch.Tensor, scale: float, dtype: torch.dty
 
 
 class LoraLinearFunction(torch.autograd.Function):
-    """y = base + scale * drop(x) A^T B^T, base = x W^T + b (W frozen) or the base layer's own output."""
+    """y = base + scale * drop(x) A^T B^T, base = x W^T + b (W frozen; in FP8 from `fp8`, the weight's e4m3 copy,
+    when given) or the base layer's own output."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -110,6 +116,7 @@ class LoraLinearFunction(torch.autograd.Function):
         b: torch.Tensor,
         scale: float,
         p: float,
+        fp8: Fp8Weight | None = None,
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         if p > 0:
@@ -117,31 +124,38 @@ class LoraLinearFunction(torch.autograd.Function):
         else:
             dropped, mask = x2, None
         h = torch.mm(dropped, a.t())
-        if base_out is None:
+        if fp8 is not None:
+            y = fp8.forward(x2)
+            if bias is not None:
+                y.add_(bias)
+            y.addmm_(h, b.t(), alpha=scale)
+        elif base_out is None:
             y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
             y.addmm_(h, b.t(), alpha=scale)
         else:
             y = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h, b.t(), alpha=scale)
         ctx.save_for_backward(dropped, mask, h, weight, a, b)
-        ctx.scale, ctx.p, ctx.shape = scale, p, x.shape
+        ctx.scale, ctx.p, ctx.shape, ctx.fp8 = scale, p, x.shape, fp8
         ctx.dtypes = (a_master.dtype, b_master.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         dropped, mask, h, weight, a, b = ctx.saved_tensors
-        scale, p = ctx.scale, ctx.p
+        scale, p, fp8 = ctx.scale, ctx.p, ctx.fp8
         g = grad.reshape(-1, grad.shape[-1])
         if g.dtype != a.dtype:
             g = g.to(a.dtype)
         gh = torch.mm(g, b)
         dx = d_base = da = db = None
         if ctx.needs_input_grad[0]:
+            base_dx = fp8.input_grad if fp8 is not None else (lambda g: torch.mm(g, weight))
+            has_base = fp8 is not None or weight is not None
             if mask is not None:
                 lora_dx = torch.ops.aten.native_dropout_backward(torch.mm(gh, a), mask, scale / (1.0 - p))
-                dx = torch.mm(g, weight).add_(lora_dx) if weight is not None else lora_dx
-            elif weight is not None:
-                dx = torch.mm(g, weight).addmm_(gh, a, alpha=scale)
+                dx = base_dx(g).add_(lora_dx) if has_base else lora_dx
+            elif has_base:
+                dx = base_dx(g).addmm_(gh, a, alpha=scale)
             else:
                 dx = torch.mm(gh, a)
                 dx = dx.mul_(scale) if scale != 1 else dx
@@ -152,7 +166,7 @@ class LoraLinearFunction(torch.autograd.Function):
             da = _grad_f32(gh.t(), dropped, scale, ctx.dtypes[0])
         if ctx.needs_input_grad[5]:
             db = _grad_f32(g.t(), h, scale, ctx.dtypes[1])
-        return dx, d_base, None, None, da, db, None, None, None, None
+        return dx, d_base, None, None, da, db, None, None, None, None, None
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -190,11 +204,20 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) 
         bias = base.bias
         if bias is not None and (bias.requires_grad or bias.dtype != dtype):
             return self._vlmtune_peft_forward(x)
+        fp8: Fp8Weight | None = self.__dict__.get("_vlmtune_fp8")
+        if fp8 is not None and dtype in FP8_COMPUTE_DTYPES:
+            fp8 = fp8.of(base.weight)
+            return LoraLinearFunction.apply(x, None, None, bias, a_master, b_master, a, b, scale, p, fp8)
         return LoraLinearFunction.apply(x, None, base.weight, bias, a_master, b_master, a, b, scale, p)
     base_out = base(x)
     if base_out.dtype != dtype:
         return self._vlmtune_peft_forward(x)
     return LoraLinearFunction.apply(x, base_out, None, None, a_master, b_master, a, b, scale, p)
+
+
+FP8_COMPUTE_DTYPES = (torch.bfloat16, torch.float32)
+"""Output dtypes of the FP8 base matmul (row-wise scaled FP8 on CUDA writes bf16 only; the engine trains LoRA in
+bf16 there, fp32 on the CPU)."""
 
 
 class FusedLora:
@@ -231,3 +254,41 @@ def fuse_lora(model: nn.Module, zero_stage: int) -> FusedLora | str:
         layer.forward = types.MethodType(_fused_forward, layer)
     hook = model.register_forward_pre_hook(copies.mark_stale)
     return FusedLora(layers, hook, copies)
+
+
+class Fp8Layers:
+    """The fused layers whose base matmuls run in FP8; `remove()` takes their e4m3 copies away."""
+
+    def __init__(self, layers: list[nn.Module], planned: int, left_bf16: list[str]):
+        self.layers, self.planned, self.left_bf16 = layers, planned, left_bf16
+
+    def kept_bytes(self) -> int:
+        """Bytes of e4m3 copies and scales built so far (each layer builds its own at its first call)."""
+        return sum(layer._vlmtune_fp8.nbytes() for layer in self.layers if "_vlmtune_fp8" in layer.__dict__)
+
+    def remove(self) -> None:
+        for layer in self.layers:
+            layer.__dict__.pop("_vlmtune_fp8", None)
+        self.layers = []
+
+
+def enable_fp8(fused: FusedLora, rowwise: bool = True, keep_transposed: bool = False) -> Fp8Layers | str:
+    """Run the frozen base matmuls of the fused layers in FP8 (`speed.fp8`): every layer whose base is a plain, frozen
+    `nn.Linear` (not a 4-bit one, not a trained one) and, on CUDA, has dimensions cuBLAS's FP8 matmul takes."""
+    layers, planned, left = [], 0, []
+    for layer in fused.layers:
+        base = layer.base_layer
+        if type(base) is not nn.Linear or base.weight.requires_grad:
+            continue
+        if ADAPTER in getattr(layer, "lora_variant", {}):
+            continue
+        out_features, in_features = base.weight.shape
+        if base.weight.is_cuda and not cuda_shape_ok(out_features, in_features):
+            left.append(f"{out_features}x{in_features}")
+            continue
+        layer._vlmtune_fp8 = Fp8Weight(rowwise=rowwise, keep_transposed=keep_transposed)
+        layers.append(layer)
+        planned += planned_bytes(out_features, in_features, rowwise, keep_transposed)
+    if not layers:
+        return "no LoRA layer has a frozen 16-bit nn.Linear base whose dimensions FP8 matmuls take"
+    return Fp8Layers(layers, planned, left)

@@ -166,6 +166,15 @@ def _discarded_unless_started(out: Path, fresh: bool) -> Iterator[None]:
         raise
 
 
+def _fp8_preflight(config: VlmtuneConfig, plan: Any, world: int) -> None:
+    """speed.fp8=true that cannot run on this device stops before the weights load (apply_speed decides again)."""
+    if config.speed.fp8 is True:
+        from vlmtune.config.distributed import uses_deepspeed
+        from vlmtune.speed.fp8_policy import decide_fp8
+
+        decide_fp8(config, plan, uses_deepspeed(config.distributed, world))
+
+
 def _started(log_path: Path) -> bool:
     """Whether the run logged its start (the model loaded and training was about to begin)."""
     try:
@@ -211,6 +220,7 @@ def _train(config: VlmtuneConfig, out: Path, config_path: Path, checkpoint: Any,
     config = memory.config
 
     world = world_size(config.distributed)
+    _fp8_preflight(config, plan, world)
     ds_config = prepare_deepspeed(config, plan, out, world, writer=os.environ.get("RANK", "0") == "0")
     # Before the model: under ZeRO-3 the arguments register the DeepSpeed config that from_pretrained partitions by.
     args = training_arguments(config, plan, has_eval=val_set is not None, deepspeed=ds_config, world=world)

@@ -1,0 +1,149 @@
+"""FP8 matmuls for the frozen base weights of LoRA layers (`speed.fp8`), inside the fused LoRA function.
+
+A frozen base layer `y = x W^T (+ b)` needs two matmuls per step: the forward and the input gradient `dx = g W`
+(no weight gradient: W is frozen). Both run here as `torch._scaled_mm` on e4m3 operands with fp32 scales, writing
+the compute dtype (bf16 on a GPU):
+
+    forward         y  = (x_q s_x) (W_q s_w)^T         x_q: e4m3 per token row, s_x: (tokens, 1)
+                                                       W_q: e4m3 per output row, s_w: (1, out)
+    input gradient  dx = ((g s_w)_q s_g) W_q           g scaled by s_w per column first (the weight's per-row scale
+                                                       lies on the contracted dimension there, where _scaled_mm
+                                                       takes no scale), then e4m3 per token row, s_g: (tokens, 1)
+
+Scales come from each row's absolute maximum (amax / 448, e4m3's largest finite value), so nothing saturates; the
+per-tensor variant (one scale per operand) is used where the GPU's PyTorch has no row-wise kernel. Gradients use
+e4m3 too (with a scale per row their range is that of the row; torchao's row-wise recipe does the same).
+
+Memory: the e4m3 copy of W and its scales are computed once, at the layer's first call, and kept (1 byte per weight
+plus 4 bytes per output row): the base is frozen. The bf16 weight is kept as well, so this adds about half of the
+base weights' bf16 size: PEFT's own forward (taken wherever the fused function does not cover a call), merging,
+DDP's start-up broadcast and `remove()` read it, and getting it back from e4m3 would be lossy. The transposed copy
+the input gradient needs (cuBLAS takes FP8 operands only with the contracted dimension contiguous) is made per
+backward call and dropped (1 byte per weight of one layer at a time), unless `keep_transposed` keeps it (another
+byte per weight, one copy fewer per step; benchmarks/fp8_check.py times both).
+
+The copy follows the weight: a new device, storage or in-place change (its version counter) rebuilds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+E4M3 = torch.float8_e4m3fn if hasattr(torch, "float8_e4m3fn") else None
+E4M3_MAX = 448.0
+"""The largest finite e4m3fn value."""
+TINY_AMAX = 1e-12
+"""An all-zero row gets this amax: its scale stays finite and its e4m3 values 0."""
+FAST_ACCUM_FORWARD = True
+"""Hopper's faster FP8 accumulation for the forward matmul only (torchao's default as well); the input gradient
+accumulates at full precision."""
+
+
+def amax_scale(t: torch.Tensor, rowwise: bool) -> torch.Tensor:
+    """fp32 scale(s) that map `t`'s absolute maximum (per row, shape (rows, 1), or over the tensor, shape ()) onto
+    e4m3's largest value."""
+    if rowwise:
+        amax = torch.linalg.vector_norm(t, float("inf"), dim=-1, keepdim=True)
+    else:
+        amax = torch.linalg.vector_norm(t, float("inf"))
+    return amax.float().clamp_(min=TINY_AMAX).div_(E4M3_MAX)
+
+
+def quantize(t: torch.Tensor, rowwise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 values, fp32 scale) of a 2-D tensor with `t ≈ values * scale`: relative error at most 2^-4 per element
+    for elements above e4m3's normal range of the row's scale (smaller ones keep an absolute error under
+    scale * 2^-10)."""
+    scale = amax_scale(t, rowwise)
+    inverse = scale.reciprocal()
+    # scaled in t's own dtype: a bf16 rounding of the inverse leaves |value| < 450, which e4m3 rounds to 448.
+    # contiguous: cuBLAS takes FP8 operands row-major, and an elementwise result keeps a strided input's layout
+    return (t * inverse.to(t.dtype)).to(E4M3).contiguous(), scale
+
+
+def dequantize(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (values.float() * scale).to(dtype)
+
+
+def scaled_mm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    out_dtype: torch.dtype,
+    fast_accum: bool = False,
+) -> torch.Tensor:
+    """`(a scale_a) @ (b scale_b)` in `out_dtype`; `a` row-major, `b` column-major (a transposed row-major tensor)."""
+    return torch._scaled_mm(
+        a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype, use_fast_accum=fast_accum and a.is_cuda
+    )
+
+
+@dataclass
+class Fp8Weight:
+    """The e4m3 copy of one frozen weight (out x in) and its scales, built at first use and rebuilt when the weight
+    moves or changes."""
+
+    rowwise: bool = True
+    keep_transposed: bool = False
+    values: torch.Tensor | None = None
+    """(out, in) e4m3, row-major."""
+    scale: torch.Tensor | None = None
+    """(1, out) fp32 row-wise, () per tensor."""
+    transposed: torch.Tensor | None = None
+    """(out, in) e4m3 stored column-major (`values.t().contiguous().t()`), when kept."""
+    ones: torch.Tensor | None = None
+    """(1, in) fp32 ones: the input gradient's b scale when the weight's scales are folded into the gradient."""
+    key: tuple = ()
+    builds: int = field(default=0)
+
+    def of(self, weight: torch.Tensor) -> Fp8Weight:
+        key = (weight.device, weight.data_ptr(), weight._version, tuple(weight.shape))
+        if key != self.key:
+            self._build(weight)
+            self.key = key
+        return self
+
+    @torch.no_grad()
+    def _build(self, weight: torch.Tensor) -> None:
+        self.values, scale = quantize(weight.detach(), self.rowwise)
+        self.scale = scale.view(1, -1) if self.rowwise else scale
+        self.ones = torch.ones(1, weight.shape[1], device=weight.device) if self.rowwise else None
+        self.transposed = self._transposed() if self.keep_transposed else None
+        self.builds += 1
+
+    def _transposed(self) -> torch.Tensor:
+        assert self.values is not None
+        return self.values.t().contiguous().t()
+
+    def nbytes(self) -> int:
+        kept = [self.values, self.scale, self.transposed, self.ones]
+        return sum(t.numel() * t.element_size() for t in kept if t is not None)
+
+    def forward(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 (tokens, in) -> x2 W^T (tokens, out) in x2's dtype."""
+        assert self.values is not None and self.scale is not None
+        x_q, s_x = quantize(x2, self.rowwise)
+        return scaled_mm(x_q, self.values.t(), s_x, self.scale, x2.dtype, fast_accum=FAST_ACCUM_FORWARD)
+
+    def input_grad(self, g: torch.Tensor) -> torch.Tensor:
+        """g (tokens, out) -> g W (tokens, in) in g's dtype."""
+        assert self.values is not None and self.scale is not None
+        w = self.transposed if self.transposed is not None else self._transposed()
+        if self.rowwise:
+            g_q, s_g = quantize(g * self.scale.to(g.dtype), rowwise=True)
+            return scaled_mm(g_q, w, s_g, self.ones, g.dtype)
+        g_q, s_g = quantize(g, rowwise=False)
+        return scaled_mm(g_q, w, s_g, self.scale, g.dtype)
+
+
+def planned_bytes(out_features: int, in_features: int, rowwise: bool, keep_transposed: bool = False) -> int:
+    """What `Fp8Weight` keeps for a weight of this shape (before it is built)."""
+    values = out_features * in_features * (2 if keep_transposed else 1)
+    return values + (4 * (out_features + in_features) if rowwise else 4)
+
+
+def cuda_shape_ok(out_features: int, in_features: int) -> bool:
+    """cuBLAS FP8 matmuls take inner and outer dimensions that are multiples of 16 (the token count may be any)."""
+    return out_features % 16 == 0 and in_features % 16 == 0
