@@ -1,9 +1,10 @@
 """The estimate against today's `vlmtune train` / engine runs with exact configurations (data/vlmtune_points.jsonl,
 built by data/make_vlmtune_points.py from benchmarks/results/2026-11-24-speed, -multi-gpu, 2026-11-24b-session3 and
-2026-11-24c-session4; RESULTS.md, estimator calibration): the speed harness's vlmtune variants on an H100 (W1-W4), the
+2026-11-24c-session4, 2026-12-07-session10; RESULTS.md, estimator calibration): the speed harness's vlmtune variants on an H100 (W1-W4), the
 multi-GPU runs on H200s, the 1-GPU DeepSpeed offload runs on an H100 (nvidia-smi level), the 14 held-out calibration
 points, and session 4's 1-GPU runs (7B full fine-tuning without DeepSpeed on an H100; ZeRO-3 + whole or partial
-optimizer offload, offload_ratio / sub_group_size, on an H200; nvidia-smi level).
+optimizer offload, offload_ratio / sub_group_size, on an H200; nvidia-smi level), and session 10's QLoRA runs loading
+their weights from disk, capped to 8-16 GB cards (the configs `vlmtune recommend` wrote; nvidia-smi level).
 
 Levels: `reserved+context` = max_memory_reserved + the calibration's measured CUDA context (762 MiB), as the grid's
 points (the speed harness read the whole device, about 490 MiB more than its process: kept as meas_smi_device_mib);
@@ -39,6 +40,15 @@ BAND: dict[str, tuple[float, float]] = {
     # Full fine-tuning without checkpointing at 1,601 tokens x 2: allocated +0.1%, reserved -6.4%: the fitted
     # FRAG_STATES/FRAG_FOREACH terms under-reserve at this longer sequence (1.6 GiB); no mechanism derived.
     "q2vl2b-full-gc0-b2-C": (-9.0, -3.0),
+    # QLoRA's reserved-but-unused memory depends on how the weights were loaded. Allocated is within 2.4% in all three
+    # (W2 lean +1.4%, q25_qlora_r8 -0.3%, llava7b_16gb +2.4%); reserved minus allocated is not: 0.07 GiB measured in
+    # W2 lean's random-weight build (0.44 modelled), but 0.65-1.80 GiB in session 10's runs that load their weights
+    # from disk as a user does (q25_qlora_r8 1.08, its reserved growing from 7.99 to 8.54 GiB between steps 2 and 4 on
+    # batches of one length; llava7b_16gb 1.80 against 0.76 modelled). Not derived yet: benchmarks/gpu_allocator.sh
+    # runs the from-disk points with expandable segments, the candidate fix (RESULTS.md, 2026-12-07).
+    "W2-vlmtune_lean": (0.0, 7.0),
+    "q25_qlora_r8": (-8.0, -5.0),
+    "llava7b_16gb": (-8.0, -5.0),
 }
 
 
@@ -65,8 +75,8 @@ def errors() -> dict[str, float]:
 
 def test_the_points_are_there():
     rows = _points()
-    assert len(rows) == 40
-    assert sum(r["level"] != "bound" for r in rows) == 38
+    assert len(rows) == 49
+    assert sum(r["level"] != "bound" for r in rows) == 47
 
 
 @pytest.mark.parametrize("row", [r for r in _points() if r["level"] != "bound"], ids=lambda r: r["id"])

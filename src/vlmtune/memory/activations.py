@@ -49,6 +49,9 @@ class ActivationTerms:
     layer_working: int
     """One decoder layer's activations while it is recomputed (gradient checkpointing only)."""
     dequant: int
+    """QLoRA: the 16-bit copies of the largest decoder linear layer's weight alive in a layer's backward."""
+    head_dequant: int
+    """QLoRA with a 4-bit lm_head: its 16-bit copy, alive while the (chunked) loss runs, not in the layers' backward."""
     """QLoRA: 16-bit copies of the largest quantized weight during its matmuls."""
     pixel_bytes: int
     notes: list[str] = field(default_factory=list)
@@ -142,7 +145,7 @@ def activation_terms(
         language = d.layers * per_layer * b * s
         working = 0
         vision = TRAINED_VIT_BYTES * d.vision_width * patches * d.vision_depth if trained_vit else 0
-    dequant = 0
+    dequant = head_dequant = 0
     if inputs.method == "qlora":
         largest = max(
             (lin.in_features * lin.out_features for lin in counts.linears if lin.part == "language" and lin.count == 1),
@@ -150,7 +153,7 @@ def activation_terms(
         )
         dequant = 2 * 2 * largest
         if inputs.quantize_lm_head and not counts.tied:  # the chunked loss calls the 4-bit head: one 16-bit copy
-            dequant = max(dequant, 2 * d.vocab * d.hidden)
+            head_dequant = 2 * d.vocab * d.hidden
     patch = rule.get("patch_size", 14)
     pixel_values = patches * 3 * patch * patch * rule.get("temporal_patch_size", 1)
     return ActivationTerms(
@@ -161,6 +164,7 @@ def activation_terms(
         vision_saved=vision,
         layer_working=working,
         dequant=dequant,
+        head_dequant=head_dequant,
         pixel_bytes=pixel_values * 6,
         notes=notes,
     )

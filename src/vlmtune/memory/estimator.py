@@ -196,8 +196,8 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
     )
     # (gradients, vision activations, language activations, logits and loss, transient) at each phase of a step
     phases = {
-        "forward": Phase(held, acts.vision_saved, acts.language_saved, loss.forward, autocast),
-        "loss backward": Phase(held, acts.vision_saved, acts.language_saved, loss.backward, 0),
+        "forward": Phase(held, acts.vision_saved, acts.language_saved, loss.forward, max(autocast, acts.head_dequant)),
+        "loss backward": Phase(held, acts.vision_saved, acts.language_saved, loss.backward, acts.head_dequant),
         "layer backward": Phase(
             held, acts.vision_saved, acts.language_saved + acts.layer_working, 0, acts.dequant
         ),
@@ -279,6 +279,4 @@ def _caveats(inputs: EstimateInputs) -> list[str]:
                    "ZeRO-3 gathers on more GPUs are modelled, not measured (benchmarks/RESULTS.md)")
     if inputs.gradient_checkpointing and inputs.checkpoint_offload:
         out.append("speed.checkpoint_offload is modelled, not yet measured")
-    if inputs.embeddings_on_cpu:
-        out.append("speed.embeddings_on_cpu is modelled, not yet measured on a GPU")
     return out

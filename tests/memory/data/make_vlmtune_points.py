@@ -179,6 +179,30 @@ def session4_rows():
                                   else ")")))
     return out
 
-rows = speed_rows() + mg_rows() + session3_rows() + session4_rows()
+S10 = R / "2026-12-07-session10"
+
+def session10_rows():
+    """Session 10's QLoRA runs that load their (random) weights from disk as a user loads real ones: issue 19's 8 GB
+    runs (lowmem/) and the configs `vlmtune recommend` wrote for 8, 12 and 16 GB cards (recommend/), one H100, each
+    capped to its card with hardware.memory_fraction. Unpack first: mkdir -p /tmp/s10_low /tmp/s10_rec && tar xzf
+    benchmarks/results/2026-12-07-session10/lowmem/logs.tar.gz -C /tmp/s10_low && tar xzf
+    benchmarks/results/2026-12-07-session10/recommend/logs.tar.gz -C /tmp/s10_rec"""
+    out = []
+    models = {"/tmp/q25w": Q7, "/tmp/weights_qwen2_5_vl7b": Q7, "/tmp/weights_llava7b": "llava-hf/llava-1.5-7b-hf",
+              "/tmp/qvlw": "Qwen/Qwen-VL-Chat"}
+    for part, unpacked in (("lowmem", "/tmp/s10_low"), ("recommend", "/tmp/s10_rec")):
+        for line in (S10 / part / "summary.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            if r.get("rc") != 0 or any(row["id"] == r["label"] for row in out):
+                continue
+            out.append(_preflight_row(
+                r, unpacked, f"benchmarks/results/2026-12-07-session10/{part}/summary.jsonl", models,
+                lambda inputs, part=part: f"the run's own memory_preflight inputs ({part}/logs.tar.gz train_log.jsonl; "
+                               "model = the catalogue's id of the architecture it was built from), one H100, QLoRA "
+                               "weights loaded from disk (4-bit while loading), capped to the card; nvidia-smi peak "
+                               "of the GPU (200 ms trace, one process)"))
+    return out
+
+rows = speed_rows() + mg_rows() + session3_rows() + session4_rows() + session10_rows()
 Path("/work/main/tests/memory/data/vlmtune_points.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 print(len(rows))
