@@ -29,7 +29,7 @@ def _printed_rows(capsys, argv: list[str]) -> list[tuple[str, ...]]:
 
 @pytest.mark.parametrize(
     ("model", "gpus", "counts"),
-    [(QWEN2B, "RTX 4060 Ti,H100", "2"), (QWEN7B, "RTX 4090", "4")],
+    [(QWEN2B, "RTX 4060 Ti,H100", "2"), (QWEN7B, "RTX 4090,RTX 4070", "4")],
     ids=["qwen2vl2b", "qwen25vl7b"],
 )
 def test_hardware_table_rows_match_the_code(capsys, model, gpus, counts):
