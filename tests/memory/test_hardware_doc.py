@@ -29,8 +29,8 @@ def _printed_rows(capsys, argv: list[str]) -> list[tuple[str, ...]]:
 
 @pytest.mark.parametrize(
     ("model", "gpus", "counts"),
-    [(QWEN2B, "RTX 4060 Ti,H100", "2"), (QWEN7B, "RTX 4090,RTX 4070", "4")],
-    ids=["qwen2vl2b", "qwen25vl7b"],
+    [(QWEN2B, "RTX 4060 Ti,H100", "2"), (QWEN7B, "RTX 4090", "4"), (QWEN7B, "RTX 4070", "2")],
+    ids=["qwen2vl2b", "qwen25vl7b", "qwen25vl7b-lean"],
 )
 def test_hardware_table_rows_match_the_code(capsys, model, gpus, counts):
     rows = _printed_rows(
