@@ -213,17 +213,16 @@ def _paths_from(config_file: Path, config: Any, data: str | None) -> tuple[Any, 
     them: relative to its own folder."""
     import os
 
+    from vlmtune.config.loader import DATA_PATH_FIELDS, local_relative
+
     folder = config_file.expanduser().resolve().parent
 
     def rel(value: Any) -> Any:
-        text = str(value)
-        if value is None or "://" in text or Path(text).is_absolute():
+        if (parts := local_relative(None if value is None else str(value))) is None:
             return value
-        local, _, suffix = text.partition("#")
-        return os.path.relpath(Path(local).resolve(), folder) + (f"#{suffix}" if suffix else "")
+        return os.path.relpath(Path(parts[0]).expanduser().resolve(), folder) + parts[1]
 
-    updates = {k: rel(getattr(config.data, k)) for k in ("train_path", "val_path", "image_root")
-               if getattr(config.data, k) is not None}
+    updates = {k: rel(getattr(config.data, k)) for k in DATA_PATH_FIELDS if getattr(config.data, k) is not None}
     config = config.model_copy(update={"data": config.data.model_copy(update=updates)}) if updates else config
     return config, rel(data)
 

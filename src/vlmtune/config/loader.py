@@ -213,6 +213,17 @@ DATA_PATH_FIELDS = ("train_path", "val_path", "image_root")
 """The data section's paths that a config file gives relative to itself (docs: README "Configuration")."""
 
 
+def local_relative(value: Any) -> tuple[str, str] | None:
+    """(path, "#suffix" or "") of a data path given relative to some folder (dataset_info.json#NAME and FOLDER#SPLIT
+    keep their suffix), or None where there is nothing to rebase: no value, a hub data set (hf://...), an absolute
+    path. The one rule behind reading a config file (relative_to_file), saving a run's (save_config) and writing
+    recommend's (cli/recommend_cmd)."""
+    if not isinstance(value, str) or not value or "://" in value or Path(value).expanduser().is_absolute():
+        return None
+    local, sep, suffix = value.partition("#")
+    return local, sep + suffix
+
+
 def relative_to_file(mapping: dict[str, Any], config_file: Path) -> dict[str, Any]:
     """A config file's relative data paths resolved against the file's folder, as image paths are resolved against
     their data file: a config moves with its data. A path found only from the working directory (how vlmtune read
@@ -225,16 +236,16 @@ def relative_to_file(mapping: dict[str, Any], config_file: Path) -> dict[str, An
     data = dict(data)
     for key in DATA_PATH_FIELDS:
         value = data.get(key)
-        if not isinstance(value, str) or not value or "://" in value or Path(value).expanduser().is_absolute():
+        if (parts := local_relative(value)) is None:
             continue
-        local, _, suffix = value.partition("#")  # dataset_info.json#NAME, FOLDER#SPLIT
+        local, suffix = parts
         beside, here = folder / local, Path(local)
         if not beside.exists() and here.exists():
             log.warning("warning: data.%s=%s in %s is read from the working directory (%s); relative paths in a "
                         "config file are relative to the file's folder (%s): move the data or write the path "
                         "from there", key, value, shown_path(config_file), here.resolve(), folder)
             continue
-        data[key] = str(beside) + (f"#{suffix}" if suffix else "")
+        data[key] = str(beside) + suffix
     return {**mapping, "data": data}
 
 
@@ -271,10 +282,8 @@ def save_config(config: VlmtuneConfig, path: str | Path) -> Path:
     tmp = path.with_suffix(path.suffix + ".tmp")
     data = config_to_dict(config)
     for key in DATA_PATH_FIELDS:  # absolute: the saved file reads the same data from wherever it is loaded
-        value = data["data"].get(key)
-        if isinstance(value, str) and "://" not in value and not Path(value).expanduser().is_absolute():
-            local, _, suffix = value.partition("#")
-            data["data"][key] = str(Path(local).expanduser().resolve()) + (f"#{suffix}" if suffix else "")
+        if (parts := local_relative(data["data"].get(key))) is not None:
+            data["data"][key] = str(Path(parts[0]).expanduser().resolve()) + parts[1]
     tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     tmp.replace(path)
     return path
