@@ -175,10 +175,21 @@ def _fp8_preflight(config: VlmtuneConfig, plan: Any, world: int) -> None:
         decide_fp8(config, plan, uses_deepspeed(config.distributed, world))
 
 
+def _checkpointing_of(resolved: VlmtuneConfig, config: VlmtuneConfig) -> VlmtuneConfig:
+    """`config` with the checkpointing the preflight chose (the rest as the user gave it, batch_size auto included)."""
+    return config.model_copy(update={
+        "hardware": config.hardware.model_copy(
+            update={"gradient_checkpointing": resolved.hardware.gradient_checkpointing}),
+        "speed": config.speed.model_copy(
+            update={"checkpoint_every_n_layers": resolved.speed.checkpoint_every_n_layers}),
+    })
+
+
 def _started(log_path: Path) -> bool:
     """Whether the run logged its start (the model loaded and training was about to begin)."""
-    try:
-        return any('"event": "start"' in line for line in log_path.read_text(encoding="utf-8").splitlines())
+    try:  # the start event is among the first lines: stop reading there
+        with log_path.open(encoding="utf-8") as lines:
+            return any('"event": "start"' in line for line in lines)
     except OSError:
         return False
 
@@ -217,6 +228,8 @@ def _train(config: VlmtuneConfig, out: Path, config_path: Path, checkpoint: Any,
     del passes  # anything the datasets did not take is let go before the model loads
     # Before any weights load: prints the estimate, resolves batch_size auto, refuses what cannot fit (--force).
     memory = preflight(config, plan, train_set, out / LOG_FILE)
+    if config.speed.checkpoint_every_n_layers == "auto" and os.environ.get("RANK", "0") == "0":
+        save_config(_checkpointing_of(memory.config, config), config_path)  # the run folder records the chosen n
     config = memory.config
 
     world = world_size(config.distributed)
