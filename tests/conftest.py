@@ -8,12 +8,28 @@ Tests must not write into these folders (they are shared); copy them first if ne
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from vlmtune.config.schema import VlmtuneConfig
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache_root() -> Iterator[Path]:
+    """Runs that compile (speed.compile) keep inductor's and Triton's caches in a folder of the temporary directory,
+    not the user's ~/.cache/vlmtune/compile (speed/compile_cache.py); it outlasts the session, as /tmp's
+    torchinductor cache did, so later test sessions compile from it."""
+    import getpass
+    import tempfile
+
+    from vlmtune.speed import compile_cache
+
+    root = Path(tempfile.gettempdir()) / f"vlmtune-tests-compile-{getpass.getuser()}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compile_cache, "default_root", lambda env: root)
+        yield root
 
 
 @pytest.fixture(scope="session")

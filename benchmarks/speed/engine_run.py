@@ -62,8 +62,9 @@ def config_dict(
             "attn_implementation": "sdpa",
             "dataloader_workers": 4,
         },
-        # eager unless the variant asks for compile (auto would decide by the run's length: 13 steps stay eager)
-        "speed": {"compile": False},
+        # eager unless the variant asks for compile (auto would decide by the run's length: 13 steps stay eager);
+        # every layer checkpointed (with gc) unless the variant sets n (auto would choose n from the GPU's memory)
+        "speed": {"compile": False, "checkpoint_every_n_layers": 1},
     }
 
 

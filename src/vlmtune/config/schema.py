@@ -318,9 +318,14 @@ class SpeedConfig(_Strict):
     """LoRA / QLoRA: each adapted linear layer runs as one autograd function (base matmul, adapter matmuls, dropout,
     backward in 3-4 matmuls) instead of PEFT's chain of module calls, casts and small ops, with the adapters' 16-bit
     copies refreshed once per model call. Same saved tensors, same PEFT modules and files. Not under ZeRO-3."""
-    checkpoint_every_n_layers: int = Field(1, ge=1)
-    """With hardware.gradient_checkpointing: checkpoint only every n-th layer (1 = every layer). Larger values
-    recompute less and keep more activations: faster, more memory."""
+    checkpoint_every_n_layers: PositiveInt | Literal["auto"] = "auto"
+    """With hardware.gradient_checkpointing: checkpoint only every n-th decoder layer (1 = every layer). Larger values
+    recompute less and keep more activations: faster, more memory. auto (the default) chooses n from the memory
+    estimate on a CUDA GPU: the largest of 1, 2, 3, 4, 6, 8, 12, ... up to the number of layers whose estimate stays
+    15% below the GPU's memory (the hardware.memory_fraction cap where set), and no checkpointing at all where that
+    fits too; 1 where no such estimate exists (CPU, DeepSpeed or several processes, a model the estimator does not know).
+    The log and train_log.jsonl's memory_preflight event say what it chose and why; the run folder's config.yaml records
+    the number. A number fixes n (1: the checkpointing of earlier versions)."""
     checkpoint_offload: bool = False
     """With hardware.gradient_checkpointing: keep the checkpointed layer inputs in pinned CPU memory (frees
     layers x tokens x hidden x 2 bytes of GPU memory, costs a copy each way)."""
@@ -331,7 +336,8 @@ class SpeedConfig(_Strict):
     """torch.compile each language-model decoder layer but the first (fused elementwise kernels, fewer launches, fewer
     saved intermediates). The first steps pay for compiling: about 38 s for a 2B model on an H100 in a first run on a
     machine (three compilations: the first shape, dynamic shapes at the first new length, a batch without padding),
-    12 s in later runs (inductor's on-disk cache). auto (the default) compiles single-process runs of 500+ optimizer
+    12 s in later runs (inductor's on-disk cache, kept in ~/.cache/vlmtune/compile/<versions and GPU> unless
+    TORCHINDUCTOR_CACHE_DIR says otherwise). auto (the default) compiles single-process runs of 500+ optimizer
     steps on a CUDA GPU of compute capability 7.0+ with Triton and a C compiler, unless the memory estimate is within
     10% of the GPU's memory, and falls back to eager for any layer the compiler fails on (the log says which way it
     went and why); true compiles anywhere (CPU, short runs, DeepSpeed: unmeasured there); false never. Measured on an H100

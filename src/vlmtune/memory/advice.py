@@ -21,7 +21,8 @@ OFFLOAD_FIELD = {"none": "none", "optimizer": "optimizer", "all": "optimizer_and
 
 def config_dict(rec: Recommendation, config: VlmtuneConfig, train_path: str | None = None) -> dict[str, Any]:
     """`config` with every recommended setting applied, as a plain dict that `vlmtune train` accepts: method, lean
-    QLoRA, rank, loss chunk, max_pixels, micro-batch, accumulation, checkpointing, precision and the `distributed`
+    QLoRA, rank, loss chunk, max_pixels, micro-batch, accumulation, checkpointing (with the every-n-th-layer number it
+    was estimated at, so a dry run on the file shows the same estimate), precision and the `distributed`
     section (GPU count, DeepSpeed or not, ZeRO stage, offload). Values the base config held only as its method's
     defaults are left out, so they follow the recommended method when the file loads."""
     from vlmtune.config.loader import config_from_dict, config_to_dict
@@ -50,6 +51,8 @@ def config_dict(rec: Recommendation, config: VlmtuneConfig, train_path: str | No
     data["training"]["batch_size"] = i.batch_size
     data["training"]["gradient_accumulation_steps"] = i.gradient_accumulation_steps
     data["hardware"]["gradient_checkpointing"] = i.gradient_checkpointing
+    # the n the recommendation was estimated at (auto's 1): `train FILE` would choose its own n for the card it finds
+    data["speed"]["checkpoint_every_n_layers"] = i.checkpoint_every
     data["hardware"]["precision"] = i.precision
     if i.max_pixels:
         data["data"]["max_pixels"] = i.max_pixels

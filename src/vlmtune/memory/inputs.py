@@ -178,7 +178,8 @@ def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInput
         autocast=config.hardware.precision != "fp32",
         lora_16bit_inputs=config.speed.lora_bf16_compute and config.hardware.precision != "fp32",
         embeddings_on_cpu=config.speed.embeddings_on_cpu,
-        checkpoint_every=config.speed.checkpoint_every_n_layers,
+        # `auto` is chosen by `vlmtune train` against its GPU (speed/checkpoint_policy.py); every layer here.
+        checkpoint_every=1 if config.speed.checkpoint_every_n_layers == "auto" else config.speed.checkpoint_every_n_layers,
         checkpoint_offload=config.speed.checkpoint_offload,
         zero_stage=zero.stage,
         offload="all" if zero.offload == "optimizer_and_params" else zero.offload,

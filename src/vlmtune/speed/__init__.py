@@ -68,6 +68,7 @@ def apply_speed(
     from vlmtune.config.distributed import uses_deepspeed, world_size, zero_plan
     from vlmtune.methods.base import resolve_precision
     from vlmtune.speed.attention_backend import cudnn_attention_off
+    from vlmtune.speed.compile_cache import persistent_compile_cache
     from vlmtune.speed.compile_layers import compile_layers
     from vlmtune.speed.compile_policy import CompileDecision, FallBackToEager, decide_compile
     from vlmtune.speed.cpu_embeddings import embeddings_on_cpu
@@ -120,6 +121,10 @@ def apply_speed(
     if speed.embeddings_on_cpu:
         setup.add("embeddings_on_cpu", embeddings_on_cpu(unwrap_peft(model), config.method.name.value))
     if compiled.on:
+        # before the layers are wrapped and anything compiles: inductor and Triton read their folders from the env
+        cache = setup.add("compile_cache", persistent_compile_cache(plan.device))
+        log.info("speed: %s", cache.reason if cache is not None else
+                 f"compile cache: not persistent: {setup.skipped['compile_cache']}")
         mode = None if speed.compile_mode == "default" else speed.compile_mode
         if setup.add("compile", compile_layers(unwrap_peft(model), family.language_layers_prefix, mode=mode)):
             log.info("speed: %s", compiled.reason)

@@ -34,6 +34,11 @@ def _checkpointing_args(enabled: bool, every_n_layers: int = 1, offload: bool = 
     return {name: True, f"{name}_kwargs": kwargs}
 
 
+def _every(value: int | str) -> int:
+    """`auto` left unresolved (the preflight resolves it; arguments built without one, e.g. by benchmarks): every layer."""
+    return 1 if value == "auto" else int(value)
+
+
 def training_arguments(
     config: VlmtuneConfig,
     plan: PrecisionPlan,
@@ -80,7 +85,7 @@ def training_arguments(
         disable_tqdm=True,
         deepspeed=deepspeed,
         ddp_backend="gloo" if plan.device == "cpu" and world > 1 else None,
-        **_checkpointing_args(hw.gradient_checkpointing, config.speed.checkpoint_every_n_layers,
+        **_checkpointing_args(hw.gradient_checkpointing, _every(config.speed.checkpoint_every_n_layers),
                               config.speed.checkpoint_offload),
     )
     if deepspeed is not None and plan.device == "cpu":

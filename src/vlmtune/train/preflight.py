@@ -2,10 +2,12 @@
 
 On a CUDA device it caps the process at `hardware.memory_fraction` when set, sizes the worst micro-batch the
 encoded data can produce (`batch_sizing`), prints the estimate, resolves `training.batch_size: auto` to the largest
-micro-batch that fits with a margin, and refuses a run that cannot fit (showing the breakdown and settings that
-would fit, `fit_advice`) unless `hardware.force_fit` / `--force`; likewise a DeepSpeed offload that needs more CPU
-RAM than the machine has available (`host_memory`).
-On the CPU the GPU estimate means nothing: `auto` becomes 1 and nothing is checked.
+micro-batch that fits with a margin, then `speed.checkpoint_every_n_layers: auto` to the fewest checkpointed layers
+that fit that micro-batch with a wider margin (speed/checkpoint_policy.py; the printed and recorded estimate is the
+one at that choice), and refuses a run that cannot fit (showing the breakdown and settings that would fit,
+`fit_advice`) unless `hardware.force_fit` / `--force`; likewise a DeepSpeed offload that needs more CPU RAM than the
+machine has available (`host_memory`).
+On the CPU the GPU estimate means nothing: both autos become 1 and nothing is checked.
 After training starts, `out_of_memory.oom_message` explains a CUDA out-of-memory error from this module's result.
 """
 
@@ -29,7 +31,9 @@ if TYPE_CHECKING:
     from vlmtune.config.schema import VlmtuneConfig
     from vlmtune.data.dataset import EncodedDataset
     from vlmtune.memory.breakdown import Breakdown
+    from vlmtune.memory.inputs import EstimateInputs
     from vlmtune.methods.base import PrecisionPlan
+    from vlmtune.speed.checkpoint_policy import CheckpointChoice, CheckpointEstimate
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,8 @@ class PreflightResult:
     gpu: GpuMemory | None = None
     profile: DataProfile | None = None
     fits: bool = True
+    checkpointing: str | None = None
+    """Why the run checkpoints the layers it does (speed.checkpoint_every_n_layers), where the estimate decided."""
 
     @property
     def little_room(self) -> str | None:
@@ -76,7 +82,11 @@ def _event(log_path: Path | None, result: PreflightResult, forced: bool) -> None
 
     if log_path is None:
         return
-    fields: dict[str, Any] = {"batch_size": result.config.training.batch_size}
+    speed, hardware = result.config.speed, result.config.hardware
+    fields: dict[str, Any] = {"batch_size": result.config.training.batch_size,
+                              "gradient_checkpointing": hardware.gradient_checkpointing,
+                              "checkpoint_every_n_layers": speed.checkpoint_every_n_layers,
+                              "checkpointing": result.checkpointing}
     b, gpu = result.breakdown, result.gpu
     if b is not None and gpu is not None:
         fields.update(
@@ -113,6 +123,31 @@ def _picture(b: Breakdown, gpu: GpuMemory, status: str, out_png: Path) -> None:
         log.warning("could not write %s: %s", out_png, exc)
 
 
+def _estimate_at(inputs: EstimateInputs, every: int | None) -> Breakdown:
+    from vlmtune.memory.estimator import estimate
+
+    return estimate(inputs.with_(gradient_checkpointing=every is not None, checkpoint_every=every or 1))
+
+
+def _checkpointing(
+    config: VlmtuneConfig, gpu: GpuMemory | None, estimate_at: CheckpointEstimate | None, device: str, main: bool
+) -> CheckpointChoice:
+    """speed.checkpoint_every_n_layers resolved (auto: from the estimate against this GPU, speed/checkpoint_policy.py)
+    and logged; with the estimate at the chosen setting where auto made one."""
+    from vlmtune.config.distributed import uses_deepspeed, world_size
+    from vlmtune.speed.checkpoint_policy import Room, decide_checkpointing, language_layers
+
+    world = world_size(config.distributed)
+    choice = decide_checkpointing(
+        config, Room.visible(gpu) if gpu is not None else None, estimate_at,
+        language_layers(config.model.name_or_path) if estimate_at is not None else None,
+        device, world, uses_deepspeed(config.distributed, world),
+    )
+    if choice.auto and main:
+        log.info("speed: %s", choice.reason)
+    return choice
+
+
 def _resolved(config: VlmtuneConfig, batch: int) -> VlmtuneConfig:
     return config.model_copy(update={"training": config.training.model_copy(update={"batch_size": batch})})
 
@@ -131,7 +166,7 @@ def preflight(
         if auto:
             log.info("training.batch_size=auto -> 1: no GPU to size the micro-batch against (training on the CPU)")
             config = _resolved(config, 1)
-        return PreflightResult(config)
+        return PreflightResult(_checkpointing(config, None, None, plan.device, main).apply(config))
 
     from vlmtune.memory.catalogue import lookup_model
 
@@ -151,7 +186,7 @@ def preflight(
                 "Set training.batch_size to a number."
             ) from exc
         log.warning("no memory estimate before training: %s", exc)
-        return PreflightResult(config, gpu=gpu)
+        return PreflightResult(_checkpointing(config, gpu, None, plan.device, main).apply(config), gpu=gpu)
     profile = measured_profile(dataset, spec, config)
     sizer = Sizer(config, spec, profile, getattr(dataset, "labelled", None))
     if auto:
@@ -161,8 +196,12 @@ def preflight(
                  batch, 100 * AUTO_MARGIN)
     else:
         breakdown = sizer.estimate(int(config.training.batch_size))
+    # After the micro-batch (sized with every layer checkpointed under auto): the layers this batch needs checkpointed.
+    inputs = sizer.inputs(int(config.training.batch_size))
+    checkpointing = _checkpointing(config, gpu, lambda n: _estimate_at(inputs, n), plan.device, main)
+    config, breakdown = checkpointing.apply(config), checkpointing.breakdown or breakdown
     fits = breakdown.peak_reserved <= gpu.available
-    result = PreflightResult(config, breakdown, gpu, profile, fits)
+    result = PreflightResult(config, breakdown, gpu, profile, fits, checkpointing.reason)
     tight = fits and result.little_room is not None
     verdict = "DOES NOT FIT" if not fits else "fits, with little room" if tight else "fits"
     forced = not fits and config.hardware.force_fit
