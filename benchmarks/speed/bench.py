@@ -13,6 +13,10 @@ JSON line to $OUT/results.jsonl; its log and nvidia-smi trace go to $OUT/logs/<w
     python3 -m benchmarks.speed.bench suite --only W1x --out $OUT   # ablation of W1's no-GC gap (not in a part)
     python3 -m benchmarks.speed.bench profile W1 vlmtune_nogc --out $OUT   # where the step time goes (profiling.py)
     python3 -m benchmarks.speed.bench syncs W1 vlmtune_nogc --out $OUT     # which lines sync (sync_sources.py)
+
+Unsloth's FastVisionModel (issue 21, variants `unsloth_*`, unsloth_run.py) runs where its wheels are installed and a
+GPU is visible (run.sh UNSLOTH=1), else it is skipped with the reason. A variant whose process fails or times out
+still appends a line to results.jsonl: its reason (the log's last exception line) and the log's tail.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -62,6 +67,10 @@ def run_one(workload: str, variant_name: str, out: Path) -> dict[str, Any]:
 
     work = WORKLOADS[workload]
     variant = next(v for v in work.variants if v.name == variant_name)
+    if variant.path == "unsloth":  # before anything imports transformers or PEFT: Unsloth patches them on import
+        from benchmarks.speed.unsloth_run import import_first
+
+        import_first()
     if variant.warmup is not None:
         work = replace(work, warmup=variant.warmup)
     model, path = prepare(work)
@@ -99,7 +108,8 @@ def run_one(workload: str, variant_name: str, out: Path) -> dict[str, Any]:
 
 
 def run_plain(work: Workload, variant: Any, model: Path, path: Path, tracer: Any = None) -> dict[str, Any]:
-    """The plain (or Liger) path on the workload's encoded batches; `tracer`: the profiler's phase marker."""
+    """The plain (or Liger, or Unsloth's) path on the workload's encoded batches; `tracer`: the profiler's phase
+    marker. Unsloth's model (unsloth_run.build, from the weights `bench weights` wrote) trains in the same loop."""
     from benchmarks.speed.data import data_config, encoded_dataset
     from benchmarks.speed.plain import train as plain_train
     from vlmtune.data.collate import Collator
@@ -109,16 +119,30 @@ def run_plain(work: Workload, variant: Any, model: Path, path: Path, tracer: Any
     data_cfg = data_config(MAX_LENGTH[work.spread], work.image_side, work.spread)
     samples = encoded_dataset(path, model, work.family, data_cfg)
     pad = family.load_processor(model, data_cfg).tokenizer.pad_token_id
-    return plain_train(
+    targets = family.lora_target_regex("all")
+    built, extra = None, {}
+    if variant.path == "unsloth":
+        from benchmarks.speed import unsloth_run
+
+        weights = unsloth_run.weights_dir(work, ROOT)
+        if not (weights / "config.json").is_file():
+            raise FileNotFoundError(f"{weights}: no weights for Unsloth to load (the suite writes them first)")
+        started = time.time()
+        built, extra = unsloth_run.build(work, variant, weights, targets)
+        extra["model_load_seconds"] = round(time.time() - started, 1)
+        print(json.dumps({"unsloth_model": extra}), flush=True)
+    result = plain_train(
         work,
         variant,
         str(model),
-        family.lora_target_regex("all"),
+        targets,
         samples,
         Collator(pad),
         work.warmup + work.steps,
         tracer=tracer,
+        model=built,
     )
+    return {**result, **extra}
 
 
 def _versions() -> dict[str, str]:
@@ -127,15 +151,16 @@ def _versions() -> dict[str, str]:
     import transformers
 
     found = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
-    for name in ("bitsandbytes", "liger_kernel"):
-        if importlib.util.find_spec(name) is not None:
+    for name in ("bitsandbytes", "liger_kernel", "unsloth", "unsloth_zoo", "trl"):
+        # Unsloth's packages only where the process imported them (importing Unsloth late patches a loaded model)
+        if name in sys.modules or (name in ("bitsandbytes", "liger_kernel") and importlib.util.find_spec(name)):
             module = __import__(name)
             found[name] = getattr(module, "__version__", "installed")
     return found
 
 
 def _sampled(
-    cmd: list[str], log_path: Path, smi_path: Path, timeout: float
+    cmd: list[str], log_path: Path, smi_path: Path, timeout: float, env: dict[str, str] | None = None
 ) -> tuple[int | str, float | None]:
     """Run `cmd` while nvidia-smi samples the GPU's used memory every 100 ms; (exit code, peak GiB)."""
     with open(smi_path, "w") as smi_out, open(log_path, "w") as log:
@@ -149,7 +174,7 @@ def _sampled(
             sampler = None
         try:
             code: int | str = subprocess.run(
-                cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout
+                cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env
             ).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
@@ -170,8 +195,11 @@ def suite(part: int, out: Path, only: list[str] | None, budget_s: float) -> None
         only and "check" in only
     ):  # first: it decides whether the rest means anything
         _check(out, min(budget_s, 240.0))
-    for work in WORKLOADS.values():
-        if (only and work.name not in only) or (not only and work.part != part):
+    unsloth_why: list[str | None] = []  # why Unsloth's variants cannot run here, asked once when one comes up
+    # --only's order is the run order (the budget cuts the last ones)
+    works = [WORKLOADS[n] for n in only if n in WORKLOADS] if only else list(WORKLOADS.values())
+    for work in works:
+        if not only and work.part != part:
             continue
         prepare(work)  # model folder + data once, outside the timed processes
         rounds = int(os.environ.get("BENCH_REPEATS", "1"))  # every variant again, in the same order, per round
@@ -181,6 +209,14 @@ def suite(part: int, out: Path, only: list[str] | None, budget_s: float) -> None
             if variant.path == "liger" and not liger:
                 print(f"{work.name} {variant.name}: skipped, liger-kernel does not import here", flush=True)
                 continue
+            if variant.path == "unsloth":
+                from benchmarks.speed import unsloth_run
+
+                if not unsloth_why:
+                    unsloth_why.append(unsloth_run.unavailable())
+                if unsloth_why[0]:
+                    print(f"{work.name} {variant.name}: skipped, {unsloth_why[0]}", flush=True)
+                    continue
             left = budget_s - (time.time() - started)
             if left < 45:
                 print(
@@ -188,6 +224,12 @@ def suite(part: int, out: Path, only: list[str] | None, budget_s: float) -> None
                 )
                 continue
             name = f"{work.name}-{variant.name}"
+            timeout = left
+            if variant.path == "unsloth":
+                if not _unsloth_weights(work, logs, left):
+                    _failed(out, work.name, variant, round_, "weights", logs / f"{work.name}-weights.log")
+                    continue
+                timeout = min(budget_s - (time.time() - started), unsloth_run.TIMEOUT_S)
             cmd = [
                 sys.executable,
                 "-m",
@@ -205,12 +247,15 @@ def suite(part: int, out: Path, only: list[str] | None, budget_s: float) -> None
                 # torch.compile from nothing in every run, as a user's first run: inductor's on-disk caches
                 # (compiled graphs, Triton kernels) would otherwise carry one variant's compilation into the next
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(ROOT / "inductor-cache" / f"{name}")
-            code, peak = _sampled(cmd, logs / f"{name}.log", logs / f"{name}.smi", left)
+            env = unsloth_run.child_env(name, ROOT) if variant.path == "unsloth" else None
+            code, peak = _sampled(cmd, logs / f"{name}.log", logs / f"{name}.smi", timeout, env)
             print(
                 f"{name}: exit {code}, nvidia-smi peak over the whole process (model build included) {peak} GiB, "
                 f"{time.time() - started:.0f} s elapsed",
                 flush=True,
             )
+            if code != 0:
+                print(f"{name}: {_failed(out, work.name, variant, round_, code, logs / f'{name}.log')}", flush=True)
             with open(out / "smi_peaks.jsonl", "a") as fh:
                 fh.write(
                     json.dumps(
@@ -224,6 +269,56 @@ def suite(part: int, out: Path, only: list[str] | None, budget_s: float) -> None
                     + "\n"
                 )
     table(out / "results.jsonl")
+
+
+def _unsloth_weights(work: Workload, logs: Path, left: float) -> bool:
+    """The checkpoint Unsloth loads, written once per architecture in its own process (`bench weights`), outside
+    the measured processes' nvidia-smi peaks; False when that failed (its log says why)."""
+    from benchmarks.speed.unsloth_run import weights_dir
+
+    if (weights_dir(work, ROOT) / "config.json").is_file():
+        return True
+    started = time.time()
+    cmd = [sys.executable, "-m", "benchmarks.speed.bench", "weights", work.name]
+    with open(logs / f"{work.name}-weights.log", "w") as log:
+        try:
+            code: int | str = subprocess.run(
+                cmd, stdout=log, stderr=subprocess.STDOUT, timeout=max(1.0, left - 45)
+            ).returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    print(f"{work.name} weights for Unsloth: exit {code}, {time.time() - started:.0f} s", flush=True)
+    return code == 0
+
+
+def _reason(log: Path) -> tuple[str, list[str]]:
+    """A failed process's reason (its last exception line, else its last line) and its log's last lines."""
+    lines = [line.rstrip() for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.is_file() else []
+    tail = lines[-15:]
+    for line in reversed(lines):
+        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|NotFound\w*)\b.*", line.strip()):
+            return line.strip()[:600], tail
+    return (lines[-1][:600] if lines else "no output"), tail
+
+
+def _failed(out: Path, workload: str, variant: Any, round_: int, code: int | str, log: Path) -> str:
+    """A result line for a variant that did not finish: the reason instead of measurements."""
+    reason, tail = _reason(log)
+    if code == "timeout":
+        reason = f"timed out (the suite's budget, or BENCH_UNSLOTH_TIMEOUT_S for Unsloth); last line: {reason}"
+    row = {
+        "workload": workload,
+        "variant": variant.name,
+        "round": round_,
+        "path": variant.path,
+        "gc": variant.gc,
+        "exit": code,
+        "error": reason,
+        "log_tail": tail,
+    }
+    with open(out / "results.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
+    return f"failed: {reason}"
 
 
 def _check(out: Path, timeout: float) -> None:
@@ -266,6 +361,8 @@ def main() -> None:
     y.add_argument("workload")
     y.add_argument("variant")
     y.add_argument("--out", type=Path, required=True)
+    w = sub.add_parser("weights", help="write the workload's random weights for Unsloth to load (unsloth_run.py)")
+    w.add_argument("workload")
     t = sub.add_parser("table")
     t.add_argument("results", type=Path)
     args = ap.parse_args()
@@ -279,6 +376,13 @@ def main() -> None:
         from benchmarks.speed.sync_sources import syncs_one
 
         print(syncs_one(args.workload, args.variant, args.out).read_text())
+    elif args.cmd == "weights":
+        from benchmarks.speed.unsloth_run import write_weights
+
+        began = time.time()
+        work = WORKLOADS[args.workload]
+        prepare(work)
+        print(f"{write_weights(work, ROOT)}: {time.time() - began:.1f} s")
     elif args.cmd == "one":
         print(json.dumps(run_one(args.workload, args.variant, args.out)))
     else:

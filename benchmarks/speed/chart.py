@@ -17,7 +17,12 @@ from PIL import Image, ImageDraw
 from benchmarks.speed.workloads import WORKLOADS
 
 ROW, HEAD, WIDTH, LABEL, BAR = 22, 30, 900, 250, 400
-COLOURS = {"plain": (150, 150, 150), "liger": (255, 127, 14), "vlmtune": (31, 119, 180)}
+COLOURS = {
+    "plain": (150, 150, 150),
+    "liger": (255, 127, 14),
+    "vlmtune": (31, 119, 180),
+    "unsloth": (44, 160, 44),
+}
 
 
 @dataclass(frozen=True)

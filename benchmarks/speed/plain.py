@@ -114,10 +114,13 @@ def train(
     collate: Any,
     steps: int,
     tracer: Any = None,
+    model: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
-    """tracer: the profiler's phase marker (`phase(name)` at each boundary, `step()` after each step), or None."""
+    """tracer: the profiler's phase marker (`phase(name)` at each boundary, `step()` after each step), or None;
+    model: one built elsewhere (Unsloth's, unsloth_run.build) instead of `build`'s, trained by this same loop."""
     phase = tracer.phase if tracer is not None else (lambda name: None)
-    model = build(work, variant, model_dir, lora_targets)
+    if model is None:
+        model = build(work, variant, model_dir, lora_targets)
     if tracer is not None:
         tracer.watch(model)
     params = [p for p in model.parameters() if p.requires_grad]

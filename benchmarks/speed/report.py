@@ -69,6 +69,22 @@ def _targets(name: str, rows: dict[str, dict[str, Any]]) -> list[str]:
             lines.append(
                 f"{name} >= 1.5x checkpointed reference (median step): {best} {tps(best) / tps('plain_gc'):.2f}x"
             )
+    if name in ("W1", "W2", "W3") and tps("unsloth_gc"):  # issue 21: against Unsloth, same call, same batches
+        ref_mem = mem("unsloth_gc") or 0
+        if name == "W2":
+            for k in ours:
+                lines.append(
+                    f"W2 vs Unsloth: {k} {(tps(k) or 0) / tps('unsloth_gc'):.2f}x its tokens/s (>= 1.0) at "
+                    f"{_fmt(mem(k))} vs {ref_mem:.2f} GiB peak reserved (less)"
+                )
+        else:
+            fits = [k for k in ours if mem(k) is not None and mem(k) <= ref_mem]
+            best = max(fits, key=lambda k: tps(k) or 0, default=None)
+            lines.append(
+                f"{name} >= 1.3x Unsloth's tokens/s at <= its peak reserved ({ref_mem:.2f} GiB): "
+                + (f"{best} {(tps(best) or 0) / tps('unsloth_gc'):.2f}x at {mem(best):.2f} GiB" if best else
+                   "no vlmtune variant within that memory")
+            )
     if name == "W5" and tps("vlmtune_padded") and tps("vlmtune_packed"):
         lines.append(
             f"W5 packed vs padded useful tokens/s (median step): {tps('vlmtune_packed') / tps('vlmtune_padded'):.2f}x "
@@ -114,7 +130,8 @@ def print_report(path: Path) -> None:
     )
     for name, work in WORKLOADS.items():
         rows = {r["variant"]: r for r in results if r.get("workload") == name and "tokens_per_second" in r}
-        if not rows:
+        failed = [r for r in results if r.get("workload") == name and "error" in r]
+        if not rows and not failed:
             continue
         ref = rows.get(work.reference, {})
         print(f"\n## {name}: {work.title}\n")
@@ -145,6 +162,16 @@ def print_report(path: Path) -> None:
             )
         for line in _targets(name, rows):
             print(f"- {line}")
+        for variant, r in rows.items():  # what Unsloth built, against the harness's LoRA targets
+            if r.get("path") == "unsloth" and "lora_modules" in r:
+                print(
+                    f"- {variant}: LoRA on {r['lora_modules']} modules (harness regex {r['lora_modules_expected']}, "
+                    f"same set: {'yes' if r.get('lora_targets_match') else 'NO'}), dropout {r.get('lora_dropout')}, "
+                    f"4-bit linear layers language/vision {r.get('linear4bit_language')}/"
+                    f"{r.get('linear4bit_vision')}, model load {r.get('model_load_seconds')} s"
+                )
+        for r in failed:  # a variant that did not finish: why (its log's last exception line)
+            print(f"- {r['variant']}: FAILED (exit {r.get('exit')}): {r['error']}")
         for variant, r in rows.items():  # the run's own preflight estimate against the nvidia-smi level
             estimate, measured = r.get("estimate_total_gib"), r.get("smi_in_process_gib")
             if estimate and measured:

@@ -26,6 +26,21 @@
 # nvidia-smi trace per variant, the check's and the profiles' logs).
 # Wheels (bitsandbytes, pydantic + its deps, liger-kernel) are carried in .whl/ (see ../shared/device/wheels.sh):
 #   ../shared/device/wheels.sh -- bitsandbytes==0.50.2 liger-kernel==0.8.5 pydantic==2.14.3 ...
+# Issue 21, Unsloth beside the plain path and vlmtune, same batches, same GPU, one call (~9.5 min):
+#   bash benchmarks/speed/unsloth_wheels.sh   # here, once: .whl-unsloth/ (6.6 MB: unsloth 2026.10.9 without its
+#                                             # studio/ web app, unsloth_zoo, trl, datasets, dill, multiprocess)
+#   device call carrying .whl and .whl-unsloth (.whl must hold bitsandbytes 0.50.2 + pydantic, ~46 MB; leave
+#   liger-kernel out of it, the two folders and the tree must stay under 64 MiB):
+#     OUT=$OUT UNSLOTH=1 bash benchmarks/speed/run.sh
+#   = W1, W3, W2 (in that order; the 540 s budget cuts the last) with plain_gc, vlmtune_gc, unsloth_gc, and
+#   vlmtune_lean on W2. .whl-unsloth/ goes into its own folder (BENCH_UNSLOTH_SITE, /tmp/site-unsloth), first on
+#   PYTHONPATH for the Unsloth processes only; they run offline (HF_HUB_OFFLINE=1, UNSLOTH_DISABLE_STATISTICS=1),
+#   their compiled cache under BENCH_ROOT. Unsloth loads a checkpoint: the suite first writes the architecture's
+#   random weights (bf16, seed 0, as the plain path builds them) once per model (`bench weights W`, ~5 s for 2B,
+#   ~30-60 s for 7B, 4.4 + 16.6 GB under BENCH_ROOT). Each Unsloth process gets at most BENCH_UNSLOTH_TIMEOUT_S
+#   (240 s). A variant that fails or times out still leaves a line in results.jsonl with the reason (its log's
+#   last exception line) and the log's tail, and report.md lists it; unsloth-env.txt in logs.tar.gz has the
+#   install's output and the versions. Other variants: BENCH_VARIANTS=...; other workloads: ONLY=W1,W3.
 set -euo pipefail
 OUT=${OUT:-/tmp/vlmtune-speed-out}
 mkdir -p "$OUT/logs"
@@ -38,6 +53,32 @@ pack() {  # everything but the top-level summaries goes into one archive
   tar czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$OUT/logs"
 }
 trap pack EXIT
+if [[ -n ${UNSLOTH:-} ]]; then  # issue 21: Unsloth's wheels into their own folder, then W1, W3, W2 (see above)
+  export BENCH_UNSLOTH_SITE=${BENCH_UNSLOTH_SITE:-/tmp/site-unsloth}
+  ONLY=${ONLY:-W1,W3,W2}
+  export BENCH_VARIANTS=${BENCH_VARIANTS:-plain_gc,vlmtune_gc,unsloth_gc,vlmtune_lean}
+  {
+    if compgen -G ".whl-unsloth/*.whl" >/dev/null; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$BENCH_UNSLOTH_SITE" .whl-unsloth/*.whl 2>&1 || echo "pip install of .whl-unsloth failed: exit $?"
+    else
+      echo "no .whl-unsloth/ here: the unsloth variants will be skipped (benchmarks/speed/unsloth_wheels.sh)"
+    fi
+    ls "$BENCH_UNSLOTH_SITE" 2>&1 | tr '\n' ' ' || true; echo
+    PYTHONPATH=$BENCH_UNSLOTH_SITE:$PYTHONPATH python3 -c "
+import importlib.metadata as m
+for n in ('unsloth', 'unsloth_zoo', 'trl', 'datasets', 'transformers', 'peft', 'torch', 'torchvision', 'triton',
+          'bitsandbytes', 'xformers', 'torchao', 'fsspec', 'pyarrow'):
+    try:
+        print(n, m.version(n))
+    except m.PackageNotFoundError:
+        print(n, 'absent')
+" 2>&1 || true
+    command -v cc gcc 2>&1 || echo "no C compiler (Triton builds a helper with one)"
+    python3 -c "import os, sysconfig; print('Python.h', os.path.isfile(sysconfig.get_paths()['include'] + '/Python.h'))" || true
+  } >"$OUT/logs/unsloth-env.txt" 2>&1
+  tail -n 20 "$OUT/logs/unsloth-env.txt" | tee -a "$OUT/report.md"
+fi
 if [[ -n ${ONLY:-} || -n ${PART:-} || ( -z ${PROFILE:-} && -z ${SYNCS:-} ) ]]; then
   args=(--out "$OUT" --budget-s "${BUDGET_S:-540}")
   if [[ -n ${ONLY:-} ]]; then args+=(--only "$ONLY"); else args+=(--part "${PART:-1}"); fi

@@ -1,5 +1,6 @@
 """The issue #6 workloads (W1-W5) and the variants each one runs: the plain reference path ("plain"), the same with
-Liger kernels ("liger", when liger-kernel imports), and vlmtune's engine ("vlmtune", with config overrides).
+Liger kernels ("liger", when liger-kernel imports), vlmtune's engine ("vlmtune", with config overrides) and Unsloth's
+FastVisionModel ("unsloth", issue 21: when its wheels are installed, see unsloth_run.py).
 
 Shapes follow the issue: a 448 px image is 256 image tokens for Qwen2-VL/2.5-VL (32 x 32 patches of 14 px, 2 x 2
 merged), a 336 px one 144. LoRA r16 alpha 32 on all language linear layers, dropout 0.05, AdamW (fused) lr 1e-4,
@@ -12,7 +13,7 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-Path_ = Literal["plain", "liger", "vlmtune"]
+Path_ = Literal["plain", "liger", "vlmtune", "unsloth"]
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,7 @@ class Variant:
     path: Path_
     gc: bool
     overrides: dict[str, Any] = field(default_factory=dict)
-    """vlmtune only: dotted config overrides (speed.*, training.*, method.*)."""
+    """vlmtune: dotted config overrides (speed.*, training.*, method.*); unsloth: `lora_dropout`."""
     batch: int | None = None
     """Rows per step when it differs from the workload's (packing)."""
     steps: int | None = None
@@ -77,6 +78,10 @@ GRAPHS = {"speed.compile": True, "speed.compile_mode": "reduce-overhead"}
 """torch.compile per decoder layer, each replayed as a CUDA graph."""
 
 
+UNSLOTH_GC = Variant("unsloth_gc", "unsloth", True)
+"""Unsloth's FastVisionModel with its own checkpointing ("unsloth"), the harness's LoRA (W1, W2 4-bit, W3)."""
+
+
 def _packed(name: str, rows: int, warmup: int | None = None, **overrides: Any) -> Variant:
     """W5's packed variant: one row per step holding up to `rows` x 3072 tokens (the longest sample's budget)."""
     return Variant(
@@ -101,6 +106,7 @@ W1 = Workload(
     variants=(
         Variant("plain_gc", "plain", True),
         Variant("vlmtune_gc", "vlmtune", True),
+        UNSLOTH_GC,
         Variant("vlmtune_gc2", "vlmtune", True, FAST),
         # every 4th layer: the estimate is 15.7 GiB at the nvidia-smi level, under the GC'd reference's 18.3-23.5
         # measured, with a quarter of the recomputation (the candidate for ">= 2x at <= its memory")
@@ -139,6 +145,8 @@ W1 = Workload(
         # vlmtune_nogc again, run last: how far the machine drifts within one call
         Variant("vlmtune_nogc_repeat", "vlmtune", False),
         Variant("plain_nogc_repeat", "plain", False),
+        # Unsloth as its docs recommend (lora_dropout 0 lets its fast LoRA kernels apply), beside the harness's 0.05
+        Variant("unsloth_gc_nodrop", "unsloth", True, {"lora_dropout": 0.0}),
     ),
     reference="plain_gc",
     mfu=True,
@@ -205,6 +213,7 @@ WORKLOADS: dict[str, Workload] = {
             variants=(
                 Variant("plain_gc", "plain", True),
                 Variant("vlmtune_gc", "vlmtune", True),
+                UNSLOTH_GC,
                 Variant("vlmtune_lean", "vlmtune", True, LEAN),
                 # torch.compile over 4-bit layers (bitsandbytes' matmul inside the compiled decoder layer)
                 Variant("vlmtune_gc_compile", "vlmtune", True, {"speed.compile": True}, warmup=6),
@@ -228,6 +237,7 @@ WORKLOADS: dict[str, Workload] = {
             variants=(
                 Variant("plain_gc", "plain", True),
                 Variant("vlmtune_gc", "vlmtune", True),
+                UNSLOTH_GC,
                 Variant("vlmtune_gc2", "vlmtune", True, FAST),
                 Variant("liger_gc", "liger", True),
                 Variant("vlmtune_gc_compile", "vlmtune", True, {"speed.compile": True}, warmup=6),
