@@ -28,6 +28,15 @@ class _BelowError(logging.Filter):
         return record.levelno >= logging.ERROR
 
 
+class _QuietChildren(logging.Filter):
+    """On vlmtune's handler: below-error records of the QUIET_LOGGERS' child loggers (bitsandbytes' kernel note comes
+    from `bitsandbytes.backends.cpu.ops`), which a filter on the parent logger never sees."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        quiet = any(record.name == n or record.name.startswith(n + ".") for n in QUIET_LOGGERS)
+        return not quiet or record.levelno >= logging.ERROR
+
+
 class TqdmHandler(logging.StreamHandler):
     """A log handler that prints above an active tqdm bar instead of through it."""
 
@@ -56,6 +65,7 @@ def configure(verbose: bool, debug: bool, loads_models: bool) -> None:
         warnings.filterwarnings("ignore", category=category, module=THIRD_PARTY)
     for name in QUIET_LOGGERS:  # a filter on the logger survives DeepSpeed's own setLevel when it is imported
         logging.getLogger(name).addFilter(_BelowError())
+    handler.addFilter(_QuietChildren())  # their child loggers propagate to this handler past the filters above
     if loads_models:
         from transformers.utils import logging as hf_logging
 
