@@ -133,8 +133,11 @@ def _requirements(method: str) -> None:
 
 
 # The full matrix trains 65 tiny runs (about 10 minutes on 2 cores): CI runs a quick subset, the script all of it.
-QUICK = {("full", "weights"), ("full", "step"), ("lora", "optimizer"), ("qlora", "manifest"), ("zero2", "rename"),
-         ("packed", "rng")}
+# CI's subset kills every method once and leaves a save in each state a kill can: none begun (step), an unfinished
+# staging folder (optimizer: a half-written file; rng: a file not yet written), hashed but no manifest, renamed but
+# not rotated. ("full", "weights"), a half-written file in the staging folder as ("lora", "optimizer") is, runs in
+# the script only (~25 s of CI time).
+QUICK = {("full", "step"), ("lora", "optimizer"), ("qlora", "manifest"), ("zero2", "rename"), ("packed", "rng")}
 
 
 @pytest.mark.reliability("kills")

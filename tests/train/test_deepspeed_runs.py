@@ -145,6 +145,10 @@ def zero3_lora(tiny_model_dir, mixed_data, batch_file, tmp_path_factory) -> Path
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_zero2_through_vlmtune_train(method, tiny_model_dir, shapes_data, tmp_path):
+    # CI runs the LoRA case (the same `--num-gpus 2 --zero-stage 2` launch); full fine-tuning under ZeRO-2 stays in
+    # CI through test_killed_run_resumes_bit_for_bit[zero2-rename]. The full case (~20 s on CI) runs in the script.
+    if method == "full" and not os.environ.get("VLMTUNE_ALL_FAMILIES"):
+        pytest.skip("run by scripts/families.sh (VLMTUNE_ALL_FAMILIES=1): the LoRA case launches the same way")
     config = write_config(tmp_path, tiny_model_dir("qwen2_vl"), shapes_data[0], method, batch_size=2)
     output = run([sys.executable, "-m", "vlmtune.cli", "train", str(config), "--num-gpus", "2", "--zero-stage", "2"],
                  timeout=300)
