@@ -22,6 +22,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.reliability("memory")]
 
 MARGIN_MB = 32
 """Allowed growth over the baseline for the files below (the old code grew by the file size or more)."""
+PARQUET_MARGIN_MB = 96
+"""The same for the parquet file, whose reader's memory pool holds decoded row groups (see its test)."""
 
 _WRAPPER = (
     "import resource, subprocess, sys\n"
@@ -140,7 +142,10 @@ def test_10k_parquet_rows_with_embedded_images_stream(folder: Path, reliability_
     assert rc == 0, out
     peak, rc, out = data_check(folder / "many.parquet")
     assert rc == 0 and "OK: 10000 record(s)" in out, out
-    assert peak - base < MARGIN_MB, (peak, base)
+    # pyarrow's memory pool keeps decoded row-group buffers around: +7 to +23 MB over 200 rows when this test runs
+    # alone, +46 MB once in a full suite run (2026-12-07). Keeping every row's image bytes, what this guards against,
+    # would add 350 MB (10k x 35 KB; the file is 5 MB only because parquet stores the repeated bytes once).
+    assert peak - base < PARQUET_MARGIN_MB, (peak, base)
     reliability_note(f"data check, parquet of 10k rows with embedded images "
                      f"({(folder / 'many.parquet').stat().st_size / 2**20:.0f} MB): peak RSS {peak:.0f} MB "
                      f"({peak - base:+.1f} over 200 rows)")
