@@ -364,28 +364,12 @@ def test_apply_speed_logs_the_auto_decision(tiny_model_dir, caplog):
 def test_tiny_training_run_with_fp8_on_the_cpu(tiny_model_dir, varied_jsonl, tmp_path):
     """speed.fp8=true through the engine on the CPU (PyTorch's CPU scaled matmul): it trains, the start event lists
     fp8, and the losses stay within a few percent of the same run without it."""
+    from test_engine_speed import _config
+
     from vlmtune.train.engine import train
 
     def run(out: str, fp8: bool):
-        config = VlmtuneConfig.model_validate(
-            {
-                "output_dir": str(tmp_path / out),
-                "model": {"name_or_path": str(tiny_model_dir("qwen2_vl"))},
-                "data": {"train_path": str(varied_jsonl), "check_before_training": False},
-                "method": {"name": "lora", "lora": {"dropout": 0.0}},
-                "training": {
-                    "max_steps": 3,
-                    "batch_size": 2,
-                    "learning_rate": 5e-3,
-                    "logging_steps": 1,
-                    "save_steps": 100,
-                    "report_to": ["none"],
-                    "seed": 3,
-                },
-                "hardware": {"precision": "fp32", "use_cpu": True},
-                "speed": {"fp8": fp8},
-            }
-        )
+        config = _config(tiny_model_dir, varied_jsonl, tmp_path / out, {"fp8": fp8})  # test_engine_speed's run
         result = train(config)
         events = [json.loads(line) for line in result.log_path.read_text().splitlines()]
         start = next(e for e in events if e.get("event") == "start")
