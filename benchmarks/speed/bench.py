@@ -73,6 +73,7 @@ def run_one(workload: str, variant_name: str, out: Path) -> dict[str, Any]:
         import_first()
     if variant.warmup is not None:
         work = replace(work, warmup=variant.warmup)
+    variant = _at_plain_peak(variant, workload, out)
     model, path = prepare(work)
     if variant.steps is not None:  # after prepare: the same records (a long run takes several passes over them)
         work = replace(work, steps=variant.steps)
@@ -105,6 +106,33 @@ def run_one(workload: str, variant_name: str, out: Path) -> dict[str, Any]:
     with open(out / "results.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps(result) + "\n")
     return result
+
+
+def _at_plain_peak(variant: Any, workload: str, out: Path) -> Any:
+    """`variant` with AT_PLAIN_PEAK replaced by the fraction of this GPU that the same round's plain_gc run reserved
+    at its peak (results.jsonl); a clear failure where that run is missing."""
+    from benchmarks.speed.workloads import AT_PLAIN_PEAK
+
+    keys = [k for k, v in variant.overrides.items() if v == AT_PLAIN_PEAK]
+    if not keys:
+        return variant
+    import torch
+
+    round_ = int(os.environ.get("BENCH_ROUND", "0"))
+    peaks = [
+        line["peak_reserved_gib"]
+        for line in map(json.loads, (out / "results.jsonl").read_text().splitlines() if (out / "results.jsonl").exists() else [])
+        if line.get("workload") == workload and line.get("variant") == "plain_gc" and line.get("round", 0) == round_
+        and "peak_reserved_gib" in line
+    ]
+    if not peaks:
+        raise SystemExit(f"{workload} {variant.name}: needs plain_gc's peak reserved memory from the same round in "
+                         f"{out / 'results.jsonl'}; run plain_gc before it")
+    total = torch.cuda.get_device_properties(0).total_memory
+    fraction = round(peaks[-1] * 2**30 / total, 4)
+    print(f"{variant.name}: capped at plain_gc's peak reserved {peaks[-1]:.2f} GiB = memory_fraction {fraction}",
+          flush=True)
+    return replace(variant, overrides={**variant.overrides, **{k: fraction for k in keys}})
 
 
 def run_plain(work: Workload, variant: Any, model: Path, path: Path, tracer: Any = None) -> dict[str, Any]:

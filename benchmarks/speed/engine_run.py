@@ -102,6 +102,9 @@ def train(
         # what the run's preflight printed (GPU, main process): compared with the nvidia-smi peak in the report
         "estimate_total_gib": estimate.get("estimate_total_gib"),
         "estimate_reserved_gib": estimate.get("estimate_reserved_gib"),
+        # what checkpointing the run trained with (speed.checkpoint_every_n_layers=auto's choice and reason)
+        "checkpoint_every_n_layers": estimate.get("checkpoint_every_n_layers"),
+        "checkpointing": estimate.get("checkpointing"),
     }
 
 
