@@ -113,6 +113,16 @@ def _at_plain_peak(variant: Any, workload: str, out: Path) -> Any:
     at its peak (results.jsonl); a clear failure where that run is missing."""
     from benchmarks.speed.workloads import AT_PLAIN_PEAK
 
+    from benchmarks.speed.workloads import FROM_DISK
+
+    disk = [k for k, v in variant.overrides.items() if v == FROM_DISK]
+    if disk:
+        from benchmarks.speed.unsloth_run import weights_dir
+
+        folder = weights_dir(WORKLOADS[workload], ROOT)
+        if not (folder / "config.json").is_file():
+            raise SystemExit(f"{folder}: no weights on disk for {workload} {variant.name} (the suite writes them first)")
+        variant = replace(variant, overrides={**variant.overrides, **{k: str(folder) for k in disk}})
     keys = [k for k, v in variant.overrides.items() if v == AT_PLAIN_PEAK]
     if not keys:
         return variant
@@ -253,10 +263,13 @@ def suite(part: int, out: Path, only: list[str] | None, budget_s: float) -> None
                 continue
             name = f"{work.name}-{variant.name}"
             timeout = left
-            if variant.path == "unsloth":
+            from benchmarks.speed.workloads import FROM_DISK
+
+            if variant.path == "unsloth" or FROM_DISK in variant.overrides.values():
                 if not _unsloth_weights(work, logs, left):
                     _failed(out, work.name, variant, round_, "weights", logs / f"{work.name}-weights.log")
                     continue
+            if variant.path == "unsloth":
                 timeout = min(budget_s - (time.time() - started), unsloth_run.TIMEOUT_S)
             cmd = [
                 sys.executable,
@@ -315,7 +328,7 @@ def _unsloth_weights(work: Workload, logs: Path, left: float) -> bool:
             ).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
-    print(f"{work.name} weights for Unsloth: exit {code}, {time.time() - started:.0f} s", flush=True)
+    print(f"{work.name} weights on disk (Unsloth, capped QLoRA): exit {code}, {time.time() - started:.0f} s", flush=True)
     return code == 0
 
 

@@ -91,6 +91,19 @@ AUTO = Variant(
 """vlmtune's defaults for checkpointing (auto: as few checkpointed layers as the card needs, issue 21) on a card
 whose memory is what the plain loop with checkpointing reserved in the same round (it runs after plain_gc)."""
 
+FROM_DISK = "@weights"
+"""An override value (model.name_or_path) the suite replaces by the architecture's random weights written to disk
+once (as for Unsloth): a capped QLoRA run loads them quantized as a user's run does, where random_init under
+hardware.memory_fraction would build the 16-bit model on the CPU first (minutes for 8B)."""
+
+AUTO_QLORA = Variant(
+    "vlmtune_auto",
+    "vlmtune",
+    True,
+    {**AUTO.overrides, "model.name_or_path": FROM_DISK, "model.random_init": False},
+)
+"""AUTO for QLoRA pairs, loading its weights from disk."""
+
 UNSLOTH_GC = Variant("unsloth_gc", "unsloth", True)
 """Unsloth's FastVisionModel with its own checkpointing ("unsloth"), the harness's LoRA (W1, W2 4-bit, W3)."""
 
@@ -315,7 +328,7 @@ def _family_pair(name: str, title: str, family: str, arch: str, method: str, bat
         side,
         512,
         variants=(Variant("plain_gc", "plain", True), Variant("vlmtune_gc", "vlmtune", True))
-        + ((AUTO,) if method == "lora" else ()),
+        + ((AUTO if method == "lora" else AUTO_QLORA),),
         reference="plain_gc",
         warmup=2,
         steps=6,
