@@ -210,15 +210,25 @@ def _sampled(
             )
         except OSError:
             sampler = None
+        apps = None
+        if sampler is not None:  # which processes hold GPU memory (a context each), every 2 s: the harness's runs show
+            # ~0.6 GiB more at the nvidia-smi level than `vlmtune train`'s (session 9); this says whose it is
+            apps = subprocess.Popen(
+                ["nvidia-smi", "--query-compute-apps=pid,process_name,used_memory", "--format=csv,noheader",
+                 "-lms", "2000"],
+                stdout=open(smi_path.with_suffix(".apps"), "w"),
+                stderr=subprocess.DEVNULL,
+            )
         try:
             code: int | str = subprocess.run(
                 cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env
             ).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
-        if sampler is not None:
-            sampler.terminate()
-            sampler.wait()
+        for proc in (sampler, apps):
+            if proc is not None:
+                proc.terminate()
+                proc.wait()
     used = [int(x) for x in smi_path.read_text().split() if x.isdigit()]
     return code, (round(max(used) / 1024, 3) if used else None)
 
