@@ -200,6 +200,7 @@ def _train(config: VlmtuneConfig, out: Path, config_path: Path, checkpoint: Any,
     import torch
     from transformers import set_seed
 
+    from vlmtune.memory.gpus import GIB
     from vlmtune.methods import get_method
     from vlmtune.methods.base import count_parameters, resolve_precision
     from vlmtune.speed import apply_speed, batching
@@ -207,6 +208,7 @@ def _train(config: VlmtuneConfig, out: Path, config_path: Path, checkpoint: Any,
     from vlmtune.train.args import training_arguments
     from vlmtune.train.callbacks import JsonlLogCallback, ProgressCallback, write_event
     from vlmtune.train.deepspeed_config import prepare as prepare_deepspeed
+    from vlmtune.train.gpu_memory import release_loading_cache
     from vlmtune.train.interrupt import SaveOnInterrupt, TrainingInterrupted
     from vlmtune.train.nonfinite import NonFiniteGuard
     from vlmtune.train.out_of_memory import oom_message
@@ -250,6 +252,7 @@ def _train(config: VlmtuneConfig, out: Path, config_path: Path, checkpoint: Any,
         world=world,
         tight_memory=memory.little_room,
     )
+    released = release_loading_cache() if plan.device == "cuda" and ds_config is None else None
     if os.environ.get("RANK", "0") == "0":
         write_event(
             out / LOG_FILE,
@@ -266,6 +269,7 @@ def _train(config: VlmtuneConfig, out: Path, config_path: Path, checkpoint: Any,
             speed=speed.summary(),
             processes=world,
             deepspeed_zero_stage=zero_of(ds_config)[0] if ds_config else None,
+            loading_cache_released_gib=None if released is None else round(released / GIB, 3),
         )
     progress = ProgressCallback()
     interrupt = SaveOnInterrupt()  # Ctrl-C: finish the step, save a checkpoint, stop (one process; interrupt.py)
