@@ -8,7 +8,11 @@
 #   OUT=$OUT PART=4 bash benchmarks/speed/run.sh    # issue 17: F1/F2 Qwen3-VL-8B LoRA/QLoRA, F3 SmolVLM2-2.2B LoRA
 #   OUT=$OUT PART=5 bash benchmarks/speed/run.sh    # issue 17: F5/F6 Gemma-3-12B LoRA/QLoRA, F4 SmolVLM2-2.2B QLoRA
 #   OUT=$OUT PART=6 bash benchmarks/speed/run.sh    # issue 17: F7/F8 Qwen3.5-9B LoRA/QLoRA
-# (F*: plain_gc vs vlmtune_gc; the report adds each vlmtune run's preflight estimate against its nvidia-smi peak)
+# (F*: plain_gc vs vlmtune_gc and vlmtune_auto; the report adds each vlmtune run's preflight estimate against its
+# nvidia-smi peak). vlmtune_auto (W1, W3, F*) is vlmtune's default checkpointing (speed.checkpoint_every_n_layers=auto)
+# on a card whose memory is the same round's plain_gc peak reserved (hardware.memory_fraction): "at no more memory";
+# on QLoRA pairs it loads the architecture's random weights from disk (written once, as for Unsloth). Each run's
+# logs/<run>.apps lists nvidia-smi's per-process GPU memory every 2 s.
 # Only some variants: BENCH_VARIANTS=plain_gc,vlmtune_lean. Each chosen variant R times, round by round, and the
 # report adds each variant's ratio to the reference of its own round (median, range): BENCH_REPEATS=R (identical runs
 # moved by up to 24% within one call in session 5, so single runs cannot settle a ratio near its target).
