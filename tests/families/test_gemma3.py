@@ -1,6 +1,7 @@
 """What is special about Gemma 3, on its tiny model: the gemma-3-it chat template (system folded into the first user
 turn), the image tokens' bidirectional attention (from the token_type_ids the collator passes), sliding-window
-layers, packing refused, and the catalogue / estimator entries of the 4B / 12B / 27B models."""
+layers, packing refused (and the transformers mask that makes it so), and the catalogue / estimator entries of the
+4B / 12B / 27B models."""
 
 from __future__ import annotations
 
@@ -157,6 +158,42 @@ def test_packing_is_refused_with_the_reason():
     config = VlmtuneConfig.model_validate({"model": {"name_or_path": "x"}, "speed": {"packing": True}})
     problems = FAMILY.check(config)
     assert len(problems) == 1 and "speed.packing" in problems[0] and "bidirectionally" in problems[0]
+
+
+def _vision_masks(text_config, token_types: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The (length, length) boolean masks Gemma 3 builds for one row with no attention_mask and no cache."""
+    from transformers.models.gemma3.modeling_gemma3 import (
+        create_masks_for_vision_model,
+        get_block_sequence_ids_for_mask,
+    )
+
+    masks = create_masks_for_vision_model(
+        config=text_config, inputs_embeds=torch.zeros(1, token_types.shape[0], text_config.hidden_size),
+        attention_mask=None, past_key_values=None, position_ids=positions[None],
+        block_sequence_ids=get_block_sequence_ids_for_mask(token_types[None]))
+    causal = torch.ones(len(token_types), len(token_types), dtype=torch.bool).tril()
+    return {kind: causal if mask is None else mask[0, 0] for kind, mask in masks.items()}
+
+
+def test_packed_sliding_mask_is_why_packing_is_refused(tiny):
+    """The reason in `_PACKING`, measured: for a packed row (positions restarting per sample, token types
+    concatenated) transformers' full-attention mask is each sample's own mask on the diagonal, but its sliding-window
+    mask reads the image blocks at each sample's positions (the first sample's image layout). When this test
+    fails, transformers builds the packed sliding mask right and gemma3 could pack with its mask (see the family
+    module's docstring)."""
+    model, _ = tiny
+    samples = [torch.tensor([0, 0, 1, 1, 1, 1, 0, 0, 0, 0]),  # an image at offset 2
+               torch.zeros(8, dtype=torch.long),  # text only
+               torch.tensor([0, 1, 1, 1, 0, 1, 1, 1, 0, 0, 0, 0])]  # two images at other offsets
+    alone = [_vision_masks(model.config.text_config, s, torch.arange(len(s))) for s in samples]
+    packed = _vision_masks(model.config.text_config, torch.cat(samples),
+                           torch.cat([torch.arange(len(s)) for s in samples]))
+    expected = {kind: torch.block_diag(*(m[kind].int() for m in alone)).bool() for kind in packed}
+    assert torch.equal(packed["full_attention"], expected["full_attention"])
+    wrong = (packed["sliding_attention"] != expected["sliding_attention"]).nonzero().tolist()
+    assert [12, 13] in wrong, "the text-only sample no longer gets the first sample's image block"
+    assert [19, 21] in wrong, "the third sample's first image keeps its bidirectional attention now"
+    assert all(18 <= q < 30 and 18 <= k < 30 or 10 <= q < 18 and 10 <= k < 18 for q, k in wrong)  # within a sample
 
 
 def test_pan_and_scan_stays_off(tiny_model_dir, tmp_path):

@@ -22,6 +22,24 @@ Speed switches: the chunked loss applies (Gemma 3's `final_logit_softcapping` is
 any model that soft-caps), fused LoRA, 16-bit LoRA inputs and the frozen vision tower without grad apply through the
 prefixes below; padding-free packing is refused (see `_PACKING`), varlen vision attention and M-RoPE positions do not
 apply (capability map).
+
+Why packing stays refused (transformers 5.23, measured on the tiny model, fp32): vlmtune's per-span packed attention
+has no mask, so it cannot carry the image blocks. transformers' own SDPA mask for a packed row would: with no
+attention_mask and positions restarting at 0 per sample, `create_causal_mask` finds the samples and keeps them apart,
+and `create_masks_for_vision_model` ORs the image blocks of the concatenated `token_type_ids` into it. Its
+full-attention mask is right (the block overlay is applied after the packed-sample restriction, on row indices; each
+image block has its own id, so none joins two samples). Its sliding-window mask is not: there the block overlay is
+passed as `or_mask_function`, which `create_causal_mask` composes before `packed_sequence_compatibility_function`, so
+`remap_positions_for_packed_sequence` calls it with each sample's positions instead of the row's indices, and every
+sample reads the block ids of the row's first tokens (the first sample's image layout). A text-only sample packed
+after an image sample gets bidirectional attention among its text tokens (labelled ones see later ones); an image at
+another offset loses its bidirectional attention. Against the same samples padded (tests/speed/conftest.py's VARIED,
+one row): the loss is off by 2.9e-4 relative and the logits by up to 0.34, where the padded model's own bidirectional
+attention moves the logits by 0.058 (token_type_ids zeroed). A mask built from position_ids and token_type_ids on row
+indices (same sample AND (causal OR same image block), AND the window for the sliding layers), passed as the mask
+dict Gemma3Model takes for `attention_mask`, matched padded to 3e-7 in the logits: the way to lift this refusal (a
+dense rows x length^2 mask per mask type, full and sliding, and no flash kernel for SDPA), or a transformers release
+whose packed sliding mask is right (tests/families/test_gemma3.py checks that mask).
 """
 
 from __future__ import annotations
@@ -85,8 +103,11 @@ TINY_IMAGE_SIDE = 56
 REAL_IMAGE_SIDE = 896
 
 _PACKING = ("Gemma 3's image tokens attend to each other bidirectionally, a mask transformers builds from "
-            "token_type_ids over a padded batch; vlmtune's padding-free packing runs causal attention per packed sample "
-            "(no mask), so the image tokens would lose that attention and train differently; remove speed.packing")
+            "token_type_ids; vlmtune's packed attention (spans) is causal only, and transformers' own mask for a "
+            "packed row (positions restarting per sample, no attention_mask) is wrong in the sliding-window layers: "
+            "transformers 5.23 looks the image blocks up at each sample's positions instead of the row's, so every "
+            "packed sample gets the first sample's image layout (text tokens that see later tokens, images without "
+            "their bidirectional attention); remove speed.packing")
 
 _SIGLIP_896 = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16,
                "image_size": REAL_IMAGE_SIDE, "patch_size": 14, "vision_use_head": False}
