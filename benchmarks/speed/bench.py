@@ -111,9 +111,7 @@ def run_one(workload: str, variant_name: str, out: Path) -> dict[str, Any]:
 def _at_plain_peak(variant: Any, workload: str, out: Path) -> Any:
     """`variant` with AT_PLAIN_PEAK replaced by the fraction of this GPU that the same round's plain_gc run reserved
     at its peak (results.jsonl); a clear failure where that run is missing."""
-    from benchmarks.speed.workloads import AT_PLAIN_PEAK
-
-    from benchmarks.speed.workloads import FROM_DISK
+    from benchmarks.speed.workloads import AT_PLAIN_PEAK, FROM_DISK
 
     disk = [k for k, v in variant.overrides.items() if v == FROM_DISK]
     if disk:

@@ -339,7 +339,6 @@ def test_train_refuses_a_user_folder_and_overwrite_deletes_nothing(run_config, t
 @overwrite
 def test_train_into_a_fresh_or_empty_folder_needs_no_flag(run_config, tmp_path, monkeypatch):
     import vlmtune.methods
-
     from vlmtune.train.engine import train
 
     (tmp_path / "empty").mkdir()
