@@ -1,7 +1,7 @@
 """What is special about Gemma 3, on its tiny model: the gemma-3-it chat template (system folded into the first user
 turn), the image tokens' bidirectional attention (from the token_type_ids the collator passes), sliding-window
-layers, packing refused (and the transformers mask that makes it so), and the catalogue / estimator entries of the
-4B / 12B / 27B models."""
+layers, packing with the family's own masks (and the transformers mask that makes them needed), and the catalogue /
+estimator entries of the 4B / 12B / 27B models."""
 
 from __future__ import annotations
 
@@ -154,10 +154,10 @@ def test_sliding_window_layers_limit_attention(tiny, image):
     assert not torch.allclose(narrow_out[window + 1:], wide_out[window + 1:], atol=1e-4)
 
 
-def test_packing_is_refused_with_the_reason():
+def test_packing_is_accepted_with_the_family_masks():
     config = VlmtuneConfig.model_validate({"model": {"name_or_path": "x"}, "speed": {"packing": True}})
-    problems = FAMILY.check(config)
-    assert len(problems) == 1 and "speed.packing" in problems[0] and "bidirectionally" in problems[0]
+    assert FAMILY.check(config) == []
+    assert FAMILY.packed_row_attention == "family_mask" and FAMILY.packed_mask_module == "model"
 
 
 def _vision_masks(text_config, token_types: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -175,20 +175,51 @@ def _vision_masks(text_config, token_types: torch.Tensor, positions: torch.Tenso
     return {kind: causal if mask is None else mask[0, 0] for kind, mask in masks.items()}
 
 
-def test_packed_sliding_mask_is_why_packing_is_refused(tiny):
-    """The reason in `_PACKING`, measured: for a packed row (positions restarting per sample, token types
-    concatenated) transformers' full-attention mask is each sample's own mask on the diagonal, but its sliding-window
-    mask reads the image blocks at each sample's positions (the first sample's image layout). When this test
-    fails, transformers builds the packed sliding mask right and gemma3 could pack with its mask (see the family
-    module's docstring)."""
+def _packed(samples: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token types, positions) of one packed row: the samples concatenated, positions restarting per sample."""
+    return torch.cat(samples), torch.cat([torch.arange(len(s)) for s in samples])
+
+
+def _alone(text_config, samples: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each sample's own masks (transformers, unpacked) on the diagonal: what a packed row's masks must be."""
+    alone = [_vision_masks(text_config, s, torch.arange(len(s))) for s in samples]
+    return {kind: torch.block_diag(*(m[kind].int() for m in alone)).bool() for kind in alone[0]}
+
+
+def test_packed_masks_are_each_sample_alone(tiny):
+    """The family's masks for a packed row equal transformers' masks for each sample unpacked, on the diagonal:
+    samples longer than the sliding window (16), images at different offsets, a text-only sample, and an image
+    block longer than the window (unpacked, its bidirectional attention is cut by the window too)."""
+    model, _ = tiny
+    config = model.config.text_config
+    text, image = torch.zeros, torch.ones
+    samples = [torch.cat([text(2), image(4), text(16)]).long(),
+               text(18).long(),
+               torch.cat([text(1), image(4), text(3), image(4), text(12)]).long(),
+               torch.cat([text(2), image(20), text(3)]).long()]
+    assert all(len(s) > config.sliding_window for s in samples)
+    types, positions = _packed(samples)
+    masks = FAMILY.packed_attention_masks({"position_ids": positions[None], "token_type_ids": types[None]}, config)
+    expected = _alone(config, samples)
+    assert masks.keys() == expected.keys() == {"full_attention", "sliding_attention"}
+    for kind, mask in masks.items():
+        assert mask.shape == (1, 1, len(types), len(types)) and mask.dtype == torch.bool
+        assert torch.equal(mask[0, 0], expected[kind]), kind
+    assert FAMILY.packed_attention_masks({"token_type_ids": types[None]}, config) is None  # not a packed batch
+
+
+def test_transformers_packed_sliding_mask_is_wrong(tiny):
+    """Why the family builds its own packed masks (see the family module's docstring): for a packed row (positions
+    restarting per sample, token types concatenated) transformers 5.23's full-attention mask is each sample's own
+    mask on the diagonal, but its sliding-window mask reads the image blocks at each sample's positions (the first
+    sample's image layout). When this test fails, transformers builds the packed sliding mask right, and gemma3
+    could leave packed rows to it."""
     model, _ = tiny
     samples = [torch.tensor([0, 0, 1, 1, 1, 1, 0, 0, 0, 0]),  # an image at offset 2
                torch.zeros(8, dtype=torch.long),  # text only
                torch.tensor([0, 1, 1, 1, 0, 1, 1, 1, 0, 0, 0, 0])]  # two images at other offsets
-    alone = [_vision_masks(model.config.text_config, s, torch.arange(len(s))) for s in samples]
-    packed = _vision_masks(model.config.text_config, torch.cat(samples),
-                           torch.cat([torch.arange(len(s)) for s in samples]))
-    expected = {kind: torch.block_diag(*(m[kind].int() for m in alone)).bool() for kind in packed}
+    packed = _vision_masks(model.config.text_config, *_packed(samples))
+    expected = _alone(model.config.text_config, samples)
     assert torch.equal(packed["full_attention"], expected["full_attention"])
     wrong = (packed["sliding_attention"] != expected["sliding_attention"]).nonzero().tolist()
     assert [12, 13] in wrong, "the text-only sample no longer gets the first sample's image block"

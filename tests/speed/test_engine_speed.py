@@ -9,6 +9,7 @@ import logging
 import pytest
 
 from vlmtune.config.schema import VlmtuneConfig
+from vlmtune.families import get_family
 from vlmtune.train.engine import train
 
 OFF = {"chunked_loss": False, "frozen_vision_no_grad": False, "packing": False, "fused_lora": False}
@@ -59,8 +60,13 @@ def test_switches_keep_the_losses(tiny_model_dir, varied_jsonl, tmp_path, family
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
-def test_packing_trains(tiny_model_dir, varied_jsonl, tmp_path, caplog, family):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "gemma3"])
+def test_packing_trains(tiny_model_dir, varied_jsonl, tmp_path, caplog, monkeypatch, family):
+    """gemma3 packs with the masks its family builds (image blocks bidirectional), not per-sample spans."""
+    descriptor, built = get_family(family), []
+    original = type(descriptor).packed_attention_masks
+    monkeypatch.setattr(type(descriptor), "packed_attention_masks",
+                        lambda self, *args: built.append(original(self, *args)) or built[-1])
     config = _config(
         tiny_model_dir,
         varied_jsonl,
@@ -70,7 +76,10 @@ def test_packing_trains(tiny_model_dir, varied_jsonl, tmp_path, caplog, family):
     )
     with caplog.at_level(logging.WARNING, logger="transformers"):
         result = train(config)
-    assert {"packing", "packed_attention=spans"} <= set(_start(result)["speed"]["active"])
+    isolation = "family_mask" if descriptor.packed_row_attention == "family_mask" else "spans"
+    assert {"packing", f"packed_attention={isolation}"} <= set(_start(result)["speed"]["active"])
+    assert bool(built) == (isolation == "family_mask") and all(m is not None for m in built)
+    assert ("packed_attention=spans" in _start(result)["speed"]["active"]) == (isolation == "spans")
     losses = _losses(result)
     assert len(losses) == 3 and all(loss == loss and loss > 0 for loss in losses)
     # packed rows have no attention mask: the token count still leaves their padding out, without a warning

@@ -101,3 +101,73 @@ def test_packed_dataset_items(encoded):
     packed = PackedDataset.from_dataset(Base(samples), budget=120)
     assert sum(len(packed[i]) for i in range(len(packed))) == len(samples)
     assert all(sum(len(s) for s in packed[i]) <= 120 for i in range(len(packed)))
+
+
+def _logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_gemma3_packed_logits_equal_padded(tiny_model_dir, encoded, attn):
+    """Gemma 3 builds its packed rows' masks itself (image tokens bidirectional within their image, samples apart,
+    the sliding window on row indices). The loss of the random tiny model hardly moves when an image loses its
+    bidirectional attention, so the logits of every sample are compared: packed (one row; two rows, the shorter one
+    padded) against the same samples padded. Controls: transformers' own packed mask, and the family's masks without
+    the image blocks (token_type_ids zeroed), miss by far more than the tolerance."""
+    from transformers import AutoModelForImageTextToText
+
+    from vlmtune.speed.family_mask import family_packed_masks
+
+    family = get_family("gemma3")
+    processor, samples = encoded("gemma3")
+    pad = processor.tokenizer.pad_token_id
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir("gemma3"), attn_implementation=attn).eval()
+    window = model.config.text_config.sliding_window
+    images = [int(s.sequence["token_type_ids"].sum()) for s in samples]
+    assert max(len(s) for s in samples) > window and 0 in images and sum(n > 0 for n in images) >= 3
+    padded = _logits(model, Collator(pad)(samples))
+    reference = [padded[i, : len(s)] for i, s in enumerate(samples)]
+    collate = PackingCollator(pad)
+
+    def worst(batch: dict, rows: list[list[int]]) -> float:
+        logits, diff = _logits(model, batch), 0.0
+        for r, members in enumerate(rows):
+            got = logits[r, : sum(len(samples[i]) for i in members)]
+            want = torch.cat([reference[i] for i in members])
+            diff = max(diff, (got - want).abs().max().item())
+        return diff
+
+    one, two = [[0, 1, 2, 3, 4]], [[0, 1, 2], [3, 4]]
+    one_row, two_rows = collate(samples), collate([samples[:3], samples[3:]])
+    assert "token_type_ids" in one_row and torch.equal(one_row["token_type_ids"][0].sum(), torch.tensor(sum(images)))
+    transformers_mask = worst(one_row, one)
+    handle = family_packed_masks(model, family)
+    assert not isinstance(handle, str)
+    try:
+        assert worst(one_row, one) < 1e-5
+        assert worst(two_rows, two) < 1e-5
+        no_blocks = worst(dict(one_row, token_type_ids=torch.zeros_like(one_row["token_type_ids"])), one)
+        assert worst(Collator(pad)(samples), [[0]]) == 0.0  # padded batches keep the model's own masks
+    finally:
+        handle.remove()
+    assert transformers_mask > 1e-2 and no_blocks > 1e-2, (transformers_mask, no_blocks)
+
+
+def test_gemma3_packed_loss_equals_padded(tiny_model_dir, encoded):
+    """The training-level check of the other families: loss and LoRA gradients of packed rows (the family's masks
+    installed as `apply_speed` does) equal those of the same samples padded."""
+    from vlmtune.speed.family_mask import family_packed_masks
+
+    processor, samples = encoded("gemma3")
+    pad = processor.tokenizer.pad_token_id
+    model = lora_model(tiny_model_dir("gemma3"), "gemma3")
+    padded = loss_and_grads(model, Collator(pad)(samples))
+    handle = family_packed_masks(unwrap_peft(model), get_family("gemma3"))
+    assert not isinstance(handle, str)
+    collate = PackingCollator(pad, rope_index_of(model))
+    try:
+        assert_same(padded, loss_and_grads(model, collate(samples)), rel=1e-4, cosine=0.999)
+        assert_same(padded, loss_and_grads(model, collate([samples[:3], samples[3:]])), rel=1e-4, cosine=0.999)
+    finally:
+        handle.remove()

@@ -99,6 +99,18 @@ class FamilyDescriptor(ABC):
     (Mllama: each sample's text cross-attends to its own images). Data processing then keeps a sample's image
     tensors without the batch dim and the collator stacks them, zero-padded on every dim (`EncodedSample`)."""
 
+    packed_row_attention: ClassVar[Literal["per_sample", "family_mask"]] = "per_sample"
+    """How the samples of a packed row (`speed.packing`: positions restarting at 0 per sample, no attention_mask)
+    are kept apart in the language model. per_sample: causal attention within each sample, from the positions alone
+    (vlmtune's span attention or transformers' block-diagonal mask, `speed.packed_attention`). family_mask: the
+    family's attention is not causal-per-sample (Gemma 3's image tokens attend to each other both ways), so it
+    builds the row's masks itself in `packed_attention_masks`, which `apply_speed` passes as `attention_mask` to the
+    module `packed_mask_module` names (a forward pre-hook); `speed.packed_attention` does not apply. Those masks are
+    dense (rows x length^2 booleans per mask type) and SDPA with a mask runs no flash kernel."""
+    packed_mask_module: ClassVar[str | None] = None
+    """With packed_row_attention=family_mask: the module (name in the transformers model) whose forward takes the
+    mask `packed_attention_masks` builds as its `attention_mask`."""
+
     capabilities: ClassVar[Mapping[str, Capability]]
     image_placeholder: ClassVar[str]
     """What the chat template emits per image (the processor expands its image token to the image's tokens)."""
@@ -211,6 +223,12 @@ class FamilyDescriptor(ABC):
         the image tokens' positions). They replace processor outputs of the same names, are cut with the sequence and
         padded with 0 on every dim by the collator. Default: none."""
         return {}
+
+    def packed_attention_masks(self, inputs: Mapping[str, Any], text_config: Any) -> Mapping[str, Any] | None:
+        """With packed_row_attention=family_mask: the masks of a packed batch, from the keyword inputs of
+        `packed_mask_module`'s forward (no attention_mask there): boolean, True where a query may attend to a key,
+        (rows, 1, length, length), keyed as the module takes them; None where `inputs` is not a packed batch."""
+        raise NotImplementedError(f"{self.name} keeps packed samples apart by their positions (per_sample)")
 
     # ---- processor ----
     def load_processor(self, path: str | Path, data_cfg: DataConfig | None = None) -> ProcessorMixin:

@@ -20,26 +20,23 @@ in the checkpoints' processor config: vlmtune has no data setting for it and its
 
 Speed switches: the chunked loss applies (Gemma 3's `final_logit_softcapping` is None; `install_chunked_loss` declines
 any model that soft-caps), fused LoRA, 16-bit LoRA inputs and the frozen vision tower without grad apply through the
-prefixes below; padding-free packing is refused (see `_PACKING`), varlen vision attention and M-RoPE positions do not
-apply (capability map).
+prefixes below; padding-free packing applies with masks this module builds (below); varlen vision attention and
+M-RoPE positions do not apply (capability map).
 
-Why packing stays refused (transformers 5.23, measured on the tiny model, fp32): vlmtune's per-span packed attention
-has no mask, so it cannot carry the image blocks. transformers' own SDPA mask for a packed row would: with no
-attention_mask and positions restarting at 0 per sample, `create_causal_mask` finds the samples and keeps them apart,
-and `create_masks_for_vision_model` ORs the image blocks of the concatenated `token_type_ids` into it. Its
-full-attention mask is right (the block overlay is applied after the packed-sample restriction, on row indices; each
-image block has its own id, so none joins two samples). Its sliding-window mask is not: there the block overlay is
-passed as `or_mask_function`, which `create_causal_mask` composes before `packed_sequence_compatibility_function`, so
-`remap_positions_for_packed_sequence` calls it with each sample's positions instead of the row's indices, and every
-sample reads the block ids of the row's first tokens (the first sample's image layout). A text-only sample packed
-after an image sample gets bidirectional attention among its text tokens (labelled ones see later ones); an image at
-another offset loses its bidirectional attention. Against the same samples padded (tests/speed/conftest.py's VARIED,
-one row): the loss is off by 2.9e-4 relative and the logits by up to 0.34, where the padded model's own bidirectional
-attention moves the logits by 0.058 (token_type_ids zeroed). A mask built from position_ids and token_type_ids on row
-indices (same sample AND (causal OR same image block), AND the window for the sliding layers), passed as the mask
-dict Gemma3Model takes for `attention_mask`, matched padded to 3e-7 in the logits: the way to lift this refusal (a
-dense rows x length^2 mask per mask type, full and sliding, and no flash kernel for SDPA), or a transformers release
-whose packed sliding mask is right (tests/families/test_gemma3.py checks that mask).
+Packing (`packed_row_attention = "family_mask"`): a packed row's samples cannot be kept apart by causal attention per
+sample (vlmtune's span attention drops the image blocks' bidirectional attention), nor by the mask transformers 5.23
+builds for a packed row (positions restarting per sample, no attention_mask): its full-attention mask is right, but
+in the sliding-window layers the image-block overlay is passed as `or_mask_function`, which `create_causal_mask`
+composes before `packed_sequence_compatibility_function`, so the block ids are looked up at each sample's positions
+instead of the row's indices and every sample gets the first sample's image layout (measured on the tiny model,
+fp32, against the same samples padded: logits off by up to 0.22-0.34; tests/families/test_gemma3.py pins it). So
+`packed_attention_masks` builds both masks from the row's `position_ids` and `token_type_ids`, on row indices, as
+transformers builds them for one unpacked sample (`create_masks_for_vision_model`): full = same sample AND (causal OR
+same image block); sliding = full AND (q - k < sliding_window) (`sliding_window_overlay`; the image-block OR lies
+inside the window there, as unpacked). The packed logits equal the padded ones to 3e-7 (tests/speed/test_packing.py).
+Cost: the masks are dense, rows x length^2 booleans for each of the two mask types (a 16k-token row: 2 x 256 MiB,
+and a few such temporaries while they are built on the GPU each forward); SDPA with a mask runs no flash kernel: keep
+speed.packing_max_tokens to a few thousand tokens (about 4-8k).
 """
 
 from __future__ import annotations
@@ -54,6 +51,7 @@ from vlmtune.families.capabilities import Experimental, Supported, Unsupported
 from vlmtune.families.tiny import overlay
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PretrainedConfig, ProcessorMixin
 
     from vlmtune.config.schema import DataConfig
@@ -102,12 +100,9 @@ TINY_IMAGE_SIDE = 56
 """Tiny models see 56x56 px images: 4x4 patches of 14 px, pooled 2x2 to 4 soft tokens per image."""
 REAL_IMAGE_SIDE = 896
 
-_PACKING = ("Gemma 3's image tokens attend to each other bidirectionally, a mask transformers builds from "
-            "token_type_ids; vlmtune's packed attention (spans) is causal only, and transformers' own mask for a "
-            "packed row (positions restarting per sample, no attention_mask) is wrong in the sliding-window layers: "
-            "transformers 5.23 looks the image blocks up at each sample's positions instead of the row's, so every "
-            "packed sample gets the first sample's image layout (text tokens that see later tokens, images without "
-            "their bidirectional attention); remove speed.packing")
+_PACKING = ("vlmtune builds each packed row's full and sliding-window masks (image tokens bidirectional within their "
+            "image, each sample apart): dense rows x length^2 booleans per mask type, and SDPA with a mask runs no "
+            "flash kernel; keep speed.packing_max_tokens to a few thousand tokens")
 
 _SIGLIP_896 = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16,
                "image_size": REAL_IMAGE_SIDE, "patch_size": 14, "vision_use_head": False}
@@ -140,6 +135,8 @@ class Gemma3Family(FamilyDescriptor):
     language_layers_prefix = "model.language_model.layers"
     vision_layers_prefix = "model.vision_tower.encoder.layers"
     vision_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+    packed_row_attention = "family_mask"
+    packed_mask_module = "model"
 
     capabilities = {
         "lora": Supported(), "qlora": Supported(), "full": Supported(),
@@ -155,7 +152,7 @@ class Gemma3Family(FamilyDescriptor):
         "pixel_bounds": Unsupported("Gemma 3 sees every image at SigLIP's fixed resolution (896 px); remove "
                                     "data.min_pixels / data.max_pixels"),
         "multi_image": Supported("each image is its own 256-token block; blocks attend causally to earlier ones"),
-        "packing": Unsupported(_PACKING),
+        "packing": Supported(_PACKING),
         "varlen_vision_attention": Unsupported("SigLIP attends over each image's 4096 patches as one fixed-size "
                                                "sequence (no cu_seqlens); plain SDPA already runs it batched"),
         "mrope_positions": Unsupported("Gemma 3 uses 1-D rotary positions; there are no M-RoPE positions to build"),
@@ -208,6 +205,33 @@ class Gemma3Family(FamilyDescriptor):
                     f"turns alternating from a user turn; this record has {' -> '.join(roles)}. Merge consecutive "
                     "messages of one role")
         return None
+
+    # ---- packed rows ----
+    def packed_attention_masks(self, inputs: Mapping[str, Any], text_config: Any) -> dict[str, torch.Tensor] | None:
+        """Gemma3Model's masks for a packed batch (see the module docstring): samples found where the positions do
+        not go up by one, image blocks where `token_type_ids` turns 1, all on row indices."""
+        import torch
+
+        positions = inputs.get("position_ids")
+        if positions is None:
+            return None
+        types = inputs.get("token_type_ids")
+        image = torch.zeros_like(positions, dtype=torch.bool) if types is None else types == 1
+        new_sample = torch.ones_like(image)
+        new_sample[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+        sample = new_sample.cumsum(-1)
+        starts = image.clone()
+        starts[:, 1:] &= ~image[:, :-1]
+        block = torch.where(image, starts.cumsum(-1), 0)  # 0: text; image blocks numbered from 1 along the row
+        index = torch.arange(positions.shape[-1], device=positions.device)
+        causal = index[None, :] <= index[:, None]
+        same_block = (block[:, :, None] == block[:, None, :]) & image[:, :, None]
+        full = (sample[:, :, None] == sample[:, None, :]) & (causal | same_block)
+        masks = {"full_attention": full[:, None]}
+        if "sliding_attention" in text_config.layer_types:
+            window = index[None, :] > index[:, None] - text_config.sliding_window
+            masks["sliding_attention"] = (full & window)[:, None]
+        return masks
 
     # ---- processor ----
     def load_processor(self, path: Any, data_cfg: DataConfig | None = None) -> ProcessorMixin:

@@ -130,9 +130,12 @@ def apply_speed(
             log.info("speed: %s", compiled.reason)
             if compiled.auto:
                 setup.handles.append(FallBackToEager())
-    spans = speed.packing and speed.packed_attention == "spans"
+    own_masks = family.packed_row_attention == "family_mask"
+    spans = speed.packing and speed.packed_attention == "spans" and not own_masks
     if speed.packing:
         setup.active.append("packing")
+    if speed.packing and own_masks:
+        _install_family_masks(setup, model, family)
     varlen = None
     if speed.varlen_attention:
         varlen = setup.add("varlen_attention", varlen_attention(unwrap_peft(model), family, plan.device, spans))
@@ -152,6 +155,23 @@ def apply_speed(
         "speed: %s%s", ", ".join(setup.active) or "nothing switched on", f" ({skipped})" if skipped else ""
     )
     return setup
+
+
+def _install_family_masks(setup: SpeedSetup, model: nn.Module, family: FamilyDescriptor) -> None:
+    """Packed rows of a family that builds their masks itself (`FamilyDescriptor.packed_row_attention`): without
+    them the rows would train on transformers' own packed masks, so a failure to install stops the run."""
+    from vlmtune.errors import VlmtuneError
+    from vlmtune.speed.family_mask import family_packed_masks
+    from vlmtune.speed.loss_hook import unwrap_peft
+
+    installed = family_packed_masks(unwrap_peft(model), family)
+    if isinstance(installed, str):
+        raise VlmtuneError(f"speed.packing cannot run here: {installed}. Set speed.packing=false.")
+    setup.add("packed_attention=family_mask", installed)
+    setup.skipped["packed_attention"] = (
+        f"{family.name} builds its packed rows' attention masks itself (dense, rows x length^2 per mask type; SDPA "
+        "with a mask runs no flash kernel), so speed.packed_attention does not apply"
+    )
 
 
 def _install_fp8(setup: SpeedSetup, fused: Any, decision: Any) -> None:
