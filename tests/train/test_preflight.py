@@ -354,3 +354,34 @@ def test_meminfo_and_the_node_share(tmp_path, monkeypatch):
     assert node_share(80 * GIB, 8) == 80 * GIB  # one node holds all 8 GPUs' share
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert node_share(80 * GIB, 8) == 40 * GIB  # two nodes of 4
+
+
+def test_packing_sizes_the_packed_rows(tmp_path, dataset):
+    """With speed.packing, batch_size counts packed rows: the estimate sizes the rows the engine's own first-fit
+    packing makes of the data (3 samples of 1,256 tokens in a 4,096-token row), not batch_size samples."""
+    from vlmtune.data.packing import pack_bins
+    from vlmtune.memory.catalogue import lookup_model
+
+    plain = make_config(tmp_path, data={"max_length": 4096})
+    packed = make_config(tmp_path, data={"max_length": 4096}, speed={"packing": True})
+    spec = lookup_model(packed.model.name_or_path)
+    sizer = Sizer(packed, spec, measured_profile(dataset, spec, packed), dataset.labelled)
+    assert sizer.rows == len(pack_bins(dataset.lengths, 4096)) == 6  # five rows of 3 samples, one of 1
+    inputs = sizer.inputs(2)
+    assert inputs.seq_len == 3 * (TEXT_TOKENS + 256)
+    assert inputs.vit_patches_per_batch == 2 * 3 * 1024  # two rows of three 448 px images
+    assert inputs.images_per_sample == 3 and inputs.image_tokens_per_sample == 3 * 258
+    assert inputs.labelled_tokens == 2 * 3 * (TEXT_TOKENS - 20)
+    assert reserved(packed, dataset, 1) > reserved(plain, dataset, 2)  # a row of 3 samples outweighs 2 samples
+    # a smaller row budget packs fewer samples per row
+    tight = make_config(tmp_path, data={"max_length": 4096}, speed={"packing": True, "packing_max_tokens": 2600})
+    small = Sizer(tight, spec, measured_profile(dataset, spec, tight), dataset.labelled)
+    assert small.rows == 8 and small.inputs(1).seq_len == 2 * (TEXT_TOKENS + 256)
+
+
+def test_auto_batch_with_packing_counts_rows(tmp_path, dataset, gpu):
+    gpu(free_gib=79)
+    config = make_config(tmp_path, data={"max_length": 4096}, speed={"packing": True})
+    result = pf.preflight(config, CUDA, dataset)
+    assert result.config.training.batch_size == 4  # the largest of 1, 2, 4, 8 not above the data's 6 rows
+    assert result.breakdown.inputs.seq_len == 3 * (TEXT_TOKENS + 256)

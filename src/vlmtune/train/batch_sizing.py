@@ -6,6 +6,7 @@ most vision patches), not from data.max_length.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,25 +59,81 @@ class Sizer:
         self.config, self.spec, self.profile = config, spec, profile
         self.labelled = sorted(labelled) if labelled else None
         self.costs: SampleCosts = profile.costs(spec, d.image_size, d.min_pixels, d.max_pixels)
+        self.packed = packed_rows(config, profile, self.costs, labelled)
+
+    @property
+    def rows(self) -> int:
+        """Micro-batch rows the data makes: packed rows with speed.packing, else samples."""
+        return len(self.packed) if self.packed is not None else len(self.profile.samples)
 
     def inputs(self, batch: int) -> EstimateInputs:
         from vlmtune.memory.inputs import inputs_from_config
 
-        shape = self.profile.batch(self.spec, batch, self.config.data.max_length, costs=self.costs)
-        return inputs_from_config(  # ZeRO stage, offload and GPU count as training renders them from the config
-            self.config,
-            batch_size=batch,
-            seq_len=shape.seq_len,
-            vit_patches_per_batch=shape.vit_patches,
-            images_per_sample=shape.images_per_sample,
-            image_tokens_per_sample=shape.image_tokens,
-            labelled_tokens=sum(self.labelled[-batch:]) if self.labelled else None,
-        )
+        if self.packed is not None:  # batch_size counts packed rows: the worst `batch` of the rows the data packs into
+            worst = self.packed
+            fields = dict(
+                seq_len=max(r.tokens for r in worst),
+                vit_patches_per_batch=sum(sorted(r.patches for r in worst)[-batch:]),
+                images_per_sample=max(r.images for r in worst),
+                image_tokens_per_sample=max(r.image_tokens for r in worst),
+                labelled_tokens=sum(sorted(r.labelled for r in worst)[-batch:]) if self.labelled else None,
+            )
+        else:
+            shape = self.profile.batch(self.spec, batch, self.config.data.max_length, costs=self.costs)
+            fields = dict(
+                seq_len=shape.seq_len,
+                vit_patches_per_batch=shape.vit_patches,
+                images_per_sample=shape.images_per_sample,
+                image_tokens_per_sample=shape.image_tokens,
+                labelled_tokens=sum(self.labelled[-batch:]) if self.labelled else None,
+            )
+        # ZeRO stage, offload and GPU count as training renders them from the config
+        return inputs_from_config(self.config, batch_size=batch, **fields)
 
     def estimate(self, batch: int) -> Breakdown:
         from vlmtune.memory.estimator import estimate
 
         return estimate(self.inputs(batch))
+
+
+@dataclass(frozen=True)
+class PackedRow:
+    """One row of a packed run (speed.packing): what its samples add up to."""
+
+    tokens: int
+    patches: int
+    images: int
+    image_tokens: int
+    labelled: int
+
+
+def packed_rows(
+    config: VlmtuneConfig, profile: DataProfile, costs: SampleCosts, labelled: list[int] | None
+) -> list[PackedRow] | None:
+    """The rows speed.packing makes of this data (data/packing.pack_bins on the samples' lengths, the engine's own
+    grouping; samples over max_length are dropped by the engine before packing), or None without packing. The worst
+    micro-batch of a packed run is a few of these rows, each up to speed.packing_max_tokens long, with all their
+    samples' images: not `batch_size` samples."""
+    if not config.speed.packing:
+        return None
+    from vlmtune.data.packing import pack_bins
+
+    limit = config.data.max_length
+    kept = [i for i, n in enumerate(costs.lengths) if n <= limit]
+    if not kept:
+        return None
+    budget = config.speed.packing_max_tokens or limit
+    bins = pack_bins([costs.lengths[i] for i in kept], budget)
+    return [
+        PackedRow(
+            tokens=sum(costs.lengths[kept[j]] for j in b),
+            patches=sum(costs.patches[kept[j]] for j in b),
+            images=sum(len(profile.samples[kept[j]].images) for j in b),
+            image_tokens=sum(costs.image_tokens[kept[j]] for j in b),
+            labelled=sum(labelled[kept[j]] for j in b) if labelled else 0,
+        )
+        for b in bins
+    ]
 
 
 def choose_batch(sizer: Sizer, gpu: GpuMemory, samples: int) -> tuple[int, Breakdown]:

@@ -190,7 +190,7 @@ def preflight(
     profile = measured_profile(dataset, spec, config)
     sizer = Sizer(config, spec, profile, getattr(dataset, "labelled", None))
     if auto:
-        batch, breakdown = choose_batch(sizer, gpu, len(dataset))
+        batch, breakdown = choose_batch(sizer, gpu, sizer.rows)
         config = _resolved(config, batch)
         log.info("training.batch_size=auto -> %d (the largest micro-batch that fits with a %.0f%% margin)",
                  batch, 100 * AUTO_MARGIN)
