@@ -385,3 +385,27 @@ def test_auto_batch_with_packing_counts_rows(tmp_path, dataset, gpu):
     result = pf.preflight(config, CUDA, dataset)
     assert result.config.training.batch_size == 4  # the largest of 1, 2, 4, 8 not above the data's 6 rows
     assert result.breakdown.inputs.seq_len == 3 * (TEXT_TOKENS + 256)
+
+
+def test_dry_run_sizes_packed_rows(tmp_path, capsys):
+    """`vlmtune train --dry-run` with speed.packing sizes the packed rows of the data file, as the preflight does."""
+    from vlmtune.cli.main import main
+    from vlmtune.train.dry_run import dry_run_estimate
+
+    Image.new("RGB", (448, 448), (10, 20, 30)).save(tmp_path / "img.png")
+    line = json.dumps({"messages": [
+        {"role": "user", "content": [{"type": "image", "image": "img.png"}, {"type": "text", "text": "What?"}]},
+        {"role": "assistant", "content": "A picture. " * 40}]})
+    (tmp_path / "train.jsonl").write_text((line + "\n") * 12)
+    sections = dict(data={"max_length": 2048}, training={"batch_size": 2})
+    plain = make_config(tmp_path, **sections)
+    packed = make_config(tmp_path, **sections, speed={"packing": True})
+    one = dry_run_estimate(plain, "H100 80GB").inputs
+    rows = dry_run_estimate(packed, "H100 80GB").inputs
+    per_row = 2048 // one.seq_len
+    assert per_row >= 3
+    assert rows.seq_len == per_row * one.seq_len and rows.images_per_sample == per_row
+    assert rows.vit_patches_per_batch == per_row * one.vit_patches_per_batch
+    (tmp_path / "run.yaml").write_text(json.dumps(packed.model_dump(mode="json", exclude_none=True)))
+    assert main(["train", str(tmp_path / "run.yaml"), "--dry-run", "--gpu", "H100 80GB"]) == 0
+    assert f"12 samples packed in {-(-12 // per_row)} rows, longest row {rows.seq_len} tokens" in capsys.readouterr().out

@@ -70,14 +70,7 @@ class Sizer:
         from vlmtune.memory.inputs import inputs_from_config
 
         if self.packed is not None:  # batch_size counts packed rows: the worst `batch` of the rows the data packs into
-            worst = self.packed
-            fields = dict(
-                seq_len=max(r.tokens for r in worst),
-                vit_patches_per_batch=sum(sorted(r.patches for r in worst)[-batch:]),
-                images_per_sample=max(r.images for r in worst),
-                image_tokens_per_sample=max(r.image_tokens for r in worst),
-                labelled_tokens=sum(sorted(r.labelled for r in worst)[-batch:]) if self.labelled else None,
-            )
+            fields = packed_batch(self.packed, batch, labelled=self.labelled is not None)
         else:
             shape = self.profile.batch(self.spec, batch, self.config.data.max_length, costs=self.costs)
             fields = dict(
@@ -134,6 +127,18 @@ def packed_rows(
         )
         for b in bins
     ]
+
+
+def packed_batch(rows: list[PackedRow], batch: int, labelled: bool) -> dict[str, int | None]:
+    """The estimator's inputs for the worst micro-batch of `batch` packed rows: the longest row (the collator pads
+    the others to it), the `batch` rows with the most vision patches, the most images and image tokens in one row."""
+    return dict(
+        seq_len=max(r.tokens for r in rows),
+        vit_patches_per_batch=sum(sorted(r.patches for r in rows)[-batch:]),
+        images_per_sample=max(r.images for r in rows),
+        image_tokens_per_sample=max(r.image_tokens for r in rows),
+        labelled_tokens=sum(sorted(r.labelled for r in rows)[-batch:]) if labelled else None,
+    )
 
 
 def choose_batch(sizer: Sizer, gpu: GpuMemory, samples: int) -> tuple[int, Breakdown]:

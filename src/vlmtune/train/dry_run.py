@@ -70,6 +70,16 @@ def _estimate(config: VlmtuneConfig, gpu: str | None, room: Room | None) -> tupl
                               images_per_sample=shape.images_per_sample, image_tokens_per_sample=shape.image_tokens)
         exact = "" if profile.exact_text else " (text tokens approximated: no tokenizer for this model here)"
         data = f"data {path}: {len(profile.samples)} samples, longest micro-batch {shape.seq_len} tokens{exact}"
+        if config.speed.packing:  # batch_size counts packed rows, as the training preflight sizes them
+            from vlmtune.train.batch_sizing import packed_batch, packed_rows
+
+            costs = profile.costs(spec, inputs.image_size, inputs.min_pixels, inputs.max_pixels)
+            rows = packed_rows(config, profile, costs, None)
+            if rows:
+                inputs = inputs.with_(**{k: v for k, v in packed_batch(rows, inputs.batch_size, False).items()
+                                         if v is not None})
+                data = (f"data {path}: {len(profile.samples)} samples packed in {len(rows)} rows, longest row "
+                        f"{inputs.seq_len} tokens{exact}")
 
     def estimate_at(every: int | None) -> Breakdown:  # as the training preflight estimates each choice
         return estimate(inputs.with_(gradient_checkpointing=every is not None, checkpoint_every=every or 1))
