@@ -154,6 +154,18 @@ def activation_terms(
         dequant = 2 * 2 * largest
         if inputs.quantize_lm_head and not counts.tied:  # the chunked loss calls the 4-bit head: one 16-bit copy
             head_dequant = 2 * d.vocab * d.hidden
+    if inputs.packing and spec.arch.packed_row_masks:
+        # the family's boolean masks live through forward and backward (the recomputation reads them); SDPA turns a
+        # boolean mask into a 16-bit bias per call, which its backward keeps for every layer it did not recompute
+        masks = spec.arch.packed_row_masks * b * s * s
+        bias = 2 * b * s * s
+        kept = d.layers - (-(-d.layers // max(1, inputs.checkpoint_every)) if inputs.gradient_checkpointing else 0)
+        language += masks + kept * bias
+        working += bias if inputs.gradient_checkpointing else 0
+        notes.append(
+            f"packed rows: {spec.arch.packed_row_masks} dense masks of {b} x {s}^2 booleans ({masks / 2**30:.2f} GiB) "
+            "and a 16-bit copy per attention call (not measured on a GPU)"
+        )
     patch = rule.get("patch_size", 14)
     pixel_values = patches * 3 * patch * patch * rule.get("temporal_patch_size", 1)
     return ActivationTerms(

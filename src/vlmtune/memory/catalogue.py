@@ -34,6 +34,10 @@ class Architecture:
     chat: dict[str, int]
     projector_lora_targets: tuple[str, ...] = ()
     """Linear-layer leaf names inside the projector's layers (`method.lora.adapt_projector`); empty: none."""
+    packed_row_masks: int = 0
+    """Dense rows x length^2 boolean masks a packed row carries through the language model (speed.packing): the
+    family builds them where per-span attention would lose attention the model has (Gemma 3: full and sliding
+    window, FamilyDescriptor.packed_row_attention = family_mask); 0 where samples are kept apart by positions."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ def architectures() -> dict[str, Architecture]:
             image=dict(a["image"]),
             chat=dict(a["chat"]),
             projector_lora_targets=tuple(a.get("projector_lora_targets", ())),
+            packed_row_masks=int(a.get("packed_row_masks", 0)),
         )
     return out
 

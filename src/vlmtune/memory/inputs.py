@@ -69,6 +69,9 @@ class EstimateInputs:
     """speed.lora_bf16_compute: adapters take the layer's 16-bit input instead of an fp32 copy."""
     embeddings_on_cpu: bool = False
     """speed.embeddings_on_cpu (QLoRA, untied): the input-embedding table lives in CPU memory."""
+    packing: bool = False
+    """speed.packing: batch_size rows of seq_len tokens, each holding several samples (the training preflight sizes
+    the rows the data packs into); counts the dense masks of families that build them (Architecture.packed_row_masks)."""
     checkpoint_every: int = 1
     """speed.checkpoint_every_n_layers: with checkpointing, only every n-th decoder layer is checkpointed."""
     checkpoint_offload: bool = False
@@ -178,6 +181,7 @@ def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInput
         autocast=config.hardware.precision != "fp32",
         lora_16bit_inputs=config.speed.lora_bf16_compute and config.hardware.precision != "fp32",
         embeddings_on_cpu=config.speed.embeddings_on_cpu,
+        packing=config.speed.packing,
         # `auto` is chosen by `vlmtune train` against its GPU (speed/checkpoint_policy.py); every layer here.
         checkpoint_every=1 if config.speed.checkpoint_every_n_layers == "auto" else config.speed.checkpoint_every_n_layers,
         checkpoint_offload=config.speed.checkpoint_offload,
