@@ -1,7 +1,8 @@
 """What is special about Qwen3.5, on its tiny model (one gated-DeltaNet layer, one gated-attention layer): the
 non-thinking template and its labels token by token, LoRA sets on both layer kinds, padded batches equal to single
-samples through the linear-attention layers, why packing is refused, the kernel note, the image-token rule of the
-full-size processor against the estimator's, and the 9B architecture against the catalogue."""
+samples through the linear-attention layers, packing with those layers run per sample, the kernel note, the
+image-token rule of the full-size processor against the estimator's, and the 9B architecture against the
+catalogue."""
 
 from __future__ import annotations
 
@@ -123,34 +124,32 @@ def test_padded_batch_equals_single_samples(tiny, images):
             torch.testing.assert_close(out[row, : len(sample)], model(**inputs).logits[0], atol=1e-4, rtol=1e-4)
 
 
-def test_packing_is_refused_because_the_recurrent_state_crosses_samples(tiny):
+def test_packing_runs_the_deltanet_layers_per_sample(tiny):
     config = VlmtuneConfig.model_validate({"model": {"name_or_path": "x"}, "speed": {"packing": True}})
-    problems = FAMILY.check(config)
-    assert len(problems) == 1 and "speed.packing" in problems[0] and "recurrent state" in problems[0]
-    # The reason, shown: two texts in one row with positions restarting (what packing sends) give the second a
-    # different output than on its own, because the DeltaNet layer's state runs on from the first.
+    assert FAMILY.check(config) == []
+    assert FAMILY.packed_span_modules == ("linear_attn",) and FAMILY.packed_row_attention == "per_sample"
+    # Why: two texts in one row with positions restarting and no cache (what packing sends) give the second a
+    # different output than on its own, even with the attention layer per sample span, because the DeltaNet layer's
+    # state runs on from the first; with that layer run per span too the packed sample is its own again.
+    from vlmtune.speed.packed_attention import packed_attention
+    from vlmtune.speed.span_layers import span_layers
+
     model, processor = tiny
     first = processor.tokenizer("What colour is the square?", return_tensors="pt")["input_ids"]
     second = processor.tokenizer("The circle is red.", return_tensors="pt")["input_ids"]
     row = torch.cat([first, second], dim=1)
     positions = torch.cat([torch.arange(first.shape[1]), torch.arange(second.shape[1])])[None]
-    with torch.no_grad():
-        alone = model(input_ids=second).logits[0]
-        packed = model(input_ids=row, position_ids=positions).logits[0, first.shape[1]:]
-    assert not torch.allclose(packed, alone, atol=1e-3)
-    # Control: with the DeltaNet layer's output zeroed, packing's attention per sample span keeps the attention
-    # layer's samples apart and the packed sample is its own again: the DeltaNet layer is what mixes them.
-    import copy
-
-    from vlmtune.speed.packed_attention import packed_attention
-
-    silent = copy.deepcopy(model)
-    torch.nn.init.zeros_(silent.model.language_model.layers[0].linear_attn.out_proj.weight)
-    spans = packed_attention(silent, FAMILY.language_prefixes)
-    with torch.no_grad():
-        alone = silent(input_ids=second).logits[0]
-        packed = silent(input_ids=row, position_ids=positions).logits[0, first.shape[1]:]
-    spans.remove()
+    spans = packed_attention(model, FAMILY.language_prefixes)
+    try:
+        with torch.no_grad():
+            alone = model(input_ids=second).logits[0]
+            leaked = model(input_ids=row, position_ids=positions, use_cache=False).logits[0, first.shape[1]:]
+            per_span = span_layers(model, FAMILY.packed_span_modules, FAMILY.language_prefixes)
+            packed = model(input_ids=row, position_ids=positions, use_cache=False).logits[0, first.shape[1]:]
+            per_span.remove()
+    finally:
+        spans.remove()
+    assert not torch.allclose(leaked, alone, atol=1e-3)
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
 
 

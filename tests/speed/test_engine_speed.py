@@ -10,6 +10,7 @@ import pytest
 
 from vlmtune.config.schema import VlmtuneConfig
 from vlmtune.families import get_family
+from vlmtune.speed import span_layers
 from vlmtune.train.engine import train
 
 OFF = {"chunked_loss": False, "frozen_vision_no_grad": False, "packing": False, "fused_lora": False}
@@ -60,13 +61,22 @@ def test_switches_keep_the_losses(tiny_model_dir, varied_jsonl, tmp_path, family
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "gemma3", "qwen3_5"])
 def test_packing_trains(tiny_model_dir, varied_jsonl, tmp_path, caplog, monkeypatch, family):
-    """gemma3 packs with the masks its family builds (image blocks bidirectional), not per-sample spans."""
+    """gemma3 packs with the masks its family builds (image blocks bidirectional), not per-sample spans; qwen3_5 runs
+    its DeltaNet layers once per sample span (packed_span_modules)."""
     descriptor, built = get_family(family), []
     original = type(descriptor).packed_attention_masks
     monkeypatch.setattr(type(descriptor), "packed_attention_masks",
                         lambda self, *args: built.append(original(self, *args)) or built[-1])
+    spans = []
+
+    def spy(self, hidden_states, *args, **kwargs):
+        spans.append(kwargs.get(span_layers.SPANS_KEY) or [])
+        return real(self, hidden_states, *args, **kwargs)
+
+    real = span_layers._per_span_forward
+    monkeypatch.setattr(span_layers, "_per_span_forward", spy)
     config = _config(
         tiny_model_dir,
         varied_jsonl,
@@ -80,6 +90,9 @@ def test_packing_trains(tiny_model_dir, varied_jsonl, tmp_path, caplog, monkeypa
     assert {"packing", f"packed_attention={isolation}"} <= set(_start(result)["speed"]["active"])
     assert bool(built) == (isolation == "family_mask") and all(m is not None for m in built)
     assert ("packed_attention=spans" in _start(result)["speed"]["active"]) == (isolation == "spans")
+    assert ("packed_layers=per_sample" in _start(result)["speed"]["active"]) == bool(descriptor.packed_span_modules)
+    if descriptor.packed_span_modules:  # a span cut in a DeltaNet forward during training
+        assert spans and max(len(row) for rows in spans for row in rows) > 1
     losses = _losses(result)
     assert len(losses) == 3 and all(loss == loss and loss > 0 for loss in losses)
     # packed rows have no attention mask: the token count still leaves their padding out, without a warning

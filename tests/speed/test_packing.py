@@ -16,8 +16,9 @@ from vlmtune.data.processing import IGNORE_INDEX
 from vlmtune.families import get_family
 from vlmtune.speed.loss_hook import unwrap_peft
 from vlmtune.speed.packed_attention import NAME, packed_attention, packed_sdpa_attention
+from vlmtune.speed.span_layers import span_layers
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "smolvlm", "internvl", "qwen3_vl_moe"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "smolvlm", "internvl", "qwen3_vl_moe", "qwen3_5"]
 
 
 def test_pack_bins_budget_and_coverage():
@@ -34,12 +35,16 @@ def test_pack_bins_budget_and_coverage():
 @pytest.mark.parametrize("attention", ["mask", "spans"])
 @pytest.mark.parametrize("family_name", FAMILIES)
 def test_packed_equals_padded(tiny_model_dir, encoded, family_name, attention):
-    """mask: transformers' block-diagonal mask; spans: vlmtune's causal SDPA per sample (speed.packed_attention)."""
+    """mask: transformers' block-diagonal mask; spans: vlmtune's causal SDPA per sample (speed.packed_attention).
+    Layers that carry state along the sequence (`packed_span_modules`) run per sample span, as apply_speed sets."""
     processor, samples = encoded(family_name)
     pad = processor.tokenizer.pad_token_id
     model = lora_model(tiny_model_dir(family_name), family_name)
     padded_batch = Collator(pad)(samples)
     padded = loss_and_grads(model, padded_batch)
+    family = get_family(family_name)
+    per_span = span_layers(unwrap_peft(model), family.packed_span_modules, family.language_prefixes)
+    assert isinstance(per_span, str) != bool(family.packed_span_modules)
     collate = PackingCollator(pad, rope_index_of(model))
     one_row = collate(samples)
     two_rows = collate([samples[:3], samples[3:]])  # rows of different lengths: the shorter one is padded
@@ -61,6 +66,8 @@ def test_packed_equals_padded(tiny_model_dir, encoded, family_name, attention):
         handle.remove()
         AttentionInterface.register(NAME, packed_sdpa_attention)
         assert any(spans) and not all(spans)
+    if not isinstance(per_span, str):
+        per_span.remove()
 
 
 @pytest.mark.parametrize("family_name", ["qwen2_vl", "llava"])
@@ -171,3 +178,76 @@ def test_gemma3_packed_loss_equals_padded(tiny_model_dir, encoded):
         assert_same(padded, loss_and_grads(model, collate([samples[:3], samples[3:]])), rel=1e-4, cosine=0.999)
     finally:
         handle.remove()
+
+
+def test_qwen3_5_packed_logits_equal_padded(tiny_model_dir, encoded):
+    """Qwen3.5's gated DeltaNet layer carries a recurrent state and a 4-token conv window along the row; run once
+    per sample span (`packed_span_modules`) it restarts per sample, so every sample's packed logits (one row; two
+    rows, the shorter one padded) equal its padded ones. Control: the same rows without the per-span layer (the
+    attention layer still per sample) miss by far more than the tolerance, so the test sees the leak."""
+    from transformers import AutoModelForImageTextToText
+
+    family = get_family("qwen3_5")
+    processor, samples = encoded("qwen3_5")
+    pad = processor.tokenizer.pad_token_id
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir("qwen3_5")).eval()
+    image_token = model.config.image_token_id
+    images = [int((s.input_ids == image_token).sum()) for s in samples]
+    assert 0 in images and sum(n > 0 for n in images) >= 3 and len({len(s) for s in samples}) >= 3
+    padded = _logits(model, Collator(pad)(samples))
+    reference = [padded[i, : len(s)] for i, s in enumerate(samples)]
+    collate = PackingCollator(pad, rope_index_of(model))
+
+    def worst(batch: dict, rows: list[list[int]]) -> float:
+        logits, diff = _logits(model, batch), 0.0
+        for r, members in enumerate(rows):
+            got = logits[r, : sum(len(samples[i]) for i in members)]
+            want = torch.cat([reference[i] for i in members])
+            diff = max(diff, (got - want).abs().max().item())
+        return diff
+
+    one, two = [[0, 1, 2, 3, 4]], [[0, 1, 2], [3, 4]]
+    one_row, two_rows = collate(samples), collate([samples[:3], samples[3:]])
+    attention = packed_attention(model, family.language_prefixes)
+    assert not isinstance(attention, str)
+    calls = []
+    layer = model.model.language_model.layers[0].linear_attn
+    counter = layer.in_proj_qkv.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[1]))
+    try:
+        leak = worst(one_row, one)
+        handle = span_layers(model, family.packed_span_modules, family.language_prefixes)
+        assert not isinstance(handle, str) and handle.layers == [layer]
+        try:
+            calls.clear()
+            packed_one = worst(one_row, one)
+            assert calls == [len(s) for s in samples]  # one forward per sample span
+            packed_two = worst(two_rows, two)
+            assert worst(Collator(pad)(samples), [[0]]) == 0.0  # padded batches run the layer as it is
+        finally:
+            handle.remove()
+    finally:
+        counter.remove()
+        attention.remove()
+    assert packed_one < 1e-5 and packed_two < 1e-5, (packed_one, packed_two)
+    assert leak > 1e-2, leak
+    print(f"qwen3_5 packed vs padded logits: one row {packed_one:.2e}, two rows {packed_two:.2e}; "
+          f"without the per-span layer {leak:.3f}")
+
+
+def test_qwen3_5_packed_gradients_under_checkpointing(tiny_model_dir, encoded):
+    """Gradient checkpointing replays each decoder layer's forward without its hooks: the spans travel as the
+    layer's arguments, so the recomputed DeltaNet layer is cut the same way and the gradients equal the padded ones."""
+    processor, samples = encoded("qwen3_5")
+    pad = processor.tokenizer.pad_token_id
+    family = get_family("qwen3_5")
+    model = lora_model(tiny_model_dir("qwen3_5"), "qwen3_5")
+    padded = loss_and_grads(model, Collator(pad)(samples))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert unwrap_peft(model).model.language_model.layers[0].gradient_checkpointing
+    handle = span_layers(unwrap_peft(model), family.packed_span_modules, family.language_prefixes)
+    assert not isinstance(handle, str)
+    try:
+        packed = loss_and_grads(model, PackingCollator(pad, rope_index_of(model))(samples))
+    finally:
+        handle.remove()
+    assert_same(padded, packed, rel=1e-5, cosine=0.99999)

@@ -110,6 +110,12 @@ class FamilyDescriptor(ABC):
     packed_mask_module: ClassVar[str | None] = None
     """With packed_row_attention=family_mask: the module (name in the transformers model) whose forward takes the
     mask `packed_attention_masks` builds as its `attention_mask`."""
+    packed_span_modules: ClassVar[tuple[str, ...]] = ()
+    """Leaf names of language-model modules that carry state along the sequence (e.g. a gated DeltaNet
+    `linear_attn`: a recurrent state and a causal conv window), which no attention mask keeps apart: with
+    `speed.packing`, `apply_speed` runs each of them once per sample span of a packed row (speed/span_layers.py),
+    beside `packed_row_attention` for the attention layers. Their parent module must take `position_ids` and pass its
+    other keyword arguments on to them, as transformers' decoder layers do."""
 
     capabilities: ClassVar[Mapping[str, Capability]]
     image_placeholder: ClassVar[str]

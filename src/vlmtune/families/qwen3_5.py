@@ -19,14 +19,21 @@ Linear-attention kernels (`linear_attention_kernels` in the capability map): tra
 DeltaNet layers through `fla` (flash-linear-attention, Triton) and `causal_conv1d` when those packages import,
 else through a PyTorch reference (`torch_chunk_gated_delta_rule`, a Python loop over 64-token chunks, and
 `F.conv1d`), which it says is "correct but much slower" in a warning. vlmtune requires neither and logs a note
-when they are missing (`notes`). The reference path cannot keep packed samples apart: it ignores the sequence
-boundaries (transformers 5.23 raises when `cu_seqlens` reach it), so the recurrent state and the conv window would
-run from one packed sample into the next; `speed.packing` is refused.
+when they are missing (`notes`).
+
+Packing (`packed_span_modules = ("linear_attn",)`): the DeltaNet layers carry a recurrent state and a 4-token conv
+window along the sequence, which no attention mask can cut, and their forward takes no positions (transformers'
+reference path raises when `cu_seqlens` reach it). With `speed.packing`, `apply_speed` runs each `linear_attn` once
+per sample span of a packed row (speed/span_layers.py), so state and window restart per sample on either path; the
+full-attention layers keep their samples apart by the positions like any family's (`packed_row_attention =
+"per_sample"`). The packed logits equal the padded ones to 2e-7; without the per-span layers they differ by 0.065
+(tests/speed/test_packing.py). Cost: a Python loop over the row's samples in every DeltaNet layer, one set of kernel
+launches per sample, so rows of many short samples are slower there; unmeasured on a GPU.
 
 Speed switches: the chunked loss (`lm_head`), fused LoRA and 16-bit LoRA inputs (every adapted projection is an
 `nn.Linear`), the frozen vision tower without grad (`model.visual`), varlen vision attention (the tower attends
-over `cu_seqlens`) and collator positions apply; packing does not (above); `speed.compile` compiles each decoder
-layer but the first like any family's, unmeasured on Qwen3.5.
+over `cu_seqlens`), collator positions and packing (above) apply; `speed.compile` compiles each decoder layer but the
+first like any family's, unmeasured on Qwen3.5 (with packing the per-span loop reads the positions on the host).
 
 transformers 5.17 and 5.23 layout (same names): `model.visual` (patch_embed, pos_embed, blocks, merger),
 `model.language_model` (`layers.N.linear_attn` or `layers.N.self_attn`, `mlp`), `lm_head`. The processor is
@@ -39,7 +46,7 @@ import importlib.util
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from vlmtune.families.capabilities import Supported, Unsupported
+from vlmtune.families.capabilities import Supported
 from vlmtune.families.qwen2_vl import QWEN_SPECIAL_TOKENS
 from vlmtune.families.qwen3_vl import Qwen3VLFamily
 
@@ -77,9 +84,9 @@ _KERNELS = ("without the flash-linear-attention and causal-conv1d packages, tran
             "layers (3 of every 4) on its PyTorch reference path: correct, but a Python loop over 64-token chunks "
             "with many small kernels instead of one fused Triton kernel. On a GPU install them for speed "
             "(`pip install flash-linear-attention causal-conv1d`); vlmtune trains either way")
-_PACKING = ("Qwen3.5's gated DeltaNet layers carry a recurrent state and a 4-token convolution window along the "
-            "sequence; on transformers' PyTorch path they cannot be told where a packed sample ends, so each sample "
-            "would read the one before it; remove speed.packing")
+_PACKING = ("the gated DeltaNet layers (a recurrent state and a 4-token conv window along the sequence) run once per "
+            "sample of a packed row, a Python loop with one set of kernel launches per sample: rows of many short "
+            "samples are slower there")
 
 _ROPE = {"rope_type": "default", "rope_theta": 10000000.0, "mrope_section": [11, 11, 10], "mrope_interleaved": True,
          "partial_rotary_factor": 0.25}
@@ -95,9 +102,10 @@ class Qwen3_5Family(Qwen3VLFamily):
     projector_prefixes = ("model.visual.merger",)
     lora_target_sets = LORA_TARGET_SETS
     chat_template = QWEN3_5_TEMPLATE
+    packed_span_modules = ("linear_attn",)
     capabilities = {
         **Qwen3VLFamily.capabilities,
-        "packing": Unsupported(_PACKING),
+        "packing": Supported(_PACKING),
         "varlen_vision_attention": Supported("the vision tower attends per image over cu_seqlens"),
         "mrope_positions": Supported("get_rope_index has Qwen3-VL's signature"),
         "linear_attention_kernels": Supported(_KERNELS),

@@ -136,6 +136,8 @@ def apply_speed(
         setup.active.append("packing")
     if speed.packing and own_masks:
         _install_family_masks(setup, model, family)
+    if speed.packing and family.packed_span_modules:
+        _install_span_layers(setup, model, family)
     varlen = None
     if speed.varlen_attention:
         varlen = setup.add("varlen_attention", varlen_attention(unwrap_peft(model), family, plan.device, spans))
@@ -172,6 +174,21 @@ def _install_family_masks(setup: SpeedSetup, model: nn.Module, family: FamilyDes
         f"{family.name} builds its packed rows' attention masks itself (dense, rows x length^2 per mask type; SDPA "
         "with a mask runs no flash kernel), so speed.packed_attention does not apply"
     )
+
+
+def _install_span_layers(setup: SpeedSetup, model: nn.Module, family: FamilyDescriptor) -> None:
+    """Packed rows of a family with layers that carry state along the sequence (`packed_span_modules`): without
+    the per-span forward each sample would start from the state of the one before, so a failure stops the run."""
+    from vlmtune.errors import VlmtuneError
+    from vlmtune.speed.loss_hook import unwrap_peft
+    from vlmtune.speed.span_layers import span_layers
+
+    installed = span_layers(unwrap_peft(model), family.packed_span_modules, family.language_prefixes)
+    if isinstance(installed, str):
+        raise VlmtuneError(f"speed.packing cannot run here: {installed}. Set speed.packing=false.")
+    setup.add("packed_layers=per_sample", installed)
+    log.info("speed: packing: %d %s layers run once per sample of a packed row (a Python loop over the row's "
+             "samples in each)", len(installed.layers), "/".join(family.packed_span_modules))
 
 
 def _install_fp8(setup: SpeedSetup, fused: Any, decision: Any) -> None:
