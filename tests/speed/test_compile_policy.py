@@ -175,3 +175,14 @@ def test_auto_stays_eager_close_to_the_gpus_memory(gpu):
     decision = decide_compile(_config(), "cuda", steps=5000, tight_memory=room)
     assert not decision.on and "within 10%" in decision.reason and "0.8 GiB" in decision.reason
     assert decide_compile(_config(compile=True), "cuda", steps=5000, tight_memory=room).on
+
+
+def test_auto_stays_eager_where_packed_rows_run_layers_per_sample(gpu):
+    """Qwen3.5's DeltaNet layers run once per sample of a packed row (speed/span_layers.py): auto does not compile
+    such a run, says why, and speed.compile=true still forces it; without packing the layers run whole."""
+    gpu((9, 0))
+    packed = decide_compile(_config(packing=True), "cuda", steps=MIN_STEPS, span_layers=("linear_attn",))
+    assert not packed.on and packed.auto and "linear_attn layers once per sample" in packed.reason
+    assert decide_compile(_config(packing=False), "cuda", steps=MIN_STEPS, span_layers=("linear_attn",)).on
+    assert decide_compile(_config(packing=True), "cuda", steps=MIN_STEPS).on  # a family without such layers
+    assert decide_compile(_config(packing=True, compile=True), "cuda", span_layers=("linear_attn",)).on

@@ -83,7 +83,7 @@ def apply_speed(
     plan = resolve_precision(config)
     world = world_size(config.distributed) if world is None else world
     deepspeed = uses_deepspeed(config.distributed, world)
-    compiled = decide_compile(config, plan.device, world, steps, deepspeed, tight_memory)
+    compiled = decide_compile(config, plan.device, world, steps, deepspeed, tight_memory, family.packed_span_modules)
     fp8 = decide_fp8(config, plan, deepspeed)  # speed.fp8=true that cannot run stops here
     if fp8.on and compiled.on:  # compile=auto (the config refuses fp8=true with compile=true)
         compiled = CompileDecision(
@@ -145,7 +145,7 @@ def apply_speed(
         setup.add("packed_attention=spans", packed_attention(unwrap_peft(model), family.language_prefixes))
     if speed.compile is False and not fp8.on and decide_compile(
         config.model_copy(update={"speed": speed.model_copy(update={"compile": "auto"})}),
-        plan.device, world, steps, deepspeed, tight_memory,
+        plan.device, world, steps, deepspeed, tight_memory, family.packed_span_modules,
     ).on:
         log.info(
             "speed: speed.compile=auto would compile this run and likely train faster (about 40 s of compiling at "

@@ -54,16 +54,25 @@ def decide_compile(
     steps: int | None = None,
     deepspeed: bool = False,
     tight_memory: str | None = None,
+    span_layers: tuple[str, ...] = (),
 ) -> CompileDecision:
     """`steps`: the run's optimizer steps when known (None: not counted, taken as long enough). `tight_memory`: why
     the memory estimate leaves little room on the GPU, when it does (auto then stays eager: compiling raised the
-    reserved memory by 0.6-0.8 GiB on batches of varying shape, H100 W5, session 7)."""
+    reserved memory by 0.6-0.8 GiB on batches of varying shape, H100 W5, session 7). `span_layers`: the family's
+    layers that packed rows run once per sample (FamilyDescriptor.packed_span_modules)."""
     setting = config.speed.compile
     if setting is True:
         return CompileDecision(True, "speed.compile=true", auto=False)
     if setting is False:
         return CompileDecision(False, "speed.compile=false", auto=False)
-    why_not = _auto_refusal(device, world, steps, deepspeed) or (
+    spans = (
+        f"packed rows run the {'/'.join(span_layers)} layers once per sample, a Python loop over each row's sample "
+        "boundaries that torch.compile would specialise on and recompile for every new packing layout (set "
+        "speed.compile=true to compile anyway)"
+        if config.speed.packing and span_layers
+        else None
+    )
+    why_not = spans or _auto_refusal(device, world, steps, deepspeed) or (
         f"{tight_memory}; compiling can add up to 0.8 GiB of reserved memory on batches of varying shape, so a "
         "run this close to the GPU's memory stays eager (set speed.compile=true to compile anyway)"
         if tight_memory
