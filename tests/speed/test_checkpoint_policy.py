@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 
 import pytest
 import yaml
+from fakes import FakeDataset
 
 from vlmtune.config.schema import VlmtuneConfig
 from vlmtune.memory import estimate, get_gpu, inputs_from_config
@@ -201,20 +201,6 @@ def fake_gpu(monkeypatch):
         state["gpu"] = GpuMemory("Fake GPU", int(total_gib * GIB), int(free_gib * GIB), True)
 
     return set_gpu
-
-
-@dataclass
-class FakeDataset:
-    """What preflight reads of an EncodedDataset (as tests/train/test_preflight.py fakes it)."""
-
-    records: list
-    lengths: list[int]
-    labelled: list[int]
-    source: str = "fake.jsonl"
-    dropped: list[int] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.lengths)
 
 
 @pytest.fixture

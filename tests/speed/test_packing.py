@@ -115,6 +115,16 @@ def _logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
 
 
+def _worst_logits(model, batch: dict, rows: list[list[int]], samples, reference) -> float:
+    """Largest logit difference between each packed row of `batch` (its samples `rows[r]`, in order) and the same
+    samples' logits in `reference` (their padded run)."""
+    logits, diff = _logits(model, batch), 0.0
+    for r, members in enumerate(rows):
+        got = logits[r, : sum(len(samples[i]) for i in members)]
+        want = torch.cat([reference[i] for i in members])
+        diff = max(diff, (got - want).abs().max().item())
+    return diff
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_gemma3_packed_logits_equal_padded(tiny_model_dir, encoded, attn):
     """Gemma 3 builds its packed rows' masks itself (image tokens bidirectional within their image, samples apart,
@@ -138,12 +148,7 @@ def test_gemma3_packed_logits_equal_padded(tiny_model_dir, encoded, attn):
     collate = PackingCollator(pad)
 
     def worst(batch: dict, rows: list[list[int]]) -> float:
-        logits, diff = _logits(model, batch), 0.0
-        for r, members in enumerate(rows):
-            got = logits[r, : sum(len(samples[i]) for i in members)]
-            want = torch.cat([reference[i] for i in members])
-            diff = max(diff, (got - want).abs().max().item())
-        return diff
+        return _worst_logits(model, batch, rows, samples, reference)
 
     one, two = [[0, 1, 2, 3, 4]], [[0, 1, 2], [3, 4]]
     one_row, two_rows = collate(samples), collate([samples[:3], samples[3:]])
@@ -199,12 +204,7 @@ def test_qwen3_5_packed_logits_equal_padded(tiny_model_dir, encoded):
     collate = PackingCollator(pad, rope_index_of(model))
 
     def worst(batch: dict, rows: list[list[int]]) -> float:
-        logits, diff = _logits(model, batch), 0.0
-        for r, members in enumerate(rows):
-            got = logits[r, : sum(len(samples[i]) for i in members)]
-            want = torch.cat([reference[i] for i in members])
-            diff = max(diff, (got - want).abs().max().item())
-        return diff
+        return _worst_logits(model, batch, rows, samples, reference)
 
     one, two = [[0, 1, 2, 3, 4]], [[0, 1, 2], [3, 4]]
     one_row, two_rows = collate(samples), collate([samples[:3], samples[3:]])

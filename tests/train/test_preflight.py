@@ -4,12 +4,12 @@ cap, the CPU path, and the out-of-memory message. No GPU needed: the functions t
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from fakes import FakeDataset
 from PIL import Image
 
 import vlmtune.train.fit_advice as fit_advice
@@ -26,20 +26,6 @@ from vlmtune.train.gpu_memory import GpuMemory
 CUDA = PrecisionPlan("cuda", torch.bfloat16, True, False, "test: bf16")
 CPU = PrecisionPlan("cpu", torch.float32, False, False, "test: fp32")
 TEXT_TOKENS = 1000
-
-
-@dataclass
-class FakeDataset:
-    """What preflight reads of an EncodedDataset: kept records (their images) and encoded lengths."""
-
-    records: list
-    lengths: list[int]
-    labelled: list[int]
-    source: str = "fake.jsonl"
-    dropped: list[int] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.lengths)
 
 
 @pytest.fixture(scope="module")
