@@ -33,7 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.speed.workloads import MAX_LENGTH, WORKLOADS, Workload
+from benchmarks.speed.workloads import AT_PLAIN_PEAK, FROM_DISK, MAX_LENGTH, WORKLOADS, Workload
 
 ROOT = Path(os.environ.get("BENCH_ROOT", "/tmp/vlmtune-speed"))
 
@@ -73,7 +73,7 @@ def run_one(workload: str, variant_name: str, out: Path) -> dict[str, Any]:
         import_first()
     if variant.warmup is not None:
         work = replace(work, warmup=variant.warmup)
-    variant = _at_plain_peak(variant, workload, out)
+    variant = _resolved_overrides(variant, workload, out)
     model, path = prepare(work)
     if variant.steps is not None:  # after prepare: the same records (a long run takes several passes over them)
         work = replace(work, steps=variant.steps)
@@ -108,11 +108,10 @@ def run_one(workload: str, variant_name: str, out: Path) -> dict[str, Any]:
     return result
 
 
-def _at_plain_peak(variant: Any, workload: str, out: Path) -> Any:
-    """`variant` with AT_PLAIN_PEAK replaced by the fraction of this GPU that the same round's plain_gc run reserved
-    at its peak (results.jsonl); a clear failure where that run is missing."""
-    from benchmarks.speed.workloads import AT_PLAIN_PEAK, FROM_DISK
-
+def _resolved_overrides(variant: Any, workload: str, out: Path) -> Any:
+    """`variant` with its placeholders filled: FROM_DISK by the architecture's weights folder, AT_PLAIN_PEAK by the
+    fraction of this GPU that the same round's plain_gc run reserved at its peak (results.jsonl); a clear failure
+    where either is missing."""
     disk = [k for k, v in variant.overrides.items() if v == FROM_DISK]
     if disk:
         from benchmarks.speed.unsloth_run import weights_dir
@@ -271,8 +270,6 @@ def suite(part: int, out: Path, only: list[str] | None, budget_s: float) -> None
                 continue
             name = f"{work.name}-{variant.name}"
             timeout = left
-            from benchmarks.speed.workloads import FROM_DISK
-
             if variant.path == "unsloth" or FROM_DISK in variant.overrides.values():
                 if not _unsloth_weights(work, logs, left):
                     _failed(out, work.name, variant, round_, "weights", logs / f"{work.name}-weights.log")

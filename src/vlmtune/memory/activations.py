@@ -134,15 +134,17 @@ def activation_terms(
     if inputs.gradient_checkpointing:
         every = max(1, inputs.checkpoint_every)
         checkpointed = -(-d.layers // every)
+        whole = d.layers - checkpointed  # layers that keep all their activations
         kept = 0 if inputs.checkpoint_offload else checkpointed * act_bytes * b * s * d.hidden
-        language = kept + (d.layers - checkpointed) * per_layer * b * s
+        language = kept + whole * per_layer * b * s
         # the recomputed layer's activations, plus the gradients alive in its backward: the residual stream's
         # (in and out) and, in the MLP, the gradient of one intermediate-width tensor beside its saved inputs
         working = per_layer * b * s + act_bytes * b * s * (2 * d.hidden + d.intermediate)
         vision = 0 if inputs.vision_no_grad and not trained_vit else (
             d.vision_depth * act_bytes * patches * d.vision_width)
     else:
-        language = d.layers * per_layer * b * s
+        whole = d.layers
+        language = whole * per_layer * b * s
         working = 0
         vision = TRAINED_VIT_BYTES * d.vision_width * patches * d.vision_depth if trained_vit else 0
     dequant = head_dequant = 0
@@ -159,8 +161,7 @@ def activation_terms(
         # boolean mask into a 16-bit bias per call, which its backward keeps for every layer it did not recompute
         masks = spec.arch.packed_row_masks * b * s * s
         bias = 2 * b * s * s
-        kept = d.layers - (-(-d.layers // max(1, inputs.checkpoint_every)) if inputs.gradient_checkpointing else 0)
-        language += masks + kept * bias
+        language += masks + whole * bias
         working += bias if inputs.gradient_checkpointing else 0
         notes.append(
             f"packed rows: {spec.arch.packed_row_masks} dense masks of {b} x {s}^2 booleans ({masks / 2**30:.2f} GiB) "

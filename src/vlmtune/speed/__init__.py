@@ -159,17 +159,22 @@ def apply_speed(
     return setup
 
 
+def _needed_for_packing(installed: Any) -> Any:
+    """A part packed rows cannot train correctly without: its handle, or the run stops with why it cannot apply."""
+    from vlmtune.errors import VlmtuneError
+
+    if isinstance(installed, str):
+        raise VlmtuneError(f"speed.packing cannot run here: {installed}. Set speed.packing=false.")
+    return installed
+
+
 def _install_family_masks(setup: SpeedSetup, model: nn.Module, family: FamilyDescriptor) -> None:
     """Packed rows of a family that builds their masks itself (`FamilyDescriptor.packed_row_attention`): without
     them the rows would train on transformers' own packed masks, so a failure to install stops the run."""
-    from vlmtune.errors import VlmtuneError
     from vlmtune.speed.family_mask import family_packed_masks
     from vlmtune.speed.loss_hook import unwrap_peft
 
-    installed = family_packed_masks(unwrap_peft(model), family)
-    if isinstance(installed, str):
-        raise VlmtuneError(f"speed.packing cannot run here: {installed}. Set speed.packing=false.")
-    setup.add("packed_attention=family_mask", installed)
+    setup.add("packed_attention=family_mask", _needed_for_packing(family_packed_masks(unwrap_peft(model), family)))
     setup.skipped["packed_attention"] = (
         f"{family.name} builds its packed rows' attention masks itself (dense, rows x length^2 per mask type; SDPA "
         "with a mask runs no flash kernel), so speed.packed_attention does not apply"
@@ -179,13 +184,11 @@ def _install_family_masks(setup: SpeedSetup, model: nn.Module, family: FamilyDes
 def _install_span_layers(setup: SpeedSetup, model: nn.Module, family: FamilyDescriptor) -> None:
     """Packed rows of a family with layers that carry state along the sequence (`packed_span_modules`): without
     the per-span forward each sample would start from the state of the one before, so a failure stops the run."""
-    from vlmtune.errors import VlmtuneError
     from vlmtune.speed.loss_hook import unwrap_peft
     from vlmtune.speed.span_layers import span_layers
 
-    installed = span_layers(unwrap_peft(model), family.packed_span_modules, family.language_prefixes)
-    if isinstance(installed, str):
-        raise VlmtuneError(f"speed.packing cannot run here: {installed}. Set speed.packing=false.")
+    installed = _needed_for_packing(
+        span_layers(unwrap_peft(model), family.packed_span_modules, family.language_prefixes))
     setup.add("packed_layers=per_sample", installed)
     log.info("speed: packing: %d %s layers run once per sample of a packed row (a Python loop over the row's "
              "samples in each)", len(installed.layers), "/".join(family.packed_span_modules))

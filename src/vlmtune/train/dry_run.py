@@ -61,25 +61,23 @@ def _estimate(config: VlmtuneConfig, gpu: str | None, room: Room | None) -> tupl
     path, data = config.data.train_path, None
     if path is not None and Path(path).is_file():
         from vlmtune.memory.data_scan import scan_data
+        from vlmtune.train.batch_sizing import packed_batch, packed_rows
 
         spec = lookup_model(inputs.model)
         profile = scan_data(path, spec, image_root=config.data.image_root)
-        shape = profile.batch(spec, inputs.batch_size, inputs.seq_len, inputs.image_size, inputs.min_pixels,
-                              inputs.max_pixels)
-        inputs = inputs.with_(seq_len=shape.seq_len, vit_patches_per_batch=shape.vit_patches,
-                              images_per_sample=shape.images_per_sample, image_tokens_per_sample=shape.image_tokens)
+        costs = profile.costs(spec, inputs.image_size, inputs.min_pixels, inputs.max_pixels)
         exact = "" if profile.exact_text else " (text tokens approximated: no tokenizer for this model here)"
-        data = f"data {path}: {len(profile.samples)} samples, longest micro-batch {shape.seq_len} tokens{exact}"
-        if config.speed.packing:  # batch_size counts packed rows, as the training preflight sizes them
-            from vlmtune.train.batch_sizing import packed_batch, packed_rows
-
-            costs = profile.costs(spec, inputs.image_size, inputs.min_pixels, inputs.max_pixels)
-            rows = packed_rows(config, profile, costs, None)
-            if rows:
-                inputs = inputs.with_(**{k: v for k, v in packed_batch(rows, inputs.batch_size, False).items()
-                                         if v is not None})
-                data = (f"data {path}: {len(profile.samples)} samples packed in {len(rows)} rows, longest row "
-                        f"{inputs.seq_len} tokens{exact}")
+        rows = packed_rows(config, profile, costs, None)  # speed.packing: batch_size counts rows, as the preflight
+        if rows:
+            fields = packed_batch(rows, inputs.batch_size, labelled=False)
+            inputs = inputs.with_(**{k: v for k, v in fields.items() if v is not None})
+            data = (f"data {path}: {len(profile.samples)} samples packed in {len(rows)} rows, longest row "
+                    f"{inputs.seq_len} tokens{exact}")
+        else:
+            shape = profile.batch(spec, inputs.batch_size, inputs.seq_len, costs=costs)
+            inputs = inputs.with_(seq_len=shape.seq_len, vit_patches_per_batch=shape.vit_patches,
+                                  images_per_sample=shape.images_per_sample, image_tokens_per_sample=shape.image_tokens)
+            data = f"data {path}: {len(profile.samples)} samples, longest micro-batch {shape.seq_len} tokens{exact}"
 
     def estimate_at(every: int | None) -> Breakdown:  # as the training preflight estimates each choice
         return estimate(inputs.with_(gradient_checkpointing=every is not None, checkpoint_every=every or 1))
