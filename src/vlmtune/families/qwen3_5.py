@@ -33,7 +33,8 @@ launches per sample, so rows of many short samples are slower there; unmeasured 
 Speed switches: the chunked loss (`lm_head`), fused LoRA and 16-bit LoRA inputs (every adapted projection is an
 `nn.Linear`), the frozen vision tower without grad (`model.visual`), varlen vision attention (the tower attends
 over `cu_seqlens`), collator positions and packing (above) apply; `speed.compile` compiles each decoder layer but the
-first like any family's, unmeasured on Qwen3.5 (with packing the per-span loop reads the positions on the host).
+first like any family's, unmeasured on Qwen3.5; with packing, auto stays eager (the per-span loop reads the
+sample boundaries on the host and would recompile for every packing layout: speed/compile_policy.py).
 
 transformers 5.17 and 5.23 layout (same names): `model.visual` (patch_embed, pos_embed, blocks, merger),
 `model.language_model` (`layers.N.linear_attn` or `layers.N.self_attn`, `mlp`), `lm_head`. The processor is
