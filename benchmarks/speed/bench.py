@@ -33,7 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.speed.workloads import AT_PLAIN_PEAK, FROM_DISK, MAX_LENGTH, WORKLOADS, Workload
+from benchmarks.speed.workloads import FROM_DISK, MAX_LENGTH, PEAK_OF, WORKLOADS, Workload
 
 ROOT = Path(os.environ.get("BENCH_ROOT", "/tmp/vlmtune-speed"))
 
@@ -109,9 +109,9 @@ def run_one(workload: str, variant_name: str, out: Path) -> dict[str, Any]:
 
 
 def _resolved_overrides(variant: Any, workload: str, out: Path) -> Any:
-    """`variant` with its placeholders filled: FROM_DISK by the architecture's weights folder, AT_PLAIN_PEAK by the
-    fraction of this GPU that the same round's plain_gc run reserved at its peak (results.jsonl); a clear failure
-    where either is missing."""
+    """`variant` with its placeholders filled: FROM_DISK by the architecture's weights folder, each memory cap of
+    PEAK_OF (AT_PLAIN_PEAK, AT_UNSLOTH_PEAK) by the fraction of this GPU that its variant (plain_gc, unsloth_gc) of
+    the same round reserved at its peak (results.jsonl); a clear failure where either is missing."""
     disk = [k for k, v in variant.overrides.items() if v == FROM_DISK]
     if disk:
         from benchmarks.speed.unsloth_run import weights_dir
@@ -120,26 +120,34 @@ def _resolved_overrides(variant: Any, workload: str, out: Path) -> Any:
         if not (folder / "config.json").is_file():
             raise SystemExit(f"{folder}: no weights on disk for {workload} {variant.name} (the suite writes them first)")
         variant = replace(variant, overrides={**variant.overrides, **{k: str(folder) for k in disk}})
-    keys = [k for k, v in variant.overrides.items() if v == AT_PLAIN_PEAK]
-    if not keys:
+    caps = {k: PEAK_OF[v] for k, v in variant.overrides.items() if isinstance(v, str) and v in PEAK_OF}
+    if not caps:
         return variant
     import torch
 
-    round_ = int(os.environ.get("BENCH_ROUND", "0"))
+    total = torch.cuda.get_device_properties(0).total_memory
+    filled = {}
+    for key, source in caps.items():
+        peak = peak_reserved(out / "results.jsonl", workload, source, int(os.environ.get("BENCH_ROUND", "0")))
+        if peak is None:
+            raise SystemExit(f"{workload} {variant.name}: needs {source}'s peak reserved memory from the same round "
+                             f"in {out / 'results.jsonl'}; run {source} before it")
+        filled[key] = round(peak * 2**30 / total, 4)
+        print(f"{variant.name}: capped at {source}'s peak reserved {peak:.2f} GiB = memory_fraction {filled[key]}",
+              flush=True)
+    return replace(variant, overrides={**variant.overrides, **filled})
+
+
+def peak_reserved(results: Path, workload: str, variant: str, round_: int) -> float | None:
+    """The last peak_reserved_gib that `variant` of `workload` recorded in round `round_` of `results`."""
+    lines = results.read_text().splitlines() if results.exists() else []
     peaks = [
         line["peak_reserved_gib"]
-        for line in map(json.loads, (out / "results.jsonl").read_text().splitlines() if (out / "results.jsonl").exists() else [])
-        if line.get("workload") == workload and line.get("variant") == "plain_gc" and line.get("round", 0) == round_
+        for line in map(json.loads, filter(None, lines))
+        if line.get("workload") == workload and line.get("variant") == variant and line.get("round", 0) == round_
         and "peak_reserved_gib" in line
     ]
-    if not peaks:
-        raise SystemExit(f"{workload} {variant.name}: needs plain_gc's peak reserved memory from the same round in "
-                         f"{out / 'results.jsonl'}; run plain_gc before it")
-    total = torch.cuda.get_device_properties(0).total_memory
-    fraction = round(peaks[-1] * 2**30 / total, 4)
-    print(f"{variant.name}: capped at plain_gc's peak reserved {peaks[-1]:.2f} GiB = memory_fraction {fraction}",
-          flush=True)
-    return replace(variant, overrides={**variant.overrides, **{k: fraction for k in keys}})
+    return peaks[-1] if peaks else None
 
 
 def run_plain(work: Workload, variant: Any, model: Path, path: Path, tracer: Any = None) -> dict[str, Any]:
@@ -151,7 +159,7 @@ def run_plain(work: Workload, variant: Any, model: Path, path: Path, tracer: Any
     from vlmtune.families import get_family
 
     family = get_family(work.family)
-    data_cfg = data_config(MAX_LENGTH[work.spread], work.image_side, work.spread)
+    data_cfg = data_config(MAX_LENGTH[work.spread], work.image_side, work.spread, work.family)
     samples = encoded_dataset(path, model, work.family, data_cfg)
     pad = family.load_processor(model, data_cfg).tokenizer.pad_token_id
     targets = family.lora_target_regex("all")

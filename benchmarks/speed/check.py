@@ -2,12 +2,19 @@
 (relative difference < 1e-3 in fp32, < 1e-2 in bf16) and LoRA gradients with cosine similarity >= 0.999.
 
     python3 -m benchmarks.speed.check --out $OUT        # also run by `bench suite --part 1`
-    python3 -m benchmarks.speed.check --out $OUT --family qwen3_vl --arch 2b   # another family's architecture
+    python3 -m benchmarks.speed.check --out $OUT --family gemma3 --arch 4b    # another family's architecture
+    python3 -m benchmarks.speed.check --out $OUT --family smolvlm --smoke     # CPU: the family's tiny model, fp32
 
-Qwen2-VL-2B architecture (or --family/--arch), random weights, LoRA r16 on all language linear layers (dropout 0: deterministic), lora_B
-random so every adapter gets a gradient; three samples of different image sizes and lengths. Each optimisation is
-switched on alone on the same model (the same functions the engine's `apply_speed` installs), then all together
-through `apply_speed` itself. Results: one JSON line each in $OUT/check.jsonl.
+Qwen2-VL-2B architecture (or --family/--arch), random weights, LoRA r16 on all language linear layers (dropout 0:
+deterministic), lora_B random so every adapter gets a gradient; three samples of different image sizes and lengths.
+Each optimisation is switched on alone on the same model (the same functions the engine's `apply_speed` installs),
+then all together through `apply_speed` itself. Results: one JSON line each in $OUT/check.jsonl (--out is created).
+
+Family-generic: images are sized as the family takes them (per-image pixel bounds where it has them, else the longest
+edge, else its fixed resolution: benchmarks/speed/data.py `data_config`); packed rows are kept apart by the family's
+own mechanism (its masks with packed_row_attention=family_mask, its per-span layers with packed_span_modules, as
+apply_speed installs them); a switch the family's capability map marks Unsupported (packing, varlen vision
+attention, M-RoPE positions) gets a line with `skipped` and the reason instead of a comparison.
 """
 
 from __future__ import annotations
@@ -25,15 +32,20 @@ from benchmarks.speed.measure import DEVICE
 ROOT_DATA = "check-spread"
 
 
-def _samples(model_dir: Path, root: Path, family: str) -> tuple[list[Any], int]:
-    from benchmarks.speed.data import data_config, encoded_dataset, write_data
+SHAPES = {False: (672, 300, 2048), True: (112, 40, 1024)}
+"""(largest image side, longest answer, data.max_length) of the three samples: on the GPU / in --smoke (tiny model)."""
 
-    path = write_data(
-        root / f"{ROOT_DATA}-{model_dir.name}", model_dir, family, 3, 672, 300, spread=True, max_length=2048, seed=1
-    )
-    cfg = data_config(2048, 672, spread=True)
+
+def _samples(model_dir: Path, root: Path, family: str, smoke: bool = False) -> tuple[list[Any], int]:
+    from benchmarks.speed.data import data_config, encoded_dataset, write_data
     from vlmtune.families import get_family
 
+    side, text, max_length = SHAPES[smoke]
+    path = write_data(
+        root / f"{ROOT_DATA}-{model_dir.name}", model_dir, family, 3, side, text, spread=True, max_length=max_length,
+        seed=1,
+    )
+    cfg = data_config(max_length, side, spread=True, family=family)
     pad = get_family(family).load_processor(model_dir, cfg).tokenizer.pad_token_id
     return encoded_dataset(path, model_dir, family, cfg), pad
 
@@ -47,8 +59,9 @@ def _model(model_dir: Path, dtype: torch.dtype, family: str) -> torch.nn.Module:
     torch.manual_seed(0)
     with torch.device(DEVICE):
         base = AutoModelForImageTextToText.from_config(
-            AutoConfig.from_pretrained(model_dir), dtype=dtype, attn_implementation="sdpa"
+            _without_dropout(AutoConfig.from_pretrained(model_dir)), dtype=dtype, attn_implementation="sdpa"
         )
+        get_family(family).tiny_init(base)  # Mllama's cross-attention gates open: its images reach the text
     lora = LoraConfig(
         r=16, lora_alpha=32, lora_dropout=0.0, target_modules=get_family(family).lora_target_regex("all")
     )
@@ -57,6 +70,19 @@ def _model(model_dir: Path, dtype: torch.dtype, family: str) -> torch.nn.Module:
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)
     return model.train()
+
+
+def _without_dropout(config: Any) -> Any:
+    """`config` with every dropout probability 0, in it and its sub-configs (InstructBLIP's Q-Former has 0.1): two
+    passes over one batch must give the same loss for the comparisons to mean anything."""
+    from transformers import PretrainedConfig
+
+    for name, value in list(vars(config).items()):
+        if isinstance(value, PretrainedConfig):
+            _without_dropout(value)
+        elif "dropout" in name and isinstance(value, float):
+            setattr(config, name, 0.0)
+    return config
 
 
 def _loss_grads(
@@ -101,26 +127,66 @@ def _gc(model: torch.nn.Module, every: int | None) -> None:
         )
 
 
-def run(model_dir: Path, root: Path, precision: str, family_name: str = "qwen2_vl") -> list[dict[str, Any]]:
+class _Together:
+    """Several installed pieces removed as one (a packed row's masks or spans and its per-span layers)."""
+
+    def __init__(self, handles: list[Any]):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in reversed(self.handles):
+            handle.remove()
+
+
+def _all_of(*installers: Callable[[], Any]) -> Any:
+    """Install each; one handle for all, or the first reason one of them gives for not installing (the others are
+    removed again)."""
+    handles = []
+    for install in installers:
+        handle = install()
+        if isinstance(handle, str):
+            _Together(handles).remove()
+            return handle
+        handles.append(handle)
+    return _Together(handles)
+
+
+def _unsupported(family: Any, feature: str) -> str | None:
+    """The family's reason when its capability map marks `feature` Unsupported; None otherwise."""
+    from vlmtune.families.capabilities import Unsupported
+
+    capability = family.capabilities.get(feature)
+    return f"{family.name}: {capability.reason}" if isinstance(capability, Unsupported) else None
+
+
+def run(
+    model_dir: Path, root: Path, precision: str, family_name: str = "qwen2_vl", smoke: bool = False
+) -> list[dict[str, Any]]:
+    """Every check on one precision; `smoke`: the tiny model on the CPU, without compiling (minutes there)."""
     from vlmtune.config.schema import VlmtuneConfig
     from vlmtune.data.collate import Collator
     from vlmtune.data.packing import PackingCollator, rope_index_of
     from vlmtune.families import get_family
     from vlmtune.speed import apply_speed
     from vlmtune.speed.compile_layers import compile_layers
+    from vlmtune.speed.family_mask import family_packed_masks
     from vlmtune.speed.frozen_vision import vision_without_grad
     from vlmtune.speed.fused_lora import fuse_lora
     from vlmtune.speed.lora_compute import lora_compute_in_16bit
     from vlmtune.speed.loss_hook import install_chunked_loss, unwrap_peft
     from vlmtune.speed.packed_attention import packed_attention
+    from vlmtune.speed.span_layers import span_layers
     from vlmtune.speed.varlen_attention import varlen_attention
 
     family = get_family(family_name)
-    samples, pad = _samples(model_dir, root, family_name)
+    samples, pad = _samples(model_dir, root, family_name, smoke)
     autocast = precision == "bf16"
     model = _model(model_dir, torch.bfloat16 if autocast else torch.float32, family_name)
     padded = Collator(pad)(samples)
-    packed = PackingCollator(pad, rope_index_of(model))(samples)
+    rope = rope_index_of(model)
+    no_packing = _unsupported(family, "packing")
+    packed = PackingCollator(pad, rope)(samples) if no_packing is None else None
+    own_masks = family.packed_row_attention == "family_mask"
 
     def measure(
         name: str,
@@ -133,13 +199,33 @@ def run(model_dir: Path, root: Path, precision: str, family_name: str = "qwen2_v
         ref = _loss_grads(model, padded, autocast)
         _gc(model, gc)
         handle = install() if install else None
-        got = _loss_grads(model, batch, autocast)
         if isinstance(handle, str):  # the optimisation did not install: say so, and do not count it as passed
-            return {**_compare(name, precision, ref, got), "ok": False, "not_applied": handle}
-        if handle is not None:
-            handle.remove()
+            return {**_compare(name, precision, ref, _loss_grads(model, batch, autocast)), "ok": False,
+                    "not_applied": handle}
+        try:
+            got = _loss_grads(model, batch, autocast)
+        finally:
+            if handle is not None:
+                handle.remove()
         return _compare(name, precision, ref, got)
 
+    def skipped(name: str, reason: str) -> dict[str, Any]:
+        return {"name": name, "precision": precision, "skipped": reason, "ok": None}
+
+    def packed_rows(*extra: Callable[[], Any]) -> Callable[[], Any]:
+        """What a packed row needs besides `extra`: the family's own masks (family_mask), its per-span layers."""
+        parts = list(extra)
+        if own_masks:
+            parts.insert(0, lambda: family_packed_masks(unwrap_peft(model), family))
+        if family.packed_span_modules:
+            parts.append(lambda: span_layers(unwrap_peft(model), family.packed_span_modules, family.language_prefixes))
+        return lambda: _all_of(*parts)
+
+    no_mrope = _unsupported(family, "mrope_positions") or (
+        None if rope is not None else f"{family.name} has no get_rope_index (1-D positions)")
+    no_varlen = _unsupported(family, "varlen_vision_attention")
+    own = (f"{family.name} builds its packed rows' masks itself (packed_row_attention=family_mask): "
+           "speed.packed_attention does not apply")
     out = [
         measure("noise floor (the reference twice)", None),
         measure("chunked_loss", lambda: install_chunked_loss(model, family.lm_head_names, 1024)),
@@ -152,77 +238,90 @@ def run(model_dir: Path, root: Path, precision: str, family_name: str = "qwen2_v
         measure("checkpoint_every_n_layers=2 vs every layer", None, gc=2, ref_gc=1),
         measure("fused_lora (one autograd function per adapted layer)", lambda: fuse_lora(unwrap_peft(model), 0)),
         measure("fused_lora, GC on", lambda: fuse_lora(unwrap_peft(model), 0), gc=1, ref_gc=1),
-        measure(
-            "positions_in_collator (M-RoPE ids from the collator)",
-            None,
-            batch=Collator(pad, rope_index=rope_index_of(model))(samples),
+        skipped("positions_in_collator (M-RoPE ids from the collator)", no_mrope) if no_mrope else measure(
+            "positions_in_collator (M-RoPE ids from the collator)", None, batch=Collator(pad, rope_index=rope)(samples)
         ),
-        measure(
+        skipped("compile (torch.compile per decoder layer, inductor)", "--smoke: compiling takes minutes on the CPU")
+        if smoke else measure(
             "compile (torch.compile per decoder layer, inductor)",
             lambda: compile_layers(unwrap_peft(model), family.language_layers_prefix),
         ),
-        measure("packing, block-diagonal mask (one packed row vs padded batch)", None, batch=packed),
-        measure(
-            "packing, packed_attention=spans",
-            lambda: packed_attention(unwrap_peft(model), family.language_prefixes),
-            batch=packed,
-        ),
     ]
+    mask_name = ("packing, the family's own masks (packed_row_attention=family_mask)" if own_masks
+                 else "packing, block-diagonal mask")
+    if family.packed_span_modules:
+        mask_name += f", {'/'.join(family.packed_span_modules)} per sample span"
+    mask_name += " (one packed row vs padded batch)"
+    spans_name = "packing, packed_attention=spans"
+    if no_packing:
+        out += [skipped(mask_name, no_packing), skipped(spans_name, no_packing)]
+    else:
+        out.append(measure(mask_name, packed_rows(), batch=packed))
+        out.append(skipped(spans_name, own) if own_masks else measure(
+            spans_name, packed_rows(lambda: packed_attention(unwrap_peft(model), family.language_prefixes)),
+            batch=packed,
+        ))
     if autocast:  # the varlen kernel takes 16-bit tensors only
         out.append(measure("lora_bf16_compute", lambda: lora_compute_in_16bit(model, autocast=True)))
-        out.append(
-            measure(
-                "varlen_attention (vision tower: all images in one call)",
-                lambda: varlen_attention(unwrap_peft(model), family, DEVICE, packed=False),
-            )
-        )
-        out.append(
-            measure(
-                "varlen_attention, packed rows (one call per layer) vs padded batch",
-                lambda: varlen_attention(unwrap_peft(model), family, DEVICE, packed=True),
-                batch=packed,
-            )
-        )
+        vision = "varlen_attention (vision tower: all images in one call)"
+        out.append(skipped(vision, no_varlen) if no_varlen else measure(
+            vision, lambda: varlen_attention(unwrap_peft(model), family, DEVICE, packed=False)
+        ))
+        rows = "varlen_attention, packed rows (one call per layer) vs padded batch"
+        why = no_varlen or no_packing or (own if own_masks else None)
+        out.append(skipped(rows, why) if why else measure(
+            rows, packed_rows(lambda: varlen_attention(unwrap_peft(model), family, DEVICE, packed=True)), batch=packed
+        ))
     config = VlmtuneConfig.model_validate(
         {
             "model": {"name_or_path": str(model_dir)},
-            "speed": {"packing": True},
+            "speed": {"packing": no_packing is None},
             "hardware": {"precision": precision},
         }
     )
+    together = "all of them (apply_speed, speed.compile=auto: compiled on a GPU)"
+    together += " + packing" if no_packing is None else f" (no packing: {no_packing})"
     out.append(
         measure(
-            "all of them (apply_speed, speed.compile=auto: compiled on a GPU) + packing + GC every 2nd layer",
+            together + " + GC every 2nd layer",
             lambda: apply_speed(model, config, family),
-            batch=packed,
+            batch=padded if no_packing else packed,
             gc=2,
         )
     )
     return out
 
 
-def main(out: Path, family: str = "qwen2_vl", arch: str | None = None) -> None:
+def main(out: Path, family: str = "qwen2_vl", arch: str | None = None, smoke: bool = False) -> list[dict[str, Any]]:
     from benchmarks.speed.bench import ROOT, WORKLOADS, prepare
     from benchmarks.speed.data import model_dir as build_model_dir
 
+    out.mkdir(parents=True, exist_ok=True)
+    if smoke:
+        arch = "tiny"
     if arch is None:
         model_dir, _ = prepare(WORKLOADS["W1"])
     else:
         model_dir = build_model_dir(ROOT / "models", family, arch)
+    lines = []
     with open(out / "check.jsonl", "a", encoding="utf-8") as fh:
-        for precision in ("fp32", "bf16"):
-            for line in run(model_dir, ROOT, precision, family):
+        for precision in ("fp32",) if smoke else ("fp32", "bf16"):
+            for line in run(model_dir, ROOT, precision, family, smoke):
                 line = {"family": family, "arch": arch or "W1", **line}
                 fh.write(json.dumps(line) + "\n")
-                print(("PASS " if line["ok"] else "FAIL ") + json.dumps(line), flush=True)
+                verdict = "SKIP " if line["ok"] is None else "PASS " if line["ok"] else "FAIL "
+                print(verdict + json.dumps(line), flush=True)
+                lines.append(line)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+    return lines
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True, help="folder for check.jsonl (created when missing)")
     ap.add_argument("--family", default="qwen2_vl")
     ap.add_argument("--arch", default=None, help="a size of the family's `architectures` (default: W1's model)")
+    ap.add_argument("--smoke", action="store_true", help="the family's tiny model, fp32, no compiling: the CPU")
     args = ap.parse_args()
-    main(args.out, args.family, args.arch)
+    main(args.out, args.family, args.arch, args.smoke)

@@ -35,12 +35,31 @@ def smallest_side(largest: int) -> int:
     return 224 if largest >= 448 else 56
 
 
-def data_config(max_length: int, image_side: int, spread: bool) -> DataConfig:
-    # the spread keeps every image at its own size: min/max pixels span the whole range
+def data_config(max_length: int, image_side: int, spread: bool, family: str | None = None) -> DataConfig:
+    """Fixed shapes: images fit in image_side px. The spread keeps every image at its own size, as the family sizes
+    images: per-image pixel bounds spanning the whole range (Qwen-VL families: the default, `family` None), else the
+    longest edge at most image_side (SmolVLM, Mllama), else nothing to set (a fixed-resolution tower: Gemma 3)."""
     if spread:
-        low = smallest_side(image_side)
-        return DataConfig(max_length=max_length, min_pixels=low * low, max_pixels=image_side * image_side)
+        sizing = image_sizing(family)
+        if sizing == "pixels":
+            low = smallest_side(image_side)
+            return DataConfig(max_length=max_length, min_pixels=low * low, max_pixels=image_side * image_side)
+        if sizing == "fixed":
+            return DataConfig(max_length=max_length)
     return DataConfig(max_length=max_length, image_size=image_side)
+
+
+def image_sizing(family: str | None) -> str:
+    """How `family` takes its image size settings: "pixels" (data.min_pixels / max_pixels), "edge" (data.image_size
+    bounds the longest edge) or "fixed" (its vision tower's own resolution), from its capability map."""
+    from vlmtune.families.capabilities import Unsupported
+
+    if family is None:
+        return "pixels"
+    descriptor = get_family(family)
+    if not isinstance(descriptor.capabilities.get("pixel_bounds"), Unsupported):
+        return "pixels"
+    return "edge" if descriptor.dynamic_resolution else "fixed"
 
 
 def _record(image: str, answer: str) -> dict[str, Any]:
@@ -72,7 +91,7 @@ def write_data(
         return path
     rng = random.Random(seed)
     family = get_family(family_name)
-    data_cfg = data_config(max_length, side, spread)
+    data_cfg = data_config(max_length, side, spread, family_name)
     processor = family.load_processor(model, data_cfg)
     tok = processor.tokenizer
     words = [w for w in tok.get_vocab() if w.isalpha() and len(w) > 2][:400]

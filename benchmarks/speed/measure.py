@@ -171,3 +171,23 @@ def mfu(config: Any, method: str, image_side: int, text_tokens: int, tokens_per_
     """Model FLOP utilisation of a fixed-shape workload running at `tokens_per_second` (language-model tokens)."""
     seq, _ = sample_shape(config, image_side, text_tokens)
     return tokens_per_second / seq * flops_per_sample(config, method, image_side, text_tokens) / peak_flops()
+
+
+# ---- same weights in every path ----
+
+
+def init_fingerprint(model: Any) -> dict[str, float]:
+    """Sums (float64) of the first 2^20 values of the first embedding table and of the first LoRA A matrix, before
+    the first step (a slice: a float64 copy of a whole 152k-vocab table would sit in the allocator's cache and in
+    the reserved peak): equal values across the paths of a workload say they start from the same weights. The
+    losses of step 1 compare the base weights and the first batch (LoRA B starts at 0: neither A nor dropout moves
+    them)."""
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            key = "embed" if "embed_tokens" in name else "lora_A" if "lora_A" in name else None
+            if key and key not in out and param.is_floating_point():
+                out[key] = round(param.detach().reshape(-1)[: 1 << 20].double().sum().item(), 6)
+            if len(out) == 2:
+                break
+    return out

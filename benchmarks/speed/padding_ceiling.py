@@ -41,7 +41,7 @@ def main() -> None:
     batch = args.batch or work.batch
     model, path = prepare(work)  # the harness's own model folder and data
     family = get_family(work.family)
-    cfg = data_config(MAX_LENGTH[work.spread], work.image_side, work.spread)
+    cfg = data_config(MAX_LENGTH[work.spread], work.image_side, work.spread, work.family)
     processor = family.load_processor(model, cfg)
     config = AutoConfig.from_pretrained(model)
     image_id = config.image_token_id

@@ -5,6 +5,7 @@
     LoRA:  gradient_checkpointing_enable(use_reentrant=False) + enable_input_require_grads, get_peft_model
     full:  every weight but the vision tower's trains (the projector trains), bf16 weights
     AdamW(fused=True), bf16 autocast, clip_grad_norm_(1.0), zero_grad(set_to_none=True)
+    samples in EpochOrder(seed 0): the order vlmtune's engine (HF Trainer + accelerate) draws with training.seed=0
 With `liger`, LLaMA-Factory's `enable_liger_kernel` is applied first: the family's apply_liger_kernel_to_* with RoPE,
 RMSNorm, SwiGLU and fused linear cross-entropy, patched into the classes before the model is built.
 """
@@ -15,11 +16,29 @@ import os
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
-from benchmarks.speed.measure import DEVICE, StepMeter, reset_peaks
+from benchmarks.speed.measure import DEVICE, StepMeter, init_fingerprint, reset_peaks
 from benchmarks.speed.workloads import Variant, Workload
 from vlmtune.families import get_family
+
+
+class EpochOrder(Sampler[int]):
+    """A new permutation per pass: torch.randperm(n) from a generator seeded with seed + pass, as accelerate's
+    SeedableRandomSampler (the HF Trainer's, used by vlmtune's engine) draws it when the run's seed is `seed`.
+    The plain loop's DataLoader(shuffle=True, generator=seed 0) gave another order: it draws the workers' base
+    seed from that generator before the permutation (tests/benchmarks/test_loss_parity.py)."""
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.epoch += 1
+        yield from torch.randperm(self.n, generator=generator).tolist()
 
 
 def apply_liger(family: str) -> str:
@@ -125,12 +144,10 @@ def train(
         tracer.watch(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
-    generator = torch.Generator().manual_seed(0)
     loader = DataLoader(
         samples,
         batch_size=variant.batch or work.batch,
-        shuffle=True,
-        generator=generator,
+        sampler=EpochOrder(len(samples), seed=0),
         collate_fn=collate,
         num_workers=min(4, os.cpu_count() or 1),
         pin_memory=True,
@@ -138,6 +155,7 @@ def train(
         persistent_workers=True,
     )
     meter, done, losses = StepMeter(work.warmup), 0, []
+    fingerprint = init_fingerprint(model)
     reset_peaks()
     meter.start()
     phase("next batch")
@@ -173,5 +191,7 @@ def train(
         **meter.summary(),
         "loss_first": losses[0],
         "loss_last": losses[-1],
+        "losses": [round(x, 5) for x in losses],
+        "init_fingerprint": fingerprint,
         "trainable_params": sum(p.numel() for p in params),
     }

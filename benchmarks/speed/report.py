@@ -93,6 +93,38 @@ def _targets(name: str, rows: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def loss_parity(work: Any, rows: dict[str, dict[str, Any]]) -> str | None:
+    """One line: each variant's loss at step 1 and at the last step both ran, relative to the plain loop's (plain_gc,
+    else the workload's first plain variant) on the same weights and batches. Step 1 compares the initial weights
+    and the first batch (LoRA B starts at 0); the last step, the training (dropout masks differ between paths).
+    Variants with other rows per step (packing) are left out; "other weights" marks a run whose initial weights'
+    fingerprint differs from the reference's."""
+    with_losses = [v for v in work.variants if rows.get(v.name, {}).get("losses") and v.batch is None]
+    plain = [v.name for v in with_losses if v.path == "plain"]
+    if not plain:
+        return None
+    ref_name = "plain_gc" if "plain_gc" in plain else plain[0]
+    ref = rows[ref_name]["losses"]
+    parts = []
+    for variant in with_losses:
+        if variant.name == ref_name:
+            continue
+        row = rows[variant.name]
+        losses = row["losses"]
+        last = min(len(ref), len(losses))
+        weights = row.get("init_fingerprint", {}).get("embed")
+        other = weights is not None and weights != rows[ref_name].get("init_fingerprint", {}).get("embed")
+        parts.append(
+            f"{variant.name} {losses[0]:.4f} ({(losses[0] - ref[0]) / ref[0]:+.2%}) / {losses[last - 1]:.4f} "
+            f"({(losses[last - 1] - ref[last - 1]) / ref[last - 1]:+.2%}) at step {last}"
+            + (" [other weights]" if other else "")
+        )
+    if not parts:
+        return None
+    return (f"loss parity vs {ref_name} (step 1 {ref[0]:.4f}, step {len(ref)} {ref[-1]:.4f}): loss at step 1 / at the "
+            "last step both ran (relative difference): " + "; ".join(parts))
+
+
 def paired_ratios(results: list[dict[str, Any]], workload: str, reference: str) -> dict[str, list[float]]:
     """Per variant, its median-step tokens/s over the reference's in the same round (BENCH_REPEATS): pairing runs
     of one round cancels part of the machine's drift, which moved identical runs by up to 24% in one call
@@ -162,6 +194,9 @@ def print_report(path: Path) -> None:
             )
         for line in _targets(name, rows):
             print(f"- {line}")
+        parity = loss_parity(work, rows)
+        if parity:
+            print(f"- {parity}")
         for variant, r in rows.items():  # what Unsloth built, against the harness's LoRA targets
             if r.get("path") == "unsloth" and "lora_modules" in r:
                 print(
@@ -188,11 +223,15 @@ def print_report(path: Path) -> None:
                     print(f"- {variant}: {_spread(values)}")
     checks = _load(path.parent / "check.jsonl")
     if checks:
-        print("\n## correctness: each optimisation vs the plain path on one batch (2B architecture)\n")
-        print("| precision | optimisation | loss ref | loss opt | rel diff | min LoRA grad cosine | pass |")
-        print("|---|---|---|---|---|---|---|")
+        print("\n## correctness: each optimisation vs the plain path on one batch\n")
+        print("| family arch | precision | optimisation | loss ref | loss opt | rel diff | min LoRA grad cosine | pass |")
+        print("|---|---|---|---|---|---|---|---|")
         for c in checks:
+            model = f"{c.get('family', 'qwen2_vl')} {c.get('arch', 'W1')}"
+            if c.get("skipped"):
+                print(f"| {model} | {c['precision']} | {c['name']} | - | - | - | - | skipped: {c['skipped']} |")
+                continue
             print(
-                f"| {c['precision']} | {c['name']} | {c['loss_ref']:.5f} | {c['loss']:.5f} | {c['rel']:.2e} "
+                f"| {model} | {c['precision']} | {c['name']} | {c['loss_ref']:.5f} | {c['loss']:.5f} | {c['rel']:.2e} "
                 f"| {c['cosine']:.5f} | {'yes' if c['ok'] else 'NO'} |"
             )

@@ -13,6 +13,17 @@
 # on a card whose memory is the same round's plain_gc peak reserved (hardware.memory_fraction): "at no more memory";
 # on QLoRA pairs it loads the architecture's random weights from disk (written once, as for Unsloth). Each run's
 # logs/<run>.apps lists nvidia-smi's per-process GPU memory every 2 s.
+# "At no more memory than Unsloth" (W1, W3): vlmtune_lowmem is vlmtune at its smallest footprint (every layer
+# checkpointed, speed.loss_chunk_tokens=256: the chunked loss's fp32 logits block ~0.3 GiB instead of ~1.2 GiB at 1024
+# with a 152k vocab; hardware.expandable_segments=true), vlmtune_auto_at_unsloth the same with checkpointing auto,
+# capped (hardware.memory_fraction) at the same round's unsloth_gc peak reserved (it runs after unsloth_gc; the
+# preflight refuses it, with the reason in results.jsonl, when even every layer checkpointed does not fit):
+#   OUT=$OUT UNSLOTH=1 ONLY=W1,W3 BENCH_VARIANTS=plain_gc,vlmtune_gc,unsloth_gc,vlmtune_lowmem,vlmtune_auto_at_unsloth \
+#     bash benchmarks/speed/run.sh
+# Loss parity: every path trains the same weights (seed 0) on the same samples in the same order with the same
+# optimizer and constant lr (workloads.py's docstring); results.jsonl carries each run's per-step `losses` and an
+# `init_fingerprint` of its first weights, and the report adds per workload each variant's loss at step 1 and at the
+# last step against plain_gc's (relative difference).
 # Only some variants: BENCH_VARIANTS=plain_gc,vlmtune_lean. Each chosen variant R times, round by round, and the
 # report adds each variant's ratio to the reference of its own round (median, range): BENCH_REPEATS=R (identical runs
 # moved by up to 24% within one call in session 5, so single runs cannot settle a ratio near its target).

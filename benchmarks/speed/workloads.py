@@ -5,6 +5,12 @@ FastVisionModel ("unsloth", issue 21: when its wheels are installed, see unsloth
 Shapes follow the issue: a 448 px image is 256 image tokens for Qwen2-VL/2.5-VL (32 x 32 patches of 14 px, 2 x 2
 merged), a 336 px one 144. LoRA r16 alpha 32 on all language linear layers, dropout 0.05, AdamW (fused) lr 1e-4,
 max grad norm 1, bf16 weights + bf16 autocast, SDPA, in both paths.
+
+The paths train the same model on the same samples in the same order, so their per-step losses (results.jsonl
+`losses`) can be compared: the plain loop (and Unsloth's, which is the plain loop) builds its weights after
+torch.manual_seed(0), vlmtune's engine with training.seed=0 (engine_run.py), Unsloth loads weights written the same
+way (unsloth_run.write_weights); every path draws its order as accelerate's seedable sampler does with seed 0
+(plain.EpochOrder); constant lr 1e-4, no warmup, no weight decay, AdamW's betas (0.9, 0.999) and eps 1e-8.
 """
 
 from __future__ import annotations
@@ -96,6 +102,34 @@ FROM_DISK = "@weights"
 once (as for Unsloth): a capped QLoRA run loads them quantized as a user's run does, where random_init under
 hardware.memory_fraction would build the 16-bit model on the CPU first (minutes for 8B)."""
 
+AT_UNSLOTH_PEAK = "@unsloth_gc_peak_reserved"
+"""As AT_PLAIN_PEAK, at the same round's unsloth_gc peak reserved memory: "at no more memory than Unsloth"."""
+
+PEAK_OF = {AT_PLAIN_PEAK: "plain_gc", AT_UNSLOTH_PEAK: "unsloth_gc"}
+"""Each memory-cap placeholder and the variant of the same round whose peak reserved memory it stands for."""
+
+LOWMEM = {
+    "speed.checkpoint_every_n_layers": 1,
+    "speed.loss_chunk_tokens": 256,
+    "hardware.expandable_segments": True,
+}
+"""vlmtune at its smallest footprint: every layer checkpointed, the chunked loss's fp32 logits block a quarter of the
+default's (256 tokens x 152k vocab: ~0.3 GiB instead of ~1.2 GiB at 1024; Unsloth's whole lead over vlmtune_gc is
+~1.1 GiB allocated on W1) and the allocator's expandable segments (little reserved beyond what is allocated)."""
+
+LOWMEM_VARIANT = Variant("vlmtune_lowmem", "vlmtune", True, LOWMEM)
+"""vlmtune at its smallest footprint (W1, W3): the candidate for "at no more memory than Unsloth"."""
+
+AUTO_AT_UNSLOTH = Variant(
+    "vlmtune_auto_at_unsloth",
+    "vlmtune",
+    True,
+    {**LOWMEM, "speed.checkpoint_every_n_layers": "auto", "hardware.memory_fraction": AT_UNSLOTH_PEAK},
+)
+"""LOWMEM with checkpointing auto on a card whose memory is what unsloth_gc reserved in the same round (it runs after
+unsloth_gc): as few checkpointed layers as that leaves room for; the preflight refuses the run when even every layer
+checkpointed does not fit (the result line then carries its reason)."""
+
 AUTO_QLORA = Variant(
     "vlmtune_auto",
     "vlmtune",
@@ -134,6 +168,8 @@ W1 = Workload(
         Variant("vlmtune_gc", "vlmtune", True),
         UNSLOTH_GC,
         AUTO,
+        LOWMEM_VARIANT,
+        AUTO_AT_UNSLOTH,
         Variant("vlmtune_gc2", "vlmtune", True, FAST),
         # every 4th layer: the estimate is 15.7 GiB at the nvidia-smi level, under the GC'd reference's 18.3-23.5
         # measured, with a quarter of the recomputation (the candidate for ">= 2x at <= its memory")
@@ -266,6 +302,8 @@ WORKLOADS: dict[str, Workload] = {
                 Variant("vlmtune_gc", "vlmtune", True),
                 UNSLOTH_GC,
                 AUTO,
+                LOWMEM_VARIANT,
+                AUTO_AT_UNSLOTH,
                 Variant("vlmtune_gc2", "vlmtune", True, FAST),
                 Variant("liger_gc", "liger", True),
                 Variant("vlmtune_gc_compile", "vlmtune", True, {"speed.compile": True}, warmup=6),
