@@ -32,6 +32,16 @@ def compile_cache_root() -> Iterator[Path]:
         yield root
 
 
+@pytest.fixture(autouse=True)
+def no_allocator_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Estimates built from a config follow PYTORCH_ALLOC_CONF / PYTORCH_CUDA_ALLOC_CONF where set
+    (memory/allocator_setting.py): the tests see the default, whatever the shell running them sets."""
+    from vlmtune.memory.allocator_setting import ENV_VARS
+
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """Factory: `tiny_model_dir(family_name) -> Path` of that family's tiny model (built on first use, ~0.2 s)."""

@@ -65,6 +65,7 @@ def test_train_then_reload(run_config, family, method):
     logs = [json.loads(line) for line in result.log_path.read_text().splitlines()]
     start = logs[0]
     assert start["event"] == "start" and start["method"] == method and start["precision"].startswith("CPU")
+    assert start["expandable_segments"] is None and start["allocator"] == "expandable segments: not a CUDA run"
     assert (
         0
         < start["trainable_params"]

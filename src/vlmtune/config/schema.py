@@ -219,6 +219,14 @@ class HardwareConfig(_Strict):
     trains as if on a smaller GPU; the memory preflight checks the estimate against the cap."""
     force_fit: bool = False
     """Start training even when the memory estimate says it does not fit the visible GPU (`vlmtune train --force`)."""
+    expandable_segments: bool | Literal["auto"] = "auto"
+    """PyTorch's caching allocator with expandable segments (PYTORCH_ALLOC_CONF=expandable_segments:True), set in the
+    training process before the model loads: segments grow in place instead of being allocated per size, so memory
+    reserved but not allocated stays small (0.11-0.19 GiB in Unsloth's runs, which set it, against 0.6-3.1 GiB in
+    vlmtune's without it; benchmarks/RESULTS.md, 2026-12-07). auto (the default): on for CUDA training, unless
+    PYTORCH_ALLOC_CONF or PYTORCH_CUDA_ALLOC_CONF is set, which is then left as it is; true / false: on / off
+    whatever the environment says. The memory estimate follows the same setting; the log and train_log.jsonl's
+    start event say which applied and why."""
 
 
 class DistributedConfig(_Strict):

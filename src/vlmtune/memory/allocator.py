@@ -4,6 +4,12 @@ PyTorch's allocator never gives a segment back during training and serves a requ
 least as large, so what it reserves depends on the sizes and lifetimes of the big tensors each method creates, not
 only on the peak. Modelled from those where the measured runs showed how (checkpointed full fine-tuning, DeepSpeed's
 step, HF's loss on padded batches), fitted constants elsewhere (each says on what).
+
+With expandable segments (hardware.expandable_segments, on by default in training) the allocator maps one growing
+virtual range per stream instead of a segment per request size: freed neighbours coalesce, so a block any later
+request needs can come out of the space several smaller tensors left, and free pages inside the range are unmapped
+when an allocation would otherwise fail. What the fitted terms and the full fine-tuning reserve model is the
+fragmentation this removes, so they give way to FRAG_EXPANDABLE (see allocator_overhead).
 """
 
 from __future__ import annotations
@@ -22,6 +28,14 @@ FRAG_VISION = 88
 """A vision tower run without grad leaves its transient blocks in the allocator's cache: bytes per patch per unit of
 tower width, fitted on 14 checkpointed runs of vlmtune's calibration (1k-16k patches per micro-batch)."""
 FRAG_FOREACH = 0.5
+FRAG_EXPANDABLE = 160 * MIB
+"""Reserved minus allocated at the peak with expandable segments, whatever the method and shapes. Fitted on the two
+runs measured with them: Unsloth (which sets PYTORCH_ALLOC_CONF=expandable_segments:True at import) on the same
+batches as vlmtune's W1 (Qwen2-VL-2B LoRA: 5.05 reserved vs 4.94 GiB allocated, 0.11 GiB) and W3 (Qwen2.5-VL-7B LoRA:
+17.30 vs 17.11, 0.19 GiB) on an H100 (benchmarks/RESULTS.md, 2026-12-07, issue 21); 160 MiB = 0.16 GiB lies between
+the two. vlmtune's own runs without them held 0.58-3.1 GiB there (W1, W3, Gemma-3-12B and Qwen3.5-9B LoRA at batch 2,
+LLaVA-1.5-7B QLoRA). Awaits vlmtune's own GPU runs with expandable segments, full fine-tuning and DeepSpeed
+included; until then it is the same constant for all."""
 LOSS_RESHAPE_SETS = 3
 """HF's loss on micro-batches of several samples (vlmtune's engine pads each batch to its longest sample, so the
 padded length changes from step to step by more than the allocator's 2 MiB rounding of these blocks): a step whose
@@ -62,11 +76,20 @@ def allocator_overhead(
     micro-batch; deepspeed_step_cached: DeepSpeed's cached step blocks (None without DeepSpeed);
     deepspeed_init_cached: the blocks ZeRO-1/2's init leaves cached (vlmtune.memory.zero): reserved from init on,
     above the resident states, whatever training allocates later (its working set fits in them or adds to them:
-    the larger of the two counts)."""
+    the larger of the two counts).
+
+    With expandable segments (inputs.expandable): FRAG_EXPANDABLE in place of the fitted fragmentation terms and of
+    checkpointed full fine-tuning's reserve. That reserve comes from param-shaped blocks (grads, optimizer moments)
+    and working-set blocks that cannot serve each other's sizes in fixed segments; in one expandable range the
+    grads' freed blocks coalesce into space the next forward's working set fits, and pages left free between live
+    blocks are unmapped before an allocation fails, so they cannot cause an out-of-memory error. Not yet measured
+    for full fine-tuning: on a roomy GPU, where nothing forces that unmapping, max_memory_reserved may still show
+    part of the reserve. DeepSpeed's terms stay: they are blocks DeepSpeed holds (its init and step buffers), not
+    fragmentation."""
     frozen_vision = inputs.vision_no_grad and not (
         (inputs.method == "full" and not inputs.freeze_vision_tower) or inputs.adapt_vision_tower
     )
-    frag = int(
+    frag = FRAG_EXPANDABLE if inputs.expandable else int(
         FRAG_BASE
         + (FRAG_LOGITS * loss_fp32_block if not inputs.chunked_loss else 0)
         + (LOSS_RESHAPE_SETS * loss_fp32_block if _loss_blocks_reshape(inputs) else 0)
@@ -78,7 +101,7 @@ def allocator_overhead(
     if deepspeed_step_cached is not None:
         init = FRAG_BASE + deepspeed_init_cached
         return max(frag, _deepspeed_step_reserve(phases, deepspeed_step_cached) - at, init - at)
-    if _states_take_the_working_blocks(inputs):
+    if _states_take_the_working_blocks(inputs) and not inputs.expandable:
         return _full_checkpointed_reserve(phases) - at
     return frag
 
@@ -94,7 +117,8 @@ def _states_take_the_working_blocks(inputs: EstimateInputs) -> bool:
 
 
 def _full_checkpointed_reserve(phases: dict[str, Phase]) -> int:
-    """Reserved bytes above the static states of checkpointed full fine-tuning from the second step on.
+    """Reserved bytes above the static states of checkpointed full fine-tuning from the second step on, without
+    expandable segments (with them: allocator_overhead).
 
     The caching allocator never returns a segment, and it serves a request only from one free block at least as
     large. Step 1: forward and backward cache the blocks of their working set (the loss chunk's logits, a trained

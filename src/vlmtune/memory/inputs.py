@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from vlmtune.errors import ConfigError
+from vlmtune.memory.allocator_setting import resolve_allocator
 from vlmtune.memory.zero import check_plan
 
 if TYPE_CHECKING:
@@ -76,6 +78,9 @@ class EstimateInputs:
     """speed.checkpoint_every_n_layers: with checkpointing, only every n-th decoder layer is checkpointed."""
     checkpoint_offload: bool = False
     """speed.checkpoint_offload: the checkpointed layer inputs live in CPU memory."""
+    expandable: bool = False
+    """The caching allocator uses expandable segments (hardware.expandable_segments; on by default in training since
+    2026-12-07). False here: the measured anchors and calibration points ran without them."""
     zero_stage: int = 0
     offload: Literal["none", "optimizer", "all"] = "none"
     offload_ratio: float = 1.0
@@ -144,7 +149,8 @@ class EstimateInputs:
 def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInputs:
     """The estimate inputs a vlmtune config implies (sequence = data.max_length, padded worst case). ZeRO stage,
     offload and GPU count are what training renders from `distributed` (a given DeepSpeed JSON's stage and offload
-    included; stage 0 without DeepSpeed), on num_gpus x num_nodes processes."""
+    included; stage 0 without DeepSpeed), on num_gpus x num_nodes processes; expandable segments what training sets
+    in this process's environment (hardware.expandable_segments, memory/allocator_setting.py)."""
     from vlmtune.config.distributed import world_size, zero_plan
 
     world = world_size(config.distributed)
@@ -185,6 +191,9 @@ def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInput
         # `auto` is chosen by `vlmtune train` against its GPU (speed/checkpoint_policy.py); every layer here.
         checkpoint_every=1 if config.speed.checkpoint_every_n_layers == "auto" else config.speed.checkpoint_every_n_layers,
         checkpoint_offload=config.speed.checkpoint_offload,
+        # what training sets in this environment (train/gpu_memory.py); the estimate's target is a CUDA GPU
+        expandable=resolve_allocator(config.hardware.expandable_segments, not config.hardware.use_cpu,
+                                     os.environ).expandable,
         zero_stage=zero.stage,
         offload="all" if zero.offload == "optimizer_and_params" else zero.offload,
         offload_ratio=zero.offload_ratio,

@@ -208,7 +208,7 @@ def _train(config: VlmtuneConfig, out: Path, config_path: Path, checkpoint: Any,
     from vlmtune.train.args import training_arguments
     from vlmtune.train.callbacks import JsonlLogCallback, ProgressCallback, write_event
     from vlmtune.train.deepspeed_config import prepare as prepare_deepspeed
-    from vlmtune.train.gpu_memory import release_loading_cache
+    from vlmtune.train.gpu_memory import allocator_setting, apply_allocator_setting, release_loading_cache
     from vlmtune.train.interrupt import SaveOnInterrupt, TrainingInterrupted
     from vlmtune.train.nonfinite import NonFiniteGuard
     from vlmtune.train.out_of_memory import oom_message
@@ -219,6 +219,10 @@ def _train(config: VlmtuneConfig, out: Path, config_path: Path, checkpoint: Any,
     family = resolve_family(config)
     plan = resolve_precision(config)
     log.info("family %s, method %s; precision: %s", family.name, config.method.name.value, plan.note)
+    allocator = allocator_setting(config, plan.device)
+    apply_allocator_setting(allocator)  # before anything allocates on the GPU (the preflight's memory_fraction too)
+    if plan.device == "cuda" and os.environ.get("RANK", "0") == "0":
+        log.info("CUDA allocator: %s", allocator.reason)
     from vlmtune.hub import model_folder
 
     processor = family.load_processor(model_folder(config.model.name_or_path, config.model.revision), config.data)
@@ -270,6 +274,8 @@ def _train(config: VlmtuneConfig, out: Path, config_path: Path, checkpoint: Any,
             processes=world,
             deepspeed_zero_stage=zero_of(ds_config)[0] if ds_config else None,
             loading_cache_released_gib=None if released is None else round(released / GIB, 3),
+            expandable_segments=allocator.expandable if plan.device == "cuda" else None,
+            allocator=allocator.reason,
         )
     progress = ProgressCallback()
     interrupt = SaveOnInterrupt()  # Ctrl-C: finish the step, save a checkpoint, stop (one process; interrupt.py)

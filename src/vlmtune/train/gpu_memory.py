@@ -1,4 +1,5 @@
-"""The GPU this process trains on, as PyTorch sees it: free and total memory, the allocator cap, measured peaks.
+"""The GPU this process trains on, as PyTorch sees it: free and total memory, the allocator's cap and expandable
+segments, measured peaks.
 
 The only part of the memory preflight that touches CUDA; tests replace these functions with a fake GPU.
 """
@@ -7,8 +8,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from vlmtune.memory.allocator_setting import AllocatorSetting, resolve_allocator
 from vlmtune.memory.gpus import GIB
+
+if TYPE_CHECKING:
+    from vlmtune.config.schema import VlmtuneConfig
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,31 @@ def apply_memory_fraction(fraction: float, index: int) -> None:
     import torch
 
     torch.cuda.set_per_process_memory_fraction(fraction, index)
+
+
+def allocator_setting(config: VlmtuneConfig, device: str) -> AllocatorSetting:
+    """hardware.expandable_segments for a run on `device` in this process's environment (the estimate reads the
+    same through memory.inputs.inputs_from_config)."""
+    return resolve_allocator(config.hardware.expandable_segments, device == "cuda", os.environ)
+
+
+def apply_allocator_setting(setting: AllocatorSetting) -> None:
+    """Set the caching allocator's expandable segments in this process, before the model allocates on the GPU
+    (segments made earlier keep their kind). Each process of a torchrun or DeepSpeed launch runs the engine and sets
+    its own. vlmtune shares no CUDA tensors between processes (expandable segments do not go through CUDA IPC): the
+    data loader's workers hand over CPU tensors, and DeepSpeed/NCCL copy through their own buffers.
+
+    Through the allocator's runtime setter, not the environment: PyTorch reads PYTORCH_ALLOC_CONF once, when CUDA
+    initialises, and the environment is the user's (STYLE.md)."""
+    if not setting.apply:
+        return
+    import torch
+
+    value = f"expandable_segments:{setting.expandable}"
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # PyTorch 2.9+
+    if setter is None:
+        setter = torch.cuda.memory._set_allocator_settings  # PyTorch 2.4-2.8 (deprecated alias from 2.9 on)
+    setter(value)
 
 
 def measured_peaks() -> tuple[int, int]:
