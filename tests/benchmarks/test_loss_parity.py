@@ -123,3 +123,31 @@ def test_cap_at_unsloths_peak_of_the_same_round(tmp_path, monkeypatch):
     assert filled.overrides["hardware.memory_fraction"] == 0.0625
     auto = next(v for v in WORKLOADS["W1"].variants if v.name == "vlmtune_auto")
     assert bench._resolved_overrides(auto, "W1", tmp_path).overrides["hardware.memory_fraction"] == 0.275
+
+
+def test_every_vlmtune_variant_is_valid_config(tmp_path):
+    """Each vlmtune variant's overrides (placeholders filled with a stand-in) load as a config: a typo in a field
+    name would otherwise only show on the GPU machine, as a failed run."""
+    from vlmtune.config.loader import load_config
+    from vlmtune.config.schema import HardwareConfig
+
+    stand_in = {"hardware.memory_fraction": 0.5, "model.name_or_path": str(tmp_path / "weights")}
+    checked = 0
+    for work in WORKLOADS.values():
+        for variant in work.variants:
+            if variant.path != "vlmtune":
+                continue
+            overrides = {k: (stand_in.get(k, v) if isinstance(v, str) and v.startswith("@") else v)
+                         for k, v in variant.overrides.items()
+                         if k != "hardware.expandable_segments"
+                         or "expandable_segments" in HardwareConfig.model_fields}
+            base = engine_run.config_dict(work, variant, tmp_path / "m", tmp_path / "t.jsonl", tmp_path / "o")
+            config = load_config(None, overrides=[f"{k}={v}" for k, v in overrides.items()], base=base)
+            assert config.training.max_steps == work.warmup + work.steps
+            checked += 1
+    assert checked > 40
+    default = next(v for v in WORKLOADS["W1"].variants if v.name == "vlmtune_default1000")
+    base = engine_run.config_dict(WORKLOADS["W1"], default, tmp_path / "m", tmp_path / "t.jsonl", tmp_path / "o")
+    config = load_config(None, overrides=[f"{k}={v}" for k, v in default.overrides.items()], base=base)
+    assert config.speed.compile == "auto" and config.speed.checkpoint_every_n_layers == "auto"
+    assert config.hardware.dataloader_workers == 0 and default.steps == 1000 and default.warmup == 0
