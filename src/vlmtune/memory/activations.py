@@ -8,6 +8,13 @@ width, kv key/value width, i MLP width; bytes):
   autocast); under vlmtune's 16-bit autocast: 20h + 4kv + 8i + 2 bytes per adapted linear's input (LORA_AUTOCAST_BYTES)
 - with gradient checkpointing only the layer input is kept (2h bytes in bf16), plus one layer's activations while it
   is recomputed in backward.
+The base is written 15h + 5q + 4kv + 8i (SDPA's query and output and the o_proj input's dropout are q wide; equal to
+20h + ... where q = h, as in the measured models). Layers unlike a plain attention layer say so in the catalogue
+(models.yaml `layer_kinds`, by the config's `layer_types` name; catalogue.LayerKind): `kind_extra_bytes` adds what
+q/k norms, an output gate, sandwich norms or an always-present SDPA mask keep, and the `gated_delta_net` rule counts
+Qwen3.5's linear-attention mixer (`delta_net_bytes`) in place of SDPA's. Those terms were counted from what autograd
+saves on the CPU (benchmarks/saved_activations.py; tests/memory/test_layer_kinds.py), which is 2h + i per token per
+layer below the GPU-calibrated plain layer (Qwen2-VL-2B / 7B widths): the kinds' extras are added to that base.
 Vision tower: with checkpointing HF hooks it into autograd even when frozen, so each block keeps its input
 (2 bytes x patches x width); without checkpointing a frozen tower keeps nothing and a trained one about 53 bytes per
 patch per unit width per block (fitted on one run, approximate). vlmtune's speed.frozen_vision_no_grad runs a
@@ -19,12 +26,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vlmtune.memory.catalogue import ModelSpec
+from vlmtune.memory.catalogue import LayerKind, ModelSpec
 from vlmtune.memory.image_tokens import image_cost, tile_wrapper_tokens
 from vlmtune.memory.inputs import EstimateInputs
-from vlmtune.memory.params import ParamCounts, target_input_widths
+from vlmtune.memory.params import ModelDims, ParamCounts, target_input_widths
 
 TRAINED_VIT_BYTES = 53
+PLAIN = LayerKind()
+DELTA_CHUNK = 64
+"""Tokens per chunk of transformers' `torch_chunk_gated_delta_rule` (its default, which Qwen3.5 uses)."""
 LORA_AUTOCAST_BYTES = 2
 """Under 16-bit autocast (vlmtune's Trainer) each adapted linear keeps one 16-bit copy of its input for lora_A's
 weight gradient: the dropout output (or, without dropout, autocast's re-cast of PEFT's fp32 input copy). Whether
@@ -62,14 +72,19 @@ class ActivationTerms:
 
 
 def per_token_layer_bytes(
-    inputs: EstimateInputs, counts: ParamCounts, targets: list[str], bf16_adapters: bool
+    inputs: EstimateInputs,
+    counts: ParamCounts,
+    targets: list[str],
+    bf16_adapters: bool,
+    kind: LayerKind = PLAIN,
+    layer: int = 0,
 ) -> int:
-    """Bytes one decoder layer keeps per token without checkpointing (bf16 residual stream)."""
+    """Bytes decoder layer `layer`, of this kind, keeps per token without checkpointing (bf16 residual stream)."""
     d = counts.dims
     h, q, kv, i = d.hidden, d.q_width, d.kv_width, d.intermediate
-    out = 20 * h + 4 * kv + 8 * i
+    out = 15 * h + 5 * q + 4 * kv + 8 * i + kind_extra_bytes(kind, d, inputs.seq_len)
     if inputs.method in ("lora", "qlora"):
-        chosen, every = target_input_widths(counts, targets)
+        chosen, every = target_input_widths(counts, targets, layer)
         if inputs.autocast:
             keeps_copy = inputs.lora_dropout > 0 or not (bf16_adapters or inputs.lora_16bit_inputs)
             out += LORA_AUTOCAST_BYTES * chosen if keeps_copy else 0
@@ -77,11 +92,82 @@ def per_token_layer_bytes(
             adapter = 0 if bf16_adapters or inputs.lora_16bit_inputs else 8 * h + 8 * q + 2 * i
             dropout = 6 * h + i if inputs.lora_dropout > 0 else 0
             out += int((adapter + dropout) * chosen / every)
-    if inputs.attn_implementation == "eager":
+    if inputs.attn_implementation == "eager" and kind.rule == "attention":
         out += (
             4 * d.heads * inputs.seq_len
         )  # bf16 scores and probabilities, S per token per head (not measured)
     return out
+
+
+def kind_extra_bytes(kind: LayerKind, d: ModelDims, seq_len: int) -> int:
+    """Bytes per token a layer of this kind keeps beyond the plain attention layer of the same widths (20h + 4kv +
+    8i: SDPA's query, output, key and value, 4q + 4kv of it). Counted from what autograd saves on the CPU under bf16
+    autocast (benchmarks/saved_activations.py), term by term:
+    - qk_norm: each RMSNorm keeps its fp32 input, 4q + 4kv;
+    - output_gate: the sigmoid's output and the attention output it multiplies, 4q;
+    - sandwich_norms: two more RMSNorms' fp32 inputs, 8h;
+    - attention_mask: keys and values repeated to the query heads, 4(q - kv), and SDPA's 16-bit bias, 2 x seq_len;
+    - gated_delta_net: the DeltaNet token mixer (`delta_net_bytes`) in place of SDPA's 4q + 4kv."""
+    h, q, kv = d.hidden, d.q_width, d.kv_width
+    out = 0
+    if kind.rule == "gated_delta_net":
+        out += delta_net_bytes(d, seq_len) - 4 * q - 4 * kv
+    if kind.qk_norm:
+        out += 4 * q + 4 * kv
+    if kind.output_gate:
+        out += 4 * q
+    if kind.sandwich_norms:
+        out += 8 * h
+    if kind.attention_mask:
+        out += 4 * (q - kv) + 2 * seq_len
+    return out
+
+
+def delta_net_bytes(d: ModelDims, seq_len: int) -> int:
+    """Bytes per token the gated DeltaNet token mixer keeps on transformers' PyTorch path (no flash-linear-attention:
+    `torch_chunk_gated_delta_rule` and `F.conv1d`), its projections' LoRA inputs not included. V = value heads, dk /
+    dv their key / value widths, C = 2 x key width + value width (the conv channels), c = DELTA_CHUNK, p = the sequence
+    padded to whole chunks over the sequence:
+    - per token: the conv's input and output, 4C; the fp32 q and k before their l2norm, 8 V dk; the gated RMSNorm's
+      fp32 input, gate, silu and 16-bit product, 14 V dv; beta, the decay, the norms' scales, about 34 V;
+    - per padded token (x p): the fp32 chunk matrices (decay, the UT system, the intra-chunk scores) and their 16-bit
+      casts for the matmuls, 14 V c; fp32 q / k / k_beta chunks and their 16-bit casts, 30 V dk; v, v_beta and the
+      per-chunk v_new casts, 12 V dv; the recurrent state [V, dk, dv] kept in fp32 and twice in 16-bit at every chunk
+      of the Python loop, 8 V dk dv / c.
+    Measured (benchmarks/saved_activations.py, CPU, bf16 autocast) at Qwen3.5-9B's widths, 709 tokens: 610-616 kB
+    per token per layer against 621 kB from this count, the mixer alone within 1% at other widths; transformers 5.17
+    (the GPU runs') and 5.23 save the same (5.23 only moved the q / k head repeat into the function).
+    flash-linear-attention's fused kernel (transformers uses it when `fla` imports) keeps far less: its autograd
+    function saves the l2-normed q and k (16-bit, at most V heads), v, the gates and one [c]-wide matrix per head
+    and token (fla-core 0.6 `ChunkGatedDeltaRuleFunction`), recomputing the states in backward: with the conv and
+    the gated norm around it about 4C + 14 V dv + 4 V dk + 2 V dv + 4 V c + 32 V (124 kB at 9B widths against 412 kB;
+    causal-conv1d would keep 2C of the 4C). Not modelled: the estimate is pure and assumes the PyTorch path, an
+    over-estimate of about 0.27 GiB per DeltaNet layer per 1,000 tokens where fla is installed (not measured)."""
+    v, dk, dv = d.linear_value_heads, d.linear_key_head_dim, d.linear_value_head_dim
+    conv = 2 * d.linear_key_heads * dk + v * dv
+    padded = -(-seq_len // DELTA_CHUNK) * DELTA_CHUNK / max(seq_len, 1)
+    per_token = 4 * conv + 8 * v * dk + 14 * v * dv + 34 * v
+    per_chunk = 14 * v * DELTA_CHUNK + 30 * v * dk + 12 * v * dv + 8 * v * dk * dv / DELTA_CHUNK
+    return int(per_token + padded * per_chunk)
+
+
+def decoder_layer_kinds(spec: ModelSpec, d: ModelDims) -> list[LayerKind]:
+    """Each decoder layer's kind: the config's `layer_types` looked up in the catalogue's `layer_kinds`."""
+    if len(d.layer_types) != d.layers:
+        return [PLAIN] * d.layers
+    return [spec.arch.layer_kinds.get(name, PLAIN) for name in d.layer_types]
+
+
+def layer_bytes_per_token(
+    inputs: EstimateInputs, spec: ModelSpec, counts: ParamCounts, targets: list[str], bf16_adapters: bool
+) -> list[int]:
+    """`per_token_layer_bytes` of every decoder layer, in order (one computation per layer kind)."""
+    kinds = decoder_layer_kinds(spec, counts.dims)
+    first = {}
+    for index, kind in enumerate(kinds):
+        first.setdefault(kind, index)
+    sizes = {k: per_token_layer_bytes(inputs, counts, targets, bf16_adapters, k, i) for k, i in first.items()}
+    return [sizes[k] for k in kinds]
 
 
 def image_tokens_and_patches(inputs: EstimateInputs, spec: ModelSpec) -> tuple[int, int]:
@@ -129,22 +215,24 @@ def activation_terms(
     if patches is None:
         patches = b * inputs.images_per_sample * per_image_patches
     scale = act_bytes / 2
-    per_layer = int(per_token_layer_bytes(inputs, counts, targets, bf16_adapters) * scale)
+    per_layer = [int(x * scale) for x in layer_bytes_per_token(inputs, spec, counts, targets, bf16_adapters)]
     trained_vit = (inputs.method == "full" and not inputs.freeze_vision_tower) or inputs.adapt_vision_tower
     if inputs.gradient_checkpointing:
         every = max(1, inputs.checkpoint_every)
-        checkpointed = -(-d.layers // every)
-        whole = d.layers - checkpointed  # layers that keep all their activations
+        # transformers checkpoints the layers whose index is a multiple of every_n_layers
+        kept_layers = [x for index, x in enumerate(per_layer) if index % every]
+        checkpointed = d.layers - len(kept_layers)
+        whole = len(kept_layers)  # layers that keep all their activations
         kept = 0 if inputs.checkpoint_offload else checkpointed * act_bytes * b * s * d.hidden
-        language = kept + whole * per_layer * b * s
+        language = kept + sum(kept_layers) * b * s
         # the recomputed layer's activations, plus the gradients alive in its backward: the residual stream's
         # (in and out) and, in the MLP, the gradient of one intermediate-width tensor beside its saved inputs
-        working = per_layer * b * s + act_bytes * b * s * (2 * d.hidden + d.intermediate)
+        working = max(per_layer) * b * s + act_bytes * b * s * (2 * d.hidden + d.intermediate)
         vision = 0 if inputs.vision_no_grad and not trained_vit else (
             d.vision_depth * act_bytes * patches * d.vision_width)
     else:
         whole = d.layers
-        language = whole * per_layer * b * s
+        language = sum(per_layer) * b * s
         working = 0
         vision = TRAINED_VIT_BYTES * d.vision_width * patches * d.vision_depth if trained_vit else 0
     dequant = head_dequant = 0

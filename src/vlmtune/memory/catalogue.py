@@ -20,6 +20,39 @@ from vlmtune.errors import VlmtuneError
 _DATA = Path(__file__).with_name("models.yaml")
 
 
+LAYER_RULES = ("attention", "gated_delta_net")
+"""How a decoder layer's activations are counted (memory/activations.py `layer_bytes_per_token`)."""
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """What one kind of decoder layer keeps for backward beyond the plain attention layer (catalogue `layer_kinds`)."""
+
+    rule: str = "attention"
+    """attention: self-attention + MLP; gated_delta_net: Qwen3.5's linear attention (a chunked recurrence) + MLP."""
+    qk_norm: bool = False
+    """RMSNorm on each query and key head (kept in fp32 for backward)."""
+    output_gate: bool = False
+    """The attention output multiplied by a sigmoid gate the query projection also produces."""
+    sandwich_norms: bool = False
+    """Four RMSNorms per layer (before and after the attention and the MLP) instead of two."""
+    attention_mask: bool = False
+    """The family always passes SDPA a mask (Gemma 3's bidirectional image blocks): keys and values are repeated to
+    the query heads (transformers uses SDPA's grouped-query path only without a mask) and SDPA keeps a 16-bit bias."""
+
+
+def _layer_kind(model_type: str, name: str, entry: dict[str, Any]) -> LayerKind:
+    known = {f for f in LayerKind.__dataclass_fields__}
+    unknown = sorted(set(entry) - known)
+    if unknown or entry.get("rule", "attention") not in LAYER_RULES:
+        raise VlmtuneError(
+            f"{_DATA.name}: architectures.{model_type}.layer_kinds.{name}: unknown "
+            + (f"keys {unknown} (known: {sorted(known)})" if unknown else
+               f"rule {entry.get('rule')!r} (known: {', '.join(LAYER_RULES)})")
+        )
+    return LayerKind(**entry)
+
+
 @dataclass(frozen=True)
 class Architecture:
     """Facts about one HF `model_type`: which modules are which part, where the dimensions live, image rules."""
@@ -38,6 +71,9 @@ class Architecture:
     """Dense rows x length^2 boolean masks a packed row carries through the language model (speed.packing): the
     family builds them where per-span attention would lose attention the model has (Gemma 3: full and sliding
     window, FamilyDescriptor.packed_row_attention = family_mask); 0 where samples are kept apart by positions."""
+    layer_kinds: dict[str, LayerKind] = field(default_factory=dict)
+    """Decoder-layer kinds by the name the config's `layer_types` gives them (dims.layer_types); a layer whose kind
+    is not listed, or a config without layer_types, counts as a plain attention layer."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +117,7 @@ def architectures() -> dict[str, Architecture]:
             chat=dict(a["chat"]),
             projector_lora_targets=tuple(a.get("projector_lora_targets", ())),
             packed_row_masks=int(a.get("packed_row_masks", 0)),
+            layer_kinds={k: _layer_kind(model_type, k, v or {}) for k, v in a.get("layer_kinds", {}).items()},
         )
     return out
 

@@ -41,6 +41,13 @@ class ModelDims:
     vocab: int
     vision_width: int
     vision_depth: int
+    layer_types: tuple[str, ...] = ()
+    """Each decoder layer's kind as the config names it (`layer_types`); empty where the config has none."""
+    linear_key_heads: int = 0
+    """Linear-attention layers (Qwen3.5's gated DeltaNet): query/key heads, value heads and their widths."""
+    linear_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
 
     @property
     def q_width(self) -> int:
@@ -88,6 +95,7 @@ def _dims(config: Any, paths: dict[str, str]) -> ModelDims:
         return int(value) if value is not None else default
 
     hidden, heads = get("hidden"), get("heads")
+    types = config_value(config, paths["layer_types"]) if "layer_types" in paths else None
     return ModelDims(
         hidden=hidden,
         intermediate=get("intermediate"),
@@ -98,6 +106,11 @@ def _dims(config: Any, paths: dict[str, str]) -> ModelDims:
         vocab=get("vocab"),
         vision_width=get("vision_width"),
         vision_depth=get("vision_depth"),
+        layer_types=tuple(str(t) for t in types or ()),
+        linear_key_heads=get("linear_key_heads"),
+        linear_value_heads=get("linear_value_heads"),
+        linear_key_head_dim=get("linear_key_head_dim"),
+        linear_value_head_dim=get("linear_value_head_dim"),
     )
 
 
@@ -224,9 +237,9 @@ def lora_params(
     return total
 
 
-def target_input_widths(counts: ParamCounts, targets: list[str]) -> tuple[int, int]:
-    """(sum of input widths of the targeted linears, of all linears) in one decoder layer: scales the LoRA-specific
-    activation term for target sets smaller than `all`."""
-    layer0 = [lin for lin in counts.linears if lin.part == "language" and ".0." in f".{lin.name}."]
-    chosen = sum(lin.in_features for lin in layer0 if _matches(lin.name, targets))
-    return chosen, sum(lin.in_features for lin in layer0) or 1
+def target_input_widths(counts: ParamCounts, targets: list[str], layer: int = 0) -> tuple[int, int]:
+    """(sum of input widths of the targeted linears, of all linears) in decoder layer `layer`: scales the
+    LoRA-specific activation term for target sets smaller than `all` (hybrid models' layer kinds differ)."""
+    linears = [lin for lin in counts.linears if lin.part == "language" and f".{layer}." in f".{lin.name}."]
+    chosen = sum(lin.in_features for lin in linears if _matches(lin.name, targets))
+    return chosen, sum(lin.in_features for lin in linears) or 1
