@@ -82,7 +82,7 @@ def per_token_layer_bytes(
     """Bytes decoder layer `layer`, of this kind, keeps per token without checkpointing (bf16 residual stream)."""
     d = counts.dims
     h, q, kv, i = d.hidden, d.q_width, d.kv_width, d.intermediate
-    out = 15 * h + 5 * q + 4 * kv + 8 * i + kind_extra_bytes(kind, d, inputs.seq_len)
+    out = 15 * h + 5 * q + 4 * kv + 8 * i + kind_extra_bytes(kind, d, inputs.seq_len, inputs.linear_attention_kernel)
     if inputs.method in ("lora", "qlora"):
         chosen, every = target_input_widths(counts, targets, layer)
         if inputs.autocast:
@@ -99,7 +99,7 @@ def per_token_layer_bytes(
     return out
 
 
-def kind_extra_bytes(kind: LayerKind, d: ModelDims, seq_len: int) -> int:
+def kind_extra_bytes(kind: LayerKind, d: ModelDims, seq_len: int, linear_kernel: str = "torch") -> int:
     """Bytes per token a layer of this kind keeps beyond the plain attention layer of the same widths (20h + 4kv +
     8i: SDPA's query, output, key and value, 4q + 4kv of it). Counted from what autograd saves on the CPU under bf16
     autocast (benchmarks/saved_activations.py), term by term:
@@ -107,11 +107,12 @@ def kind_extra_bytes(kind: LayerKind, d: ModelDims, seq_len: int) -> int:
     - output_gate: the sigmoid's output and the attention output it multiplies, 4q;
     - sandwich_norms: two more RMSNorms' fp32 inputs, 8h;
     - attention_mask: keys and values repeated to the query heads, 4(q - kv), and SDPA's 16-bit bias, 2 x seq_len;
-    - gated_delta_net: the DeltaNet token mixer (`delta_net_bytes`) in place of SDPA's 4q + 4kv."""
+    - gated_delta_net: the DeltaNet token mixer (`delta_net_bytes`, on the kernel the run has) in place of SDPA's
+      4q + 4kv."""
     h, q, kv = d.hidden, d.q_width, d.kv_width
     out = 0
     if kind.rule == "gated_delta_net":
-        out += delta_net_bytes(d, seq_len) - 4 * q - 4 * kv
+        out += delta_net_bytes(d, seq_len, linear_kernel) - 4 * q - 4 * kv
     if kind.qk_norm:
         out += 4 * q + 4 * kv
     if kind.output_gate:
@@ -123,7 +124,7 @@ def kind_extra_bytes(kind: LayerKind, d: ModelDims, seq_len: int) -> int:
     return out
 
 
-def delta_net_bytes(d: ModelDims, seq_len: int) -> int:
+def delta_net_bytes(d: ModelDims, seq_len: int, kernel: str = "torch") -> int:
     """Bytes per token the gated DeltaNet token mixer keeps on transformers' PyTorch path (no flash-linear-attention:
     `torch_chunk_gated_delta_rule` and `F.conv1d`), its projections' LoRA inputs not included. V = value heads, dk /
     dv their key / value widths, C = 2 x key width + value width (the conv channels), c = DELTA_CHUNK, p = the sequence
@@ -141,10 +142,12 @@ def delta_net_bytes(d: ModelDims, seq_len: int) -> int:
     function saves the l2-normed q and k (16-bit, at most V heads), v, the gates and one [c]-wide matrix per head
     and token (fla-core 0.6 `ChunkGatedDeltaRuleFunction`), recomputing the states in backward: with the conv and
     the gated norm around it about 4C + 14 V dv + 4 V dk + 2 V dv + 4 V c + 32 V (124 kB at 9B widths against 412 kB;
-    causal-conv1d would keep 2C of the 4C). Not modelled: the estimate is pure and assumes the PyTorch path, an
-    over-estimate of about 0.27 GiB per DeltaNet layer per 1,000 tokens where fla is installed (not measured)."""
+    causal-conv1d would keep 2C of the 4C). kernel="fla" (EstimateInputs.linear_attention_kernel: the run can import
+    fla) counts that, read from fla's source, not measured."""
     v, dk, dv = d.linear_value_heads, d.linear_key_head_dim, d.linear_value_head_dim
     conv = 2 * d.linear_key_heads * dk + v * dv
+    if kernel == "fla":
+        return int(4 * conv + 14 * v * dv + 4 * v * dk + 2 * v * dv + 4 * v * DELTA_CHUNK + 32 * v)
     padded = -(-seq_len // DELTA_CHUNK) * DELTA_CHUNK / max(seq_len, 1)
     per_token = 4 * conv + 8 * v * dk + 14 * v * dv + 34 * v
     per_chunk = 14 * v * DELTA_CHUNK + 30 * v * dk + 12 * v * dv + 8 * v * dk * dv / DELTA_CHUNK

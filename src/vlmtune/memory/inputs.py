@@ -78,6 +78,10 @@ class EstimateInputs:
     """speed.checkpoint_every_n_layers: with checkpointing, only every n-th decoder layer is checkpointed."""
     checkpoint_offload: bool = False
     """speed.checkpoint_offload: the checkpointed layer inputs live in CPU memory."""
+    linear_attention_kernel: Literal["torch", "fla"] = "torch"
+    """Which kernel runs linear-attention layers (Qwen3.5's gated DeltaNet): transformers' PyTorch reference path, or
+    flash-linear-attention's fused one, which transformers uses when `fla` imports and keeps far less for backward
+    (memory/activations.py delta_net_bytes). From a config: fla when the target is a CUDA GPU and fla is importable."""
     expandable: bool = False
     """The caching allocator uses expandable segments (hardware.expandable_segments; on by default in training since
     2026-12-07). False here: the measured anchors and calibration points ran without them."""
@@ -146,6 +150,14 @@ class EstimateInputs:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def linear_attention_kernel(cuda: bool) -> Literal["torch", "fla"]:
+    """"fla" where transformers will run flash-linear-attention's fused kernels (a CUDA run that can import fla; its
+    Triton kernels do not run on the CPU), "torch" otherwise."""
+    import importlib.util
+
+    return "fla" if cuda and importlib.util.find_spec("fla") is not None else "torch"
+
+
 def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInputs:
     """The estimate inputs a vlmtune config implies (sequence = data.max_length, padded worst case). ZeRO stage,
     offload and GPU count are what training renders from `distributed` (a given DeepSpeed JSON's stage and offload
@@ -192,6 +204,7 @@ def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInput
         checkpoint_every=1 if config.speed.checkpoint_every_n_layers == "auto" else config.speed.checkpoint_every_n_layers,
         checkpoint_offload=config.speed.checkpoint_offload,
         # what training sets in this environment (train/gpu_memory.py); the estimate's target is a CUDA GPU
+        linear_attention_kernel=linear_attention_kernel(not config.hardware.use_cpu),
         expandable=resolve_allocator(config.hardware.expandable_segments, not config.hardware.use_cpu,
                                      os.environ).expandable,
         zero_stage=zero.stage,
