@@ -1,13 +1,21 @@
 """speed.fp8 on the GPU: the FP8 base matmuls per layer (time, error), then loss parity through the engine.
 
-    PYTHONPATH=src:. python -m benchmarks.fp8_check --steps 30 --out $OUT/fp8_check.jsonl      # H100: under 3 min
+    PYTHONPATH=/tmp/site:src:. python -m benchmarks.fp8_check --steps 300 --out $OUT/fp8_check.jsonl  # H100
     PYTHONPATH=src:. python -m benchmarks.fp8_check --smoke --out /tmp/fp8_smoke.jsonl        # CPU: the script itself
 
+(/tmp/site: where benchmarks/gpu_env.sh installs the GPU machine's wheels; keep it on PYTHONPATH there.)
+
 (a) layers: one frozen linear of Qwen2.5-VL-7B's language model per shape (q/o 3584x3584, k/v 3584->512, gate/up
-    3584->18944, down 18944->3584) at 4,096 tokens, bf16: the base matmuls alone (forward + input gradient: bf16, FP8
-    with the weight's transposed e4m3 copy made per backward as the engine does, FP8 with it kept) and the whole fused
-    LoRA layer (rank 16, forward + backward, bf16 vs FP8 base), median of CUDA-event timings; the relative error of
-    y and dx against an fp32 reference, bf16's own error beside FP8's.
+    3584->18944, down 18944->3584) at 4,096 tokens, bf16: the base matmuls alone (forward + input gradient: bf16; the
+    first FP8 path, eager quantization with the weight's transposed e4m3 copy made per backward; with it kept; with
+    the fused (torch.compile'd) quantization, per backward and kept (what speed.fp8 runs now); the quantization
+    alone, eager and fused; the scaled matmuls alone) and the whole fused LoRA layer (rank 16, forward + backward,
+    bf16 vs each FP8 variant: `lora_layer_fp8_ms` is what speed.fp8 runs, `lora_layer_fp8_first_ms` the first path),
+    median of CUDA-event timings; the relative error of y and dx against an fp32 reference, bf16's own error beside
+    FP8's.
+(a2) groups: the layers that take one input (q/k/v_proj, gate/up_proj) as fused LoRA layers called on the same
+    tensor, forward + backward: bf16, FP8 with every layer quantizing the input, FP8 quantizing it once (speed.fp8),
+    the first path; the quantizations per step of each.
 (b) training: the Qwen2-VL-2B architecture with random weights (`model.random_init`, the same seed: the same weights),
     LoRA on all linear layers, bf16, no checkpointing, eager, the same JSONL and seed (the same batches in the same
     order), speed.fp8=false then true for --steps steps: the loss at every step, the final loss's relative difference
@@ -36,6 +44,20 @@ SHAPES_7B = {  # name: (in_features, out_features), Qwen2.5-VL-7B's language mod
     "down_proj 18944->3584": (18944, 3584),
 }
 SHAPES_SMOKE = {"smoke 64->96": (64, 96)}
+GROUPS_7B = {  # name: (in_features, [out_features of each layer taking the same input])
+    "q/k/v_proj 3584->3584+512+512": (3584, [3584, 512, 512]),
+    "gate/up_proj 3584->2x18944": (3584, [18944, 18944]),
+}
+GROUPS_SMOKE = {"smoke q/k/v 64->96+32+32": (64, [96, 32, 32])}
+FIRST = {"keep_transposed": False, "fused_quant": False, "share_inputs": False}
+"""The FP8 path measured in session 12 (benchmarks/results/2026-12-07-session12): eager quantization, W^T per
+backward, every layer quantizing its own input."""
+VARIANTS = {  # lora_layer_<name>_ms: each change alone on the first path, then all (what speed.fp8 runs)
+    "fp8_first": FIRST,
+    "fp8_kept_transposed": {**FIRST, "keep_transposed": True},
+    "fp8_fused_quant": {**FIRST, "fused_quant": None},
+    "fp8": {},
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_layers:
         for name, (fin, fout) in (SHAPES_SMOKE if args.smoke else SHAPES_7B).items():
             _emit(args.out, {"kind": "layer", "shape": name, **layer(fin, fout, args.tokens)})
+        for name, (fin, outs) in (GROUPS_SMOKE if args.smoke else GROUPS_7B).items():
+            _emit(args.out, {"kind": "group", "layers": name, **group(fin, outs, args.tokens)})
     if not args.skip_train:
         runs = {fp8: train_run(args, fp8) for fp8 in (False, True)}
         for fp8, run in runs.items():
@@ -111,7 +135,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def layer(fin: int, fout: int, tokens: int, repeats: int = 20) -> dict[str, Any]:
-    from vlmtune.speed.fp8_linear import Fp8Weight
+    from vlmtune.speed.fp8_linear import Fp8Weight, Quantizer, scaled_mm
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -119,8 +143,13 @@ def layer(fin: int, fout: int, tokens: int, repeats: int = 20) -> dict[str, Any]
     weight = (torch.randn(fout, fin, device=device) * fin**-0.5).to(dtype)
     x = torch.randn(tokens, fin, device=device, dtype=dtype)
     g = (torch.randn(tokens, fout, device=device) * 1e-3).to(dtype)
-    per_backward, kept = Fp8Weight().of(weight), Fp8Weight(keep_transposed=True).of(weight)
+    eager, fused = Quantizer(fused=False), Quantizer(fused=True)  # fused: compiled on the CPU too (--smoke)
+    per_backward = Fp8Weight(quantizer=eager).of(weight)
+    kept = Fp8Weight(keep_transposed=True, quantizer=eager).of(weight)
+    fused_per_backward = Fp8Weight(quantizer=fused).of(weight)
+    now = Fp8Weight(keep_transposed=True, quantizer=fused).of(weight)  # what speed.fp8 runs on a GPU
     y_ref, dx_ref = x.float() @ weight.float().t(), g.float() @ weight.float()
+    x_q, g_q = eager(x), eager(g, columns=now.scale)
     out: dict[str, Any] = {
         "tokens": tokens,
         "in": fin,
@@ -128,61 +157,128 @@ def layer(fin: int, fout: int, tokens: int, repeats: int = 20) -> dict[str, Any]
         "bf16_ms": _time(lambda: (x @ weight.t(), g @ weight), repeats),
         "fp8_ms": _time(lambda: (per_backward.forward(x), per_backward.input_grad(g)), repeats),
         "fp8_kept_transposed_ms": _time(lambda: (kept.forward(x), kept.input_grad(g)), repeats),
+        "fp8_fused_quant_ms": _time(lambda: (fused_per_backward.forward(x), fused_per_backward.input_grad(g)), repeats),
+        "fp8_now_ms": _time(lambda: (now.forward(x), now.input_grad(g)), repeats),
         "fp8_forward_ms": _time(lambda: per_backward.forward(x), repeats),
+        "fp8_now_forward_ms": _time(lambda: now.forward(x), repeats),
         "bf16_forward_ms": _time(lambda: x @ weight.t(), repeats),
+        "quant_x_eager_ms": _time(lambda: eager(x), repeats),
+        "quant_x_fused_ms": _time(lambda: fused(x), repeats),
+        "quant_g_eager_ms": _time(lambda: eager(g, columns=now.scale), repeats),
+        "quant_g_fused_ms": _time(lambda: fused(g, columns=now.scale), repeats),
+        "transpose_weight_ms": _time(per_backward._transposed, repeats),
+        "fp8_matmuls_only_ms": _time(
+            lambda: (
+                scaled_mm(x_q[0], now.values.t(), x_q[1], now.scale, dtype, fast_accum=True),
+                scaled_mm(g_q[0], now.transposed, g_q[1], now.ones, dtype),
+            ),
+            repeats,
+        ),
         "rel_err_y_bf16": _rel(x @ weight.t(), y_ref),
         "rel_err_y_fp8": _rel(per_backward.forward(x), y_ref),
+        "rel_err_y_fp8_now": _rel(now.forward(x), y_ref),
         "rel_err_dx_bf16": _rel(g @ weight, dx_ref),
         "rel_err_dx_fp8": _rel(per_backward.input_grad(g), dx_ref),
+        "rel_err_dx_fp8_now": _rel(now.input_grad(g), dx_ref),
+        "same_as_first_path": bool(
+            torch.equal(now.forward(x), per_backward.forward(x))
+            and torch.equal(now.input_grad(g), per_backward.input_grad(g))
+        ),
+        "fused_quant_failed": fused.failed,
         "weight_mib": weight.numel() * weight.element_size() / 2**20,
         "fp8_kept_mib": per_backward.nbytes() / 2**20,
         "fp8_kept_transposed_mib": kept.nbytes() / 2**20,
     }
     out["speedup_base"] = out["bf16_ms"] / out["fp8_ms"]
     out["speedup_base_kept_transposed"] = out["bf16_ms"] / out["fp8_kept_transposed_ms"]
+    out["speedup_base_now"] = out["bf16_ms"] / out["fp8_now_ms"]
     out.update(_lora_layer(weight, x, g, repeats))
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in out.items()}
 
 
-def _lora_layer(weight: torch.Tensor, x: torch.Tensor, g: torch.Tensor, repeats: int) -> dict[str, float]:
-    """The whole PEFT LoRA layer (rank 16, fp32 adapters, under autocast on the GPU) as the engine runs it: fused,
-    with and without FP8 base matmuls; forward + backward."""
+def _lora_model(weights: list[torch.Tensor]) -> tuple[Any, Any]:
+    """(PEFT model, fused layers): one frozen linear per weight, all called on the same input, LoRA rank 16 with fp32
+    adapters on each, as the engine sets them up (input casting off, fused)."""
     from peft import LoraConfig, get_peft_model
 
-    from vlmtune.speed.fused_lora import enable_fp8, fuse_lora
+    from vlmtune.speed.fused_lora import fuse_lora
 
-    class One(torch.nn.Module):
+    class Group(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.proj = torch.nn.Linear(
-                weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype
+            self.projs = torch.nn.ModuleList(
+                torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype) for w in weights
             )
+            for proj, w in zip(self.projs, weights, strict=True):
+                proj.weight.data.copy_(w)
 
-        def forward(self, t: torch.Tensor) -> torch.Tensor:
-            return self.proj(t)
+        def forward(self, t: torch.Tensor) -> list[torch.Tensor]:
+            return [proj(t) for proj in self.projs]
 
-    base = One()
-    base.proj.weight.data.copy_(weight)
-    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["proj"]))
+    names = [str(i) for i in range(len(weights))]
+    model = get_peft_model(Group(), LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=names))
     for module in model.modules():
         if hasattr(module, "cast_input_dtype_enabled"):
             module.cast_input_dtype_enabled = False  # as speed.lora_bf16_compute does
     fused = fuse_lora(model.get_base_model(), 0)
     assert not isinstance(fused, str)
+    return model, fused
+
+
+def _lora_timings(
+    weights: list[torch.Tensor], x: torch.Tensor, gs: list[torch.Tensor], repeats: int, variants: dict[str, dict]
+) -> dict[str, Any]:
+    """<variant>_ms (bf16 and each FP8 variant) and <variant>_quantizations (per forward + backward) of the fused
+    LoRA layers of `weights` on `x`, the gradients `gs`; under autocast on the GPU."""
+    from vlmtune.speed.fused_lora import enable_fp8
+
+    model, fused = _lora_model(weights)
     xin = x.detach().requires_grad_()
     autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda)
 
     def step() -> None:
         with autocast:
-            y = model(xin)
-        y.backward(g)
+            ys = model(xin)
+        torch.autograd.backward(ys, gs)
 
-    out = {"lora_layer_bf16_ms": _time(step, repeats)}
-    fp8 = enable_fp8(fused)
-    assert not isinstance(fp8, str)
-    out["lora_layer_fp8_ms"] = _time(step, repeats)
-    out["lora_layer_speedup"] = out["lora_layer_bf16_ms"] / out["lora_layer_fp8_ms"]
+    out: dict[str, Any] = {"bf16_ms": _time(step, repeats)}
+    for name, options in variants.items():
+        fp8 = enable_fp8(fused, **options)
+        assert not isinstance(fp8, str)
+        out[f"{name}_ms"] = _time(step, repeats)
+        calls = fp8.quantizer.calls
+        step()
+        out[f"{name}_quantizations"] = fp8.quantizer.calls - calls
+        fp8.remove()
     return out
+
+
+def _lora_layer(weight: torch.Tensor, x: torch.Tensor, g: torch.Tensor, repeats: int) -> dict[str, Any]:
+    """The whole PEFT LoRA layer (rank 16, fp32 adapters, under autocast on the GPU) as the engine runs it: fused,
+    with bf16 and with each FP8 variant's base matmuls; forward + backward."""
+    timings = _lora_timings([weight], x, [g], repeats, VARIANTS)
+    out = {f"lora_layer_{k}": v for k, v in timings.items() if k.endswith("_ms")}
+    out["lora_layer_speedup"] = out["lora_layer_bf16_ms"] / out["lora_layer_fp8_ms"]
+    out["lora_layer_speedup_first"] = out["lora_layer_bf16_ms"] / out["lora_layer_fp8_first_ms"]
+    return out
+
+
+def group(fin: int, outs: list[int], tokens: int, repeats: int = 20) -> dict[str, Any]:
+    """(a2): fused LoRA layers taking one input, forward + backward: bf16, FP8 quantizing the input per layer, once
+    (speed.fp8), and the first path."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    weights = [(torch.randn(fout, fin, device=device) * fin**-0.5).to(dtype) for fout in outs]
+    x = torch.randn(tokens, fin, device=device, dtype=dtype)
+    gs = [(torch.randn(tokens, fout, device=device) * 1e-3).to(dtype) for fout in outs]
+    variants = {"fp8_unshared": {"share_inputs": False}, "fp8": {}, "fp8_first": FIRST}
+    out: dict[str, Any] = {"tokens": tokens, "in": fin, "outs": outs}
+    out.update(_lora_timings(weights, x, gs, repeats, variants))
+    out["speedup"] = out["bf16_ms"] / out["fp8_ms"]
+    out["speedup_unshared"] = out["bf16_ms"] / out["fp8_unshared_ms"]
+    out["speedup_first"] = out["bf16_ms"] / out["fp8_first_ms"]
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in out.items()}
 
 
 # ---- (b) training through the engine ----

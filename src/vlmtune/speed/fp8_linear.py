@@ -15,21 +15,33 @@ per-tensor variant (one scale per operand) is used where the GPU's PyTorch has n
 e4m3 too (with a scale per row their range is that of the row; torchao's row-wise recipe does the same).
 
 Memory: the e4m3 copy of W and its scales are computed once, at the layer's first call, and kept (1 byte per weight
-plus 4 bytes per output row): the base is frozen. The bf16 weight is kept as well, so this adds about half of the
-base weights' bf16 size: PEFT's own forward (taken wherever the fused function does not cover a call), merging,
-DDP's start-up broadcast and `remove()` read it, and getting it back from e4m3 would be lossy. The transposed copy
-the input gradient needs (cuBLAS takes FP8 operands only with the contracted dimension contiguous) is made per
-backward call and dropped (1 byte per weight of one layer at a time), unless `keep_transposed` keeps it (another
-byte per weight, one copy fewer per step; benchmarks/fp8_check.py times both).
+plus 4 bytes per output row): the base is frozen. The bf16 weight is kept as well: PEFT's own forward (taken wherever
+the fused function does not cover a call), merging, DDP's start-up broadcast and `remove()` read it, and getting it
+back from e4m3 would be lossy. The input gradient needs the e4m3 weight in the other layout too (cuBLAS takes FP8
+operands only with the contracted dimension contiguous); `keep_transposed` (what `speed.fp8` uses) makes it once
+with the first copy and keeps it, another byte per weight: the e4m3 copies add the base weights' bf16 size in all
+(2 of their 2 bytes per weight). Without it the transposed copy is made and dropped in every backward call (measured
+on an H100 at 4,096 tokens: 0.09 ms of q_proj's 0.49, 0.53 ms of gate_proj's 2.07).
+
+Activations and gradients are quantized by a `Quantizer`: on CUDA tensors, two small torch.compile'd functions (a
+row-wise amax pass and one fused scale + cast pass, the weight's row scales folded into the gradient's columns in
+the same pass) instead of eager's separate amax, clamp, divide, reciprocal, multiply, cast and fold kernels; the
+same numbers (inductor is told to round as eager does: `emulate_precision_casts`). `SharedInput` quantizes an input
+once for all the layers that take the same tensor one after another (q/k/v_proj, gate/up_proj).
 
 The copy follows the weight: a new device, storage or in-place change (its version counter) rebuilds it.
 """
 
 from __future__ import annotations
 
+import logging
+import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 E4M3 = torch.float8_e4m3fn if hasattr(torch, "float8_e4m3fn") else None
 E4M3_MAX = 448.0
@@ -80,6 +92,116 @@ def scaled_mm(
     )
 
 
+def _cast(t: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize`'s arithmetic after the amax, written for torch.compile (scaled in t's dtype, as there)."""
+    scale = amax.float().clamp(min=TINY_AMAX) / E4M3_MAX
+    return (t * scale.reciprocal().to(t.dtype)).to(torch.float8_e4m3fn), scale
+
+
+def _rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _cast(t, t.abs().amax(dim=-1, keepdim=True))
+
+
+def _rows_folded(t: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    t = t * columns.to(t.dtype)
+    return _cast(t, t.abs().amax(dim=-1, keepdim=True))
+
+
+def _whole(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _cast(t, t.abs().amax())
+
+
+class Quantizer:
+    """e4m3 values and fp32 scales of an activation or gradient (2-D): fused by torch.compile or eager (`quantize`).
+
+    `fused`: True compiles on any device (the CPU too: inductor's C++ backend, for tests), None only for CUDA tensors
+    (where eager's seven small kernels per call cost more than the FP8 matmul saves; the default), False never. One
+    code object per variant (rows, rows with the weight's scales folded in, whole tensor) keeps each under Dynamo's
+    recompile limit; dynamic shapes: the token count changes every batch. A compile that fails logs why once and
+    leaves this quantizer eager."""
+
+    def __init__(self, fused: bool | None = None):
+        self.fused = fused
+        self.calls = 0
+        self.compiled_calls = 0
+        self.failed: str | None = None
+        self._compiled: dict[str, Any] = {}
+
+    def __call__(
+        self, t: torch.Tensor, rowwise: bool = True, columns: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`quantize(t * columns, rowwise)`; `columns` (1, t's columns) fp32, row-wise only."""
+        self.calls += 1
+        fn, args = (_rows_folded, (t, columns)) if columns is not None else ((_rows if rowwise else _whole), (t,))
+        if self._use_compiled(t):
+            try:
+                values, scale = self._compiled_fn(fn)(*args)
+            except torch.OutOfMemoryError:
+                raise  # not a compile problem: eager would need the memory as well
+            except (RuntimeError, torch._dynamo.exc.FailOnRecompileLimitHit) as exc:
+                self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                log.warning("speed.fp8: the fused quantization does not compile here, eager from now on (%s)",
+                            self.failed)
+            else:
+                self.compiled_calls += 1
+                return values.contiguous(), scale  # contiguous: a strided input can give a strided result
+        if columns is not None:
+            t = t * columns.to(t.dtype)
+        return quantize(t, rowwise)
+
+    def _use_compiled(self, t: torch.Tensor) -> bool:
+        if self.failed is not None or self.fused is False:
+            return False
+        return self.fused is True or t.is_cuda
+
+    def _compiled_fn(self, fn: Any) -> Any:
+        if fn.__name__ not in self._compiled:
+            self._compiled[fn.__name__] = torch.compile(
+                fn, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True}
+            )
+        return self._compiled[fn.__name__]
+
+
+class SharedInput:
+    """The e4m3 copy of the last layer input quantized, reused by the next layers that take the same tensor
+    (q/k/v_proj take one normed hidden state, gate/up_proj another): one quantization instead of three or two.
+
+    The hit needs the very tensor object (a weak reference, never a strong one) with the same data pointer, shape,
+    strides and version counter (an in-place change misses). At most one copy is held: it is dropped when another
+    input comes, when the input tensor is freed, and by `clear()` (the fused layers call it when the model's forward
+    returns, so the copy does not sit through the loss and backward). Gradient checkpointing's recomputation
+    produces new tensors: they miss once and share again, with the same values as the first forward's."""
+
+    def __init__(self, quantizer: Quantizer):
+        self.quantizer = quantizer
+        self.reuses = 0
+        self._ref: weakref.ref | None = None
+        self._key: tuple = ()
+        self._value: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def get(self, x: torch.Tensor, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, scale) of `x` as (tokens, features), quantized now or taken from the previous layer."""
+        key = (x.data_ptr(), x._version, tuple(x.shape), x.stride(), x.dtype, x.device, rowwise)
+        if self._value is not None and self._ref is not None and self._ref() is x and self._key == key:
+            self.reuses += 1
+            return self._value
+        self.clear()
+        with torch.no_grad():
+            value = self.quantizer(x.detach().reshape(-1, x.shape[-1]), rowwise)
+        self._ref, self._key, self._value = weakref.ref(x, self._freed), key, value
+        return value
+
+    def held(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self._value
+
+    def clear(self, *_: Any) -> None:
+        self._ref, self._key, self._value = None, (), None
+
+    def _freed(self, ref: weakref.ref) -> None:
+        if ref is self._ref:
+            self.clear()
+
+
 @dataclass
 class Fp8Weight:
     """The e4m3 copy of one frozen weight (out x in) and its scales, built at first use and rebuilt when the weight
@@ -95,6 +217,8 @@ class Fp8Weight:
     """(out, in) e4m3 stored column-major (`values.t().contiguous().t()`), when kept."""
     ones: torch.Tensor | None = None
     """(1, in) fp32 ones: the input gradient's b scale when the weight's scales are folded into the gradient."""
+    quantizer: Quantizer = field(default_factory=Quantizer)
+    """Quantizes the activations and gradients (the weight itself: eager `quantize`, once)."""
     key: tuple = ()
     builds: int = field(default=0)
 
@@ -121,10 +245,13 @@ class Fp8Weight:
         kept = [self.values, self.scale, self.transposed, self.ones]
         return sum(t.numel() * t.element_size() for t in kept if t is not None)
 
-    def forward(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2 (tokens, in) -> x2 W^T (tokens, out) in x2's dtype."""
+    def forward(
+        self, x2: torch.Tensor, quantized: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """x2 (tokens, in) -> x2 W^T (tokens, out) in x2's dtype; `quantized`: x2's (values, scale) when made already
+        (`SharedInput`), with this weight's `rowwise`."""
         assert self.values is not None and self.scale is not None
-        x_q, s_x = quantize(x2, self.rowwise)
+        x_q, s_x = quantized if quantized is not None else self.quantizer(x2, self.rowwise)
         return scaled_mm(x_q, self.values.t(), s_x, self.scale, x2.dtype, fast_accum=FAST_ACCUM_FORWARD)
 
     def input_grad(self, g: torch.Tensor) -> torch.Tensor:
@@ -132,9 +259,9 @@ class Fp8Weight:
         assert self.values is not None and self.scale is not None
         w = self.transposed if self.transposed is not None else self._transposed()
         if self.rowwise:
-            g_q, s_g = quantize(g * self.scale.to(g.dtype), rowwise=True)
+            g_q, s_g = self.quantizer(g, rowwise=True, columns=self.scale)
             return scaled_mm(g_q, w, s_g, self.ones, g.dtype)
-        g_q, s_g = quantize(g, rowwise=False)
+        g_q, s_g = self.quantizer(g, rowwise=False)
         return scaled_mm(g_q, w, s_g, self.scale, g.dtype)
 
 

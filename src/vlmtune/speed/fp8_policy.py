@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 PAYS = False
 """Set once the GPU check shows FP8 keeps the loss within 1% of bf16 AND runs faster (issue 21): only then does auto
-switch FP8 on. The loss holds; the speed was 0.62x bf16 (H100, session 12)."""
+switch FP8 on. The loss holds; the speed was 0.62x bf16 (H100, session 12). Session 13 made the path cheaper (one
+quantization per shared input, both e4m3 layouts kept, fused quantization; docs/SPEED.md), unmeasured on a GPU yet."""
 
 NOT_FASTER = (
     "fp8: off (auto): measured on an H100, the loss stays within 0.1% of bf16 after 300 steps but steps run at 0.62x "
@@ -124,12 +125,12 @@ def probe(device: str, rowwise: bool) -> str | None:
     """Run one small scaled matmul as the layers will; the error text, or None when it works."""
     import torch
 
-    from vlmtune.speed.fp8_linear import Fp8Weight
+    from vlmtune.speed.fp8_linear import Fp8Weight, Quantizer
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
         weight = torch.randn(32, 32, device=device, dtype=dtype)
-        fp8 = Fp8Weight(rowwise=rowwise).of(weight)
+        fp8 = Fp8Weight(rowwise=rowwise, quantizer=Quantizer(fused=False)).of(weight)
         fp8.input_grad(fp8.forward(torch.randn(16, 32, device=device, dtype=dtype)))
     except (RuntimeError, NotImplementedError, TypeError) as exc:
         return f"{'row-wise' if rowwise else 'per-tensor'} scales: {str(exc).splitlines()[0][:200]}"

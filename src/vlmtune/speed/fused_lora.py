@@ -20,7 +20,9 @@ Not under DeepSpeed ZeRO-3: its hooks gather each module's parameters when that 
 does not call `lora_A` / `lora_B`.
 
 With `speed.fp8` (`enable_fp8`), the frozen base matmuls of plain `nn.Linear` base layers (forward and input
-gradient) run in FP8 from a cached e4m3 copy of the weight (`fp8_linear.py`); the adapters stay as above.
+gradient) run in FP8 from cached e4m3 copies of the weight (both layouts), with activations and gradients quantized
+by fused torch.compile'd functions on CUDA, and an input that several layers take in a row (q/k/v_proj, gate/up_proj)
+quantized once for all of them (`fp8_linear.py`); the adapters stay as above.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmtune.speed.fp8_linear import Fp8Weight, cuda_shape_ok, planned_bytes
+from vlmtune.speed.fp8_linear import Fp8Weight, Quantizer, SharedInput, cuda_shape_ok, planned_bytes
 
 ADAPTER = "default"
 
@@ -101,7 +103,8 @@ def _grad_f32(m1: torch.Tensor, m2: torch.Tensor, scale: float, dtype: torch.dty
 
 class LoraLinearFunction(torch.autograd.Function):
     """y = base + scale * drop(x) A^T B^T, base = x W^T + b (W frozen; in FP8 from `fp8`, the weight's e4m3 copy,
-    when given) or the base layer's own output."""
+    when given, with `x_quant` x's e4m3 values and scales when another layer made them) or the base layer's own
+    output."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -117,6 +120,7 @@ class LoraLinearFunction(torch.autograd.Function):
         scale: float,
         p: float,
         fp8: Fp8Weight | None = None,
+        x_quant: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         if p > 0:
@@ -125,7 +129,7 @@ class LoraLinearFunction(torch.autograd.Function):
             dropped, mask = x2, None
         h = torch.mm(dropped, a.t())
         if fp8 is not None:
-            y = fp8.forward(x2)
+            y = fp8.forward(x2, x_quant)
             if bias is not None:
                 y.add_(bias)
             y.addmm_(h, b.t(), alpha=scale)
@@ -166,7 +170,7 @@ class LoraLinearFunction(torch.autograd.Function):
             da = _grad_f32(gh.t(), dropped, scale, ctx.dtypes[0])
         if ctx.needs_input_grad[5]:
             db = _grad_f32(g.t(), h, scale, ctx.dtypes[1])
-        return dx, d_base, None, None, da, db, None, None, None, None, None
+        return dx, d_base, None, None, da, db, None, None, None, None, None, None
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -207,7 +211,9 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) 
         fp8: Fp8Weight | None = self.__dict__.get("_vlmtune_fp8")
         if fp8 is not None and dtype in FP8_COMPUTE_DTYPES:
             fp8 = fp8.of(base.weight)
-            return LoraLinearFunction.apply(x, None, None, bias, a_master, b_master, a, b, scale, p, fp8)
+            shared: SharedInput | None = self.__dict__.get("_vlmtune_fp8_shared")
+            x_quant = shared.get(x, fp8.rowwise) if shared is not None else None
+            return LoraLinearFunction.apply(x, None, None, bias, a_master, b_master, a, b, scale, p, fp8, x_quant)
         return LoraLinearFunction.apply(x, None, base.weight, bias, a_master, b_master, a, b, scale, p)
     base_out = base(x)
     if base_out.dtype != dtype:
@@ -223,8 +229,8 @@ bf16 there, fp32 on the CPU)."""
 class FusedLora:
     """Handle of the patched layers; `remove()` gives each its PEFT forward back."""
 
-    def __init__(self, layers: list[nn.Module], hook: Any, copies: _Copies):
-        self.layers, self.hook, self.copies = layers, hook, copies
+    def __init__(self, layers: list[nn.Module], hook: Any, copies: _Copies, model: nn.Module | None = None):
+        self.layers, self.hook, self.copies, self.model = layers, hook, copies, model
 
     def remove(self) -> None:
         for layer in self.layers:
@@ -253,14 +259,23 @@ def fuse_lora(model: nn.Module, zero_stage: int) -> FusedLora | str:
         layer._vlmtune_copies = copies
         layer.forward = types.MethodType(_fused_forward, layer)
     hook = model.register_forward_pre_hook(copies.mark_stale)
-    return FusedLora(layers, hook, copies)
+    return FusedLora(layers, hook, copies, model)
 
 
 class Fp8Layers:
     """The fused layers whose base matmuls run in FP8; `remove()` takes their e4m3 copies away."""
 
-    def __init__(self, layers: list[nn.Module], planned: int, left_bf16: list[str]):
+    def __init__(
+        self,
+        layers: list[nn.Module],
+        planned: int,
+        left_bf16: list[str],
+        quantizer: Quantizer,
+        shared: SharedInput | None = None,
+        hook: Any = None,
+    ):
         self.layers, self.planned, self.left_bf16 = layers, planned, left_bf16
+        self.quantizer, self.shared, self.hook = quantizer, shared, hook
 
     def kept_bytes(self) -> int:
         """Bytes of e4m3 copies and scales built so far (each layer builds its own at its first call)."""
@@ -269,12 +284,30 @@ class Fp8Layers:
     def remove(self) -> None:
         for layer in self.layers:
             layer.__dict__.pop("_vlmtune_fp8", None)
+            layer.__dict__.pop("_vlmtune_fp8_shared", None)
+        if self.hook is not None:
+            self.hook.remove()
+        if self.shared is not None:
+            self.shared.clear()
         self.layers = []
 
 
-def enable_fp8(fused: FusedLora, rowwise: bool = True, keep_transposed: bool = False) -> Fp8Layers | str:
+def enable_fp8(
+    fused: FusedLora,
+    rowwise: bool = True,
+    keep_transposed: bool = True,
+    fused_quant: bool | None = None,
+    share_inputs: bool = True,
+) -> Fp8Layers | str:
     """Run the frozen base matmuls of the fused layers in FP8 (`speed.fp8`): every layer whose base is a plain, frozen
-    `nn.Linear` (not a 4-bit one, not a trained one) and, on CUDA, has dimensions cuBLAS's FP8 matmul takes."""
+    `nn.Linear` (not a 4-bit one, not a trained one) and, on CUDA, has dimensions cuBLAS's FP8 matmul takes.
+
+    `keep_transposed`: keep the weight's second e4m3 layout (input gradient) instead of making it per backward;
+    `fused_quant`: `Quantizer`'s `fused` (None: torch.compile on CUDA, eager on the CPU); `share_inputs`: quantize an
+    input once for the layers that take it in a row (`SharedInput`). speed.fp8 runs the defaults; the others are
+    there for benchmarks/fp8_check.py, which times each change alone."""
+    quantizer = Quantizer(fused_quant)
+    shared = SharedInput(quantizer) if share_inputs else None
     layers, planned, left = [], 0, []
     for layer in fused.layers:
         base = layer.base_layer
@@ -286,9 +319,13 @@ def enable_fp8(fused: FusedLora, rowwise: bool = True, keep_transposed: bool = F
         if base.weight.is_cuda and not cuda_shape_ok(out_features, in_features):
             left.append(f"{out_features}x{in_features}")
             continue
-        layer._vlmtune_fp8 = Fp8Weight(rowwise=rowwise, keep_transposed=keep_transposed)
+        layer._vlmtune_fp8 = Fp8Weight(rowwise=rowwise, keep_transposed=keep_transposed, quantizer=quantizer)
+        if shared is not None:
+            layer._vlmtune_fp8_shared = shared
         layers.append(layer)
         planned += planned_bytes(out_features, in_features, rowwise, keep_transposed)
     if not layers:
         return "no LoRA layer has a frozen 16-bit nn.Linear base whose dimensions FP8 matmuls take"
-    return Fp8Layers(layers, planned, left)
+    # the held copy is dropped when the model's forward returns, not kept through the loss and the backward
+    hook = fused.model.register_forward_hook(shared.clear) if shared is not None and fused.model is not None else None
+    return Fp8Layers(layers, planned, left, quantizer, shared, hook)
