@@ -132,3 +132,4 @@ def test_flash_linear_attention_keeps_less_and_is_picked_where_it_imports(monkey
     assert inputs_from_config(cpu).linear_attention_kernel == "torch"  # fla's Triton kernels need a GPU
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fla" else real(name, *a))
     assert inputs_from_config(config).linear_attention_kernel == "torch"
+

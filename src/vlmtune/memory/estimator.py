@@ -24,7 +24,7 @@ from vlmtune.memory.breakdown import Breakdown, Verdict
 from vlmtune.memory.catalogue import lookup_model
 from vlmtune.memory.gpus import MIB, get_gpu
 from vlmtune.memory.inputs import EstimateInputs
-from vlmtune.memory.params import PARTS, ParamCounts, count_params, lora_params
+from vlmtune.memory.params import PARTS, ParamCounts, adapted_base_shapes, count_params, lora_params
 from vlmtune.memory.zero import DeepSpeedBuffers, StateSizes, plan
 
 NF4_BYTES = {True: 0.515869140625, False: 0.5625}
@@ -127,6 +127,20 @@ def _weights(
     return out
 
 
+def _fp8_copies(inputs: EstimateInputs, counts: ParamCounts, targets: list[str]) -> int:
+    """Bytes of speed.fp8's e4m3 copies of the adapted base weights (both layouts and their row scales, the shapes
+    cuBLAS takes), counted in the language weights' row: they live beside the bf16 weights for the whole run."""
+    if not inputs.fp8_base or inputs.method != "lora":
+        return 0
+    from vlmtune.speed.fp8_linear import cuda_shape_ok, planned_bytes
+
+    return sum(
+        planned_bytes(out, inp, rowwise=True, keep_transposed=True) * n
+        for out, inp, n in adapted_base_shapes(counts, targets)
+        if cuda_shape_ok(out, inp)
+    )
+
+
 def _largest_adapter(inputs: EstimateInputs, dims) -> int:
     """Elements of the largest LoRA matrix: rank x the widest projection (the MLP's intermediate size)."""
     return inputs.lora_rank * max(dims.intermediate, dims.hidden)
@@ -149,6 +163,7 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
     targets = inputs.target_list(spec.arch.lora_targets)
     trainable, in_place = _trainable(inputs, counts, targets)
     weights = _weights(inputs, counts, prec, in_place)
+    weights["language"] += _fp8_copies(inputs, counts, targets)
     cpu_embeddings = _cpu_embeddings(inputs, counts, weights)
     weights["embeddings"] -= cpu_embeddings
     deepspeed = inputs.zero_stage > 0

@@ -78,6 +78,9 @@ class EstimateInputs:
     """speed.checkpoint_every_n_layers: with checkpointing, only every n-th decoder layer is checkpointed."""
     checkpoint_offload: bool = False
     """speed.checkpoint_offload: the checkpointed layer inputs live in CPU memory."""
+    fp8_base: bool = False
+    """speed.fp8 is on (LoRA): each adapted base weight also keeps its e4m3 copies, both layouts (speed/fp8_linear.py
+    planned_bytes), beside the bf16 weight."""
     linear_attention_kernel: Literal["torch", "fla"] = "torch"
     """Which kernel runs linear-attention layers (Qwen3.5's gated DeltaNet): transformers' PyTorch reference path, or
     flash-linear-attention's fused one, which transformers uses when `fla` imports and keeps far less for backward
@@ -150,6 +153,15 @@ class EstimateInputs:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def fp8_planned(config: VlmtuneConfig) -> bool:
+    """Whether the run will keep FP8 weight copies: speed.fp8=true on a LoRA run, or auto once FP8 is measured to
+    pay (speed/fp8_policy.PAYS; auto then needs an FP8 GPU, which the estimate assumes its target is)."""
+    from vlmtune.speed.fp8_policy import PAYS
+
+    wanted = config.speed.fp8 is True or (config.speed.fp8 == "auto" and PAYS)
+    return wanted and config.method.name.value == "lora" and not config.hardware.use_cpu
+
+
 def linear_attention_kernel(cuda: bool) -> Literal["torch", "fla"]:
     """"fla" where transformers will run flash-linear-attention's fused kernels (a CUDA run that can import fla; its
     Triton kernels do not run on the CPU), "torch" otherwise."""
@@ -204,6 +216,7 @@ def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInput
         checkpoint_every=1 if config.speed.checkpoint_every_n_layers == "auto" else config.speed.checkpoint_every_n_layers,
         checkpoint_offload=config.speed.checkpoint_offload,
         # what training sets in this environment (train/gpu_memory.py); the estimate's target is a CUDA GPU
+        fp8_base=fp8_planned(config),
         linear_attention_kernel=linear_attention_kernel(not config.hardware.use_cpu),
         expandable=resolve_allocator(config.hardware.expandable_segments, not config.hardware.use_cpu,
                                      os.environ).expandable,

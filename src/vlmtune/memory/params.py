@@ -237,6 +237,16 @@ def lora_params(
     return total
 
 
+def adapted_base_shapes(counts: ParamCounts, targets: list[str]) -> list[tuple[int, int, int]]:
+    """(out_features, in_features, count) of every targeted linear of the language model: the frozen base weights
+    LoRA adapts (and speed.fp8 keeps e4m3 copies of)."""
+    return [
+        (lin.out_features, lin.in_features, lin.count)
+        for lin in counts.linears
+        if lin.part == "language" and _matches(lin.name, targets)
+    ]
+
+
 def target_input_widths(counts: ParamCounts, targets: list[str], layer: int = 0) -> tuple[int, int]:
     """(sum of input widths of the targeted linears, of all linears) in decoder layer `layer`: scales the
     LoRA-specific activation term for target sets smaller than `all` (hybrid models' layer kinds differ)."""
