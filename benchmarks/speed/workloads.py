@@ -393,9 +393,13 @@ def _family_pair(name: str, title: str, family: str, arch: str, method: str, bat
         512,
         variants=(Variant("plain_gc", "plain", True), Variant("vlmtune_gc", "vlmtune", True))
         + ((AUTO if method == "lora" else AUTO_QLORA),)
-        # cuDNN's attention (off by default): Gemma 3 / Qwen3.5 have 256-wide heads and masked batches, where SDPA
-        # without cuDNN may fall back to a slower kernel (F5 ran at 0.94x the plain path in session 12)
-        + (Variant("vlmtune_gc_cudnn", "vlmtune", True, {"speed.sdpa_cudnn": True}),),
+        # cuDNN's attention (speed.sdpa_cudnn=auto: off, except for Gemma 3): Gemma 3 / Qwen3.5 have 256-wide heads
+        # and masked batches, where SDPA without cuDNN falls back to the memory-efficient kernel (F5 ran at 0.94x the
+        # plain path in session 12 with cuDNN off); vlmtune_gc_nocudnn: Gemma 3 with cuDNN off, as it ran before auto
+        # kept it on there (benchmarks/results/2026-12-07-gemma3-step/)
+        + (Variant("vlmtune_gc_cudnn", "vlmtune", True, {"speed.sdpa_cudnn": True}),)
+        + ((Variant("vlmtune_gc_nocudnn", "vlmtune", True, {"speed.sdpa_cudnn": False}),) if family == "gemma3"
+           else ()),
         reference="plain_gc",
         warmup=2,
         steps=6,

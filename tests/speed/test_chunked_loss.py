@@ -144,3 +144,27 @@ def test_no_gradient_work_under_no_grad():
         loss = chunked_causal_lm_loss(h, w, labels)
     assert not loss.requires_grad
     assert torch.allclose(loss, _reference(h, w, None, labels).detach(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_one_host_sync_per_loss(checkpointed):
+    """The labelled rows are found with one nonzero (a host sync on a GPU: the rows' count sets the shapes) for
+    both the hidden states and the labels, and backward scatters the gradient back without another one. Boolean
+    indexing ran it three times per step (hidden[keep] and labels[keep] in forward, hidden[keep]'s backward), two
+    of them mid-step on the GPU (Gemma 3 profile, benchmarks/results/2026-12-07-gemma3-step/)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from vlmtune.speed.chunked_ce import checkpointed_causal_lm_loss
+
+    h, w, _, labels = _tensors()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        if checkpointed:
+            head = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+            loss = checkpointed_causal_lm_loss(h, head, labels, chunk_tokens=4)
+        else:
+            loss = chunked_causal_lm_loss(h, w, labels, chunk_tokens=4)
+        loss.backward()
+    calls = sum(e.count for e in prof.key_averages() if e.key in ("aten::nonzero", "aten::nonzero_static"))
+    assert calls == 1
+    assert h.grad is not None and h.grad[0, :3].abs().sum() == 0  # rows whose next label is -100 get no gradient
+    assert h.grad[1].abs().sum() > 0

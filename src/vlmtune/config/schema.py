@@ -315,10 +315,14 @@ class SpeedConfig(_Strict):
     with packed_attention=spans), attend with PyTorch's variable-length flash kernel (torch.nn.attention.varlen,
     CUDA, 16-bit): one kernel per block or layer instead of one SDPA call per image or sample, and no host sync per
     block. Falls back to SDPA per sequence where the kernel cannot run (CPU, fp32, older PyTorch)."""
-    sdpa_cudnn: bool = False
-    """Let SDPA attention use cuDNN's kernels. Off by default: cuDNN plans each new sequence length anew (about 2 ms
-    of CPU per call on an H100), which made steps with varying image sizes or packed rows CPU-bound; the flash and
-    memory-efficient kernels do not plan (benchmarks/RESULTS.md, W5 profile)."""
+    sdpa_cudnn: bool | Literal["auto"] = "auto"
+    """Let SDPA attention use cuDNN's kernels. auto: off, except for a family whose language model attends with a
+    mask on every batch and whose vision tower has one fixed resolution (Gemma 3): there SDPA cannot run flash, the
+    memory-efficient kernel left without cuDNN is the slow one (about 2x cuDNN's backward on an H100 at head_dim 128,
+    worse at Gemma's 256), and the few shapes per step stay in cuDNN's plan cache. Off elsewhere because cuDNN plans
+    each new sequence length anew (about 2 ms of CPU per call on an H100), which made steps with varying image sizes
+    or packed rows CPU-bound; the flash and memory-efficient kernels do not plan (benchmarks/RESULTS.md, W5 profile;
+    benchmarks/results/2026-12-07-gemma3-step/)."""
     lora_bf16_compute: bool = True
     """Under 16-bit autocast, LoRA adapters take the layer's 16-bit input as it is instead of an fp32 copy (the
     adapters stay fp32 for the optimizer; autocast runs their matmuls in 16-bit either way)."""

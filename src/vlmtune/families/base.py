@@ -110,6 +110,12 @@ class FamilyDescriptor(ABC):
     packed_mask_module: ClassVar[str | None] = None
     """With packed_row_attention=family_mask: the module (name in the transformers model) whose forward takes the
     mask `packed_attention_masks` builds as its `attention_mask`."""
+    language_attention_masked: ClassVar[bool] = False
+    """The language model hands SDPA an explicit mask on every batch, padded or not (Gemma 3: each image's tokens
+    attend to each other both ways), so SDPA's flash kernel never runs there. With a fixed-resolution vision tower
+    (`dynamic_resolution` False) `speed.sdpa_cudnn=auto` then keeps cuDNN's attention on: without it the masked
+    attention falls to the memory-efficient kernel, and the shapes stay few enough for cuDNN's plan cache
+    (speed/attention_backend.py)."""
     packed_span_modules: ClassVar[tuple[str, ...]] = ()
     """Leaf names of language-model modules that carry state along the sequence (e.g. a gated DeltaNet
     `linear_attn`: a recurrent state and a causal conv window), which no attention mask keeps apart: with

@@ -137,6 +137,7 @@ class Gemma3Family(FamilyDescriptor):
     vision_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
     packed_row_attention = "family_mask"
     packed_mask_module = "model"
+    language_attention_masked = True  # the image blocks' bidirectional mask, on every batch
 
     capabilities = {
         "lora": Supported(), "qlora": Supported(), "full": Supported(),

@@ -67,7 +67,7 @@ def apply_speed(
     and `tight_memory` (why the memory estimate leaves little room, if it does) decide speed.compile=auto."""
     from vlmtune.config.distributed import uses_deepspeed, world_size, zero_plan
     from vlmtune.methods.base import resolve_precision
-    from vlmtune.speed.attention_backend import cudnn_attention_off
+    from vlmtune.speed.attention_backend import cudnn_attention_off, keeps_cudnn
     from vlmtune.speed.compile_cache import persistent_compile_cache
     from vlmtune.speed.compile_layers import compile_layers
     from vlmtune.speed.compile_policy import CompileDecision, FallBackToEager, decide_compile
@@ -94,8 +94,9 @@ def apply_speed(
         )
     if compiled.auto and not compiled.on:
         setup.skipped["compile"] = compiled.reason
-    if not speed.sdpa_cudnn:
-        setup.add("sdpa_without_cudnn", cudnn_attention_off(config.hardware.attn_implementation, plan.device))
+    if speed.sdpa_cudnn is not True:
+        keep = keeps_cudnn(family, unwrap_peft(model).config.get_text_config()) if speed.sdpa_cudnn == "auto" else None
+        setup.add("sdpa_without_cudnn", cudnn_attention_off(config.hardware.attn_implementation, plan.device, keep))
     if speed.chunked_loss:
         setup.add("chunked_loss", install_chunked_loss(model, family.lm_head_names, speed.loss_chunk_tokens))
     if speed.frozen_vision_no_grad:

@@ -6,9 +6,21 @@ attends per image) or packed rows, most shapes are new, and each call then costs
 and 2.9 ms in the backward (torch.profiler, H100, W5 of benchmarks/speed: 7.3 s of CPU in 3 steps for 0.7 s of
 attention kernels). The flash and memory-efficient kernels need no plan. Switching cuDNN off leaves SDPA to pick
 among those (and the math kernel), as it does on GPUs without cuDNN attention.
+
+Except where that leaves a masked language model on the slow kernel (`speed.sdpa_cudnn=auto`, `keeps_cudnn`): flash
+takes no mask, so a family whose language model is masked on every batch (Gemma 3's bidirectional image blocks,
+`FamilyDescriptor.language_attention_masked`) attends with the memory-efficient kernel once cuDNN is off. On an H100
+that kernel's backward took 13.3 ms where cuDNN's took 6.8 (W1, head_dim 128; benchmarks/RESULTS.md), and PyTorch
+itself puts cuDNN first on Hopper. With a fixed-resolution vision tower such a step has one language-model shape
+and one vision shape, so cuDNN plans once per new batch length and the plan cache serves the rest.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vlmtune.families.base import FamilyDescriptor
 
 
 class CudnnAttentionOff:
@@ -26,14 +38,34 @@ class CudnnAttentionOff:
         torch.backends.cuda.enable_cudnn_sdp(self._was)
 
 
-def cudnn_attention_off(attn_implementation: str | None, device: str) -> CudnnAttentionOff | str:
-    """Turn cuDNN's SDPA kernels off when the model attends through SDPA on a GPU; returns the handle or why not."""
+def keeps_cudnn(family: FamilyDescriptor, text_config: Any) -> str | None:
+    """Why `speed.sdpa_cudnn=auto` leaves cuDNN's attention on for this model, or None where it switches it off."""
+    if not family.language_attention_masked or family.dynamic_resolution:
+        return None
+    heads = getattr(text_config, "num_attention_heads", None)
+    head_dim = getattr(text_config, "head_dim", None) or (
+        text_config.hidden_size // heads if heads and getattr(text_config, "hidden_size", None) else None)
+    width = f" at head_dim {head_dim}" if head_dim else ""
+    return (
+        f"speed.sdpa_cudnn=auto keeps cuDNN attention on: {family.name}'s language model attends with a mask on "
+        f"every batch{width}, where SDPA runs no flash kernel and the memory-efficient one left without cuDNN is "
+        "slower; its fixed-resolution vision tower keeps the shapes few enough for cuDNN's plan cache"
+    )
+
+
+def cudnn_attention_off(
+    attn_implementation: str | None, device: str, keep_reason: str | None = None
+) -> CudnnAttentionOff | str:
+    """Turn cuDNN's SDPA kernels off when the model attends through SDPA on a GPU; returns the handle or why not.
+    keep_reason: why this model keeps them (`keeps_cudnn`, under speed.sdpa_cudnn=auto), or None."""
     import torch
 
     if device != "cuda":
         return "training runs on the CPU (cuDNN attention is a GPU kernel)"
     if attn_implementation not in (None, "sdpa"):
         return f"model.attn_implementation={attn_implementation} does not go through SDPA"
+    if keep_reason is not None:
+        return keep_reason
     if not torch.backends.cuda.cudnn_sdp_enabled():
         return "cuDNN attention is already off in this process"
     return CudnnAttentionOff()

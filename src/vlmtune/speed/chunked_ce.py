@@ -89,14 +89,17 @@ def labelled_rows(
     shift_labels: Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[Tensor, Tensor]:
-    """(hidden states at positions that predict a label, those labels): HF's shift (position t predicts t+1)."""
+    """(hidden states at positions that predict a label, those labels): HF's shift (position t predicts t+1).
+
+    One nonzero finds the rows for both (a host sync on a GPU: their count sets the shapes); index_select's backward
+    scatters without another. Boolean indexing (`hidden[keep]`, `labels[keep]`) synced three times per step."""
     if shift_labels is None:
         if labels is None:
             raise ValueError("chunked loss needs labels or shift_labels")
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    shift_labels = shift_labels.to(hidden.device)
-    keep = shift_labels != ignore_index
-    return hidden[keep], shift_labels[keep]
+    flat_labels = shift_labels.to(hidden.device).reshape(-1)
+    rows = (flat_labels != ignore_index).nonzero().squeeze(1)
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), flat_labels.index_select(0, rows)
 
 
 def chunked_causal_lm_loss(
