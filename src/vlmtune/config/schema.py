@@ -362,10 +362,10 @@ class SpeedConfig(_Strict):
     fp8: bool | Literal["auto"] = "auto"
     """LoRA: the frozen base linear layers run their forward and input-gradient matmuls in FP8 (e4m3 weights,
     activations and gradients, scaled per row from their absolute maximum, torch._scaled_mm writing bf16), inside the
-    fused LoRA layers; adapters, norms and loss stay bf16. The weights' e4m3 copies are computed once and kept beside
-    the bf16 weights, both layouts (about +100% of the adapted base weights' memory; the estimate counts them). auto: off while FP8 is slower than bf16
-    (measured on an H100: loss within 0.1% of bf16 after 300 steps, but 0.62x its speed; once it pays: CUDA GPUs of
-    compute capability 8.9+, one process or DDP); true runs it wherever PyTorch can (stops with the reason elsewhere;
+    fused LoRA layers; adapters, norms and loss stay bf16. The weights' e4m3 copies, both layouts, are computed once
+    and kept beside the bf16 weights (about +100% of the adapted base weights' memory; the estimate counts them).
+    auto: off while FP8 is slower than bf16 (measured on an H100: loss within 0.1% of bf16 after 300 steps, but 0.62x
+    its speed; once it pays: CUDA GPUs of compute capability 8.9+, one process or DDP); true runs it wherever PyTorch can (stops with the reason elsewhere;
     not with QLoRA, full fine-tuning, speed.fused_lora=false or speed.compile=true); false never."""
 
 
