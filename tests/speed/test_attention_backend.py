@@ -79,7 +79,7 @@ def test_apply_speed_on_a_gpu_run(monkeypatch, cudnn_on, tiny_model_dir, family_
     2026-12-07 it was switched off, and F5 attended with the memory-efficient kernel at head_dim 256)."""
     from vlmtune.families import get_family
     from vlmtune.methods import base, get_method
-    from vlmtune.speed import apply_speed, compile_policy
+    from vlmtune.speed import CUDNN_PAD_MULTIPLE, apply_speed, batching, compile_policy
 
     config = VlmtuneConfig.model_validate({
         "model": {"name_or_path": str(tiny_model_dir(family_name))}, "hardware": {"precision": "fp32"},
@@ -92,6 +92,9 @@ def test_apply_speed_on_a_gpu_run(monkeypatch, cudnn_on, tiny_model_dir, family_
     monkeypatch.setattr(base, "resolve_precision",
                         lambda config: base.PrecisionPlan("cuda", torch.float32, False, False, "test: a GPU"))
     monkeypatch.setattr(compile_policy, "_auto_refusal", lambda *args: "test: no compile")
+    collator, _, _ = batching(config, 0, model, [], None, family)
+    # where cuDNN attends, batch lengths are rounded up to 16 tokens: cuDNN plans every new length anew
+    assert collator.pad_to_multiple_of == (None if off else CUDNN_PAD_MULTIPLE)
     setup = apply_speed(model, config, family)
     try:
         assert ("sdpa_without_cudnn" in setup.active) is off

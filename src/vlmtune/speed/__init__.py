@@ -222,8 +222,36 @@ def _install_fp8(setup: SpeedSetup, fused: Any, decision: Any) -> None:
     )
 
 
+CUDNN_PAD_MULTIPLE = 16
+"""Where cuDNN's attention stays on for the language model, padded batches are padded to a multiple of this many
+tokens. cuDNN plans each new sequence length anew (about 2 ms of CPU per call on an H100: W5 profile,
+benchmarks/RESULTS.md session 5), so a batch length it has not seen costs every attention call of the step that much;
+rounding up to 16 tokens leaves at most max_length / 16 lengths to plan, for at most 15 padding tokens per row."""
+
+
+def _cudnn_attends(config: VlmtuneConfig, family: FamilyDescriptor | None, model: nn.Module) -> bool:
+    """Whether the language model's SDPA calls will run cuDNN's kernels on a GPU: speed.sdpa_cudnn=true, or auto for a
+    family that keeps them (`attention_backend.keeps_cudnn`)."""
+    from vlmtune.methods.base import resolve_precision
+    from vlmtune.speed.attention_backend import keeps_cudnn
+    from vlmtune.speed.loss_hook import unwrap_peft
+
+    if resolve_precision(config).device != "cuda" or config.hardware.attn_implementation not in (None, "sdpa"):
+        return False
+    if config.speed.sdpa_cudnn is True:
+        return True
+    if config.speed.sdpa_cudnn != "auto" or family is None:
+        return False
+    return keeps_cudnn(family, unwrap_peft(model).config.get_text_config()) is not None
+
+
 def batching(
-    config: VlmtuneConfig, pad_token_id: int, model: nn.Module, train_set: Any, val_set: Any | None
+    config: VlmtuneConfig,
+    pad_token_id: int,
+    model: nn.Module,
+    train_set: Any,
+    val_set: Any | None,
+    family: FamilyDescriptor | None = None,
 ) -> tuple[Any, Any, Any | None]:
     """(collator, train data, val data) for the Trainer: padded batches, or packed rows with `speed.packing`."""
     from vlmtune.data.collate import Collator
@@ -231,7 +259,8 @@ def batching(
 
     if not config.speed.packing:
         rope = rope_index_of(model) if config.speed.positions_in_collator else None
-        return Collator(pad_token_id=pad_token_id, rope_index=rope), train_set, val_set
+        multiple = CUDNN_PAD_MULTIPLE if _cudnn_attends(config, family, model) else None
+        return Collator(pad_token_id=pad_token_id, pad_to_multiple_of=multiple, rope_index=rope), train_set, val_set
     budget = config.speed.packing_max_tokens or config.data.max_length
     train = PackedDataset.from_dataset(train_set, budget)
     val = PackedDataset.from_dataset(val_set, budget) if val_set is not None else None

@@ -247,7 +247,9 @@ def _train(config: VlmtuneConfig, out: Path, config_path: Path, checkpoint: Any,
     debug = _debug_callbacks(os.environ)  # before the model loads: its allocations get traced too
     model = get_method(config.method.name).load_and_prepare(config, family)
     trainable, total = count_parameters(model)
-    collator, train_data, val_data = batching(config, processor.tokenizer.pad_token_id, model, train_set, val_set)
+    collator, train_data, val_data = batching(
+        config, processor.tokenizer.pad_token_id, model, train_set, val_set, family
+    )
     speed = apply_speed(
         model,
         config,
