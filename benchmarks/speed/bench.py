@@ -22,6 +22,7 @@ still appends a line to results.jsonl: its reason (the log's last exception line
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -199,6 +200,13 @@ def _versions() -> dict[str, str]:
         if name in sys.modules or (name in ("bitsandbytes", "liger_kernel") and importlib.util.find_spec(name)):
             module = __import__(name)
             found[name] = getattr(module, "__version__", "installed")
+    # Qwen3.5's DeltaNet kernels: transformers uses them wherever they import (both paths alike)
+    for name, dist in (("fla", "flash-linear-attention"), ("causal_conv1d", "causal-conv1d")):
+        if importlib.util.find_spec(name):
+            try:
+                found[dist] = importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                found[dist] = "installed"
     return found
 
 
