@@ -34,7 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.speed.workloads import FROM_DISK, MAX_LENGTH, PEAK_OF, WORKLOADS, Workload
+from benchmarks.speed.workloads import FROM_DISK, MAX_LENGTH, PEAK_OF, SMOKE, WORKLOADS, Workload
 
 ROOT = Path(os.environ.get("BENCH_ROOT", "/tmp/vlmtune-speed"))
 
@@ -76,7 +76,7 @@ def run_one(workload: str, variant_name: str, out: Path) -> dict[str, Any]:
         work = replace(work, warmup=variant.warmup)
     variant = _resolved_overrides(variant, workload, out)
     model, path = prepare(work)
-    if variant.steps is not None:  # after prepare: the same records (a long run takes several passes over them)
+    if variant.steps is not None and not SMOKE:  # after prepare: the same records (a long run takes several passes)
         work = replace(work, steps=variant.steps)
     started = time.time()
     if variant.path == "vlmtune":

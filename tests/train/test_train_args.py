@@ -89,3 +89,26 @@ def test_no_eval_without_a_validation_set(tmp_path):
     args = training_arguments(config, resolve_precision(config), has_eval=False)
     assert args.eval_strategy.value == "no" and args.warmup_steps == 7
     assert args.report_to == ["tensorboard"]
+
+
+def test_checkpoint_offload_goes_to_the_trainer_on_a_gpu_and_not_on_the_cpu(tmp_path, caplog):
+    """speed.checkpoint_offload keeps the checkpointed layer inputs in pinned CPU memory: on a CPU run PyTorch's
+    offload cannot pin (no accelerator) and stopped the first step with a RuntimeError; there the activations already
+    live in CPU memory, so it is not applied, and the log says so."""
+    import logging
+
+    from vlmtune.methods.base import PrecisionPlan
+
+    config = _config(tmp_path, precision="fp32", use_cpu=True).model_copy(deep=True)
+    config.speed.checkpoint_offload = True
+
+    def kwargs_of(args):
+        return getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs
+
+    with caplog.at_level(logging.INFO, logger="vlmtune.train.args"):
+        on_cpu = training_arguments(config, resolve_precision(config), has_eval=False)
+    assert "offload" not in kwargs_of(on_cpu)
+    assert "checkpoint_offload: not applied: training runs on the CPU" in caplog.text
+    gpu = PrecisionPlan("cuda", torch.float32, False, False, "test: a GPU")
+    cuda_config = config.model_copy(update={"hardware": config.hardware.model_copy(update={"use_cpu": False})})
+    assert kwargs_of(training_arguments(cuda_config, gpu, has_eval=False))["offload"] is True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 from transformers import TrainingArguments
@@ -10,6 +11,8 @@ from transformers import TrainingArguments
 from vlmtune.config.schema import VlmtuneConfig
 from vlmtune.errors import require
 from vlmtune.methods.base import PrecisionPlan
+
+log = logging.getLogger(__name__)
 
 _OPTIMIZERS = {
     "adamw_torch": "adamw_torch",
@@ -49,6 +52,11 @@ def training_arguments(
     """deepspeed: the run's DeepSpeed config (None: no DeepSpeed). Under ZeRO-3 call this before loading the model:
     the arguments register the config globally, and `from_pretrained` then builds the model partitioned."""
     t, hw = config.training, config.hardware
+    offload = config.speed.checkpoint_offload and hw.gradient_checkpointing
+    if offload and plan.device != "cuda":  # PyTorch's offload pins host memory, which needs a GPU
+        log.info("speed.checkpoint_offload: not applied: training runs on the CPU, where the checkpointed layer "
+                 "inputs already live in CPU memory")
+        offload = False
     if t.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
         require("bitsandbytes", "qlora", f"training.optimizer={t.optimizer}")
     evaluate = has_eval and t.eval_steps is not None
@@ -85,8 +93,7 @@ def training_arguments(
         disable_tqdm=True,
         deepspeed=deepspeed,
         ddp_backend="gloo" if plan.device == "cpu" and world > 1 else None,
-        **_checkpointing_args(hw.gradient_checkpointing, _every(config.speed.checkpoint_every_n_layers),
-                              config.speed.checkpoint_offload),
+        **_checkpointing_args(hw.gradient_checkpointing, _every(config.speed.checkpoint_every_n_layers), offload),
     )
     if deepspeed is not None and plan.device == "cpu":
         _init_deepspeed_comm()
