@@ -119,3 +119,12 @@ def test_deepspeed_keeps_the_blocks_it_holds():
     inputs = W1.with_(zero_stage=2, num_gpus=2)
     on, off = estimate(inputs.with_(expandable=True)), estimate(inputs)
     assert FRAG_EXPANDABLE <= on.allocator_overhead <= off.allocator_overhead
+
+
+def test_the_estimate_says_its_expandable_overhead_is_not_yet_measured_with_vlmtune():
+    from vlmtune.memory import EstimateInputs, estimate
+
+    inputs = EstimateInputs(model="Qwen/Qwen2-VL-2B-Instruct", method="lora", batch_size=4, seq_len=770)
+    assert any("expandable segments" in n and "not yet measured" in n for n in estimate(
+        inputs.with_(expandable=True)).notes)
+    assert not any("expandable segments" in n for n in estimate(inputs).notes)

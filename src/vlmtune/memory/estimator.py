@@ -294,4 +294,9 @@ def _caveats(inputs: EstimateInputs) -> list[str]:
                    "ZeRO-3 gathers on more GPUs are modelled, not measured (benchmarks/RESULTS.md)")
     if inputs.gradient_checkpointing and inputs.checkpoint_offload:
         out.append("speed.checkpoint_offload is modelled, not yet measured")
+    if inputs.expandable and inputs.zero_stage == 0:
+        out.append("the allocator's overhead with expandable segments (hardware.expandable_segments, on by default) "
+                   "is fitted on two runs of another tool, not yet measured with vlmtune's own")
+    if inputs.fp8_base:
+        out.append("speed.fp8's weight copies are counted from their shapes; FP8 runs are measured only on a 2B model")
     return out
