@@ -67,7 +67,7 @@ def apply_speed(
     and `tight_memory` (why the memory estimate leaves little room, if it does) decide speed.compile=auto."""
     from vlmtune.config.distributed import uses_deepspeed, world_size, zero_plan
     from vlmtune.methods.base import resolve_precision
-    from vlmtune.speed.attention_backend import cudnn_attention_off, keeps_cudnn
+    from vlmtune.speed.attention_backend import cudnn_attention_off, cudnn_keep_reason
     from vlmtune.speed.compile_cache import persistent_compile_cache
     from vlmtune.speed.compile_layers import compile_layers
     from vlmtune.speed.compile_policy import CompileDecision, FallBackToEager, decide_compile
@@ -95,7 +95,7 @@ def apply_speed(
     if compiled.auto and not compiled.on:
         setup.skipped["compile"] = compiled.reason
     if speed.sdpa_cudnn is not True:
-        keep = keeps_cudnn(family, unwrap_peft(model).config.get_text_config()) if speed.sdpa_cudnn == "auto" else None
+        keep = cudnn_keep_reason(speed.sdpa_cudnn, family, unwrap_peft(model).config.get_text_config())
         setup.add("sdpa_without_cudnn", cudnn_attention_off(config.hardware.attn_implementation, plan.device, keep))
     if speed.chunked_loss:
         setup.add("chunked_loss", install_chunked_loss(model, family.lm_head_names, speed.loss_chunk_tokens))
@@ -229,20 +229,17 @@ benchmarks/RESULTS.md session 5), so a batch length it has not seen costs every 
 rounding up to 16 tokens leaves at most max_length / 16 lengths to plan, for at most 15 padding tokens per row."""
 
 
-def _cudnn_attends(config: VlmtuneConfig, family: FamilyDescriptor | None, model: nn.Module) -> bool:
-    """Whether the language model's SDPA calls will run cuDNN's kernels on a GPU: speed.sdpa_cudnn=true, or auto for a
-    family that keeps them (`attention_backend.keeps_cudnn`)."""
+def _cudnn_attends(config: VlmtuneConfig, family: FamilyDescriptor, model: nn.Module) -> bool:
+    """Whether the language model's SDPA calls will run cuDNN's kernels on a GPU (`attention_backend.cudnn_keep_reason`,
+    as apply_speed decides it)."""
     from vlmtune.methods.base import resolve_precision
-    from vlmtune.speed.attention_backend import keeps_cudnn
+    from vlmtune.speed.attention_backend import cudnn_keep_reason
     from vlmtune.speed.loss_hook import unwrap_peft
 
     if resolve_precision(config).device != "cuda" or config.hardware.attn_implementation not in (None, "sdpa"):
         return False
-    if config.speed.sdpa_cudnn is True:
-        return True
-    if config.speed.sdpa_cudnn != "auto" or family is None:
-        return False
-    return keeps_cudnn(family, unwrap_peft(model).config.get_text_config()) is not None
+    text_config = unwrap_peft(model).config.get_text_config()
+    return cudnn_keep_reason(config.speed.sdpa_cudnn, family, text_config) is not None
 
 
 def batching(
@@ -251,7 +248,7 @@ def batching(
     model: nn.Module,
     train_set: Any,
     val_set: Any | None,
-    family: FamilyDescriptor | None = None,
+    family: FamilyDescriptor,
 ) -> tuple[Any, Any, Any | None]:
     """(collator, train data, val data) for the Trainer: padded batches, or packed rows with `speed.packing`."""
     from vlmtune.data.collate import Collator

@@ -53,6 +53,14 @@ def keeps_cudnn(family: FamilyDescriptor, text_config: Any) -> str | None:
     )
 
 
+def cudnn_keep_reason(setting: bool | str, family: FamilyDescriptor, text_config: Any) -> str | None:
+    """Why `speed.sdpa_cudnn` leaves cuDNN's attention on for this model (true: always; auto: `keeps_cudnn`), or
+    None where vlmtune switches it off. The one decision apply_speed and the collator's padding both read."""
+    if setting is True:
+        return "speed.sdpa_cudnn=true"
+    return keeps_cudnn(family, text_config) if setting == "auto" else None
+
+
 def cudnn_attention_off(
     attn_implementation: str | None, device: str, keep_reason: str | None = None
 ) -> CudnnAttentionOff | str:
