@@ -187,3 +187,16 @@ def test_throughput_ranking_follows_the_measured_slowdowns(change, measured):
     a, b = EstimateInputs(**reference), EstimateInputs(**{**base, **change})
     slowdown = relative_throughput(a, estimate(a)) / relative_throughput(b, estimate(b))
     assert slowdown == pytest.approx(measured, rel=0.1)
+
+
+def test_sixteen_bit_lora_beats_a_qlora_tie_on_a_big_card(tmp_path, capsys):
+    """LLaVA-1.5-7B on an H100 with the high_capacity preset: QLoRA at micro-batch 2 ties LoRA at micro-batch 1 in
+    the throughput model (its 1.2x dequantization penalty against the larger batch's efficiency); the advisor used to
+    write QLoRA. LoRA fits without offloading, so it wins, and the header says why QLoRA was passed over."""
+    out = tmp_path / "rec.yaml"
+    args = ["recommend", "--gpu", "H100 80GB", "--model", "llava-hf/llava-1.5-7b-hf", "--preset", "high_capacity"]
+    assert main([*args, "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert load_config(out).method.name.value == "lora"
+    header = [line for line in out.read_text().splitlines() if line.startswith("# Why: qlora")]
+    assert header and ("is preferred" in header[0] or "slower" in header[0])

@@ -4,8 +4,9 @@ What changes the trained model is decided first: the user's image resolution bef
 user's LoRA rank before smaller ones (down to 8). Within the first (max_pixels, rank) for which anything fits, the
 configuration with the highest estimated throughput wins, over the allowed methods (LoRA and QLoRA by default; full
 fine-tuning when asked), ZeRO stage and offload, micro-batch with gradient accumulation keeping the effective batch,
-and gradient checkpointing. LoRA beats QLoRA whenever both fit without offloading (no dequantization), so QLoRA is
-what smaller GPUs get. Throughput is a relative model (`relative_throughput`), good for ranking, not a benchmark;
+and gradient checkpointing. A 16-bit method (LoRA, full) that fits without offloading beats a QLoRA estimated at
+most QLORA_TIE faster: 4-bit weights change what is trained, and QLoRA's gains at a larger micro-batch are within the
+throughput model's error. So QLoRA is what smaller GPUs get. Throughput is a relative model (`relative_throughput`), good for ranking, not a benchmark;
 its method and ZeRO slowdowns are the ones measured on the GPU machine (constants below).
 """
 
@@ -29,6 +30,7 @@ PIXEL_CAPS = (1003520, 602112, 401408, 200704)
 """max_pixels tried below the user's, for dynamic-resolution models (1280, 768, 512, 256 Qwen2-VL tokens)."""
 MIN_RANK = 8
 LAUNCH_TOKENS = 2048
+"""Micro-batch tokens at which GPU efficiency reaches half its plateau (small batches are launch-bound)."""
 # Measured on the GPU machine (benchmarks/RESULTS.md, 2026-11-23/24; Qwen2-VL-2B, batch 4 x 767 tokens, GC, 1 GPU
 # unless named): QLoRA 3,674 vs LoRA 4,383 tokens/s (1.19x); ZeRO-2 LoRA 4,310 vs 4,795 without (1.11x), ZeRO-2 full
 # 6,684 vs 9,611 (1.44x); ZeRO-3 LoRA 1,180 and full 2,254 tokens/s (4.1x and 4.3x at 3,068 tokens per step: the
@@ -38,12 +40,13 @@ ZERO12_BASE = 1.1
 ZERO12_PER_TRAINED = 0.35
 ZERO3_GATHER_TOKENS = 9_500
 MULTI_GPU_EFFICIENCY = 0.95  # measured 0.996 on 2 GPUs; more GPUs not measured
+QLORA_TIE = 1.1
+"""How much faster (estimated) QLoRA must be to win over 16-bit LoRA or full fine-tuning without offloading."""
 LEAN_PENALTY = 1.14
 """Lean QLoRA (4-bit vision tower and lm_head, paged 8-bit AdamW, embeddings in CPU memory) against vlmtune's plain
 QLoRA: 509 vs 582 tokens/s on W2 (Qwen2.5-VL-7B, H100, benchmarks/RESULTS.md, session 5 recheck)."""
 LOSS_CHUNKS = (1024, 512, 256, 128)
 """speed.loss_chunk_tokens tried at and below the config's (8 bytes x chunk x vocabulary of working memory)."""
-"""Micro-batch tokens at which GPU efficiency reaches half its plateau (small batches are launch-bound)."""
 
 
 @dataclass(frozen=True)
@@ -272,6 +275,7 @@ def recommend(
         for max_pixels in _pixel_options(base):
             for rank_index, rank in enumerate(_ranks(base)):
                 best: Candidate | None = None
+                best16: Candidate | None = None  # the fastest 16-bit one that fits without offloading
                 fitting: dict[str, Candidate] = {}
                 for method in methods:
                     if method == "full" and rank_index:
@@ -292,10 +296,19 @@ def recommend(
                             fitting[kind] = Candidate(inputs, b, t)
                         if best is None or t > best.throughput:
                             best = Candidate(inputs, b, t)
+                        if _sixteen_bit(inputs) and (best16 is None or t > best16.throughput):
+                            best16 = Candidate(inputs, b, t)
                 if best is not None:
+                    if best16 is not None and best16.throughput * QLORA_TIE >= best.throughput:
+                        best = best16
                     reasons = _reasons(best, fitting, closest, limit, gpu, margin)
                     return Recommendation(gpu, num_gpus, effective, best, considered, margin, reasons)
     return Recommendation(gpu, num_gpus, effective, None, considered, margin)
+
+
+def _sixteen_bit(i: EstimateInputs) -> bool:
+    """16-bit weights (LoRA or full) without offloading: preferred over QLoRA within QLORA_TIE."""
+    return i.method != "qlora" and i.offload == "none"
 
 
 def _method(i: EstimateInputs) -> str:
@@ -323,6 +336,10 @@ def _reasons(best: Candidate, fitting: dict[str, Candidate], closest: dict[str, 
     for kind, other in sorted(fitting.items(), key=lambda kv: -kv[1].throughput):
         if kind != chosen and _method(other.inputs) not in said:  # the fastest other of each method
             said.add(_method(other.inputs))
-            out.append(f"{kind} fits ({other.breakdown.peak_total / 2**30:.1f} GiB) but is estimated "
-                       f"{best.throughput / other.throughput:.2f}x slower")
+            fits = f"{kind} fits ({other.breakdown.peak_total / 2**30:.1f} GiB)"
+            if other.throughput > best.throughput:  # passed over within QLORA_TIE
+                out.append(f"{fits} and is estimated {other.throughput / best.throughput:.2f}x as fast, but "
+                           f"{best.inputs.method} keeps 16-bit weights and fits without offloading, so it is preferred")
+            else:
+                out.append(f"{fits} but is estimated {best.throughput / other.throughput:.2f}x slower")
     return tuple(out)
