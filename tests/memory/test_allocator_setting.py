@@ -11,7 +11,7 @@ from vlmtune.cli.main import main
 from vlmtune.config.loader import load_config
 from vlmtune.config.schema import HardwareConfig
 from vlmtune.memory import EstimateInputs, estimate, inputs_from_config
-from vlmtune.memory.allocator import FRAG_EXPANDABLE
+from vlmtune.memory.allocator import expandable_overhead
 from vlmtune.memory.allocator_setting import expandable_in, resolve_allocator
 from vlmtune.memory.gpus import GIB
 
@@ -93,11 +93,12 @@ def test_the_estimate_cli_defaults_on_and_turns_off(capsys):
     assert json.loads(capsys.readouterr().out)["inputs"]["expandable"] is False
 
 
-def test_w1_overhead_is_the_fitted_constant():
-    """FRAG_EXPANDABLE's docstring: fitted between Unsloth's 0.11 (W1) and 0.19 GiB (W3)."""
+def test_w1_overhead_is_the_fitted_form():
+    """FRAG_EXPANDABLE_ALLOC's docstring: a constant plus a fraction of the peak allocated, fitted on session 13's
+    vlmtune runs; about 0.2 GiB at W1's 5 GiB allocated (Unsloth held 0.11 there, vlmtune's 2B LoRA 0.12 at 5.3)."""
     on, off = estimate(W1.with_(expandable=True)), estimate(W1)
-    assert on.allocator_overhead == FRAG_EXPANDABLE
-    assert 0.11 <= on.allocator_overhead / GIB <= 0.19
+    assert on.allocator_overhead == expandable_overhead(on.peak_allocated)
+    assert 0.15 <= on.allocator_overhead / GIB <= 0.3
     assert off.allocator_overhead > on.allocator_overhead
     assert on.peak_allocated == off.peak_allocated  # only the overhead moves
 
@@ -110,7 +111,7 @@ def test_w1_overhead_is_the_fitted_constant():
 def test_expandable_is_smaller_for_every_method(changes):
     inputs = W1.with_(**changes)
     on, off = estimate(inputs.with_(expandable=True)), estimate(inputs)
-    assert on.allocator_overhead == FRAG_EXPANDABLE < off.allocator_overhead
+    assert on.allocator_overhead == expandable_overhead(on.peak_allocated) < off.allocator_overhead
     assert on.peak_reserved < off.peak_reserved
 
 
@@ -118,13 +119,14 @@ def test_deepspeed_keeps_the_blocks_it_holds():
     """ZeRO-2's init and step blocks are DeepSpeed's own, not fragmentation: expandable segments do not remove them."""
     inputs = W1.with_(zero_stage=2, num_gpus=2)
     on, off = estimate(inputs.with_(expandable=True)), estimate(inputs)
-    assert FRAG_EXPANDABLE <= on.allocator_overhead <= off.allocator_overhead
+    assert expandable_overhead(on.peak_allocated) <= on.allocator_overhead <= off.allocator_overhead
 
 
-def test_the_estimate_says_its_expandable_overhead_is_not_yet_measured_with_vlmtune():
+def test_the_estimate_says_its_expandable_overhead_is_not_yet_measured_for_full_fine_tuning():
     from vlmtune.memory import EstimateInputs, estimate
 
     inputs = EstimateInputs(model="Qwen/Qwen2-VL-2B-Instruct", method="lora", batch_size=4, seq_len=770)
-    assert any("expandable segments" in n and "not yet measured" in n for n in estimate(
-        inputs.with_(expandable=True)).notes)
-    assert not any("expandable segments" in n for n in estimate(inputs).notes)
+    assert not any("expandable segments" in n for n in estimate(inputs.with_(expandable=True)).notes)
+    full = inputs.with_(method="full", expandable=True)
+    assert any("expandable segments" in n and "not yet measured" in n for n in estimate(full).notes)
+    assert not any("expandable segments" in n for n in estimate(inputs.with_(method="full")).notes)

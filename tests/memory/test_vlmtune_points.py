@@ -4,7 +4,9 @@ built by data/make_vlmtune_points.py from benchmarks/results/2026-11-24-speed, -
 multi-GPU runs on H200s, the 1-GPU DeepSpeed offload runs on an H100 (nvidia-smi level), the 14 held-out calibration
 points, and session 4's 1-GPU runs (7B full fine-tuning without DeepSpeed on an H100; ZeRO-3 + whole or partial
 optimizer offload, offload_ratio / sub_group_size, on an H200; nvidia-smi level), and session 10's QLoRA runs loading
-their weights from disk, capped to 8-16 GB cards (the configs `vlmtune recommend` wrote; nvidia-smi level).
+their weights from disk, capped to 8-16 GB cards (the configs `vlmtune recommend` wrote; nvidia-smi level), and
+session 13's 21 runs with expandable segments (`s13-*`: `vlmtune recommend`'s configs for four models x 8-80 GB cards
+and the speed harness's W2u lean QLoRA, one H100; added by benchmarks/preflight_points.py; nvidia-smi level).
 
 Levels: `reserved+context` = max_memory_reserved + the calibration's measured CUDA context (762 MiB), as the grid's
 points (the speed harness read the whole device, about 490 MiB more than its process: kept as meas_smi_device_mib);
@@ -75,8 +77,8 @@ def errors() -> dict[str, float]:
 
 def test_the_points_are_there():
     rows = _points()
-    assert len(rows) == 49
-    assert sum(r["level"] != "bound" for r in rows) == 47
+    assert len(rows) == 70
+    assert sum(r["level"] != "bound" for r in rows) == 68
 
 
 @pytest.mark.parametrize("row", [r for r in _points() if r["level"] != "bound"], ids=lambda r: r["id"])

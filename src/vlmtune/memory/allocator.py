@@ -9,7 +9,8 @@ With expandable segments (hardware.expandable_segments, on by default in trainin
 virtual range per stream instead of a segment per request size: freed neighbours coalesce, so a block any later
 request needs can come out of the space several smaller tensors left, and free pages inside the range are unmapped
 when an allocation would otherwise fail. What the fitted terms and the full fine-tuning reserve model is the
-fragmentation this removes, so they give way to FRAG_EXPANDABLE (see allocator_overhead).
+fragmentation this removes, so they give way to FRAG_EXPANDABLE + FRAG_EXPANDABLE_ALLOC x the peak (see
+allocator_overhead).
 """
 
 from __future__ import annotations
@@ -28,14 +29,26 @@ FRAG_VISION = 88
 """A vision tower run without grad leaves its transient blocks in the allocator's cache: bytes per patch per unit of
 tower width, fitted on 14 checkpointed runs of vlmtune's calibration (1k-16k patches per micro-batch)."""
 FRAG_FOREACH = 0.5
-FRAG_EXPANDABLE = 160 * MIB
-"""Reserved minus allocated at the peak with expandable segments, whatever the method and shapes. Fitted on the two
-runs measured with them: Unsloth (which sets PYTORCH_ALLOC_CONF=expandable_segments:True at import) on the same
-batches as vlmtune's W1 (Qwen2-VL-2B LoRA: 5.05 reserved vs 4.94 GiB allocated, 0.11 GiB) and W3 (Qwen2.5-VL-7B LoRA:
-17.30 vs 17.11, 0.19 GiB) on an H100 (benchmarks/RESULTS.md, 2026-12-07, issue 21); 160 MiB = 0.16 GiB lies between
-the two. vlmtune's own runs without them held 0.58-3.1 GiB there (W1, W3, Gemma-3-12B and Qwen3.5-9B LoRA at batch 2,
-LLaVA-1.5-7B QLoRA). Awaits vlmtune's own GPU runs with expandable segments, full fine-tuning and DeepSpeed
-included; until then it is the same constant for all."""
+FRAG_EXPANDABLE = 144 * MIB
+FRAG_EXPANDABLE_ALLOC = 0.012
+"""Reserved minus allocated at the peak with expandable segments: FRAG_EXPANDABLE + FRAG_EXPANDABLE_ALLOC x the
+estimated peak allocated bytes. Fitted on vlmtune's 20 single-process runs with them, one H100 capped to 8-80 GB
+cards (benchmarks/results/2026-12-07-session13: the 19 `vlmtune recommend` configs without DeepSpeed for Qwen2-VL-2B,
+Qwen2.5-VL-7B, LLaVA-1.5-7B and -13B, LoRA and QLoRA, 5-67 GiB allocated, and the speed harness's W2u lean QLoRA;
+tests/memory/data/vlmtune_points.jsonl `s13-*`), by least squares of the relative error of the whole estimate
+(nvidia-smi level), then rounded: errors -3.5...+3.7% (mean |error| 1.5%; 1.9% with the earlier 160 MiB constant,
+-4.3...+2.6%; the README of that folder has the table).
+What they measured there, 0.10-1.59 GiB, grows with the peak (Qwen2-VL-2B LoRA: 0.12 GiB at 5.3 GiB allocated, 0.57
+at 19.8, 1.59 at 68.0). Fitted on that alone, the form is 256 MiB + 0.019 x allocated (residuals -0.38...+0.32 GiB,
+rms 0.19; a constant alone: rms 0.39; a fraction of the transient working set instead of the whole peak: rms 0.22; a
+QLoRA term: only 0.03 GiB better), but the whole estimate then errs by -2.3...+5.8% (LLaVA-1.5-7B QLoRA at 8 GB
++5.8%): the estimate's allocated is high by 0.2-0.36 GiB in the QLoRA runs and by 1.8-2.0 GiB in the two 7B LoRA
+runs at 80 GB (4,089 tokens, batch 1, peak in forward), and a term fitted on the allocator alone adds to that. So this
+one under-states the allocator's own overhead by 0.23 GiB on average (residuals -0.11...+0.66 GiB, rms 0.32; the
+largest, +0.66, in the QLoRA runs at 16-24 GB) to keep the sum right; refit on the allocator alone once allocated is
+fixed there. Against the two runs of another tool that the first constant (160 MiB) was fitted on (Unsloth, which sets
+expandable segments at import; W1: 0.11 GiB at 4.94 allocated, W3: 0.19 at 17.11; benchmarks/RESULTS.md, 2026-12-07,
+issue 21) it gives 0.20 and 0.35 GiB. Full fine-tuning with expandable segments is not yet measured."""
 LOSS_RESHAPE_SETS = 3
 """HF's loss on micro-batches of several samples (vlmtune's engine pads each batch to its longest sample, so the
 padded length changes from step to step by more than the allocator's 2 MiB rounding of these blocks): a step whose
@@ -65,6 +78,7 @@ def allocator_overhead(
     phases: dict[str, Phase],
     peak_phase: str,
     *,
+    allocated: int,
     loss_fp32_block: int,
     vision_cache: int,
     live_16bit_states: int,
@@ -72,14 +86,14 @@ def allocator_overhead(
     deepspeed_step_cached: int | None,
     deepspeed_init_cached: int = 0,
 ) -> int:
-    """Reserved minus allocated bytes at the peak phase. vision_cache: vision patches x tower width of the
-    micro-batch; deepspeed_step_cached: DeepSpeed's cached step blocks (None without DeepSpeed);
+    """Reserved minus allocated bytes at the peak phase. allocated: the peak allocated bytes; vision_cache: vision
+    patches x tower width of the micro-batch; deepspeed_step_cached: DeepSpeed's cached step blocks (None without DeepSpeed);
     deepspeed_init_cached: the blocks ZeRO-1/2's init leaves cached (vlmtune.memory.zero): reserved from init on,
     above the resident states, whatever training allocates later (its working set fits in them or adds to them:
     the larger of the two counts).
 
-    With expandable segments (inputs.expandable): FRAG_EXPANDABLE in place of the fitted fragmentation terms and of
-    checkpointed full fine-tuning's reserve. That reserve comes from param-shaped blocks (grads, optimizer moments)
+    With expandable segments (inputs.expandable): FRAG_EXPANDABLE + FRAG_EXPANDABLE_ALLOC x allocated in place of the
+    fitted fragmentation terms and of checkpointed full fine-tuning's reserve. That reserve comes from param-shaped blocks (grads, optimizer moments)
     and working-set blocks that cannot serve each other's sizes in fixed segments; in one expandable range the
     grads' freed blocks coalesce into space the next forward's working set fits, and pages left free between live
     blocks are unmapped before an allocation fails, so they cannot cause an out-of-memory error. Not yet measured
@@ -89,7 +103,7 @@ def allocator_overhead(
     frozen_vision = inputs.vision_no_grad and not (
         (inputs.method == "full" and not inputs.freeze_vision_tower) or inputs.adapt_vision_tower
     )
-    frag = FRAG_EXPANDABLE if inputs.expandable else int(
+    frag = expandable_overhead(allocated) if inputs.expandable else int(
         FRAG_BASE
         + (FRAG_LOGITS * loss_fp32_block if not inputs.chunked_loss else 0)
         + (LOSS_RESHAPE_SETS * loss_fp32_block if _loss_blocks_reshape(inputs) else 0)
@@ -104,6 +118,11 @@ def allocator_overhead(
     if _states_take_the_working_blocks(inputs) and not inputs.expandable:
         return _full_checkpointed_reserve(phases) - at
     return frag
+
+
+def expandable_overhead(allocated: int) -> int:
+    """Reserved minus allocated bytes at the peak with expandable segments (FRAG_EXPANDABLE_ALLOC)."""
+    return int(FRAG_EXPANDABLE + FRAG_EXPANDABLE_ALLOC * allocated)
 
 
 def _loss_blocks_reshape(inputs: EstimateInputs) -> bool:

@@ -229,6 +229,7 @@ def estimate(inputs: EstimateInputs) -> Breakdown:
         inputs,
         phases,
         phase,
+        allocated=allocated,
         loss_fp32_block=loss.fp32_block,
         vision_cache=acts.vit_patches * dims.vision_width,
         live_16bit_states=0 if deepspeed else live_16bit_states,
@@ -294,9 +295,9 @@ def _caveats(inputs: EstimateInputs) -> list[str]:
                    "ZeRO-3 gathers on more GPUs are modelled, not measured (benchmarks/RESULTS.md)")
     if inputs.gradient_checkpointing and inputs.checkpoint_offload:
         out.append("speed.checkpoint_offload is modelled, not yet measured")
-    if inputs.expandable and inputs.zero_stage == 0:
+    if inputs.expandable and inputs.zero_stage == 0 and inputs.method == "full":
         out.append("the allocator's overhead with expandable segments (hardware.expandable_segments, on by default) "
-                   "is fitted on two runs of another tool, not yet measured with vlmtune's own")
+                   "is fitted on vlmtune's LoRA and QLoRA runs; with full fine-tuning it is not yet measured")
     if inputs.fp8_base:
         out.append("speed.fp8's weight copies are counted from their shapes; FP8 runs are measured only on a 2B model")
     return out
