@@ -4,8 +4,8 @@ Checkpointing every layer costs a recomputation of the whole language model in b
 layer keeps the others' activations and recomputes less (H100, W1 2B LoRA: 4.9k tokens/s checkpointing every layer,
 6.8k every 2nd, 8.4k without; docs/SPEED.md). auto checkpoints only as many layers as the card needs: on a CUDA GPU
 whose memory is known before the weights load, the largest n of `candidates(layers)` whose memory estimate stays
-SAFETY_MARGIN below what the GPU has, and no checkpointing at all where even n = layers fits; 1 where nothing
-better can be known (CPU, no estimate for the model, DeepSpeed or several processes), each time with the reason.
+`safety_margin` below what the GPU has (10% with the allocator's expandable segments, the default, else 15%), and no
+checkpointing at all where even n = layers fits; 1 where nothing better can be known (CPU, no estimate for the model, DeepSpeed or several processes), each time with the reason.
 
 The same function decides in the training preflight (the visible GPU, train/preflight.py) and in
 `vlmtune train --dry-run` (a catalogue GPU or the visible one, train/dry_run.py), so both print the estimate of the
@@ -25,11 +25,23 @@ if TYPE_CHECKING:
     from vlmtune.memory.breakdown import Breakdown
 
 SAFETY_MARGIN = 0.15
-"""auto keeps the estimate at the chosen n at least this fraction below the GPU's memory. The estimator's measured
-errors are within about ±7% (benchmarks/RESULTS.md 2026-12-07: -7.1% to +3.9% on runs from disk, most of the miss in
-memory the allocator reserves but does not use), and memory beyond the estimate has other sources too: compiling
-added 0.6-0.8 GiB reserved on batches of varying shape (session 7). Twice the error band leaves room for both; a
-run that needs less margin can set the number itself."""
+"""auto keeps the estimate at the chosen n at least this fraction below the GPU's memory, where the allocator runs
+without expandable segments. The estimator's measured errors there are within about ±7% (benchmarks/RESULTS.md
+2026-12-07, session 10: -7.1% to +3.9% on runs from disk, most of the miss in memory the allocator reserves but does
+not use), and memory beyond the estimate has other sources too: compiling added 0.6-0.8 GiB reserved on batches of
+varying shape (session 7). Twice the error band leaves room for both; a run that needs less margin can set the number
+itself."""
+SAFETY_MARGIN_EXPANDABLE = 0.10
+"""The same with expandable segments (hardware.expandable_segments, on by default on CUDA): the 21 runs measured with
+them (benchmarks/RESULTS.md 2026-12-07, session 13: the 20 `recommend` pairs of 2B-13B models on 8-80 GB caps and the
+8 GB lean-QLoRA check) were estimated within -4.3% to +2.6% of their nvidia-smi peaks, loading included (-3.5% to
++3.7% after the allocator refit on them, memory/allocator.py); twice that band. Not yet measured with expandable segments: the 2025 families (Gemma 3, Qwen3.5, Qwen3-VL, SmolVLM2) and
+compiled runs."""
+
+
+def safety_margin(estimate: Breakdown) -> float:
+    """The margin auto keeps for an estimate: SAFETY_MARGIN_EXPANDABLE where it counts expandable segments."""
+    return SAFETY_MARGIN_EXPANDABLE if estimate.inputs.expandable else SAFETY_MARGIN
 
 CheckpointEstimate = Callable[[int | None], "Breakdown"]
 """The run's estimate with every n-th layer checkpointed (None: no checkpointing)."""
@@ -152,9 +164,10 @@ def _refusal(room: Room | None, estimate_at: CheckpointEstimate | None, layers: 
 
 
 def _search(room: Room, estimate_at: CheckpointEstimate, layers: int) -> CheckpointChoice:
-    limit = room.capacity * (1 - SAFETY_MARGIN)
-    within = f"within {1 - SAFETY_MARGIN:.0%} of {room.describe()}: {limit / GIB:.2f} GiB"
     first = estimate_at(1)
+    margin = safety_margin(first)
+    limit = room.capacity * (1 - margin)
+    within = f"within {1 - margin:.0%} of {room.describe()}: {limit / GIB:.2f} GiB"
     if first.peak_total > limit:
         return CheckpointChoice(
             True, 1, f"speed.checkpoint_every_n_layers=auto -> 1 (every layer): even then the estimate "
