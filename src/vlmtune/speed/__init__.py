@@ -233,10 +233,10 @@ def _cudnn_attends(config: VlmtuneConfig, family: FamilyDescriptor, model: nn.Mo
     """Whether the language model's SDPA calls will run cuDNN's kernels on a GPU (`attention_backend.cudnn_keep_reason`,
     as apply_speed decides it)."""
     from vlmtune.methods.base import resolve_precision
-    from vlmtune.speed.attention_backend import cudnn_keep_reason
+    from vlmtune.speed.attention_backend import cudnn_keep_reason, sdpa_on_gpu_refusal
     from vlmtune.speed.loss_hook import unwrap_peft
 
-    if resolve_precision(config).device != "cuda" or config.hardware.attn_implementation not in (None, "sdpa"):
+    if sdpa_on_gpu_refusal(config.hardware.attn_implementation, resolve_precision(config).device) is not None:
         return False
     text_config = unwrap_peft(model).config.get_text_config()
     return cudnn_keep_reason(config.speed.sdpa_cudnn, family, text_config) is not None

@@ -61,6 +61,15 @@ def cudnn_keep_reason(setting: bool | str, family: FamilyDescriptor, text_config
     return keeps_cudnn(family, text_config) if setting == "auto" else None
 
 
+def sdpa_on_gpu_refusal(attn_implementation: str | None, device: str) -> str | None:
+    """Why cuDNN's SDPA kernels play no part in this run (not on a GPU, or attention not through SDPA), or None."""
+    if device != "cuda":
+        return "training runs on the CPU (cuDNN attention is a GPU kernel)"
+    if attn_implementation not in (None, "sdpa"):
+        return f"model.attn_implementation={attn_implementation} does not go through SDPA"
+    return None
+
+
 def cudnn_attention_off(
     attn_implementation: str | None, device: str, keep_reason: str | None = None
 ) -> CudnnAttentionOff | str:
@@ -68,12 +77,9 @@ def cudnn_attention_off(
     keep_reason: why this model keeps them (`keeps_cudnn`, under speed.sdpa_cudnn=auto), or None."""
     import torch
 
-    if device != "cuda":
-        return "training runs on the CPU (cuDNN attention is a GPU kernel)"
-    if attn_implementation not in (None, "sdpa"):
-        return f"model.attn_implementation={attn_implementation} does not go through SDPA"
-    if keep_reason is not None:
-        return keep_reason
+    why_not = sdpa_on_gpu_refusal(attn_implementation, device) or keep_reason
+    if why_not is not None:
+        return why_not
     if not torch.backends.cuda.cudnn_sdp_enabled():
         return "cuDNN attention is already off in this process"
     return CudnnAttentionOff()

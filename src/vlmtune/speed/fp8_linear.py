@@ -53,25 +53,14 @@ FAST_ACCUM_FORWARD = True
 accumulates at full precision."""
 
 
-def amax_scale(t: torch.Tensor, rowwise: bool) -> torch.Tensor:
-    """fp32 scale(s) that map `t`'s absolute maximum (per row, shape (rows, 1), or over the tensor, shape ()) onto
-    e4m3's largest value."""
-    if rowwise:
-        amax = torch.linalg.vector_norm(t, float("inf"), dim=-1, keepdim=True)
-    else:
-        amax = torch.linalg.vector_norm(t, float("inf"))
-    return amax.float().clamp_(min=TINY_AMAX).div_(E4M3_MAX)
-
-
 def quantize(t: torch.Tensor, rowwise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 values, fp32 scale) of a 2-D tensor with `t ≈ values * scale`: relative error at most 2^-4 per element
     for elements above e4m3's normal range of the row's scale (smaller ones keep an absolute error under
-    scale * 2^-10)."""
-    scale = amax_scale(t, rowwise)
-    inverse = scale.reciprocal()
-    # scaled in t's own dtype: a bf16 rounding of the inverse leaves |value| < 450, which e4m3 rounds to 448.
+    scale * 2^-10). The scale maps `t`'s absolute maximum (per row, shape (rows, 1), or over the tensor, shape ())
+    onto e4m3's largest value."""
+    values, scale = (_rows if rowwise else _whole)(t)
     # contiguous: cuBLAS takes FP8 operands row-major, and an elementwise result keeps a strided input's layout
-    return (t * inverse.to(t.dtype)).to(E4M3).contiguous(), scale
+    return values.contiguous(), scale
 
 
 def dequantize(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -93,7 +82,8 @@ def scaled_mm(
 
 
 def _cast(t: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize`'s arithmetic after the amax, written for torch.compile (scaled in t's dtype, as there)."""
+    """`quantize`'s arithmetic after the amax, eager there and torch.compile'd by `Quantizer`. Scaled in t's own
+    dtype: a bf16 rounding of the inverse leaves |value| < 450, which e4m3 rounds to 448."""
     scale = amax.float().clamp(min=TINY_AMAX) / E4M3_MAX
     return (t * scale.reciprocal().to(t.dtype)).to(torch.float8_e4m3fn), scale
 
