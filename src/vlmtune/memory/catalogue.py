@@ -42,7 +42,7 @@ class LayerKind:
 
 
 def _layer_kind(model_type: str, name: str, entry: dict[str, Any]) -> LayerKind:
-    known = {f for f in LayerKind.__dataclass_fields__}
+    known = set(LayerKind.__dataclass_fields__)
     unknown = sorted(set(entry) - known)
     if unknown or entry.get("rule", "attention") not in LAYER_RULES:
         raise VlmtuneError(
@@ -51,6 +51,16 @@ def _layer_kind(model_type: str, name: str, entry: dict[str, Any]) -> LayerKind:
                f"rule {entry.get('rule')!r} (known: {', '.join(LAYER_RULES)})")
         )
     return LayerKind(**entry)
+
+
+@lru_cache(maxsize=1)
+def _layer_kinds() -> dict[str, dict[str, LayerKind]]:
+    """Each architecture's `layer_kinds`, read and checked once: `architectures()` runs on every model lookup (each
+    estimate), and LayerKind is frozen, so the lookups share these."""
+    return {
+        model_type: {k: _layer_kind(model_type, k, v or {}) for k, v in a.get("layer_kinds", {}).items()}
+        for model_type, a in _raw()["architectures"].items()
+    }
 
 
 @dataclass(frozen=True)
@@ -117,7 +127,7 @@ def architectures() -> dict[str, Architecture]:
             chat=dict(a["chat"]),
             projector_lora_targets=tuple(a.get("projector_lora_targets", ())),
             packed_row_masks=int(a.get("packed_row_masks", 0)),
-            layer_kinds={k: _layer_kind(model_type, k, v or {}) for k, v in a.get("layer_kinds", {}).items()},
+            layer_kinds=dict(_layer_kinds()[model_type]),
         )
     return out
 

@@ -275,7 +275,6 @@ def recommend(
         for max_pixels in _pixel_options(base):
             for rank_index, rank in enumerate(_ranks(base)):
                 best: Candidate | None = None
-                best16: Candidate | None = None  # the fastest 16-bit one that fits without offloading
                 fitting: dict[str, Candidate] = {}
                 for method in methods:
                     if method == "full" and rank_index:
@@ -296,9 +295,10 @@ def recommend(
                             fitting[kind] = Candidate(inputs, b, t)
                         if best is None or t > best.throughput:
                             best = Candidate(inputs, b, t)
-                        if _sixteen_bit(inputs) and (best16 is None or t > best16.throughput):
-                            best16 = Candidate(inputs, b, t)
                 if best is not None:
+                    # the fastest 16-bit one that fits without offloading (fitting holds each kind's fastest)
+                    best16 = max((c for c in fitting.values() if _sixteen_bit(c.inputs)),
+                                 key=lambda c: c.throughput, default=None)
                     if best16 is not None and best16.throughput * QLORA_TIE >= best.throughput:
                         best = best16
                     reasons = _reasons(best, fitting, closest, limit, gpu, margin)
