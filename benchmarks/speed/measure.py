@@ -44,12 +44,20 @@ def peak_flops() -> float:
 
 
 def nvml_used() -> float | None:
-    """Device memory in use (GiB) as nvidia-smi reports it: every process's context and allocator pools."""
-    if hasattr(torch.cuda, "device_memory_used"):
-        try:
-            return torch.cuda.device_memory_used() / GIB
-        except Exception:  # noqa: BLE001 - NVML missing: fall back to the command line tool
-            pass
+    """Device memory in use (GiB) as nvidia-smi's memory.used reports it: every process's context and allocator
+    pools, without the driver's own reservation. NVML's version-1 memory query (what torch.cuda.device_memory_used
+    reads) counts that reservation as used: 0.47 GiB on an H100 80GB with driver 580, which put every in-process
+    figure of sessions 9-14 that much above the nvidia-smi trace of the same process (benchmarks/RESULTS.md,
+    session 14). So: NVML's version-2 query (used excludes the reservation), else the nvidia-smi tool itself."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        index = torch.cuda._get_nvml_device_index(torch.cuda.current_device())  # CUDA_VISIBLE_DEVICES mapped
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        return pynvml.nvmlDeviceGetMemoryInfo(handle, version=pynvml.nvmlMemory_v2).used / GIB
+    except Exception:  # noqa: BLE001 - no pynvml, no v2 query or no GPU: ask the command line tool
+        pass
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],

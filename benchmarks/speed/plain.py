@@ -63,6 +63,14 @@ def _bf16_model(model_dir: str) -> torch.nn.Module:
         )
 
 
+INDEX_PUT_MERGER = "inputs_merger"
+"""The plain QLoRA path puts its input embeddings back in bf16 after prepare_model_for_kbit_training (which upcasts
+every 16-bit parameter to fp32) where the model has an `inputs_merger`: transformers 5.17's SmolVLM / Idefics3 merger
+index-puts the bf16 image features into the fp32 text embeddings and stops with "Index put requires the source and
+destination dtypes match" (H100, session 14, F4), so a user of the plain path has to do the same to train. 5.23 has
+no inputs_merger (it casts the features to the model's dtype and masked_scatters them), and needs the fp32 table."""
+
+
 def _qlora_model(model_dir: str, family_name: str) -> torch.nn.Module:
     """Random weights loaded in 4-bit as from a checkpoint (what from_pretrained(path, quantization_config) does);
     the vision tower, the projector and lm_head stay 16-bit (as the peers' QLoRA recipes and vlmtune's default)."""
@@ -106,6 +114,8 @@ def build(work: Workload, variant: Variant, model_dir: str, lora_targets: str) -
             use_gradient_checkpointing=variant.gc,
             gradient_checkpointing_kwargs=gc_kwargs,
         )
+        if any(hasattr(m, INDEX_PUT_MERGER) for m in model.modules()):
+            model.get_input_embeddings().to(torch.bfloat16)
     else:
         model = _bf16_model(model_dir)
         if variant.gc:

@@ -209,10 +209,13 @@ def print_report(path: Path) -> None:
             print(f"- {r['variant']}: FAILED (exit {r.get('exit')}): {r['error']}")
         for variant, r in rows.items():  # the run's own preflight estimate against the nvidia-smi level
             estimate, measured = r.get("estimate_total_gib"), r.get("smi_in_process_gib")
+            trace = smi.get((name, variant))  # the nvidia-smi tool's trace of the whole process (build included)
             if estimate and measured:
                 print(
                     f"- {variant}: estimate {estimate:.2f} GiB vs nvidia-smi while training {measured:.2f} GiB "
                     f"({(estimate - measured) / measured:+.1%})"
+                    + (f", vs the nvidia-smi trace's peak {trace:.2f} GiB ({(estimate - trace) / trace:+.1%})"
+                       if trace else "")
                 )
         references = {work.reference, "plain_nogc"} if name == "W1" else {work.reference}
         for reference in sorted(references):
