@@ -418,6 +418,9 @@ def _family_pair(name: str, title: str, family: str, arch: str, method: str, bat
         # plain path in session 12 with cuDNN off); vlmtune_gc_nocudnn: Gemma 3 with cuDNN off, as it ran before auto
         # kept it on there (benchmarks/results/2026-12-07-gemma3-step/)
         + (Variant("vlmtune_gc_cudnn", "vlmtune", True, {"speed.sdpa_cudnn": True}),)
+        # the allocator's expandable segments off (on by default since session 12): F7 went from 1.20x the plain loop
+        # (session 12, without them) to 0.83x (session 14, with them), the other switches unchanged
+        + (Variant("vlmtune_gc_noexpandable", "vlmtune", True, {"hardware.expandable_segments": False}),)
         + ((Variant("vlmtune_gc_nocudnn", "vlmtune", True, {"speed.sdpa_cudnn": False}),) if family == "gemma3"
            else ()),
         reference="plain_gc",
