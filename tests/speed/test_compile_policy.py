@@ -186,3 +186,54 @@ def test_auto_stays_eager_where_packed_rows_run_layers_per_sample(gpu):
     assert decide_compile(_config(packing=False), "cuda", steps=MIN_STEPS, span_layers=("linear_attn",)).on
     assert decide_compile(_config(packing=True), "cuda", steps=MIN_STEPS).on  # a family without such layers
     assert decide_compile(_config(packing=True, compile=True), "cuda", span_layers=("linear_attn",)).on
+
+
+def test_auto_stays_eager_where_linear_attention_runs_the_pytorch_reference(gpu, monkeypatch):
+    """Qwen3.5's DeltaNet layers on transformers' PyTorch reference (no fla here, or fla refusing the GPU's Triton):
+    compiling its loop over 64-token chunks took 87 s for the first step and had no second 200 s later (H100, 9B
+    LoRA; eager 1.1 s/step), so auto stays eager and says why; true still compiles; fla that trains compiles."""
+    import importlib.util
+
+    from vlmtune.families import get_family, linear_attention
+
+    gpu((9, 0))
+    family = get_family("qwen3_5")
+    real = importlib.util.find_spec
+    for fla, triton in ((False, "3.7.1"), (True, "3.6.0")):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, fla=fla: (object() if fla else None)
+                            if name == "fla" else object() if name == "triton" else real(name, *a))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(linear_attention, "_triton_version", lambda triton=triton: triton)
+        refusal = family.compile_refusal("cuda")
+        eager = decide_compile(_config(), "cuda", steps=MIN_STEPS, layer_refusal=refusal)
+        assert not eager.on and eager.auto
+        assert "PyTorch reference" in eager.reason and "87 s" in eager.reason and "1.1 s" in eager.reason
+        assert ("not installed" if not fla else "Triton 3.6.0") in eager.reason
+        assert decide_compile(_config(compile=True), "cuda", steps=MIN_STEPS, layer_refusal=refusal).on
+    monkeypatch.setattr(linear_attention, "_triton_version", lambda: "3.7.1")  # fla installed and able to train
+    assert family.compile_refusal("cuda") is None
+    assert decide_compile(_config(), "cuda", steps=MIN_STEPS, layer_refusal=family.compile_refusal("cuda")).on
+    assert get_family("qwen2_vl").compile_refusal("cuda") is None
+
+
+def test_apply_speed_hands_auto_the_familys_refusal(tiny_model_dir, monkeypatch):
+    """apply_speed asks the family (FamilyDescriptor.compile_refusal) on the run's device: Qwen3.5 without fla stays
+    eager where auto would compile otherwise, the start event's summary says why and which kernel the layers run."""
+    from vlmtune.families import get_family
+    from vlmtune.methods import get_method
+    from vlmtune.speed import apply_speed
+
+    monkeypatch.setattr(compile_policy, "_auto_refusal", lambda *args: None)
+    monkeypatch.setattr(compile_policy, "_gpu_name", lambda device: "a GPU")
+    family = get_family("qwen3_5")
+    config = VlmtuneConfig.model_validate(
+        {"model": {"name_or_path": str(tiny_model_dir("qwen3_5"))}, "hardware": {"precision": "fp32"}}
+    )
+    model = get_method(config.method.name).load_and_prepare(config, family)
+    setup = apply_speed(model, config, family, steps=5000)
+    try:
+        summary = setup.summary()
+        assert "compile" not in setup.active and "87 s" in summary["skipped"]["compile"]
+        assert "PyTorch reference" in summary["kernels"]["linear_attention"]
+    finally:
+        setup.remove()

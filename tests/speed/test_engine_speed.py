@@ -146,9 +146,10 @@ def test_engine_hands_auto_compile_the_runs_length(monkeypatch, tiny_model_dir, 
     seen: list[tuple] = []
     real = compile_policy.decide_compile
 
-    def spy(config, device, world=1, steps=None, deepspeed=False, tight_memory=None, span_layers=()):
+    def spy(config, device, world=1, steps=None, deepspeed=False, tight_memory=None, span_layers=(),
+            layer_refusal=None):
         seen.append((device, world, steps, deepspeed, tight_memory))
-        return real(config, device, world, steps, deepspeed, tight_memory, span_layers)
+        return real(config, device, world, steps, deepspeed, tight_memory, span_layers, layer_refusal)
 
     monkeypatch.setattr(compile_policy, "decide_compile", spy)
     config = _config(tiny_model_dir, varied_jsonl, tmp_path / "run", {})
@@ -165,9 +166,10 @@ def test_auto_compile_counts_the_steps_the_run_takes(monkeypatch, tiny_model_dir
     seen: list[int | None] = []
     real = compile_policy.decide_compile
 
-    def spy(config, device, world=1, steps=None, deepspeed=False, tight_memory=None, span_layers=()):
+    def spy(config, device, world=1, steps=None, deepspeed=False, tight_memory=None, span_layers=(),
+            layer_refusal=None):
         seen.append(steps)
-        return real(config, device, world, steps, deepspeed, tight_memory, span_layers)
+        return real(config, device, world, steps, deepspeed, tight_memory, span_layers, layer_refusal)
 
     monkeypatch.setattr(compile_policy, "decide_compile", spy)
     for name, speed in (("padded", {}), ("packed", {"packing": True, "packing_max_tokens": 4096})):

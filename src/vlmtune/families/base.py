@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from vlmtune.config.schema import DataConfig, VlmtuneConfig
     from vlmtune.data.records import Record
+    from vlmtune.families.linear_attention import LinearAttentionKernel
 
 LoraKind = Literal["minimal", "attention", "all"]
 Component = Literal["vision", "projector", "language", "lm_head"]
@@ -123,6 +124,15 @@ class FamilyDescriptor(ABC):
     beside `packed_row_attention` for the attention layers. Their parent module must take `position_ids` and pass its
     other keyword arguments on to them, as transformers' decoder layers do."""
 
+    linear_attention_functions: ClassVar[tuple[str, ...]] = ()
+    """transformers' module-level linear-attention functions ("module:function") the family's layers call, which
+    transformers binds to flash-linear-attention's kernel whenever `fla` imports
+    (`use_kernel_func_from_hub_with_fallback`). Where that kernel cannot train (`linear_attention_kernel`),
+    `apply_speed` points them at their PyTorch reference for the run. Empty: the family has no such layers."""
+    reference_compile_cost: ClassVar[str | None] = None
+    """What torch.compile was measured to cost the linear-attention layers on the PyTorch reference; set, it keeps
+    speed.compile=auto eager where they run it (`compile_refusal`)."""
+
     capabilities: ClassVar[Mapping[str, Capability]]
     image_placeholder: ClassVar[str]
     """What the chat template emits per image (the processor expands its image token to the image's tokens)."""
@@ -207,6 +217,23 @@ class FamilyDescriptor(ABC):
 
     def _check_extra(self, config: VlmtuneConfig) -> list[str]:
         return []
+
+    # ---- kernels ----
+    def linear_attention_kernel(self, device: str) -> LinearAttentionKernel | None:
+        """Which kernel the linear-attention layers train with on `device`, and why (families/linear_attention.py);
+        None where the family has none (`linear_attention_functions`)."""
+        if not self.linear_attention_functions:
+            return None
+        from vlmtune.families.linear_attention import linear_attention_kernel
+
+        return linear_attention_kernel(device)
+
+    def compile_refusal(self, device: str) -> str | None:
+        """Why speed.compile=auto should leave this family's layers eager on `device`; None: nothing against it."""
+        kernel = self.linear_attention_kernel(device)
+        if kernel is None or kernel.name != "torch" or not self.reference_compile_cost:
+            return None
+        return f"the linear-attention layers run the PyTorch reference ({kernel.reason}); {self.reference_compile_cost}"
 
     # ---- records and extra model inputs ----
     def record_problem(self, record: Record) -> str | None:

@@ -19,7 +19,12 @@ Linear-attention kernels (`linear_attention_kernels` in the capability map): tra
 DeltaNet layers through `fla` (flash-linear-attention, Triton) and `causal_conv1d` when those packages import,
 else through a PyTorch reference (`torch_chunk_gated_delta_rule`, a Python loop over 64-token chunks, and
 `F.conv1d`), which it says is "correct but much slower" in a warning. vlmtune requires neither and logs a note
-when they are missing (`notes`).
+when they are missing (`notes`). transformers binds fla's kernel when fla imports, whatever the device; where it
+cannot train (`linear_attention_functions`, families/linear_attention.py: the CPU, or fla-core 0.6.0 refusing its
+backward on a Hopper GPU with Triton >= 3.4.0 and < 3.7.1 and no tilelang, which stopped every Qwen3.5 run on an H100
+with torch 2.11 / Triton 3.6.0 at its first backward), `apply_speed` points `torch_chunk_gated_delta_rule` at the
+PyTorch reference for the run and the start event says so (`speed.kernels`); the memory estimate counts the same
+kernel. The recurrent (one-token decode) function keeps fla: its forward runs.
 
 Packing (`packed_span_modules = ("linear_attn",)`): the DeltaNet layers carry a recurrent state and a 4-token conv
 window along the sequence, which no attention mask can cut, and their forward takes no positions (transformers'
@@ -33,8 +38,10 @@ launches per sample, so rows of many short samples are slower there; unmeasured 
 Speed switches: the chunked loss (`lm_head`), fused LoRA and 16-bit LoRA inputs (every adapted projection is an
 `nn.Linear`), the frozen vision tower without grad (`model.visual`), varlen vision attention (the tower attends
 over `cu_seqlens`), collator positions and packing (above) apply; `speed.compile` compiles each decoder layer but the
-first like any family's, unmeasured on Qwen3.5; with packing, auto stays eager (the per-span loop reads the
-sample boundaries on the host and would recompile for every packing layout: speed/compile_policy.py).
+first like any family's; with packing, auto stays eager (the per-span loop reads the sample boundaries on the host
+and would recompile for every packing layout: speed/compile_policy.py), and so it does where the DeltaNet layers run
+the PyTorch reference (`reference_compile_cost`: on an H100, Qwen3.5-9B LoRA, the first compiled step took 87 s and
+the second had not finished 200 s later, against 1.1 s per eager step). With fla's kernel it is unmeasured.
 
 transformers 5.17 and 5.23 layout (same names): `model.visual` (patch_embed, pos_embed, blocks, merger),
 `model.language_model` (`layers.N.linear_attn` or `layers.N.self_attn`, `mlp`), `lm_head`. The processor is
@@ -89,6 +96,10 @@ _PACKING = ("the gated DeltaNet layers (a recurrent state and a 4-token conv win
             "sample of a packed row, a Python loop with one set of kernel launches per sample: rows of many short "
             "samples are slower there")
 
+_REFERENCE_COMPILE = ("torch.compile unrolls its Python loop over 64-token chunks: measured on an H100 (Qwen3.5-9B "
+                      "LoRA) the first compiled step took 87 s and the second had not finished 200 s later, against "
+                      "1.1 s per eager step (set speed.compile=true to compile anyway)")
+
 _ROPE = {"rope_type": "default", "rope_theta": 10000000.0, "mrope_section": [11, 11, 10], "mrope_interleaved": True,
          "partial_rotary_factor": 0.25}
 
@@ -104,6 +115,8 @@ class Qwen3_5Family(Qwen3VLFamily):
     lora_target_sets = LORA_TARGET_SETS
     chat_template = QWEN3_5_TEMPLATE
     packed_span_modules = ("linear_attn",)
+    linear_attention_functions = ("transformers.models.qwen3_5.modeling_qwen3_5:torch_chunk_gated_delta_rule",)
+    reference_compile_cost = _REFERENCE_COMPILE
     capabilities = {
         **Qwen3VLFamily.capabilities,
         "packing": Supported(_PACKING),

@@ -84,7 +84,8 @@ class EstimateInputs:
     linear_attention_kernel: Literal["torch", "fla"] = "torch"
     """Which kernel runs linear-attention layers (Qwen3.5's gated DeltaNet): transformers' PyTorch reference path, or
     flash-linear-attention's fused one, which transformers uses when `fla` imports and keeps far less for backward
-    (memory/activations.py delta_net_bytes). From a config: fla when the target is a CUDA GPU and fla is importable."""
+    (memory/activations.py delta_net_bytes). From a config: fla when the target is a CUDA GPU and fla can train there
+    (`linear_attention_kernel`)."""
     expandable: bool = False
     """The caching allocator uses expandable segments (hardware.expandable_segments; on by default in training since
     2026-12-07). False here: the measured anchors and calibration points ran without them."""
@@ -163,11 +164,12 @@ def fp8_planned(config: VlmtuneConfig) -> bool:
 
 
 def linear_attention_kernel(cuda: bool) -> Literal["torch", "fla"]:
-    """"fla" where transformers will run flash-linear-attention's fused kernels (a CUDA run that can import fla; its
-    Triton kernels do not run on the CPU), "torch" otherwise."""
-    import importlib.util
+    """"fla" where the training run will use flash-linear-attention's fused kernels, "torch" where it runs
+    transformers' PyTorch reference: the answer training acts on (families/linear_attention.py: no fla, the CPU, or
+    fla's backward refusing the GPU's Triton)."""
+    from vlmtune.families.linear_attention import linear_attention_kernel as training_kernel
 
-    return "fla" if cuda and importlib.util.find_spec("fla") is not None else "torch"
+    return training_kernel("cuda" if cuda else "cpu").name
 
 
 def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInputs:

@@ -34,6 +34,8 @@ class SpeedSetup:
     active: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     handles: list[_Removable] = field(default_factory=list)
+    kernels: dict[str, str] = field(default_factory=dict)
+    """Layer kind -> the kernel it runs and why (the family's linear attention)."""
 
     def remove(self) -> None:
         for handle in reversed(self.handles):
@@ -51,7 +53,7 @@ class SpeedSetup:
         return installed
 
     def summary(self) -> dict[str, Any]:
-        return {"active": list(self.active), "skipped": dict(self.skipped)}
+        return {"active": list(self.active), "skipped": dict(self.skipped), "kernels": dict(self.kernels)}
 
 
 def apply_speed(
@@ -83,7 +85,10 @@ def apply_speed(
     plan = resolve_precision(config)
     world = world_size(config.distributed) if world is None else world
     deepspeed = uses_deepspeed(config.distributed, world)
-    compiled = decide_compile(config, plan.device, world, steps, deepspeed, tight_memory, family.packed_span_modules)
+    _linear_attention(setup, family, plan.device)
+    layer_refusal = family.compile_refusal(plan.device)
+    compiled = decide_compile(config, plan.device, world, steps, deepspeed, tight_memory, family.packed_span_modules,
+                              layer_refusal=layer_refusal)
     fp8 = decide_fp8(config, plan, deepspeed)  # speed.fp8=true that cannot run stops here
     if fp8.on and compiled.on:  # compile=auto (the config refuses fp8=true with compile=true)
         compiled = CompileDecision(
@@ -146,7 +151,7 @@ def apply_speed(
         setup.add("packed_attention=spans", packed_attention(unwrap_peft(model), family.language_prefixes))
     if speed.compile is False and not fp8.on and decide_compile(
         config.model_copy(update={"speed": speed.model_copy(update={"compile": "auto"})}),
-        plan.device, world, steps, deepspeed, tight_memory, family.packed_span_modules,
+        plan.device, world, steps, deepspeed, tight_memory, family.packed_span_modules, layer_refusal=layer_refusal,
     ).on:
         log.info(
             "speed: speed.compile=auto would compile this run and likely train faster (about 40 s of compiling at "
@@ -158,6 +163,27 @@ def apply_speed(
         "speed: %s%s", ", ".join(setup.active) or "nothing switched on", f" ({skipped})" if skipped else ""
     )
     return setup
+
+
+def _linear_attention(setup: SpeedSetup, family: FamilyDescriptor, device: str) -> None:
+    """The family's linear-attention layers on the kernel that can train on `device` (`linear_attention_kernel`):
+    where transformers bound flash-linear-attention's and it cannot train here, its PyTorch reference for the run."""
+    from vlmtune.errors import VlmtuneError
+    from vlmtune.families.linear_attention import reference_kernels
+
+    kernel = family.linear_attention_kernel(device)
+    if kernel is None:
+        return
+    setup.kernels["linear_attention"] = kernel.describe()
+    if not kernel.fallback:
+        log.info("speed: the linear-attention layers run %s", kernel.describe())
+        return
+    installed = reference_kernels(family.linear_attention_functions)
+    if isinstance(installed, str):
+        raise VlmtuneError(f"flash-linear-attention cannot train here ({kernel.reason}) and {installed}")
+    setup.add("linear_attention=torch_reference", installed)
+    log.warning("speed: the linear-attention layers run transformers' PyTorch reference instead of "
+                "flash-linear-attention, which is installed: %s", kernel.reason)
 
 
 def _needed_for_packing(installed: Any) -> Any:

@@ -4,8 +4,9 @@ auto compiles where it was measured to pay (benchmarks/RESULTS.md, session 7, on
 run eager: W1 LoRA 2B, W2 QLoRA 7B, W3 LoRA 7B, W4 full 2B, W5 padded and packed rows; it was faster in every one)
 and stays eager where it was not measured or cannot run: no CUDA GPU, a GPU older than compute capability 7.0
 (Triton's floor), no Triton, several processes or DeepSpeed, a run too short to pay back the compilation (about
-38 s for a 2B model in a first run on a machine, at the first steps), or a memory estimate within 10% of the GPU's
-memory. The decision and its reason go into the run's log.
+38 s for a 2B model in a first run on a machine, at the first steps), a family whose layers say they should stay
+eager (FamilyDescriptor.compile_refusal: linear-attention layers on transformers' PyTorch reference), or a memory
+estimate within 10% of the GPU's memory. The decision and its reason go into the run's log.
 """
 
 from __future__ import annotations
@@ -55,11 +56,13 @@ def decide_compile(
     deepspeed: bool = False,
     tight_memory: str | None = None,
     span_layers: tuple[str, ...] = (),
+    layer_refusal: str | None = None,
 ) -> CompileDecision:
     """`steps`: the run's optimizer steps when known (None: not counted, taken as long enough). `tight_memory`: why
     the memory estimate leaves little room on the GPU, when it does (auto then stays eager: compiling raised the
     reserved memory by 0.6-0.8 GiB on batches of varying shape, H100 W5, session 7). `span_layers`: the family's
-    layers that packed rows run once per sample (FamilyDescriptor.packed_span_modules)."""
+    layers that packed rows run once per sample (FamilyDescriptor.packed_span_modules). `layer_refusal`: why the
+    family's layers should stay eager on this device (FamilyDescriptor.compile_refusal), when they should."""
     setting = config.speed.compile
     if setting is True:
         return CompileDecision(True, "speed.compile=true", auto=False)
@@ -72,7 +75,7 @@ def decide_compile(
         if config.speed.packing and span_layers
         else None
     )
-    why_not = spans or _auto_refusal(device, world, steps, deepspeed) or (
+    why_not = spans or _auto_refusal(device, world, steps, deepspeed) or layer_refusal or (
         f"{tight_memory}; compiling can add up to 0.8 GiB of reserved memory on batches of varying shape, so a "
         "run this close to the GPU's memory stays eager (set speed.compile=true to compile anyway)"
         if tight_memory
