@@ -289,6 +289,38 @@ def test_true_forces_it_and_falls_back_to_tensor_scales(gpu):
     assert decide_fp8(_config({"fp8": True}), _plan(), deepspeed=True).on  # ZeRO-1/2: tried when forced
 
 
+def test_tensor_scales_when_asked_for(gpu, monkeypatch):
+    """speed.fp8_scales=tensor: per-tensor scales although the row-wise kernel runs, and the row-wise one is never
+    probed; where the per-tensor kernel fails, the run stops instead of falling back to rows."""
+    assert VlmtuneConfig().speed.fp8_scales == "row"
+    gpu((9, 0))
+    probed = []
+    monkeypatch.setattr(fp8_policy, "probe", lambda device, rowwise: probed.append(rowwise))
+    decision = decide_fp8(_config({"fp8": True, "fp8_scales": "tensor"}), _plan())
+    assert decision.on and not decision.rowwise and "speed.fp8_scales=tensor" in decision.reason
+    assert probed == [False]
+    gpu((9, 0), rowwise_ok=True, tensorwise_ok=False)
+    with pytest.raises(VlmtuneError, match=r"torch._scaled_mm fails on cuda \(no kernel\)"):
+        decide_fp8(_config({"fp8": True, "fp8_scales": "tensor"}), _plan())
+    with pytest.raises(ValueError, match="fp8_scales"):
+        _config({"fp8": True, "fp8_scales": "block"})
+
+
+def test_apply_speed_builds_per_tensor_scales_when_asked(tiny_model_dir):
+    """The fp8 layers follow speed.fp8_scales (CPU scaled matmul): a weight's scale is one number, not one per row."""
+    from vlmtune.families import get_family
+    from vlmtune.speed import apply_speed
+
+    model = lora_model(tiny_model_dir("qwen2_vl"), "qwen2_vl")
+    base = {"model": {"name_or_path": str(tiny_model_dir("qwen2_vl"))}, "hardware": {"use_cpu": True}}
+    for scales, rowwise in (("row", True), ("tensor", False)):
+        config = VlmtuneConfig.model_validate({**base, "speed": {"fp8": True, "fp8_scales": scales}})
+        setup = apply_speed(model, config, get_family("qwen2_vl"))
+        weights = [m.__dict__["_vlmtune_fp8"] for m in model.modules() if "_vlmtune_fp8" in m.__dict__]
+        assert weights and {w.rowwise for w in weights} == {rowwise}
+        setup.remove()
+
+
 @pytest.mark.parametrize(
     ("capability", "plan", "rowwise_ok", "says"),
     [
@@ -387,7 +419,7 @@ def test_engine_refuses_true_before_loading_weights(monkeypatch, tiny_model_dir,
     from vlmtune.train import engine
 
     monkeypatch.setattr(
-        fp8_policy, "_device_support", lambda device, forced, run_probe=True: (True, "a GPU too old (mocked)")
+        fp8_policy, "_device_support", lambda device, forced, **kw: (True, "a GPU too old (mocked)")
     )
     monkeypatch.setattr(vlmtune.methods, "get_method", lambda *a, **k: pytest.fail("the model was loaded"))
     config = VlmtuneConfig.model_validate(

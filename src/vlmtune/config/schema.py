@@ -367,6 +367,11 @@ class SpeedConfig(_Strict):
     auto: off while FP8 is slower than bf16 (measured on an H100: loss within 0.1% of bf16 after 300 steps, but 0.62x
     its speed; once it pays: CUDA GPUs of compute capability 8.9+, one process or DDP); true runs it wherever PyTorch can (stops with the reason elsewhere;
     not with QLoRA, full fine-tuning, speed.fused_lora=false or speed.compile=true); false never."""
+    fp8_scales: Literal["row", "tensor"] = "row"
+    """With speed.fp8: how activations, gradients and weights are scaled to e4m3. row: one scale per token row and per
+    weight row (PyTorch's row-wise scaled matmul; the 300-step loss check ran with it); tensor: one scale per operand
+    (cuBLASLt's FP8 matmul; coarser where a few rows hold outliers). row falls back to tensor where this PyTorch has
+    no row-wise kernel for the GPU. Which is faster on a GPU is what benchmarks/fp8_check.py measures."""
 
 
 class VlmtuneConfig(_Strict):

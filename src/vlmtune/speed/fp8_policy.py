@@ -55,12 +55,15 @@ def decide_fp8(config: VlmtuneConfig, plan: PrecisionPlan, deepspeed: bool = Fal
     rowwise, device_refusal = True, None
     if why_not is None:
         # auto before the measurement runs no probe: a default run does nothing new on the GPU
-        rowwise, device_refusal = _device_support(plan.device, forced, run_probe=forced or PAYS)
+        rowwise, device_refusal = _device_support(
+            plan.device, forced, run_probe=forced or PAYS, rowwise_first=config.speed.fp8_scales == "row"
+        )
     why_not = why_not or device_refusal
     if setting is True:
         if why_not:
             raise VlmtuneError(f"speed.fp8=true cannot run here: {why_not}. Set speed.fp8=false (or auto).")
-        scales = "per row" if rowwise else "per tensor (no row-wise FP8 kernel here)"
+        scales = ("per row" if rowwise else "per tensor (speed.fp8_scales=tensor)" if config.speed.fp8_scales ==
+                  "tensor" else "per tensor (no row-wise FP8 kernel here)")
         return Fp8Decision(
             True, f"fp8: on (speed.fp8=true, {_where(plan.device)}, scales {scales})", False, rowwise
         )
@@ -94,9 +97,12 @@ def _run_refusal(config: VlmtuneConfig, plan: PrecisionPlan, deepspeed: bool, fo
     return None
 
 
-def _device_support(device: str, forced: bool, run_probe: bool = True) -> tuple[bool, str | None]:
-    """(row-wise scales available, why FP8 cannot run on `device` or None). The CPU only when forced: PyTorch's CPU
-    scaled matmul works (tests use it) but is no faster."""
+def _device_support(
+    device: str, forced: bool, run_probe: bool = True, rowwise_first: bool = True
+) -> tuple[bool, str | None]:
+    """(row-wise scales to be used, why FP8 cannot run on `device` or None). The CPU only when forced: PyTorch's CPU
+    scaled matmul works (tests use it) but is no faster. `rowwise_first` (speed.fp8_scales=row): row-wise scales
+    where they run, else per tensor; False: per tensor only."""
     import torch
 
     if not hasattr(torch, "_scaled_mm") or not hasattr(torch, "float8_e4m3fn"):
@@ -111,14 +117,14 @@ def _device_support(device: str, forced: bool, run_probe: bool = True) -> tuple[
     elif not forced:
         return True, f"no CUDA GPU (device {device}; FP8 pays only on GPUs with FP8 tensor cores)"
     if not run_probe:
-        return True, None
+        return rowwise_first, None
     errors = []
-    for rowwise in (True, False):
+    for rowwise in (True, False) if rowwise_first else (False,):
         error = probe(device, rowwise)
         if error is None:
             return rowwise, None
         errors.append(error)
-    return True, f"torch._scaled_mm fails on {device} ({'; '.join(errors)})"
+    return rowwise_first, f"torch._scaled_mm fails on {device} ({'; '.join(errors)})"
 
 
 def probe(device: str, rowwise: bool) -> str | None:
