@@ -148,6 +148,8 @@ def test_every_vlmtune_variant_is_valid_config(tmp_path):
     assert checked > 40
     default = next(v for v in WORKLOADS["W1"].variants if v.name == "vlmtune_default1000")
     base = engine_run.config_dict(WORKLOADS["W1"], default, tmp_path / "m", tmp_path / "t.jsonl", tmp_path / "o")
-    config = load_config(None, overrides=[f"{k}={v}" for k, v in default.overrides.items()], base=base)
+    filled = {k: stand_in.get(k, v) for k, v in default.overrides.items()}
+    config = load_config(None, overrides=[f"{k}={v}" for k, v in filled.items()], base=base)
     assert config.speed.compile == "auto" and config.speed.checkpoint_every_n_layers == "auto"
+    assert default.overrides["hardware.memory_fraction"] == "@plain_gc_peak_reserved"  # at no more memory
     assert config.hardware.dataloader_workers == 0 and default.steps == 1000 and default.warmup == 0
