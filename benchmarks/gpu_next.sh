@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU calls staged for the open issues (17, 21), one named step per device call, each under the 600 s limit
+# (the suite stops starting variants when BUDGET_S runs out; `timeout` stops the rest). Results go to $OUT/<step>.
+# Run from the repo root of a clean copy of HEAD, with the wheels beside it, e.g. on the device machine:
+#   cd .clean && ln -sfn ../.whl .whl && bash benchmarks/gpu_next.sh f48
+# carrying [".whl", ".whl-unsloth", ".clean"] (.whl: bitsandbytes + pydantic; no flash-linear-attention: it cannot
+# train under torch 2.11's Triton 3.6 on Hopper, RESULTS.md session 14). Steps, in the order to run them:
+#   f48       issue 17: SmolVLM2 QLoRA (F4) and Qwen3.5 QLoRA (F8) against the plain loop, at its memory  (~450 s)
+#   f7        issue 17: Qwen3.5 LoRA again, with expandable segments off, twice, and a profile of both paths (~500 s)
+#   checks    issue 17: the per-switch GPU check on gemma3 4b, smolvlm 2.2b, qwen3_5 9b                   (~500 s)
+#   u1 u3 u2  issue 21: Unsloth beside vlmtune at Unsloth's memory on W1, W3, W2                        (~480 s each)
+#   d1000     issue 21: the default settings over 1,000 W1 steps, compilation included, at the plain loop's memory
+#   fp8       issue 21: FP8 per layer (row-wise vs per-tensor scales), then 300 steps of each (2B, the loss bar)
+#   fp8w3     issue 21: 40 steps of bf16 and both FP8 scalings on the 7B architecture (the 1.3x speed bar)
+#   mfu       issue 21: W3 without recomputation, eager and compiled (the 35% MFU bar), and the W3 profile
+set -euo pipefail
+step=${1:?usage: gpu_next.sh STEP (f48 f7 checks u1 u3 u2 d1000 fp8 fp8w3 mfu)}
+OUT=${OUT:-/tmp/vlmtune-next}/$step
+mkdir -p "$OUT"
+speed() {  # speed LIMIT_S ENV...: benchmarks/speed/run.sh under a timeout, results in $OUT
+  local limit=$1; shift
+  env OUT="$OUT" "$@" timeout "$limit" bash benchmarks/speed/run.sh >"$OUT/run.log" 2>&1 || echo "run.sh: exit $?"
+  tail -n 60 "$OUT/report.md" 2>/dev/null || tail -n 30 "$OUT/run.log"
+}
+case $step in
+  f48) speed 560 ONLY=F4,F8 BUDGET_S=480 BENCH_VARIANTS=plain_gc,vlmtune_auto,vlmtune_auto_compile ;;
+  f7) speed 560 ONLY=F7 BUDGET_S=330 BENCH_REPEATS=2 \
+        BENCH_VARIANTS=plain_gc,vlmtune_gc,vlmtune_gc_noexpandable,vlmtune_auto \
+        PROFILE="F7:vlmtune_gc F7:plain_gc" PROFILE_TIMEOUT_S=100 ;;
+  checks)
+    source benchmarks/gpu_env.sh
+    for spec in "gemma3 4b" "smolvlm 2.2b" "qwen3_5 9b"; do
+      set -- $spec
+      timeout 170 python3 -m benchmarks.speed.check --family "$1" --arch "$2" --out "$OUT/$1" \
+        >"$OUT/check-$1.log" 2>&1 || echo "check $1: exit $?"
+      tail -n 30 "$OUT/check-$1.log"
+    done ;;
+  u1) speed 560 UNSLOTH=1 ONLY=W1 BUDGET_S=480 \
+        BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_gc,vlmtune_lowmem,vlmtune_min,vlmtune_auto_at_unsloth ;;
+  u3) speed 570 UNSLOTH=1 ONLY=W3 BUDGET_S=500 \
+        BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_lowmem,vlmtune_min,vlmtune_auto_at_unsloth ;;
+  u2) speed 560 UNSLOTH=1 ONLY=W2 BUDGET_S=480 BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_gc,vlmtune_lean ;;
+  d1000) speed 570 ONLY=W1 BUDGET_S=540 BENCH_VARIANTS=plain_gc,vlmtune_default1000 ;;
+  fp8)
+    source benchmarks/gpu_env.sh
+    timeout 120 python3 -m benchmarks.fp8_check --skip-train --out "$OUT/fp8_layers.jsonl" >"$OUT/layers.log" 2>&1 \
+      || echo "fp8 layers: exit $?"
+    timeout 420 python3 -m benchmarks.fp8_check --skip-layers --steps 300 --scales row,tensor \
+      --out "$OUT/fp8_train.jsonl" >"$OUT/train.log" 2>&1 || echo "fp8 train: exit $?"
+    grep -h '"kind": "\(layer\|parity\)"' "$OUT/layers.log" "$OUT/train.log" | cut -c1-400 || true ;;
+  fp8w3)
+    source benchmarks/gpu_env.sh
+    timeout 540 python3 -m benchmarks.fp8_check --skip-layers --steps 40 --arch 7b --scales row,tensor \
+      --out "$OUT/fp8_train_7b.jsonl" >"$OUT/train.log" 2>&1 || echo "fp8 7b: exit $?"
+    grep -h '"kind": "parity"' "$OUT/train.log" | cut -c1-600 || true ;;
+  mfu) speed 570 ONLY=W3 BUDGET_S=380 BENCH_VARIANTS=vlmtune_gc,vlmtune_nogc,vlmtune_nogc_compile \
+        PROFILE="W3:vlmtune_nogc" PROFILE_TIMEOUT_S=150 ;;
+  *) echo "unknown step $step (f48 f7 checks u1 u3 u2 d1000 fp8 fp8w3 mfu)" >&2; exit 2 ;;
+esac
