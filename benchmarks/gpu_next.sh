@@ -26,7 +26,7 @@ case $step in
   f48) speed 560 ONLY=F4,F8 BUDGET_S=480 BENCH_VARIANTS=plain_gc,vlmtune_auto,vlmtune_auto_compile ;;
   f7) speed 560 ONLY=F7 BUDGET_S=330 BENCH_REPEATS=2 \
         BENCH_VARIANTS=plain_gc,vlmtune_gc,vlmtune_gc_noexpandable,vlmtune_auto \
-        PROFILE="F7:vlmtune_gc F7:plain_gc" PROFILE_TIMEOUT_S=100 ;;
+        PROFILE="F7:vlmtune_auto F7:plain_gc" PROFILE_TIMEOUT_S=100 ;;
   checks)
     source benchmarks/gpu_env.sh
     for spec in "gemma3 4b" "smolvlm 2.2b" "qwen3_5 9b"; do

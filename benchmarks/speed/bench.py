@@ -74,7 +74,7 @@ def run_one(workload: str, variant_name: str, out: Path) -> dict[str, Any]:
         import_first()
     if variant.warmup is not None:
         work = replace(work, warmup=variant.warmup)
-    variant = _resolved_overrides(variant, workload, out)
+    variant = resolved_overrides(variant, workload, out)
     model, path = prepare(work)
     if variant.steps is not None and not SMOKE:  # after prepare: the same records (a long run takes several passes)
         work = replace(work, steps=variant.steps)
@@ -109,7 +109,7 @@ def run_one(workload: str, variant_name: str, out: Path) -> dict[str, Any]:
     return result
 
 
-def _resolved_overrides(variant: Any, workload: str, out: Path) -> Any:
+def resolved_overrides(variant: Any, workload: str, out: Path) -> Any:
     """`variant` with its placeholders filled: FROM_DISK by the architecture's weights folder, each memory cap of
     PEAK_OF (AT_PLAIN_PEAK, AT_UNSLOTH_PEAK) by the fraction of this GPU that its variant (plain_gc, unsloth_gc) of
     the same round reserved at its peak (results.jsonl); a clear failure where either is missing."""

@@ -114,15 +114,15 @@ def test_cap_at_unsloths_peak_of_the_same_round(tmp_path, monkeypatch):
     variant = next(v for v in WORKLOADS["W1"].variants if v.name == "vlmtune_auto_at_unsloth")
     assert variant.overrides["hardware.memory_fraction"] == AT_UNSLOTH_PEAK
     with pytest.raises(SystemExit, match="needs unsloth_gc's peak reserved memory"):
-        bench._resolved_overrides(variant, "W1", tmp_path)
+        bench.resolved_overrides(variant, "W1", tmp_path)
     rows = [{"workload": "W1", "variant": "unsloth_gc", "round": 0, "peak_reserved_gib": 4.0},
             {"workload": "W1", "variant": "plain_gc", "round": 1, "peak_reserved_gib": 22.0},
             {"workload": "W1", "variant": "unsloth_gc", "round": 1, "peak_reserved_gib": 5.0}]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    filled = bench._resolved_overrides(variant, "W1", tmp_path)
+    filled = bench.resolved_overrides(variant, "W1", tmp_path)
     assert filled.overrides["hardware.memory_fraction"] == 0.0625
     auto = next(v for v in WORKLOADS["W1"].variants if v.name == "vlmtune_auto")
-    assert bench._resolved_overrides(auto, "W1", tmp_path).overrides["hardware.memory_fraction"] == 0.275
+    assert bench.resolved_overrides(auto, "W1", tmp_path).overrides["hardware.memory_fraction"] == 0.275
 
 
 def test_every_vlmtune_variant_is_valid_config(tmp_path):
@@ -153,3 +153,30 @@ def test_every_vlmtune_variant_is_valid_config(tmp_path):
     assert config.speed.compile == "auto" and config.speed.checkpoint_every_n_layers == "auto"
     assert default.overrides["hardware.memory_fraction"] == "@plain_gc_peak_reserved"  # at no more memory
     assert config.hardware.dataloader_workers == 0 and default.steps == 1000 and default.warmup == 0
+
+
+def test_a_profile_fills_the_cap_from_the_suites_results(tmp_path, monkeypatch):
+    """run.sh profiles into $OUT/logs beside the suite's $OUT/results.jsonl: a capped variant (vlmtune_auto) is
+    profiled at plain_gc's peak, where it stopped at the placeholder before."""
+    import torch
+
+    from benchmarks.speed import engine_run as run
+    from benchmarks.speed.profiling import profile_one
+
+    class Card:
+        total_memory = 80 * 2**30
+
+    class Seen(Exception):
+        pass
+
+    def train(work, variant, *a, **k):
+        raise Seen(variant.overrides["hardware.memory_fraction"])
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Card())
+    monkeypatch.setattr(bench, "prepare", lambda work: (tmp_path / "model", tmp_path / "train.jsonl"))
+    monkeypatch.setattr(run, "train", train)
+    row = {"workload": "F7", "variant": "plain_gc", "round": 0, "peak_reserved_gib": 20.0}
+    (tmp_path / "results.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(Seen) as seen:
+        profile_one("F7", "vlmtune_auto", tmp_path / "logs")
+    assert seen.value.args == (0.25,)
