@@ -158,13 +158,18 @@ def gemma3_masks(tokens: int, sliding_window: int, image: tuple[int, int] | None
 
 
 def measure(text_config: dict[str, Any], model_type: str, targets: list[str], layers: int, tokens: int,
-            batch: int = 1, mask: bool = False) -> list[dict[str, Any]]:
+            batch: int = 1, mask: bool = False, compiled: bool = False) -> list[dict[str, Any]]:
     """One forward at these widths; per layer its kind (from config.layer_types) and saved bytes per token. `mask`:
-    pass the 4-D masks of a batch with an image (`gemma3_masks`, as Gemma 3 always has) instead of none (causal)."""
+    pass the 4-D masks of a batch with an image (`gemma3_masks`, as Gemma 3 always has) instead of none (causal).
+    `compiled`: every layer but the first under torch.compile (inductor), as speed.compile runs them; what the
+    compiled graph saves reaches the hooks through its autograd function's save_for_backward."""
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = text_model(text_config, model_type, layers).to(device)
     peft = add_lora(model, targets)
+    if compiled:
+        for layer in list(model.layers)[1:]:  # speed/compile_layers.py: the first layer stays eager
+            layer.compile(backend="inductor")
     peft.train()
     params = {p.untyped_storage().data_ptr() for p in peft.parameters()}
     skip = {s for n, p in peft.named_parameters() if "lora_" in n for s in (tuple(p.shape), tuple(p.shape)[::-1])}
@@ -197,6 +202,7 @@ def main() -> None:
     parser.add_argument("--mask", action="store_true",
                         help="pass 4-D masks (an image block attending bidirectionally, sliding windows) as Gemma 3 does")
     parser.add_argument("--tensors", action="store_true", help="also list each saved storage")
+    parser.add_argument("--compile", action="store_true", help="every layer but the first under torch.compile")
     parser.add_argument("--kernels", choices=["torch", "fla"], default="torch",
                         help="Qwen3.5: torch hides flash-linear-attention (transformers' reference path)")
     args = parser.parse_args()
@@ -214,12 +220,12 @@ def main() -> None:
     text = dict(numbers["text_config"])
     text_type = text.pop("model_type", None) or f"{model_type}_text"
     targets = architectures()[model_type].lora_targets["all"]
-    rows = measure(text, text_type, targets, args.layers, args.tokens, mask=args.mask)
+    rows = measure(text, text_type, targets, args.layers, args.tokens, mask=args.mask, compiled=args.compile)
     for row in rows:
         if not args.tensors:
             row.pop("tensors")
         print(json.dumps({**row, "family": args.family, "arch": args.arch, "tokens": args.tokens,
-                          "kernels": args.kernels, "fla_loaded": "fla" in sys.modules,
+                          "kernels": args.kernels, "fla_loaded": "fla" in sys.modules, "compiled": args.compile,
                           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}))
 
 

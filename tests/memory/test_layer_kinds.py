@@ -12,12 +12,19 @@ measurement and Gemma 3's layers 42% under (2.5x and 19% at the 9B / 12B widths:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from benchmarks.saved_activations import measure
 from vlmtune.families import get_family
 from vlmtune.memory import EstimateInputs
-from vlmtune.memory.activations import decoder_layer_kinds, delta_net_bytes, layer_bytes_per_token
+from vlmtune.memory.activations import (
+    compiled_saving,
+    decoder_layer_kinds,
+    delta_net_bytes,
+    layer_bytes_per_token,
+)
 from vlmtune.memory.catalogue import ModelSpec, architectures, lookup_model
 from vlmtune.memory.params import count_params
 
@@ -55,6 +62,35 @@ def test_each_layer_kind_keeps_what_the_estimate_says(family):
         measured = row["bytes_per_token"] + _gpu_extra(counts.dims)
         estimate += _rank_bytes(counts, targets, index)
         assert estimate == pytest.approx(measured, rel=0.10), (family, row["kind"], estimate, measured)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+def test_compiled_layers_keep_less_by_what_the_estimate_says(family):
+    """speed.compile: each compiled layer (all but the first) saves `compiled_saving` bytes per token less than the same
+    layer eager (its RMSNorms' 16-bit inputs instead of fp32 copies, the MLP activation recomputed), measured on the
+    CPU with inductor; the estimate with `compiled` subtracts exactly that from every layer but the first."""
+    descriptor = get_family(family)
+    numbers = dict(descriptor.tiny_numbers)
+    spec = ModelSpec(name=f"tiny-{family}", arch=architectures()[family], config=numbers)
+    counts = count_params(spec)
+    targets = spec.arch.lora_targets["all"]
+    text = dict(numbers["text_config"])
+    model_type = text.pop("model_type", None) or f"{descriptor.model_types[0]}_text"
+    masked = any(kind.attention_mask for kind in spec.arch.layer_kinds.values())
+    eager = measure(text, model_type, targets, counts.dims.layers, TOKENS, mask=masked)
+    compiled = measure(text, model_type, targets, counts.dims.layers, TOKENS, mask=masked, compiled=True)
+    kinds = decoder_layer_kinds(spec, counts.dims)
+    assert compiled[0]["bytes_per_token"] == eager[0]["bytes_per_token"]  # the first layer stays eager
+    for index in range(1, counts.dims.layers):
+        saved_less = eager[index]["bytes_per_token"] - compiled[index]["bytes_per_token"]
+        # Gemma 3's norms also keep fp32 (1 + weight) copies eagerly: 4 bytes per norm width per layer, not per token
+        assert saved_less == pytest.approx(compiled_saving(kinds[index], counts.dims), rel=0.08), (family, index)
+    inputs = EstimateInputs(method="lora", lora_dropout=0.05, seq_len=TOKENS, autocast=True, lora_16bit_inputs=True)
+    plain = layer_bytes_per_token(inputs, spec, counts, targets, bf16_adapters=False)
+    fewer = layer_bytes_per_token(replace(inputs, compiled=True), spec, counts, targets, bf16_adapters=False)
+    assert fewer[0] == plain[0]
+    assert [p - f for p, f in zip(plain[1:], fewer[1:], strict=True)] == [
+        compiled_saving(k, counts.dims) for k in kinds[1:]]
 
 
 def test_the_hybrid_and_sliding_models_have_their_kinds():

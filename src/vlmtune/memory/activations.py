@@ -20,6 +20,7 @@ Vision tower: with checkpointing HF hooks it into autograd even when frozen, so 
 patch per unit width per block (fitted on one run, approximate). vlmtune's speed.frozen_vision_no_grad runs a
 frozen tower without grad: it keeps nothing in either case. speed.checkpoint_every_n_layers keeps the other
 layers' activations in full; speed.checkpoint_offload moves the checkpointed inputs to CPU memory (not measured).
+speed.compile=true keeps `compiled_saving` less per token in every layer but the first (EstimateInputs.compiled).
 """
 
 from __future__ import annotations
@@ -170,7 +171,34 @@ def layer_bytes_per_token(
     for index, kind in enumerate(kinds):
         first.setdefault(kind, index)
     sizes = {k: per_token_layer_bytes(inputs, counts, targets, bf16_adapters, k, i) for k, i in first.items()}
-    return [sizes[k] for k in kinds]
+    if not (inputs.compiled and inputs.method in ("lora", "qlora")):
+        return [sizes[k] for k in kinds]
+    # speed.compile leaves the first layer eager (speed/compile_layers.py)
+    return [sizes[k] - (compiled_saving(k, counts.dims) if index else 0) for index, k in enumerate(kinds)]
+
+
+def compiled_saving(kind: LayerKind, d: ModelDims) -> int:
+    """Bytes per token a decoder layer of this kind keeps less for backward under torch.compile (speed.compile), bf16
+    autocast, LoRA / QLoRA. Inductor saves each RMSNorm's 16-bit input where eager keeps its fp32 copy (2 bytes less
+    per element) and recomputes the MLP's activation instead of keeping it (2i):
+    - every layer: 2i + 4h (the two RMSNorms around attention and MLP);
+    - qk_norm: + 2q + 2kv;
+    - sandwich_norms (Gemma 3): + 6h (two more norms, and one whose 16-bit input something else keeps already).
+    Counted with benchmarks/saved_activations.py on the CPU, eager against each layer compiled (inductor): Qwen3-VL-8B
+    widths 258,568 -> 207,368 bytes per token (51,200, the formula exactly), Gemma-3-12B 328,944 -> 247,454 (81,490;
+    formula 81,408, the rest its norms' fp32 (1 + weight) copies); on an H100 (allocated, layers keeping their
+    activations): Qwen2-VL-2B fused LoRA 24.1-25.0 kB (formula 24,064; session 7, W1 gc4 / no checkpointing), Qwen3-VL-
+    8B QLoRA 50.5 kB and Gemma-3-12B QLoRA 82.6 kB (session 14, F2 / F6). Linear-attention layers: none counted (not
+    measured; compiling them is refused by auto on the PyTorch reference)."""
+    if kind.rule != "attention":
+        return 0
+    h, q, kv = d.hidden, d.q_width, d.kv_width
+    out = 2 * d.intermediate + 4 * h
+    if kind.qk_norm:
+        out += 2 * q + 2 * kv
+    if kind.sandwich_norms:
+        out += 6 * h
+    return out
 
 
 def image_tokens_and_patches(inputs: EstimateInputs, spec: ModelSpec) -> tuple[int, int]:

@@ -78,6 +78,10 @@ class EstimateInputs:
     """speed.checkpoint_every_n_layers: with checkpointing, only every n-th decoder layer is checkpointed."""
     checkpoint_offload: bool = False
     """speed.checkpoint_offload: the checkpointed layer inputs live in CPU memory."""
+    compiled: bool = False
+    """speed.compile=true: every decoder layer but the first runs under torch.compile, which keeps less for backward
+    (memory/activations.py `compiled_saving`). Not under auto: a frame auto cannot compile runs eagerly, so its
+    estimate stays the eager one (an over-estimate where compiling works)."""
     fp8_base: bool = False
     """speed.fp8 is on (LoRA): each adapted base weight also keeps its e4m3 copies, both layouts (speed/fp8_linear.py
     planned_bytes), beside the bf16 weight."""
@@ -217,6 +221,7 @@ def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInput
         # `auto` is chosen by `vlmtune train` against its GPU (speed/checkpoint_policy.py); every layer here.
         checkpoint_every=1 if config.speed.checkpoint_every_n_layers == "auto" else config.speed.checkpoint_every_n_layers,
         checkpoint_offload=config.speed.checkpoint_offload,
+        compiled=config.speed.compile is True,
         # what training sets in this environment (train/gpu_memory.py); the estimate's target is a CUDA GPU
         fp8_base=fp8_planned(config),
         linear_attention_kernel=linear_attention_kernel(not config.hardware.use_cpu),
