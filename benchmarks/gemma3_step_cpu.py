@@ -118,11 +118,11 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(head + lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--variants", default="plain_gc,vlmtune_gc")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     results = {}
