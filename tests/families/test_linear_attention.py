@@ -30,6 +30,7 @@ def machine(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
         monkeypatch.setattr(la, "_triton_version", lambda: triton)
+        monkeypatch.setattr(la, "_fla_installed", lambda: fla)
         monkeypatch.delenv("FLA_TILELANG", raising=False)
         monkeypatch.delenv("FLA_DISABLE_BACKEND_DISPATCH", raising=False)
 
@@ -71,6 +72,17 @@ def test_without_fla_or_on_the_cpu_the_reference_runs(machine):
     cpu = la.linear_attention_kernel("cpu")
     assert cpu.name == "torch" and cpu.fallback and "CUDA GPU" in cpu.reason  # fla bound, but Triton needs CUDA
     assert get_family("qwen2_vl").linear_attention_kernel("cuda") is None  # no linear attention
+
+
+def test_a_folder_named_fla_is_not_flash_linear_attention(tmp_path, monkeypatch):
+    """A stray `fla` folder on sys.path imports as a namespace package (transformers finds no kernel in it and runs the
+    reference): without an installed fla-core / flash-linear-attention distribution the reference is what runs."""
+    (tmp_path / "fla").mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    assert importlib.util.find_spec("fla") is not None
+    kernel = la.linear_attention_kernel("cuda")
+    assert kernel.name == "torch" and not kernel.fallback and "not installed" in kernel.reason
 
 
 def test_the_estimator_counts_the_kernel_training_will_run(machine):
@@ -162,8 +174,7 @@ def test_apply_speed_switches_the_layers_and_says_so(tiny_model_dir, fla_bound, 
     from vlmtune.speed import apply_speed
 
     modeling, name, bound = fla_bound
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda spec, *a: object() if spec == "fla" else REAL_FIND_SPEC(spec, *a))
+    monkeypatch.setattr(la, "_fla_installed", lambda: True)
     config = VlmtuneConfig.model_validate(
         {"model": {"name_or_path": str(tiny_model_dir("qwen3_5"))}, "hardware": {"precision": "fp32"}})
     model = get_method(config.method.name).load_and_prepare(config, FAMILY)

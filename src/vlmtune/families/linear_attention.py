@@ -45,7 +45,7 @@ class LinearAttentionKernel:
 def linear_attention_kernel(device: str) -> LinearAttentionKernel:
     """The kernel transformers' gated DeltaNet layers can train with on `device` ("cuda", "cuda:1", "cpu"), and why.
     A CUDA device this process cannot see (an estimate for another machine) is taken as able to run fla."""
-    if importlib.util.find_spec("fla") is None:
+    if not _fla_installed():
         return LinearAttentionKernel(
             "torch", "flash-linear-attention (the `fla` package) is not installed: transformers runs its PyTorch "
             "reference, a Python loop over 64-token chunks; `pip install flash-linear-attention` for the fused kernel",
@@ -57,6 +57,24 @@ def linear_attention_kernel(device: str) -> LinearAttentionKernel:
     if refusal:
         return LinearAttentionKernel("torch", refusal, fallback=True)
     return LinearAttentionKernel("fla", "fla imports and can train on this GPU", fallback=False)
+
+
+FLA_DISTRIBUTIONS = ("fla-core", "flash-linear-attention")
+"""The pip distributions that install the `fla` package (0.6: fla-core holds the kernels)."""
+
+
+def _fla_installed() -> bool:
+    """`fla` importable and installed as a distribution: a stray folder named fla on sys.path (a namespace package:
+    transformers imports it, finds no kernel in it and runs the reference) is not flash-linear-attention."""
+    if importlib.util.find_spec("fla") is None:
+        return False
+    for name in FLA_DISTRIBUTIONS:
+        try:
+            importlib.metadata.distribution(name)
+            return True
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return False
 
 
 def _hopper_refusal(device: str) -> str | None:
