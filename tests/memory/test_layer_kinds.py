@@ -147,7 +147,6 @@ def test_flash_linear_attention_keeps_less_and_is_picked_where_it_imports(monkey
     """With fla importable on a CUDA run transformers runs its fused DeltaNet kernel, which recomputes the chunk states
     in backward: the DeltaNet mixer keeps ~124 kB per token at 9B widths instead of ~412 kB, and the no-checkpointing
     estimate of F8 drops by about that much per DeltaNet layer."""
-    import importlib.util
 
     from vlmtune.config.schema import VlmtuneConfig
     from vlmtune.memory import estimate
@@ -160,12 +159,13 @@ def test_flash_linear_attention_keeps_less_and_is_picked_where_it_imports(monkey
     saved = estimate(no_gc).peak_allocated - estimate(no_gc.with_(linear_attention_kernel="fla")).peak_allocated
     assert saved / GIB == pytest.approx(24 * 709 * (torch_path - fla) / GIB, rel=0.05)  # 24 DeltaNet layers
 
-    real = importlib.util.find_spec
+    from vlmtune.families import linear_attention
+
     config = VlmtuneConfig.model_validate({"model": {"name_or_path": "Qwen/Qwen3.5-9B"}})
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "fla" else real(name, *a))
+    monkeypatch.setattr(linear_attention, "_fla_installed", lambda: True)
     assert inputs_from_config(config).linear_attention_kernel == "fla"
     cpu = VlmtuneConfig.model_validate({"model": {"name_or_path": "Qwen/Qwen3.5-9B"}, "hardware": {"use_cpu": True}})
     assert inputs_from_config(cpu).linear_attention_kernel == "torch"  # fla's Triton kernels need a GPU
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fla" else real(name, *a))
+    monkeypatch.setattr(linear_attention, "_fla_installed", lambda: False)
     assert inputs_from_config(config).linear_attention_kernel == "torch"
 

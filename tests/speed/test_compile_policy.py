@@ -204,6 +204,7 @@ def test_auto_stays_eager_where_linear_attention_runs_the_pytorch_reference(gpu,
                             if name == "fla" else object() if name == "triton" else real(name, *a))
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(linear_attention, "_triton_version", lambda triton=triton: triton)
+        monkeypatch.setattr(linear_attention, "_fla_installed", lambda fla=fla: fla)
         refusal = family.compile_refusal("cuda")
         eager = decide_compile(_config(), "cuda", steps=MIN_STEPS, layer_refusal=refusal)
         assert not eager.on and eager.auto
