@@ -14,6 +14,7 @@ MFU = model FLOPs per step / step time / peak.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import subprocess
 import time
@@ -43,6 +44,15 @@ def peak_flops() -> float:
     return 989.4e12  # H100 SXM / H200 dense bf16
 
 
+@functools.cache
+def _nvml_handle() -> Any:
+    """NVML's handle of this process's GPU, NVML initialised once (nvml_used runs after every step)."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    return pynvml.nvmlDeviceGetHandleByIndex(torch.cuda._get_nvml_device_index(torch.cuda.current_device()))
+
+
 def nvml_used() -> float | None:
     """Device memory in use (GiB) as nvidia-smi's memory.used reports it: every process's context and allocator
     pools, without the driver's own reservation. NVML's version-1 memory query (what torch.cuda.device_memory_used
@@ -52,10 +62,7 @@ def nvml_used() -> float | None:
     try:
         import pynvml
 
-        pynvml.nvmlInit()
-        index = torch.cuda._get_nvml_device_index(torch.cuda.current_device())  # CUDA_VISIBLE_DEVICES mapped
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        return pynvml.nvmlDeviceGetMemoryInfo(handle, version=pynvml.nvmlMemory_v2).used / GIB
+        return pynvml.nvmlDeviceGetMemoryInfo(_nvml_handle(), version=pynvml.nvmlMemory_v2).used / GIB
     except Exception:  # noqa: BLE001 - no pynvml, no v2 query or no GPU: ask the command line tool
         pass
     try:

@@ -162,17 +162,12 @@ AUTO_QLORA = Variant(
 )
 """AUTO for QLoRA pairs, loading its weights from disk."""
 
-AUTO_COMPILE = Variant(
-    "vlmtune_auto_compile", "vlmtune", True, {**AUTO.overrides, "speed.compile": True}, warmup=5
-)
-"""AUTO with torch.compile per decoder layer: what `vlmtune train` runs by default on a run long enough that
-compiling pays (speed.compile=auto compiles from 500 optimizer steps), at the plain loop's memory; the compilation
-falls in the 5 warm-up steps (its time is in the run's log, `compile` events)."""
-
-AUTO_QLORA_COMPILE = Variant(
-    "vlmtune_auto_compile", "vlmtune", True, {**AUTO_QLORA.overrides, "speed.compile": True}, warmup=5
-)
-"""AUTO_COMPILE for QLoRA pairs, loading its weights from disk."""
+def compiled(variant: Variant) -> Variant:
+    """`variant` with torch.compile per decoder layer, `<name>_compile`: on an AUTO variant, what `vlmtune train` runs
+    by default on a run long enough that compiling pays (speed.compile=auto compiles from 500 optimizer steps), at
+    the plain loop's memory; the compilation falls in the 5 warm-up steps (its time is in the run's log)."""
+    return replace(variant, name=f"{variant.name}_compile", overrides={**variant.overrides, "speed.compile": True},
+                   warmup=5)
 
 UNSLOTH_GC = Variant("unsloth_gc", "unsloth", True)
 """Unsloth's FastVisionModel with its own checkpointing ("unsloth"), the harness's LoRA (W1, W2 4-bit, W3)."""
@@ -400,6 +395,7 @@ WORKLOADS: dict[str, Workload] = {
 def _family_pair(name: str, title: str, family: str, arch: str, method: str, batch: int, side: int, part: int) -> Workload:
     """Issue 17's per-family run: the plain transformers + PEFT path against `vlmtune train`'s engine with its
     defaults, both with gradient checkpointing (what a user runs on a card this model fills)."""
+    auto = AUTO if method == "lora" else AUTO_QLORA
     return Workload(
         name,
         title,
@@ -410,11 +406,11 @@ def _family_pair(name: str, title: str, family: str, arch: str, method: str, bat
         side,
         512,
         variants=(Variant("plain_gc", "plain", True), Variant("vlmtune_gc", "vlmtune", True))
-        + ((AUTO,) if method == "lora" else (AUTO_QLORA,))
+        + (auto,)
         # compiled: not on Qwen3.5, whose DeltaNet layers run transformers' PyTorch reference on the GPU machine
         # (flash-linear-attention cannot train under its triton 3.6 on Hopper): compiling that took 87 s for F7's
         # first step and the second was not done 200 s later (session 14)
-        + (() if family == "qwen3_5" else (AUTO_COMPILE if method == "lora" else AUTO_QLORA_COMPILE,))
+        + (() if family == "qwen3_5" else (compiled(auto),))
         # cuDNN's attention (speed.sdpa_cudnn=auto: off, except for Gemma 3): Gemma 3 / Qwen3.5 have 256-wide heads
         # and masked batches, where SDPA without cuDNN falls back to the memory-efficient kernel (F5 ran at 0.94x the
         # plain path in session 12 with cuDNN off); vlmtune_gc_nocudnn: Gemma 3 with cuDNN off, as it ran before auto
