@@ -117,3 +117,31 @@ def test_full_size_processor_matches_the_estimators_rule(tmp_path, limits):
         tokens = int((out["input_ids"] == processor.image_token_id).sum())
         assert tokens == cost.llm_tokens == FAMILY.image_token_count(height, width, processor), (height, width)
         assert int(out["image_grid_thw"].prod()) == cost.vit_patches
+
+
+@pytest.mark.parametrize("size", [(1000, 4), (3, 700)])
+def test_image_too_thin_for_the_processor_is_a_data_error(tiny, tmp_path, size):
+    """transformers' smart_resize raises a bare ValueError past a 200:1 aspect ratio; training (encode), token
+    counting (`data check --model`), a lazy data set's first pass (survey) and predict refuse the record first,
+    naming the image and its size."""
+    from vlmtune.data.processing import count_tokens
+    from vlmtune.data.survey import survey
+    from vlmtune.errors import VlmtuneError
+    from vlmtune.export.predict import generate_answer
+
+    model, processor = tiny
+    thin, ok = tmp_path / "thin.png", tmp_path / "ok.png"
+    Image.new("RGB", size, "red").save(thin)
+    Image.new("RGB", (800, 4), "red").save(ok)  # 200:1 exactly: the processor takes it
+    ask = [Message("user", [ImagePart(ok), ImagePart(thin), TextPart("Colour?")])]
+    record = Record(3, [*ask, Message("assistant", [TextPart("red")])])
+    width, height = size
+    for run in (lambda: encode(record, processor, FAMILY, DataConfig()),
+                lambda: count_tokens(record, processor, FAMILY, DataConfig()),
+                lambda: survey(record, processor, FAMILY, DataConfig())):
+        with pytest.raises(DataError, match=rf"line 3: image 2 \(.*thin.png\) is {width}x{height} px"):
+            run()
+    with pytest.raises(VlmtuneError, match=f"cannot ask qwen3_vl this: image 2 .* is {width}x{height} px"):
+        generate_answer(model, processor, ask, family=FAMILY)
+    assert encode(Record(4, [Message("user", [ImagePart(ok)]), record.messages[-1]]), processor, FAMILY,
+                  DataConfig()) is not None

@@ -25,12 +25,13 @@ def survey(record: Record, processor: Any, family: FamilyDescriptor,
     from vlmtune.data.images import image_size
     from vlmtune.data.processing import segments
 
+    segs = segments(record, processor, family)  # first: it refuses what the family cannot take (record_problem)
     extra = []
     for image in record.images:
         width, height = image_size(image, data_cfg.max_image_megapixels)
         extra.append(family.image_token_count(height, width, processor) - 1)
     pos, taken, labelled_spans = 0, 0, []
-    for seg in segments(record, processor, family):
+    for seg in segs:
         n = len(processor.tokenizer(seg.text, add_special_tokens=False)["input_ids"])
         n += sum(extra[taken: taken + seg.images])
         taken += seg.images

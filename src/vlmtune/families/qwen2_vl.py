@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig, ProcessorMixin
 
     from vlmtune.config.schema import DataConfig, VlmtuneConfig
+    from vlmtune.data.records import Record
 
 
 class Qwen2VLImageTextProcessor(UpstreamNamedProcessor, Qwen2VLProcessor):
@@ -59,6 +60,9 @@ QWEN_TOKEN_ROLES = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
 TINY_IMAGE_PIXELS = 56 * 56
 """Tiny models resize every image to about 56x56 px: 4x4 patches of 14 px, 2x2 merged = 4 image tokens."""
 REAL_MIN_PIXELS, REAL_MAX_PIXELS = 56 * 56, 28 * 28 * 16384  # the released checkpoints' preprocessor_config.json
+MAX_ASPECT_RATIO = 200
+"""transformers' `smart_resize` (every Qwen-VL image processor) raises a bare ValueError for an image whose long side
+is over 200 times its short side; `record_problem` refuses such a record first, naming the image."""
 
 
 class Qwen2VLFamily(FamilyDescriptor):
@@ -150,6 +154,18 @@ class Qwen2VLFamily(FamilyDescriptor):
         # transformers 5.23 reads the bounds from `size` (shortest_edge=min, longest_edge=max pixels); passing
         # min_pixels/max_pixels per call is deprecated.
         image_processor.size = type(size)(shortest_edge=min_pixels, longest_edge=max_pixels)
+
+    def record_problem(self, record: Record) -> str | None:
+        """An image too thin for the image processor (see MAX_ASPECT_RATIO), read from its header."""
+        from vlmtune.data.images import image_size
+
+        for number, image in enumerate(record.images, 1):
+            width, height = image_size(image)
+            if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+                return (f"image {number} ({image}) is {width}x{height} px: {self.name}'s image processor takes "
+                        f"images whose long side is at most {MAX_ASPECT_RATIO} times the short one; crop it or pad "
+                        "it towards a square")
+        return super().record_problem(record)
 
     def image_token_count(self, height: int, width: int, processor: ProcessorMixin) -> int:
         ip = processor.image_processor
