@@ -293,6 +293,7 @@ def _train(config: VlmtuneConfig, out: Path, config_path: Path, checkpoint: Any,
                        *debug, *(callbacks or []), NonFiniteGuard(config, out / LOG_FILE, ds_config is not None),
                        interrupt],
             device=plan.device,
+            loss_counts_items="chunked_loss" in speed.active,
             vision_keepalive=(  # with several processes a batch without images still runs the vision tower
                 VisionKeepAlive(processor.image_processor, family.language_prefixes, family.image_features)
                 if world > 1 else None

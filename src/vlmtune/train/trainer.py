@@ -59,9 +59,18 @@ def _takes_use_cache(model: Any) -> bool:
 
 class VlmTrainer(Trainer):
     def __init__(
-        self, *args: Any, device: str = "cpu", vision_keepalive: VisionKeepAlive | None = None, **kwargs: Any
+        self, *args: Any, device: str = "cpu", vision_keepalive: VisionKeepAlive | None = None,
+        loss_counts_items: bool = False, **kwargs: Any
     ):
+        """`loss_counts_items`: the model's loss divides by the Trainer's `num_items_in_batch` (vlmtune's chunked
+        loss, speed/loss_hook.py, does for every model). transformers 5.23 marks some classes (Qwen2-VL ... Qwen3.5)
+        `accepts_loss_kwargs = False`, and the Trainer then averages the micro-batches' own token means under
+        gradient accumulation: tokens of a micro-batch with few labels weigh more, and packed rows (other
+        micro-batches) train on another loss than the same samples padded. With it, the loss is the token mean over
+        the whole accumulated batch, as for the other families."""
         super().__init__(*args, **kwargs)
+        if loss_counts_items:
+            self.model_accepts_loss_kwargs = True
         self._device = device
         self._keepalive = vision_keepalive.attach(self.model) if vision_keepalive is not None else None
         self._staging: str | None = None
