@@ -34,6 +34,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def token_mean_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
+    """The causal-LM loss as the Trainer's `compute_loss_func`: position t predicts label t+1, summed over the
+    labelled tokens and divided by `num_items_in_batch` (the whole accumulated step's labelled tokens; the micro-batch's
+    own count where the Trainer gives none, as in evaluation). What transformers' `ForCausalLMLoss` computes, for
+    models whose class keeps the Trainer from handing it the count (`accepts_loss_kwargs = False`)."""
+    import torch.nn.functional as F
+
+    from vlmtune.data.processing import IGNORE_INDEX
+
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    if labels is None or logits.shape[:2] != labels.shape:
+        raise RuntimeError(
+            f"token_mean_loss: the model's logits {tuple(logits.shape)} do not line up with the labels "
+            f"{None if labels is None else tuple(labels.shape)}; this family needs its own loss (report it)")
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].to(logits.device)
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else (shifted != IGNORE_INDEX).sum()
+    if hasattr(count, "to"):
+        count = count.to(total.device)
+    return total / count
+
+
 def _takes_use_cache(model: Any) -> bool:
     """Whether the model's forward (through DDP / DeepSpeed / PEFT wrappers) takes `use_cache`: as an argument
     (Qwen2-VL, Qwen2.5-VL), or through **kwargs handed to a decoder whose config has it (LLaVA)."""
@@ -67,10 +90,13 @@ class VlmTrainer(Trainer):
         `accepts_loss_kwargs = False`, and the Trainer then averages the micro-batches' own token means under
         gradient accumulation: tokens of a micro-batch with few labels weigh more, and packed rows (other
         micro-batches) train on another loss than the same samples padded. With it, the loss is the token mean over
-        the whole accumulated batch, as for the other families."""
+        the whole accumulated batch, as for the other families. Without it, such a model's loss is computed here
+        (`token_mean_loss`, the Trainer's `compute_loss_func`) for the same token mean."""
         super().__init__(*args, **kwargs)
         if loss_counts_items:
             self.model_accepts_loss_kwargs = True
+        elif not self.model_accepts_loss_kwargs and self.compute_loss_func is None and self.label_smoother is None:
+            self.compute_loss_func = token_mean_loss
         self._device = device
         self._keepalive = vision_keepalive.attach(self.model) if vision_keepalive is not None else None
         self._staging: str | None = None
