@@ -250,7 +250,7 @@ def activation_terms(
     trained_vit = (inputs.method == "full" and not inputs.freeze_vision_tower) or inputs.adapt_vision_tower
     if inputs.gradient_checkpointing:
         every = max(1, inputs.checkpoint_every)
-        # transformers checkpoints the layers whose index is a multiple of every_n_layers
+        # the decoder layers whose index in the language model is a multiple of n (train/checkpoint_layers.py)
         kept_layers = [x for index, x in enumerate(per_layer) if index % every]
         checkpointed = d.layers - len(kept_layers)
         whole = len(kept_layers)  # layers that keep all their activations

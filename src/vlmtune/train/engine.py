@@ -185,6 +185,17 @@ def _checkpointing_of(resolved: VlmtuneConfig, config: VlmtuneConfig) -> Vlmtune
     })
 
 
+def _checkpoint_layers(config: VlmtuneConfig, family: FamilyDescriptor) -> list[TrainerCallback]:
+    """Every n-th decoder layer checkpointed by its index in the language model, as the estimate counts
+    (train/checkpoint_layers.py; transformers would count the vision tower's blocks too)."""
+    every = config.speed.checkpoint_every_n_layers
+    if not config.hardware.gradient_checkpointing or every == "auto" or int(every) <= 1:
+        return []
+    from vlmtune.train.checkpoint_layers import CheckpointLayers
+
+    return [CheckpointLayers(family.language_layers_prefix, int(every))]
+
+
 def _started(log_path: Path) -> bool:
     """Whether the run logged its start (the model loaded and training was about to begin)."""
     try:  # the start event is among the first lines: stop reading there
@@ -290,8 +301,8 @@ def _train(config: VlmtuneConfig, out: Path, config_path: Path, checkpoint: Any,
             data_collator=collator,
             processing_class=processor,
             callbacks=[JsonlLogCallback(out / LOG_FILE), progress, *_deepspeed_callbacks(config, ds_config, world),
-                       *debug, *(callbacks or []), NonFiniteGuard(config, out / LOG_FILE, ds_config is not None),
-                       interrupt],
+                       *debug, *_checkpoint_layers(config, family), *(callbacks or []),
+                       NonFiniteGuard(config, out / LOG_FILE, ds_config is not None), interrupt],
             device=plan.device,
             loss_counts_items="chunked_loss" in speed.active,
             vision_keepalive=(  # with several processes a batch without images still runs the vision tower
