@@ -5,10 +5,10 @@
 #   cd .clean && ln -sfn ../.whl .whl && bash benchmarks/gpu_next.sh f48
 # carrying [".whl", ".whl-unsloth", ".clean"] (.whl: bitsandbytes + pydantic; no flash-linear-attention: it cannot
 # train under torch 2.11's Triton 3.6 on Hopper, RESULTS.md session 14). Steps, in the order to run them:
-#   f48       issue 17: SmolVLM2 QLoRA (F4) and Qwen3.5 QLoRA (F8) against the plain loop, at its memory  (~450 s)
-#   f48p      f48 and a profile of F7 on both paths in one call, for a session that may get only one   (~570 s)
-#   f48s      f48 cut to what ~7 minutes of device time allow (F4 first, then F8)                  (~460 s)
-#   f7        issue 17: Qwen3.5 LoRA again, with expandable segments off, twice, and a profile of both paths (~500 s)
+#   f8        issue 17: Qwen3.5 QLoRA (F8) again: its estimate once vlmtune picks the checkpointed layers itself (~250 s)
+#   f7        issue 17: Qwen3.5 LoRA again, with expandable segments off, each variant twice           (~560 s)
+#   f7prof    issue 17: a profile of F7 on both paths (each needs > 95 s: session 15's timed out)      (~560 s)
+#   f48 f48p f48s  (session 15 ran f48s: F4 and F8 measured)
 #   checks    issue 17: the per-switch GPU check on gemma3 4b, smolvlm 2.2b, qwen3_5 9b                   (~500 s)
 #   u1 u3 u2  issue 21: Unsloth beside vlmtune at Unsloth's memory on W1, W3, W2                        (~480 s each)
 #   d1000     issue 21: the default settings over 1,000 W1 steps, compilation included, at the plain loop's memory
@@ -16,7 +16,7 @@
 #   fp8w3     issue 21: 40 steps of bf16 and both FP8 scalings on the 7B architecture (the 1.3x speed bar)
 #   mfu       issue 21: W3 without recomputation, eager and compiled (the 35% MFU bar), and the W3 profile
 set -euo pipefail
-step=${1:?usage: gpu_next.sh STEP (f48 f48p f48s f7 checks u1 u3 u2 d1000 fp8 fp8w3 mfu)}
+step=${1:?usage: gpu_next.sh STEP (f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 mfu)}
 OUT=${OUT:-/tmp/vlmtune-next}/$step
 mkdir -p "$OUT"
 speed() {  # speed LIMIT_S ENV...: benchmarks/speed/run.sh under a timeout, results in $OUT
@@ -30,9 +30,11 @@ case $step in
         PROFILE="F7:vlmtune_gc F7:plain_gc" PROFILE_TIMEOUT_S=75
         tail -n 80 "$OUT/profile.md" 2>/dev/null || true ;;
   f48s) speed 460 ONLY=F4,F8 BUDGET_S=400 BENCH_VARIANTS=plain_gc,vlmtune_auto,vlmtune_auto_compile ;;
-  f7) speed 560 ONLY=F7 BUDGET_S=330 BENCH_REPEATS=2 \
-        BENCH_VARIANTS=plain_gc,vlmtune_gc,vlmtune_gc_noexpandable,vlmtune_auto \
-        PROFILE="F7:vlmtune_auto F7:plain_gc" PROFILE_TIMEOUT_S=100 ;;
+  f8) speed 330 ONLY=F8 BUDGET_S=300 BENCH_VARIANTS=plain_gc,vlmtune_auto ;;
+  f7) speed 570 ONLY=F7 BUDGET_S=540 BENCH_REPEATS=2 \
+        BENCH_VARIANTS=plain_gc,vlmtune_gc,vlmtune_gc_noexpandable,vlmtune_auto ;;
+  f7prof) speed 570 PROFILE="F7:vlmtune_gc F7:plain_gc" PROFILE_TIMEOUT_S=270
+        tail -n 80 "$OUT/profile.md" 2>/dev/null || true ;;
   checks)
     source benchmarks/gpu_env.sh
     for spec in "gemma3 4b" "smolvlm 2.2b" "qwen3_5 9b"; do
@@ -61,5 +63,5 @@ case $step in
     grep -h '"kind": "parity"' "$OUT/train.log" | cut -c1-600 || true ;;
   mfu) speed 570 ONLY=W3 BUDGET_S=380 BENCH_VARIANTS=vlmtune_gc,vlmtune_nogc,vlmtune_nogc_compile \
         PROFILE="W3:vlmtune_nogc" PROFILE_TIMEOUT_S=150 ;;
-  *) echo "unknown step $step (f48 f48p f48s f7 checks u1 u3 u2 d1000 fp8 fp8w3 mfu)" >&2; exit 2 ;;
+  *) echo "unknown step $step (f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 mfu)" >&2; exit 2 ;;
 esac
