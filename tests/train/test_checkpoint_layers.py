@@ -4,6 +4,7 @@ counts the vision tower's blocks first: with Qwen3-VL's tiny 3-block tower it wo
 
 from __future__ import annotations
 
+import pytest
 from transformers import TrainerCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -27,23 +28,15 @@ class Flags(TrainerCallback):
                            if isinstance(m, GradientCheckpointingLayer) and not any(m is x for x in layers)]
 
 
-def test_every_second_decoder_layer_by_its_index_in_the_language_model(run_config, tmp_path):
+@pytest.mark.parametrize("every", [2, 1])
+def test_decoder_layers_checkpointed_by_their_index_in_the_language_model(run_config, tmp_path, every):
+    """every=2: decoder layers 0, 2, ...; every=1: all (transformers' own flags)."""
     family = get_family("qwen3_vl")
     flags = Flags(family.language_layers_prefix)
     config = run_config("qwen3_vl", "lora", out=tmp_path / "run", training={"max_steps": 1},
                         hardware={"precision": "fp32", "gradient_checkpointing": True},
-                        speed={"checkpoint_every_n_layers": 2})
+                        speed={"checkpoint_every_n_layers": every})
     train(config, callbacks=[flags])
     assert len(flags.others) % 2 == 1  # an odd number of vision blocks first: transformers' count would shift
-    assert flags.decoder == [index % 2 == 0 for index in range(len(flags.decoder))]
+    assert flags.decoder == [index % every == 0 for index in range(len(flags.decoder))]
     assert flags.others and all(flags.others)
-
-
-def test_every_layer_keeps_transformers_flags(run_config, tmp_path):
-    family = get_family("qwen3_vl")
-    flags = Flags(family.language_layers_prefix)
-    config = run_config("qwen3_vl", "lora", out=tmp_path / "run", training={"max_steps": 1},
-                        hardware={"precision": "fp32", "gradient_checkpointing": True},
-                        speed={"checkpoint_every_n_layers": 1})
-    train(config, callbacks=[flags])
-    assert all(flags.decoder) and all(flags.others)

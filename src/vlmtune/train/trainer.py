@@ -41,17 +41,16 @@ def token_mean_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -
     models whose class keeps the Trainer from handing it the count (`accepts_loss_kwargs = False`)."""
     import torch.nn.functional as F
 
-    from vlmtune.data.processing import IGNORE_INDEX
+    from vlmtune.speed.chunked_ce import labelled_rows
 
     logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
     if labels is None or logits.shape[:2] != labels.shape:
         raise RuntimeError(
             f"token_mean_loss: the model's logits {tuple(logits.shape)} do not line up with the labels "
             f"{None if labels is None else tuple(labels.shape)}; this family needs its own loss (report it)")
-    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].to(logits.device)
-    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="sum")
-    count = num_items_in_batch if num_items_in_batch is not None else (shifted != IGNORE_INDEX).sum()
+    rows, targets = labelled_rows(logits, labels)  # the chunked loss's shift and selection
+    total = F.cross_entropy(rows.float(), targets, reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else targets.shape[0]
     if hasattr(count, "to"):
         count = count.to(total.device)
     return total / count
