@@ -5,6 +5,8 @@
 #   cd .clean && ln -sfn ../.whl .whl && bash benchmarks/gpu_next.sh f48
 # carrying [".whl", ".whl-unsloth", ".clean"] (.whl: bitsandbytes + pydantic; no flash-linear-attention: it cannot
 # train under torch 2.11's Triton 3.6 on Hopper, RESULTS.md session 14). Steps, in the order to run them:
+#   f8c       issue 17: F8 with the estimate fix, eager and compiled (the DeltaNet reference as one operator) (~480 s)
+#   f7c       issue 17: F7 eager and compiled (the DeltaNet reference as one operator)                    (~540 s)
 #   f8        issue 17: Qwen3.5 QLoRA (F8) again: its estimate once vlmtune picks the checkpointed layers itself (~250 s)
 #   f7        issue 17: Qwen3.5 LoRA again, with expandable segments off, each variant twice           (~560 s)
 #   f7prof    issue 17: a profile of F7 on both paths (each needs > 95 s: session 15's timed out)      (~560 s)
@@ -16,7 +18,7 @@
 #   fp8w3     issue 21: 40 steps of bf16 and both FP8 scalings on the 7B architecture (the 1.3x speed bar)
 #   mfu       issue 21: W3 without recomputation, eager and compiled (the 35% MFU bar), and the W3 profile
 set -euo pipefail
-step=${1:?usage: gpu_next.sh STEP (f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 mfu)}
+step=${1:?usage: gpu_next.sh STEP (f8c f7c f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 mfu)}
 OUT=${OUT:-/tmp/vlmtune-next}/$step
 mkdir -p "$OUT"
 speed() {  # speed LIMIT_S ENV...: benchmarks/speed/run.sh under a timeout, results in $OUT
@@ -30,6 +32,8 @@ case $step in
         PROFILE="F7:vlmtune_gc F7:plain_gc" PROFILE_TIMEOUT_S=75
         tail -n 80 "$OUT/profile.md" 2>/dev/null || true ;;
   f48s) speed 460 ONLY=F4,F8 BUDGET_S=400 BENCH_VARIANTS=plain_gc,vlmtune_auto,vlmtune_auto_compile ;;
+  f8c) speed 560 ONLY=F8 BUDGET_S=470 BENCH_VARIANTS=plain_gc,vlmtune_auto,vlmtune_auto_compile ;;
+  f7c) speed 570 ONLY=F7 BUDGET_S=500 BENCH_VARIANTS=plain_gc,vlmtune_auto,vlmtune_auto_compile ;;
   f8) speed 330 ONLY=F8 BUDGET_S=300 BENCH_VARIANTS=plain_gc,vlmtune_auto ;;
   f7) speed 570 ONLY=F7 BUDGET_S=540 BENCH_REPEATS=2 \
         BENCH_VARIANTS=plain_gc,vlmtune_gc,vlmtune_gc_noexpandable,vlmtune_auto ;;
@@ -63,5 +67,5 @@ case $step in
     grep -h '"kind": "parity"' "$OUT/train.log" | cut -c1-600 || true ;;
   mfu) speed 570 ONLY=W3 BUDGET_S=380 BENCH_VARIANTS=vlmtune_gc,vlmtune_nogc,vlmtune_nogc_compile \
         PROFILE="W3:vlmtune_nogc" PROFILE_TIMEOUT_S=150 ;;
-  *) echo "unknown step $step (f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 mfu)" >&2; exit 2 ;;
+  *) echo "unknown step $step (f8c f7c f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 mfu)" >&2; exit 2 ;;
 esac

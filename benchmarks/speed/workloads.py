@@ -407,10 +407,11 @@ def _family_pair(name: str, title: str, family: str, arch: str, method: str, bat
         512,
         variants=(Variant("plain_gc", "plain", True), Variant("vlmtune_gc", "vlmtune", True))
         + (auto,)
-        # compiled: not on Qwen3.5, whose DeltaNet layers run transformers' PyTorch reference on the GPU machine
-        # (flash-linear-attention cannot train under its triton 3.6 on Hopper): compiling that took 87 s for F7's
-        # first step and the second was not done 200 s later (session 14)
-        + (() if family == "qwen3_5" else (compiled(auto),))
+        # compiled: on Qwen3.5 the DeltaNet layers run transformers' PyTorch reference on the GPU machine
+        # (flash-linear-attention cannot train under its triton 3.6 on Hopper); traced, it took 87 s for F7's first
+        # step and the second was not done 200 s later (session 14); compiled layers now run it as one operator
+        # (speed/opaque_delta_rule.py)
+        + (compiled(auto),)
         # cuDNN's attention (speed.sdpa_cudnn=auto: off, except for Gemma 3): Gemma 3 / Qwen3.5 have 256-wide heads
         # and masked batches, where SDPA without cuDNN falls back to the memory-efficient kernel (F5 ran at 0.94x the
         # plain path in session 12 with cuDNN off); vlmtune_gc_nocudnn: Gemma 3 with cuDNN off, as it ran before auto

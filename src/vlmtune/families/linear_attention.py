@@ -116,9 +116,11 @@ def _tilelang_backend() -> bool:
 
 
 class ReferenceKernels:
-    """Module globals pointed at transformers' PyTorch reference functions; `remove()` puts the originals back."""
+    """Module globals pointed at transformers' PyTorch reference functions; `remove()` puts the originals back.
+    `opaque`: each as one operator that torch.compile does not trace into (speed/opaque_delta_rule.py), for compiled
+    layers."""
 
-    def __init__(self, functions: tuple[str, ...]):
+    def __init__(self, functions: tuple[str, ...], opaque: bool = False):
         self.swapped: list[tuple[Any, str, Callable[..., Any]]] = []
         references = []
         for path in functions:  # all resolved before any is swapped
@@ -129,7 +131,8 @@ class ReferenceKernels:
             if torch_function is None:
                 raise AttributeError(f"{path} has no __wrapped__ reference function (transformers' "
                                      "use_kernel_func_from_hub_with_fallback sets it)")
-            references.append((module, name, current, _reference(torch_function)))
+            references.append((module, name, current, _opaque(torch_function, path) if opaque
+                               else _reference(torch_function)))
         for module, name, current, reference in references:
             self.swapped.append((module, name, current))
             setattr(module, name, reference)
@@ -140,12 +143,19 @@ class ReferenceKernels:
         self.swapped = []
 
 
-def reference_kernels(functions: tuple[str, ...]) -> ReferenceKernels | str:
-    """Point each "module:function" at its PyTorch reference, or say why not."""
+def reference_kernels(functions: tuple[str, ...], opaque: bool = False) -> ReferenceKernels | str:
+    """Point each "module:function" at its PyTorch reference (`opaque`: as one operator for torch.compile), or say
+    why not."""
     try:
-        return ReferenceKernels(functions)
+        return ReferenceKernels(functions, opaque)
     except (ImportError, AttributeError) as exc:
         return f"cannot switch {', '.join(functions)} to the PyTorch reference: {exc}"
+
+
+def _opaque(torch_function: Callable[..., Any], path: str) -> Callable[..., Any]:
+    from vlmtune.speed.opaque_delta_rule import opaque
+
+    return opaque(torch_function, path)
 
 
 def _reference(torch_function: Callable[..., Any]) -> Callable[..., Any]:

@@ -85,7 +85,6 @@ def apply_speed(
     plan = resolve_precision(config)
     world = world_size(config.distributed) if world is None else world
     deepspeed = uses_deepspeed(config.distributed, world)
-    _linear_attention(setup, family, plan.device)
     layer_refusal = family.compile_refusal(plan.device)
     compiled = decide_compile(config, plan.device, world, steps, deepspeed, tight_memory, family.packed_span_modules,
                               layer_refusal=layer_refusal)
@@ -99,6 +98,7 @@ def apply_speed(
         )
     if compiled.auto and not compiled.on:
         setup.skipped["compile"] = compiled.reason
+    _linear_attention(setup, family, plan.device, compiled.on)
     if speed.sdpa_cudnn is not True:
         keep = cudnn_keep_reason(speed.sdpa_cudnn, family, unwrap_peft(model).config.get_text_config())
         setup.add("sdpa_without_cudnn", cudnn_attention_off(config.hardware.attn_implementation, plan.device, keep))
@@ -165,9 +165,11 @@ def apply_speed(
     return setup
 
 
-def _linear_attention(setup: SpeedSetup, family: FamilyDescriptor, device: str) -> None:
+def _linear_attention(setup: SpeedSetup, family: FamilyDescriptor, device: str, compiled: bool) -> None:
     """The family's linear-attention layers on the kernel that can train on `device` (`linear_attention_kernel`):
-    where transformers bound flash-linear-attention's and it cannot train here, its PyTorch reference for the run."""
+    where transformers bound flash-linear-attention's and it cannot train here, its PyTorch reference for the run.
+    With compiled layers the reference runs as one opaque operator (speed/opaque_delta_rule.py): traced, its loop
+    over chunks would compile again for every new chunk count."""
     from vlmtune.errors import VlmtuneError
     from vlmtune.families.linear_attention import reference_kernels
 
@@ -175,15 +177,20 @@ def _linear_attention(setup: SpeedSetup, family: FamilyDescriptor, device: str) 
     if kernel is None:
         return
     setup.kernels["linear_attention"] = kernel.describe()
-    if not kernel.fallback:
+    if kernel.name == "fla" or not (kernel.fallback or compiled):
         log.info("speed: the linear-attention layers run %s", kernel.describe())
         return
-    installed = reference_kernels(family.linear_attention_functions)
+    installed = reference_kernels(family.linear_attention_functions, opaque=compiled)
     if isinstance(installed, str):
-        raise VlmtuneError(f"flash-linear-attention cannot train here ({kernel.reason}) and {installed}")
-    setup.add("linear_attention=torch_reference", installed)
-    log.warning("speed: the linear-attention layers run transformers' PyTorch reference instead of "
-                "flash-linear-attention, which is installed: %s", kernel.reason)
+        raise VlmtuneError(f"the linear-attention layers cannot run the PyTorch reference here ({kernel.reason}) "
+                           f"and {installed}")
+    setup.add("linear_attention=torch_reference" + ("_opaque" if compiled else ""), installed)
+    if kernel.fallback:
+        log.warning("speed: the linear-attention layers run transformers' PyTorch reference instead of "
+                    "flash-linear-attention, which is installed: %s", kernel.reason)
+    if compiled:
+        log.info("speed: the linear-attention reference runs as one operator inside the compiled layers (its loop "
+                 "over 64-token chunks stays eager)")
 
 
 def _needed_for_packing(installed: Any) -> Any:

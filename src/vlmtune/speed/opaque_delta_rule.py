@@ -1,0 +1,108 @@
+"""The PyTorch reference of the gated delta rule as one opaque operator, so that `speed.compile` can compile the
+linear-attention layers around it (Qwen3.5's gated DeltaNet on transformers' `torch_chunk_gated_delta_rule`).
+
+Why: the reference runs a Python loop over the sequence's 64-token chunks. torch.compile unrolls that loop, so every
+new chunk count (a new sequence length, i.e. nearly every batch) compiles the layer again: on an H100 (Qwen3.5-9B
+LoRA) the first compiled step took 87 s and the second had not finished 200 s later (benchmarks/RESULTS.md, session
+14). Here the whole function is one `torch.library` custom operator: dynamo puts a single node in the layer's graph
+(no graph break, so the layer still compiles whole, through its checkpointing wrapper), the loop runs eagerly inside
+it exactly as in an eager run, and the projections, convolution, norms, gates, MLP and LoRA around it compile as in
+any other family.
+
+Its backward is a second opaque operator that runs the reference again with autograd on and takes the gradients of
+its five inputs (query, key, value, g, beta). The forward op therefore saves only those inputs, not the reference's
+fp32 intermediates, and the delta rule's forward runs once more per backward (with checkpointing, three times per
+step instead of two).
+
+Only the training call is routed through the operator: no initial state, no final state asked for, no `cu_seqlens`
+(packed rows reach these layers one sample at a time through `packed_span_modules`). Any other call (generation with a
+cache) runs the reference as it is.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+_REFERENCES: dict[str, Callable[..., Any]] = {}
+"""The reference functions the operator can run, by name (a custom operator takes no function argument)."""
+
+
+def _run(name: str, autocast: str, query, key, value, g, beta, use_qk_l2norm: bool) -> torch.Tensor:
+    """The reference's output, under the caller's autocast (a custom operator's body runs with autocast off):
+    `autocast` is "" or the autocast dtype's name, e.g. "bfloat16"."""
+    with torch.autocast(query.device.type, dtype=getattr(torch, autocast or "float32"), enabled=bool(autocast)):
+        out, _ = _REFERENCES[name](query, key, value, g=g, beta=beta, initial_state=None, output_final_state=False,
+                                   use_qk_l2norm_in_kernel=use_qk_l2norm)
+    return out
+
+
+@torch.library.custom_op("vlmtune::gated_delta_rule", mutates_args=())
+def gated_delta_rule(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g: torch.Tensor,
+                     beta: torch.Tensor, use_qk_l2norm: bool, name: str, autocast: str) -> torch.Tensor:
+    with torch.no_grad():
+        return _run(name, autocast, query, key, value, g, beta, use_qk_l2norm)
+
+
+@gated_delta_rule.register_fake
+def _(query, key, value, g, beta, use_qk_l2norm, name, autocast):
+    return value.new_empty(value.shape, dtype=query.dtype)
+
+
+@torch.library.custom_op("vlmtune::gated_delta_rule_backward", mutates_args=())
+def gated_delta_rule_backward(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+    grad_out: torch.Tensor, use_qk_l2norm: bool, name: str, autocast: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # torch.func.vjp: autograd does not record inside a custom operator's body, the functional transform does
+    _, pullback = torch.func.vjp(
+        lambda *inputs: _run(name, autocast, *inputs, use_qk_l2norm), query, key, value, g, beta
+    )
+    return tuple(grad.contiguous() for grad in pullback(grad_out))
+
+
+@gated_delta_rule_backward.register_fake
+def _(query, key, value, g, beta, grad_out, use_qk_l2norm, name, autocast):
+    return tuple(torch.empty_like(t) for t in (query, key, value, g, beta))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    query, key, value, g, beta, use_qk_l2norm, name, autocast = inputs
+    ctx.save_for_backward(query, key, value, g, beta)
+    ctx.use_qk_l2norm, ctx.name, ctx.autocast = use_qk_l2norm, name, autocast
+
+
+def _backward(ctx, grad_out):
+    grads = gated_delta_rule_backward(*ctx.saved_tensors, grad_out.contiguous(), ctx.use_qk_l2norm, ctx.name,
+                                      ctx.autocast)
+    return (*grads, None, None, None)
+
+
+gated_delta_rule.register_autograd(_backward, setup_context=_setup_context)
+
+
+def opaque(reference: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """`reference` (a `torch_chunk_gated_delta_rule`) with its training calls run as the opaque operator."""
+    _REFERENCES[name] = reference
+
+    @functools.wraps(reference)
+    def delta_rule(query, key, value, g=None, beta=None, initial_state=None, output_final_state=False,
+                   use_qk_l2norm_in_kernel=False, cu_seqlens=None, **kwargs):
+        if cu_seqlens is not None:
+            raise ValueError(f"{reference.__name__}: the PyTorch reference cannot keep packed sequences apart "
+                             "(cu_seqlens)")
+        if initial_state is not None or output_final_state or kwargs.get("chunk_size", 64) != 64:
+            return reference(query, key, value, g=g, beta=beta, initial_state=initial_state,
+                             output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+                             **kwargs)
+        device = query.device.type
+        autocast = str(torch.get_autocast_dtype(device)).removeprefix("torch.") \
+            if torch.is_autocast_enabled(device) else ""
+        out = gated_delta_rule(query.contiguous(), key.contiguous(), value.contiguous(), g.contiguous(),
+                               beta.contiguous(), bool(use_qk_l2norm_in_kernel), name, autocast)
+        return out, None
+
+    return delta_rule
