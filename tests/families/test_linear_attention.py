@@ -188,3 +188,33 @@ def test_apply_speed_switches_the_layers_and_says_so(tiny_model_dir, fla_bound, 
     finally:
         setup.remove()
     assert getattr(modeling, name) is bound
+
+
+def test_compiled_layers_get_the_reference_as_one_operator(tiny_model_dir):
+    """speed.compile=true with the DeltaNet layers on the reference (no fla here): apply_speed points them at the
+    opaque operator (traced, the reference's chunk loop compiles again for every chunk count), says so, and remove()
+    puts transformers' function back."""
+    import transformers.models.qwen3_5.modeling_qwen3_5 as modeling
+
+    from vlmtune.methods import get_method
+    from vlmtune.speed import apply_speed
+
+    bound = modeling.torch_chunk_gated_delta_rule
+    config = VlmtuneConfig.model_validate({"model": {"name_or_path": str(tiny_model_dir("qwen3_5"))},
+                                           "hardware": {"precision": "fp32"}, "speed": {"compile": True}})
+    model = get_method(config.method.name).load_and_prepare(config, FAMILY)
+    setup = apply_speed(model, config, FAMILY, steps=50)
+    try:
+        assert "linear_attention=torch_reference_opaque" in setup.active and "compile" in setup.active
+        installed = modeling.torch_chunk_gated_delta_rule
+        assert installed is not bound and installed.operator._qualname == "vlmtune::gated_delta_rule"
+    finally:
+        setup.remove()
+    assert modeling.torch_chunk_gated_delta_rule is bound
+    eager = apply_speed(model, config.model_copy(update={"speed": config.speed.model_copy(update={"compile": False})}),
+                        FAMILY, steps=50)
+    try:
+        assert not any(name.startswith("linear_attention") for name in eager.active)
+        assert modeling.torch_chunk_gated_delta_rule is bound
+    finally:
+        eager.remove()

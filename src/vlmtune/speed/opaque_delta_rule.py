@@ -105,4 +105,5 @@ def opaque(reference: Callable[..., Any], name: str) -> Callable[..., Any]:
                                beta.contiguous(), bool(use_qk_l2norm_in_kernel), name, autocast)
         return out, None
 
+    delta_rule.operator = gated_delta_rule  # type: ignore[attr-defined]
     return delta_rule
