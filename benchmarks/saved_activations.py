@@ -18,7 +18,8 @@ bmm, conv1d, SDPA); SDPA's CPU kernel saves what CUDA's flash / memory-efficient
 log-sum-exp); LoRA dropout runs as CUDA's `native_dropout` (`FusedDropout`). On a GPU the rows add what
 memory_allocated says each layer kept (its output included) and its peak above its start. `--mask` passes the
 4-D boolean masks a Gemma 3 batch with an image gets, which SDPA turns into a 16-bit bias per call. `--kernels fla`
-lets transformers use flash-linear-attention for Qwen3.5's DeltaNet layers where it is installed.
+lets transformers use flash-linear-attention for Qwen3.5's DeltaNet layers where it is installed; `--kernels torch`
+runs transformers' reference traced by autograd (the plain loop), the default `operator` runs it as vlmtune does.
 """
 from __future__ import annotations
 
@@ -158,15 +159,23 @@ def gemma3_masks(tokens: int, sliding_window: int, image: tuple[int, int] | None
 
 
 def measure(text_config: dict[str, Any], model_type: str, targets: list[str], layers: int, tokens: int,
-            batch: int = 1, mask: bool = False, compiled: bool = False) -> list[dict[str, Any]]:
+            batch: int = 1, mask: bool = False, compiled: bool = False,
+            opaque: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """One forward at these widths; per layer its kind (from config.layer_types) and saved bytes per token. `mask`:
     pass the 4-D masks of a batch with an image (`gemma3_masks`, as Gemma 3 always has) instead of none (causal).
     `compiled`: every layer but the first under torch.compile (inductor), as speed.compile runs them; what the
-    compiled graph saves reaches the hooks through its autograd function's save_for_backward."""
+    compiled graph saves reaches the hooks through its autograd function's save_for_backward. `opaque`: the family's
+    linear-attention functions, run as one operator as vlmtune trains them (speed/opaque_delta_rule.py)."""
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = text_model(text_config, model_type, layers).to(device)
     peft = add_lora(model, targets)
+    kernels = None
+    if opaque:
+        from vlmtune.families.linear_attention import reference_kernels
+
+        kernels = reference_kernels(opaque, opaque=True)
+        assert not isinstance(kernels, str), kernels
     if compiled:
         for layer in list(model.layers)[1:]:  # speed/compile_layers.py: the first layer stays eager
             layer.compile(backend="inductor")
@@ -180,8 +189,12 @@ def measure(text_config: dict[str, Any], model_type: str, targets: list[str], la
     if mask:
         masks = gemma3_masks(tokens, model.config.sliding_window, (tokens // 8, tokens // 8 + 256))
         kwargs["attention_mask"] = {k: v.to(device) for k, v in masks.items()}
-    with record_saved(decoder, skip, params) as saved, torch.autocast(device, dtype=torch.bfloat16):
-        model(inputs_embeds=x, use_cache=False, **kwargs)
+    try:
+        with record_saved(decoder, skip, params) as saved, torch.autocast(device, dtype=torch.bfloat16):
+            model(inputs_embeds=x, use_cache=False, **kwargs)
+    finally:
+        if kernels is not None:
+            kernels.remove()
     kinds = list(getattr(model.config, "layer_types", None) or ["attention"] * layers)
     n = batch * tokens
     rows = []
@@ -203,10 +216,12 @@ def main() -> None:
                         help="pass 4-D masks (an image block attending bidirectionally, sliding windows) as Gemma 3 does")
     parser.add_argument("--tensors", action="store_true", help="also list each saved storage")
     parser.add_argument("--compile", action="store_true", help="every layer but the first under torch.compile")
-    parser.add_argument("--kernels", choices=["torch", "fla"], default="torch",
-                        help="Qwen3.5: torch hides flash-linear-attention (transformers' reference path)")
+    parser.add_argument("--kernels", choices=["operator", "torch", "fla"], default="operator",
+                        help="Qwen3.5: operator runs transformers' reference as vlmtune trains it (one operator, "
+                             "speed/opaque_delta_rule.py), torch as transformers runs it (traced); both hide "
+                             "flash-linear-attention")
     args = parser.parse_args()
-    if args.kernels == "torch":
+    if args.kernels != "fla":
         from benchmarks.qwen3_5_kernels import _Hide
 
         sys.meta_path.insert(0, _Hide())
@@ -220,7 +235,9 @@ def main() -> None:
     text = dict(numbers["text_config"])
     text_type = text.pop("model_type", None) or f"{model_type}_text"
     targets = architectures()[model_type].lora_targets["all"]
-    rows = measure(text, text_type, targets, args.layers, args.tokens, mask=args.mask, compiled=args.compile)
+    opaque = family.linear_attention_functions if args.kernels == "operator" else ()
+    rows = measure(text, text_type, targets, args.layers, args.tokens, mask=args.mask, compiled=args.compile,
+                   opaque=opaque)
     for row in rows:
         if not args.tensors:
             row.pop("tensors")

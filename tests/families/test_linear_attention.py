@@ -90,8 +90,8 @@ def test_the_estimator_counts_the_kernel_training_will_run(machine):
 
     config = VlmtuneConfig.model_validate({"model": {"name_or_path": "Qwen/Qwen3.5-9B"}})
     machine((9, 0), "3.6.0")
-    assert linear_attention_kernel(True) == "torch"
-    assert inputs_from_config(config).linear_attention_kernel == "torch"
+    assert linear_attention_kernel(True) == "operator"  # the reference, as vlmtune trains it
+    assert inputs_from_config(config).linear_attention_kernel == "operator"
     machine((9, 0), "3.7.1")
     assert linear_attention_kernel(True) == "fla"
     machine((9, 0), "3.6.0", tilelang=True)
@@ -180,7 +180,7 @@ def test_apply_speed_switches_the_layers_and_says_so(tiny_model_dir, fla_bound, 
     model = get_method(config.method.name).load_and_prepare(config, FAMILY)
     setup = apply_speed(model, config, FAMILY, steps=5000)
     try:
-        assert "linear_attention=torch_reference" in setup.active
+        assert "linear_attention=torch_reference_operator" in setup.active
         assert getattr(modeling, name) is not bound and getattr(modeling, name).__wrapped__ is bound.__wrapped__
         kernels = setup.summary()["kernels"]
         assert "PyTorch reference" in kernels["linear_attention"] and "CUDA GPU" in kernels["linear_attention"]
@@ -190,31 +190,30 @@ def test_apply_speed_switches_the_layers_and_says_so(tiny_model_dir, fla_bound, 
     assert getattr(modeling, name) is bound
 
 
-def test_compiled_layers_get_the_reference_as_one_operator(tiny_model_dir):
-    """speed.compile=true with the DeltaNet layers on the reference (no fla here): apply_speed points them at the
-    opaque operator (traced, the reference's chunk loop compiles again for every chunk count), says so, and remove()
-    puts transformers' function back."""
+def test_the_reference_runs_as_one_operator_eager_and_compiled(tiny_model_dir):
+    """No fla here: apply_speed points the DeltaNet layers at the reference as one operator (it keeps its inputs for
+    backward instead of the chunk loop's intermediates; traced under compile, the loop compiles again for every chunk
+    count), says so, trains, and remove() puts transformers' function back; the same with speed.compile=true."""
     import transformers.models.qwen3_5.modeling_qwen3_5 as modeling
 
     from vlmtune.methods import get_method
     from vlmtune.speed import apply_speed
 
     bound = modeling.torch_chunk_gated_delta_rule
-    config = VlmtuneConfig.model_validate({"model": {"name_or_path": str(tiny_model_dir("qwen3_5"))},
-                                           "hardware": {"precision": "fp32"}, "speed": {"compile": True}})
-    model = get_method(config.method.name).load_and_prepare(config, FAMILY)
-    setup = apply_speed(model, config, FAMILY, steps=50)
-    try:
-        assert "linear_attention=torch_reference_opaque" in setup.active and "compile" in setup.active
-        installed = modeling.torch_chunk_gated_delta_rule
-        assert installed is not bound and installed.operator._qualname == "vlmtune::gated_delta_rule"
-    finally:
-        setup.remove()
-    assert modeling.torch_chunk_gated_delta_rule is bound
-    eager = apply_speed(model, config.model_copy(update={"speed": config.speed.model_copy(update={"compile": False})}),
-                        FAMILY, steps=50)
-    try:
-        assert not any(name.startswith("linear_attention") for name in eager.active)
+    for compile_ in (False, True):
+        config = VlmtuneConfig.model_validate({"model": {"name_or_path": str(tiny_model_dir("qwen3_5"))},
+                                               "hardware": {"precision": "fp32"}, "speed": {"compile": compile_}})
+        model = get_method(config.method.name).load_and_prepare(config, FAMILY)
+        setup = apply_speed(model, config, FAMILY, steps=50)
+        try:
+            assert "linear_attention=torch_reference_operator" in setup.active
+            assert ("compile" in setup.active) is compile_
+            installed = modeling.torch_chunk_gated_delta_rule
+            assert installed is not bound and installed.operator._qualname == "vlmtune::gated_delta_rule"
+            if not compile_:  # (compiled: inductor needs a C compiler; the compiled layers' test traces them)
+                model(input_ids=torch.arange(5, 90)[None], labels=torch.arange(5, 90)[None],
+                      use_cache=False).loss.backward()
+                assert any(p.grad is not None for n, p in model.named_parameters() if "linear_attn" in n)
+        finally:
+            setup.remove()
         assert modeling.torch_chunk_gated_delta_rule is bound
-    finally:
-        eager.remove()

@@ -43,20 +43,25 @@ def _rank_bytes(counts, targets, layer) -> int:
     return 2 * 16 * sum(1 for name in names if name.split(".")[-1] in leaves)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_5", "gemma3"])
-def test_each_layer_kind_keeps_what_the_estimate_says(family):
+@pytest.mark.parametrize(("family", "kernel"), [
+    ("qwen2_vl", "operator"), ("qwen3_5", "operator"), ("qwen3_5", "torch"), ("gemma3", "operator")])
+def test_each_layer_kind_keeps_what_the_estimate_says(family, kernel):
+    """kernel (Qwen3.5's DeltaNet layers): "operator", the reference as the one operator vlmtune trains it as;
+    "torch", the reference traced by autograd as transformers runs it."""
     descriptor = get_family(family)
     numbers = dict(descriptor.tiny_numbers)
     spec = ModelSpec(name=f"tiny-{family}", arch=architectures()[family], config=numbers)
     counts = count_params(spec)
     targets = spec.arch.lora_targets["all"]
-    inputs = EstimateInputs(method="lora", lora_dropout=0.05, seq_len=TOKENS, autocast=True, lora_16bit_inputs=True)
+    inputs = EstimateInputs(method="lora", lora_dropout=0.05, seq_len=TOKENS, autocast=True, lora_16bit_inputs=True,
+                            linear_attention_kernel=kernel)
     estimated = layer_bytes_per_token(inputs, spec, counts, targets, bf16_adapters=False)
 
     text = dict(numbers["text_config"])
     model_type = text.pop("model_type", None) or f"{descriptor.model_types[0]}_text"
     masked = any(kind.attention_mask for kind in spec.arch.layer_kinds.values())
-    rows = measure(text, model_type, targets, counts.dims.layers, TOKENS, mask=masked)
+    opaque = descriptor.linear_attention_functions if kernel == "operator" else ()
+    rows = measure(text, model_type, targets, counts.dims.layers, TOKENS, mask=masked, opaque=opaque)
     assert [r["kind"] for r in rows] == list(counts.dims.layer_types or [r["kind"] for r in rows])
     for index, (row, estimate) in enumerate(zip(rows, estimated, strict=True)):
         measured = row["bytes_per_token"] + _gpu_extra(counts.dims)
@@ -93,6 +98,33 @@ def test_compiled_layers_keep_less_by_what_the_estimate_says(family):
         compiled_saving(k, counts.dims) for k in kinds[1:]]
 
 
+def test_deltanet_layers_as_the_operator_keep_less_and_compiled_less_again():
+    """Qwen3.5's pattern (3 DeltaNet layers, then gated attention) at the tiny widths: the reference as one operator
+    keeps what `delta_net_bytes(kernel="operator")` says, far less than traced, and compiled DeltaNet layers keep
+    `compiled_saving` less again (the operator is what compiled layers run)."""
+    descriptor = get_family("qwen3_5")
+    numbers = dict(descriptor.tiny_numbers)
+    spec = ModelSpec(name="tiny-qwen3_5", arch=architectures()["qwen3_5"], config=numbers)
+    dims = count_params(spec).dims
+    targets = spec.arch.lora_targets["all"]
+    text = dict(numbers["text_config"])
+    model_type = text.pop("model_type", None) or "qwen3_5_text"
+    opaque = descriptor.linear_attention_functions
+    traced = measure(text, model_type, targets, 4, TOKENS)
+    eager = measure(text, model_type, targets, 4, TOKENS, opaque=opaque)
+    compiled = measure(text, model_type, targets, 4, TOKENS, compiled=True, opaque=opaque)
+    assert [r["kind"] for r in eager] == ["linear_attention"] * 3 + ["full_attention"]
+    for index in range(3):
+        kept_less = traced[index]["bytes_per_token"] - eager[index]["bytes_per_token"]
+        expected = delta_net_bytes(dims, TOKENS, "torch") - delta_net_bytes(dims, TOKENS, "operator")
+        assert kept_less == pytest.approx(expected, rel=0.10), index
+    kind = decoder_layer_kinds(spec, dims)[0]
+    assert kind.rule == "gated_delta_net"
+    for index in (1, 2):
+        saved_less = eager[index]["bytes_per_token"] - compiled[index]["bytes_per_token"]
+        assert saved_less == pytest.approx(compiled_saving(kind, dims), rel=0.08), index
+
+
 def test_the_hybrid_and_sliding_models_have_their_kinds():
     qwen35 = lookup_model("Qwen/Qwen3.5-9B")
     kinds = decoder_layer_kinds(qwen35, count_params(qwen35).dims)
@@ -117,7 +149,7 @@ GIB = 2**30
 _QLORA = dict(method="qlora", lora_rank=16, lora_targets="all", lora_dropout=0.05, batch_size=1, chunked_loss=True,
               vision_no_grad=True, autocast=True, lora_16bit_inputs=True)
 F8 = EstimateInputs(model="Qwen/Qwen3.5-9B", seq_len=709, image_tokens_per_sample=198, vit_patches_per_batch=784,
-                    labelled_tokens=490, **_QLORA)
+                    labelled_tokens=490, linear_attention_kernel="torch", **_QLORA)  # traced, as those runs had
 F6 = EstimateInputs(model="google/gemma-3-12b-it", seq_len=775, image_tokens_per_sample=259,
                     vit_patches_per_batch=4096, labelled_tokens=500, **_QLORA)
 
@@ -153,7 +185,7 @@ def test_flash_linear_attention_keeps_less_and_is_picked_where_it_imports(monkey
     from vlmtune.memory.inputs import inputs_from_config
 
     dims = count_params(lookup_model("Qwen/Qwen3.5-9B")).dims
-    torch_path, fla = delta_net_bytes(dims, 709), delta_net_bytes(dims, 709, "fla")
+    torch_path, fla = delta_net_bytes(dims, 709, "torch"), delta_net_bytes(dims, 709, "fla")
     assert 380_000 < torch_path < 440_000 and 110_000 < fla < 140_000
     no_gc = F8.with_(gradient_checkpointing=False)
     saved = estimate(no_gc).peak_allocated - estimate(no_gc.with_(linear_attention_kernel="fla")).peak_allocated
@@ -165,7 +197,7 @@ def test_flash_linear_attention_keeps_less_and_is_picked_where_it_imports(monkey
     monkeypatch.setattr(linear_attention, "_fla_installed", lambda: True)
     assert inputs_from_config(config).linear_attention_kernel == "fla"
     cpu = VlmtuneConfig.model_validate({"model": {"name_or_path": "Qwen/Qwen3.5-9B"}, "hardware": {"use_cpu": True}})
-    assert inputs_from_config(cpu).linear_attention_kernel == "torch"  # fla's Triton kernels need a GPU
+    assert inputs_from_config(cpu).linear_attention_kernel == "operator"  # fla's Triton kernels need a GPU
     monkeypatch.setattr(linear_attention, "_fla_installed", lambda: False)
-    assert inputs_from_config(config).linear_attention_kernel == "torch"
+    assert inputs_from_config(config).linear_attention_kernel == "operator"
 

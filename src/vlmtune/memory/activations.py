@@ -144,11 +144,18 @@ def delta_net_bytes(d: ModelDims, seq_len: int, kernel: str = "torch") -> int:
     and token (fla-core 0.6 `ChunkGatedDeltaRuleFunction`), recomputing the states in backward: with the conv and
     the gated norm around it about 4C + 14 V dv + 4 V dk + 2 V dv + 4 V c + 32 V (124 kB at 9B widths against 412 kB;
     causal-conv1d would keep 2C of the 4C). kernel="fla" (EstimateInputs.linear_attention_kernel: the run can import
-    fla) counts that, read from fla's source, not measured."""
+    fla) counts that, read from fla's source, not measured.
+    kernel="operator" (what `vlmtune train` runs where the reference runs: speed/opaque_delta_rule.py) keeps the
+    conv's input and output, 4C, the gated RMSNorm's 14 V dv and the operator's inputs: 16-bit q and k (V heads on
+    transformers 5.17, which repeats them before the call; 5.23 passes the key heads, 8 kB per token less at 9B
+    widths), 4 V dk, 16-bit v, 2 V dv, beta and the fp32 decay with the norms' scales, 34 V. Measured at Qwen3.5-9B's
+    widths, 709 tokens, transformers 5.23: 312,060 bytes per token for the whole layer against 614,572 traced."""
     v, dk, dv = d.linear_value_heads, d.linear_key_head_dim, d.linear_value_head_dim
     conv = 2 * d.linear_key_heads * dk + v * dv
     if kernel == "fla":
         return int(4 * conv + 14 * v * dv + 4 * v * dk + 2 * v * dv + 4 * v * DELTA_CHUNK + 32 * v)
+    if kernel == "operator":
+        return int(4 * conv + 14 * v * dv + 4 * v * dk + 2 * v * dv + 34 * v)
     padded = -(-seq_len // DELTA_CHUNK) * DELTA_CHUNK / max(seq_len, 1)
     per_token = 4 * conv + 8 * v * dk + 14 * v * dv + 34 * v
     per_chunk = 14 * v * DELTA_CHUNK + 30 * v * dk + 12 * v * dv + 8 * v * dk * dv / DELTA_CHUNK
@@ -188,12 +195,14 @@ def compiled_saving(kind: LayerKind, d: ModelDims) -> int:
     widths 258,568 -> 207,368 bytes per token (51,200, the formula exactly), Gemma-3-12B 328,944 -> 247,454 (81,490;
     formula 81,408, the rest its norms' fp32 (1 + weight) copies); on an H100 (allocated, layers keeping their
     activations): Qwen2-VL-2B fused LoRA 24.1-25.0 kB (formula 24,064; session 7, W1 gc4 / no checkpointing), Qwen3-VL-
-    8B QLoRA 50.5 kB and Gemma-3-12B QLoRA 82.6 kB (session 14, F2 / F6). Linear-attention layers: none counted (not
-    measured; compiling them is refused by auto on the PyTorch reference)."""
-    if kind.rule != "attention":
-        return 0
+    8B QLoRA 50.5 kB and Gemma-3-12B QLoRA 82.6 kB (session 14, F2 / F6).
+    - gated_delta_net (the reference as one operator, speed/opaque_delta_rule.py): 2i + 4h + 10 V dv, the gated
+      RMSNorm keeping its 16-bit input and gate instead of its fp32 input, silu and product. Counted at Qwen3.5-9B
+      widths, 709 tokens: 312,060 -> 230,029 bytes per token (82,031; formula 81,920)."""
     h, q, kv = d.hidden, d.q_width, d.kv_width
     out = 2 * d.intermediate + 4 * h
+    if kind.rule == "gated_delta_net":
+        return out + 10 * d.linear_value_heads * d.linear_value_head_dim
     if kind.qk_norm:
         out += 2 * q + 2 * kv
     if kind.sandwich_norms:

@@ -85,11 +85,13 @@ class EstimateInputs:
     fp8_base: bool = False
     """speed.fp8 is on (LoRA): each adapted base weight also keeps its e4m3 copies, both layouts (speed/fp8_linear.py
     planned_bytes), beside the bf16 weight."""
-    linear_attention_kernel: Literal["torch", "fla"] = "torch"
-    """Which kernel runs linear-attention layers (Qwen3.5's gated DeltaNet): transformers' PyTorch reference path, or
-    flash-linear-attention's fused one, which transformers uses when `fla` imports and keeps far less for backward
-    (memory/activations.py delta_net_bytes). From a config: fla when the target is a CUDA GPU and fla can train there
-    (`linear_attention_kernel`)."""
+    linear_attention_kernel: Literal["operator", "torch", "fla"] = "operator"
+    """Which kernel runs linear-attention layers (Qwen3.5's gated DeltaNet) and so what they keep for backward
+    (memory/activations.py delta_net_bytes): "operator", transformers' PyTorch reference as the one operator vlmtune
+    trains it as (speed/opaque_delta_rule.py: its inputs saved, the rest recomputed in backward); "torch", the same
+    reference traced by autograd, as transformers runs it (the plain loop; vlmtune before 2026-12-07 session 16);
+    "fla", flash-linear-attention's fused kernel, which transformers uses when `fla` imports. From a config: fla when
+    the target is a CUDA GPU and fla can train there, else operator (`linear_attention_kernel`)."""
     expandable: bool = False
     """The caching allocator uses expandable segments (hardware.expandable_segments; on by default in training since
     2026-12-07). False here: the measured anchors and calibration points ran without them."""
@@ -167,13 +169,13 @@ def fp8_planned(config: VlmtuneConfig) -> bool:
     return wanted and config.method.name.value == "lora" and not config.hardware.use_cpu
 
 
-def linear_attention_kernel(cuda: bool) -> Literal["torch", "fla"]:
-    """"fla" where the training run will use flash-linear-attention's fused kernels, "torch" where it runs
-    transformers' PyTorch reference: the answer training acts on (families/linear_attention.py: no fla, the CPU, or
-    fla's backward refusing the GPU's Triton)."""
+def linear_attention_kernel(cuda: bool) -> Literal["operator", "fla"]:
+    """"fla" where the training run will use flash-linear-attention's fused kernels, "operator" where it runs
+    transformers' PyTorch reference (as one operator): the answer training acts on (families/linear_attention.py: no
+    fla, the CPU, or fla's backward refusing the GPU's Triton)."""
     from vlmtune.families.linear_attention import linear_attention_kernel as training_kernel
 
-    return training_kernel("cuda" if cuda else "cpu").name
+    return "fla" if training_kernel("cuda" if cuda else "cpu").name == "fla" else "operator"
 
 
 def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInputs:

@@ -98,7 +98,7 @@ def apply_speed(
         )
     if compiled.auto and not compiled.on:
         setup.skipped["compile"] = compiled.reason
-    _linear_attention(setup, family, plan.device, compiled.on)
+    _linear_attention(setup, family, plan.device)
     if speed.sdpa_cudnn is not True:
         keep = cudnn_keep_reason(speed.sdpa_cudnn, family, unwrap_peft(model).config.get_text_config())
         setup.add("sdpa_without_cudnn", cudnn_attention_off(config.hardware.attn_implementation, plan.device, keep))
@@ -165,11 +165,11 @@ def apply_speed(
     return setup
 
 
-def _linear_attention(setup: SpeedSetup, family: FamilyDescriptor, device: str, compiled: bool) -> None:
+def _linear_attention(setup: SpeedSetup, family: FamilyDescriptor, device: str) -> None:
     """The family's linear-attention layers on the kernel that can train on `device` (`linear_attention_kernel`):
-    where transformers bound flash-linear-attention's and it cannot train here, its PyTorch reference for the run.
-    With compiled layers the reference runs as one opaque operator (speed/opaque_delta_rule.py): traced, its loop
-    over chunks would compile again for every new chunk count."""
+    flash-linear-attention's where it can, else transformers' PyTorch reference, run as one operator
+    (speed/opaque_delta_rule.py): it keeps its inputs for backward instead of the loop's fp32 intermediates (about
+    half the layer's activations at Qwen3.5-9B's widths) and compiled layers do not trace into its loop over chunks."""
     from vlmtune.errors import VlmtuneError
     from vlmtune.families.linear_attention import reference_kernels
 
@@ -177,20 +177,19 @@ def _linear_attention(setup: SpeedSetup, family: FamilyDescriptor, device: str, 
     if kernel is None:
         return
     setup.kernels["linear_attention"] = kernel.describe()
-    if kernel.name == "fla" or not (kernel.fallback or compiled):
+    if kernel.name == "fla":
         log.info("speed: the linear-attention layers run %s", kernel.describe())
         return
-    installed = reference_kernels(family.linear_attention_functions, opaque=compiled)
+    installed = reference_kernels(family.linear_attention_functions, opaque=True)
     if isinstance(installed, str):
         raise VlmtuneError(f"the linear-attention layers cannot run the PyTorch reference here ({kernel.reason}) "
                            f"and {installed}")
-    setup.add("linear_attention=torch_reference" + ("_opaque" if compiled else ""), installed)
+    setup.add("linear_attention=torch_reference_operator", installed)
     if kernel.fallback:
         log.warning("speed: the linear-attention layers run transformers' PyTorch reference instead of "
                     "flash-linear-attention, which is installed: %s", kernel.reason)
-    if compiled:
-        log.info("speed: the linear-attention reference runs as one operator inside the compiled layers (its loop "
-                 "over 64-token chunks stays eager)")
+    log.info("speed: the linear-attention reference runs as one operator (its inputs kept for backward, the chunk "
+             "loop recomputed there)")
 
 
 def _needed_for_packing(installed: Any) -> Any:
