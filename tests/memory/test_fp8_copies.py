@@ -31,3 +31,20 @@ def test_fp8_weight_copies_are_in_the_estimate():
                                       "speed": {"fp8": True}})
     assert inputs_from_config(on).fp8_base
     assert not inputs_from_config(on.model_copy(update={"speed": on.speed.model_copy(update={"fp8": "auto"})})).fp8_base
+
+
+def test_fp8_copies_counted_the_same_under_compile():
+    """With speed.compile the e4m3 copies are buffers on the base layers (speed/fp8_compiled.py), the same bytes
+    (`planned_bytes(..., keep_transposed=True)`): the estimate counts them as it does for the fused path."""
+    from vlmtune.config.schema import VlmtuneConfig
+    from vlmtune.memory import estimate
+    from vlmtune.memory.inputs import inputs_from_config
+
+    def grown(compile_: bool) -> int:
+        config = VlmtuneConfig.model_validate({"model": {"name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct"},
+                                               "speed": {"fp8": True, "compile": compile_}})
+        inputs = inputs_from_config(config)
+        assert inputs.fp8_base
+        return estimate(inputs).peak_allocated - estimate(inputs.with_(fp8_base=False)).peak_allocated
+
+    assert grown(True) == grown(False) > 12e9

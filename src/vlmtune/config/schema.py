@@ -362,11 +362,12 @@ class SpeedConfig(_Strict):
     fp8: bool | Literal["auto"] = "auto"
     """LoRA: the frozen base linear layers run their forward and input-gradient matmuls in FP8 (e4m3 weights,
     activations and gradients, scaled per row from their absolute maximum, torch._scaled_mm writing bf16), inside the
-    fused LoRA layers; adapters, norms and loss stay bf16. The weights' e4m3 copies, both layouts, are computed once
+    fused LoRA layers, or with speed.compile inside the compiled decoder layers (traced, the quantization fused by
+    inductor; not measured on a GPU yet); adapters, norms and loss stay bf16. The weights' e4m3 copies, both layouts, are computed once
     and kept beside the bf16 weights (about +100% of the adapted base weights' memory; the estimate counts them).
     auto: off while FP8 is slower than bf16 (measured on an H100: loss within 0.1% of bf16 after 300 steps, but 0.62x
     its speed; once it pays: CUDA GPUs of compute capability 8.9+, one process or DDP); true runs it wherever PyTorch can (stops with the reason elsewhere;
-    not with QLoRA, full fine-tuning, speed.fused_lora=false or speed.compile=true); false never."""
+    not with QLoRA, full fine-tuning or speed.fused_lora=false); false never."""
     fp8_scales: Literal["row", "tensor"] = "row"
     """With speed.fp8: how activations, gradients and weights are scaled to e4m3. row: one scale per token row and per
     weight row (PyTorch's row-wise scaled matmul; the 300-step loss check ran with it); tensor: one scale per operand
@@ -424,9 +425,6 @@ def _fp8_problems(config: VlmtuneConfig) -> list[str]:
                         "base layers are 4-bit, full fine-tuning trains its weights); set speed.fp8=false")
     if not config.speed.fused_lora:
         problems.append("speed.fp8=true needs speed.fused_lora=true (the FP8 matmuls run inside the fused LoRA layers)")
-    if config.speed.compile is True:
-        problems.append("speed.fp8=true cannot run with speed.compile=true (torch.compile replaces the fused LoRA "
-                        "layers the FP8 matmuls run in); set speed.compile=auto or false")
     return problems
 
 

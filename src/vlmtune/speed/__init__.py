@@ -72,7 +72,7 @@ def apply_speed(
     from vlmtune.speed.attention_backend import cudnn_attention_off, cudnn_keep_reason
     from vlmtune.speed.compile_cache import persistent_compile_cache
     from vlmtune.speed.compile_layers import compile_layers
-    from vlmtune.speed.compile_policy import CompileDecision, FallBackToEager, decide_compile
+    from vlmtune.speed.compile_policy import FallBackToEager, decide_compile
     from vlmtune.speed.cpu_embeddings import embeddings_on_cpu
     from vlmtune.speed.fp8_policy import decide_fp8
     from vlmtune.speed.frozen_vision import vision_without_grad
@@ -89,13 +89,6 @@ def apply_speed(
     compiled = decide_compile(config, plan.device, world, steps, deepspeed, tight_memory, family.packed_span_modules,
                               layer_refusal=layer_refusal)
     fp8 = decide_fp8(config, plan, deepspeed)  # speed.fp8=true that cannot run stops here
-    if fp8.on and compiled.on:  # compile=auto (the config refuses fp8=true with compile=true)
-        compiled = CompileDecision(
-            False,
-            "speed.compile=auto stays eager: speed.fp8 is on, and its FP8 matmuls run inside the fused LoRA layers "
-            "that torch.compile would replace",
-            auto=True,
-        )
     if compiled.auto and not compiled.on:
         setup.skipped["compile"] = compiled.reason
     _linear_attention(setup, family, plan.device)
@@ -120,8 +113,10 @@ def apply_speed(
             else fuse_lora(unwrap_peft(model), zero_plan(config, world).stage)
         )
         fused = setup.add("fused_lora", fused)
-        if fp8.on:
+        if fp8.on and not compiled.on:
             _install_fp8(setup, fused, fp8)
+    if fp8.on and compiled.on:  # before the layers are compiled: dynamo traces the base layers' FP8 forward
+        _install_fp8(setup, None, fp8, compiled_in=model, zero_stage=zero_plan(config, world).stage)
     if fp8.auto and not fp8.on:
         setup.skipped["fp8"] = fp8.reason
     if speed.embeddings_on_cpu:
@@ -149,7 +144,7 @@ def apply_speed(
         varlen = setup.add("varlen_attention", varlen_attention(unwrap_peft(model), family, plan.device, spans))
     if spans and not (varlen is not None and PACKED_NAME in varlen.names):
         setup.add("packed_attention=spans", packed_attention(unwrap_peft(model), family.language_prefixes))
-    if speed.compile is False and not fp8.on and decide_compile(
+    if speed.compile is False and decide_compile(
         config.model_copy(update={"speed": speed.model_copy(update={"compile": "auto"})}),
         plan.device, world, steps, deepspeed, tight_memory, family.packed_span_modules, layer_refusal=layer_refusal,
     ).on:
@@ -227,16 +222,27 @@ def _install_span_layers(setup: SpeedSetup, model: nn.Module, family: FamilyDesc
              "samples in each)", len(installed.layers), "/".join(family.packed_span_modules))
 
 
-def _install_fp8(setup: SpeedSetup, fused: Any, decision: Any) -> None:
-    """speed.fp8 on the fused LoRA layers; under speed.fp8=true, a run where it cannot apply stops with the reason."""
+def _install_fp8(
+    setup: SpeedSetup, fused: Any, decision: Any, compiled_in: nn.Module | None = None, zero_stage: int = 0
+) -> None:
+    """speed.fp8 on the fused LoRA layers, or with `compiled_in` (the model, under speed.compile) on the LoRA base
+    layers as code torch.compile traces (fp8_compiled.py); under speed.fp8=true, a run where it cannot apply stops
+    with the reason."""
     from vlmtune.errors import VlmtuneError
+    from vlmtune.speed.fp8_compiled import compiled_fp8
     from vlmtune.speed.fused_lora import enable_fp8
+    from vlmtune.speed.loss_hook import unwrap_peft
 
-    installed = (
-        enable_fp8(fused, rowwise=decision.rowwise)
-        if fused is not None
-        else f"the fused LoRA layers it runs in do not apply ({setup.skipped.get('fused_lora')})"
-    )
+    if compiled_in is not None:
+        installed = compiled_fp8(unwrap_peft(compiled_in), zero_stage, rowwise=decision.rowwise, root=compiled_in)
+        path = "inside the compiled decoder layers (traced by torch.compile, quantization fused by inductor)"
+    else:
+        installed = (
+            enable_fp8(fused, rowwise=decision.rowwise)
+            if fused is not None
+            else f"the fused LoRA layers it runs in do not apply ({setup.skipped.get('fused_lora')})"
+        )
+        path = "inside the fused LoRA layers"
     if isinstance(installed, str) and not decision.auto:
         raise VlmtuneError(f"speed.fp8=true cannot run here: {installed}. Set speed.fp8=false (or auto).")
     if setup.add("fp8", installed) is None:
@@ -249,8 +255,8 @@ def _install_fp8(setup: SpeedSetup, fused: Any, decision: Any) -> None:
         f"; {count} layer(s) of {shape} left in bf16 (dimensions not multiples of 16)" for shape, count in shapes.items()
     )
     log.info(
-        "speed: %s; %d base layers in FP8, %.2f GiB of e4m3 copies kept beside the bf16 weights%s",
-        decision.reason, len(installed.layers), installed.planned / 1024**3, left,
+        "speed: %s; %d base layers in FP8 %s, %.2f GiB of e4m3 copies kept beside the bf16 weights%s",
+        decision.reason, len(installed.layers), path, installed.planned / 1024**3, left,
     )
 
 

@@ -83,8 +83,6 @@ def _run_refusal(config: VlmtuneConfig, plan: PrecisionPlan, deepspeed: bool, fo
         )
     if not config.speed.fused_lora:
         return "speed.fused_lora=false: the FP8 base matmuls run inside the fused LoRA layers"
-    if config.speed.compile is True:
-        return "speed.compile=true: torch.compile replaces the fused LoRA layers the FP8 matmuls run in"
     if deepspeed and not forced:
         return (
             "DeepSpeed: not measured with FP8 (auto covers one process or DDP); set speed.fp8=true to try it"

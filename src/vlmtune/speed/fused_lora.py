@@ -22,7 +22,8 @@ does not call `lora_A` / `lora_B`.
 With `speed.fp8` (`enable_fp8`), the frozen base matmuls of plain `nn.Linear` base layers (forward and input
 gradient) run in FP8 from cached e4m3 copies of the weight (both layouts), with activations and gradients quantized
 by fused torch.compile'd functions on CUDA, and an input that several layers take in a row (q/k/v_proj, gate/up_proj)
-quantized once for all of them (`fp8_linear.py`); the adapters stay as above.
+quantized once for all of them (`fp8_linear.py`); the adapters stay as above. Under speed.compile these fused layers
+are off and speed.fp8 runs in the compiled decoder layers instead (`fp8_compiled.py`).
 """
 
 from __future__ import annotations
