@@ -40,10 +40,11 @@ Speed switches: the chunked loss (`lm_head`), fused LoRA and 16-bit LoRA inputs 
 over `cu_seqlens`), collator positions and packing (above) apply; `speed.compile` compiles each decoder layer but the
 first like any family's; with packing, auto stays eager (the per-span loop reads the sample boundaries on the host
 and would recompile for every packing layout: speed/compile_policy.py), and so it does where the DeltaNet layers run
-the PyTorch reference (`reference_compile_cost`). There, compiled layers (`speed.compile=true`) run the reference as
-one opaque operator (speed/opaque_delta_rule.py): traced, its loop over 64-token chunks compiled again for every new
-chunk count (on an H100, Qwen3.5-9B LoRA: 87 s for the first compiled step, the second not done 200 s later, against
-1.1 s per eager step). With fla's kernel compiling is unmeasured.
+the PyTorch reference (`reference_compile_cost`). vlmtune runs the reference as one opaque operator
+(speed/opaque_delta_rule.py), eager and compiled: it keeps its inputs for backward (312 kB per token per 9B DeltaNet
+layer instead of 615 kB traced), and compiled layers do not trace its loop over 64-token chunks (traced, every new
+chunk count compiled again: on an H100, Qwen3.5-9B LoRA, 87 s for the first compiled step, the second not done 200 s
+later). With fla's kernel compiling is unmeasured.
 
 transformers 5.17 and 5.23 layout (same names): `model.visual` (patch_embed, pos_embed, blocks, merger),
 `model.language_model` (`layers.N.linear_attn` or `layers.N.self_attn`, `mlp`), `lm_head`. The processor is
@@ -98,10 +99,9 @@ _PACKING = ("the gated DeltaNet layers (a recurrent state and a 4-token conv win
             "sample of a packed row, a Python loop with one set of kernel launches per sample: rows of many short "
             "samples are slower there")
 
-_REFERENCE_COMPILE = ("compiled layers run it as one operator (speed/opaque_delta_rule.py; traced, its Python loop over "
-                      "64-token chunks compiled again for every chunk count: on an H100, Qwen3.5-9B LoRA, 87 s for "
-                      "the first step), and what compiling gains around it is not measured on a GPU yet (set "
-                      "speed.compile=true to compile)")
+_REFERENCE_COMPILE = ("compiled layers run it as one operator and compile once (speed/opaque_delta_rule.py), but on an "
+                      "H100 (session 16) compiled Qwen3.5-9B LoRA ran at 0.86x its eager speed (QLoRA: 1.13x), which "
+                      "is not understood yet (set speed.compile=true to compile)")
 
 _ROPE = {"rope_type": "default", "rope_theta": 10000000.0, "mrope_section": [11, 11, 10], "mrope_interleaved": True,
          "partial_rotary_factor": 0.25}
