@@ -50,7 +50,7 @@ def _samples(model_dir: Path, root: Path, family: str, smoke: bool = False) -> t
     return encoded_dataset(path, model_dir, family, cfg), pad
 
 
-def _model(model_dir: Path, dtype: torch.dtype, family: str) -> torch.nn.Module:
+def _model(model_dir: Path, dtype: torch.dtype, family: str, layers: int | None = None) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -58,9 +58,13 @@ def _model(model_dir: Path, dtype: torch.dtype, family: str) -> torch.nn.Module:
 
     torch.manual_seed(0)
     with torch.device(DEVICE):
-        base = AutoModelForImageTextToText.from_config(
-            _without_dropout(AutoConfig.from_pretrained(model_dir)), dtype=dtype, attn_implementation="sdpa"
-        )
+        config = _without_dropout(AutoConfig.from_pretrained(model_dir))
+        if layers is not None:  # the first `layers` decoder layers, in the config's own pattern of layer kinds
+            text = config.get_text_config()
+            text.num_hidden_layers = layers
+            if getattr(text, "layer_types", None):
+                text.layer_types = text.layer_types[:layers]
+        base = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation="sdpa")
         get_family(family).tiny_init(base)  # Mllama's cross-attention gates open: its images reach the text
     lora = LoraConfig(
         r=16, lora_alpha=32, lora_dropout=0.0, target_modules=get_family(family).lora_target_regex("all")
@@ -168,13 +172,16 @@ def _unsupported(family: Any, feature: str) -> str | None:
 
 
 def run(
-    model_dir: Path, root: Path, precision: str, family_name: str = "qwen2_vl", smoke: bool = False
+    model_dir: Path, root: Path, precision: str, family_name: str = "qwen2_vl", smoke: bool = False,
+    layers: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Every check on one precision; `smoke`: the tiny model on the CPU, without compiling (minutes there)."""
+    """Every check on one precision; `smoke`: the tiny model on the CPU, without compiling (minutes there); `layers`:
+    only that many decoder layers of the architecture (its real widths, a shorter stack)."""
     from vlmtune.config.schema import VlmtuneConfig
     from vlmtune.data.collate import Collator
     from vlmtune.data.packing import PackingCollator, rope_index_of
     from vlmtune.families import get_family
+    from vlmtune.families.linear_attention import reference_kernels
     from vlmtune.speed import apply_speed
     from vlmtune.speed.compile_layers import compile_layers
     from vlmtune.speed.family_mask import family_packed_masks
@@ -189,7 +196,7 @@ def run(
     family = get_family(family_name)
     samples, pad = _samples(model_dir, root, family_name, smoke)
     autocast = precision == "bf16"
-    model = _model(model_dir, torch.bfloat16 if autocast else torch.float32, family_name)
+    model = _model(model_dir, torch.bfloat16 if autocast else torch.float32, family_name, layers)
     padded = Collator(pad)(samples)
     rope = rope_index_of(model)
     no_packing = _unsupported(family, "packing")
@@ -252,7 +259,12 @@ def run(
         skipped("compile (torch.compile per decoder layer, inductor)", "--smoke: compiling takes minutes on the CPU")
         if smoke else measure(
             "compile (torch.compile per decoder layer, inductor)",
-            lambda: compile_layers(unwrap_peft(model), family.language_layers_prefix),
+            # with the linear-attention reference as the operator vlmtune compiles it as (speed/opaque_delta_rule.py)
+            lambda: _all_of(
+                *((lambda: reference_kernels(family.linear_attention_functions, opaque=True),)
+                  if family.linear_attention_functions else ()),
+                lambda: compile_layers(unwrap_peft(model), family.language_layers_prefix),
+            ),
         ),
     ]
     mask_name = ("packing, the family's own masks (packed_row_attention=family_mask)" if own_masks
@@ -300,7 +312,8 @@ def run(
     return out
 
 
-def main(out: Path, family: str = "qwen2_vl", arch: str | None = None, smoke: bool = False) -> list[dict[str, Any]]:
+def main(out: Path, family: str = "qwen2_vl", arch: str | None = None, smoke: bool = False,
+         layers: int | None = None) -> list[dict[str, Any]]:
     from benchmarks.speed.bench import ROOT, WORKLOADS, prepare
     from benchmarks.speed.data import model_dir as build_model_dir
 
@@ -314,8 +327,8 @@ def main(out: Path, family: str = "qwen2_vl", arch: str | None = None, smoke: bo
     lines = []
     with open(out / "check.jsonl", "a", encoding="utf-8") as fh:
         for precision in ("fp32",) if smoke else ("fp32", "bf16"):
-            for line in run(model_dir, ROOT, precision, family, smoke):
-                line = {"family": family, "arch": arch or "W1", **line}
+            for line in run(model_dir, ROOT, precision, family, smoke, layers):
+                line = {"family": family, "arch": arch or "W1", "layers": layers, **line}
                 fh.write(json.dumps(line) + "\n")
                 verdict = "SKIP " if line["ok"] is None else "PASS " if line["ok"] else "FAIL "
                 print(verdict + json.dumps(line), flush=True)
@@ -331,5 +344,7 @@ if __name__ == "__main__":
     ap.add_argument("--family", default="qwen2_vl")
     ap.add_argument("--arch", default=None, help="a size of the family's `architectures` (default: W1's model)")
     ap.add_argument("--smoke", action="store_true", help="the family's tiny model, fp32, no compiling: the CPU")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="only the first N decoder layers of --arch (real widths, a shorter stack: a 9B check in time)")
     args = ap.parse_args()
-    main(args.out, args.family, args.arch, args.smoke)
+    main(args.out, args.family, args.arch, args.smoke, args.layers)
