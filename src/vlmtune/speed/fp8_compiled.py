@@ -35,12 +35,11 @@ from vlmtune.speed.fp8_linear import (
     FAST_ACCUM_FORWARD,
     Fp8Weight,
     Quantizer,
-    cuda_shape_ok,
     planned_bytes,
     quantize,
     scaled_mm,
 )
-from vlmtune.speed.fused_lora import ADAPTER, FP8_COMPUTE_DTYPES, _compute_dtype
+from vlmtune.speed.fused_lora import ADAPTER, FP8_COMPUTE_DTYPES, _compute_dtype, fp8_base
 
 BUFFERS = ("_vlmtune_fp8_values", "_vlmtune_fp8_transposed", "_vlmtune_fp8_scale", "_vlmtune_fp8_ones")
 """The base layer's buffers: e4m3 (out, in) row-major, the same stored column-major, the weight's scale ((1, out)
@@ -159,18 +158,12 @@ def compiled_fp8(
         if not isinstance(owner, LoraLinear) or ADAPTER not in getattr(owner, "lora_A", {}):
             continue
         base = owner.base_layer
-        if (
-            type(base) is not nn.Linear
-            or base.weight.requires_grad
-            or base.weight.dtype not in FP8_COMPUTE_DTYPES
-        ):
-            continue
-        if ADAPTER in getattr(owner, "lora_variant", {}):
+        eligible = fp8_base(owner)
+        if eligible is not True or base.weight.dtype not in FP8_COMPUTE_DTYPES:
+            if isinstance(eligible, str):
+                left.append(eligible)
             continue
         out_features, in_features = base.weight.shape
-        if base.weight.is_cuda and not cuda_shape_ok(out_features, in_features):
-            left.append(f"{out_features}x{in_features}")
-            continue
         _install(base, owner, rowwise)
         layers.append(base)
         names.append(qualified.get(id(base), ""))

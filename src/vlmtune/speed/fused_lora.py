@@ -293,6 +293,19 @@ class Fp8Layers:
         self.layers = []
 
 
+def fp8_base(layer: nn.Module) -> bool | str:
+    """Whether a LoRA layer's base can run its matmuls in FP8 (`speed.fp8`, eager and compiled): True for a plain,
+    frozen `nn.Linear` (not a 4-bit one, not a trained one) of a layer without a LoRA variant (DoRA ...); False for
+    any other; "out x in" for a CUDA base whose dimensions cuBLAS's FP8 matmul does not take (left in 16-bit)."""
+    base = layer.base_layer
+    if type(base) is not nn.Linear or base.weight.requires_grad or ADAPTER in getattr(layer, "lora_variant", {}):
+        return False
+    out_features, in_features = base.weight.shape
+    if base.weight.is_cuda and not cuda_shape_ok(out_features, in_features):
+        return f"{out_features}x{in_features}"
+    return True
+
+
 def enable_fp8(
     fused: FusedLora,
     rowwise: bool = True,
@@ -311,15 +324,12 @@ def enable_fp8(
     shared = SharedInput(quantizer) if share_inputs else None
     layers, planned, left = [], 0, []
     for layer in fused.layers:
-        base = layer.base_layer
-        if type(base) is not nn.Linear or base.weight.requires_grad:
+        eligible = fp8_base(layer)
+        if eligible is not True:
+            if eligible:
+                left.append(eligible)
             continue
-        if ADAPTER in getattr(layer, "lora_variant", {}):
-            continue
-        out_features, in_features = base.weight.shape
-        if base.weight.is_cuda and not cuda_shape_ok(out_features, in_features):
-            left.append(f"{out_features}x{in_features}")
-            continue
+        out_features, in_features = layer.base_layer.weight.shape
         layer._vlmtune_fp8 = Fp8Weight(rowwise=rowwise, keep_transposed=keep_transposed, quantizer=quantizer)
         if shared is not None:
             layer._vlmtune_fp8_shared = shared
