@@ -5,6 +5,8 @@
 #   cd .clean && ln -sfn ../.whl .whl && bash benchmarks/gpu_next.sh f48
 # carrying [".whl", ".whl-unsloth", ".clean"] (.whl: bitsandbytes + pydantic; no flash-linear-attention: it cannot
 # train under torch 2.11's Triton 3.6 on Hopper, RESULTS.md session 14). Steps, in the order to run them:
+#   q35check  issue 17: the per-switch GPU check on Qwen3.5-9B's widths, 8 decoder layers (session 16's 9B timed out) (~150 s)
+#   f7cprof   issue 17: profiles of F7 eager and compiled (compiled was slower in session 16)             (~570 s)
 #   f8c       issue 17: F8 with the estimate fix, eager and compiled (the DeltaNet reference as one operator) (~480 s)
 #   f7c       issue 17: F7 eager and compiled (the DeltaNet reference as one operator)                    (~540 s)
 #   f8        issue 17: Qwen3.5 QLoRA (F8) again: its estimate once vlmtune picks the checkpointed layers itself (~250 s)
@@ -19,7 +21,7 @@
 #   fp8w3c    issue 21: fp8w3 with both arms compiled (FP8 inside the compiled layers), row-wise scales only
 #   mfu       issue 21: W3 without recomputation, eager and compiled (the 35% MFU bar), and the W3 profile
 set -euo pipefail
-step=${1:?usage: gpu_next.sh STEP (f8c f7c f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 fp8w3c mfu)}
+step=${1:?usage: gpu_next.sh STEP (q35check f7cprof f8c f7c f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 fp8w3c mfu)}
 OUT=${OUT:-/tmp/vlmtune-next}/$step
 mkdir -p "$OUT"
 speed() {  # speed LIMIT_S ENV...: benchmarks/speed/run.sh under a timeout, results in $OUT
@@ -33,6 +35,13 @@ case $step in
         PROFILE="F7:vlmtune_gc F7:plain_gc" PROFILE_TIMEOUT_S=75
         tail -n 80 "$OUT/profile.md" 2>/dev/null || true ;;
   f48s) speed 460 ONLY=F4,F8 BUDGET_S=400 BENCH_VARIANTS=plain_gc,vlmtune_auto,vlmtune_auto_compile ;;
+  q35check)
+    source benchmarks/gpu_env.sh
+    timeout 170 python3 -m benchmarks.speed.check --family qwen3_5 --arch 9b --layers 8 --out "$OUT/qwen3_5" \
+      >"$OUT/check-qwen3_5.log" 2>&1 || echo "check qwen3_5: exit $?"
+    grep -E "^(PASS|FAIL|SKIP)" "$OUT/check-qwen3_5.log" | cut -c1-300 || tail -n 30 "$OUT/check-qwen3_5.log" ;;
+  f7cprof) speed 570 PROFILE="F7:vlmtune_auto_compile F7:vlmtune_auto" PROFILE_TIMEOUT_S=270
+        tail -n 80 "$OUT/profile.md" 2>/dev/null || true ;;
   f8c) speed 560 ONLY=F8 BUDGET_S=470 BENCH_VARIANTS=plain_gc,vlmtune_auto,vlmtune_auto_compile ;;
   f7c) speed 570 ONLY=F7 BUDGET_S=500 BENCH_VARIANTS=plain_gc,vlmtune_auto,vlmtune_auto_compile ;;
   f8) speed 330 ONLY=F8 BUDGET_S=300 BENCH_VARIANTS=plain_gc,vlmtune_auto ;;
@@ -73,5 +82,5 @@ case $step in
     grep -h '"kind": "parity"' "$OUT/train.log" | cut -c1-600 || true ;;
   mfu) speed 570 ONLY=W3 BUDGET_S=380 BENCH_VARIANTS=vlmtune_gc,vlmtune_nogc,vlmtune_nogc_compile \
         PROFILE="W3:vlmtune_nogc" PROFILE_TIMEOUT_S=150 ;;
-  *) echo "unknown step $step (f8c f7c f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 fp8w3c mfu)" >&2; exit 2 ;;
+  *) echo "unknown step $step (q35check f7cprof f8c f7c f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 fp8w3c mfu)" >&2; exit 2 ;;
 esac

@@ -255,6 +255,8 @@ def profile_one(workload: str, variant_name: str, out: Path, trace: bool = False
     work = WORKLOADS[workload]
     work = replace(work, steps=ACTIVE + 2)
     variant = next(v for v in work.variants if v.name == variant_name)
+    if variant.warmup is not None:  # a compiled variant: its compilations fall before the profiled steps
+        work = replace(work, warmup=variant.warmup)
     # placeholders (a cap at plain_gc's peak, weights on disk) filled from the suite's results.jsonl: run.sh profiles
     # into $OUT/logs, beside which the suite wrote it
     results = out if (out / "results.jsonl").is_file() else out.parent
