@@ -6,6 +6,7 @@ with the reason. fp32 on the CPU, without compiling (check.py --smoke)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from benchmarks.speed import check
 
@@ -60,13 +61,22 @@ def test_main_creates_its_out_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "ROOT", tmp_path / "root")
     calls = []
 
-    def run(model_dir, root, precision, family, smoke):
-        calls.append((model_dir.name, precision, smoke))
+    def run(model_dir, root, precision, family, smoke, layers):
+        calls.append((model_dir.name, precision, smoke, layers))
         return [{"name": "noise floor", "precision": precision, "ok": True}]
 
     monkeypatch.setattr(check, "run", run)
     out = tmp_path / "new" / "folder"
     lines = check.main(out, "smolvlm", smoke=True)
-    assert calls == [("smolvlm-tiny", "fp32", True)]
+    assert calls == [("smolvlm-tiny", "fp32", True, None)]
     assert [json.loads(x) for x in (out / "check.jsonl").read_text().splitlines()] == lines
     assert lines[0]["arch"] == "tiny" and lines[0]["family"] == "smolvlm"
+
+
+def test_layers_keeps_the_first_decoder_layers_in_their_pattern(tiny_model_dir):
+    """--layers N: the architecture's widths with only its first N decoder layers, their kinds as in the config (a
+    9B Qwen3.5 check that fits one device call)."""
+    model = check._model(tiny_model_dir("qwen3_5"), torch.float32, "qwen3_5", layers=1)
+    text = model.config.get_text_config()
+    assert text.num_hidden_layers == 1 and text.layer_types == ["linear_attention"]
+    assert len(model.base_model.model.model.language_model.layers) == 1
