@@ -48,7 +48,7 @@ def linear_attention_kernel(device: str) -> LinearAttentionKernel:
     if not _fla_installed():
         return LinearAttentionKernel(
             "torch", "flash-linear-attention (the `fla` package) is not installed: transformers runs its PyTorch "
-            "reference, a Python loop over 64-token chunks; `pip install flash-linear-attention` for the fused kernel",
+            "reference, a Python loop over chunks of tokens; `pip install flash-linear-attention` for the fused kernel",
             fallback=False)
     if not device.startswith("cuda"):
         return LinearAttentionKernel(

@@ -42,7 +42,7 @@ first like any family's; with packing, auto stays eager (the per-span loop reads
 and would recompile for every packing layout: speed/compile_policy.py), and so it does where the DeltaNet layers run
 the PyTorch reference (`reference_compile_cost`). vlmtune runs the reference as one opaque operator
 (speed/opaque_delta_rule.py), eager and compiled: it keeps its inputs for backward (312 kB per token per 9B DeltaNet
-layer instead of 615 kB traced), and compiled layers do not trace its loop over 64-token chunks (traced, every new
+layer instead of 615 kB traced), and compiled layers do not trace its loop over chunks (traced, every new
 chunk count compiled again: on an H100, Qwen3.5-9B LoRA, 87 s for the first compiled step, the second not done 200 s
 later). With fla's kernel compiling is unmeasured.
 
@@ -92,7 +92,7 @@ KERNEL_MODULES = ("fla", "causal_conv1d")
 """The packages transformers takes the DeltaNet kernels from (`use_kernel_func_from_hub_with_fallback`)."""
 
 _KERNELS = ("without the flash-linear-attention and causal-conv1d packages, transformers runs the gated DeltaNet "
-            "layers (3 of every 4) on its PyTorch reference path: correct, but a Python loop over 64-token chunks "
+            "layers (3 of every 4) on its PyTorch reference path: correct, but a Python loop over chunks of tokens "
             "with many small kernels instead of one fused Triton kernel. On a GPU install them for speed "
             "(`pip install flash-linear-attention causal-conv1d`); vlmtune trains either way")
 _PACKING = ("the gated DeltaNet layers (a recurrent state and a 4-token conv window along the sequence) run once per "
