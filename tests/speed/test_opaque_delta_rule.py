@@ -59,6 +59,27 @@ def test_operator_gives_the_reference_outputs_and_gradients(length):
         torch.testing.assert_close(grad, same_grad, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("needs", [(True,) * 5, (False, True, True, False, True)])
+def test_the_custom_operator_itself_gives_the_eager_forms_gradients(needs):
+    """What compiled layers call (the torch.library operator, backward by torch.func.vjp) against the eager form
+    (`Recomputed`, backward by autograd): the same output and gradients, also when only some inputs need one."""
+    from vlmtune.speed.opaque_delta_rule import Recomputed, gated_delta_rule, opaque
+
+    opaque(_reference(), "test")  # registers the reference under this name
+    inputs = [t.detach().requires_grad_(need) for t, need in zip(_inputs(150), needs, strict=True)]
+    weights = torch.randn(2, 150, 3, 16)
+    results = []
+    for run in (gated_delta_rule, Recomputed.apply):
+        out = run(*inputs, True, "test", "")
+        wanted = [t for t in inputs if t.requires_grad]
+        results.append((out.detach(), torch.autograd.grad((out * weights).sum(), wanted)))
+    (out_op, grads_op), (out_eager, grads_eager) = results
+    torch.testing.assert_close(out_op, out_eager, rtol=0, atol=0)
+    assert len(grads_op) == sum(needs)
+    for a, b in zip(grads_op, grads_eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_operator_keeps_the_callers_autocast():
     """A custom operator's body runs with autocast off; the operator puts the caller's back, so its matmuls run as
     the reference's do under autocast (bf16 on the CPU here)."""
