@@ -48,7 +48,7 @@ def test_operator_gives_the_reference_outputs_and_gradients(length):
     inputs = _inputs(length)
     weights = torch.randn(2, length, 3, 16)
     _, expected, expected_grads = _out_and_grads(reference, inputs, weights)
-    state, out, grads = _out_and_grads(opaque(reference, "test"), inputs, weights)
+    state, out, grads = _out_and_grads(opaque(reference), inputs, weights)
     assert state is None
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     for grad, expected_grad in zip(grads, expected_grads, strict=True):
@@ -63,14 +63,13 @@ def test_operator_gives_the_reference_outputs_and_gradients(length):
 def test_the_custom_operator_itself_gives_the_eager_forms_gradients(needs):
     """What compiled layers call (the torch.library operator, backward by torch.func.vjp) against the eager form
     (`Recomputed`, backward by autograd): the same output and gradients, also when only some inputs need one."""
-    from vlmtune.speed.opaque_delta_rule import Recomputed, gated_delta_rule, opaque
+    from vlmtune.speed.opaque_delta_rule import Recomputed, gated_delta_rule
 
-    opaque(_reference(), "test")  # registers the reference under this name
     inputs = [t.detach().requires_grad_(need) for t, need in zip(_inputs(150), needs, strict=True)]
     weights = torch.randn(2, 150, 3, 16)
     results = []
     for run in (gated_delta_rule, Recomputed.apply):
-        out = run(*inputs, True, "test", "")
+        out = run(*inputs, True, "")
         wanted = [t for t in inputs if t.requires_grad]
         results.append((out.detach(), torch.autograd.grad((out * weights).sum(), wanted)))
     (out_op, grads_op), (out_eager, grads_eager) = results
@@ -81,21 +80,27 @@ def test_the_custom_operator_itself_gives_the_eager_forms_gradients(needs):
 
 
 def test_operator_keeps_the_callers_autocast():
-    """A custom operator's body runs with autocast off; the operator puts the caller's back, so its matmuls run as
-    the reference's do under autocast (bf16 on the CPU here)."""
+    """A custom operator's body runs with autocast off; the operator puts the caller's back: under bf16 autocast (the
+    CPU's here) it gives what the delta rule gives called under autocast directly, not its fp32 result, and stays
+    within bf16 rounding of transformers' reference under autocast."""
+    from vlmtune.speed.delta_rule import chunk_gated_delta_rule
     from vlmtune.speed.opaque_delta_rule import CHUNK, opaque
 
-    reference = functools.partial(_reference(), chunk_size=CHUNK)
+    def direct(q, k, v, g, beta, **_):
+        return chunk_gated_delta_rule(q, k, v, g, beta, CHUNK, use_qk_l2norm=True), None
+
     inputs = _inputs(150)
     weights = torch.randn(2, 150, 3, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, expected, expected_grads = _out_and_grads(reference, inputs, weights)
-        _, out, grads = _out_and_grads(opaque(_reference(), "test"), inputs, weights)
-    _, fp32, _ = _out_and_grads(reference, inputs, weights)
-    assert not torch.equal(expected, fp32)  # autocast changes the reference's result
+        _, expected, expected_grads = _out_and_grads(direct, inputs, weights)
+        _, out, grads = _out_and_grads(opaque(_reference()), inputs, weights)
+        _, transformers_out, _ = _out_and_grads(_reference(), inputs, weights)
+    _, fp32, _ = _out_and_grads(direct, inputs, weights)
+    assert not torch.equal(expected, fp32)  # autocast changes the result
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     for grad, expected_grad in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, transformers_out, rtol=2e-2, atol=2e-3)
 
 
 def test_other_calls_run_the_reference_as_it_is():
@@ -106,11 +111,11 @@ def test_other_calls_run_the_reference_as_it_is():
     q, k, v, g, beta = (t.detach() for t in _inputs(70))
     state = torch.randn(2, 3, 16, 16)
     expected = reference(q, k, v, g=g, beta=beta, initial_state=state, output_final_state=True)
-    out = opaque(reference, "test")(q, k, v, g=g, beta=beta, initial_state=state, output_final_state=True)
+    out = opaque(reference)(q, k, v, g=g, beta=beta, initial_state=state, output_final_state=True)
     torch.testing.assert_close(out[0], expected[0], rtol=0, atol=0)
     torch.testing.assert_close(out[1], expected[1], rtol=0, atol=0)
     with pytest.raises(ValueError, match="cu_seqlens"):
-        opaque(reference, "test")(q, k, v, g=g, beta=beta, cu_seqlens=torch.tensor([0, 30, 70]))
+        opaque(reference)(q, k, v, g=g, beta=beta, cu_seqlens=torch.tensor([0, 30, 70]))
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +175,22 @@ def test_compiled_layers_do_not_compile_again_per_chunk_count(deltanet_model_dir
     assert opaque_counts[0] > 0 and opaque_counts[1:] == [opaque_counts[1]] * 3, opaque_counts
     _, traced_counts = _compiled_run(deltanet_model_dir, False, lengths)
     assert traced_counts[-1] > traced_counts[1], traced_counts  # what the operator avoids
+
+
+def test_operators_pass_torch_library_opcheck():
+    """The custom operators' schemas, fake (meta) kernels and autograd registration, as torch.library checks them
+    (a wrong fake stride broke the compiled layers once)."""
+    from vlmtune.speed.opaque_delta_rule import gated_delta_rule, gated_delta_rule_backward
+
+    q, k, v, g, beta = (t.detach().requires_grad_(True) for t in _inputs(150))
+    torch.library.opcheck(gated_delta_rule, (q, k, v, g, beta, True, ""))
+    grad_out = torch.randn(2, 150, 3, 16)
+    # the backward's body (torch.func.vjp: wrapper tensors without storage) cannot run under opcheck's modes, which
+    # read every argument's storage: its fake kernel is compared with the real outputs here
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = [t.detach() for t in (q, k, v, g, beta, grad_out)]
+    real = gated_delta_rule_backward(*args, True, "")
+    with FakeTensorMode() as mode:
+        fake = gated_delta_rule_backward(*(mode.from_tensor(t) for t in args), True, "")
+    assert [(t.shape, t.dtype, t.stride()) for t in fake] == [(t.shape, t.dtype, t.stride()) for t in real]

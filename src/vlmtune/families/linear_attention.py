@@ -131,7 +131,7 @@ class ReferenceKernels:
             if torch_function is None:
                 raise AttributeError(f"{path} has no __wrapped__ reference function (transformers' "
                                      "use_kernel_func_from_hub_with_fallback sets it)")
-            references.append((module, name, current, _opaque(torch_function, path) if opaque
+            references.append((module, name, current, _opaque(torch_function) if opaque
                                else _reference(torch_function)))
         for module, name, current, reference in references:
             self.swapped.append((module, name, current))
@@ -152,10 +152,10 @@ def reference_kernels(functions: tuple[str, ...], opaque: bool = False) -> Refer
         return f"cannot switch {', '.join(functions)} to the PyTorch reference: {exc}"
 
 
-def _opaque(torch_function: Callable[..., Any], path: str) -> Callable[..., Any]:
+def _opaque(torch_function: Callable[..., Any]) -> Callable[..., Any]:
     from vlmtune.speed.opaque_delta_rule import opaque
 
-    return opaque(torch_function, path)
+    return opaque(torch_function)
 
 
 def _reference(torch_function: Callable[..., Any]) -> Callable[..., Any]:

@@ -15,8 +15,9 @@ a plain autograd function (`Recomputed`), whose backward re-runs the reference w
 Either way only those inputs are saved, not the reference's fp32 intermediates, and the delta rule's forward runs
 once more per backward (with checkpointing, three times per step instead of two).
 
-The operator runs the reference with 128-token chunks instead of 64 (`CHUNK`): the same result up to rounding, and
-about 40% fewer operators per call, most of them in the loop over chunks.
+The operator computes what the reference computes with vlmtune's own implementation (speed/delta_rule.py: the same
+matmuls, fewer operators around them) in 128-token chunks instead of 64 (`CHUNK`): the same result up to rounding,
+in a third of the reference's operators per forward and backward.
 
 Only the training call is routed through the operator: no initial state, no final state asked for, no `cu_seqlens`
 (packed rows reach these layers one sample at a time through `packed_span_modules`). Any other call (generation with a
@@ -31,66 +32,63 @@ from typing import Any
 
 import torch
 
+from vlmtune.speed.delta_rule import chunk_gated_delta_rule
+
 CHUNK = 128
-"""Tokens per chunk the operator runs the reference with (transformers' default: 64). The chunked algorithm is exact
+"""Tokens per chunk the operator runs the delta rule with (transformers' default: 64). The chunked algorithm is exact
 for any chunk size: in fp32 the results differ by rounding (1e-6 relative at 128 against 64, 2e-6 at 256, on
 random Qwen3.5-like inputs), and under bf16 autocast all sizes are 3.8e-3 from fp32 alike. The sequential loop over
-chunks is most of the reference's operators: at Qwen3.5-9B's widths, 2 x 708 tokens, forward and backward call 1,329
-aten operators at 64, 783 at 128 and 510 at 256 (CPU count, TorchDispatchMode). Whether that speeds a GPU step up is
-not measured yet (benchmarks/RESULTS.md, session 16)."""
-
-_REFERENCES: dict[str, Callable[..., Any]] = {}
-"""The reference functions the operator can run, by name (a custom operator takes no function argument)."""
+chunks is most of the operators: at Qwen3.5-9B's widths, 2 x 708 tokens, transformers' reference calls 1,329 aten
+operators in forward and backward at 64 and 783 at 128; speed/delta_rule.py at 128 calls 450 (CPU count,
+TorchDispatchMode). Whether that speeds a GPU step up is not measured yet (benchmarks/RESULTS.md, session 16)."""
 
 
-def _run(name: str, autocast: str, query, key, value, g, beta, use_qk_l2norm: bool) -> torch.Tensor:
-    """The reference's output, under the caller's autocast (a custom operator's body runs with autocast off):
-    `autocast` is "" or the autocast dtype's name, e.g. "bfloat16"."""
+def _run(autocast: str, query, key, value, g, beta, use_qk_l2norm: bool) -> torch.Tensor:
+    """The delta rule's output (speed/delta_rule.py, the reference's computation in fewer operators), under the
+    caller's autocast (a custom operator's body runs with autocast off): `autocast` is "" or the autocast dtype's
+    name, e.g. "bfloat16"."""
     with torch.autocast(query.device.type, dtype=getattr(torch, autocast or "float32"), enabled=bool(autocast)):
-        out, _ = _REFERENCES[name](query, key, value, g=g, beta=beta, initial_state=None, output_final_state=False,
-                                   use_qk_l2norm_in_kernel=use_qk_l2norm, chunk_size=CHUNK)
-    return out
+        return chunk_gated_delta_rule(query, key, value, g, beta, CHUNK, use_qk_l2norm)
 
 
 @torch.library.custom_op("vlmtune::gated_delta_rule", mutates_args=())
 def gated_delta_rule(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g: torch.Tensor,
-                     beta: torch.Tensor, use_qk_l2norm: bool, name: str, autocast: str) -> torch.Tensor:
+                     beta: torch.Tensor, use_qk_l2norm: bool, autocast: str) -> torch.Tensor:
     with torch.no_grad():
-        return _run(name, autocast, query, key, value, g, beta, use_qk_l2norm)
+        return _run(autocast, query, key, value, g, beta, use_qk_l2norm)
 
 
 @gated_delta_rule.register_fake
-def _(query, key, value, g, beta, use_qk_l2norm, name, autocast):
+def _(query, key, value, g, beta, use_qk_l2norm, autocast):
     return value.new_empty(value.shape, dtype=query.dtype)
 
 
 @torch.library.custom_op("vlmtune::gated_delta_rule_backward", mutates_args=())
 def gated_delta_rule_backward(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-    grad_out: torch.Tensor, use_qk_l2norm: bool, name: str, autocast: str,
+    grad_out: torch.Tensor, use_qk_l2norm: bool, autocast: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # torch.func.vjp: autograd does not record inside a custom operator's body, the functional transform does
     _, pullback = torch.func.vjp(
-        lambda *inputs: _run(name, autocast, *inputs, use_qk_l2norm), query, key, value, g, beta
+        lambda *inputs: _run(autocast, *inputs, use_qk_l2norm), query, key, value, g, beta
     )
     return tuple(grad.contiguous() for grad in pullback(grad_out))
 
 
 @gated_delta_rule_backward.register_fake
-def _(query, key, value, g, beta, grad_out, use_qk_l2norm, name, autocast):
+def _(query, key, value, g, beta, grad_out, use_qk_l2norm, autocast):
     return tuple(torch.empty_like(t) for t in (query, key, value, g, beta))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    query, key, value, g, beta, use_qk_l2norm, name, autocast = inputs
+    query, key, value, g, beta, use_qk_l2norm, autocast = inputs
     ctx.save_for_backward(query, key, value, g, beta)
-    ctx.use_qk_l2norm, ctx.name, ctx.autocast = use_qk_l2norm, name, autocast
+    ctx.use_qk_l2norm, ctx.autocast = use_qk_l2norm, autocast
 
 
 def _backward(ctx, grad_out):
-    grads = gated_delta_rule_backward(*ctx.saved_tensors, grad_out.contiguous(), ctx.use_qk_l2norm, ctx.name,
-                                      ctx.autocast)
-    return (*grads, None, None, None)
+    grads = gated_delta_rule_backward(*ctx.saved_tensors, grad_out.contiguous(), ctx.use_qk_l2norm, ctx.autocast)
+    return (*grads, None, None)
 
 
 gated_delta_rule.register_autograd(_backward, setup_context=_setup_context)
@@ -103,10 +101,10 @@ class Recomputed(torch.autograd.Function):
     reference's forward + backward took 11-12 ms under vjp against 8-9 ms under autograd."""
 
     @staticmethod
-    def forward(ctx, query, key, value, g, beta, use_qk_l2norm: bool, name: str, autocast: str):  # type: ignore[override]
+    def forward(ctx, query, key, value, g, beta, use_qk_l2norm: bool, autocast: str):  # type: ignore[override]
         ctx.save_for_backward(query, key, value, g, beta)
-        ctx.use_qk_l2norm, ctx.name, ctx.autocast = use_qk_l2norm, name, autocast
-        return _run(name, autocast, query, key, value, g, beta, use_qk_l2norm)
+        ctx.use_qk_l2norm, ctx.autocast = use_qk_l2norm, autocast
+        return _run(autocast, query, key, value, g, beta, use_qk_l2norm)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
@@ -114,14 +112,13 @@ class Recomputed(torch.autograd.Function):
         inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs, strict=True)]
         wanted = [t for t in inputs if t.requires_grad]
         with torch.enable_grad():
-            out = _run(ctx.name, ctx.autocast, *inputs, ctx.use_qk_l2norm)
+            out = _run(ctx.autocast, *inputs, ctx.use_qk_l2norm)
             grads = iter(torch.autograd.grad(out, wanted, grad_out)) if wanted else iter(())
-        return (*(next(grads) if need else None for need in needs), None, None, None)
+        return (*(next(grads) if need else None for need in needs), None, None)
 
 
-def opaque(reference: Callable[..., Any], name: str) -> Callable[..., Any]:
-    """`reference` (a `torch_chunk_gated_delta_rule`) with its training calls run as the opaque operator."""
-    _REFERENCES[name] = reference
+def opaque(reference: Callable[..., Any]) -> Callable[..., Any]:
+    """`reference` (transformers' `torch_chunk_gated_delta_rule`) with its training calls run as the operator."""
 
     @functools.wraps(reference)
     def delta_rule(query, key, value, g=None, beta=None, initial_state=None, output_final_state=False,
@@ -138,7 +135,7 @@ def opaque(reference: Callable[..., Any], name: str) -> Callable[..., Any]:
             if torch.is_autocast_enabled(device) else ""
         run = gated_delta_rule if torch.compiler.is_compiling() else Recomputed.apply
         out = run(query.contiguous(), key.contiguous(), value.contiguous(), g.contiguous(), beta.contiguous(),
-                  bool(use_qk_l2norm_in_kernel), name, autocast)
+                  bool(use_qk_l2norm_in_kernel), autocast)
         return out, None
 
     delta_rule.operator = gated_delta_rule  # type: ignore[attr-defined]
