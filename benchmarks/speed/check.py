@@ -89,17 +89,13 @@ def _without_dropout(config: Any) -> Any:
     return config
 
 
-def _takes_use_cache(model: torch.nn.Module) -> bool:
-    from vlmtune.train.trainer import _takes_use_cache as takes
-
-    return takes(model)
-
-
 def _loss_grads(
     model: torch.nn.Module, batch: dict[str, Any], autocast: bool
 ) -> tuple[float, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     cuda = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in batch.items()}
+    from vlmtune.train.trainer import _takes_use_cache
+
     if _takes_use_cache(model):  # as the trainer does: with a cache, Qwen3.5's DeltaNet layers take the generation
         cuda.setdefault("use_cache", False)  # path, which compiled layers recompile per chunk count (session 16)
     with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):

@@ -152,6 +152,12 @@ def reference_kernels(functions: tuple[str, ...], opaque: bool = False) -> Refer
         return f"cannot switch {', '.join(functions)} to the PyTorch reference: {exc}"
 
 
+def packed_sequences_error(torch_function: Callable[..., Any]) -> ValueError:
+    """What a reference function called with `cu_seqlens` raises (here and in speed/opaque_delta_rule.py)."""
+    return ValueError(f"{torch_function.__name__}: the PyTorch reference cannot keep packed sequences apart "
+                      "(cu_seqlens)")
+
+
 def _opaque(torch_function: Callable[..., Any]) -> Callable[..., Any]:
     from vlmtune.speed.opaque_delta_rule import opaque
 
@@ -164,8 +170,7 @@ def _reference(torch_function: Callable[..., Any]) -> Callable[..., Any]:
         # transformers 5.23's wrapper refuses these on the reference path (5.17's passes them on, and the reference
         # ignores them): samples packed in one sequence would run as one
         if cu_seqlens is not None:
-            raise ValueError(f"{torch_function.__name__}: the PyTorch reference cannot keep packed sequences apart "
-                             "(cu_seqlens)")
+            raise packed_sequences_error(torch_function)
         return torch_function(*args, **kwargs)
 
     return reference

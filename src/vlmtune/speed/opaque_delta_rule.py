@@ -9,9 +9,9 @@ LoRA) the first compiled step took 87 s and the second had not finished 200 s la
 it exactly as in an eager run, and the projections, convolution, norms, gates, MLP and LoRA around it compile as in
 any other family.
 
-Its backward is a second opaque operator that runs the reference again under `torch.func.vjp` and takes the
+Its backward is a second opaque operator that runs the delta rule again under `torch.func.vjp` and takes the
 gradients of its five inputs (query, key, value, g, beta). Outside compiled code the same forward and backward run as
-a plain autograd function (`Recomputed`), whose backward re-runs the reference with autograd: less host time per op.
+a plain autograd function (`Recomputed`), whose backward re-runs it with autograd: less host time per op.
 Either way only those inputs are saved, not the reference's fp32 intermediates, and the delta rule's forward runs
 once more per backward (with checkpointing, three times per step instead of two).
 
@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from vlmtune.families.linear_attention import packed_sequences_error
 from vlmtune.speed.delta_rule import chunk_gated_delta_rule
 
 CHUNK = 128
@@ -95,7 +96,7 @@ gated_delta_rule.register_autograd(_backward, setup_context=_setup_context)
 
 
 class Recomputed(torch.autograd.Function):
-    """The eager form of the operator: the same forward and saved inputs, and a backward that re-runs the reference
+    """The eager form of the operator: the same forward and saved inputs, and a backward that re-runs the delta rule
     with plain autograd. Dynamo needs the custom operator; outside compiled code this is what runs, because
     `torch.func.vjp` (which the operator's body needs) costs more host time per op: on the CPU at small widths, the
     reference's forward + backward took 11-12 ms under vjp against 8-9 ms under autograd."""
@@ -124,8 +125,7 @@ def opaque(reference: Callable[..., Any]) -> Callable[..., Any]:
     def delta_rule(query, key, value, g=None, beta=None, initial_state=None, output_final_state=False,
                    use_qk_l2norm_in_kernel=False, cu_seqlens=None, **kwargs):
         if cu_seqlens is not None:
-            raise ValueError(f"{reference.__name__}: the PyTorch reference cannot keep packed sequences apart "
-                             "(cu_seqlens)")
+            raise packed_sequences_error(reference)
         if initial_state is not None or output_final_state or kwargs.get("chunk_size", 64) != 64:
             return reference(query, key, value, g=g, beta=beta, initial_state=initial_state,
                              output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
