@@ -368,12 +368,23 @@ def train_run(args: argparse.Namespace, fp8: bool, scales: str = "row") -> dict[
         }
     )
     timer = StepTimer(warmup=min(3, args.steps - 1))
+    _release_cached()  # the arm before this one left its blocks in the allocator's cache: each arm starts empty
     result = train(config, callbacks=[timer])
     events = [json.loads(line) for line in result.log_path.read_text().splitlines()]
     start = next(e for e in events if e.get("event") == "start")
     losses = [e["loss"] for e in events if "loss" in e and "step" in e]
     shutil.rmtree(out, ignore_errors=True)
     return {"losses": losses, "speed": start["speed"], **timer.meter.summary()}
+
+
+def _release_cached() -> None:
+    """Hand the caching allocator's unused blocks back, so that this arm's peak reserved memory (StepTimer resets the
+    peaks to what is reserved when it starts) and the preflight's free memory do not carry the previous arm's."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def parity(bf16: list[float], fp8: list[float], runs: dict[bool, dict[str, Any]]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ class GpuMemory:
     name: str
     total: int
     free: int
-    """Free now: other processes and this process's CUDA context are already taken off."""
+    """Free now for this run: other processes, this process's CUDA context and its live tensors are taken off."""
     bf16: bool
     limit: int | None = None
     """The allocator's cap from hardware.memory_fraction (None: no cap)."""
@@ -44,13 +44,19 @@ def device_index() -> int:
 
 
 def read_gpu_memory(index: int) -> GpuMemory:
-    """Free and total memory of CUDA device `index` (creates this process's CUDA context on it)."""
+    """Free and total memory of CUDA device `index` (creates this process's CUDA context on it).
+
+    Free counts the blocks this process's caching allocator reserved and no tensor uses: what an earlier run in the
+    same process left cached (a notebook's or script's second `train()`), which the driver reports as taken but the
+    next run reuses. Without this, a second run on an 80 GB H100 was refused after a first that had reserved 18 GiB
+    ("36.25 of 79.18 GiB free", benchmarks/fp8_check.py, session 17)."""
     import torch
 
     free, total = torch.cuda.mem_get_info(index)
+    cached = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
     with torch.cuda.device(index):
         bf16 = torch.cuda.is_bf16_supported()
-    return GpuMemory(torch.cuda.get_device_name(index), int(total), int(free), bf16)
+    return GpuMemory(torch.cuda.get_device_name(index), int(total), int(free + max(cached, 0)), bf16)
 
 
 def apply_memory_fraction(fraction: float, index: int) -> None:
