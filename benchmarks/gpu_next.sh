@@ -4,24 +4,22 @@
 # Run from the repo root of a clean copy of HEAD, with the wheels beside it, e.g. on the device machine:
 #   cd .clean && ln -sfn ../.whl .whl && bash benchmarks/gpu_next.sh f48
 # carrying [".whl", ".whl-unsloth", ".clean"] (.whl: bitsandbytes + pydantic; no flash-linear-attention: it cannot
-# train under torch 2.11's Triton 3.6 on Hopper, RESULTS.md session 14). Steps, in the order to run them:
-#   q35check  issue 17: the per-switch GPU check on Qwen3.5-9B's widths, 8 decoder layers (session 16's 9B timed out) (~150 s)
-#   f7cprof   issue 17: profiles of F7 eager and compiled (compiled was slower in session 16)             (~570 s)
-#   f8c       issue 17: F8 with the estimate fix, eager and compiled (the DeltaNet reference as one operator) (~480 s)
-#   f7c       issue 17: F7 eager and compiled (the DeltaNet reference as one operator)                    (~540 s)
-#   f8        issue 17: Qwen3.5 QLoRA (F8) again: its estimate once vlmtune picks the checkpointed layers itself (~250 s)
-#   f7        issue 17: Qwen3.5 LoRA again, with expandable segments off, each variant twice           (~560 s)
-#   f7prof    issue 17: a profile of F7 on both paths (each needs > 95 s: session 15's timed out)      (~560 s)
-#   f48 f48p f48s  (session 15 ran f48s: F4 and F8 measured)
-#   checks    issue 17: the per-switch GPU check on gemma3 4b, smolvlm 2.2b, qwen3_5 9b                   (~500 s)
-#   u1 u3 u2  issue 21: Unsloth beside vlmtune at Unsloth's memory on W1, W3, W2                        (~480 s each)
-#   d1000     issue 21: the default settings over 1,000 W1 steps, compilation included, at the plain loop's memory
-#   fp8       issue 21: FP8 per layer (row-wise vs per-tensor scales), then 300 steps of each (2B, the loss bar)
-#   fp8w3     issue 21: 40 steps of bf16 and both FP8 scalings on the 7B architecture (the 1.3x speed bar)
+# train under torch 2.11's Triton 3.6 on Hopper, RESULTS.md session 14). Steps, in the order to run them
+# (session 17 ran q35check, u1, u3, u2, d1000, fp8 with row scales; fp8w3 failed before its fix, e15e86c):
+#   fp8w3     issue 21: 40 steps of bf16 and both FP8 scalings on the 7B architecture (the 1.3x speed bar)   (~540 s)
+#   u3c u1c   issue 21: Unsloth beside vlmtune_min/_lowmem with compiled layers, at Unsloth's memory       (~400 s each)
 #   fp8w3c    issue 21: fp8w3 with both arms compiled (FP8 inside the compiled layers), row-wise scales only
 #   mfu       issue 21: W3 without recomputation, eager and compiled (the 35% MFU bar), and the W3 profile
+#   f7c f8c   issue 17: F7 / F8 eager and compiled with vlmtune's own delta rule at 128-token chunks      (~540 s each)
+#   f7cprof   issue 17: profiles of F7 eager and compiled (compiled was slower in session 16)             (~570 s)
+# Done or kept for repeats:
+#   q35check  issue 17: the per-switch GPU check on Qwen3.5-9B's widths, 8 decoder layers (passed, session 17)
+#   u1 u3 u2  issue 21: Unsloth beside vlmtune at Unsloth's memory on W1, W3, W2 (session 17)
+#   d1000     issue 21: the default settings over 1,000 W1 steps, compilation included (session 17: 2.62x)
+#   fp8       issue 21: FP8 per layer (row-wise vs per-tensor scales), then 300 steps of each (2B, the loss bar)
+#   f8 f7 f7prof f48 f48p f48s checks: issue 17's earlier pairs, profiles and per-switch checks
 set -euo pipefail
-step=${1:?usage: gpu_next.sh STEP (q35check f7cprof f8c f7c f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 fp8w3c mfu)}
+step=${1:?usage: gpu_next.sh STEP (u1c u3c q35check f7cprof f8c f7c f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 fp8w3c mfu)}
 OUT=${OUT:-/tmp/vlmtune-next}/$step
 mkdir -p "$OUT"
 speed() {  # speed LIMIT_S ENV...: benchmarks/speed/run.sh under a timeout, results in $OUT
@@ -61,6 +59,10 @@ case $step in
         BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_gc,vlmtune_lowmem,vlmtune_min,vlmtune_auto_at_unsloth ;;
   u3) speed 570 UNSLOTH=1 ONLY=W3 BUDGET_S=500 \
         BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_lowmem,vlmtune_min,vlmtune_auto_at_unsloth ;;
+  u1c) speed 480 UNSLOTH=1 ONLY=W1 BUDGET_S=420 \
+        BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_min,vlmtune_min_compile,vlmtune_lowmem_compile ;;
+  u3c) speed 540 UNSLOTH=1 ONLY=W3 BUDGET_S=470 \
+        BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_min,vlmtune_min_compile,vlmtune_lowmem_compile ;;
   u2) speed 560 UNSLOTH=1 ONLY=W2 BUDGET_S=480 BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_gc,vlmtune_lean ;;
   d1000) speed 570 ONLY=W1 BUDGET_S=540 BENCH_VARIANTS=plain_gc,vlmtune_default1000 ;;
   fp8)
@@ -82,5 +84,5 @@ case $step in
     grep -h '"kind": "parity"' "$OUT/train.log" | cut -c1-600 || true ;;
   mfu) speed 570 ONLY=W3 BUDGET_S=380 BENCH_VARIANTS=vlmtune_gc,vlmtune_nogc,vlmtune_nogc_compile \
         PROFILE="W3:vlmtune_nogc" PROFILE_TIMEOUT_S=150 ;;
-  *) echo "unknown step $step (q35check f7cprof f8c f7c f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 fp8w3c mfu)" >&2; exit 2 ;;
+  *) echo "unknown step $step (u1c u3c q35check f7cprof f8c f7c f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 fp8w3c mfu)" >&2; exit 2 ;;
 esac

@@ -2,9 +2,10 @@
 
 auto would run FP8 on CUDA GPUs of compute capability 8.9+ (Ada, Hopper) whose PyTorch has `torch._scaled_mm`, for
 LoRA runs of one process or DDP in bf16, once FP8 both keeps the loss within 1% of bf16 and is faster (`PAYS`).
-Measured on an H100 (benchmarks/fp8_check.py, benchmarks/RESULTS.md 2026-12-07 session 12): the loss holds (+0.085%
-after 300 steps), the speed does not (0.62x bf16: quantizing activations and gradients costs more than the FP8 matmul
-saves), so auto stays off everywhere and says why in the log.
+Measured on an H100 (benchmarks/fp8_check.py, benchmarks/RESULTS.md 2026-12-07 sessions 12 and 17), Qwen2-VL-2B LoRA,
+300 steps: the speed does not hold (0.62x bf16 on the first path, 0.60x on session 13's cheaper one: quantizing
+activations and gradients costs more than the FP8 matmuls save at these widths), nor, in session 17, the loss (+1.27%
+after 300 steps, +0.085% in session 12), so auto stays off everywhere and says why in the log.
 true runs it wherever PyTorch can (a CPU's `_scaled_mm` included, for tests) and stops the run with the reason where
 it cannot. The decision and its reason go into the run's log, as speed.compile=auto's do.
 """
@@ -22,13 +23,14 @@ if TYPE_CHECKING:
 
 PAYS = False
 """Set once the GPU check shows FP8 keeps the loss within 1% of bf16 AND runs faster (issue 21): only then does auto
-switch FP8 on. The loss holds; the speed was 0.62x bf16 (H100, session 12). Session 13 made the path cheaper (one
-quantization per shared input, both e4m3 layouts kept, fused quantization; docs/SPEED.md), unmeasured on a GPU yet."""
+switch FP8 on. H100, 2B, 300 steps: 0.62x bf16 (session 12); session 13's cheaper path (one quantization per shared
+input, both e4m3 layouts kept, fused quantization; docs/SPEED.md) 0.60x with +3.6 GiB reserved and the final loss
++1.27% (session 17). The 7B widths and FP8 inside compiled layers are not measured yet."""
 
 NOT_FASTER = (
-    "fp8: off (auto): measured on an H100, the loss stays within 0.1% of bf16 after 300 steps but steps run at 0.62x "
-    "bf16's speed (quantizing activations and gradients costs more than the FP8 matmuls save); set speed.fp8=true "
-    "to try it"
+    "fp8: off (auto): measured on an H100 (Qwen2-VL-2B LoRA, 300 steps), steps run at 0.60x bf16's speed with "
+    "3.6 GiB more reserved (quantizing activations and gradients costs more than the FP8 matmuls save) and the final "
+    "loss was 1.3% above bf16's; set speed.fp8=true to try it"
 )
 
 MIN_CAPABILITY = (8, 9)
