@@ -395,3 +395,126 @@ def test_dry_run_sizes_packed_rows(tmp_path, capsys):
     (tmp_path / "run.yaml").write_text(json.dumps(packed.model_dump(mode="json", exclude_none=True)))
     assert main(["train", str(tmp_path / "run.yaml"), "--dry-run", "--gpu", "H100 80GB"]) == 0
     assert f"12 samples packed in {-(-12 // per_row)} rows, longest row {rows.seq_len} tokens" in capsys.readouterr().out
+
+
+def _compiled(config: VlmtuneConfig) -> VlmtuneConfig:
+    """`config` estimated as speed.compile=true estimates it: every decoder layer but the first compiled."""
+    return config.model_copy(update={"speed": config.speed.model_copy(update={"compile": True})})
+
+
+def test_a_run_auto_compiles_is_estimated_compiled(tmp_path, dataset, gpu, capsys):
+    """speed.compile=auto that will compile the run (2026-12-07 session 17: the eager estimate of such a run was
+    +11.1% over its nvidia-smi peak): batch sizing, checkpointing auto, the breakdown shown, logged and checked all
+    count compiled layers; the config trained with keeps auto."""
+    gpu(free_gib=79)
+    config = make_config(tmp_path, training={"batch_size": 4})
+    asked: list[VlmtuneConfig] = []
+    result = pf.preflight(config, CUDA, dataset, tmp_path / "log.jsonl", compiles=lambda c: asked.append(c) or True)
+    assert asked and asked[0].speed.compile == "auto"
+    assert result.config.speed.compile == "auto"
+    compiled = _estimate(_compiled(result.config), dataset, 4)
+    eager = _estimate(result.config, dataset, 4)
+    assert result.breakdown.inputs.compiled
+    assert result.breakdown.peak_allocated == compiled.peak_allocated
+    assert result.breakdown.peak_reserved == compiled.peak_reserved < eager.peak_reserved  # LoRA keeps less compiled
+    event = json.loads((tmp_path / "log.jsonl").read_text())
+    assert event["inputs"]["compiled"] is True
+    assert event["estimate_reserved_gib"] == round(compiled.peak_reserved / GIB, 3)
+    assert capsys.readouterr().out.count("memory estimate (before loading the model)") == 1
+    # without the engine's answer (other callers): the eager estimate, as before
+    assert not pf.preflight(config, CUDA, dataset).breakdown.inputs.compiled
+
+
+def test_a_compiled_estimate_with_little_room_is_redone_eager(tmp_path, dataset, gpu, capsys):
+    """Within AUTO_MARGIN of the GPU, auto stays eager (decide_compile's tight_memory): so does the estimate that is
+    shown, logged and checked, once. Here the eager run does not fit: forced, it is reported as not fitting."""
+    config = make_config(tmp_path, training={"batch_size": 4}, hardware={"gradient_checkpointing": False,
+                                                                        "force_fit": True})
+    compiled = _estimate(_compiled(config), dataset, 4).peak_reserved
+    eager = _estimate(config, dataset, 4).peak_reserved
+    free = compiled / (1 - AUTO_MARGIN / 2)  # the compiled estimate fits, with less than AUTO_MARGIN to spare
+    assert free * (1 - AUTO_MARGIN) < compiled <= free < eager
+    gpu(free_gib=free / GIB)
+    result = pf.preflight(config, CUDA, dataset, tmp_path / "log.jsonl", compiles=lambda c: True)
+    assert not result.breakdown.inputs.compiled
+    assert result.breakdown.peak_reserved == eager and not result.fits
+    assert result.little_room is not None  # what apply_speed hands decide_compile: it stays eager
+    events = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert len(events) == 1 and json.loads(events[0])["inputs"]["compiled"] is False
+    assert capsys.readouterr().out.count("memory estimate (before loading the model)") == 1
+    # the same GPU with room for the compiled estimate: compiled
+    gpu(free_gib=compiled / (1 - 2 * AUTO_MARGIN) / GIB)
+    assert pf.preflight(config, CUDA, dataset, compiles=lambda c: True).breakdown.inputs.compiled
+
+
+def test_a_micro_batch_too_large_to_compile_is_estimated_eager(tmp_path, dataset, gpu):
+    """batch_size auto: `compiles` is asked again for the micro-batch chosen (a larger one means fewer steps); where
+    auto no longer compiles then, the run is sized again eager."""
+    gpu(free_gib=79)
+    config = make_config(tmp_path)
+    result = pf.preflight(config, CUDA, dataset, compiles=lambda c: c.training.batch_size == "auto")
+    batch = result.config.training.batch_size
+    assert isinstance(batch, int) and not result.breakdown.inputs.compiled
+    assert result.breakdown.peak_reserved == _estimate(result.config, dataset, batch).peak_reserved
+
+
+@pytest.fixture
+def cuda_compiler(monkeypatch):
+    """A CUDA GPU of compute capability 9.0 with Triton and a C compiler, as far as the compile policy can tell."""
+    from vlmtune.speed import compile_policy
+
+    monkeypatch.setattr(compile_policy, "_c_compiler", lambda: "/usr/bin/cc")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    real = compile_policy.importlib.util.find_spec
+    monkeypatch.setattr(compile_policy.importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "triton" else real(name, *a))
+
+
+def test_auto_compiles_is_decide_compile_without_memory(cuda_compiler):
+    from vlmtune.families import get_family
+    from vlmtune.speed.compile_policy import MIN_STEPS, auto_compiles
+
+    def config(**speed) -> VlmtuneConfig:
+        return VlmtuneConfig.model_validate({"speed": speed})
+
+    qwen2 = get_family("qwen2_vl")
+    assert auto_compiles(config(), "cuda", qwen2, steps=MIN_STEPS)
+    assert not auto_compiles(config(compile=True), "cuda", qwen2, steps=MIN_STEPS)  # estimated compiled already
+    assert not auto_compiles(config(compile=False), "cuda", qwen2, steps=MIN_STEPS)
+    assert not auto_compiles(config(), "cpu", qwen2, steps=MIN_STEPS)
+    assert not auto_compiles(config(), "cuda", qwen2, steps=MIN_STEPS - 1)
+    assert not auto_compiles(config(), "cuda", qwen2, world=2, steps=MIN_STEPS)
+    assert not auto_compiles(config(), "cuda", qwen2, steps=MIN_STEPS, deepspeed=True)
+    refusing = SimpleNamespace(packed_span_modules=(), compile_refusal=lambda device: "layers on the reference")
+    assert not auto_compiles(config(), "cuda", refusing, steps=MIN_STEPS)
+    spans = SimpleNamespace(packed_span_modules=("linear_attn",), compile_refusal=lambda device: None)
+    assert not auto_compiles(config(packing=True), "cuda", spans, steps=MIN_STEPS)
+    assert auto_compiles(config(packing=False), "cuda", spans, steps=MIN_STEPS)
+
+
+def test_engine_hands_the_preflight_auto_compiles(run_config, monkeypatch):
+    """The engine asks auto_compiles with the run's device, family, processes and steps over the training set (the
+    config's batch size: the resolved one once the preflight asks again), and never with packing."""
+    from vlmtune.speed import compile_policy
+    from vlmtune.train.engine import train
+
+    asked: list[tuple] = []
+    seen: dict = {}
+
+    def auto_compiles(config, device, family, world, steps, deepspeed):
+        asked.append((device, family.name, world, steps, deepspeed))
+        return True
+
+    def preflight(config, plan, dataset, log_path=None, compiles=lambda c: False):
+        seen.update(config=config, samples=len(dataset), compiles=compiles)
+        raise VlmtuneError("stopped after the preflight")
+
+    monkeypatch.setattr(compile_policy, "auto_compiles", auto_compiles)
+    monkeypatch.setattr(pf, "preflight", preflight)
+    with pytest.raises(VlmtuneError, match="stopped after the preflight"):
+        train(run_config(training={"max_steps": None, "epochs": 2, "batch_size": 2}))
+    config, samples, compiles = seen["config"], seen["samples"], seen["compiles"]
+    assert compiles(config) and asked == [("cpu", "qwen2_vl", 1, 2 * -(-samples // 2), False)]
+    packed = config.model_copy(update={"speed": config.speed.model_copy(update={"packing": True})})
+    assert not compiles(packed) and len(asked) == 1

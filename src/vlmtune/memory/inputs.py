@@ -79,9 +79,10 @@ class EstimateInputs:
     checkpoint_offload: bool = False
     """speed.checkpoint_offload: the checkpointed layer inputs live in CPU memory."""
     compiled: bool = False
-    """speed.compile=true: every decoder layer but the first runs under torch.compile, which keeps less for backward
-    (memory/activations.py `compiled_saving`). Not under auto: a frame auto cannot compile runs eagerly, so its
-    estimate stays the eager one (an over-estimate where compiling works)."""
+    """Every decoder layer but the first runs under torch.compile, which keeps less for backward (memory/activations.py
+    `compiled_saving`). From a config: speed.compile=true. Under auto the training preflight sets it where auto will
+    compile the run (train/preflight.py: memory aside, speed/compile_policy.auto_compiles, and with room on the GPU);
+    elsewhere (`estimate`, `recommend`, `--dry-run`) auto is estimated eager, the larger estimate."""
     fp8_base: bool = False
     """speed.fp8 is on (LoRA): each adapted base weight also keeps its e4m3 copies, both layouts (speed/fp8_linear.py
     planned_bytes), beside the bf16 weight."""

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from vlmtune.config.schema import VlmtuneConfig
+    from vlmtune.families.base import FamilyDescriptor
 
 MIN_STEPS = 500
 """auto compiles runs of at least this many optimizer steps. Measured on an H100 (W1, Qwen2-VL-2B LoRA, no
@@ -90,6 +91,24 @@ def decide_compile(
         "(about 40 s, 12 s with inductor's cache from an earlier run)",
         auto=True,
     )
+
+
+def auto_compiles(
+    config: VlmtuneConfig,
+    device: str,
+    family: FamilyDescriptor,
+    world: int = 1,
+    steps: int | None = None,
+    deepspeed: bool = False,
+) -> bool:
+    """Whether speed.compile=auto compiles this run, memory aside: decide_compile as apply_speed asks it, before the
+    memory estimate is known. The memory preflight estimates such a run with compiled layers (train/preflight.py);
+    where that estimate leaves little room, decide_compile stays eager and so does the preflight. False for
+    speed.compile true or false (true is estimated compiled from the config itself)."""
+    if config.speed.compile != "auto":
+        return False
+    return decide_compile(config, device, world, steps, deepspeed, None, family.packed_span_modules,
+                          layer_refusal=family.compile_refusal(device)).on
 
 
 def _auto_refusal(device: str, world: int, steps: int | None, deepspeed: bool) -> str | None:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vlmtune.config.distributed import world_size, zero_of
+from vlmtune.config.distributed import uses_deepspeed, world_size, zero_of
 from vlmtune.config.loader import save_config
 from vlmtune.config.schema import VlmtuneConfig
 from vlmtune.errors import ConfigError, VlmtuneError
@@ -169,7 +169,6 @@ def _discarded_unless_started(out: Path, fresh: bool) -> Iterator[None]:
 def _fp8_preflight(config: VlmtuneConfig, plan: Any, world: int) -> None:
     """speed.fp8=true that cannot run on this device stops before the weights load (apply_speed decides again)."""
     if config.speed.fp8 is True:
-        from vlmtune.config.distributed import uses_deepspeed
         from vlmtune.speed.fp8_policy import decide_fp8
 
         decide_fp8(config, plan, uses_deepspeed(config.distributed, world))
@@ -215,7 +214,7 @@ def _train(config: VlmtuneConfig, out: Path, config_path: Path, checkpoint: Any,
     from vlmtune.methods import get_method
     from vlmtune.methods.base import count_parameters, resolve_precision
     from vlmtune.speed import apply_speed, batching
-    from vlmtune.speed.compile_policy import optimizer_steps
+    from vlmtune.speed.compile_policy import auto_compiles, optimizer_steps
     from vlmtune.train.args import training_arguments
     from vlmtune.train.callbacks import JsonlLogCallback, ProgressCallback, write_event
     from vlmtune.train.deepspeed_config import prepare as prepare_deepspeed
@@ -243,13 +242,21 @@ def _train(config: VlmtuneConfig, out: Path, config_path: Path, checkpoint: Any,
     val_path = Path(config.data.val_path) if config.data.val_path else None
     val_set = build_dataset(val_path, processor, family, config, passes.get(val_path)) if val_path else None
     del passes  # anything the datasets did not take is let go before the model loads
+    world = world_size(config.distributed)
+    deepspeed = uses_deepspeed(config.distributed, world)
+
+    def compiles(run: VlmtuneConfig) -> bool:
+        """Whether speed.compile=auto compiles `run`, memory aside: the preflight then estimates compiled layers.
+        Not with packing: the packed rows, and so the steps, are counted later; eager is the larger estimate."""
+        steps = optimizer_steps(run, len(train_set), world)
+        return not run.speed.packing and auto_compiles(run, plan.device, family, world, steps, deepspeed)
+
     # Before any weights load: prints the estimate, resolves batch_size auto, refuses what cannot fit (--force).
-    memory = preflight(config, plan, train_set, out / LOG_FILE)
+    memory = preflight(config, plan, train_set, out / LOG_FILE, compiles=compiles)
     if config.speed.checkpoint_every_n_layers == "auto" and os.environ.get("RANK", "0") == "0":
         save_config(_checkpointing_of(memory.config, config), config_path)  # the run folder records the chosen n
     config = memory.config
 
-    world = world_size(config.distributed)
     _fp8_preflight(config, plan, world)
     ds_config = prepare_deepspeed(config, plan, out, world, writer=os.environ.get("RANK", "0") == "0")
     # Before the model: under ZeRO-3 the arguments register the DeepSpeed config that from_pretrained partitions by.
