@@ -160,12 +160,13 @@ def gemma3_masks(tokens: int, sliding_window: int, image: tuple[int, int] | None
 
 def measure(text_config: dict[str, Any], model_type: str, targets: list[str], layers: int, tokens: int,
             batch: int = 1, mask: bool = False, compiled: bool = False,
-            opaque: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+            opaque: tuple[str, ...] = (), mlp_recompute: bool = False) -> list[dict[str, Any]]:
     """One forward at these widths; per layer its kind (from config.layer_types) and saved bytes per token. `mask`:
     pass the 4-D masks of a batch with an image (`gemma3_masks`, as Gemma 3 always has) instead of none (causal).
     `compiled`: every layer but the first under torch.compile (inductor), as speed.compile runs them; what the
     compiled graph saves reaches the hooks through its autograd function's save_for_backward. `opaque`: the family's
-    linear-attention functions, run as one operator as vlmtune trains them (speed/opaque_delta_rule.py)."""
+    linear-attention functions, run as one operator as vlmtune trains them (speed/opaque_delta_rule.py).
+    `mlp_recompute`: speed.mlp_activation_recompute on the layers that run eagerly (speed/gated_mlp.py)."""
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = text_model(text_config, model_type, layers).to(device)
@@ -176,6 +177,11 @@ def measure(text_config: dict[str, Any], model_type: str, targets: list[str], la
 
         kernels = reference_kernels(opaque, opaque=True)
         assert not isinstance(kernels, str), kernels
+    if mlp_recompute:
+        from vlmtune.speed.gated_mlp import recompute_mlp_activations
+
+        installed = recompute_mlp_activations(model, "layers", eager_layers=1 if compiled else None)
+        assert not isinstance(installed, str), installed
     if compiled:
         for layer in list(model.layers)[1:]:  # speed/compile_layers.py: the first layer stays eager
             layer.compile(backend="inductor")
@@ -216,6 +222,8 @@ def main() -> None:
                         help="pass 4-D masks (an image block attending bidirectionally, sliding windows) as Gemma 3 does")
     parser.add_argument("--tensors", action="store_true", help="also list each saved storage")
     parser.add_argument("--compile", action="store_true", help="every layer but the first under torch.compile")
+    parser.add_argument("--mlp-recompute", action="store_true",
+                        help="speed.mlp_activation_recompute on the eager layers (the gated MLP keeps gate and up only)")
     parser.add_argument("--kernels", choices=["operator", "torch", "fla"], default="operator",
                         help="Qwen3.5: operator runs transformers' reference as vlmtune trains it (one operator, "
                              "speed/opaque_delta_rule.py), torch as transformers runs it (traced); both hide "
@@ -237,12 +245,13 @@ def main() -> None:
     targets = architectures()[model_type].lora_targets["all"]
     opaque = family.linear_attention_functions if args.kernels == "operator" else ()
     rows = measure(text, text_type, targets, args.layers, args.tokens, mask=args.mask, compiled=args.compile,
-                   opaque=opaque)
+                   opaque=opaque, mlp_recompute=args.mlp_recompute)
     for row in rows:
         if not args.tensors:
             row.pop("tensors")
         print(json.dumps({**row, "family": args.family, "arch": args.arch, "tokens": args.tokens,
                           "kernels": args.kernels, "fla_loaded": "fla" in sys.modules, "compiled": args.compile,
+                          "mlp_recompute": args.mlp_recompute,
                           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}))
 
 

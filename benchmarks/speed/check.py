@@ -183,6 +183,7 @@ def run(
     from vlmtune.speed.family_mask import family_packed_masks
     from vlmtune.speed.frozen_vision import vision_without_grad
     from vlmtune.speed.fused_lora import fuse_lora
+    from vlmtune.speed.gated_mlp import recompute_mlp_activations
     from vlmtune.speed.lora_compute import lora_compute_in_16bit
     from vlmtune.speed.loss_hook import install_chunked_loss, unwrap_peft
     from vlmtune.speed.packed_attention import packed_attention
@@ -249,6 +250,10 @@ def run(
         measure("checkpoint_every_n_layers=2 vs every layer", None, gc=2, ref_gc=1),
         measure("fused_lora (one autograd function per adapted layer)", lambda: fuse_lora(unwrap_peft(model), 0)),
         measure("fused_lora, GC on", lambda: fuse_lora(unwrap_peft(model), 0), gc=1, ref_gc=1),
+        measure("mlp_activation_recompute (gated MLP keeps gate and up, not act(gate))",
+                lambda: recompute_mlp_activations(unwrap_peft(model), family.language_layers_prefix)),
+        measure("mlp_activation_recompute, GC on",
+                lambda: recompute_mlp_activations(unwrap_peft(model), family.language_layers_prefix), gc=1, ref_gc=1),
         skipped("positions_in_collator (M-RoPE ids from the collator)", no_mrope) if no_mrope else measure(
             "positions_in_collator (M-RoPE ids from the collator)", None, batch=Collator(pad, rope_index=rope)(samples)
         ),

@@ -98,6 +98,46 @@ def test_compiled_layers_keep_less_by_what_the_estimate_says(family):
         compiled_saving(k, counts.dims) for k in kinds[1:]]
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3", "qwen3_5"])
+def test_the_recomputed_mlp_activation_keeps_less_by_what_the_estimate_says(family):
+    """speed.mlp_activation_recompute: every eager layer keeps 2i bytes per token less (act(gate), bf16), measured by
+    autograd's saved tensors; the estimate subtracts exactly that, and from the first layer only where the others
+    are compiled (they keep autograd's MLP for inductor, which recomputes the activation itself)."""
+    descriptor = get_family(family)
+    numbers = dict(descriptor.tiny_numbers)
+    spec = ModelSpec(name=f"tiny-{family}", arch=architectures()[family], config=numbers)
+    counts = count_params(spec)
+    targets = spec.arch.lora_targets["all"]
+    text = dict(numbers["text_config"])
+    model_type = text.pop("model_type", None) or f"{descriptor.model_types[0]}_text"
+    masked = any(kind.attention_mask for kind in spec.arch.layer_kinds.values())
+    opaque = descriptor.linear_attention_functions
+    autograd = measure(text, model_type, targets, counts.dims.layers, TOKENS, mask=masked, opaque=opaque)
+    recomputed = measure(text, model_type, targets, counts.dims.layers, TOKENS, mask=masked, opaque=opaque,
+                         mlp_recompute=True)
+    two_i = 2 * counts.dims.intermediate
+    assert [a["bytes_per_token"] - r["bytes_per_token"] for a, r in zip(autograd, recomputed, strict=True)] == [
+        pytest.approx(two_i, abs=1)] * counts.dims.layers
+    inputs = EstimateInputs(method="lora", lora_dropout=0.05, seq_len=TOKENS, autocast=True, lora_16bit_inputs=True)
+    plain = layer_bytes_per_token(inputs, spec, counts, targets, bf16_adapters=False)
+    fewer = layer_bytes_per_token(replace(inputs, mlp_activation_recompute=True), spec, counts, targets, False)
+    assert [p - f for p, f in zip(plain, fewer, strict=True)] == [two_i] * counts.dims.layers
+    compiled = layer_bytes_per_token(replace(inputs, compiled=True), spec, counts, targets, False)
+    both = layer_bytes_per_token(replace(inputs, compiled=True, mlp_activation_recompute=True), spec, counts, targets,
+                                 False)
+    assert both == [fewer[0], *compiled[1:]]
+
+
+def test_an_architecture_without_the_gated_mlp_keeps_its_estimate():
+    spec = lookup_model("Qwen/Qwen-VL-Chat")
+    assert not spec.arch.gated_mlp
+    counts = count_params(spec)
+    targets = spec.arch.lora_targets["all"]
+    inputs = EstimateInputs(method="lora", seq_len=TOKENS, autocast=True)
+    assert layer_bytes_per_token(replace(inputs, mlp_activation_recompute=True), spec, counts, targets, False) == (
+        layer_bytes_per_token(inputs, spec, counts, targets, False))
+
+
 def test_deltanet_layers_as_the_operator_keep_less_and_compiled_less_again():
     """Qwen3.5's pattern (3 DeltaNet layers, then gated attention) at the tiny widths: the reference as one operator
     keeps what `delta_net_bytes(kernel="operator")` says, far less than traced, and compiled DeltaNet layers keep

@@ -13,7 +13,8 @@ from vlmtune.families import get_family
 from vlmtune.speed import span_layers
 from vlmtune.train.engine import train
 
-OFF = {"chunked_loss": False, "frozen_vision_no_grad": False, "packing": False, "fused_lora": False}
+OFF = {"chunked_loss": False, "frozen_vision_no_grad": False, "packing": False, "fused_lora": False,
+       "mlp_activation_recompute": False}
 
 
 def _config(tiny_model_dir, varied_jsonl, out, speed: dict, family: str = "qwen2_vl") -> VlmtuneConfig:
@@ -53,7 +54,8 @@ def _losses(result) -> list[float]:
 def test_switches_keep_the_losses(tiny_model_dir, varied_jsonl, tmp_path, family):
     plain = train(_config(tiny_model_dir, varied_jsonl, tmp_path / "off", OFF, family=family))
     fast = train(_config(tiny_model_dir, varied_jsonl, tmp_path / "on", {"checkpoint_every_n_layers": 2}, family))
-    assert _start(fast)["speed"]["active"] == ["chunked_loss", "frozen_vision_no_grad", "fused_lora"]
+    assert _start(fast)["speed"]["active"] == ["chunked_loss", "frozen_vision_no_grad", "fused_lora",
+                                               "mlp_activation_recompute"]
     assert "runs on the CPU" in _start(fast)["speed"]["skipped"]["sdpa_without_cudnn"]
     assert plain.steps == fast.steps == 3
     for a, b in zip(_losses(plain), _losses(fast), strict=True):

@@ -79,11 +79,15 @@ def per_token_layer_bytes(
     bf16_adapters: bool,
     kind: LayerKind = PLAIN,
     layer: int = 0,
+    mlp_recomputed: bool = False,
 ) -> int:
-    """Bytes decoder layer `layer`, of this kind, keeps per token without checkpointing (bf16 residual stream)."""
+    """Bytes decoder layer `layer`, of this kind, keeps per token without checkpointing (bf16 residual stream).
+    The MLP keeps 8i: gate and up projections, act(gate) and the product; 6i with `mlp_recomputed`
+    (speed.mlp_activation_recompute: act(gate) is recomputed in backward, speed/gated_mlp.py)."""
     d = counts.dims
     h, q, kv, i = d.hidden, d.q_width, d.kv_width, d.intermediate
-    out = 15 * h + 5 * q + 4 * kv + 8 * i + kind_extra_bytes(kind, d, inputs.seq_len, inputs.linear_attention_kernel)
+    mlp = (6 if mlp_recomputed else 8) * i
+    out = 15 * h + 5 * q + 4 * kv + mlp + kind_extra_bytes(kind, d, inputs.seq_len, inputs.linear_attention_kernel)
     if inputs.method in ("lora", "qlora"):
         chosen, every = target_input_widths(counts, targets, layer)
         if inputs.autocast:
@@ -177,11 +181,15 @@ def layer_bytes_per_token(
     first = {}
     for index, kind in enumerate(kinds):
         first.setdefault(kind, index)
-    sizes = {k: per_token_layer_bytes(inputs, counts, targets, bf16_adapters, k, i) for k, i in first.items()}
+    recomputed = inputs.mlp_activation_recompute and spec.arch.gated_mlp
+    sizes = {k: per_token_layer_bytes(inputs, counts, targets, bf16_adapters, k, i, recomputed)
+             for k, i in first.items()}
     if not (inputs.compiled and inputs.method in ("lora", "qlora")):
         return [sizes[k] for k in kinds]
-    # speed.compile leaves the first layer eager (speed/compile_layers.py)
-    return [sizes[k] - (compiled_saving(k, counts.dims) if index else 0) for index, k in enumerate(kinds)]
+    # speed.compile leaves the first layer eager (speed/compile_layers.py); the compiled ones keep autograd's MLP for
+    # inductor, which recomputes the activation itself (compiled_saving's 2i)
+    plain = {k: per_token_layer_bytes(inputs, counts, targets, bf16_adapters, k, i) for k, i in first.items()}
+    return [plain[k] - compiled_saving(k, counts.dims) if index else sizes[k] for index, k in enumerate(kinds)]
 
 
 def compiled_saving(kind: LayerKind, d: ModelDims) -> int:

@@ -84,6 +84,9 @@ class Architecture:
     layer_kinds: dict[str, LayerKind] = field(default_factory=dict)
     """Decoder-layer kinds by the name the config's `layer_types` gives them (dims.layer_types); a layer whose kind
     is not listed, or a config without layer_types, counts as a plain attention layer."""
+    gated_mlp: bool = True
+    """The decoder layers' MLP is transformers' gated one (`down_proj(act_fn(gate_proj(x)) * up_proj(x))`), which
+    speed.mlp_activation_recompute rewrites (speed/gated_mlp.py); false for remote code and expert layers."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,7 @@ def architectures() -> dict[str, Architecture]:
             projector_lora_targets=tuple(a.get("projector_lora_targets", ())),
             packed_row_masks=int(a.get("packed_row_masks", 0)),
             layer_kinds=dict(_layer_kinds()[model_type]),
+            gated_mlp=bool(a.get("gated_mlp", True)),
         )
     return out
 

@@ -83,6 +83,10 @@ class EstimateInputs:
     `compiled_saving`). From a config: speed.compile=true. Under auto the training preflight sets it where auto will
     compile the run (train/preflight.py: memory aside, speed/compile_policy.auto_compiles, and with room on the GPU);
     elsewhere (`estimate`, `recommend`, `--dry-run`) auto is estimated eager, the larger estimate."""
+    mlp_activation_recompute: bool = False
+    """speed.mlp_activation_recompute: the eagerly run decoder layers' gated MLP keeps 6i bytes per token instead of
+    8i (speed/gated_mlp.py), where the architecture's MLP is the gated one (Architecture.gated_mlp). Off for inputs
+    built by hand (the measured runs before 2026-12-07 session 17 had autograd's MLP); a config maps its setting."""
     fp8_base: bool = False
     """speed.fp8 is on (LoRA): each adapted base weight also keeps its e4m3 copies, both layouts (speed/fp8_linear.py
     planned_bytes), beside the bf16 weight."""
@@ -226,6 +230,7 @@ def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInput
         checkpoint_offload=config.speed.checkpoint_offload,
         compiled=config.speed.compile is True,
         # what training sets in this environment (train/gpu_memory.py); the estimate's target is a CUDA GPU
+        mlp_activation_recompute=config.speed.mlp_activation_recompute,
         fp8_base=fp8_planned(config),
         linear_attention_kernel=linear_attention_kernel(not config.hardware.use_cpu),
         expandable=resolve_allocator(config.hardware.expandable_segments, not config.hardware.use_cpu,

@@ -115,6 +115,11 @@ def apply_speed(
         fused = setup.add("fused_lora", fused)
         if fp8.on and not compiled.on:
             _install_fp8(setup, fused, fp8)
+    if speed.mlp_activation_recompute:  # eager layers only: compiled ones get the same from inductor
+        from vlmtune.speed.gated_mlp import recompute_mlp_activations
+
+        setup.add("mlp_activation_recompute", recompute_mlp_activations(
+            unwrap_peft(model), family.language_layers_prefix, eager_layers=1 if compiled.on else None))
     if fp8.on and compiled.on:  # before the layers are compiled: dynamo traces the base layers' FP8 forward
         _install_fp8(setup, None, fp8, compiled_in=model, zero_stage=zero_plan(config, world).stage)
     if fp8.auto and not fp8.on:
