@@ -151,6 +151,43 @@ def gpu_intervals(events: list[Any]) -> list[tuple[float, float]]:
     ]
 
 
+KERNEL_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("matmul (cuBLAS, CUTLASS, scaled FP8)", ("gemm", "xmma", "cutlass", "cublas", "nvjet", "matmul", "scaled_mm",
+                                             "splitk", "gemv")),
+    ("attention (SDPA, flash, varlen)", ("flash", "fmha", "attention", "attn", "sdpa", "cudnn")),
+    ("optimizer (foreach / fused AdamW)", ("multi_tensor", "foreach", "adam")),
+    ("copies and fills (memcpy, memset)", ("memcpy", "memset")),
+    ("inductor (Triton, compiled layers)", ("triton_",)),
+    ("elementwise and reductions (eager)", ("elementwise", "vectorized", "reduce", "unrolled", "softmax", "norm",
+                                           "index", "gather", "scatter", "cat", "copy", "fill", "where", "silu",
+                                           "gelu", "exp", "mul", "add")),
+)
+"""Kernel name fragments (lower case, first match wins) by what the GPU spends its time on: matmuls are what MFU
+counts; the rest is the gap to the matmul limit, together with the time the GPU idles."""
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    for category, fragments in KERNEL_CATEGORIES:
+        if any(f in low for f in fragments):
+            return category
+    return "other"
+
+
+def kernel_breakdown(events: list[Any], steps: int) -> list[tuple[str, float, float]]:
+    """(category, GPU ms per step, kernels per step) of the GPU's own work (`gpu_intervals`' events), largest first.
+    Summed kernel time: kernels on several streams overlapping count twice (rare in these runs: one stream)."""
+    ms: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CUDA and not _annotation(e):
+            category = kernel_category(e.name)
+            ms[category] += (e.time_range.end - e.time_range.start) / 1e3
+            count[category] += 1
+    steps = max(steps, 1)
+    return sorted(((c, ms[c] / steps, count[c] / steps) for c in ms), key=lambda row: -row[1])
+
+
 def report(prof: Any, title: str, wall_steps: list[float]) -> str:
     """The text report of one profiled run (times in ms)."""
     events = list(prof.events())
@@ -212,6 +249,16 @@ def report(prof: Any, title: str, wall_steps: list[float]) -> str:
         "or waiting right after a sync). A sync makes the CPU wait for the GPU: the phase holding it shows long CPU "
         "wall and high GPU busy, and the GPU idles afterwards until the CPU has launched enough work again."
     )
+    if cuda and kernels:
+        rows = kernel_breakdown(events, steps)
+        total = sum(ms for _, ms, _ in rows) or 1.0
+        step_ms = window_ms / steps
+        lines += ["", "## GPU time by kernel kind, ms per step (the gap to the matmul limit)", "",
+                  "| kind | GPU ms | share of kernel time | share of the step | kernels |", "|---|---|---|---|---|"]
+        lines += [f"| {c} | {ms:.2f} | {ms / total:.1%} | {ms / step_ms if step_ms else 0:.1%} | {n:.0f} |"
+                  for c, ms, n in rows]
+        idle = step_ms - busy_ms / steps
+        lines.append(f"| GPU idle (nothing queued) | {idle:.2f} | | {idle / step_ms if step_ms else 0:.1%} | |")
     backward = [e for e in events if e.thread not in main_threads and e.name.startswith("autograd::engine")]
     if backward:
         span = (max(e.time_range.end for e in backward) - min(e.time_range.start for e in backward)) / 1e3
