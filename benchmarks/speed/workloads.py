@@ -173,8 +173,8 @@ AT_UNSLOTH_COMPILED = (compiled(MIN_VARIANT), compiled(LOWMEM_VARIANT))
 """vlmtune_min and vlmtune_lowmem with each decoder layer compiled (`vlmtune_min_compile`, `vlmtune_lowmem_compile`):
 at Unsloth's memory (session 17: vlmtune_min 5.07 vs Unsloth's 5.05 GiB reserved on W1 at 1.06x its tokens/s, 17.42 vs
 17.31 on W3 at 1.57x) W1's step is short enough for kernel launches to count, and Unsloth compiles each block itself
-("compiling each transformer block as one region", its log); inductor's kernels also keep less for the recomputed
-layer's backward."""
+("compiling each transformer block as one region", its log). Memory stays vlmtune_min's: the peak is the first
+layer's recomputation, which speed.compile leaves eager."""
 
 UNSLOTH_GC = Variant("unsloth_gc", "unsloth", True)
 """Unsloth's FastVisionModel with its own checkpointing ("unsloth"), the harness's LoRA (W1, W2 4-bit, W3)."""
