@@ -519,3 +519,21 @@ def test_engine_hands_the_preflight_auto_compiles(run_config, monkeypatch):
     assert compiles(config) and asked == [("cpu", "qwen2_vl", 1, 2 * -(-samples // 2), False)]
     packed = config.model_copy(update={"speed": config.speed.model_copy(update={"packing": True})})
     assert not compiles(packed) and len(asked) == 1
+
+
+def test_dry_run_says_what_compiled_layers_would_give_under_auto(tmp_path):
+    """The dry run estimates speed.compile=auto eager (whether it compiles depends on the training machine) and says
+    what the compiled estimate is, the one training's preflight uses where auto compiles; nothing under true/false."""
+    from vlmtune.memory import estimate
+    from vlmtune.train.dry_run import dry_run, report
+
+    config = make_config(tmp_path, training={"batch_size": 4}, hardware={"gradient_checkpointing": False})
+    result = dry_run(config, "H100 80GB")
+    compiled = estimate(result.breakdown.inputs.with_(compiled=True))
+    assert not result.breakdown.inputs.compiled and compiled.peak_total < result.breakdown.peak_total
+    assert f"{compiled.peak_total / GIB:.2f} GiB" in result.compiled and "speed.compile=auto" in result.compiled
+    assert result.compiled in report(result)
+    for setting in (True, False):
+        fixed = make_config(tmp_path, training={"batch_size": 4}, hardware={"gradient_checkpointing": False},
+                            speed={"compile": setting})
+        assert dry_run(fixed, "H100 80GB").compiled is None

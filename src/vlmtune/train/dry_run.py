@@ -8,6 +8,8 @@ data.max_length tokens with one image per sample. Checked against a GPU of the c
 (the estimate's reserved peak against what the GPU has free). `speed.checkpoint_every_n_layers: auto` is decided
 for that GPU by the function the training preflight uses, and the estimate printed is the one at that choice. It
 loads no weights and starts no process, so a config written by `recommend` for another machine can be checked here.
+`speed.compile: auto` is estimated eager (whether it compiles depends on the training machine and the step count);
+the report adds what compiled layers would give, which training's preflight uses where auto compiles.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ class DryRun:
     """What the data scan found, or None without one."""
     checkpointing: str | None = None
     """What speed.checkpoint_every_n_layers=auto chose for that GPU and why (None: a number was set)."""
+    compiled: str | None = None
+    """speed.compile=auto: what the estimate would be with compiled layers, which training's preflight uses where auto
+    compiles the run (None: compile is true or false, or compiling would not change the estimate)."""
 
 
 def dry_run_estimate(config: VlmtuneConfig, gpu: str | None = None) -> Breakdown:
@@ -101,7 +106,8 @@ def dry_run(config: VlmtuneConfig, gpu: str | None = None) -> DryRun:
         assert v is not None
         verdict = (f"{v.gpu}: {v.capacity / GIB:.2f} GiB usable, {v.headroom / GIB:+.2f} GiB left at the peak: "
                    f"{v.status.upper() if v.status == 'does not fit' else v.status}")
-        return DryRun(breakdown, v.status != "does not fit", verdict, data, choice.reason if choice.auto else None)
+        return DryRun(breakdown, v.status != "does not fit", verdict, data, choice.reason if choice.auto else None,
+                      _compiled_note(config, breakdown))
     import torch
 
     if not torch.cuda.is_available():
@@ -117,7 +123,24 @@ def dry_run(config: VlmtuneConfig, gpu: str | None = None) -> DryRun:
     breakdown, data, choice = _estimate(config, None, Room.visible(memory))
     fits = breakdown.peak_reserved <= memory.available
     return DryRun(breakdown, fits, f"{memory.describe()}: {'fits' if fits else 'DOES NOT FIT'}", data,
-                  choice.reason if choice.auto else None)
+                  choice.reason if choice.auto else None, _compiled_note(config, breakdown))
+
+
+def _compiled_note(config: VlmtuneConfig, breakdown: Breakdown) -> str | None:
+    """The dry run cannot tell whether speed.compile=auto will compile (that needs the training machine's Triton, C
+    compiler and the run's step count, speed/compile_policy.py), so it estimates eager and says what compiling gives."""
+    from vlmtune.memory import estimate
+    from vlmtune.speed.compile_policy import MIN_STEPS
+
+    if config.speed.compile != "auto" or breakdown.inputs.compiled:
+        return None
+    compiled = estimate(breakdown.inputs.with_(compiled=True))
+    if abs(breakdown.peak_total - compiled.peak_total) < 0.01 * GIB:
+        return None
+    return (f"speed.compile=auto: estimated with eager layers; where the run compiles (a CUDA GPU with Triton and a "
+            f"C compiler, one process, {MIN_STEPS}+ optimizer steps, no packing) training's preflight estimates "
+            f"compiled ones: {compiled.peak_total / GIB:.2f} GiB at the peak as nvidia-smi shows it, against "
+            f"{breakdown.peak_total / GIB:.2f} here")
 
 
 def report(result: DryRun) -> str:
@@ -127,6 +150,8 @@ def report(result: DryRun) -> str:
     if result.checkpointing:
         lines.append(result.checkpointing)
     lines.append(f"{result.breakdown.peak_summary()}; {result.verdict}")
+    if result.compiled:
+        lines.append(result.compiled)
     if not result.fits:
         lines.append("This config does not fit according to the estimate: `vlmtune recommend --gpu NAME` finds "
                      "settings that do; `vlmtune train` would refuse it unless --force.")
