@@ -35,6 +35,19 @@ def _gpu_extra(dims) -> int:
     return 2 * dims.hidden + dims.intermediate
 
 
+def _tiny(family: str) -> tuple:
+    """(descriptor, spec, counts, LoRA `all` targets, text config, text model type, whether it takes 4-D masks) of
+    the family's tiny model, as `measure` builds its text model."""
+    descriptor = get_family(family)
+    numbers = dict(descriptor.tiny_numbers)
+    spec = ModelSpec(name=f"tiny-{family}", arch=architectures()[family], config=numbers)
+    counts = count_params(spec)
+    text = dict(numbers["text_config"])
+    model_type = text.pop("model_type", None) or f"{descriptor.model_types[0]}_text"
+    masked = any(kind.attention_mask for kind in spec.arch.layer_kinds.values())
+    return descriptor, spec, counts, spec.arch.lora_targets["all"], text, model_type, masked
+
+
 def _rank_bytes(counts, targets, layer) -> int:
     """lora_B's 16-bit input (rank wide) per adapted linear: left out of the estimate (0.1% of a real layer, 6% of a
     tiny one)."""
@@ -48,18 +61,10 @@ def _rank_bytes(counts, targets, layer) -> int:
 def test_each_layer_kind_keeps_what_the_estimate_says(family, kernel):
     """kernel (Qwen3.5's DeltaNet layers): "operator", the reference as the one operator vlmtune trains it as;
     "torch", the reference traced by autograd as transformers runs it."""
-    descriptor = get_family(family)
-    numbers = dict(descriptor.tiny_numbers)
-    spec = ModelSpec(name=f"tiny-{family}", arch=architectures()[family], config=numbers)
-    counts = count_params(spec)
-    targets = spec.arch.lora_targets["all"]
+    descriptor, spec, counts, targets, text, model_type, masked = _tiny(family)
     inputs = EstimateInputs(method="lora", lora_dropout=0.05, seq_len=TOKENS, autocast=True, lora_16bit_inputs=True,
                             linear_attention_kernel=kernel)
     estimated = layer_bytes_per_token(inputs, spec, counts, targets, bf16_adapters=False)
-
-    text = dict(numbers["text_config"])
-    model_type = text.pop("model_type", None) or f"{descriptor.model_types[0]}_text"
-    masked = any(kind.attention_mask for kind in spec.arch.layer_kinds.values())
     opaque = descriptor.linear_attention_functions if kernel == "operator" else ()
     rows = measure(text, model_type, targets, counts.dims.layers, TOKENS, mask=masked, opaque=opaque)
     assert [r["kind"] for r in rows] == list(counts.dims.layer_types or [r["kind"] for r in rows])
@@ -74,14 +79,7 @@ def test_compiled_layers_keep_less_by_what_the_estimate_says(family):
     """speed.compile: each compiled layer (all but the first) saves `compiled_saving` bytes per token less than the same
     layer eager (its RMSNorms' 16-bit inputs instead of fp32 copies, the MLP activation recomputed), measured on the
     CPU with inductor; the estimate with `compiled` subtracts exactly that from every layer but the first."""
-    descriptor = get_family(family)
-    numbers = dict(descriptor.tiny_numbers)
-    spec = ModelSpec(name=f"tiny-{family}", arch=architectures()[family], config=numbers)
-    counts = count_params(spec)
-    targets = spec.arch.lora_targets["all"]
-    text = dict(numbers["text_config"])
-    model_type = text.pop("model_type", None) or f"{descriptor.model_types[0]}_text"
-    masked = any(kind.attention_mask for kind in spec.arch.layer_kinds.values())
+    descriptor, spec, counts, targets, text, model_type, masked = _tiny(family)
     eager = measure(text, model_type, targets, counts.dims.layers, TOKENS, mask=masked)
     compiled = measure(text, model_type, targets, counts.dims.layers, TOKENS, mask=masked, compiled=True)
     kinds = decoder_layer_kinds(spec, counts.dims)
@@ -103,14 +101,7 @@ def test_the_recomputed_mlp_activation_keeps_less_by_what_the_estimate_says(fami
     """speed.mlp_activation_recompute: every eager layer keeps 2i bytes per token less (act(gate), bf16), measured by
     autograd's saved tensors; the estimate subtracts exactly that, and from the first layer only where the others
     are compiled (they keep autograd's MLP for inductor, which recomputes the activation itself)."""
-    descriptor = get_family(family)
-    numbers = dict(descriptor.tiny_numbers)
-    spec = ModelSpec(name=f"tiny-{family}", arch=architectures()[family], config=numbers)
-    counts = count_params(spec)
-    targets = spec.arch.lora_targets["all"]
-    text = dict(numbers["text_config"])
-    model_type = text.pop("model_type", None) or f"{descriptor.model_types[0]}_text"
-    masked = any(kind.attention_mask for kind in spec.arch.layer_kinds.values())
+    descriptor, spec, counts, targets, text, model_type, masked = _tiny(family)
     opaque = descriptor.linear_attention_functions
     autograd = measure(text, model_type, targets, counts.dims.layers, TOKENS, mask=masked, opaque=opaque)
     recomputed = measure(text, model_type, targets, counts.dims.layers, TOKENS, mask=masked, opaque=opaque,
