@@ -6,6 +6,8 @@
 # carrying [".whl", ".whl-unsloth", ".clean"] (.whl: bitsandbytes + pydantic; no flash-linear-attention: it cannot
 # train under torch 2.11's Triton 3.6 on Hopper, RESULTS.md session 14). Steps, in the order to run them
 # (session 17 ran q35check, u1, u3, u2, d1000, fp8 with row scales; fp8w3 failed before its fix, e15e86c):
+#   w1alloc   issue 21: why W1's defaults stepped at 0.45 s against 0.28 s with 256-token loss chunks (session
+#             17): vlmtune_gc with expandable segments off, with 256-token chunks, each twice            (~420 s)
 #   fp8w3     issue 21: 40 steps of bf16 and both FP8 scalings on the 7B architecture (the 1.3x speed bar)   (~540 s)
 #   u3c u1c   issue 21: Unsloth beside vlmtune_min/_lowmem with compiled layers, at Unsloth's memory       (~400 s each)
 #   fp8w3c    issue 21: fp8w3 with both arms compiled (FP8 inside the compiled layers), row-wise scales only
@@ -19,7 +21,7 @@
 #   fp8       issue 21: FP8 per layer (row-wise vs per-tensor scales), then 300 steps of each (2B, the loss bar)
 #   f8 f7 f7prof f48 f48p f48s checks: issue 17's earlier pairs, profiles and per-switch checks
 set -euo pipefail
-step=${1:?usage: gpu_next.sh STEP (u1c u3c q35check f7cprof f8c f7c f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 fp8w3c mfu)}
+step=${1:?usage: gpu_next.sh STEP (w1alloc u1c u3c q35check f7cprof f8c f7c f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 fp8w3c mfu)}
 OUT=${OUT:-/tmp/vlmtune-next}/$step
 mkdir -p "$OUT"
 speed() {  # speed LIMIT_S ENV...: benchmarks/speed/run.sh under a timeout, results in $OUT
@@ -59,6 +61,8 @@ case $step in
         BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_gc,vlmtune_lowmem,vlmtune_min,vlmtune_auto_at_unsloth ;;
   u3) speed 570 UNSLOTH=1 ONLY=W3 BUDGET_S=500 \
         BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_lowmem,vlmtune_min,vlmtune_auto_at_unsloth ;;
+  w1alloc) speed 560 ONLY=W1 BUDGET_S=500 BENCH_REPEATS=2 \
+        BENCH_VARIANTS=plain_gc,vlmtune_gc,vlmtune_gc_noexpandable,vlmtune_gc_chunk256,vlmtune_lowmem ;;
   u1c) speed 480 UNSLOTH=1 ONLY=W1 BUDGET_S=420 \
         BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_min,vlmtune_min_compile,vlmtune_lowmem_compile ;;
   u3c) speed 540 UNSLOTH=1 ONLY=W3 BUDGET_S=470 \
@@ -84,5 +88,5 @@ case $step in
     grep -h '"kind": "parity"' "$OUT/train.log" | cut -c1-600 || true ;;
   mfu) speed 570 ONLY=W3 BUDGET_S=380 BENCH_VARIANTS=vlmtune_gc,vlmtune_nogc,vlmtune_nogc_compile \
         PROFILE="W3:vlmtune_nogc" PROFILE_TIMEOUT_S=150 ;;
-  *) echo "unknown step $step (u1c u3c q35check f7cprof f8c f7c f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 fp8w3c mfu)" >&2; exit 2 ;;
+  *) echo "unknown step $step (w1alloc u1c u3c q35check f7cprof f8c f7c f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 fp8w3c mfu)" >&2; exit 2 ;;
 esac

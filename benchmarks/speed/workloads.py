@@ -210,6 +210,11 @@ W1 = Workload(
         AUTO_AT_UNSLOTH,
         MIN_VARIANT,
         *AT_UNSLOTH_COMPILED,
+        # session 17: vlmtune_gc (defaults, every layer checkpointed: 1,024-token loss chunks, expandable segments on)
+        # stepped in 0.45 s against vlmtune_lowmem's 0.28 s in the same call, whose only other differences are
+        # 256-token chunks; 11,054 tokens/s in session 12 before expandable segments were the default. Each apart:
+        Variant("vlmtune_gc_noexpandable", "vlmtune", True, {"hardware.expandable_segments": False}),
+        Variant("vlmtune_gc_chunk256", "vlmtune", True, {"speed.loss_chunk_tokens": 256}),
         DEFAULT_1000,
         Variant("vlmtune_gc2", "vlmtune", True, FAST),
         # every 4th layer: the estimate is 15.7 GiB at the nvidia-smi level, under the GC'd reference's 18.3-23.5
