@@ -176,6 +176,10 @@ at Unsloth's memory (session 17: vlmtune_min 5.07 vs Unsloth's 5.05 GiB reserved
 ("compiling each transformer block as one region", its log). Memory stays vlmtune_min's: the peak is the first
 layer's recomputation, which speed.compile leaves eager."""
 
+NOEXPANDABLE = Variant("vlmtune_gc_noexpandable", "vlmtune", True, {"hardware.expandable_segments": False})
+"""vlmtune's defaults with every layer checkpointed and the allocator's expandable segments off (on by default since
+session 12): W1 and the family pairs, where speeds moved after that default changed."""
+
 UNSLOTH_GC = Variant("unsloth_gc", "unsloth", True)
 """Unsloth's FastVisionModel with its own checkpointing ("unsloth"), the harness's LoRA (W1, W2 4-bit, W3)."""
 
@@ -213,7 +217,7 @@ W1 = Workload(
         # session 17: vlmtune_gc (defaults, every layer checkpointed: 1,024-token loss chunks, expandable segments on)
         # stepped in 0.45 s against vlmtune_lowmem's 0.28 s in the same call, whose only other differences are
         # 256-token chunks; 11,054 tokens/s in session 12 before expandable segments were the default. Each apart:
-        Variant("vlmtune_gc_noexpandable", "vlmtune", True, {"hardware.expandable_segments": False}),
+        NOEXPANDABLE,
         Variant("vlmtune_gc_chunk256", "vlmtune", True, {"speed.loss_chunk_tokens": 256}),
         DEFAULT_1000,
         Variant("vlmtune_gc2", "vlmtune", True, FAST),
@@ -433,7 +437,7 @@ def _family_pair(name: str, title: str, family: str, arch: str, method: str, bat
         + (Variant("vlmtune_gc_cudnn", "vlmtune", True, {"speed.sdpa_cudnn": True}),)
         # the allocator's expandable segments off (on by default since session 12): F7 went from 1.20x the plain loop
         # (session 12, without them) to 0.83x (session 14, with them), the other switches unchanged
-        + (Variant("vlmtune_gc_noexpandable", "vlmtune", True, {"hardware.expandable_segments": False}),)
+        + (NOEXPANDABLE,)
         + ((Variant("vlmtune_gc_nocudnn", "vlmtune", True, {"speed.sdpa_cudnn": False}),) if family == "gemma3"
            else ()),
         reference="plain_gc",

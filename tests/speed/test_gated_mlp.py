@@ -91,7 +91,7 @@ def test_other_mlps_keep_their_forward():
     assert not is_gated_mlp(TwoLayer()) and is_gated_mlp(Standard())
     root = nn.Module()
     root.layers = nn.ModuleList([nn.Sequential(TwoLayer()), nn.Sequential(Standard()), nn.Sequential(Standard())])
-    handle = recompute_mlp_activations(root, "layers", eager_layers=2)  # as with speed.compile: layer 0 only... 2 here
+    handle = recompute_mlp_activations(root, "layers", eager_layers=2)  # the first two layers only
     assert handle.names == ["1.0"]
     assert "forward" not in vars(root.layers[0][0]) and "forward" not in vars(root.layers[2][0])
     assert "no gated MLP" in recompute_mlp_activations(root, "layers", eager_layers=1)

@@ -188,7 +188,8 @@ def layer_bytes_per_token(
         return [sizes[k] for k in kinds]
     # speed.compile leaves the first layer eager (speed/compile_layers.py); the compiled ones keep autograd's MLP for
     # inductor, which recomputes the activation itself (compiled_saving's 2i)
-    plain = {k: per_token_layer_bytes(inputs, counts, targets, bf16_adapters, k, i) for k, i in first.items()}
+    plain = sizes if not recomputed else {
+        k: per_token_layer_bytes(inputs, counts, targets, bf16_adapters, k, i) for k, i in first.items()}
     return [plain[k] - compiled_saving(k, counts.dims) if index else sizes[k] for index, k in enumerate(kinds)]
 
 

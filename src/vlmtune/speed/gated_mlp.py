@@ -104,7 +104,7 @@ def recompute_mlp_activations(
         layers = hf_model.get_submodule(layers_prefix)
     except AttributeError:
         return f"no decoder layers at {layers_prefix}"
-    chosen = list(layers)[: eager_layers if eager_layers is not None else len(layers)]
+    chosen = list(layers)[:eager_layers]  # None: all
     # a module whose forward another switch has replaced already keeps that forward
     found = [(n, m) for n, m in gated_mlps(chosen) if "forward" not in vars(m)]
     if not found:
