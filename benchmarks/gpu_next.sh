@@ -9,7 +9,8 @@
 #   w1alloc   issue 21: why W1's defaults stepped at 0.45 s against 0.28 s with 256-token loss chunks (session
 #             17): vlmtune_gc with expandable segments off, with 256-token chunks, each twice            (~420 s)
 #   fp8w3     issue 21: 40 steps of bf16 and both FP8 scalings on the 7B architecture (the 1.3x speed bar)   (~540 s)
-#   u3c u1c   issue 21: Unsloth beside vlmtune_min/_lowmem with compiled layers, at Unsloth's memory       (~400 s each)
+#   u3c u1c   issue 21: Unsloth beside vlmtune_min, the tiled-MLP variants (speed.mlp_chunk_tokens) and compiled
+#             layers, at Unsloth's memory                                                                  (~480 s each)
 #   fp8w3c    issue 21: fp8w3 with both arms compiled (FP8 inside the compiled layers), row-wise scales only
 #   mfu       issue 21: W3 without recomputation, eager and compiled (the 35% MFU bar), and the W3 profile
 #   f7c f8c   issue 17: F7 / F8 eager and compiled with vlmtune's own delta rule at 128-token chunks      (~540 s each)
@@ -63,10 +64,10 @@ case $step in
         BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_lowmem,vlmtune_min,vlmtune_auto_at_unsloth ;;
   w1alloc) speed 560 ONLY=W1 BUDGET_S=500 BENCH_REPEATS=2 \
         BENCH_VARIANTS=plain_gc,vlmtune_gc,vlmtune_gc_noexpandable,vlmtune_gc_chunk256,vlmtune_lowmem ;;
-  u1c) speed 480 UNSLOTH=1 ONLY=W1 BUDGET_S=420 \
-        BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_min,vlmtune_min_compile,vlmtune_lowmem_compile ;;
-  u3c) speed 540 UNSLOTH=1 ONLY=W3 BUDGET_S=470 \
-        BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_min,vlmtune_min_compile,vlmtune_lowmem_compile ;;
+  u1c) speed 560 UNSLOTH=1 ONLY=W1 BUDGET_S=470 \
+        BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_min,vlmtune_lowmem_tiled,vlmtune_min_compile,vlmtune_lowmem_compile ;;
+  u3c) speed 570 UNSLOTH=1 ONLY=W3 BUDGET_S=480 \
+        BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_min,vlmtune_min_tiled,vlmtune_lowmem_tiled,vlmtune_min_compile ;;
   u2) speed 560 UNSLOTH=1 ONLY=W2 BUDGET_S=480 BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_gc,vlmtune_lean ;;
   d1000) speed 570 ONLY=W1 BUDGET_S=540 BENCH_VARIANTS=plain_gc,vlmtune_default1000 ;;
   fp8)

@@ -176,6 +176,15 @@ at Unsloth's memory (session 17: vlmtune_min 5.07 vs Unsloth's 5.05 GiB reserved
 ("compiling each transformer block as one region", its log). Memory stays vlmtune_min's: the peak is the first
 layer's recomputation, which speed.compile leaves eager."""
 
+TILED = (
+    replace(MIN_VARIANT, name="vlmtune_min_tiled", overrides={**MIN_VARIANT.overrides, "speed.mlp_chunk_tokens": 512}),
+    replace(LOWMEM_VARIANT, name="vlmtune_lowmem_tiled",
+            overrides={**LOWMEM_VARIANT.overrides, "speed.mlp_chunk_tokens": 512}),
+)
+"""vlmtune_min and vlmtune_lowmem with the checkpointed layers' MLP in chunks of 512 tokens (speed.mlp_chunk_tokens,
+speed/tiled_mlp.py): at Unsloth's memory the peak is a recomputed layer's backward, mostly its MLP's intermediate-
+width tensors (W3: 0.11 GiB over Unsloth's reserved in session 17, vlmtune_min at 1.57x its speed)."""
+
 NOEXPANDABLE = Variant("vlmtune_gc_noexpandable", "vlmtune", True, {"hardware.expandable_segments": False})
 """vlmtune's defaults with every layer checkpointed and the allocator's expandable segments off (on by default since
 session 12): W1 and the family pairs, where speeds moved after that default changed."""
@@ -214,6 +223,7 @@ W1 = Workload(
         AUTO_AT_UNSLOTH,
         MIN_VARIANT,
         *AT_UNSLOTH_COMPILED,
+        *TILED,
         # session 17: vlmtune_gc (defaults, every layer checkpointed: 1,024-token loss chunks, expandable segments on)
         # stepped in 0.45 s against vlmtune_lowmem's 0.28 s in the same call, whose only other differences are
         # 256-token chunks; 11,054 tokens/s in session 12 before expandable segments were the default. Each apart:
@@ -357,6 +367,7 @@ WORKLOADS: dict[str, Workload] = {
                 AUTO_AT_UNSLOTH,
                 MIN_VARIANT,
                 *AT_UNSLOTH_COMPILED,
+                *TILED,
                 Variant("vlmtune_gc2", "vlmtune", True, FAST),
                 Variant("liger_gc", "liger", True),
                 Variant("vlmtune_gc_compile", "vlmtune", True, {"speed.compile": True}, warmup=6),

@@ -120,6 +120,8 @@ def apply_speed(
 
         setup.add("mlp_activation_recompute", recompute_mlp_activations(
             unwrap_peft(model), family.language_layers_prefix, eager_layers=1 if compiled.on else None))
+    if speed.mlp_chunk_tokens:  # after mlp_activation_recompute: each chunk runs the MLP's forward as installed
+        setup.add("mlp_chunk_tokens", _tiled_mlps(model, config, family, world, deepspeed, compiled.on))
     if fp8.on and compiled.on:  # before the layers are compiled: dynamo traces the base layers' FP8 forward
         _install_fp8(setup, None, fp8, compiled_in=model, zero_stage=zero_plan(config, world).stage)
     if fp8.auto and not fp8.on:
@@ -190,6 +192,28 @@ def _linear_attention(setup: SpeedSetup, family: FamilyDescriptor, device: str) 
                     "flash-linear-attention, which is installed: %s", kernel.reason)
     log.info("speed: the linear-attention reference runs as one operator (its inputs kept for backward, the chunk "
              "loop recomputed there)")
+
+
+def _tiled_mlps(
+    model: nn.Module, config: VlmtuneConfig, family: FamilyDescriptor, world: int, deepspeed: bool, compiled: bool
+) -> Any:
+    """speed.mlp_chunk_tokens: the handle, or why it does not apply."""
+    from vlmtune.speed.loss_hook import unwrap_peft
+    from vlmtune.speed.tiled_mlp import tile_mlps
+
+    if not config.hardware.gradient_checkpointing:
+        return "it chunks the checkpointed layers' MLP, and hardware.gradient_checkpointing is off"
+    if deepspeed or world > 1:
+        return ("its per-chunk backward is nested inside autograd's, where DDP's and DeepSpeed's gradient hooks do not "
+                "see it: one process without DeepSpeed only")
+    tiled = tile_mlps(unwrap_peft(model), family.language_layers_prefix, config.speed.mlp_chunk_tokens,
+                      eager_layers=1 if compiled else None)
+    if not isinstance(tiled, str):
+        log.info("speed: the checkpointed layers' MLP runs %d tokens at a time in backward (%d MLPs%s)",
+                 config.speed.mlp_chunk_tokens, len(tiled.names),
+                 f"; {len(tiled.recomputing)} of them feed more than the residual stream, so checkpointing's "
+                 "recomputation computes them once more" if tiled.recomputing else "")
+    return tiled
 
 
 def _needed_for_packing(installed: Any) -> Any:
