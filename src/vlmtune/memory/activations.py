@@ -21,6 +21,8 @@ patch per unit width per block (fitted on one run, approximate). vlmtune's speed
 frozen tower without grad: it keeps nothing in either case. speed.checkpoint_every_n_layers keeps the other
 layers' activations in full; speed.checkpoint_offload moves the checkpointed inputs to CPU memory (not measured).
 speed.compile=true keeps `compiled_saving` less per token in every layer but the first (EstimateInputs.compiled).
+speed.mlp_chunk_tokens holds a recomputed layer's MLP activations and intermediate-width gradient for one chunk of
+tokens instead of the micro-batch (`recompute_working`; modelled, not measured).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ TRAINED_VIT_BYTES = 53
 PLAIN = LayerKind()
 DELTA_CHUNK = 64
 """Tokens per chunk of transformers' `torch_chunk_gated_delta_rule` (its default, which Qwen3.5 uses)."""
+GATED_MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+"""The linear layers of transformers' gated MLP (speed/gated_mlp.py GATED_MLP_NAMES)."""
 LORA_AUTOCAST_BYTES = 2
 """Under 16-bit autocast (vlmtune's Trainer) each adapted linear keeps one 16-bit copy of its input for lora_A's
 weight gradient: the dropout output (or, without dropout, autocast's re-cast of PEFT's fp32 input copy). Whether
@@ -85,23 +89,52 @@ def per_token_layer_bytes(
     The MLP keeps 8i: gate and up projections, act(gate) and the product; 6i with `mlp_recomputed`
     (speed.mlp_activation_recompute: act(gate) is recomputed in backward, speed/gated_mlp.py)."""
     d = counts.dims
-    h, q, kv, i = d.hidden, d.q_width, d.kv_width, d.intermediate
-    mlp = (6 if mlp_recomputed else 8) * i
-    out = 15 * h + 5 * q + 4 * kv + mlp + kind_extra_bytes(kind, d, inputs.seq_len, inputs.linear_attention_kernel)
-    if inputs.method in ("lora", "qlora"):
-        chosen, every = target_input_widths(counts, targets, layer)
-        if inputs.autocast:
-            keeps_copy = inputs.lora_dropout > 0 or not (bf16_adapters or inputs.lora_16bit_inputs)
-            out += LORA_AUTOCAST_BYTES * chosen if keeps_copy else 0
-        else:  # the plain path: the 16-bit model run without autocast, fp32 adapters (memory_anchors.md §6.2)
-            adapter = 0 if bf16_adapters or inputs.lora_16bit_inputs else 8 * h + 8 * q + 2 * i
-            dropout = 6 * h + i if inputs.lora_dropout > 0 else 0
-            out += int((adapter + dropout) * chosen / every)
+    h, q, kv = d.hidden, d.q_width, d.kv_width
+    out = 15 * h + 5 * q + 4 * kv + mlp_activation_bytes(d, mlp_recomputed)
+    out += kind_extra_bytes(kind, d, inputs.seq_len, inputs.linear_attention_kernel)
+    out += lora_input_bytes(inputs, d, *target_input_widths(counts, targets, layer), bf16_adapters)
     if inputs.attn_implementation == "eager" and kind.rule == "attention":
         out += (
             4 * d.heads * inputs.seq_len
         )  # bf16 scores and probabilities, S per token per head (not measured)
     return out
+
+
+def mlp_bytes_per_token(
+    inputs: EstimateInputs,
+    counts: ParamCounts,
+    targets: list[str],
+    bf16_adapters: bool,
+    layer: int = 0,
+    mlp_recomputed: bool = False,
+) -> int:
+    """The part of `per_token_layer_bytes` that the gated MLP of decoder layer `layer` keeps per token: its
+    activations and the LoRA inputs of its adapted linears (gate_proj and up_proj read the hidden width, down_proj
+    the intermediate width)."""
+    chosen, every = target_input_widths(counts, targets, layer, among=GATED_MLP_LINEARS)
+    return mlp_activation_bytes(counts.dims, mlp_recomputed) + lora_input_bytes(
+        inputs, counts.dims, chosen, every, bf16_adapters)
+
+
+def mlp_activation_bytes(d: ModelDims, recomputed: bool = False) -> int:
+    """The MLP keeps 8i: gate and up projections, act(gate) and the product; 6i when act(gate) is recomputed."""
+    return (6 if recomputed else 8) * d.intermediate
+
+
+def lora_input_bytes(inputs: EstimateInputs, d: ModelDims, chosen: int, every: int, bf16_adapters: bool) -> int:
+    """Bytes per token that LoRA adds for adapted linears whose input widths sum to `chosen`, of `every` (all the
+    layer's linears): one 16-bit input copy each under autocast, the measured adapter and dropout terms scaled by
+    the share of inputs on the plain path."""
+    if inputs.method not in ("lora", "qlora"):
+        return 0
+    if inputs.autocast:
+        keeps_copy = inputs.lora_dropout > 0 or not (bf16_adapters or inputs.lora_16bit_inputs)
+        return LORA_AUTOCAST_BYTES * chosen if keeps_copy else 0
+    # the plain path: the 16-bit model run without autocast, fp32 adapters (memory_anchors.md §6.2)
+    h, q, i = d.hidden, d.q_width, d.intermediate
+    adapter = 0 if bf16_adapters or inputs.lora_16bit_inputs else 8 * h + 8 * q + 2 * i
+    dropout = 6 * h + i if inputs.lora_dropout > 0 else 0
+    return int((adapter + dropout) * chosen / every)
 
 
 def kind_extra_bytes(kind: LayerKind, d: ModelDims, seq_len: int, linear_kernel: str = "torch") -> int:
@@ -184,13 +217,72 @@ def layer_bytes_per_token(
     recomputed = inputs.mlp_activation_recompute and spec.arch.gated_mlp
     sizes = {k: per_token_layer_bytes(inputs, counts, targets, bf16_adapters, k, i, recomputed)
              for k, i in first.items()}
-    if not (inputs.compiled and inputs.method in ("lora", "qlora")):
+    if not compiled_layers(inputs):
         return [sizes[k] for k in kinds]
     # speed.compile leaves the first layer eager (speed/compile_layers.py); the compiled ones keep autograd's MLP for
     # inductor, which recomputes the activation itself (compiled_saving's 2i)
     plain = sizes if not recomputed else {
         k: per_token_layer_bytes(inputs, counts, targets, bf16_adapters, k, i) for k, i in first.items()}
     return [plain[k] - compiled_saving(k, counts.dims) if index else sizes[k] for index, k in enumerate(kinds)]
+
+
+def compiled_layers(inputs: EstimateInputs) -> bool:
+    """Whether every decoder layer but the first runs compiled (speed.compile; LoRA and QLoRA)."""
+    return inputs.compiled and inputs.method in ("lora", "qlora")
+
+
+def tiled_layers(inputs: EstimateInputs, spec: ModelSpec, layers: int) -> list[bool]:
+    """Which decoder layers run their gated MLP in chunks of tokens in backward (speed.mlp_chunk_tokens), where
+    training installs it (speed/__init__.py `_tiled_mlps`): with checkpointing, one process without DeepSpeed, the
+    checkpointed layers (every checkpoint_every-th) that run eagerly (only the first with speed.compile), in
+    architectures with transformers' gated MLP."""
+    applies = (inputs.mlp_chunk_tokens > 0 and inputs.gradient_checkpointing and inputs.zero_stage == 0
+               and inputs.num_gpus == 1 and spec.arch.gated_mlp)
+    if not applies:
+        return [False] * layers
+    every, eager = max(1, inputs.checkpoint_every), 1 if compiled_layers(inputs) else layers
+    return [index % every == 0 and index < eager for index in range(layers)]
+
+
+def recompute_working(
+    inputs: EstimateInputs,
+    spec: ModelSpec,
+    counts: ParamCounts,
+    targets: list[str],
+    bf16_adapters: bool,
+    per_layer: list[int],
+    act_bytes: int,
+) -> int:
+    """Bytes alive on top of the saved activations in the backward of a checkpointed step, the largest over the
+    decoder layers (`per_layer`: each layer's bytes per token): a layer's activations while it is recomputed, plus
+    the gradients alive in its backward, the residual stream's (in and out) and, in the MLP, the gradient of one
+    intermediate-width tensor beside its saved inputs. A layer whose MLP runs in chunks of c tokens (`tiled_layers`)
+    keeps its MLP part (`mlp_bytes_per_token`) and that gradient for c of the micro-batch's tokens only:
+    (per_layer - mlp) x tokens + mlp x c + act x tokens x 2h + act x c x i (modelled, not measured). Every other
+    layer counts as without chunks, so the largest of them can stay the peak: with speed.compile the compiled
+    layers (with mlp_activation_recompute they keep 4h per token less than the eager first one, which the chunks
+    bring below them: the estimate drops little); with checkpoint_every > 1 the layers that keep their activations,
+    which this maximum has always included (for alike layers the same figure as a checkpointed one's): the estimate
+    does not drop, an overestimate kept so that a chunk of the whole micro-batch changes nothing."""
+    d = counts.dims
+    tokens = inputs.batch_size * inputs.seq_len
+    residual = act_bytes * tokens * 2 * d.hidden
+    tiled = tiled_layers(inputs, spec, len(per_layer))
+    if not any(tiled):
+        return max(per_layer) * tokens + residual + act_bytes * tokens * d.intermediate
+    chunk = min(inputs.mlp_chunk_tokens, tokens)
+    recomputed = inputs.mlp_activation_recompute and spec.arch.gated_mlp
+    kinds = decoder_layer_kinds(spec, d)
+    mlp: dict[LayerKind, int] = {}
+    for index, kind in enumerate(kinds):
+        if tiled[index] and kind not in mlp:
+            per_token = mlp_bytes_per_token(inputs, counts, targets, bf16_adapters, index, recomputed)
+            mlp[kind] = int(per_token * act_bytes / 2)
+    return max(
+        (size - mlp[kind]) * tokens + mlp[kind] * chunk + residual + act_bytes * chunk * d.intermediate
+        if tiled[index] else size * tokens + residual + act_bytes * tokens * d.intermediate
+        for index, (size, kind) in enumerate(zip(per_layer, kinds, strict=True))
+    )
 
 
 def compiled_saving(kind: LayerKind, d: ModelDims) -> int:
@@ -274,9 +366,10 @@ def activation_terms(
         whole = len(kept_layers)  # layers that keep all their activations
         kept = 0 if inputs.checkpoint_offload else checkpointed * act_bytes * b * s * d.hidden
         language = kept + sum(kept_layers) * b * s
-        # the recomputed layer's activations, plus the gradients alive in its backward: the residual stream's
-        # (in and out) and, in the MLP, the gradient of one intermediate-width tensor beside its saved inputs
-        working = max(per_layer) * b * s + act_bytes * b * s * (2 * d.hidden + d.intermediate)
+        working = recompute_working(inputs, spec, counts, targets, bf16_adapters, per_layer, act_bytes)
+        if any(tiled_layers(inputs, spec, d.layers)):
+            notes.append(f"speed.mlp_chunk_tokens ({inputs.mlp_chunk_tokens}): the recomputed layers' MLP in chunks "
+                         "is modelled, not yet measured on a GPU")
         vision = 0 if inputs.vision_no_grad and not trained_vit else (
             d.vision_depth * act_bytes * patches * d.vision_width)
     else:

@@ -87,6 +87,12 @@ class EstimateInputs:
     """speed.mlp_activation_recompute: the eagerly run decoder layers' gated MLP keeps 6i bytes per token instead of
     8i (speed/gated_mlp.py), where the architecture's MLP is the gated one (Architecture.gated_mlp). Off for inputs
     built by hand (the measured runs before 2026-12-07 session 17 had autograd's MLP); a config maps its setting."""
+    mlp_chunk_tokens: int = 0
+    """speed.mlp_chunk_tokens (0: off): the checkpointed decoder layers' gated MLP keeps only its input and runs its
+    backward this many tokens at a time (speed/tiled_mlp.py), so a recomputed layer holds its MLP's activations and
+    intermediate-width gradient for one chunk instead of the whole micro-batch. Counted where training applies it:
+    with checkpointing, one process without DeepSpeed (zero_stage 0, num_gpus 1), eager layers (only the first with
+    `compiled`), architectures with the gated MLP (Architecture.gated_mlp); memory/activations.py `recompute_working`."""
     fp8_base: bool = False
     """speed.fp8 is on (LoRA): each adapted base weight also keeps its e4m3 copies, both layouts (speed/fp8_linear.py
     planned_bytes), beside the bf16 weight."""
@@ -120,6 +126,8 @@ class EstimateInputs:
                      "checkpoint_every"):
             if int(getattr(self, name)) < 1:
                 out.append(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.mlp_chunk_tokens < 0:
+            out.append(f"mlp_chunk_tokens must be 0 (off) or a positive integer, got {self.mlp_chunk_tokens}")
         if self.images_per_sample < 0:
             out.append(f"images_per_sample must be 0 or more, got {self.images_per_sample}")
         if min(self.image_hw) < 1:
@@ -231,6 +239,7 @@ def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInput
         compiled=config.speed.compile is True,
         # what training sets in this environment (train/gpu_memory.py); the estimate's target is a CUDA GPU
         mlp_activation_recompute=config.speed.mlp_activation_recompute,
+        mlp_chunk_tokens=config.speed.mlp_chunk_tokens,
         fp8_base=fp8_planned(config),
         linear_attention_kernel=linear_attention_kernel(not config.hardware.use_cpu),
         expandable=resolve_allocator(config.hardware.expandable_segments, not config.hardware.use_cpu,

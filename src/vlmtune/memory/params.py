@@ -247,9 +247,13 @@ def adapted_base_shapes(counts: ParamCounts, targets: list[str]) -> list[tuple[i
     ]
 
 
-def target_input_widths(counts: ParamCounts, targets: list[str], layer: int = 0) -> tuple[int, int]:
+def target_input_widths(
+    counts: ParamCounts, targets: list[str], layer: int = 0, among: tuple[str, ...] = ()
+) -> tuple[int, int]:
     """(sum of input widths of the targeted linears, of all linears) in decoder layer `layer`: scales the
-    LoRA-specific activation term for target sets smaller than `all` (hybrid models' layer kinds differ)."""
+    LoRA-specific activation term for target sets smaller than `all` (hybrid models' layer kinds differ). `among`:
+    count as targeted only linears that are also named by one of these (the gated MLP's three)."""
     linears = [lin for lin in counts.linears if lin.part == "language" and f".{layer}." in f".{lin.name}."]
-    chosen = sum(lin.in_features for lin in linears if _matches(lin.name, targets))
+    chosen = sum(lin.in_features for lin in linears
+                 if _matches(lin.name, targets) and (not among or _matches(lin.name, among)))
     return chosen, sum(lin.in_features for lin in linears) or 1
