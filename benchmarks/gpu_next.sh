@@ -5,17 +5,19 @@
 #   cd .clean && ln -sfn ../.whl .whl && bash benchmarks/gpu_next.sh f48
 # carrying [".whl", ".whl-unsloth", ".clean"] (.whl: bitsandbytes + pydantic; no flash-linear-attention: it cannot
 # train under torch 2.11's Triton 3.6 on Hopper, RESULTS.md session 14). Steps, in the order to run them
-# (session 17 ran q35check, u1, u3, u2, d1000, fp8 with row scales; fp8w3 failed before its fix, e15e86c):
+# (session 17 ran q35check, u1, u3, u2, d1000, fp8 with row scales; fp8w3 failed before its fix, e15e86c; session 18
+# ran u3c with 512-token MLP chunks, f7c, f8c, on an H200):
+#   u3c       issue 21: Unsloth beside vlmtune_min with the MLP in 2,048-token chunks (session 18: 1.31x at 0.06 GiB
+#             under Unsloth, but Unsloth ran two calls earlier): the W3 bar in one call                 (~480 s)
 #   w1alloc   issue 21: why W1's defaults stepped at 0.45 s against 0.28 s with 256-token loss chunks (session
 #             17): vlmtune_gc with expandable segments off, with 256-token chunks, each twice            (~420 s)
 #   fp8w3     issue 21: 40 steps of bf16 and both FP8 scalings on the 7B architecture (the 1.3x speed bar)   (~540 s)
-#   u3c u1c   issue 21: Unsloth beside vlmtune_min, the tiled-MLP variants (speed.mlp_chunk_tokens) and compiled
-#             layers, at Unsloth's memory                                                                  (~480 s each)
+#   u1c       issue 21: Unsloth beside vlmtune_min, tiled (2,048) and compiled, at Unsloth's memory on W1  (~480 s)
 #   fp8w3c    issue 21: fp8w3 with both arms compiled (FP8 inside the compiled layers), row-wise scales only
 #   mfu       issue 21: W3 without recomputation, eager and compiled (the 35% MFU bar), and the W3 profile
-#   f7c f8c   issue 17: F7 / F8 eager and compiled with vlmtune's own delta rule at 128-token chunks      (~540 s each)
-#   f7cprof   issue 17: profiles of F7 eager and compiled (compiled was slower in session 16)             (~570 s)
 # Done or kept for repeats:
+#   f7c f8c   issue 17: F7 / F8 eager and compiled with the own delta rule (session 18: 1.75x / 1.88x, 2.08x / 2.70x)
+#   f7cprof   issue 17: profiles of F7 eager and compiled (compiled was slower in session 16; no longer, session 18)
 #   q35check  issue 17: the per-switch GPU check on Qwen3.5-9B's widths, 8 decoder layers (passed, session 17)
 #   u1 u3 u2  issue 21: Unsloth beside vlmtune at Unsloth's memory on W1, W3, W2 (session 17)
 #   d1000     issue 21: the default settings over 1,000 W1 steps, compilation included (session 17: 2.62x)
@@ -65,9 +67,9 @@ case $step in
   w1alloc) speed 560 ONLY=W1 BUDGET_S=500 BENCH_REPEATS=2 \
         BENCH_VARIANTS=plain_gc,vlmtune_gc,vlmtune_gc_noexpandable,vlmtune_gc_chunk256,vlmtune_lowmem ;;
   u1c) speed 560 UNSLOTH=1 ONLY=W1 BUDGET_S=470 \
-        BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_min,vlmtune_lowmem_tiled,vlmtune_min_compile,vlmtune_lowmem_compile ;;
+        BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_min,vlmtune_min_tiled2048,vlmtune_min_compile,vlmtune_lowmem_compile ;;
   u3c) speed 570 UNSLOTH=1 ONLY=W3 BUDGET_S=480 \
-        BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_min,vlmtune_min_tiled,vlmtune_lowmem_tiled,vlmtune_min_compile ;;
+        BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_min_tiled2048,vlmtune_min,vlmtune_min_tiled1024 ;;
   u2) speed 560 UNSLOTH=1 ONLY=W2 BUDGET_S=480 BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_gc,vlmtune_lean ;;
   d1000) speed 570 ONLY=W1 BUDGET_S=540 BENCH_VARIANTS=plain_gc,vlmtune_default1000 ;;
   fp8)

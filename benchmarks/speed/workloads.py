@@ -178,6 +178,10 @@ layer's recomputation, which speed.compile leaves eager."""
 
 TILED = (
     replace(MIN_VARIANT, name="vlmtune_min_tiled", overrides={**MIN_VARIANT.overrides, "speed.mlp_chunk_tokens": 512}),
+    replace(MIN_VARIANT, name="vlmtune_min_tiled1024",
+            overrides={**MIN_VARIANT.overrides, "speed.mlp_chunk_tokens": 1024}),
+    replace(MIN_VARIANT, name="vlmtune_min_tiled2048",
+            overrides={**MIN_VARIANT.overrides, "speed.mlp_chunk_tokens": 2048}),
     replace(LOWMEM_VARIANT, name="vlmtune_lowmem_tiled",
             overrides={**LOWMEM_VARIANT.overrides, "speed.mlp_chunk_tokens": 512}),
 )
