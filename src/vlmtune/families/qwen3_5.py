@@ -44,7 +44,9 @@ the PyTorch reference (`reference_compile_cost`). vlmtune runs the reference as 
 (speed/opaque_delta_rule.py), eager and compiled: it keeps its inputs for backward (312 kB per token per 9B DeltaNet
 layer instead of 615 kB traced), and compiled layers do not trace its loop over chunks (traced, every new
 chunk count compiled again: on an H100, Qwen3.5-9B LoRA, 87 s for the first compiled step, the second not done 200 s
-later). With fla's kernel compiling is unmeasured.
+later). The operator computes the delta rule with vlmtune's own implementation (speed/delta_rule.py); with it
+Qwen3.5-9B ran at 1.75x (LoRA) and 2.08x (QLoRA) the plain loop eager, 1.88x and 2.70x compiled (H200, session 18).
+With fla's kernel compiling is unmeasured.
 
 transformers 5.17 and 5.23 layout (same names): `model.visual` (patch_embed, pos_embed, blocks, merger),
 `model.language_model` (`layers.N.linear_attn` or `layers.N.self_attn`, `mlp`), `lm_head`. The processor is
@@ -99,9 +101,10 @@ _PACKING = ("the gated DeltaNet layers (a recurrent state and a 4-token conv win
             "sample of a packed row, a Python loop with one set of kernel launches per sample: rows of many short "
             "samples are slower there")
 
-_REFERENCE_COMPILE = ("compiled layers run it as one operator and compile once (speed/opaque_delta_rule.py), but on an "
-                      "H100 (session 16) compiled Qwen3.5-9B LoRA ran at 0.86x its eager speed (QLoRA: 1.13x), which "
-                      "is not understood yet (set speed.compile=true to compile)")
+_REFERENCE_COMPILE = ("compiled layers run it as one operator and compile once (speed/opaque_delta_rule.py), and are "
+                      "faster per step (H200, session 18: Qwen3.5-9B LoRA 1.07x eager's speed, QLoRA 1.30x), but "
+                      "compiling took 80 s and 62 s in a first run, which pays back after about 1,450 LoRA or 340 "
+                      "QLoRA steps (set speed.compile=true for runs that long)")
 
 _ROPE = {"rope_type": "default", "rope_theta": 10000000.0, "mrope_section": [11, 11, 10], "mrope_interleaved": True,
          "partial_rotary_factor": 0.25}
