@@ -200,3 +200,49 @@ def test_cuda_graphs_with_checkpointing_refused():
                 "hardware": {"gradient_checkpointing": True},
             }
         )
+
+
+def test_dropout_mask_drawn_again_in_backward_keeps_the_input_not_a_copy():
+    """With dropout the function keeps its input and the generator's state, not the dropped copy and its mask: the
+    gradients are those of the forward's mask, the generator ends where the forward left it, and three layers reading
+    one input keep that one tensor between them (q/k/v_proj)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, 16, requires_grad=True)
+    weights = [torch.randn(8, 16) for _ in range(3)]
+    adapters = [(torch.randn(2, 16, requires_grad=True), torch.randn(8, 2, requires_grad=True)) for _ in range(3)]
+    grads = [torch.randn(4, 5, 8) for _ in range(3)]
+
+    saved: list[torch.Tensor] = []
+    torch.manual_seed(21)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        outs = [LoraLinearFunction.apply(x, None, w, None, a, b, a, b, 0.5, 0.4) for w, (a, b) in zip(
+            weights, adapters, strict=True)]
+    after_forward = torch.get_rng_state()
+    torch.autograd.backward(outs, grads)
+    assert torch.equal(torch.get_rng_state(), after_forward)
+    got = [x.grad.clone()] + [t.grad.clone() for pair in adapters for t in pair]
+
+    # the same three layers written out with the masks of the same draws
+    x.grad = None
+    for pair in adapters:
+        for t in pair:
+            t.grad = None
+    torch.manual_seed(21)
+    ref = []
+    for w, (a, b) in zip(weights, adapters, strict=True):
+        dropped = torch.nn.functional.dropout(x, 0.4, training=True)
+        ref.append(x @ w.t() + 0.5 * (dropped @ a.t()) @ b.t())
+    for o, r in zip(outs, ref, strict=True):
+        torch.testing.assert_close(o, r)
+    torch.autograd.backward(ref, grads)
+    want = [x.grad] + [t.grad for pair in adapters for t in pair]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+    # kept: the input (once, a view shared by the three), each rank-r intermediate, the weights; no mask, no copy
+    storages = {t.untyped_storage().data_ptr() for t in saved if t.dtype != torch.bool}
+    assert not any(t.dtype == torch.bool for t in saved)
+    inputs = [t for t in saved if t.shape == (20, 16)]
+    assert len(inputs) == 3 and len({t.untyped_storage().data_ptr() for t in inputs}) == 1
+    assert inputs[0].untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    assert len(storages) == 1 + 3 + 3 + 3 * 2  # x, three h, three weights, three (a, b)
