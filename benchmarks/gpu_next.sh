@@ -7,8 +7,9 @@
 # train under torch 2.11's Triton 3.6 on Hopper, RESULTS.md session 14). Steps, in the order to run them
 # (session 17 ran q35check, u1, u3, u2, d1000, fp8 with row scales; fp8w3 failed before its fix, e15e86c; session 18
 # ran u3c with 512-token MLP chunks, f7c, f8c, on an H200):
-#   u3c       issue 21: Unsloth beside vlmtune_min with the MLP in 2,048-token chunks (session 18: 1.31x at 0.06 GiB
-#             under Unsloth, but Unsloth ran two calls earlier): the W3 bar in one call                 (~480 s)
+#   u3c       issue 21: the fused LoRA's redrawn dropout masks on CUDA (benchmarks/dropout_replay_check.py), then
+#             Unsloth beside vlmtune_min (now keeping no dropout masks) and with the MLP in 2,048-token chunks
+#             (session 18: 1.31x at 0.06 GiB under Unsloth, Unsloth two calls earlier): the W3 bar in one call (~500 s)
 #   w1alloc   issue 21: why W1's defaults stepped at 0.45 s against 0.28 s with 256-token loss chunks (session
 #             17): vlmtune_gc with expandable segments off, with 256-token chunks, each twice            (~420 s)
 #   fp8w3     issue 21: 40 steps of bf16 and both FP8 scalings on the 7B architecture (the 1.3x speed bar)   (~540 s)
@@ -68,7 +69,11 @@ case $step in
         BENCH_VARIANTS=plain_gc,vlmtune_gc,vlmtune_gc_noexpandable,vlmtune_gc_chunk256,vlmtune_lowmem ;;
   u1c) speed 560 UNSLOTH=1 ONLY=W1 BUDGET_S=470 \
         BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_min,vlmtune_min_tiled2048,vlmtune_min_compile,vlmtune_lowmem_compile ;;
-  u3c) speed 570 UNSLOTH=1 ONLY=W3 BUDGET_S=480 \
+  u3c)  # first the fused LoRA's redrawn dropout masks on CUDA (seconds), then the speed round
+    (source benchmarks/gpu_env.sh && timeout 60 python3 -m benchmarks.dropout_replay_check) >"$OUT/dropout_replay.txt" 2>&1 \
+      || echo "dropout replay check: exit $?"
+    tail -n 1 "$OUT/dropout_replay.txt"
+    speed 540 UNSLOTH=1 ONLY=W3 BUDGET_S=460 \
         BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_min_tiled2048,vlmtune_min,vlmtune_min_tiled1024 ;;
   u2) speed 560 UNSLOTH=1 ONLY=W2 BUDGET_S=480 BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_gc,vlmtune_lean ;;
   d1000) speed 570 ONLY=W1 BUDGET_S=540 BENCH_VARIANTS=plain_gc,vlmtune_default1000 ;;
