@@ -14,6 +14,8 @@
 #             17): vlmtune_gc with expandable segments off, with 256-token chunks, each twice            (~420 s)
 #   fp8w3     issue 21: 40 steps of bf16 and both FP8 scalings on the 7B architecture (the 1.3x speed bar)   (~540 s)
 #   u1c       issue 21: Unsloth beside vlmtune_min, tiled (2,048) and compiled, at Unsloth's memory on W1  (~480 s)
+#   u1prof    issue 21: profiles of W1 vlmtune_min eager and compiled (what limits it at Unsloth's memory: GPU
+#             time by kernel kind, host-bound phases)                                                   (~500 s)
 #   fp8w3c    issue 21: fp8w3 with both arms compiled (FP8 inside the compiled layers), row-wise scales only
 #   mfu       issue 21: W3 without recomputation, eager and compiled (the 35% MFU bar), and the W3 profile
 # Done or kept for repeats:
@@ -25,7 +27,7 @@
 #   fp8       issue 21: FP8 per layer (row-wise vs per-tensor scales), then 300 steps of each (2B, the loss bar)
 #   f8 f7 f7prof f48 f48p f48s checks: issue 17's earlier pairs, profiles and per-switch checks
 set -euo pipefail
-step=${1:?usage: gpu_next.sh STEP (w1alloc u1c u3c q35check f7cprof f8c f7c f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 fp8w3c mfu)}
+step=${1:?usage: gpu_next.sh STEP (w1alloc u1c u1prof u3c q35check f7cprof f8c f7c f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 fp8w3c mfu)}
 OUT=${OUT:-/tmp/vlmtune-next}/$step
 mkdir -p "$OUT"
 speed() {  # speed LIMIT_S ENV...: benchmarks/speed/run.sh under a timeout, results in $OUT
@@ -75,6 +77,8 @@ case $step in
     tail -n 1 "$OUT/dropout_replay.txt"
     speed 540 UNSLOTH=1 ONLY=W3 BUDGET_S=460 \
         BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_min_tiled2048,vlmtune_min,vlmtune_min_tiled1024 ;;
+  u1prof) speed 570 PROFILE="W1:vlmtune_min W1:vlmtune_min_compile" PROFILE_TIMEOUT_S=240
+        tail -n 80 "$OUT/profile.md" 2>/dev/null || true ;;
   u2) speed 560 UNSLOTH=1 ONLY=W2 BUDGET_S=480 BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_gc,vlmtune_lean ;;
   d1000) speed 570 ONLY=W1 BUDGET_S=540 BENCH_VARIANTS=plain_gc,vlmtune_default1000 ;;
   fp8)
@@ -96,5 +100,5 @@ case $step in
     grep -h '"kind": "parity"' "$OUT/train.log" | cut -c1-600 || true ;;
   mfu) speed 570 ONLY=W3 BUDGET_S=380 BENCH_VARIANTS=vlmtune_gc,vlmtune_nogc,vlmtune_nogc_compile \
         PROFILE="W3:vlmtune_nogc" PROFILE_TIMEOUT_S=150 ;;
-  *) echo "unknown step $step (w1alloc u1c u3c q35check f7cprof f8c f7c f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 fp8w3c mfu)" >&2; exit 2 ;;
+  *) echo "unknown step $step (w1alloc u1c u1prof u3c q35check f7cprof f8c f7c f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 fp8w3c mfu)" >&2; exit 2 ;;
 esac
