@@ -152,9 +152,10 @@ def gpu_intervals(events: list[Any]) -> list[tuple[float, float]]:
 
 
 KERNEL_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # attention before matmul: PyTorch's memory-efficient SDPA kernels are CUTLASS ones (`fmha_cutlassF_...`)
+    ("attention (SDPA, flash, varlen)", ("flash", "fmha", "attention", "attn", "sdpa", "cudnn")),
     ("matmul (cuBLAS, CUTLASS, scaled FP8)", ("gemm", "xmma", "cutlass", "cublas", "nvjet", "matmul", "scaled_mm",
                                              "splitk", "gemv")),
-    ("attention (SDPA, flash, varlen)", ("flash", "fmha", "attention", "attn", "sdpa", "cudnn")),
     ("optimizer (foreach / fused AdamW)", ("multi_tensor", "foreach", "adam")),
     ("copies and fills (memcpy, memset)", ("memcpy", "memset")),
     ("inductor (Triton, compiled layers)", ("triton_",)),

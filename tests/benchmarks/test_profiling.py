@@ -46,6 +46,13 @@ def test_kernel_time_is_broken_down_by_kind_per_step():
     ]
     assert kernel_category(events[1].name).startswith("matmul")
     assert kernel_category("some_unknown_kernel") == "other"
+    # the memory-efficient SDPA kernels are CUTLASS kernels, and attention (session 18's W3 profile counted them as
+    # matmuls)
+    assert kernel_category("fmha_cutlassB_bf16_aligned_128x128_k128_sm80(PyTorchMemEffAttention::AttentionBackward"
+                           "Kernel<cutlass::arch::Sm80, cutlass::bfloat16_t, true, false, true, 128, 128, 128, false>)"
+                           ).startswith("attention")
+    assert kernel_category("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_bf16_256x128_32x3_tn_align8>"
+                           ).startswith("matmul")
     rows = {kind.split(" ")[0]: (ms, n) for kind, ms, n in kernel_breakdown(events, steps=2)}
     assert rows == {"matmul": (0.75, 1.0), "attention": (0.15, 0.5), "inductor": (0.05, 0.5),
                     "elementwise": (0.05, 0.5), "optimizer": (0.05, 0.5), "copies": (0.025, 0.5)}
