@@ -20,6 +20,10 @@ memory_allocated says each layer kept (its output included) and its peak above i
 4-D boolean masks a Gemma 3 batch with an image gets, which SDPA turns into a 16-bit bias per call. `--kernels fla`
 lets transformers use flash-linear-attention for Qwen3.5's DeltaNet layers where it is installed; `--kernels torch`
 runs transformers' reference traced by autograd (the plain loop), the default `operator` runs it as vlmtune does.
+`--fused-lora` runs the adapted linears as `vlmtune train` does by default (speed.fused_lora: one autograd function
+each, speed/fused_lora.py) instead of PEFT's modules (the default here, as the results above were counted);
+`--lora-dropout` sets the adapters' dropout (default 0.05). Qwen2.5-VL-7B widths, 709 tokens, dropout 0.05: 280,408
+bytes per token per layer on PEFT's path, 211,288 fused (memory/activations.py `fused_lora_bytes`).
 """
 from __future__ import annotations
 
@@ -112,8 +116,10 @@ def text_model(text_config: dict[str, Any], model_type: str, layers: int) -> Any
     return AutoModel.from_config(cfg, torch_dtype=torch.bfloat16)
 
 
-def add_lora(model: Any, targets: list[str], rank: int = 16, dropout: float = 0.05) -> Any:
-    """PEFT LoRA on the named linear layers, base frozen, adapters fp32 fed the 16-bit input (lora_bf16_compute)."""
+def add_lora(model: Any, targets: list[str], rank: int = 16, dropout: float = 0.05, fused: bool = False) -> Any:
+    """PEFT LoRA on the named linear layers, base frozen, adapters fp32 fed the 16-bit input (lora_bf16_compute).
+    `fused`: each adapted linear runs as vlmtune's fused function (speed.fused_lora, speed/fused_lora.py), which
+    draws its dropout with `native_dropout` itself, so PEFT's `nn.Dropout` modules stay as they are."""
     from peft import LoraConfig, get_peft_model
 
     from vlmtune.speed.lora_compute import lora_compute_in_16bit
@@ -125,11 +131,15 @@ def add_lora(model: Any, targets: list[str], rank: int = 16, dropout: float = 0.
         if "lora_" in n:
             p.data = p.data.float()
     for module in peft.modules():
-        if hasattr(module, "lora_dropout"):
+        if hasattr(module, "lora_dropout") and not fused:
             for key, drop in module.lora_dropout.items():
                 if isinstance(drop, torch.nn.Dropout):
                     module.lora_dropout[key] = FusedDropout(drop.p)
     lora_compute_in_16bit(peft, autocast=True)
+    if fused:
+        from vlmtune.speed.fused_lora import FusedLora, fuse_lora
+
+        assert isinstance(handle := fuse_lora(model, zero_stage=0), FusedLora), handle
     return peft
 
 
@@ -160,17 +170,22 @@ def gemma3_masks(tokens: int, sliding_window: int, image: tuple[int, int] | None
 
 def measure(text_config: dict[str, Any], model_type: str, targets: list[str], layers: int, tokens: int,
             batch: int = 1, mask: bool = False, compiled: bool = False,
-            opaque: tuple[str, ...] = (), mlp_recompute: bool = False) -> list[dict[str, Any]]:
+            opaque: tuple[str, ...] = (), mlp_recompute: bool = False, fused_lora: bool = False,
+            lora_dropout: float = 0.05) -> list[dict[str, Any]]:
     """One forward at these widths; per layer its kind (from config.layer_types) and saved bytes per token. `mask`:
     pass the 4-D masks of a batch with an image (`gemma3_masks`, as Gemma 3 always has) instead of none (causal).
     `compiled`: every layer but the first under torch.compile (inductor), as speed.compile runs them; what the
     compiled graph saves reaches the hooks through its autograd function's save_for_backward. `opaque`: the family's
     linear-attention functions, run as one operator as vlmtune trains them (speed/opaque_delta_rule.py).
-    `mlp_recompute`: speed.mlp_activation_recompute on the layers that run eagerly (speed/gated_mlp.py)."""
+    `mlp_recompute`: speed.mlp_activation_recompute on the layers that run eagerly (speed/gated_mlp.py).
+    `fused_lora`: the adapted linears as vlmtune's fused LoRA function (speed.fused_lora; vlmtune turns it off under
+    speed.compile, so not with `compiled`); False: PEFT's modules. `lora_dropout`: the adapters' dropout."""
 
+    if fused_lora and compiled:
+        raise ValueError("speed.compile turns fused LoRA off (speed/__init__.py apply_speed): measure one or the other")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = text_model(text_config, model_type, layers).to(device)
-    peft = add_lora(model, targets)
+    peft = add_lora(model, targets, dropout=lora_dropout, fused=fused_lora)
     kernels = None
     if opaque:
         from vlmtune.families.linear_attention import reference_kernels
@@ -224,6 +239,10 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="every layer but the first under torch.compile")
     parser.add_argument("--mlp-recompute", action="store_true",
                         help="speed.mlp_activation_recompute on the eager layers (the gated MLP keeps gate and up only)")
+    parser.add_argument("--fused-lora", action="store_true",
+                        help="run the adapted linears as vlmtune's fused LoRA function (speed.fused_lora) instead of "
+                             "PEFT's modules (the default)")
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
     parser.add_argument("--kernels", choices=["operator", "torch", "fla"], default="operator",
                         help="Qwen3.5: operator runs transformers' reference as vlmtune trains it (one operator, "
                              "speed/opaque_delta_rule.py), torch as transformers runs it (traced); both hide "
@@ -245,13 +264,15 @@ def main() -> None:
     targets = architectures()[model_type].lora_targets["all"]
     opaque = family.linear_attention_functions if args.kernels == "operator" else ()
     rows = measure(text, text_type, targets, args.layers, args.tokens, mask=args.mask, compiled=args.compile,
-                   opaque=opaque, mlp_recompute=args.mlp_recompute)
+                   opaque=opaque, mlp_recompute=args.mlp_recompute, fused_lora=args.fused_lora,
+                   lora_dropout=args.lora_dropout)
     for row in rows:
         if not args.tensors:
             row.pop("tensors")
         print(json.dumps({**row, "family": args.family, "arch": args.arch, "tokens": args.tokens,
                           "kernels": args.kernels, "fla_loaded": "fla" in sys.modules, "compiled": args.compile,
-                          "mlp_recompute": args.mlp_recompute,
+                          "mlp_recompute": args.mlp_recompute, "fused_lora": args.fused_lora,
+                          "lora_dropout": args.lora_dropout,
                           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}))
 
 

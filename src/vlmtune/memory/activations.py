@@ -5,7 +5,9 @@ width, kv key/value width, i MLP width; bytes):
 - full fine-tuning (bf16): 20h + 4kv + 8i
 - LoRA with PEFT's fp32 adapters on all seven linears: 28h + 8q + 4kv + 10i; the LoRA part (8h + 8q + 2i) is scaled
   by the share of targeted linear inputs for smaller target sets; lora_dropout > 0 adds 6h + i (plain path, no
-  autocast); under vlmtune's 16-bit autocast: 20h + 4kv + 8i + 2 bytes per adapted linear's input (LORA_AUTOCAST_BYTES)
+  autocast); under vlmtune's 16-bit autocast: 20h + 4kv + 8i + 2 bytes per adapted linear's input (LORA_AUTOCAST_BYTES),
+  and with vlmtune's fused LoRA layers (speed.fused_lora) and dropout less: no masks or dropped copies, each distinct
+  input once instead (`fused_lora_bytes`: 11h + 3q + i less with all seven linears adapted)
 - with gradient checkpointing only the layer input is kept (2h bytes in bf16), plus one layer's activations while it
   is recomputed in backward.
 The base is written 15h + 5q + 4kv + 8i (SDPA's query and output and the o_proj input's dropout are q wide; equal to
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 from vlmtune.memory.catalogue import LayerKind, ModelSpec
 from vlmtune.memory.image_tokens import image_cost, tile_wrapper_tokens
 from vlmtune.memory.inputs import EstimateInputs
-from vlmtune.memory.params import ModelDims, ParamCounts, target_input_widths
+from vlmtune.memory.params import ModelDims, ParamCounts, target_input_widths, target_inputs
 
 TRAINED_VIT_BYTES = 53
 PLAIN = LayerKind()
@@ -49,7 +51,12 @@ way, within 10 MiB). Counted on top of the full fine-tuning layer: the frozen ba
 (autograd keeps an input only for a gradient it computes), the dropout masks (1 byte per element) are saved; the two
 nearly cancel, and 2 bytes per adapted input element on top of 20h + 4kv + 8i matches the no-checkpointing LoRA
 runs of Qwen2-VL-2B and Qwen2.5-VL-7B within 1% per layer (counting masks and base inputs separately gives 30h + 4kv
-+ 9i for Qwen2-VL, 7% under them: something of about 2h + i per token per layer is kept that this count misses)."""
++ 9i for Qwen2-VL, 7% under them: something of about 2h + i per token per layer is kept that this count misses).
+Those runs had PEFT's path or vlmtune's fused LoRA layers as they were before commit ad4f8d3, which kept the same
+tensors; the fused layers now keep less with dropout (`fused_lora_bytes`)."""
+LORA_DROPOUT_MASK_BYTES = 1
+"""Dropout's boolean mask per adapted input element (`torch.native_dropout`), kept by PEFT's path with the dropped
+16-bit copy."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,7 @@ def per_token_layer_bytes(
     h, q, kv = d.hidden, d.q_width, d.kv_width
     out = 15 * h + 5 * q + 4 * kv + mlp_activation_bytes(d, mlp_recomputed)
     out += kind_extra_bytes(kind, d, inputs.seq_len, inputs.linear_attention_kernel)
-    out += lora_input_bytes(inputs, d, *target_input_widths(counts, targets, layer), bf16_adapters)
+    out += lora_bytes(inputs, counts, targets, bf16_adapters, layer, kind)
     if inputs.attn_implementation == "eager" and kind.rule == "attention":
         out += (
             4 * d.heads * inputs.seq_len
@@ -111,9 +118,8 @@ def mlp_bytes_per_token(
     """The part of `per_token_layer_bytes` that the gated MLP of decoder layer `layer` keeps per token: its
     activations and the LoRA inputs of its adapted linears (gate_proj and up_proj read the hidden width, down_proj
     the intermediate width)."""
-    chosen, every = target_input_widths(counts, targets, layer, among=GATED_MLP_LINEARS)
-    return mlp_activation_bytes(counts.dims, mlp_recomputed) + lora_input_bytes(
-        inputs, counts.dims, chosen, every, bf16_adapters)
+    return mlp_activation_bytes(counts.dims, mlp_recomputed) + lora_bytes(
+        inputs, counts, targets, bf16_adapters, layer, among=GATED_MLP_LINEARS)
 
 
 def mlp_activation_bytes(d: ModelDims, recomputed: bool = False) -> int:
@@ -121,13 +127,37 @@ def mlp_activation_bytes(d: ModelDims, recomputed: bool = False) -> int:
     return (6 if recomputed else 8) * d.intermediate
 
 
-def lora_input_bytes(inputs: EstimateInputs, d: ModelDims, chosen: int, every: int, bf16_adapters: bool) -> int:
+def lora_bytes(
+    inputs: EstimateInputs,
+    counts: ParamCounts,
+    targets: list[str],
+    bf16_adapters: bool,
+    layer: int = 0,
+    kind: LayerKind = PLAIN,
+    among: tuple[str, ...] = (),
+) -> int:
+    """`lora_input_bytes` of decoder layer `layer`'s adapted linears (of those named by `among`, when given)."""
+    chosen, every = target_input_widths(counts, targets, layer, among=among)
+    kept = 0
+    if fused_lora_layers(inputs):
+        kept = fused_lora_kept_width(counts, targets, layer, kind, inputs.attn_implementation, among)
+    return lora_input_bytes(inputs, counts.dims, chosen, every, bf16_adapters, kept)
+
+
+def lora_input_bytes(
+    inputs: EstimateInputs, d: ModelDims, chosen: int, every: int, bf16_adapters: bool, kept: int = 0
+) -> int:
     """Bytes per token that LoRA adds for adapted linears whose input widths sum to `chosen`, of `every` (all the
     layer's linears): one 16-bit input copy each under autocast, the measured adapter and dropout terms scaled by
-    the share of inputs on the plain path."""
+    the share of inputs on the plain path. With the fused LoRA layers (`fused_lora_layers`, autocast) and dropout:
+    `fused_lora_bytes(chosen, kept)`, `kept` the widths of the distinct inputs they keep (`fused_lora_kept_width`);
+    without dropout they keep what PEFT's path keeps on the 16-bit input. Runs without autocast (precision fp32)
+    count PEFT's plain path either way (the fused layers there are not measured)."""
     if inputs.method not in ("lora", "qlora"):
         return 0
     if inputs.autocast:
+        if fused_lora_layers(inputs):
+            return fused_lora_bytes(chosen, kept) if inputs.lora_dropout > 0 else 0
         keeps_copy = inputs.lora_dropout > 0 or not (bf16_adapters or inputs.lora_16bit_inputs)
         return LORA_AUTOCAST_BYTES * chosen if keeps_copy else 0
     # the plain path: the 16-bit model run without autocast, fp32 adapters (memory_anchors.md §6.2)
@@ -135,6 +165,55 @@ def lora_input_bytes(inputs: EstimateInputs, d: ModelDims, chosen: int, every: i
     adapter = 0 if bf16_adapters or inputs.lora_16bit_inputs else 8 * h + 8 * q + 2 * i
     dropout = 6 * h + i if inputs.lora_dropout > 0 else 0
     return int((adapter + dropout) * chosen / every)
+
+
+def fused_lora_layers(inputs: EstimateInputs) -> bool:
+    """Whether the adapted linears run as vlmtune's fused LoRA function (speed.fused_lora, speed/fused_lora.py): LoRA
+    and QLoRA, not under ZeRO-3 (`fuse_lora` refuses it) and not with speed.compile, under which training leaves
+    every layer, the eager first one too, on PEFT's path (speed/__init__.py `apply_speed`)."""
+    return (inputs.fused_lora and inputs.method in ("lora", "qlora") and inputs.zero_stage < 3
+            and not inputs.compiled)
+
+
+def fused_lora_bytes(chosen: int, kept: int) -> int:
+    """The LoRA term per token of a layer whose adapted linears (input widths summing to `chosen`) run as the fused
+    function with dropout: PEFT's term (LORA_AUTOCAST_BYTES x chosen, calibrated on runs that kept a dropped 16-bit
+    copy and a 1-byte mask of every adapted input, and none of the inputs themselves) less the copies and masks the
+    function does not keep, 3 x chosen, plus the inputs it keeps in their place, each distinct one once: 2 x `kept`
+    (`fused_lora_kept_width`). So 2 x kept - chosen: with all seven linears of a plain layer adapted, kept = 2h + i
+    (the attention and MLP inputs, down_proj's), chosen = 5h + q + i, and the layer keeps 11h + 3q + i less than on
+    PEFT's path (14h + i where q = h).
+    Counted with benchmarks/saved_activations.py on the CPU (r16 on all linears, dropout 0.05, bf16 autocast, 709
+    tokens, the second of 2 layers; torch 2.13, transformers 5.23, peft 0.21; benchmarks/results/
+    2026-12-07-fused-lora-saved-activations), bytes per token per layer:
+    - Qwen2-VL-2B widths: PEFT 128,024; the fused layers before ad4f8d3 (dropped copy and mask) 128,024; now 97,560
+      (30,464 less, the formula exactly); dropout 0, either path, 97,560 too;
+    - Qwen2.5-VL-7B widths: PEFT 280,408; before 280,408; now 211,288 (69,120 less, the formula exactly); dropout 0
+      211,288.
+    Against those counts plus the GPU's 2h + i (tests/memory/test_layer_kinds.py) the estimate is 2B 109,312 for
+    109,592 (-0.3%), 7B 237,056 for 237,400 (-0.1%); PEFT's 139,776 for 140,056, 306,176 for 306,520. Without dropout
+    it stays i - h - q lower (5.9 / 11.8 kB) though the count is the same: LORA_AUTOCAST_BYTES, which carries the
+    GPU's difference, was calibrated on runs with dropout, and the no-dropout term is 0 on either path."""
+    return LORA_AUTOCAST_BYTES * chosen - ((LORA_AUTOCAST_BYTES + LORA_DROPOUT_MASK_BYTES) * chosen - 2 * kept)
+
+
+def fused_lora_kept_width(
+    counts: ParamCounts,
+    targets: list[str],
+    layer: int,
+    kind: LayerKind = PLAIN,
+    attn_implementation: str = "sdpa",
+    among: tuple[str, ...] = (),
+) -> int:
+    """Input widths the fused LoRA layers of decoder layer `layer` keep for backward with dropout: the distinct tensors
+    their adapted linears read (params.target_inputs: q/k/v_proj share the attention input, gate/up_proj the MLP
+    input), less o_proj's in a plain attention layer: there it reads SDPA's (or flash attention's) output, which the
+    attention keeps for its own backward (transformers' transpose and reshape are views of it; counted on the CPU
+    with and without Gemma 3's masks), but not behind an output gate (Qwen3.5: the gated product is o_proj's own)
+    nor with eager attention (a copy). Qwen3.5's DeltaNet out_proj and every down_proj read a tensor of their own."""
+    attention_keeps_it = kind.rule == "attention" and not kind.output_gate and attn_implementation != "eager"
+    return sum(width for key, width in target_inputs(counts, targets, layer, among).items()
+               if not (attention_keeps_it and key.endswith(".o_proj")))
 
 
 def kind_extra_bytes(kind: LayerKind, d: ModelDims, seq_len: int, linear_kernel: str = "torch") -> int:

@@ -87,6 +87,12 @@ class EstimateInputs:
     """speed.mlp_activation_recompute: the eagerly run decoder layers' gated MLP keeps 6i bytes per token instead of
     8i (speed/gated_mlp.py), where the architecture's MLP is the gated one (Architecture.gated_mlp). Off for inputs
     built by hand (the measured runs before 2026-12-07 session 17 had autograd's MLP); a config maps its setting."""
+    fused_lora: bool = False
+    """speed.fused_lora: the adapted linears run as vlmtune's fused LoRA function (speed/fused_lora.py), which with
+    dropout keeps each distinct input once instead of PEFT's dropped copy and mask per linear (memory/activations.py
+    `fused_lora_bytes`). Counted for LoRA / QLoRA under autocast without ZeRO-3 or `compiled` (`fused_lora_layers`).
+    Off for inputs built by hand (PEFT's path, and what the fused layers kept before commit ad4f8d3: the measured runs);
+    a config maps its setting."""
     mlp_chunk_tokens: int = 0
     """speed.mlp_chunk_tokens (0: off): the checkpointed decoder layers' gated MLP keeps only its input and runs its
     backward this many tokens at a time (speed/tiled_mlp.py), so a recomputed layer holds its MLP's activations and
@@ -240,6 +246,7 @@ def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInput
         # what training sets in this environment (train/gpu_memory.py); the estimate's target is a CUDA GPU
         mlp_activation_recompute=config.speed.mlp_activation_recompute,
         mlp_chunk_tokens=config.speed.mlp_chunk_tokens,
+        fused_lora=config.speed.fused_lora,
         fp8_base=fp8_planned(config),
         linear_attention_kernel=linear_attention_kernel(not config.hardware.use_cpu),
         expandable=resolve_allocator(config.hardware.expandable_segments, not config.hardware.use_cpu,

@@ -247,6 +247,30 @@ def adapted_base_shapes(counts: ParamCounts, targets: list[str]) -> list[tuple[i
     ]
 
 
+OWN_INPUT_LINEARS = ("o_proj", "out_proj", "down_proj", "c_proj")
+"""Leaf names of the linears that read a tensor made inside their block: the attention's output (o_proj; Qwen-VL's
+attn.c_proj), the DeltaNet mixer's gated norm (out_proj), the gated MLP's product (down_proj; Qwen-VL's mlp.c_proj).
+Every other linear reads its block's input, one tensor for the siblings of the same input width (q/k/v_proj,
+gate/up_proj, Qwen3.5's in_proj_qkv/z/b/a, Qwen-VL's w1/w2)."""
+
+
+def target_inputs(
+    counts: ParamCounts, targets: list[str], layer: int = 0, among: tuple[str, ...] = ()
+) -> dict[str, int]:
+    """The distinct tensors the targeted linears of decoder layer `layer` read, each once, with its width: keyed by
+    the linear's name for one that reads its own (OWN_INPUT_LINEARS), else by its block and input width (linears
+    that read one input share it). `among` as in `target_input_widths`."""
+    out: dict[str, int] = {}
+    for lin in counts.linears:
+        if lin.part != "language" or f".{layer}." not in f".{lin.name}." or not _matches(lin.name, targets):
+            continue
+        if among and not _matches(lin.name, among):
+            continue
+        block, leaf = lin.name.rsplit(".", 1) if "." in lin.name else ("", lin.name)
+        out[lin.name if leaf in OWN_INPUT_LINEARS else f"{block}:{lin.in_features}"] = lin.in_features
+    return out
+
+
 def target_input_widths(
     counts: ParamCounts, targets: list[str], layer: int = 0, among: tuple[str, ...] = ()
 ) -> tuple[int, int]:
