@@ -17,9 +17,10 @@ checkpointing replays dropout. Layers that read one input (q/k/v_proj, gate/up_p
 them instead of a dropped copy and a 1-byte mask each, and o_proj keeps SDPA's output, which attention keeps anyway:
 with dropout the layer keeps what it keeps without dropout. Counted on the CPU (benchmarks/saved_activations.py
 --fused-lora): Qwen2.5-VL-7B 280,408 -> 211,288 bytes per token per decoder layer, Qwen2-VL-2B 128,024 -> 97,560
-(11h + 3q + i). PEFT's modules, parameters and state dict stay as they are: saving, loading and merging work as before, and any call the function does not cover (adapters disabled or merged, several
-or non-default adapters, DoRA and other variants, a bias on lora_B, extra arguments) runs PEFT's own forward. A base layer other than
-a plain 16-bit `nn.Linear` (a 4-bit QLoRA layer) runs as it is and only the adapter part is fused.
+(11h + 3q + i). PEFT's modules, parameters and state dict stay as they are: saving, loading and merging work as
+before, and any call the function does not cover (adapters disabled or merged, several or non-default adapters, DoRA
+and other variants, a bias on lora_B, extra arguments) runs PEFT's own forward. A base layer other than a plain
+16-bit `nn.Linear` (a 4-bit QLoRA layer) runs as it is and only the adapter part is fused.
 
 Not under DeepSpeed ZeRO-3: its hooks gather each module's parameters when that module is called, and the function
 does not call `lora_A` / `lora_B`.
