@@ -188,6 +188,7 @@ def run(
     from vlmtune.speed.loss_hook import install_chunked_loss, unwrap_peft
     from vlmtune.speed.packed_attention import packed_attention
     from vlmtune.speed.span_layers import span_layers
+    from vlmtune.speed.tiled_mlp import tile_mlps
     from vlmtune.speed.varlen_attention import varlen_attention
 
     family = get_family(family_name)
@@ -254,6 +255,8 @@ def run(
                 lambda: recompute_mlp_activations(unwrap_peft(model), family.language_layers_prefix)),
         measure("mlp_activation_recompute, GC on",
                 lambda: recompute_mlp_activations(unwrap_peft(model), family.language_layers_prefix), gc=1, ref_gc=1),
+        measure("mlp_chunk_tokens=64 (GC on: the checkpointed layers' MLP in chunks in backward)",
+                lambda: tile_mlps(unwrap_peft(model), family.language_layers_prefix, 64), gc=1, ref_gc=1),
         skipped("positions_in_collator (M-RoPE ids from the collator)", no_mrope) if no_mrope else measure(
             "positions_in_collator (M-RoPE ids from the collator)", None, batch=Collator(pad, rope_index=rope)(samples)
         ),

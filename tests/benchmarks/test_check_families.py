@@ -25,6 +25,7 @@ def test_check_passes_on_the_family(tiny_model_dir, tmp_path, family):
     names = _by_name(lines)
     packing = [line for name, line in names.items() if name.startswith("packing")]
     assert any(line["ok"] for line in packing)  # every one of these families packs
+    assert names["mlp_chunk_tokens=64 (GC on: the checkpointed layers' MLP in chunks in backward)"]["ok"]
     mrope = names["positions_in_collator (M-RoPE ids from the collator)"]
     assert (mrope["ok"] is None) == (family in ("gemma3", "smolvlm"))
     if family == "gemma3":
