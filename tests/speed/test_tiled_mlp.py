@@ -285,3 +285,37 @@ def test_apply_speed_installs_it_where_it_applies(tiny_model_dir):
     setup.remove()
     default = VlmtuneConfig.model_validate({"model": {"name_or_path": "x"}})
     assert default.speed.mlp_chunk_tokens == 0  # off unless asked for
+
+
+def test_backward_chunks_run_under_the_forwards_autocast(tiny_model_dir):
+    """Under bf16 autocast (as the Trainer runs) the chunks recomputed in backward run under autocast too (their
+    matmuls in bf16, as in the forward), and the gradients match plain checkpointing's to bf16's precision."""
+    from speed_helpers import assert_same
+
+    model, layers = _model(tiny_model_dir, "qwen2_5_vl")
+    _checkpointed(model)
+    batch = _text_batch(model)
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.zero_grad(set_to_none=True)
+            loss = model(**batch, use_cache=False).loss
+        loss.backward()  # outside the context, as the Trainer's backward
+        return loss.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    reference = run()
+    mlps = [m for _, m in gated_mlps(list(layers))]
+    seen: list[tuple[bool, bool]] = []  # (grad enabled, autocast on) at each chunk's call
+    for mlp in mlps:
+        inner = mlp.forward
+
+        def recorded(x, inner=inner):
+            seen.append((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu")))
+            return inner(x)
+
+        mlp.forward = recorded
+    tile_mlps(model, f"base_model.model.{get_family('qwen2_5_vl').language_layers_prefix}", chunk=16)
+    tiled = run()
+    backward_calls = [autocast for grad, autocast in seen if grad]
+    assert backward_calls and all(backward_calls)  # every chunk recomputed in backward ran under autocast
+    assert_same(reference, tiled, rel=1e-2, cosine=0.99, total_cosine=0.999)
