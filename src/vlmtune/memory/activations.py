@@ -194,7 +194,8 @@ def fused_lora_bytes(chosen: int, kept: int) -> int:
     109,592 (-0.3%), 7B 237,056 for 237,400 (-0.1%); PEFT's 139,776 for 140,056, 306,176 for 306,520. Without dropout
     it stays i - h - q lower (5.9 / 11.8 kB) though the count is the same: LORA_AUTOCAST_BYTES, which carries the
     GPU's difference, was calibrated on runs with dropout, and the no-dropout term is 0 on either path."""
-    return LORA_AUTOCAST_BYTES * chosen - ((LORA_AUTOCAST_BYTES + LORA_DROPOUT_MASK_BYTES) * chosen - 2 * kept)
+    # PEFT's 2 x chosen, less its copies and masks (2 + 1) x chosen, plus each kept 16-bit input (2 x kept)
+    return 2 * kept - LORA_DROPOUT_MASK_BYTES * chosen
 
 
 def fused_lora_kept_width(
@@ -293,7 +294,7 @@ def layer_bytes_per_token(
     first = {}
     for index, kind in enumerate(kinds):
         first.setdefault(kind, index)
-    recomputed = inputs.mlp_activation_recompute and spec.arch.gated_mlp
+    recomputed = mlp_recomputed(inputs, spec)
     sizes = {k: per_token_layer_bytes(inputs, counts, targets, bf16_adapters, k, i, recomputed)
              for k, i in first.items()}
     if not compiled_layers(inputs):
@@ -303,6 +304,11 @@ def layer_bytes_per_token(
     plain = sizes if not recomputed else {
         k: per_token_layer_bytes(inputs, counts, targets, bf16_adapters, k, i) for k, i in first.items()}
     return [plain[k] - compiled_saving(k, counts.dims) if index else sizes[k] for index, k in enumerate(kinds)]
+
+
+def mlp_recomputed(inputs: EstimateInputs, spec: ModelSpec) -> bool:
+    """Whether the eager layers' gated MLP recomputes its activation (speed.mlp_activation_recompute, gated_mlp)."""
+    return inputs.mlp_activation_recompute and spec.arch.gated_mlp
 
 
 def compiled_layers(inputs: EstimateInputs) -> bool:
@@ -350,7 +356,7 @@ def recompute_working(
     if not any(tiled):
         return max(per_layer) * tokens + residual + act_bytes * tokens * d.intermediate
     chunk = min(inputs.mlp_chunk_tokens, tokens)
-    recomputed = inputs.mlp_activation_recompute and spec.arch.gated_mlp
+    recomputed = mlp_recomputed(inputs, spec)
     kinds = decoder_layer_kinds(spec, d)
     mlp: dict[LayerKind, int] = {}
     for index, kind in enumerate(kinds):
