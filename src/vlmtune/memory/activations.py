@@ -454,7 +454,7 @@ def activation_terms(
         working = recompute_working(inputs, spec, counts, targets, bf16_adapters, per_layer, act_bytes)
         if any(tiled_layers(inputs, spec, d.layers)):
             notes.append(f"speed.mlp_chunk_tokens ({inputs.mlp_chunk_tokens}): the recomputed layers' MLP in chunks "
-                         "is modelled, not yet measured on a GPU")
+                         "is measured on one model only (Qwen2.5-VL-7B LoRA, within 0.3%)")
         vision = 0 if inputs.vision_no_grad and not trained_vit else (
             d.vision_depth * act_bytes * patches * d.vision_width)
     else:

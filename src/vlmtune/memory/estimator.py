@@ -293,8 +293,6 @@ def _caveats(inputs: EstimateInputs) -> list[str]:
     if inputs.num_gpus > 2:
         out.append("DeepSpeed/DDP terms are measured on one H100 and two H200s (within 5% there); NCCL buffers and "
                    "ZeRO-3 gathers on more GPUs are modelled, not measured (benchmarks/RESULTS.md)")
-    if inputs.gradient_checkpointing and inputs.checkpoint_offload:
-        out.append("speed.checkpoint_offload is modelled, not yet measured")
     if inputs.expandable and inputs.zero_stage == 0 and inputs.method == "full":
         out.append("the allocator's overhead with expandable segments (hardware.expandable_segments, on by default) "
                    "is fitted on vlmtune's LoRA and QLoRA runs; with full fine-tuning it is not yet measured")
