@@ -6,19 +6,24 @@
 # carrying [".whl", ".whl-unsloth", ".clean"] (.whl: bitsandbytes + pydantic; no flash-linear-attention: it cannot
 # train under torch 2.11's Triton 3.6 on Hopper, RESULTS.md session 14). Steps, in the order to run them
 # (session 17 ran q35check, u1, u3, u2, d1000, fp8 with row scales; fp8w3 failed before its fix, e15e86c; session 18
-# ran u3c with 512-token MLP chunks, f7c, f8c, on an H200):
-#   u3c       issue 21: the fused LoRA's redrawn dropout masks on CUDA (benchmarks/dropout_replay_check.py), then
-#             Unsloth beside vlmtune_min (now keeping no dropout masks) and with the MLP in 2,048-token chunks
-#             (session 18: 1.31x at 0.06 GiB under Unsloth, Unsloth two calls earlier): the W3 bar in one call (~500 s)
-#   w1alloc   issue 21: why W1's defaults stepped at 0.45 s against 0.28 s with 256-token loss chunks (session
-#             17): vlmtune_gc with expandable segments off, with 256-token chunks, each twice            (~420 s)
-#   fp8w3     issue 21: 40 steps of bf16 and both FP8 scalings on the 7B architecture (the 1.3x speed bar)   (~540 s)
-#   u1c       issue 21: Unsloth beside vlmtune_min, tiled (2,048) and compiled, at Unsloth's memory on W1  (~480 s)
+# ran u3c with 512-token MLP chunks, f7c, f8c, on an H200; session 19 ran u3c, u1c, mfu, fp8w3c and two W3 repeats, on
+# an H100):
+#   u1v       issue 21: W1 at Unsloth's memory with the vision blocks compiled too (speed.compile_vision) and layer 0's
+#             MLP in 2,048-token chunks (session 19: vlmtune_min_compile 1.30x Unsloth, 0.10 GiB over)      (~480 s)
+#   mfuv      issue 21: W3 without recomputation, compiled, with and without the vision blocks compiled, and both
+#             profiles (session 19: 31.0% MFU at the median step compiled; the eager tower 17% of kernel time) (~500 s)
+#   u3v       issue 21: W3 at Unsloth's memory, compiled, with and without the vision blocks (the spread of the W3 bar:
+#             1.30x, 1.33x, 1.23x in session 19's three calls)                                           (~420 s)
+#   fp8w3     issue 21: 40 steps of bf16 and both FP8 scalings on the 7B architecture, eager (fp8w3c, compiled:
+#             1.16x in session 19)                                                                       (~540 s)
 #   u1prof    issue 21: profiles of W1 vlmtune_min eager and compiled (what limits it at Unsloth's memory: GPU
 #             time by kernel kind, host-bound phases)                                                   (~500 s)
-#   fp8w3c    issue 21: fp8w3 with both arms compiled (FP8 inside the compiled layers), row-wise scales only
-#   mfu       issue 21: W3 without recomputation, eager and compiled (the 35% MFU bar), and the W3 profile
+#   w1alloc   issue 21: why W1's defaults stepped at 0.45 s against 0.28 s with 256-token loss chunks (session
+#             17): vlmtune_gc with expandable segments off, with 256-token chunks, each twice            (~420 s)
+#   then repeats of u2 / d1000 for the spread
 # Done or kept for repeats:
+#   u3c u1c mfu fp8w3c  issue 21 (session 19: W3 1.30x Unsloth at less memory; W1 0.94x eager; MFU 27.1% / 31.0%;
+#             FP8 compiled 1.16x with the loss +0.31% after 40 steps)
 #   f7c f8c   issue 17: F7 / F8 eager and compiled with the own delta rule (session 18: 1.75x / 1.88x, 2.08x / 2.70x)
 #   f7cprof   issue 17: profiles of F7 eager and compiled (compiled was slower in session 16; no longer, session 18)
 #   q35check  issue 17: the per-switch GPU check on Qwen3.5-9B's widths, 8 decoder layers (passed, session 17)
@@ -27,7 +32,7 @@
 #   fp8       issue 21: FP8 per layer (row-wise vs per-tensor scales), then 300 steps of each (2B, the loss bar)
 #   f8 f7 f7prof f48 f48p f48s checks: issue 17's earlier pairs, profiles and per-switch checks
 set -euo pipefail
-step=${1:?usage: gpu_next.sh STEP (w1alloc u1c u1prof u3c q35check f7cprof f8c f7c f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 fp8w3c mfu)}
+step=${1:?usage: gpu_next.sh STEP (u1v mfuv u3v w1alloc u1c u1prof u3c q35check f7cprof f8c f7c f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 fp8w3c mfu)}
 OUT=${OUT:-/tmp/vlmtune-next}/$step
 mkdir -p "$OUT"
 speed() {  # speed LIMIT_S ENV...: benchmarks/speed/run.sh under a timeout, results in $OUT
@@ -77,6 +82,13 @@ case $step in
     tail -n 1 "$OUT/dropout_replay.txt"
     speed 540 UNSLOTH=1 ONLY=W3 BUDGET_S=460 \
         BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_min_tiled2048,vlmtune_min,vlmtune_min_tiled1024 ;;
+  u1v) speed 560 UNSLOTH=1 ONLY=W1 BUDGET_S=480 BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_min_compile,\
+vlmtune_min_compile_vision,vlmtune_min_compile_vision_tiled2048,vlmtune_min_compile_tiled2048 ;;
+  mfuv) speed 575 ONLY=W3 BUDGET_S=300 BENCH_VARIANTS=vlmtune_nogc_compile,vlmtune_nogc_compile_vision \
+        PROFILE="W3:vlmtune_nogc_compile_vision W3:vlmtune_nogc_compile" PROFILE_TIMEOUT_S=130
+        tail -n 40 "$OUT/profile.md" 2>/dev/null || true ;;
+  u3v) speed 500 UNSLOTH=1 ONLY=W3 BUDGET_S=420 \
+        BENCH_VARIANTS=unsloth_gc,vlmtune_min_tiled2048,vlmtune_min_compile_vision_tiled2048,vlmtune_min_compile_tiled2048 ;;
   u1prof) speed 570 PROFILE="W1:vlmtune_min W1:vlmtune_min_compile" PROFILE_TIMEOUT_S=240
         tail -n 80 "$OUT/profile.md" 2>/dev/null || true ;;
   u2) speed 560 UNSLOTH=1 ONLY=W2 BUDGET_S=480 BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_gc,vlmtune_lean ;;
@@ -100,5 +112,5 @@ case $step in
     grep -h '"kind": "parity"' "$OUT/train.log" | cut -c1-600 || true ;;
   mfu) speed 570 ONLY=W3 BUDGET_S=380 BENCH_VARIANTS=vlmtune_gc,vlmtune_nogc,vlmtune_nogc_compile \
         PROFILE="W3:vlmtune_nogc" PROFILE_TIMEOUT_S=150 ;;
-  *) echo "unknown step $step (w1alloc u1c u1prof u3c q35check f7cprof f8c f7c f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 fp8w3c mfu)" >&2; exit 2 ;;
+  *) echo "unknown step $step (u1v mfuv u3v w1alloc u1c u1prof u3c q35check f7cprof f8c f7c f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 fp8w3c mfu)" >&2; exit 2 ;;
 esac

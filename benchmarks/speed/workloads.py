@@ -189,6 +189,20 @@ TILED = (
 speed/tiled_mlp.py): at Unsloth's memory the peak is a recomputed layer's backward, mostly its MLP's intermediate-
 width tensors (W3: 0.11 GiB over Unsloth's reserved in session 17, vlmtune_min at 1.57x its speed)."""
 
+VISION = {"speed.compile": True, "speed.compile_vision": True}
+COMPILED_VISION = (
+    replace(MIN_VARIANT, name="vlmtune_min_compile_vision", overrides={**MIN_VARIANT.overrides, **VISION}, warmup=5),
+    replace(MIN_VARIANT, name="vlmtune_min_compile_tiled2048",
+            overrides={**MIN_VARIANT.overrides, "speed.compile": True, "speed.mlp_chunk_tokens": 2048}, warmup=5),
+    replace(MIN_VARIANT, name="vlmtune_min_compile_vision_tiled2048",
+            overrides={**MIN_VARIANT.overrides, **VISION, "speed.mlp_chunk_tokens": 2048}, warmup=5),
+    Variant("vlmtune_nogc_compile_vision", "vlmtune", False, VISION, warmup=6),
+)
+"""speed.compile with the frozen vision tower's blocks compiled too (speed.compile_vision; session 19's W3 profile: the
+eager tower's forward was 17% of the step's kernel time for under 3% of its FLOPs), at Unsloth's memory (vlmtune_min,
+W1: compiled it ran at 1.30x Unsloth but 0.10 GiB over, from layer 0's eager recomputation, which the 2,048-token
+MLP chunks take down) and without checkpointing (W3's MFU)."""
+
 NOEXPANDABLE = Variant("vlmtune_gc_noexpandable", "vlmtune", True, {"hardware.expandable_segments": False})
 """vlmtune's defaults with every layer checkpointed and the allocator's expandable segments off (on by default since
 session 12): W1 and the family pairs, where speeds moved after that default changed."""
@@ -228,6 +242,7 @@ W1 = Workload(
         MIN_VARIANT,
         *AT_UNSLOTH_COMPILED,
         *TILED,
+        *COMPILED_VISION,
         # session 17: vlmtune_gc (defaults, every layer checkpointed: 1,024-token loss chunks, expandable segments on)
         # stepped in 0.45 s against vlmtune_lowmem's 0.28 s in the same call, whose only other differences are
         # 256-token chunks; 11,054 tokens/s in session 12 before expandable segments were the default. Each apart:
@@ -372,6 +387,7 @@ WORKLOADS: dict[str, Workload] = {
                 MIN_VARIANT,
                 *AT_UNSLOTH_COMPILED,
                 *TILED,
+                *COMPILED_VISION,
                 Variant("vlmtune_gc2", "vlmtune", True, FAST),
                 Variant("liger_gc", "liger", True),
                 Variant("vlmtune_gc_compile", "vlmtune", True, {"speed.compile": True}, warmup=6),

@@ -376,6 +376,11 @@ class SpeedConfig(_Strict):
     """With speed.compile: torch.compile's mode. reduce-overhead replays each compiled layer as a CUDA graph,
     re-recorded for each new sequence length. Measured on an H100 (W1 without checkpointing): slower than the default
     mode (14.3k vs 15.9k tokens/s at the median step), and it fails with gradient checkpointing."""
+    compile_vision: bool = False
+    """With speed.compile: also compile each block of a frozen vision tower (forward only, under no_grad; blocks that
+    train stay eager). The tower is otherwise eager: on W3 (Qwen2.5-VL-7B, 4 images of 448 px a step) its forward was
+    17% of the step's GPU kernel time for under 3% of its FLOPs (benchmarks/RESULTS.md session 19). Off until measured
+    on a GPU; about one more compilation per block kind at the start."""
     fp8: bool | Literal["auto"] = "auto"
     """LoRA: the frozen base linear layers run their forward and input-gradient matmuls in FP8 (e4m3 weights,
     activations and gradients, scaled per row from their absolute maximum, torch._scaled_mm writing bf16), inside the

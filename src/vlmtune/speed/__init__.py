@@ -138,6 +138,12 @@ def apply_speed(
             log.info("speed: %s", compiled.reason)
             if compiled.auto:
                 setup.handles.append(FallBackToEager())
+        if speed.compile_vision:
+            from vlmtune.speed.compile_vision import compile_vision
+
+            setup.add("compile_vision", compile_vision(unwrap_peft(model), family.vision_prefixes, mode=mode))
+    elif speed.compile_vision:
+        setup.skipped["compile_vision"] = "speed.compile is off (the vision blocks compile with the decoder layers)"
     own_masks = family.packed_row_attention == "family_mask"
     spans = speed.packing and speed.packed_attention == "spans" and not own_masks
     if speed.packing:
