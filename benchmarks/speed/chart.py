@@ -73,7 +73,7 @@ def render(blocks: list[tuple[str, list[Bar]]], out: Path) -> Path:
             draw.text((right + 6, y + 4), f"{bar.ratio:.2f}x   {memory}", fill="black")
             y += ROW
         draw.line((one, y - ROW * len(found), one, y), fill=(200, 0, 0))
-    draw.text((10, height - 22), "grey: plain transformers + PEFT, orange: the same with Liger kernels, blue: vlmtune; "
+    draw.text((10, height - 22), "grey: plain transformers + PEFT, orange: the same with Liger kernels, blue: vlmtune, green: Unsloth; "
               "red line: 1.0x", fill="black")
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
