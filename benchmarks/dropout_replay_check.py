@@ -58,6 +58,24 @@ def check(tokens: int, hidden: int, out: int, rank: int, p: float, device: str, 
     return problems
 
 
+def hash_check(tokens: int, hidden: int, p: float, device: str) -> list[str]:
+    """speed.hash_dropout's mask (speed/hash_dropout.py) compiled by inductor (Triton on CUDA) against eager: the
+    same integer arithmetic, so the same mask bit for bit, and a keep rate of 1 - p."""
+    from vlmtune.speed.hash_dropout import keep_mask
+
+    seed = torch.tensor(987654321, device=device)
+    shape = torch.Size([tokens, hidden])
+    eager = keep_mask(shape, seed, p, torch.device(device))
+    compiled = torch.compile(keep_mask)(shape, seed, p, torch.device(device))
+    problems = []
+    if not torch.equal(eager, compiled):
+        problems.append(f"hash mask: compiled differs from eager in {(eager != compiled).sum().item()} elements")
+    rate = eager.float().mean().item()
+    if abs(rate - (1 - p)) > 0.002:
+        problems.append(f"hash mask keeps {rate:.4f}, not {1 - p:.4f}")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=4 * 767)
@@ -65,12 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=int, default=3584)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--p", type=float, default=0.05)
+    parser.add_argument("--hash", action="store_true", help="also speed.hash_dropout's mask, compiled against eager")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     problems = check(args.tokens, args.hidden, args.out, args.rank, args.p, device, dtype)
     print(("FAIL " + "; ".join(problems)) if problems else f"PASS redrawn dropout masks ({device}, {dtype})")
-    return 1 if problems else 0
+    hashed = hash_check(args.tokens, args.hidden, args.p, device) if args.hash else []
+    if args.hash:
+        print(("FAIL " + "; ".join(hashed)) if hashed else f"PASS hashed dropout masks, compiled = eager ({device})")
+    return 1 if problems or hashed else 0
 
 
 if __name__ == "__main__":

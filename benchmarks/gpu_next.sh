@@ -8,12 +8,14 @@
 # (session 17 ran q35check, u1, u3, u2, d1000, fp8 with row scales; fp8w3 failed before its fix, e15e86c; session 18
 # ran u3c with 512-token MLP chunks, f7c, f8c, on an H200; session 19 ran u3c, u1c, mfu, fp8w3c and two W3 repeats, on
 # an H100):
-#   u1v       issue 21: W1 at Unsloth's memory with the vision blocks compiled too (speed.compile_vision) and layer 0's
-#             MLP in 2,048-token chunks (session 19: vlmtune_min_compile 1.30x Unsloth, 0.10 GiB over)      (~480 s)
+#   u1v       issue 21: W1 at Unsloth's memory, compiled: plain, with the vision blocks compiled
+#             (speed.compile_vision), with hashed dropout (speed.hash_dropout) and layer 0's MLP in 2,048-token chunks,
+#             and both; first the CUDA checks of the dropout masks (session 19: compiled 1.30x Unsloth, 0.10 GiB over)
+#             (~500 s)
 #   mfuv      issue 21: W3 without recomputation, compiled, with and without the vision blocks compiled, and both
 #             profiles (session 19: 31.0% MFU at the median step compiled; the eager tower 17% of kernel time) (~500 s)
-#   u3v       issue 21: W3 at Unsloth's memory, compiled, with and without the vision blocks (the spread of the W3 bar:
-#             1.30x, 1.33x, 1.23x in session 19's three calls)                                           (~420 s)
+#   u3v       issue 21: the W3 bar again, beside the compiled variant with everything (session 19: 1.30x, 1.33x,
+#             1.23x in three calls)                                                                      (~420 s)
 #   fp8w3     issue 21: 40 steps of bf16 and both FP8 scalings on the 7B architecture, eager (fp8w3c, compiled:
 #             1.16x in session 19)                                                                       (~540 s)
 #   u1prof    issue 21: profiles of W1 vlmtune_min eager and compiled (what limits it at Unsloth's memory: GPU
@@ -82,13 +84,17 @@ case $step in
     tail -n 1 "$OUT/dropout_replay.txt"
     speed 540 UNSLOTH=1 ONLY=W3 BUDGET_S=460 \
         BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_min_tiled2048,vlmtune_min,vlmtune_min_tiled1024 ;;
-  u1v) speed 560 UNSLOTH=1 ONLY=W1 BUDGET_S=480 BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_min_compile,\
-vlmtune_min_compile_vision,vlmtune_min_compile_vision_tiled2048,vlmtune_min_compile_tiled2048 ;;
+  u1v)  # the fused LoRA's redrawn masks and the hashed masks compiled by inductor on CUDA (seconds), then the round
+    (source benchmarks/gpu_env.sh && timeout 90 python3 -m benchmarks.dropout_replay_check --hash) \
+      >"$OUT/dropout_checks.txt" 2>&1 || echo "dropout checks: exit $?"
+    tail -n 2 "$OUT/dropout_checks.txt"
+    speed 490 UNSLOTH=1 ONLY=W1 BUDGET_S=420 BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_min_compile,\
+vlmtune_min_compile_hash_tiled2048,vlmtune_min_compile_vision_hash_tiled2048,vlmtune_min_compile_vision ;;
   mfuv) speed 575 ONLY=W3 BUDGET_S=300 BENCH_VARIANTS=vlmtune_nogc_compile,vlmtune_nogc_compile_vision \
         PROFILE="W3:vlmtune_nogc_compile_vision W3:vlmtune_nogc_compile" PROFILE_TIMEOUT_S=130
         tail -n 40 "$OUT/profile.md" 2>/dev/null || true ;;
   u3v) speed 500 UNSLOTH=1 ONLY=W3 BUDGET_S=420 \
-        BENCH_VARIANTS=unsloth_gc,vlmtune_min_tiled2048,vlmtune_min_compile_vision_tiled2048,vlmtune_min_compile_tiled2048 ;;
+        BENCH_VARIANTS=unsloth_gc,vlmtune_min_tiled2048,vlmtune_min_compile_vision_hash_tiled2048 ;;
   u1prof) speed 570 PROFILE="W1:vlmtune_min W1:vlmtune_min_compile" PROFILE_TIMEOUT_S=240
         tail -n 80 "$OUT/profile.md" 2>/dev/null || true ;;
   u2) speed 560 UNSLOTH=1 ONLY=W2 BUDGET_S=480 BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_gc,vlmtune_lean ;;

@@ -143,13 +143,12 @@ def add_lora(model: Any, targets: list[str], rank: int = 16, dropout: float = 0.
     return peft
 
 
-class FusedDropout(torch.nn.Module):
+class FusedDropout(torch.nn.Dropout):
     """CUDA's dropout (`native_dropout`: a boolean mask saved, 1 byte per element). On the CPU `F.dropout` multiplies
     by a noise tensor of the input's dtype instead (2 bytes per element in bf16), which a GPU run never saves."""
 
     def __init__(self, p: float):
-        super().__init__()
-        self.p = p
+        super().__init__(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.native_dropout(x, self.p, self.training)[0]
@@ -171,7 +170,7 @@ def gemma3_masks(tokens: int, sliding_window: int, image: tuple[int, int] | None
 def measure(text_config: dict[str, Any], model_type: str, targets: list[str], layers: int, tokens: int,
             batch: int = 1, mask: bool = False, compiled: bool = False,
             opaque: tuple[str, ...] = (), mlp_recompute: bool = False, fused_lora: bool = False,
-            lora_dropout: float = 0.05) -> list[dict[str, Any]]:
+            lora_dropout: float = 0.05, hash_dropout: bool = False) -> list[dict[str, Any]]:
     """One forward at these widths; per layer its kind (from config.layer_types) and saved bytes per token. `mask`:
     pass the 4-D masks of a batch with an image (`gemma3_masks`, as Gemma 3 always has) instead of none (causal).
     `compiled`: every layer but the first under torch.compile (inductor), as speed.compile runs them; what the
@@ -179,7 +178,9 @@ def measure(text_config: dict[str, Any], model_type: str, targets: list[str], la
     linear-attention functions, run as one operator as vlmtune trains them (speed/opaque_delta_rule.py).
     `mlp_recompute`: speed.mlp_activation_recompute on the layers that run eagerly (speed/gated_mlp.py).
     `fused_lora`: the adapted linears as vlmtune's fused LoRA function (speed.fused_lora; vlmtune turns it off under
-    speed.compile, so not with `compiled`); False: PEFT's modules. `lora_dropout`: the adapters' dropout."""
+    speed.compile, so not with `compiled`); False: PEFT's modules. `lora_dropout`: the adapters' dropout.
+    `hash_dropout`: with `compiled`, the compiled layers' adapters draw hashed masks (speed/hash_dropout.py), as
+    speed.compile runs them."""
 
     if fused_lora and compiled:
         raise ValueError("speed.compile turns fused LoRA off (speed/__init__.py apply_speed): measure one or the other")
@@ -197,6 +198,11 @@ def measure(text_config: dict[str, Any], model_type: str, targets: list[str], la
 
         installed = recompute_mlp_activations(model, "layers", eager_layers=1 if compiled else None)
         assert not isinstance(installed, str), installed
+    if compiled and hash_dropout:
+        from vlmtune.speed.hash_dropout import hash_lora_dropout
+
+        hashed = hash_lora_dropout(list(model.layers)[1:])
+        assert not isinstance(hashed, str), hashed
     if compiled:
         for layer in list(model.layers)[1:]:  # speed/compile_layers.py: the first layer stays eager
             layer.compile(backend="inductor")
@@ -243,6 +249,9 @@ def main() -> None:
                         help="run the adapted linears as vlmtune's fused LoRA function (speed.fused_lora) instead of "
                              "PEFT's modules (the default)")
     parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
+    parser.add_argument("--hash-dropout", action="store_true",
+                        help="with --compile: the compiled layers' adapters draw hashed dropout masks "
+                             "(speed/hash_dropout.py), as speed.compile runs them")
     parser.add_argument("--kernels", choices=["operator", "torch", "fla"], default="operator",
                         help="Qwen3.5: operator runs transformers' reference as vlmtune trains it (one operator, "
                              "speed/opaque_delta_rule.py), torch as transformers runs it (traced); both hide "
@@ -265,14 +274,14 @@ def main() -> None:
     opaque = family.linear_attention_functions if args.kernels == "operator" else ()
     rows = measure(text, text_type, targets, args.layers, args.tokens, mask=args.mask, compiled=args.compile,
                    opaque=opaque, mlp_recompute=args.mlp_recompute, fused_lora=args.fused_lora,
-                   lora_dropout=args.lora_dropout)
+                   lora_dropout=args.lora_dropout, hash_dropout=args.hash_dropout)
     for row in rows:
         if not args.tensors:
             row.pop("tensors")
         print(json.dumps({**row, "family": args.family, "arch": args.arch, "tokens": args.tokens,
                           "kernels": args.kernels, "fla_loaded": "fla" in sys.modules, "compiled": args.compile,
                           "mlp_recompute": args.mlp_recompute, "fused_lora": args.fused_lora,
-                          "lora_dropout": args.lora_dropout,
+                          "lora_dropout": args.lora_dropout, "hash_dropout": args.hash_dropout,
                           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}))
 
 

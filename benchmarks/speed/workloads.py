@@ -190,18 +190,22 @@ speed/tiled_mlp.py): at Unsloth's memory the peak is a recomputed layer's backwa
 width tensors (W3: 0.11 GiB over Unsloth's reserved in session 17, vlmtune_min at 1.57x its speed)."""
 
 VISION = {"speed.compile": True, "speed.compile_vision": True}
+HASH_TILED = {"speed.compile": True, "speed.hash_dropout": True, "speed.mlp_chunk_tokens": 2048}
 COMPILED_VISION = (
     replace(MIN_VARIANT, name="vlmtune_min_compile_vision", overrides={**MIN_VARIANT.overrides, **VISION}, warmup=5),
-    replace(MIN_VARIANT, name="vlmtune_min_compile_tiled2048",
-            overrides={**MIN_VARIANT.overrides, "speed.compile": True, "speed.mlp_chunk_tokens": 2048}, warmup=5),
-    replace(MIN_VARIANT, name="vlmtune_min_compile_vision_tiled2048",
-            overrides={**MIN_VARIANT.overrides, **VISION, "speed.mlp_chunk_tokens": 2048}, warmup=5),
+    replace(MIN_VARIANT, name="vlmtune_min_compile_hash_tiled2048",
+            overrides={**MIN_VARIANT.overrides, **HASH_TILED}, warmup=5),
+    replace(MIN_VARIANT, name="vlmtune_min_compile_vision_hash_tiled2048",
+            overrides={**MIN_VARIANT.overrides, **HASH_TILED, **VISION}, warmup=5),
     Variant("vlmtune_nogc_compile_vision", "vlmtune", False, VISION, warmup=6),
 )
-"""speed.compile with the frozen vision tower's blocks compiled too (speed.compile_vision; session 19's W3 profile: the
-eager tower's forward was 17% of the step's kernel time for under 3% of its FLOPs), at Unsloth's memory (vlmtune_min,
-W1: compiled it ran at 1.30x Unsloth but 0.10 GiB over, from layer 0's eager recomputation, which the 2,048-token
-MLP chunks take down) and without checkpointing (W3's MFU)."""
+"""vlmtune_min compiled at Unsloth's memory (session 19, W1: 1.30x Unsloth's tokens/s but 0.10 GiB over: the eager first
+layer ran PEFT's adapters and the compiled ones kept a dropout mask per linear). Since then the first layer runs the
+fused LoRA function under speed.compile; `_hash_tiled2048` adds speed.hash_dropout (the compiled layers keep no masks,
+54 kB per token and 2B layer less, CPU count) and the first layer's MLP in 2,048-token chunks: estimated 4.72 GiB
+allocated on W1 against vlmtune_min's 4.80 (measured 4.98, 5.05 reserved). `_vision`: speed.compile_vision, the frozen
+vision tower's blocks compiled too (session 19's W3 profile: the eager tower's forward was 17% of the step's kernel time
+for under 3% of its FLOPs); `vlmtune_nogc_compile_vision` for W3's MFU."""
 
 NOEXPANDABLE = Variant("vlmtune_gc_noexpandable", "vlmtune", True, {"hardware.expandable_segments": False})
 """vlmtune's defaults with every layer checkpointed and the allocator's expandable segments off (on by default since

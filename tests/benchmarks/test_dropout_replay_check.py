@@ -22,3 +22,20 @@ def test_fails_when_backward_draws_another_mask(monkeypatch, capsys):
     assert dropout_replay_check.main(["--tokens", "64", "--hidden", "32", "--out", "16", "--rank", "4",
                                       "--p", "0.3"]) == 1
     assert capsys.readouterr().out.startswith("FAIL")
+
+
+def test_the_hash_check_compares_compiled_with_eager(monkeypatch, capsys):
+    """--hash: the hashed mask through torch.compile against eager (here dynamo with the eager backend: the CPU check
+    needs no C compiler; the GPU run compiles it with inductor), and it fails when the two differ."""
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn: real(fn, backend="eager"))
+    args = ["--tokens", "256", "--hidden", "512", "--out", "16", "--rank", "4", "--hash"]
+    assert dropout_replay_check.main(args) == 0
+    assert "PASS hashed dropout masks" in capsys.readouterr().out
+
+    def flipped(fn):
+        return lambda shape, seed, p, device: ~fn(shape, seed, p, device)
+
+    monkeypatch.setattr(torch, "compile", flipped)
+    assert dropout_replay_check.main(args) == 1
+    assert "hash mask: compiled differs" in capsys.readouterr().out

@@ -142,7 +142,7 @@ def test_apply_speed_under_auto(monkeypatch, tiny_model_dir):
     compiled = apply_speed(model, config, family, steps=5000)
     try:
         assert "compile" in compiled.active and "compile" not in compiled.skipped
-        assert "torch.compile" in compiled.skipped["fused_lora"]
+        assert "fused_lora" in compiled.active  # on the eager first layer (the compiled ones run PEFT's modules)
         layers = unwrap_peft(model).get_submodule(family.language_layers_prefix)
         # every layer but the first, whose input alone does not require grad here (dynamo would compile it apart)
         assert layers[0]._compiled_call_impl is None

@@ -205,7 +205,7 @@ def test_apply_speed_installs_it_under_compile_and_removes_it(tiny_model_dir, ca
         setup = apply_speed(model, config, get_family("qwen2_vl"))
     bases = [m.base_layer for m in model.modules() if isinstance(m, LoraLinear)]
     try:
-        assert {"fp8", "compile"} <= set(setup.active) and "fused_lora" not in setup.active
+        assert {"fp8", "compile", "fused_lora"} <= set(setup.active)  # fused: the eager first layer only
         assert any("inside the compiled decoder layers" in r.getMessage() for r in caplog.records)
         assert bases and all("forward" in b.__dict__ for b in bases)
         assert all(b._vlmtune_fp8_scale.dim() == (2 if rowwise else 0) for b in bases)

@@ -173,7 +173,8 @@ def test_files_unchanged_and_not_under_zero3(tiny_model_dir, tmp_path):
 
 
 def test_apply_speed_switch(tiny_model_dir):
-    """On by default for LoRA; off with speed.compile (which fuses the ops itself), saying why."""
+    """On by default for LoRA; with speed.compile only on the layers that stay eager (the first decoder layer): the
+    compiled ones keep PEFT's modules, which inductor fuses itself."""
     from vlmtune.config.schema import VlmtuneConfig
     from vlmtune.families import get_family
     from vlmtune.speed import apply_speed
@@ -186,8 +187,14 @@ def test_apply_speed_switch(tiny_model_dir):
     setup.remove()
     assert all("forward" not in m.__dict__ for m in model.modules() if hasattr(m, "lora_A"))
     setup = apply_speed(model, VlmtuneConfig.model_validate({**base, "speed": {"compile": True}}), family)
-    assert "torch.compile" in setup.skipped["fused_lora"]
-    setup.remove()
+    try:
+        assert "fused_lora" in setup.active
+        layers = list(model.base_model.model.get_submodule(family.language_layers_prefix))
+        fused = lambda layer: [m for m in layer.modules() if hasattr(m, "lora_A") and "forward" in m.__dict__]  # noqa: E731
+        assert len(fused(layers[0])) == 7 and not any(fused(layer) for layer in layers[1:])
+    finally:
+        setup.remove()
+        torch._dynamo.reset()
 
 
 def test_cuda_graphs_with_checkpointing_refused():
@@ -246,3 +253,30 @@ def test_dropout_mask_drawn_again_in_backward_keeps_the_input_not_a_copy():
     assert len(inputs) == 3 and len({t.untyped_storage().data_ptr() for t in inputs}) == 1
     assert inputs[0].untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
     assert len(storages) == 1 + 3 + 3 + 3 * 2  # x, three h, three weights, three (a, b)
+
+
+def test_a_base_layer_with_its_own_forward_is_called(tiny_model_dir):
+    """A base linear whose forward was patched (speed.fp8 under speed.compile patches every base layer's forward; the
+    eager first layer's stay fused) runs that forward instead of the fused function's own base matmul."""
+    from vlmtune.speed.fused_lora import fuse_lora
+
+    model = lora_model(tiny_model_dir("qwen2_vl"), "qwen2_vl")
+    layer = next(m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+    base = layer.base_layer
+    calls = []
+    original = base.forward
+
+    def patched(x):
+        calls.append(1)
+        return original(x)
+
+    base.forward = patched
+    handle = fuse_lora(model.base_model.model, zero_stage=0)
+    try:
+        x = torch.randn(2, 3, base.in_features, requires_grad=True)
+        y = layer(x)
+        y.sum().backward()
+        assert calls == [1] and x.grad is not None
+        assert layer.lora_A["default"].weight.grad is not None
+    finally:
+        handle.remove()

@@ -381,6 +381,12 @@ class SpeedConfig(_Strict):
     train stay eager). The tower is otherwise eager: on W3 (Qwen2.5-VL-7B, 4 images of 448 px a step) its forward was
     17% of the step's GPU kernel time for under 3% of its FLOPs (benchmarks/RESULTS.md session 19). Off until measured
     on a GPU; about one more compilation per block kind at the start."""
+    hash_dropout: bool = False
+    """With speed.compile and LoRA dropout: the adapters of the compiled decoder layers draw their dropout mask from
+    a hash of each element's index and a per-call seed (speed/hash_dropout.py), inside a checkpointed region, so
+    backward computes the mask and the dropped input again instead of keeping them. Counted on the CPU: Qwen2-VL-2B's
+    compiled layer keeps 49,272 bytes per token instead of 103,736 with PyTorch's dropout. The masks are not
+    PyTorch's random stream (a compiled run never matched an eager one draw for draw). Off until measured on a GPU."""
     fp8: bool | Literal["auto"] = "auto"
     """LoRA: the frozen base linear layers run their forward and input-gradient matmuls in FP8 (e4m3 weights,
     activations and gradients, scaled per row from their absolute maximum, torch._scaled_mm writing bf16), inside the

@@ -29,7 +29,7 @@ tokens instead of the micro-batch (`recompute_working`; modelled, not measured).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from vlmtune.memory.catalogue import LayerKind, ModelSpec
 from vlmtune.memory.image_tokens import image_cost, tile_wrapper_tokens
@@ -168,11 +168,10 @@ def lora_input_bytes(
 
 
 def fused_lora_layers(inputs: EstimateInputs) -> bool:
-    """Whether the adapted linears run as vlmtune's fused LoRA function (speed.fused_lora, speed/fused_lora.py): LoRA
-    and QLoRA, not under ZeRO-3 (`fuse_lora` refuses it) and not with speed.compile, under which training leaves
-    every layer, the eager first one too, on PEFT's path (speed/__init__.py `apply_speed`)."""
-    return (inputs.fused_lora and inputs.method in ("lora", "qlora") and inputs.zero_stage < 3
-            and not inputs.compiled)
+    """Whether the eagerly run layers' adapted linears run as vlmtune's fused LoRA function (speed.fused_lora,
+    speed/fused_lora.py): LoRA and QLoRA, not under ZeRO-3 (`fuse_lora` refuses it). With speed.compile that is the
+    first decoder layer only; the compiled layers run PEFT's path (`layer_bytes_per_token`; speed/__init__.py)."""
+    return inputs.fused_lora and inputs.method in ("lora", "qlora") and inputs.zero_stage < 3
 
 
 def fused_lora_bytes(chosen: int, kept: int) -> int:
@@ -301,9 +300,28 @@ def layer_bytes_per_token(
         return [sizes[k] for k in kinds]
     # speed.compile leaves the first layer eager (speed/compile_layers.py); the compiled ones keep autograd's MLP for
     # inductor, which recomputes the activation itself (compiled_saving's 2i)
-    plain = sizes if not recomputed else {
-        k: per_token_layer_bytes(inputs, counts, targets, bf16_adapters, k, i) for k, i in first.items()}
-    return [plain[k] - compiled_saving(k, counts.dims) if index else sizes[k] for index, k in enumerate(kinds)]
+    # (the compiled layers' adapters run PEFT's path: the fused function is not traced, speed/__init__.py)
+    hashed = hashed_dropout_layers(inputs)
+    compiled_inputs = replace(inputs, fused_lora=False, lora_dropout=0.0 if hashed else inputs.lora_dropout)
+    plain = {k: per_token_layer_bytes(compiled_inputs, counts, targets, bf16_adapters, k, i) for k, i in first.items()}
+    less = {k: compiled_saving(k, counts.dims) + (hash_dropout_saving(counts.dims) if hashed else 0) for k in first}
+    return [plain[k] - less[k] if index else sizes[k] for index, k in enumerate(kinds)]
+
+
+def hashed_dropout_layers(inputs: EstimateInputs) -> bool:
+    """Whether the compiled layers' LoRA dropout draws hashed masks in checkpointed regions (speed.hash_dropout)."""
+    return inputs.hash_dropout and inputs.lora_dropout > 0 and compiled_layers(inputs)
+
+
+def hash_dropout_saving(d: ModelDims) -> int:
+    """Bytes per token a compiled decoder layer keeps less with speed.hash_dropout than the same compiled layer
+    without any dropout: 2i + 4h. Its adapters' dropout runs as a checkpointed region (speed/hash_dropout.py), so the
+    partitioner computes the adapters' inputs again in backward (the normed hidden states, the MLP's product) instead
+    of keeping them, and keeps no mask. Counted with benchmarks/saved_activations.py --compile on the CPU (256
+    tokens, r16 on all linears): Qwen2-VL-2B 73,272 without dropout -> 49,272 with it (24,000; formula 24,064; with
+    PyTorch's dropout 103,736), Qwen2.5-VL-7B 159,064 -> 106,968 (52,096; formula 52,224). Other layer kinds (Gemma 3's
+    sandwich norms, Qwen3.5's DeltaNet layers) take the same formula, not counted separately."""
+    return 2 * d.intermediate + 4 * d.hidden
 
 
 def mlp_recomputed(inputs: EstimateInputs, spec: ModelSpec) -> bool:

@@ -93,6 +93,9 @@ class EstimateInputs:
     `fused_lora_bytes`). Counted for LoRA / QLoRA under autocast without ZeRO-3 or `compiled` (`fused_lora_layers`).
     Off for inputs built by hand (PEFT's path, and what the fused layers kept before commit ad4f8d3: the measured runs);
     a config maps its setting."""
+    hash_dropout: bool = False
+    """speed.hash_dropout: with `compiled` and LoRA dropout, the compiled layers draw hashed dropout masks in
+    checkpointed regions and keep `hash_dropout_saving` less (memory/activations.py)."""
     mlp_chunk_tokens: int = 0
     """speed.mlp_chunk_tokens (0: off): the checkpointed decoder layers' gated MLP keeps only its input and runs its
     backward this many tokens at a time (speed/tiled_mlp.py), so a recomputed layer holds its MLP's activations and
@@ -246,6 +249,7 @@ def inputs_from_config(config: VlmtuneConfig, **overrides: Any) -> EstimateInput
         # what training sets in this environment (train/gpu_memory.py); the estimate's target is a CUDA GPU
         mlp_activation_recompute=config.speed.mlp_activation_recompute,
         mlp_chunk_tokens=config.speed.mlp_chunk_tokens,
+        hash_dropout=config.speed.hash_dropout,
         fused_lora=config.speed.fused_lora,
         fp8_base=fp8_planned(config),
         linear_attention_kernel=linear_attention_kernel(not config.hardware.use_cpu),

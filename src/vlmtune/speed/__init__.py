@@ -106,13 +106,10 @@ def apply_speed(
     if speed.fused_lora and config.method.name.value != "full":
         from vlmtune.speed.fused_lora import fuse_lora
 
-        fused = (
-            "speed.compile is on: torch.compile fuses the adapters' ops itself (and cannot trace the fused function's "
-            "shared copies)"
-            if compiled.on
-            else fuse_lora(unwrap_peft(model), zero_plan(config, world).stage)
-        )
-        fused = setup.add("fused_lora", fused)
+        # under speed.compile only the layers that stay eager (the first decoder layer, anything outside the decoder
+        # layers): dynamo does not trace the fused function's shared copies, and inductor fuses the compiled ones' ops
+        leave = tuple(_compiled_decoder_layers(model, family)) if compiled.on else ()
+        fused = setup.add("fused_lora", fuse_lora(unwrap_peft(model), zero_plan(config, world).stage, leave))
         if fp8.on and not compiled.on:
             _install_fp8(setup, fused, fp8)
     if speed.mlp_activation_recompute:  # eager layers only: compiled ones get the same from inductor
@@ -122,6 +119,8 @@ def apply_speed(
             unwrap_peft(model), family.language_layers_prefix, eager_layers=1 if compiled.on else None))
     if speed.mlp_chunk_tokens:  # after mlp_activation_recompute: each chunk runs the MLP's forward as installed
         setup.add("mlp_chunk_tokens", _tiled_mlps(model, config, family, world, deepspeed, compiled.on))
+    if speed.hash_dropout:
+        setup.add("hash_dropout", _hash_dropout(model, config, family, compiled.on))
     if fp8.on and compiled.on:  # before the layers are compiled: dynamo traces the base layers' FP8 forward
         _install_fp8(setup, None, fp8, compiled_in=model, zero_stage=zero_plan(config, world).stage)
     if fp8.auto and not fp8.on:
@@ -171,6 +170,30 @@ def apply_speed(
         "speed: %s%s", ", ".join(setup.active) or "nothing switched on", f" ({skipped})" if skipped else ""
     )
     return setup
+
+
+def _compiled_decoder_layers(model: nn.Module, family: FamilyDescriptor) -> list[nn.Module]:
+    """The decoder layers speed.compile compiles: all but the first (speed/compile_layers.py)."""
+    from torch import nn
+
+    from vlmtune.speed.loss_hook import unwrap_peft
+
+    try:
+        layers = unwrap_peft(model).get_submodule(family.language_layers_prefix)
+    except AttributeError:
+        return []
+    return list(layers)[1:] if isinstance(layers, nn.ModuleList) else []
+
+
+def _hash_dropout(model: nn.Module, config: VlmtuneConfig, family: FamilyDescriptor, compiled: bool) -> Any:
+    """speed.hash_dropout on the compiled decoder layers (all but the first), or why not."""
+    from vlmtune.speed.hash_dropout import hash_lora_dropout
+
+    if not compiled:
+        return "speed.compile is off (eager layers run the fused LoRA function, which keeps no masks either)"
+    if config.method.name.value == "full":
+        return "full fine-tuning has no LoRA dropout"
+    return hash_lora_dropout(_compiled_decoder_layers(model, family))
 
 
 def _linear_attention(setup: SpeedSetup, family: FamilyDescriptor, device: str) -> None:

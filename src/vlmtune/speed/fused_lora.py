@@ -231,7 +231,7 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) 
     a_master, b_master = _a(self).weight, _b(self).weight
     scale = float(self.scaling[ADAPTER])
     if type(base) is nn.Linear and base.weight.dtype == dtype and not base.weight.requires_grad and not (
-        base._forward_hooks or base._forward_pre_hooks
+        base._forward_hooks or base._forward_pre_hooks or "forward" in vars(base)  # a patched forward (FP8) runs
     ):
         bias = base.bias
         if bias is not None and (bias.requires_grad or bias.dtype != dtype):
@@ -268,19 +268,23 @@ class FusedLora:
         self.layers = []
 
 
-def fuse_lora(model: nn.Module, zero_stage: int) -> FusedLora | str:
-    """Patch every PEFT LoRA Linear of `model` (the inner model the PEFT wrapper holds); the handle or why not."""
+def fuse_lora(model: nn.Module, zero_stage: int, leave: tuple[nn.Module, ...] = ()) -> FusedLora | str:
+    """Patch every PEFT LoRA Linear of `model` (the inner model the PEFT wrapper holds) but those inside `leave` (the
+    decoder layers speed.compile compiles: dynamo does not trace the function's shared copies); the handle or why
+    not."""
     if zero_stage >= 3:
         return "DeepSpeed ZeRO-3 gathers each module's parameters when it is called; the fused layer calls none"
     try:
         from peft.tuners.lora.layer import Linear as LoraLinear
     except ImportError:  # pragma: no cover - peft is a core dependency
         return "peft is not installed"
+    left = {id(m) for block in leave for m in block.modules()}
     layers = [
-        m for m in model.modules() if isinstance(m, LoraLinear) and ADAPTER in getattr(m, "lora_A", {})
+        m for m in model.modules()
+        if isinstance(m, LoraLinear) and ADAPTER in getattr(m, "lora_A", {}) and id(m) not in left
     ]
     if not layers:
-        return "the model has no LoRA linear layers"
+        return "the model has no LoRA linear layers" + (" outside the compiled layers" if leave else "")
     copies = _Copies(layers)
     for layer in layers:
         layer._vlmtune_peft_forward = layer.forward
