@@ -59,3 +59,17 @@ def assert_same(reference: tuple, other: tuple, rel: float = 1e-5, cosine: float
         b = torch.cat([grads_b[n].flatten().double() for n in grads_a])
         total = torch.nn.functional.cosine_similarity(a, b, dim=0)
         assert total >= total_cosine, total.item()
+
+
+def eager_then_installed(model: torch.nn.Module, batch: dict, install) -> tuple[tuple, tuple]:
+    """Loss and gradients with the same seed before and after `install()` (which returns a handle with `remove()`,
+    or a string saying why it could not); the handle is removed afterwards."""
+    torch.manual_seed(0)
+    reference = loss_and_grads(model, batch)
+    handle = install()
+    assert not isinstance(handle, str), handle
+    try:
+        torch.manual_seed(0)
+        return reference, loss_and_grads(model, batch)
+    finally:
+        handle.remove()

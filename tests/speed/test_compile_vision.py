@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from speed_helpers import assert_same, lora_model, loss_and_grads
+from speed_helpers import assert_same, eager_then_installed, lora_model
 
 from vlmtune.data.collate import Collator
 from vlmtune.families import all_families
@@ -30,9 +30,35 @@ def _batch(tiny_model_dir, varied_jsonl, family):
     return {**Collator(processor.tokenizer.pad_token_id)(samples), "use_cache": False}
 
 
+def _eager_and_compiled(model, inner, family, batch):
+    """Loss and gradients eagerly, then with the vision blocks compiled through a counting backend (dynamo's graphs
+    run as traced: no inductor, no C compiler); also the graphs made and how often one ran."""
+    from vlmtune.speed.compile_vision import compile_vision
+
+    calls: list[int] = []
+    graphs: list = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+
+        def run(*args):
+            calls.append(1)
+            return gm.forward(*args)
+
+        return run
+
+    torch._dynamo.reset()
+    try:
+        reference, compiled = eager_then_installed(
+            model, batch, lambda: compile_vision(inner, family.vision_prefixes, backend=counting))
+    finally:
+        torch._dynamo.reset()
+    return reference, compiled, graphs, calls
+
+
 def _check_family(tiny_model_dir, varied_jsonl, family_name):
     from vlmtune.families import get_family
-    from vlmtune.speed.compile_vision import compile_vision, vision_blocks
+    from vlmtune.speed.compile_vision import vision_blocks
     from vlmtune.speed.frozen_vision import vision_without_grad
     from vlmtune.speed.loss_hook import unwrap_peft
 
@@ -46,32 +72,10 @@ def _check_family(tiny_model_dir, varied_jsonl, family_name):
         assert {type(b).__name__ for b in blocks} == {EXPECTED_LISTS[family_name]}
     no_grad = vision_without_grad(inner, family.vision_prefixes)
     assert not isinstance(no_grad, str), no_grad
-    calls: list[int] = []
-    graphs: list = []
-
-    def counting(gm, example_inputs):  # dynamo's graphs, run as traced (no inductor: no C compiler needed)
-        graphs.append(gm)
-
-        def run(*args):
-            calls.append(1)
-            return gm.forward(*args)
-
-        return run
-
-    torch._dynamo.reset()
     try:
-        torch.manual_seed(0)
-        reference = loss_and_grads(model, batch)
-        handle = compile_vision(inner, family.vision_prefixes, backend=counting)
-        assert not isinstance(handle, str), handle
-        try:
-            torch.manual_seed(0)
-            compiled = loss_and_grads(model, batch)
-        finally:
-            handle.remove()
+        reference, compiled, graphs, calls = _eager_and_compiled(model, inner, family, batch)
     finally:
         no_grad.remove()
-        torch._dynamo.reset()
     # every block ran a traced graph (no fallback to eager), and blocks of one kind shared few graphs
     assert len(calls) >= len(blocks), (len(calls), len(blocks))
     assert 1 <= len(graphs) <= 4, len(graphs)
@@ -184,7 +188,6 @@ def test_with_the_varlen_attention_each_block_is_one_graph(tiny_model_dir, varie
     full attention), and the eager loss and gradients."""
     from vlmtune.families import get_family
     from vlmtune.speed import varlen_attention as varlen
-    from vlmtune.speed.compile_vision import compile_vision
     from vlmtune.speed.frozen_vision import vision_without_grad
     from vlmtune.speed.loss_hook import unwrap_peft
 
@@ -197,33 +200,12 @@ def test_with_the_varlen_attention_each_block_is_one_graph(tiny_model_dir, varie
     installed = varlen.varlen_attention(inner, family, "cpu", packed=False, require_kernel=False)
     assert not isinstance(installed, str), installed
     no_grad = vision_without_grad(inner, family.vision_prefixes)
-    calls: list[int] = []
-    graphs: list = []
-
-    def counting(gm, example_inputs):
-        graphs.append(gm)
-
-        def run(*args):
-            calls.append(1)
-            return gm.forward(*args)
-
-        return run
-
     tower = inner.get_submodule(family.vision_prefixes[0])
-    torch._dynamo.reset()
     try:
-        torch.manual_seed(0)
-        reference = loss_and_grads(model, batch)
-        handle = compile_vision(inner, family.vision_prefixes, backend=counting)
-        try:
-            torch.manual_seed(0)
-            compiled = loss_and_grads(model, batch)
-        finally:
-            handle.remove()
+        reference, compiled, graphs, calls = _eager_and_compiled(model, inner, family, batch)
     finally:
         no_grad.remove()
         installed.remove()
-        torch._dynamo.reset()
     assert len(calls) == len(tower.blocks)  # no graph breaks: one graph call per block
     assert 1 <= len(graphs) <= 2, len(graphs)  # window blocks and full-attention blocks may differ in shapes
     assert_same(reference, compiled, rel=1e-5, cosine=0.9999)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from speed_helpers import assert_same, lora_model, loss_and_grads
+from speed_helpers import assert_same, eager_then_installed, lora_model, loss_and_grads
 from torch import nn
 
 from vlmtune.speed.hash_dropout import HashDropout, hash_dropout, hash_lora_dropout, keep_mask
@@ -116,17 +116,10 @@ def test_compiled_layers_with_hashed_dropout_train_as_eager_ones(tiny_model_dir,
     assert isinstance(hashed, HashDropout)
     torch._dynamo.reset()
     try:
-        torch.manual_seed(0)
-        reference = loss_and_grads(model, batch)
         torch.manual_seed(1)
         other_seed = loss_and_grads(model, batch)
-        compiled = compile_layers(inner, family.language_layers_prefix, backend="aot_eager")
-        assert not isinstance(compiled, str), compiled
-        try:
-            torch.manual_seed(0)
-            result = loss_and_grads(model, batch)
-        finally:
-            compiled.remove()
+        reference, result = eager_then_installed(
+            model, batch, lambda: compile_layers(inner, family.language_layers_prefix, backend="aot_eager"))
     finally:
         hashed.remove()
         torch._dynamo.reset()
