@@ -155,3 +155,33 @@ def test_engine_installs_it_on_the_compiled_layers_only(tiny_model_dir):
     finally:
         torch._dynamo.reset()
     assert VlmtuneConfig.model_validate({"model": {"name_or_path": "x"}}).speed.hash_dropout is False
+
+
+def test_checkpointed_layers_recompute_the_same_masks(tiny_model_dir, varied_jsonl):
+    """With gradient checkpointing (vlmtune_min checkpoints every layer) the recomputation draws the seeds again from
+    the generator state checkpointing restores: the same masks, so the loss and gradients of the same layers without
+    checkpointing, eager and compiled."""
+    from test_compile_vision import _batch
+
+    from vlmtune.families import get_family
+    from vlmtune.speed.compile_layers import compile_layers
+    from vlmtune.speed.loss_hook import unwrap_peft
+
+    family = get_family("qwen2_vl")
+    batch = _batch(tiny_model_dir, varied_jsonl, family)
+    model = lora_model(tiny_model_dir("qwen2_vl"), "qwen2_vl", lora_dropout=0.2)
+    inner = unwrap_peft(model)
+    hashed = hash_lora_dropout(list(inner.get_submodule(family.language_layers_prefix))[1:])
+    torch._dynamo.reset()
+    try:
+        torch.manual_seed(0)
+        plain = loss_and_grads(model, batch)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        reference, compiled = eager_then_installed(
+            model, batch, lambda: compile_layers(inner, family.language_layers_prefix, backend="aot_eager"))
+    finally:
+        model.gradient_checkpointing_disable()
+        hashed.remove()
+        torch._dynamo.reset()
+    assert_same(plain, reference, rel=1e-5, cosine=0.9999)
+    assert_same(plain, compiled, rel=1e-5, cosine=0.9999)
