@@ -3,6 +3,8 @@ blocks that train stay eager; the engine records it and says why not where it do
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from speed_helpers import assert_same, eager_then_installed, lora_model
@@ -92,6 +94,10 @@ def test_compiled_vision_blocks_give_the_eager_loss_and_grads(tiny_model_dir, va
     "family_name", sorted(f.name for f in all_families() if f.name not in ("qwen2_5_vl", "gemma3"))
 )
 def test_compiled_vision_blocks_every_family(tiny_model_dir, varied_jsonl, family_name):
+    """The other ten families: run by scripts/families.sh (VLMTUNE_ALL_FAMILIES=1); CI keeps Qwen2.5-VL and Gemma 3
+    (Qwen and SigLIP towers) and the varlen case below."""
+    if not os.environ.get("VLMTUNE_ALL_FAMILIES"):
+        pytest.skip("run by scripts/families.sh (VLMTUNE_ALL_FAMILIES=1)")
     _check_family(tiny_model_dir, varied_jsonl, family_name)
 
 
