@@ -332,7 +332,8 @@ class SpeedConfig(_Strict):
     copies refreshed once per model call. With LoRA dropout it keeps the layer's input and the random generator's
     state instead of the dropped copy and its mask, and draws the mask again in backward: layers reading one input
     share it (Qwen2.5-VL-7B: 69 kB per token per decoder layer less, counted on the CPU; the memory estimate counts
-    it). Same PEFT modules and files. Not under ZeRO-3, nor with speed.compile."""
+    it). Same PEFT modules and files. Not under ZeRO-3; with speed.compile only in the layers that stay eager (the
+    first decoder layer): the compiled ones run PEFT's modules, fused by inductor."""
     mlp_activation_recompute: bool = True
     """The decoder layers' gated MLP (`down_proj(act_fn(gate_proj(x)) * up_proj(x))`) keeps the gate and up projections
     for backward and recomputes `act_fn(gate)` there instead of keeping it: 2 bytes per intermediate-width element per
