@@ -90,7 +90,8 @@ class EstimateInputs:
     fused_lora: bool = False
     """speed.fused_lora: the adapted linears run as vlmtune's fused LoRA function (speed/fused_lora.py), which with
     dropout keeps each distinct input once instead of PEFT's dropped copy and mask per linear (memory/activations.py
-    `fused_lora_bytes`). Counted for LoRA / QLoRA under autocast without ZeRO-3 or `compiled` (`fused_lora_layers`).
+    `fused_lora_bytes`). Counted for LoRA / QLoRA under autocast without ZeRO-3, in the eager layers only (with
+    `compiled`, the first) (`fused_lora_layers`).
     Off for inputs built by hand (PEFT's path, and what the fused layers kept before commit ad4f8d3: the measured runs);
     a config maps its setting."""
     hash_dropout: bool = False

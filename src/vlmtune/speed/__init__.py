@@ -173,16 +173,12 @@ def apply_speed(
 
 
 def _compiled_decoder_layers(model: nn.Module, family: FamilyDescriptor) -> list[nn.Module]:
-    """The decoder layers speed.compile compiles: all but the first (speed/compile_layers.py)."""
-    from torch import nn
-
+    """The decoder layers speed.compile compiles ([] where it compiles none)."""
+    from vlmtune.speed.compile_layers import compiled_decoder_layers
     from vlmtune.speed.loss_hook import unwrap_peft
 
-    try:
-        layers = unwrap_peft(model).get_submodule(family.language_layers_prefix)
-    except AttributeError:
-        return []
-    return list(layers)[1:] if isinstance(layers, nn.ModuleList) else []
+    layers = compiled_decoder_layers(unwrap_peft(model), family.language_layers_prefix)
+    return [] if isinstance(layers, str) else layers
 
 
 def _hash_dropout(model: nn.Module, config: VlmtuneConfig, family: FamilyDescriptor, compiled: bool) -> Any:

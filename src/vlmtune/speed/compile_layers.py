@@ -37,10 +37,16 @@ def compile_layers(
     its ~100 kernels, for launch-bound steps; None: the default).
     A new sequence length recompiles once with dynamic shapes (torch's default). Compiling dynamic from the first
     step (`dynamic=True`) was slower on the H100: its first step did not finish in 150 s."""
+    layers = compiled_decoder_layers(hf_model, layers_prefix)
+    return layers if isinstance(layers, str) else CompiledLayers(layers, backend, mode)
+
+
+def compiled_decoder_layers(hf_model: nn.Module, layers_prefix: str) -> list[nn.Module] | str:
+    """The decoder layers speed.compile compiles (all but the first), or why there are none."""
     try:
         layers = hf_model.get_submodule(layers_prefix)
     except AttributeError:
         return f"no decoder layers at {layers_prefix}"
     if not isinstance(layers, nn.ModuleList) or len(layers) < 2:
         return f"{layers_prefix} is not a list of two or more decoder layers"
-    return CompiledLayers(list(layers)[1:], backend, mode)
+    return list(layers)[1:]

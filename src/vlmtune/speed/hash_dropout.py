@@ -6,8 +6,8 @@ draws its mask from the random generator. AOTAutograd's partitioner never recomp
 layer keeps one 1-byte mask per adapted linear (seven per decoder layer) and the dropped copies some adapters' weight
 gradients read: counted on the CPU with benchmarks/saved_activations.py --compile, Qwen2-VL-2B's compiled layer kept
 103,736 bytes per token with LoRA dropout 0.05 against 73,272 without, more than an eager fused layer (97,560). On
-W1 at Unsloth's memory that difference (0.09 GiB, one recomputed layer's worth) is what compiled vlmtune was over
-(benchmarks/RESULTS.md session 19).
+W1 at Unsloth's memory compiled vlmtune was 0.10 GiB over (benchmarks/RESULTS.md session 19): the eager first layer,
+then on PEFT's path, was its peak, and the compiled layers came next.
 
 Here the mask is `fmix32((index + seed) * golden) >= p * 2^32`, murmur3's 32-bit finaliser over the element's flat
 index, pure integer arithmetic; the seed is one random int64 per call (drawn on the device, no host sync). Being a
@@ -24,6 +24,7 @@ Applied to the adapters' dropout modules of the compiled layers only: the first 
 
 from __future__ import annotations
 
+import math
 import types
 from typing import Any
 
@@ -49,9 +50,7 @@ def keep_mask(shape: torch.Size, seed: torch.Tensor, p: float, device: torch.dev
     """Boolean keep mask of `shape` (each element kept with probability 1 - p) from a 0-d int64 `seed` tensor. The
     flat index is built from a row and a column range (broadcast), so nothing of the tensor's size needs keeping."""
     width = shape[-1] if len(shape) else 1
-    rows = 1
-    for size in shape[:-1]:
-        rows *= size
+    rows = math.prod(shape[:-1])
     # the seed enters before anything of the tensor's size exists: no seed-free intermediate the partitioner could
     # share between the layers reading one input (and then keep, 8 bytes per element)
     index = (torch.arange(rows, device=device, dtype=torch.int64) * width + seed)[:, None] + torch.arange(
