@@ -9,10 +9,22 @@ import subprocess
 import sys
 import urllib.request
 
+import pytest
 
-def test_studio_command_serves_and_stops_on_ctrl_c(tmp_path):
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# inherited: SIGINT as a shell leaves it (default) and as a script's background job gets it (ignored; Python then
+# keeps it ignored unless the program sets it)
+@pytest.mark.parametrize("stop, inherited", [(signal.SIGINT, "default"), (signal.SIGINT, "ignored"),
+                                             (signal.SIGTERM, "default")],
+                         ids=["ctrl-c", "ctrl-c-sigint-ignored-by-the-parent", "kill"])
+def test_studio_command_serves_and_stops_on_ctrl_c_or_kill(tmp_path, stop, inherited):
     proc = subprocess.Popen([sys.executable, "-m", "vlmtune.cli", "studio", str(tmp_path), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_ignore_sigint if inherited == "ignored" else None)
     try:
         line = proc.stdout.readline()
         match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
@@ -23,9 +35,14 @@ def test_studio_command_serves_and_stops_on_ctrl_c(tmp_path):
         with urllib.request.urlopen(base + "api/info", timeout=30) as res:
             assert json.loads(res.read())["roots"] == [str(tmp_path.resolve())]
     finally:
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        proc.send_signal(stop)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"the studio did not stop within 60 s of {stop.name}: {proc.communicate()}")
     assert proc.returncode == 0, err
+    assert "stopping: runs started here save a checkpoint first" in out
     assert "Traceback" not in err
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 from pathlib import Path
 
 HELP = "a local web app: check data, fit a configuration to a GPU, train, watch, try and export the result"
@@ -31,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in LOOPBACK:
         print(f"warning: listening on {args.host}: anyone who can reach this machine can read and train on the "
               "opened folders; use the default --host 127.0.0.1 unless you mean that", flush=True)
+    _stop_on_signals()
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -39,3 +41,15 @@ def run(args: argparse.Namespace) -> int:
         server.server_close()
         studio.runs.stop_all()
     return 0
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C (SIGINT) and `kill` (SIGTERM, as a service manager stops it) both end the studio the same way: runs it
+    started save a checkpoint first. Set explicitly: a background job of a script inherits SIGINT ignored, and Python
+    then leaves it ignored (the studio would not stop, and runs it starts would inherit the ignore)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
