@@ -16,6 +16,10 @@
 #             profiles (session 19: 31.0% MFU at the median step compiled; the eager tower 17% of kernel time) (~500 s)
 #   u3v       issue 21: the W3 bar again, beside the compiled variant with everything (session 19: 1.30x, 1.33x,
 #             1.23x in three calls)                                                                      (~420 s)
+#   u3ab      issue 21: the W3 bar's spread and the order effect in one call: Unsloth and vlmtune_min_tiled2048 in
+#             four rounds, every second one backwards (BENCH_ORDER=alternate), ratios paired per round (~430 s)
+#   u1ab      issue 21: the same for W1 with the variant u1v is to confirm (edit it to u1v's best at Unsloth's
+#             memory), three rounds                                                                     (~430 s)
 #   fp8w3     issue 21: 40 steps of bf16 and both FP8 scalings on the 7B architecture, eager (fp8w3c, compiled:
 #             1.16x in session 19)                                                                       (~540 s)
 #   u1prof    issue 21: profiles of W1 vlmtune_min eager and compiled (what limits it at Unsloth's memory: GPU
@@ -34,7 +38,7 @@
 #   fp8       issue 21: FP8 per layer (row-wise vs per-tensor scales), then 300 steps of each (2B, the loss bar)
 #   f8 f7 f7prof f48 f48p f48s checks: issue 17's earlier pairs, profiles and per-switch checks
 set -euo pipefail
-step=${1:?usage: gpu_next.sh STEP (u1v mfuv u3v w1alloc u1c u1prof u3c q35check f7cprof f8c f7c f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 fp8w3c mfu)}
+step=${1:?usage: gpu_next.sh STEP (u1v mfuv u3v u3ab u1ab w1alloc u1c u1prof u3c q35check f7cprof f8c f7c f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 fp8w3c mfu)}
 OUT=${OUT:-/tmp/vlmtune-next}/$step
 mkdir -p "$OUT"
 speed() {  # speed LIMIT_S ENV...: benchmarks/speed/run.sh under a timeout, results in $OUT
@@ -95,6 +99,10 @@ vlmtune_min_compile_hash_tiled2048,vlmtune_min_compile_vision_hash_tiled2048,vlm
         tail -n 40 "$OUT/profile.md" 2>/dev/null || true ;;
   u3v) speed 500 UNSLOTH=1 ONLY=W3 BUDGET_S=420 \
         BENCH_VARIANTS=unsloth_gc,vlmtune_min_tiled2048,vlmtune_min_compile_vision_hash_tiled2048 ;;
+  u3ab) speed 540 UNSLOTH=1 ONLY=W3 BUDGET_S=450 BENCH_REPEATS=4 BENCH_ORDER=alternate \
+        BENCH_VARIANTS=unsloth_gc,vlmtune_min_tiled2048 ;;
+  u1ab) speed 540 UNSLOTH=1 ONLY=W1 BUDGET_S=450 BENCH_REPEATS=3 BENCH_ORDER=alternate \
+        BENCH_VARIANTS=unsloth_gc,vlmtune_min_compile_hash_tiled2048 ;;
   u1prof) speed 570 PROFILE="W1:vlmtune_min W1:vlmtune_min_compile" PROFILE_TIMEOUT_S=240
         tail -n 80 "$OUT/profile.md" 2>/dev/null || true ;;
   u2) speed 560 UNSLOTH=1 ONLY=W2 BUDGET_S=480 BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_gc,vlmtune_lean ;;
@@ -118,5 +126,5 @@ vlmtune_min_compile_hash_tiled2048,vlmtune_min_compile_vision_hash_tiled2048,vlm
     grep -h '"kind": "parity"' "$OUT/train.log" | cut -c1-600 || true ;;
   mfu) speed 570 ONLY=W3 BUDGET_S=380 BENCH_VARIANTS=vlmtune_gc,vlmtune_nogc,vlmtune_nogc_compile \
         PROFILE="W3:vlmtune_nogc" PROFILE_TIMEOUT_S=150 ;;
-  *) echo "unknown step $step (u1v mfuv u3v w1alloc u1c u1prof u3c q35check f7cprof f8c f7c f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 fp8w3c mfu)" >&2; exit 2 ;;
+  *) echo "unknown step $step (u1v mfuv u3v u3ab u1ab w1alloc u1c u1prof u3c q35check f7cprof f8c f7c f8 f7 f7prof f48 f48p f48s checks u1 u3 u2 d1000 fp8 fp8w3 fp8w3c mfu)" >&2; exit 2 ;;
 esac

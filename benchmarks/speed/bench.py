@@ -246,6 +246,17 @@ def _sampled(
     return code, (round(max(used) / 1024, 3) if used else None)
 
 
+def round_order(variants: list[Any], rounds: int, alternate: bool = False) -> list[tuple[int, Any]]:
+    """(round, variant) in run order: each round runs every variant, in the workload's order, or with `alternate`
+    (BENCH_ORDER=alternate) every second round backwards (A B, B A, ...), so that a variant that runs first in a
+    warm-up-sensitive machine state (a fresh page cache, clocks) does so in half the rounds only: the paired ratios
+    of the two orders show the order effect."""
+    out: list[tuple[int, Any]] = []
+    for r in range(rounds):
+        out += [(r, v) for v in (variants[::-1] if alternate and r % 2 else variants)]
+    return out
+
+
 def suite(part: int, out: Path, only: list[str] | None, budget_s: float) -> None:
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -263,8 +274,9 @@ def suite(part: int, out: Path, only: list[str] | None, budget_s: float) -> None
         if not only and work.part != part:
             continue
         prepare(work)  # model folder + data once, outside the timed processes
-        rounds = int(os.environ.get("BENCH_REPEATS", "1"))  # every variant again, in the same order, per round
-        for round_, variant in ((r, v) for r in range(rounds) for v in work.variants):
+        rounds = int(os.environ.get("BENCH_REPEATS", "1"))  # every variant again, per round
+        alternate = os.environ.get("BENCH_ORDER", "same") == "alternate"
+        for round_, variant in round_order(work.variants, rounds, alternate):
             if chosen and variant.name not in chosen:
                 continue
             if variant.path == "liger" and not liger:

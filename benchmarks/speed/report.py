@@ -218,6 +218,8 @@ def print_report(path: Path) -> None:
                        if trace else "")
                 )
         references = {work.reference, "plain_nogc"} if name == "W1" else {work.reference}
+        # Unsloth's run of each round too: the bar's ratio, paired round by round
+        references |= {r["variant"] for r in results if r.get("workload") == name and r.get("path") == "unsloth"}
         for reference in sorted(references):
             ratios = paired_ratios(results, name, reference)
             if any(len(v) > 1 for v in ratios.values()):

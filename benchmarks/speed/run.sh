@@ -27,6 +27,7 @@
 # Only some variants: BENCH_VARIANTS=plain_gc,vlmtune_lean. Each chosen variant R times, round by round, and the
 # report adds each variant's ratio to the reference of its own round (median, range): BENCH_REPEATS=R (identical runs
 # moved by up to 24% within one call in session 5, so single runs cannot settle a ratio near its target).
+# BENCH_ORDER=alternate runs every second round backwards (A B, B A): the order effect shows in the rounds' ratios.
 # One workload (or the check) alone: ONLY=W3 (ONLY=check) OUT=$OUT bash benchmarks/speed/run.sh. The table again:
 # python3 -m benchmarks.speed.bench table $OUT/results.jsonl.
 # Why vlmtune is slower than the plain loop without GC (W1): the W1x ablation (each switch off in turn, ~4 min) and

@@ -74,3 +74,27 @@ def test_long_run_line_compares_whole_runs_compilation_included():
         "vlmtune_nogc_eager300 90.0 s (0.90x)"
     ]
     assert _targets("W1", {"vlmtune_nogc_auto300": rows["vlmtune_nogc_auto300"]}) == []
+
+
+def test_alternate_order_runs_every_second_round_backwards():
+    from benchmarks.speed.bench import round_order
+
+    assert round_order(["u", "v", "w"], 2) == [(0, "u"), (0, "v"), (0, "w"), (1, "u"), (1, "v"), (1, "w")]
+    assert round_order(["u", "v", "w"], 3, alternate=True) == [
+        (0, "u"), (0, "v"), (0, "w"), (1, "w"), (1, "v"), (1, "u"), (2, "u"), (2, "v"), (2, "w")]
+
+
+def test_rounds_are_paired_with_unsloths_run_too(tmp_path, capsys):
+    # W3's reference is the plain loop; with Unsloth in the rounds, each variant's ratio to Unsloth's run of the same
+    # round is printed as well (the bar's ratio), here 1.25x in the first order and 1.20x in the other
+    def unsloth(round_: int, speed: float) -> dict:
+        return {**_row("unsloth_gc", round_, speed, "W3"), "path": "unsloth"}
+
+    rows = [unsloth(0, 4000), _row("vlmtune_min", 0, 5000, "W3"),
+            _row("vlmtune_min", 1, 6000, "W3"), unsloth(1, 5000)]
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print_report(path)
+    out = capsys.readouterr().out
+    assert "median-step tokens/s over unsloth_gc of the same round" in out
+    assert "- vlmtune_min: median 1.23x, range 1.20-1.25x over 2 rounds" in out
