@@ -14,10 +14,10 @@
 #             (~500 s)
 #   mfuv      issue 21: W3 without recomputation, compiled, with and without the vision blocks compiled, and both
 #             profiles (session 19: 31.0% MFU at the median step compiled; the eager tower 17% of kernel time) (~500 s)
-#   u3v       issue 21: the W3 bar again, beside the compiled variant with everything (session 19: 1.30x, 1.33x,
-#             1.23x in three calls)                                                                      (~420 s)
 #   u3ab      issue 21: the W3 bar's spread and the order effect in one call: Unsloth and vlmtune_min_tiled2048 in
 #             four rounds, every second one backwards (BENCH_ORDER=alternate), ratios paired per round (~430 s)
+#   u3v       issue 21: the W3 bar beside the compiled variant with everything (session 19: 1.30x, 1.33x, 1.23x in
+#             three calls); after u3ab when time is left                                               (~420 s)
 #   u1ab      issue 21: the same for W1 with the variant u1v is to confirm (edit it to u1v's best at Unsloth's
 #             memory), three rounds                                                                     (~430 s)
 #   fp8w3     issue 21: 40 steps of bf16 and both FP8 scalings on the 7B architecture, eager (fp8w3c, compiled:
