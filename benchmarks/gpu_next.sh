@@ -10,12 +10,13 @@
 # an H100):
 #   u1v       issue 21: W1 at Unsloth's memory, compiled: plain, with the vision blocks compiled
 #             (speed.compile_vision), with hashed dropout (speed.hash_dropout) and layer 0's MLP in 2,048-token chunks,
-#             and both; first the CUDA checks of the dropout masks (session 19: compiled 1.30x Unsloth, 0.10 GiB over)
+#             both, and both with the tower's indices made on the CPU (_vpos); first the CUDA checks of the dropout masks (session 19: compiled 1.30x Unsloth, 0.10 GiB over)
 #             (~500 s)
-#   mfuv      issue 21: W3 without recomputation, compiled, with and without the vision blocks compiled, and both
-#             profiles (session 19: 31.0% MFU at the median step compiled; the eager tower 17% of kernel time) (~500 s)
-#   u3ab      issue 21: the W3 bar's spread and the order effect in one call: Unsloth and vlmtune_min_tiled2048 in
-#             four rounds, every second one backwards (BENCH_ORDER=alternate), ratios paired per round (~430 s)
+#   mfuv      issue 21: W3 without recomputation, compiled, with and without the vision blocks compiled (and with the
+#             tower's indices made on the CPU, _vpos), two profiles (session 19: 31.0% MFU at the median step compiled; the eager tower 17% of kernel time) (~500 s)
+#   u3ab      issue 21: the W3 bar's spread and the order effect in one call: Unsloth, vlmtune_min_tiled2048 and the
+#             same with the vision tower's indices made on the CPU (speed.vision_positions_on_cpu) in three rounds,
+#             every second one backwards (BENCH_ORDER=alternate), ratios paired per round            (~420 s)
 #   u3v       issue 21: the W3 bar beside the compiled variant with everything (session 19: 1.30x, 1.33x, 1.23x in
 #             three calls); after u3ab when time is left                                               (~420 s)
 #   u1ab      issue 21: the same for W1 with the variant u1v is to confirm (edit it to u1v's best at Unsloth's
@@ -93,14 +94,15 @@ case $step in
       >"$OUT/dropout_checks.txt" 2>&1 || echo "dropout checks: exit $?"
     tail -n 2 "$OUT/dropout_checks.txt"
     speed 490 UNSLOTH=1 ONLY=W1 BUDGET_S=420 BENCH_VARIANTS=plain_gc,unsloth_gc,vlmtune_min_compile,\
-vlmtune_min_compile_hash_tiled2048,vlmtune_min_compile_vision_hash_tiled2048,vlmtune_min_compile_vision ;;
-  mfuv) speed 575 ONLY=W3 BUDGET_S=300 BENCH_VARIANTS=vlmtune_nogc_compile,vlmtune_nogc_compile_vision \
-        PROFILE="W3:vlmtune_nogc_compile_vision W3:vlmtune_nogc_compile" PROFILE_TIMEOUT_S=130
+vlmtune_min_compile_hash_tiled2048,vlmtune_min_compile_vision_hash_tiled2048,vlmtune_min_compile_vision_hash_tiled2048_vpos ;;
+  mfuv) speed 575 ONLY=W3 BUDGET_S=330 \
+        BENCH_VARIANTS=vlmtune_nogc_compile,vlmtune_nogc_compile_vision,vlmtune_nogc_compile_vision_vpos \
+        PROFILE="W3:vlmtune_nogc_compile_vision_vpos W3:vlmtune_nogc_compile" PROFILE_TIMEOUT_S=115
         tail -n 40 "$OUT/profile.md" 2>/dev/null || true ;;
   u3v) speed 500 UNSLOTH=1 ONLY=W3 BUDGET_S=420 \
         BENCH_VARIANTS=unsloth_gc,vlmtune_min_tiled2048,vlmtune_min_compile_vision_hash_tiled2048 ;;
-  u3ab) speed 540 UNSLOTH=1 ONLY=W3 BUDGET_S=450 BENCH_REPEATS=4 BENCH_ORDER=alternate \
-        BENCH_VARIANTS=unsloth_gc,vlmtune_min_tiled2048 ;;
+  u3ab) speed 540 UNSLOTH=1 ONLY=W3 BUDGET_S=450 BENCH_REPEATS=3 BENCH_ORDER=alternate \
+        BENCH_VARIANTS=unsloth_gc,vlmtune_min_tiled2048,vlmtune_min_tiled2048_vpos ;;
   u1ab) speed 540 UNSLOTH=1 ONLY=W1 BUDGET_S=450 BENCH_REPEATS=3 BENCH_ORDER=alternate \
         BENCH_VARIANTS=unsloth_gc,vlmtune_min_compile_hash_tiled2048 ;;
   u1prof) speed 570 PROFILE="W1:vlmtune_min W1:vlmtune_min_compile" PROFILE_TIMEOUT_S=240

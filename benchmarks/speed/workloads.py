@@ -207,6 +207,19 @@ allocated on W1 against vlmtune_min's 4.80 (measured 4.98, 5.05 reserved). `_vis
 vision tower's blocks compiled too (session 19's W3 profile: the eager tower's forward was 17% of the step's kernel time
 for under 3% of its FLOPs); `vlmtune_nogc_compile_vision` for W3's MFU."""
 
+VPOS = {"speed.vision_positions_on_cpu": True}
+VISION_POSITIONS = (
+    replace(MIN_VARIANT, name="vlmtune_min_tiled2048_vpos",
+            overrides={**MIN_VARIANT.overrides, "speed.mlp_chunk_tokens": 2048, **VPOS}),
+    replace(MIN_VARIANT, name="vlmtune_min_compile_vision_hash_tiled2048_vpos",
+            overrides={**MIN_VARIANT.overrides, **HASH_TILED, **VISION, **VPOS}, warmup=5),
+    Variant("vlmtune_nogc_compile_vision_vpos", "vlmtune", False, {**VISION, **VPOS}, warmup=6),
+)
+"""`_vpos`: speed.vision_positions_on_cpu, the Qwen vision tower's position ids, attention boundaries and window order
+made on the CPU once per image grid (every W1 / W3 step has the same grids) instead of in Python loops with host
+syncs on the GPU's timeline (session 19's W3 profile: the eager tower's forward took 97 ms of host time with 27 syncs
+for about 8 ms of matmuls): beside W3's bar variant, the compiled W1 candidate and W3's MFU variant."""
+
 NOEXPANDABLE = Variant("vlmtune_gc_noexpandable", "vlmtune", True, {"hardware.expandable_segments": False})
 """vlmtune's defaults with every layer checkpointed and the allocator's expandable segments off (on by default since
 session 12): W1 and the family pairs, where speeds moved after that default changed."""
@@ -247,6 +260,7 @@ W1 = Workload(
         *AT_UNSLOTH_COMPILED,
         *TILED,
         *COMPILED_VISION,
+        *VISION_POSITIONS,
         # session 17: vlmtune_gc (defaults, every layer checkpointed: 1,024-token loss chunks, expandable segments on)
         # stepped in 0.45 s against vlmtune_lowmem's 0.28 s in the same call, whose only other differences are
         # 256-token chunks; 11,054 tokens/s in session 12 before expandable segments were the default. Each apart:
@@ -392,6 +406,7 @@ WORKLOADS: dict[str, Workload] = {
                 *AT_UNSLOTH_COMPILED,
                 *TILED,
                 *COMPILED_VISION,
+                *VISION_POSITIONS,
                 Variant("vlmtune_gc2", "vlmtune", True, FAST),
                 Variant("liger_gc", "liger", True),
                 Variant("vlmtune_gc_compile", "vlmtune", True, {"speed.compile": True}, warmup=6),

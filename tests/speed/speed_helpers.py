@@ -73,3 +73,15 @@ def eager_then_installed(model: torch.nn.Module, batch: dict, install) -> tuple[
         return reference, loss_and_grads(model, batch)
     finally:
         handle.remove()
+
+
+def cpu_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, is_causal=False):
+    """A stand-in for PyTorch's CUDA varlen kernel on the CPU, written without host syncs (as the kernel has none):
+    each token attends to the tokens of its own sequence."""
+    positions = torch.arange(q.shape[0], device=q.device)
+    seq = torch.searchsorted(cu_q[1:].to(torch.int64), positions, right=True)
+    mask = seq[:, None] == seq[None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
+    )
+    return out.transpose(0, 1)

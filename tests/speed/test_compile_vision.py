@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from speed_helpers import assert_same, eager_then_installed, lora_model
+from speed_helpers import assert_same, cpu_varlen, eager_then_installed, lora_model
 
 from vlmtune.data.collate import Collator
 from vlmtune.families import all_families
@@ -175,18 +175,6 @@ def test_engine_compiles_the_vision_blocks_only_with_speed_compile(tiny_model_di
     assert VlmtuneConfig.model_validate({"model": {"name_or_path": "x"}}).speed.compile_vision is False
 
 
-def _cpu_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, is_causal=False):
-    """A stand-in for PyTorch's CUDA varlen kernel on the CPU, written without host syncs (as the kernel has none):
-    each token attends to the tokens of its own sequence."""
-    positions = torch.arange(q.shape[0], device=q.device)
-    seq = torch.searchsorted(cu_q[1:].to(torch.int64), positions, right=True)
-    mask = seq[:, None] == seq[None, :]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
-    )
-    return out.transpose(0, 1)
-
-
 @pytest.mark.parametrize("family_name", ["qwen2_vl", "qwen2_5_vl"])
 def test_with_the_varlen_attention_each_block_is_one_graph(tiny_model_dir, varied_jsonl, family_name, monkeypatch):
     """On the GPU the Qwen towers attend through speed.varlen_attention (one kernel over cu_seqlens); with it each
@@ -198,7 +186,7 @@ def test_with_the_varlen_attention_each_block_is_one_graph(tiny_model_dir, varie
     from vlmtune.speed.loss_hook import unwrap_peft
 
     monkeypatch.setattr(varlen, "_usable", lambda query, dropout: dropout == 0.0)
-    monkeypatch.setattr(varlen, "_varlen_fn", lambda: _cpu_varlen)
+    monkeypatch.setattr(varlen, "_varlen_fn", lambda: cpu_varlen)
     family = get_family(family_name)
     batch = _batch(tiny_model_dir, varied_jsonl, family)
     model = lora_model(tiny_model_dir(family_name), family_name)

@@ -310,6 +310,12 @@ class SpeedConfig(_Strict):
     positions_in_collator: bool = True
     """M-RoPE families (Qwen): the data loader's workers compute each padded batch's 3-D position ids with the model's
     own get_rope_index, instead of the forward on the GPU's timeline (about 80 host-device syncs per step there)."""
+    vision_positions_on_cpu: bool = False
+    """Qwen vision towers (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5): their rotary position ids, attention boundaries
+    and (Qwen2.5-VL) window order are computed on the CPU from the image grid, once per distinct grid (cached), and
+    handed to the tower through the arguments transformers takes precomputed values from, instead of in Python loops on
+    the GPU's timeline at every step (W3's eager tower: 97 ms of host time and 27 host-device syncs per step, session
+    19). The same integers, so the same numbers. Off until measured on a GPU."""
     varlen_attention: bool = True
     """Where several independent sequences share one attention call (the Qwen vision towers' images, packed rows
     with packed_attention=spans), attend with PyTorch's variable-length flash kernel (torch.nn.attention.varlen,

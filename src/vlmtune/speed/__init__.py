@@ -97,6 +97,10 @@ def apply_speed(
         setup.add("sdpa_without_cudnn", cudnn_attention_off(config.hardware.attn_implementation, plan.device, keep))
     if speed.chunked_loss:
         setup.add("chunked_loss", install_chunked_loss(model, family.lm_head_names, speed.loss_chunk_tokens))
+    if speed.vision_positions_on_cpu:
+        from vlmtune.speed.vision_positions import vision_positions_on_cpu
+
+        setup.add("vision_positions_on_cpu", vision_positions_on_cpu(unwrap_peft(model), family.vision_prefixes))
     if speed.frozen_vision_no_grad:
         wrapped = setup.add("frozen_vision_no_grad", vision_without_grad(unwrap_peft(model), family.vision_prefixes))
         if wrapped is not None:

@@ -1,0 +1,206 @@
+"""speed.vision_positions_on_cpu: the Qwen vision towers get their position ids, attention boundaries and window
+order made on the CPU once per image grid; the tower's outputs and the model's loss and gradients stay the same to
+the bit, and a cached grid costs the tower one read of the grid instead of a host sync per image and per use."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from speed_helpers import cpu_varlen, eager_then_installed, lora_model
+
+from vlmtune.data.collate import Collator
+
+QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"]
+
+
+def _batch(tiny_model_dir, varied_jsonl, family, n=3):
+    from vlmtune.config.schema import DataConfig
+    from vlmtune.data.processing import encode
+    from vlmtune.data.records import read_records
+
+    processor = family.load_processor(tiny_model_dir(family.name), DataConfig())
+    records = [r for r in read_records(varied_jsonl) if family.record_problem(r) is None][:n]
+    samples = [encode(r, processor, family, DataConfig()) for r in records]
+    return {**Collator(processor.tokenizer.pad_token_id)(samples), "use_cache": False}
+
+
+def _tower(inner, family):
+    from vlmtune.speed.vision_positions import vision_positions_on_cpu
+
+    handle = vision_positions_on_cpu(inner, family.vision_prefixes)
+    assert not isinstance(handle, str), handle
+    assert len(handle.names) == 1
+    return handle, inner.get_submodule(handle.names[0])
+
+
+class _HostReads:
+    """Counts `.tolist()` and `.item()` on tensors while active: on a GPU each is a host-device sync."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[str] = []
+        self._patch = monkeypatch
+        self.on = False
+        for name in ("tolist", "item"):
+            original = getattr(torch.Tensor, name)
+
+            def counted(t, *a, _original=original, _name=name, **k):
+                if self.on:
+                    self.calls.append(_name)
+                return _original(t, *a, **k)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+GRIDS = [(1, 12, 16), (1, 4, 6), (2, 8, 8)]
+"""Images of three sizes and a two-frame clip in one call: Qwen2.5-VL's windows (4 x 4 merged patches at the tiny
+model's widths) cut the first into padded windows."""
+
+
+def _pixels(tower, grids):
+    patch = tower.patch_embed.proj.weight[0].numel()
+    torch.manual_seed(0)
+    return torch.randn(sum(t * h * w for t, h, w in grids), patch)
+
+
+@pytest.mark.parametrize("family_name", QWEN)
+def test_the_tower_and_the_model_give_the_same_numbers(tiny_model_dir, varied_jsonl, family_name):
+    from vlmtune.families import get_family
+    from vlmtune.speed.loss_hook import unwrap_peft
+    from vlmtune.speed.vision_positions import vision_positions_on_cpu
+
+    family = get_family(family_name)
+    model = lora_model(tiny_model_dir(family_name), family_name)
+    inner = unwrap_peft(model)
+    tower = inner.get_submodule(family.vision_prefixes[0])
+    grids = torch.tensor(GRIDS)
+    pixels = _pixels(tower, GRIDS)
+    with torch.no_grad():
+        plain = tower(pixels, grid_thw=grids)
+        handle, hooked = _tower(inner, family)
+        try:
+            assert hooked is tower
+            first = tower(pixels, grid_thw=grids)  # computed
+            again = tower(pixels, grid_thw=grids)  # from the cache
+            positional = tower(pixels, grids)
+        finally:
+            handle.remove()
+    assert (handle.misses, handle.hits) == (1, 2)
+    for out in (first, again, positional):
+        assert torch.equal(out.last_hidden_state, plain.last_hidden_state)
+        assert torch.equal(out.pooler_output, plain.pooler_output)
+    # the whole model, loss and every gradient, on a batch of the data loader's
+    batch = _batch(tiny_model_dir, varied_jsonl, family)
+    reference, installed = eager_then_installed(
+        model, batch, lambda: vision_positions_on_cpu(inner, family.vision_prefixes))
+    assert torch.equal(reference[0], installed[0])
+    assert reference[1].keys() == installed[1].keys()
+    assert all(torch.equal(reference[1][n], installed[1][n]) for n in reference[1])
+
+
+@pytest.mark.parametrize("family_name", ["qwen2_vl", "qwen2_5_vl"])
+def test_a_cached_grid_reads_the_grid_once(tiny_model_dir, family_name, monkeypatch):
+    """With the attention the GPU runs (speed.varlen_attention: cu_seqlens and max_seqlen, no split per image), the
+    tower without this reads device values in its position, length and window code; with a cached grid it reads
+    the grid once and nothing else."""
+    from vlmtune.families import get_family
+    from vlmtune.speed import varlen_attention as varlen
+    from vlmtune.speed.frozen_vision import vision_without_grad
+    from vlmtune.speed.loss_hook import unwrap_peft
+
+    monkeypatch.setattr(varlen, "_usable", lambda query, dropout: dropout == 0.0)
+    monkeypatch.setattr(varlen, "_varlen_fn", lambda: cpu_varlen)
+    family = get_family(family_name)
+    model = lora_model(tiny_model_dir(family_name), family_name)
+    inner = unwrap_peft(model)
+    attention = varlen.varlen_attention(inner, family, "cpu", packed=False, require_kernel=False)
+    assert not isinstance(attention, str), attention
+    no_grad = vision_without_grad(inner, family.vision_prefixes)
+    reads = _HostReads(monkeypatch)
+    tower = inner.get_submodule(family.vision_prefixes[0])
+    grids = torch.tensor(GRIDS)
+    pixels = _pixels(tower, GRIDS)
+    try:
+        reads.on = True
+        plain = tower(pixels, grid_thw=grids)
+        reads.on = False
+        without = len(reads.calls)
+        handle, tower = _tower(inner, family)
+        try:
+            tower(pixels, grid_thw=grids)  # the first time: computed on the CPU
+            reads.calls.clear()
+            reads.on = True
+            cached = tower(pixels, grid_thw=grids)
+            reads.on = False
+        finally:
+            handle.remove()
+    finally:
+        no_grad.remove()
+        attention.remove()
+    assert reads.calls == ["tolist"], reads.calls
+    # transformers 5.23 on the CPU: Qwen2-VL 3 (the grid for the positions, the merge size, max_seqlen), Qwen2.5-VL 8
+    # (and on a GPU four copies of the CPU-made window order into the device at its uses)
+    assert without >= (6 if family_name == "qwen2_5_vl" else 3), without
+    assert torch.equal(cached.pooler_output, plain.pooler_output)
+
+
+def test_the_cache_is_bounded_and_keyed_by_the_grid(tiny_model_dir, monkeypatch):
+    from vlmtune.families import get_family
+    from vlmtune.speed import vision_positions
+    from vlmtune.speed.loss_hook import unwrap_peft
+
+    monkeypatch.setattr(vision_positions, "CACHE_SIZE", 2)
+    family = get_family("qwen2_vl")
+    inner = unwrap_peft(lora_model(tiny_model_dir("qwen2_vl"), "qwen2_vl"))
+    handle, tower = _tower(inner, family)
+    patch_dim = tower.patch_embed.proj.weight[0].numel()
+
+    def run(*grid):
+        grid_thw = torch.tensor([grid])
+        pixels = torch.randn(int(grid_thw.prod()), patch_dim)
+        with torch.no_grad():
+            return tower(pixels, grid_thw=grid_thw)
+
+    try:
+        for grid in [(1, 4, 4), (1, 4, 6), (1, 4, 4), (1, 6, 6), (1, 4, 6)]:
+            run(*grid)
+        assert (handle.misses, handle.hits) == (4, 1)  # (1, 4, 6) had left the two-entry cache by its second call
+        assert len(handle._cache) == 2
+        # a caller's own precomputed value wins over the cache's
+        own = torch.zeros(16, 2, dtype=torch.long)
+        seen = {}
+        hook = tower.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+        try:
+            with torch.no_grad():
+                tower(torch.randn(16, patch_dim), grid_thw=torch.tensor([[1, 4, 4]]), position_ids=own)
+        finally:
+            hook.remove()
+        assert seen["position_ids"] is own and "cu_seqlens" in seen
+    finally:
+        handle.remove()
+    assert len(handle._cache) == 0 and not tower._forward_pre_hooks
+
+
+def test_engine_installs_it_on_qwen_towers_and_says_why_not_elsewhere(tiny_model_dir):
+    from vlmtune.config.schema import VlmtuneConfig
+    from vlmtune.families import get_family
+    from vlmtune.speed import apply_speed
+
+    def config(name: str, on: bool) -> VlmtuneConfig:
+        return VlmtuneConfig.model_validate(
+            {"model": {"name_or_path": str(tiny_model_dir(name))}, "hardware": {"use_cpu": True},
+             "speed": {"vision_positions_on_cpu": on}})
+
+    model = lora_model(tiny_model_dir("qwen2_5_vl"), "qwen2_5_vl")
+    setup = apply_speed(model, config("qwen2_5_vl", True), get_family("qwen2_5_vl"))
+    try:
+        assert "vision_positions_on_cpu" in setup.active
+        tower = model.base_model.model.model.visual
+        assert len(tower._forward_pre_hooks) == 1
+    finally:
+        setup.remove()
+    assert not tower._forward_pre_hooks
+    gemma = lora_model(tiny_model_dir("gemma3"), "gemma3")
+    setup = apply_speed(gemma, config("gemma3", True), get_family("gemma3"))
+    setup.remove()
+    assert "no grid indices" in setup.skipped["vision_positions_on_cpu"]
+    assert VlmtuneConfig.model_validate({"model": {"name_or_path": "x"}}).speed.vision_positions_on_cpu is False
