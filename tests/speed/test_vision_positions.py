@@ -4,6 +4,8 @@ the bit, and a cached grid costs the tower one read of the grid instead of a hos
 
 from __future__ import annotations
 
+import traceback
+
 import pytest
 import torch
 from speed_helpers import cpu_varlen, eager_then_installed, lora_model
@@ -178,6 +180,30 @@ def test_the_cache_is_bounded_and_keyed_by_the_grid(tiny_model_dir, monkeypatch)
     finally:
         handle.remove()
     assert len(handle._cache) == 0 and not tower._forward_pre_hooks
+
+
+def test_a_grid_without_values_is_left_to_the_tower(tiny_model_dir):
+    """Under FakeTensorMode (shape-only passes) there is no grid to read: the hook stands aside, nothing is cached."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from vlmtune.families import get_family
+    from vlmtune.speed.loss_hook import unwrap_peft
+
+    inner = unwrap_peft(lora_model(tiny_model_dir("qwen2_vl"), "qwen2_vl"))
+    handle, tower = _tower(inner, get_family("qwen2_vl"))
+    grids = torch.tensor([[1, 4, 4]])
+    pixels = _pixels(tower, [(1, 4, 4)])
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+            out = tower(mode.from_tensor(pixels), grid_thw=mode.from_tensor(grids))
+    except Exception as exc:  # the tower's own code may not run on fake tensors; the hook must not be why
+        frames = [f.filename for f in traceback.extract_tb(exc.__traceback__)]
+        assert not any(f.endswith("speed/vision_positions.py") for f in frames), (exc, frames)
+    else:
+        assert out.pooler_output.shape[0] == 4
+    finally:
+        handle.remove()
+    assert (handle.misses, handle.hits) == (0, 0)
 
 
 def test_engine_installs_it_on_qwen_towers_and_says_why_not_elsewhere(tiny_model_dir):

@@ -47,6 +47,12 @@ def _grid(args: tuple, kwargs: dict) -> torch.Tensor | None:
     return grid if isinstance(grid, torch.Tensor) and grid.dim() == 2 and grid.shape[-1] == 3 else None
 
 
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return bool(is_fake(t))
+
+
 class VisionPositionsOnCpu:
     """Pre-hooks on the given towers; `hits` / `misses` count grids found in / added to the cache."""
 
@@ -68,8 +74,8 @@ class VisionPositionsOnCpu:
     def _hook(self, tower: nn.Module, calls: frozenset[str]) -> Any:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             grid = _grid(args, kwargs)
-            if grid is None or torch.compiler.is_compiling():
-                return None
+            if grid is None or grid.device.type == "meta" or torch.compiler.is_compiling() or _is_fake(grid):
+                return None  # no values to read: the tower computes them as it would
             rows = tuple(tuple(int(v) for v in row) for row in grid.tolist())  # the one sync
             key = (id(tower), rows, grid.dtype, str(grid.device))
             values = self._cache.get(key)
