@@ -8,12 +8,13 @@
 # (session 17 ran q35check, u1, u3, u2, d1000, fp8 with row scales; fp8w3 failed before its fix, e15e86c; session 18
 # ran u3c with 512-token MLP chunks, f7c, f8c, on an H200; session 19 ran u3c, u1c, mfu, fp8w3c and two W3 repeats, on
 # an H100):
-#   u1v       issue 21: W1 at Unsloth's memory, compiled: plain, with the vision blocks compiled
-#             (speed.compile_vision), with hashed dropout (speed.hash_dropout) and layer 0's MLP in 2,048-token chunks,
-#             both, and both with the tower's indices made on the CPU (_vpos); first the CUDA checks of the dropout masks (session 19: compiled 1.30x Unsloth, 0.10 GiB over)
-#             (~500 s)
-#   mfuv      issue 21: W3 without recomputation, compiled, with and without the vision blocks compiled (and with the
-#             tower's indices made on the CPU, _vpos), two profiles (session 19: 31.0% MFU at the median step compiled; the eager tower 17% of kernel time) (~500 s)
+#   u1v       issue 21: W1 at Unsloth's memory, compiled: plain; with hashed dropout (speed.hash_dropout) and layer 0's
+#             MLP in 2,048-token chunks; that with the vision blocks compiled (speed.compile_vision); and that with the
+#             tower's indices made on the CPU (speed.vision_positions_on_cpu, _vpos). First the CUDA checks of the
+#             dropout masks (session 19: compiled 1.30x Unsloth, 0.10 GiB over)                       (~500 s)
+#   mfuv      issue 21: W3 without recomputation, compiled: plain, with the vision blocks compiled, and that with the
+#             tower's indices made on the CPU (_vpos); two profiles (session 19: 31.0% MFU at the median step
+#             compiled; the eager tower 17% of kernel time)                                           (~500 s)
 #   u3ab      issue 21: the W3 bar's spread and the order effect in one call: Unsloth, vlmtune_min_tiled2048 and the
 #             same with the vision tower's indices made on the CPU (speed.vision_positions_on_cpu) in three rounds,
 #             every second one backwards (BENCH_ORDER=alternate), ratios paired per round            (~420 s)
