@@ -85,3 +85,17 @@ def cpu_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, is_causal=False):
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
     )
     return out.transpose(0, 1)
+
+
+def varied_batch(tiny_model_dir, varied_jsonl: Path, family, n: int = 3) -> dict:
+    """The first `n` varied records the family takes, encoded and collated as the data loader does."""
+    from vlmtune.config.schema import DataConfig
+    from vlmtune.data.collate import Collator
+    from vlmtune.data.processing import encode
+    from vlmtune.data.records import read_records
+
+    processor = family.load_processor(tiny_model_dir(family.name), DataConfig())
+    records = [r for r in read_records(varied_jsonl) if family.record_problem(r) is None][:n]
+    samples = [encode(r, processor, family, DataConfig()) for r in records]
+    assert len(samples) >= 2 and all(s is not None for s in samples)
+    return {**Collator(processor.tokenizer.pad_token_id)(samples), "use_cache": False}

@@ -7,9 +7,8 @@ import os
 
 import pytest
 import torch
-from speed_helpers import assert_same, cpu_varlen, eager_then_installed, lora_model
+from speed_helpers import assert_same, cpu_varlen, eager_then_installed, lora_model, varied_batch
 
-from vlmtune.data.collate import Collator
 from vlmtune.families import all_families
 
 EXPECTED_LISTS = {  # the block lists found per family, by the module class of their entries
@@ -18,18 +17,6 @@ EXPECTED_LISTS = {  # the block lists found per family, by the module class of t
     "gemma3": "SiglipEncoderLayer",
     "smolvlm": "SmolVLMEncoderLayer",
 }
-
-
-def _batch(tiny_model_dir, varied_jsonl, family):
-    from vlmtune.config.schema import DataConfig
-    from vlmtune.data.processing import encode
-    from vlmtune.data.records import read_records
-
-    processor = family.load_processor(tiny_model_dir(family.name), DataConfig())
-    records = [r for r in read_records(varied_jsonl) if family.record_problem(r) is None][:3]
-    samples = [encode(r, processor, family, DataConfig()) for r in records]
-    assert len(samples) >= 2 and all(s is not None for s in samples)
-    return {**Collator(processor.tokenizer.pad_token_id)(samples), "use_cache": False}
 
 
 def _eager_and_compiled(model, inner, family, batch):
@@ -65,7 +52,7 @@ def _check_family(tiny_model_dir, varied_jsonl, family_name):
     from vlmtune.speed.loss_hook import unwrap_peft
 
     family = get_family(family_name)
-    batch = _batch(tiny_model_dir, varied_jsonl, family)
+    batch = varied_batch(tiny_model_dir, varied_jsonl, family)
     model = lora_model(tiny_model_dir(family_name), family_name)
     inner = unwrap_peft(model)
     blocks, left = vision_blocks(inner, family.vision_prefixes)
@@ -188,7 +175,7 @@ def test_with_the_varlen_attention_each_block_is_one_graph(tiny_model_dir, varie
     monkeypatch.setattr(varlen, "_usable", lambda query, dropout: dropout == 0.0)
     monkeypatch.setattr(varlen, "_varlen_fn", lambda: cpu_varlen)
     family = get_family(family_name)
-    batch = _batch(tiny_model_dir, varied_jsonl, family)
+    batch = varied_batch(tiny_model_dir, varied_jsonl, family)
     model = lora_model(tiny_model_dir(family_name), family_name)
     inner = unwrap_peft(model)
     installed = varlen.varlen_attention(inner, family, "cpu", packed=False, require_kernel=False)

@@ -8,22 +8,11 @@ import traceback
 
 import pytest
 import torch
-from speed_helpers import cpu_varlen, eager_then_installed, lora_model
+from speed_helpers import cpu_varlen, eager_then_installed, lora_model, varied_batch
 
-from vlmtune.data.collate import Collator
+from benchmarks.host_reads import counted_step
 
 QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"]
-
-
-def _batch(tiny_model_dir, varied_jsonl, family, n=3):
-    from vlmtune.config.schema import DataConfig
-    from vlmtune.data.processing import encode
-    from vlmtune.data.records import read_records
-
-    processor = family.load_processor(tiny_model_dir(family.name), DataConfig())
-    records = [r for r in read_records(varied_jsonl) if family.record_problem(r) is None][:n]
-    samples = [encode(r, processor, family, DataConfig()) for r in records]
-    return {**Collator(processor.tokenizer.pad_token_id)(samples), "use_cache": False}
 
 
 def _tower(inner, family):
@@ -33,24 +22,6 @@ def _tower(inner, family):
     assert not isinstance(handle, str), handle
     assert len(handle.names) == 1
     return handle, inner.get_submodule(handle.names[0])
-
-
-class _HostReads:
-    """Counts `.tolist()` and `.item()` on tensors while active: on a GPU each is a host-device sync."""
-
-    def __init__(self, monkeypatch):
-        self.calls: list[str] = []
-        self._patch = monkeypatch
-        self.on = False
-        for name in ("tolist", "item"):
-            original = getattr(torch.Tensor, name)
-
-            def counted(t, *a, _original=original, _name=name, **k):
-                if self.on:
-                    self.calls.append(_name)
-                return _original(t, *a, **k)
-
-            monkeypatch.setattr(torch.Tensor, name, counted)
 
 
 GRIDS = [(1, 12, 16), (1, 4, 6), (2, 8, 8)]
@@ -91,7 +62,7 @@ def test_the_tower_and_the_model_give_the_same_numbers(tiny_model_dir, varied_js
         assert torch.equal(out.last_hidden_state, plain.last_hidden_state)
         assert torch.equal(out.pooler_output, plain.pooler_output)
     # the whole model, loss and every gradient, on a batch of the data loader's
-    batch = _batch(tiny_model_dir, varied_jsonl, family)
+    batch = varied_batch(tiny_model_dir, varied_jsonl, family)
     reference, installed = eager_then_installed(
         model, batch, lambda: vision_positions_on_cpu(inner, family.vision_prefixes))
     assert torch.equal(reference[0], installed[0])
@@ -117,32 +88,26 @@ def test_a_cached_grid_reads_the_grid_once(tiny_model_dir, family_name, monkeypa
     attention = varlen.varlen_attention(inner, family, "cpu", packed=False, require_kernel=False)
     assert not isinstance(attention, str), attention
     no_grad = vision_without_grad(inner, family.vision_prefixes)
-    reads = _HostReads(monkeypatch)
     tower = inner.get_submodule(family.vision_prefixes[0])
     grids = torch.tensor(GRIDS)
     pixels = _pixels(tower, GRIDS)
+    out = {}
     try:
-        reads.on = True
-        plain = tower(pixels, grid_thw=grids)
-        reads.on = False
-        without = len(reads.calls)
+        without = counted_step(lambda: out.update(plain=tower(pixels, grid_thw=grids)))
         handle, tower = _tower(inner, family)
         try:
             tower(pixels, grid_thw=grids)  # the first time: computed on the CPU
-            reads.calls.clear()
-            reads.on = True
-            cached = tower(pixels, grid_thw=grids)
-            reads.on = False
+            cached = counted_step(lambda: out.update(cached=tower(pixels, grid_thw=grids)))
         finally:
             handle.remove()
     finally:
         no_grad.remove()
         attention.remove()
-    assert reads.calls == ["tolist"], reads.calls
+    assert sum(cached.values()) == 1 and next(iter(cached)).startswith("tolist vision_positions.py"), cached
     # transformers 5.23 on the CPU: Qwen2-VL 3 (the grid for the positions, the merge size, max_seqlen), Qwen2.5-VL 8
     # (and on a GPU four copies of the CPU-made window order into the device at its uses)
-    assert without >= (6 if family_name == "qwen2_5_vl" else 3), without
-    assert torch.equal(cached.pooler_output, plain.pooler_output)
+    assert sum(without.values()) >= (6 if family_name == "qwen2_5_vl" else 3), without
+    assert torch.equal(out["cached"].pooler_output, out["plain"].pooler_output)
 
 
 def test_the_cache_is_bounded_and_keyed_by_the_grid(tiny_model_dir, monkeypatch):

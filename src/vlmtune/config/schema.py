@@ -398,8 +398,8 @@ class SpeedConfig(_Strict):
     """LoRA: the frozen base linear layers run their forward and input-gradient matmuls in FP8 (e4m3 weights,
     activations and gradients, scaled per row from their absolute maximum, torch._scaled_mm writing bf16), inside the
     fused LoRA layers, or with speed.compile inside the compiled decoder layers (traced, the quantization fused by
-    inductor; on the 7B compiled: 1.16x bf16's speed, loss +0.31% after 40 steps); adapters, norms and loss stay bf16. The weights' e4m3 copies, both layouts, are computed once
-    and kept beside the bf16 weights (about +100% of the adapted base weights' memory; the estimate counts them).
+    inductor; on the 7B compiled: 1.16x bf16's speed, loss +0.31% after 40 steps); adapters, norms and loss stay
+    bf16. The weights' e4m3 copies, both layouts, are computed once and kept beside the bf16 weights (about +100% of the adapted base weights' memory; the estimate counts them).
     auto: off while FP8 is slower than bf16 (measured on an H100, Qwen2-VL-2B, 300 steps: 0.60x bf16's speed, final loss
     +1.3%; once it pays: CUDA GPUs of compute capability 8.9+, one process or DDP); true runs it wherever PyTorch can (stops with the reason elsewhere;
     not with QLoRA, full fine-tuning or speed.fused_lora=false); false never."""

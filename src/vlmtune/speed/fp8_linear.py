@@ -33,7 +33,8 @@ The copy follows the weight: a new device, storage or in-place change (its versi
 
 Under speed.compile, which switches the fused LoRA layers off, the same quantization and scaled matmuls run from
 speed/fp8_compiled.py: traced by torch.compile with the decoder layers, the weight's copies made once at install
-(measured once on an H100, Qwen2.5-VL-7B, 4 x 1,023 tokens, 40 steps: 1.16x compiled bf16's tokens/s, loss +0.31%, +12.3 GiB reserved (session 19)).
+(measured once on an H100, Qwen2.5-VL-7B, 4 x 1,023 tokens, 40 steps: 1.16x compiled bf16's tokens/s, loss +0.31%,
++12.3 GiB reserved; session 19).
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ class VisionPositionsOnCpu:
         self.misses = 0
         self._cache: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
         self._handles = [
-            tower.register_forward_pre_hook(self._hook(tower, calls), with_kwargs=True) for _, tower, calls in towers
+            tower.register_forward_pre_hook(self._hook(calls), with_kwargs=True) for _, tower, calls in towers
         ]
 
     def remove(self) -> None:
@@ -71,17 +71,17 @@ class VisionPositionsOnCpu:
         self._handles = []
         self._cache.clear()
 
-    def _hook(self, tower: nn.Module, calls: frozenset[str]) -> Any:
+    def _hook(self, calls: frozenset[str]) -> Any:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             grid = _grid(args, kwargs)
             if grid is None or grid.device.type == "meta" or torch.compiler.is_compiling() or _is_fake(grid):
                 return None  # no values to read: the tower computes them as it would
             rows = tuple(tuple(int(v) for v in row) for row in grid.tolist())  # the one sync
-            key = (id(tower), rows, grid.dtype, str(grid.device))
+            key = (id(module), rows, grid.dtype, str(grid.device))
             values = self._cache.get(key)
             if values is None:
                 self.misses += 1
-                values = _compute(tower, calls, torch.tensor(rows, dtype=grid.dtype), grid.device)
+                values = _compute(module, calls, torch.tensor(rows, dtype=grid.dtype), grid.device)
                 self._cache[key] = values
                 while len(self._cache) > CACHE_SIZE:
                     self._cache.popitem(last=False)
