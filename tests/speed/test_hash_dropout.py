@@ -101,7 +101,7 @@ def test_only_lora_dropout_modules_with_p_are_patched(tiny_model_dir):
 def test_compiled_layers_with_hashed_dropout_train_as_eager_ones(tiny_model_dir, varied_jsonl, family_name):
     """dynamo traces the checkpointed dropout region inside each compiled layer (aot_eager: AOTAutograd's joint graph
     and partition, run without inductor); with the same seed it draws the same masks as eager."""
-    from test_compile_vision import _batch
+    from speed_helpers import varied_batch as _batch
 
     from vlmtune.families import get_family
     from vlmtune.speed.compile_layers import compile_layers
@@ -161,7 +161,7 @@ def test_checkpointed_layers_recompute_the_same_masks(tiny_model_dir, varied_jso
     """With gradient checkpointing (vlmtune_min checkpoints every layer) the recomputation draws the seeds again from
     the generator state checkpointing restores: the same masks, so the loss and gradients of the same layers without
     checkpointing, eager and compiled."""
-    from test_compile_vision import _batch
+    from speed_helpers import varied_batch as _batch
 
     from vlmtune.families import get_family
     from vlmtune.speed.compile_layers import compile_layers
